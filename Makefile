@@ -1,0 +1,35 @@
+# The two commands of the README: `make test` and `make demo`. Both set up .venv first.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+SHARED  := $(abspath ../shared/data)
+# Tests and the demo read local copies of external files from here when it exists.
+export GPT2REPRO_ASSETS ?= $(if $(wildcard $(SHARED)),$(SHARED),)
+
+.PHONY: venv test lint demo bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	# torch first, pinned: the CPU wheel on this machine's disk; the range in pyproject then installs nothing more.
+	$(BIN)/pip install $(TORCH)
+	$(BIN)/pip install -e '.[dev,hf,data,plot]'
+	touch $@
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+
+demo: venv
+	$(BIN)/python scripts/demo.py
+
+bench: venv
+	$(BIN)/gpt2repro bench all
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

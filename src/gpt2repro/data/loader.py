@@ -1,0 +1,112 @@
+"""Distributed, shuffling, exactly resumable batches from token shards.
+
+The data is cut into windows of B*T tokens (plus one for the shifted targets) inside each shard.
+An epoch is an ordered list of (shard, window) pairs: sequential for `shuffle=False` (the original's
+order, and always for validation), otherwise a permutation of shards and of windows within each shard
+drawn from (seed, epoch), so every epoch is shuffled differently and reproducibly. Rank r of W takes
+items r, r+W, r+2W, ...: ranks are disjoint and together cover the epoch (a remainder smaller than W
+is dropped so every rank takes the same number of steps). The state is just (epoch, position).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .shards import ShardError, find_shards, read_shard
+
+
+class DataLoader:
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        split: str,
+        batch_size: int,
+        seq_len: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = False,
+        seed: int = 1337,
+        device: str | torch.device = "cpu",
+        vocab_size: int | None = None,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not within world_size {world_size}")
+        self.B, self.T, self.rank, self.world = batch_size, seq_len, rank, world_size
+        self.shuffle, self.seed, self.split = shuffle, seed, split
+        self.device = torch.device(device)
+        self.paths = find_shards(data_dir, split)
+        self.shards = [read_shard(p) for p in self.paths]
+        window = batch_size * seq_len
+        self.windows = [(len(s) - 1) // window for s in self.shards]
+        if max(self.windows) == 0:
+            longest = max(len(s) for s in self.shards)
+            raise ShardError(
+                f"{data_dir}: no {split!r} shard holds B*T+1 = {window + 1} tokens (largest has {longest}); "
+                "lower micro_batch_size or seq_len"
+            )
+        if sum(self.windows) < world_size:
+            raise ShardError(f"{data_dir}: {split!r} has {sum(self.windows)} batches, fewer than {world_size} ranks")
+        if vocab_size is not None:
+            for path, shard in zip(self.paths, self.shards):
+                top = int(shard.max()) if len(shard) else 0
+                if top >= vocab_size:
+                    raise ShardError(f"{path}: token id {top} >= vocab_size {vocab_size}")
+        self.epoch, self.position = 0, 0
+        self._order = self._epoch_order(0)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return sum(self.windows) // self.world
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """(shard, window) pairs of this rank for an epoch, shape (steps_per_epoch, 2)."""
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, epoch])
+            shard_order = rng.permutation(len(self.shards))
+            pairs = [(s, w) for s in shard_order for w in rng.permutation(self.windows[s])]
+        else:
+            pairs = [(s, w) for s in range(len(self.shards)) for w in range(self.windows[s])]
+        pairs = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+        return pairs[self.rank : self.steps_per_epoch * self.world : self.world]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.position >= len(self._order):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._epoch_order(self.epoch)
+        shard, window = self._order[self.position]
+        self.position += 1
+        start = int(window) * self.B * self.T
+        buf = torch.from_numpy(self.shards[shard][start : start + self.B * self.T + 1].astype(np.int64))
+        x, y = buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+        if self.device.type == "cuda":  # pinned host memory lets the copy overlap compute
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+    def reset(self) -> None:
+        """Back to the start of epoch 0 (validation reads the same batches every time)."""
+        self.epoch, self.position = 0, 0
+        self._order = self._epoch_order(0)
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "world_size": self.world,
+            "batch_size": self.B,
+            "seq_len": self.T,
+            "shards": [Path(p).name for p in self.paths],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("seed", "shuffle", "world_size", "batch_size", "seq_len", "shards"):
+            if state[key] != mine[key]:
+                raise ValueError(f"loader state has {key}={state[key]!r} but this loader has {mine[key]!r}; cannot resume exactly")
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._epoch_order(self.epoch)

@@ -1,0 +1,85 @@
+"""Token shards on disk.
+
+The native format is llm.c's: a header of 256 int32 (magic 20240520, version 1, token count, rest
+zero) followed by that many uint16 tokens, so llm.c / modded-nanogpt FineWeb shards load as they are.
+build-nanogpt's `.npy` shards (a plain uint16 array) load too. Both are memory-mapped: opening a
+100M-token shard costs no RAM."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ..fsio import atomic_write
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+
+
+class ShardError(ValueError):
+    """A shard file is missing, malformed or does not match its header; the message names it."""
+
+
+def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> Path:
+    """Write tokens (any integer array with values < 65536) as an llm.c shard, atomically."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise ShardError(f"{path}: token values must be in [0, 65536) to be stored as uint16")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (MAGIC, VERSION, tokens.size)
+
+    def write(f) -> None:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2", copy=False).tobytes())
+
+    return atomic_write(path, write)
+
+
+def read_shard(path: str | os.PathLike) -> np.ndarray:
+    """A read-only memory map of the shard's uint16 tokens, after validating the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShardError(f"{path}: no such shard")
+    if path.suffix == ".npy":
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as e:
+            raise ShardError(f"{path}: not a valid .npy shard ({e})") from None
+        if arr.ndim != 1 or arr.dtype.kind not in "ui":
+            raise ShardError(f"{path}: expected a 1-D integer array, got {arr.dtype} {arr.shape}")
+        return arr
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise ShardError(f"{path}: truncated: {size} bytes is shorter than the {HEADER_BYTES}-byte header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != MAGIC:
+        raise ShardError(f"{path}: bad magic number {header[0]} (expected {MAGIC}); not an llm.c token shard")
+    if header[1] != VERSION:
+        raise ShardError(f"{path}: unsupported shard version {header[1]} (expected {VERSION})")
+    count = int(header[2])
+    expected = HEADER_BYTES + 2 * count
+    if size != expected:
+        raise ShardError(f"{path}: header says {count} tokens ({expected} bytes) but the file has {size} bytes")
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}_{index:06d}.bin"
+
+
+def find_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
+    """Shards of a split, sorted: ours (`train_000001.bin`), llm.c's (`fineweb_train_000001.bin`)
+    and build-nanogpt's (`edufineweb_train_000001.npy`)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise ShardError(f"{data_dir}: data directory does not exist")
+    pattern = re.compile(rf"(^|.*_){re.escape(split)}_\d+\.(bin|npy)$")
+    shards = sorted(p for p in data_dir.iterdir() if pattern.match(p.name))
+    if not shards:
+        raise ShardError(f"{data_dir}: no {split!r} shards (expected files like {shard_name(split, 0)})")
+    return shards

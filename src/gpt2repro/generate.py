@@ -1,0 +1,86 @@
+"""Autoregressive sampling with a preallocated KV cache.
+
+Generation stops when the sequence reaches the model's block_size (the returned tensor is then
+shorter than prompt + max_new_tokens); it never silently crops context, so cached and recomputed
+decoding always see the same tokens."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .model import GPT, KVCache
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Set everything outside the top-k / nucleus (top-p) to -inf. logits: (B, V)."""
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_k, top_p, generator) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    probs = F.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Extend idx (B, T) by up to max_new_tokens; temperature=0 is greedy decoding."""
+    was_training = model.training
+    model.eval()
+    steps = min(max_new_tokens, model.config.block_size - idx.size(1))
+    if steps < 0:
+        raise ValueError(f"prompt of {idx.size(1)} tokens exceeds block_size={model.config.block_size}")
+    cache = None
+    if use_cache:
+        dtype = model.transformer.wte.weight.dtype
+        cache = KVCache.empty(model.config, idx.size(0), idx.device, dtype)
+        logits = model.logits(model.hidden(idx, cache, 0)[:, -1])
+    for i in range(steps):
+        if not use_cache:
+            logits = model.logits(model.hidden(idx)[:, -1])
+        tok = next_token(logits, temperature, top_k, top_p, generator)
+        idx = torch.cat([idx, tok], dim=1)
+        if use_cache and i + 1 < steps:
+            logits = model.logits(model.hidden(tok, cache, idx.size(1) - 1)[:, -1])
+    model.train(was_training)
+    return idx
+
+
+def sample_text(
+    model: GPT,
+    prompt: str,
+    n: int = 4,
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    top_k: int | None = 50,
+    seed: int = 42,
+) -> list[str]:
+    """n samples continuing `prompt`, reproducible for a seed (the original's top-50 sampling)."""
+    from .tokenizer import get_tokenizer
+
+    enc = get_tokenizer()
+    device = next(model.parameters()).device
+    idx = torch.tensor([enc.encode(prompt)] * n, dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+    return [enc.decode(row.tolist()) for row in out]

@@ -1,0 +1,172 @@
+"""Hugging Face interop: load `GPT2LMHeadModel` checkpoints (hub name or local directory) into our
+model, and export ours to a directory that `transformers` loads with no network.
+
+HF's GPT-2 uses Conv1D layers whose weights are stored [in, out]; ours are nn.Linear [out, in], so
+those four weights are transposed each way. HF saves lm_head tied (omitted); padded vocab rows are
+trimmed on export."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import GPTConfig
+from .model import GPT
+from .tokenizer import EOT_ID, write_hf_tokenizer
+
+HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+IGNORED_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in older HF checkpoints
+
+
+class HFError(RuntimeError):
+    """A Hugging Face checkpoint could not be loaded or written; the message says what is wrong."""
+
+
+def _hub_download(name: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise HFError(f"loading {name!r} from the hub needs huggingface_hub: pip install 'gpt2repro[hf]'") from None
+    try:
+        return Path(snapshot_download(repo_id=name, allow_patterns=["config.json", "model.safetensors"]))
+    except Exception as e:  # noqa: BLE001 - any hub failure means the same thing to the user
+        raise HFError(
+            f"could not fetch {name!r} from the Hugging Face hub (unreachable or offline: {type(e).__name__}); "
+            f"download it elsewhere and pass its local directory (config.json + model.safetensors) instead"
+        ) from None
+
+
+def _read_state(directory: Path) -> dict[str, torch.Tensor]:
+    st, binf = directory / "model.safetensors", directory / "pytorch_model.bin"
+    try:
+        if st.is_file():
+            return load_file(st)
+        if binf.is_file():
+            return torch.load(binf, map_location="cpu", weights_only=True)  # never unpickle code
+    except (SafetensorError, RuntimeError, OSError, ValueError) as e:
+        raise HFError(f"{st if st.is_file() else binf}: corrupted or unreadable weights ({e})") from None
+    raise HFError(f"{directory}: no model.safetensors or pytorch_model.bin")
+
+
+def config_from_hf(hf: dict) -> GPTConfig:
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise HFError(f"unsupported activation_function {act!r}: GPT-2 uses the tanh GELU (gelu_new)")
+    try:
+        return GPTConfig(
+            block_size=hf["n_positions"],
+            vocab_size=hf["vocab_size"],
+            n_layer=hf["n_layer"],
+            n_head=hf["n_head"],
+            n_embd=hf["n_embd"],
+            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+        ).validate()
+    except KeyError as e:
+        raise HFError(f"config.json lacks the GPT-2 field {e.args[0]!r}") from None
+
+
+def load_hf(name_or_dir: str | os.PathLike) -> GPT:
+    """A GPT from a local HF GPT-2 directory, or a hub name (`gpt2` ... `gpt2-xl`) when not a directory."""
+    directory = Path(name_or_dir)
+    if not directory.is_dir():
+        if str(name_or_dir) not in HUB_NAMES:
+            raise HFError(f"{name_or_dir}: not a directory and not a hub name ({', '.join(HUB_NAMES)})")
+        directory = _hub_download(str(name_or_dir))
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise HFError(f"{directory}: no config.json")
+    try:
+        config = config_from_hf(json.loads(cfg_path.read_text()))
+    except json.JSONDecodeError as e:
+        raise HFError(f"{cfg_path}: not valid JSON ({e})") from None
+    state = _read_state(directory)
+    if not any(k.startswith("transformer.") for k in state):  # a bare GPT2Model
+        state = {f"transformer.{k}": v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.endswith(IGNORED_BUFFERS)}
+    state = {k: v.t() if k.endswith(CONV1D) else v for k, v in state.items()}
+    state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
+    model = GPT(config)
+    load_state_strict(model, state, source=str(directory))
+    return model
+
+
+def load_state_strict(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `state` into `model`, or fail listing every missing, unexpected and mis-shaped key."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    problems = [("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)]
+    if any(items for _, items in problems):
+        detail = "; ".join(f"{what}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}" for what, items in problems if items)
+        raise HFError(f"{source}: weights do not fit the model ({detail})")
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(state[k])
+
+
+def hf_config(config: GPTConfig) -> dict:
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "activation_function": "gelu_new",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,
+        "layer_norm_epsilon": config.layer_norm_epsilon,
+        "initializer_range": 0.02,
+        "attn_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "resid_pdrop": 0.0,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": True,
+        "bos_token_id": EOT_ID,
+        "eos_token_id": EOT_ID,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+
+
+def export_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
+    """Write config.json, model.safetensors (HF layout), generation_config.json and tokenizer files.
+
+    The directory appears complete or not at all: it is built beside `out_dir` and renamed into place."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise HFError(f"{out}: exists and is not empty; choose a new directory")
+    config = model.config
+    state = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight":
+            continue  # tied to transformer.wte.weight, as HF saves it
+        v = v.detach().to("cpu", torch.float32)
+        if k == "transformer.wte.weight":
+            v = v[: config.vocab_size]  # drop padded rows
+        state[k] = (v.t() if k.endswith(CONV1D) else v).contiguous()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config(config), indent=2))
+        gen = {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "do_sample": True}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        write_hf_tokenizer(tmp, model_max_length=config.block_size)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
