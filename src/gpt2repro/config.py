@@ -127,7 +127,9 @@ class TrainConfig:
         if self.seq_len > self.model.block_size:
             raise ConfigError(f"seq_len={self.seq_len} exceeds model.block_size={self.model.block_size}")
         if not 0 <= self.warmup_steps <= self.max_steps:
-            raise ConfigError(f"warmup_steps={self.warmup_steps} must be within 0..max_steps={self.max_steps}")
+            raise ConfigError(
+                f"warmup_steps={self.warmup_steps} must be within 0..max_steps={self.max_steps}"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -34,7 +34,9 @@ def _hub_download(name: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise HFError(f"loading {name!r} from the hub needs huggingface_hub: pip install 'gpt2repro[hf]'") from None
+        raise HFError(
+            f"loading {name!r} from the hub needs huggingface_hub: pip install 'gpt2repro[hf]'"
+        ) from None
     try:
         return Path(snapshot_download(repo_id=name, allow_patterns=["config.json", "model.safetensors"]))
     except Exception as e:  # noqa: BLE001 - any hub failure means the same thing to the user
@@ -103,10 +105,18 @@ def load_state_strict(model: GPT, state: dict[str, torch.Tensor], source: str) -
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     problems = [("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)]
     if any(items for _, items in problems):
-        detail = "; ".join(f"{what}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}" for what, items in problems if items)
+        detail = "; ".join(
+            f"{what}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
+            for what, items in problems
+            if items
+        )
         raise HFError(f"{source}: weights do not fit the model ({detail})")
     with torch.no_grad():
         for k, v in own.items():

@@ -28,7 +28,9 @@ class KVCache:
     def empty(cls, config: GPTConfig, batch: int, device, dtype: torch.dtype) -> KVCache:
         hd = config.n_embd // config.n_head
         shape = (config.n_layer, batch, config.n_head, config.block_size, hd)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        return cls(
+            torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        )
 
 
 class CausalSelfAttention(nn.Module):
@@ -100,7 +102,9 @@ class GPT(nn.Module):
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
-            std = 0.02 * (2 * self.config.n_layer) ** -0.5 if getattr(module, "RESIDUAL_SCALE", False) else 0.02
+            std = (
+                0.02 * (2 * self.config.n_layer) ** -0.5 if getattr(module, "RESIDUAL_SCALE", False) else 0.02
+            )
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -149,4 +153,3 @@ class GPT(nn.Module):
         from .hf import load_hf
 
         return load_hf(name_or_dir)
-

@@ -22,7 +22,11 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 @functools.lru_cache(maxsize=4)
 def get_tokenizer(rank_file: str | None = None) -> tiktoken.Encoding:
     """tiktoken's `gpt2` encoding, from `rank_file` or the `gpt2.tiktoken` asset (verified)."""
-    path = assets.verify(Path(rank_file), assets.REGISTRY["gpt2.tiktoken"]) if rank_file else assets.fetch("gpt2.tiktoken")
+    path = (
+        assets.verify(Path(rank_file), assets.REGISTRY["gpt2.tiktoken"])
+        if rank_file
+        else assets.fetch("gpt2.tiktoken")
+    )
     ranks = load_tiktoken_bpe(os.fspath(path))
     return tiktoken.Encoding(
         name="gpt2",
@@ -95,4 +99,6 @@ def write_hf_tokenizer(out_dir: str | os.PathLike, model_max_length: int = 1024)
         "unk_token": EOT,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    (out / "special_tokens_map.json").write_text(json.dumps({k: EOT for k in ("bos_token", "eos_token", "unk_token")}))
+    (out / "special_tokens_map.json").write_text(
+        json.dumps({k: EOT for k in ("bos_token", "eos_token", "unk_token")})
+    )

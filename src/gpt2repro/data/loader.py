@@ -49,7 +49,9 @@ class DataLoader:
                 "lower micro_batch_size or seq_len"
             )
         if sum(self.windows) < world_size:
-            raise ShardError(f"{data_dir}: {split!r} has {sum(self.windows)} batches, fewer than {world_size} ranks")
+            raise ShardError(
+                f"{data_dir}: {split!r} has {sum(self.windows)} batches, fewer than {world_size} ranks"
+            )
         if vocab_size is not None:
             for path, shard in zip(self.paths, self.shards):
                 top = int(shard.max()) if len(shard) else 0
@@ -83,7 +85,9 @@ class DataLoader:
         buf = torch.from_numpy(self.shards[shard][start : start + self.B * self.T + 1].astype(np.int64))
         x, y = buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
         if self.device.type == "cuda":  # pinned host memory lets the copy overlap compute
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(
+                self.device, non_blocking=True
+            )
         return x.to(self.device), y.to(self.device)
 
     def reset(self) -> None:
@@ -107,6 +111,8 @@ class DataLoader:
         mine = self.state_dict()
         for key in ("seed", "shuffle", "world_size", "batch_size", "seq_len", "shards"):
             if state[key] != mine[key]:
-                raise ValueError(f"loader state has {key}={state[key]!r} but this loader has {mine[key]!r}; cannot resume exactly")
+                raise ValueError(
+                    f"loader state has {key}={state[key]!r} but this loader has {mine[key]!r}; cannot resume exactly"
+                )
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._epoch_order(self.epoch)

@@ -25,7 +25,11 @@ from ..tokenizer import EOT_ID, get_tokenizer
 from .shards import shard_name, write_shard
 
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
-FINEWEB_TOKENS = {"sample-10BT": 10_000_000_000, "sample-100BT": 100_000_000_000, "sample-350BT": 350_000_000_000}
+FINEWEB_TOKENS = {
+    "sample-10BT": 10_000_000_000,
+    "sample-100BT": 100_000_000_000,
+    "sample-350BT": 350_000_000_000,
+}
 BATCH_DOCS = 256
 
 
@@ -78,7 +82,9 @@ def iter_local(paths: list[Path], text_field: str) -> Iterator[str]:
         elif name.endswith(".txt"):
             yield path.read_text(encoding="utf-8")
         else:
-            raise PrepareError(f"{path}: unsupported file type (use .parquet, .jsonl, .jsonl.gz, .json.gz or .txt)")
+            raise PrepareError(
+                f"{path}: unsupported file type (use .parquet, .jsonl, .jsonl.gz, .json.gz or .txt)"
+            )
 
 
 def iter_fineweb(name: str, revision: str | None, text_field: str, skip: int) -> Iterator[str]:
@@ -90,7 +96,9 @@ def iter_fineweb(name: str, revision: str | None, text_field: str, skip: int) ->
         rows = iter(ds.skip(skip) if skip else ds)
         first = next(rows)  # touch the network now, so an offline machine fails at once
     except ImportError:
-        raise PrepareError("streaming FineWeb-EDU needs the data extra: pip install 'gpt2repro[data]'") from None
+        raise PrepareError(
+            "streaming FineWeb-EDU needs the data extra: pip install 'gpt2repro[data]'"
+        ) from None
     except Exception as e:  # noqa: BLE001 - any hub failure means the same thing here
         raise PrepareError(
             f"cannot stream {FINEWEB_EDU} ({name}) from the Hugging Face hub ({type(e).__name__}); "
@@ -104,7 +112,9 @@ class _Progress:
     def __init__(self, total: int | None, initial: int, enabled: bool):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total, initial=initial, unit="tok", unit_scale=True, disable=not enabled, desc="prepare")
+        self.bar = tqdm(
+            total=total, initial=initial, unit="tok", unit_scale=True, disable=not enabled, desc="prepare"
+        )
 
     def update(self, n: int) -> None:
         self.bar.update(n)
@@ -159,9 +169,13 @@ def prepare(
     if manifest_path.is_file():
         previous = json.loads(manifest_path.read_text())
         if previous.get("args") != args:
-            raise PrepareError(f"{out} holds a preparation with different arguments ({previous.get('args')}); use a new --out")
+            raise PrepareError(
+                f"{out} holds a preparation with different arguments ({previous.get('args')}); use a new --out"
+            )
         if previous.get("complete"):
-            print(f"{out}: already complete ({previous['total_tokens']:,} tokens in {len(previous['shards'])} shards); nothing to do")
+            print(
+                f"{out}: already complete ({previous['total_tokens']:,} tokens in {len(previous['shards'])} shards); nothing to do"
+            )
             return previous
         manifest = previous
         for stale in out.glob("*.bin"):  # a shard written after the last manifest update is redone
@@ -195,7 +209,9 @@ def prepare(
         )
         written += fill
         fill = 0
-        manifest.update(total_tokens=written, documents=next_doc, next={"doc": next_doc, "offset": next_offset})
+        manifest.update(
+            total_tokens=written, documents=next_doc, next={"doc": next_doc, "offset": next_offset}
+        )
         atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
 
     doc = start_doc

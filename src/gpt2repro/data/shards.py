@@ -64,7 +64,9 @@ def read_shard(path: str | os.PathLike) -> np.ndarray:
     count = int(header[2])
     expected = HEADER_BYTES + 2 * count
     if size != expected:
-        raise ShardError(f"{path}: header says {count} tokens ({expected} bytes) but the file has {size} bytes")
+        raise ShardError(
+            f"{path}: header says {count} tokens ({expected} bytes) but the file has {size} bytes"
+        )
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
 
 

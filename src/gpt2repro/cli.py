@@ -1,0 +1,269 @@
+"""The `gpt2repro` command: prepare, train, eval, sample, export, plot, bench, presets.
+
+Every known kind of bad input ends in one line on stderr, `gpt2repro: error: ...`, and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .assets import AssetError
+from .checkpoint import CheckpointError
+from .config import TRAIN_PRESETS, ConfigError
+from .data.prepare import PrepareError
+from .data.shards import ShardError
+from .evals.hellaswag import HellaSwagError
+from .hf import HFError
+from .train import TrainingError
+
+USER_ERRORS = (
+    AssetError,
+    CheckpointError,
+    ConfigError,
+    HFError,
+    HellaSwagError,
+    PrepareError,
+    ShardError,
+    TrainingError,
+)
+
+
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="run directory or checkpoint directory of ours")
+    src.add_argument("--hf", help="Hugging Face GPT-2 directory, or hub name (gpt2 ... gpt2-xl)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+
+
+def _load(args, device):
+    if args.checkpoint:
+        from .checkpoint import load_model
+
+        return load_model(args.checkpoint, device)
+    from .hf import load_hf
+
+    return load_hf(args.hf).to(device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpt2repro", description="GPT-2 reproduced from scratch in PyTorch."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="tokenize FineWeb-EDU or local files into llm.c-format shards")
+    p.add_argument(
+        "--source",
+        nargs="+",
+        required=True,
+        help="'fineweb-edu' or local files/globs (.parquet .jsonl[.gz] .json.gz .txt)",
+    )
+    p.add_argument(
+        "--name", default="sample-10BT", help="FineWeb-EDU config (sample-10BT, sample-100BT, sample-350BT)"
+    )
+    p.add_argument("--revision", default=None, help="dataset revision (commit) for reproducibility")
+    p.add_argument("--out", required=True)
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000)
+    p.add_argument(
+        "--val-tokens", type=int, default=None, help="tokens in the val split (default: one shard)"
+    )
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="tokenizer threads (default: all cores)")
+
+    p = sub.add_parser("train", help="train (single process or under torchrun)")
+    p.add_argument("--preset", required=True, help=f"one of: {', '.join(TRAIN_PRESETS)}")
+    p.add_argument("--data", required=True, help="directory of train_*/val_* shards")
+    p.add_argument("--out", required=True, help="run directory (config, checkpoints, metrics)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint (same as resume=auto)"
+    )
+    p.add_argument(
+        "overrides", nargs="*", help="key=value config overrides, e.g. max_steps=100 model.n_layer=4"
+    )
+
+    p = sub.add_parser("sample", help="sample text from a model")
+    _add_model_source(p)
+    p.add_argument("--prompt", default="Hello, I'm a language model,")
+    p.add_argument("-n", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=42)
+
+    p = sub.add_parser("export", help="export a checkpoint to a Hugging Face transformers directory")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("eval", help="evaluate a model")
+    ev = p.add_subparsers(dest="task", required=True)
+    h = ev.add_parser("hellaswag", help="HellaSwag validation (10,042 examples)")
+    _add_model_source(h)
+    h.add_argument(
+        "--data", default=None, help="a HellaSwag jsonl(.gz) (default: the official validation file)"
+    )
+    h.add_argument("--style", choices=("completion", "harness", "both"), default="completion")
+    h.add_argument("--limit", type=int, default=None)
+    h.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+    h.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    h.add_argument("--json", dest="json_out", default=None, help="write the results here")
+    h.add_argument("--predictions", default=None, help="write per-example predictions (jsonl) here")
+    h.add_argument("--verbose", action="store_true", help="print a few worked examples")
+
+    p = sub.add_parser("plot", help="plot a run's losses and HellaSwag")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
+
+    p = sub.add_parser("bench", help="measure speed (see benchmarks/RESULTS.md)")
+    p.add_argument("what", choices=("peak", "train", "generate", "hellaswag", "prepare"))
+    p.add_argument("--size", default="tiny", choices=("tiny", "small", "124m"))
+    p.add_argument("--mode", default="all", help="eager|bf16|compile|compile-bf16|all (train)")
+    p.add_argument("--baseline", default="none", choices=("none", "reference", "hf", "all"))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", dest="json_out", default=None)
+
+    sub.add_parser("presets", help="list training presets")
+    return parser
+
+
+def cmd_prepare(args) -> None:
+    from .data.prepare import prepare
+
+    m = prepare(
+        args.source,
+        args.out,
+        name=args.name,
+        revision=args.revision,
+        text_field=args.text_field,
+        shard_tokens=args.shard_tokens,
+        val_tokens=args.val_tokens,
+        max_tokens=args.max_tokens,
+        workers=args.workers,
+    )
+    print(
+        f"{args.out}: {m['total_tokens']:,} tokens from {m['documents']:,} documents in {len(m['shards'])} shards"
+    )
+
+
+def cmd_train(args) -> None:
+    from .config import train_config
+    from .train import train
+
+    cfg = train_config(args.preset, args.overrides + (["resume=auto"] if args.resume else []))
+    train(cfg, args.data, args.out)
+
+
+def cmd_sample(args) -> None:
+    from .distributed import pick_device
+    from .generate import sample_text
+
+    device = pick_device(args.device)
+    model = _load(args, device)
+    for text in sample_text(
+        model, args.prompt, args.n, args.max_new_tokens, args.temperature, args.top_k, args.seed
+    ):
+        print(f"> {text}")
+
+
+def cmd_export(args) -> None:
+    from .checkpoint import load_model
+    from .hf import export_hf
+
+    out = export_hf(load_model(args.checkpoint), args.out)
+    print(f"exported to {out} (load with transformers.GPT2LMHeadModel.from_pretrained)")
+
+
+def cmd_eval(args) -> None:
+    from .distributed import setup, teardown
+    from .evals import hellaswag
+
+    info = setup(args.device)
+    try:
+        model = _load(args, info.device)
+        examples = hellaswag.load_examples(args.data, args.limit)
+        styles = hellaswag.STYLES if args.style == "both" else (args.style,)
+        results, details = {}, {}
+        for style in styles:
+            details[style] = []
+            results[style] = hellaswag.evaluate(
+                model,
+                examples,
+                style,
+                info.device,
+                info.rank,
+                info.world_size,
+                args.batch_size,
+                args.dtype,
+                details=details[style],
+            )
+        if not info.is_main:
+            return
+        for style, r in results.items():
+            print(f"hellaswag [{style}] n={r['n']} acc={r['acc']:.4f} acc_norm={r['acc_norm']:.4f}")
+        if args.verbose:
+            for d in details[styles[0]][:3]:
+                ex = examples[d["index"]]
+                print(
+                    f"\n--- example {d['index']} (label {d['label']}, predicted {d['pred_norm']}) ---\nctx: {ex['ctx']}"
+                )
+                for i, end in enumerate(ex["endings"]):
+                    print(f"  {i} logprob={d['logprob_sums'][i]:.4f} norm={d['norm_scores'][i]:.4f}  {end}")
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(results, indent=2))
+        if args.predictions:
+            with open(args.predictions, "w") as f:
+                for style in styles:
+                    for d in sorted(details[style], key=lambda d: d["index"]):
+                        f.write(json.dumps({"style": style, **d}) + "\n")
+    finally:
+        teardown()
+
+
+def cmd_plot(args) -> None:
+    from .plot import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.out)}")
+
+
+def cmd_bench(args) -> None:
+    from . import bench
+
+    bench.run(args)
+
+
+def cmd_presets(args) -> None:
+    from .config import train_config
+
+    for name in TRAIN_PRESETS:
+        c = train_config(name)
+        m = c.model
+        print(
+            f"{name:16s} L{m.n_layer} d{m.n_embd} h{m.n_head} ctx{c.seq_len} batch {c.total_batch_size:,} tok "
+            f"lr {c.max_lr:g} steps {c.max_steps:,}"
+        )
+
+
+COMMANDS = {
+    "prepare": cmd_prepare,
+    "train": cmd_train,
+    "sample": cmd_sample,
+    "export": cmd_export,
+    "eval": cmd_eval,
+    "plot": cmd_plot,
+    "bench": cmd_bench,
+    "presets": cmd_presets,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except USER_ERRORS as e:
+        print(f"gpt2repro: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,65 @@
+"""`gpt2repro plot RUN_DIR`: train/val loss and HellaSwag curves from metrics.jsonl, with the
+reference lines of the original run (OpenAI GPT-2 124M val loss on FineWeb-EDU, HellaSwag scores)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+GPT2_124M_VAL_LOSS = 3.2924
+GPT2_124M_HELLASWAG = 0.2955
+GPT3_124M_HELLASWAG = 0.337
+
+
+def read_metrics(run_dir: str | os.PathLike) -> dict[str, list[dict]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics (is this a run directory?)")
+    events: dict[str, list[dict]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            events.setdefault(row["event"], []).append(row)
+    # after a resume the same steps may appear twice: keep the latest value of each step
+    return {k: list({r["step"]: r for r in rows}.values()) for k, rows in events.items()}
+
+
+def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    events = read_metrics(run_dir)
+    out = Path(out) if out else Path(run_dir) / "curves.png"
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5))
+    train, val = events.get("train", []), events.get("val", [])
+    if train:
+        ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", alpha=0.7)
+    if val:
+        ax1.plot([r["step"] for r in val], [r["loss"] for r in val], label="val loss", marker="o")
+    ax1.axhline(
+        GPT2_124M_VAL_LOSS, color="r", linestyle="--", label=f"OpenAI GPT-2 (124M) val ({GPT2_124M_VAL_LOSS})"
+    )
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("loss")
+    ax1.set_title("loss")
+    ax1.legend()
+    hs = events.get("hellaswag", [])
+    if hs:
+        ax2.plot([r["step"] for r in hs], [r["acc_norm"] for r in hs], label="ours (acc_norm)", marker="o")
+    ax2.axhline(
+        GPT2_124M_HELLASWAG, color="r", linestyle="--", label=f"OpenAI GPT-2 (124M) ({GPT2_124M_HELLASWAG})"
+    )
+    ax2.axhline(
+        GPT3_124M_HELLASWAG, color="g", linestyle="--", label=f"OpenAI GPT-3 (124M) ({GPT3_124M_HELLASWAG})"
+    )
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("accuracy")
+    ax2.set_title("HellaSwag")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
