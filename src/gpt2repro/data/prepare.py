@@ -14,6 +14,8 @@ import gzip
 import itertools
 import json
 import os
+import socket
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,6 +89,18 @@ def iter_local(paths: list[Path], text_field: str) -> Iterator[str]:
             )
 
 
+def _hub_unreachable() -> str | None:
+    """Why the hub cannot be reached, found in seconds (datasets itself retries for ~25 s)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", ""):
+        return "offline mode is set (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as e:
+        return f"{host} unreachable: {e}"
+    return None
+
+
 def iter_fineweb(name: str, revision: str | None, text_field: str, skip: int) -> Iterator[str]:
     """Stream FineWeb-EDU from the hub: no download of the whole set to memory or disk cache."""
     try:
@@ -142,6 +156,12 @@ def prepare(
     val_tokens = shard_tokens if val_tokens is None else val_tokens
     workers = workers or os.cpu_count() or 1
     remote = sources == ["fineweb-edu"]
+    why = _hub_unreachable() if remote else None
+    if why:
+        raise PrepareError(
+            f"cannot stream {FINEWEB_EDU} ({name}) from the Hugging Face hub ({why}); "
+            "offline machines: download its parquet files elsewhere and pass them with --source"
+        )
     paths = [] if remote else expand_sources(sources)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,279 @@
+"""Preparation (round trip, workers, resume, sources) and the loader (ranks, resume, shuffling, errors)."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from conftest import shared_file
+from gpt2repro.data import prepare as prep
+from gpt2repro.data.loader import DataLoader
+from gpt2repro.data.shards import HEADER_BYTES, ShardError, find_shards, read_shard, write_shard
+
+
+def fineweb_rows(n: int) -> list[dict]:
+    """Rows in the FineWeb-EDU schema (../shared/data/README.md)."""
+    words = "the model learns language from data and tokens predict the next word in a sentence".split()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        text = " ".join(rng.choice(words, size=rng.integers(20, 200))) + f". Doc {i} — ünïcödé ✓"
+        rows.append({"text": text, "id": f"<urn:uuid:{i:08d}>", "dump": "CC-MAIN-2013-20", "url": f"http://x/{i}",
+                     "file_path": "s3://x", "language": "en", "language_score": 0.9, "token_count": 0,
+                     "score": 3.1, "int_score": 3})
+    return rows
+
+
+def write_jsonl(path, rows, compress=False):
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    path.write_bytes(gzip.compress(data) if compress else data)
+    return path
+
+
+def all_tokens(out, manifest):
+    return np.concatenate([np.asarray(read_shard(out / s["file"])) for s in manifest["shards"]])
+
+
+def test_round_trip_equals_tiktoken_with_eot(tmp_path, enc):
+    rows = fineweb_rows(60)
+    src = write_jsonl(tmp_path / "docs.jsonl", rows)
+    m = prep.prepare([str(src)], tmp_path / "out", shard_tokens=1000, val_tokens=700, progress=False)
+    expected = np.concatenate([[50256, *enc.encode_ordinary(r["text"])] for r in rows])
+    np.testing.assert_array_equal(all_tokens(tmp_path / "out", m), expected)
+    assert m["total_tokens"] == len(expected) == sum(s["tokens"] for s in m["shards"])
+    assert m["documents"] == 60 and m["complete"]
+    assert [s["split"] for s in m["shards"][:2]] == ["val", "train"]
+    assert m["shards"][0]["tokens"] == 700 and m["shards"][1]["tokens"] == 1000
+    assert m["shards"][0]["file"] == "val_000000.bin" and m["shards"][1]["file"] == "train_000001.bin"
+    from gpt2repro.assets import sha256_file
+
+    assert all(sha256_file(tmp_path / "out" / s["file"]) == s["sha256"] for s in m["shards"])
+
+
+def test_one_and_two_workers_give_identical_shards(tmp_path, enc):
+    src = write_jsonl(tmp_path / "docs.jsonl", fineweb_rows(300))
+    m1 = prep.prepare([str(src)], tmp_path / "w1", shard_tokens=5000, workers=1, progress=False)
+    m2 = prep.prepare([str(src)], tmp_path / "w2", shard_tokens=5000, workers=2, progress=False)
+    assert [s["sha256"] for s in m1["shards"]] == [s["sha256"] for s in m2["shards"]]
+
+
+def test_interrupted_then_resumed_is_byte_identical(tmp_path, enc, monkeypatch):
+    src = write_jsonl(tmp_path / "docs.jsonl", fineweb_rows(300))
+    full = prep.prepare([str(src)], tmp_path / "full", shard_tokens=3000, val_tokens=1000, progress=False)
+    real_write, calls = prep.write_shard, {"n": 0}
+
+    def crashing_write(path, tokens):
+        calls["n"] += 1
+        if calls["n"] == 4:  # die half-way through writing shard 3: a torn file is left behind
+            path.write_bytes(b"torn")
+            raise KeyboardInterrupt
+        return real_write(path, tokens)
+
+    monkeypatch.setattr(prep, "write_shard", crashing_write)
+    with pytest.raises(KeyboardInterrupt):
+        prep.prepare([str(src)], tmp_path / "resumed", shard_tokens=3000, val_tokens=1000, progress=False)
+    partial = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
+    assert len(partial["shards"]) == 3 and not partial["complete"]
+    monkeypatch.setattr(prep, "write_shard", real_write)
+    resumed = prep.prepare([str(src)], tmp_path / "resumed", shard_tokens=3000, val_tokens=1000, progress=False)
+    assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in full["shards"]]
+    assert resumed["total_tokens"] == full["total_tokens"] and resumed["documents"] == full["documents"]
+
+
+def test_finished_preparation_does_nothing(tmp_path, enc, capsys):
+    src = write_jsonl(tmp_path / "d.jsonl", fineweb_rows(5))
+    prep.prepare([str(src)], tmp_path / "o", shard_tokens=500, progress=False)
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "o").iterdir()}
+    prep.prepare([str(src)], tmp_path / "o", shard_tokens=500, progress=False)
+    assert "already complete" in capsys.readouterr().out
+    assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "o").iterdir()}
+    with pytest.raises(prep.PrepareError, match="different arguments"):
+        prep.prepare([str(src)], tmp_path / "o", shard_tokens=400, progress=False)
+
+
+def test_max_tokens_stops_exactly(tmp_path, enc):
+    src = write_jsonl(tmp_path / "d.jsonl", fineweb_rows(100))
+    m = prep.prepare([str(src)], tmp_path / "o", shard_tokens=1000, val_tokens=500, max_tokens=2600, progress=False)
+    assert m["total_tokens"] == 2600 and [s["tokens"] for s in m["shards"]] == [500, 1000, 1000, 100]
+
+
+def test_parquet_jsonl_gz_and_txt_sources_agree(tmp_path, enc):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = fineweb_rows(40)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    write_jsonl(tmp_path / "d.jsonl.gz", rows, compress=True)
+    txt_dir = tmp_path / "txt"
+    txt_dir.mkdir()
+    for i, r in enumerate(rows):
+        (txt_dir / f"{i:03d}.txt").write_text(r["text"], encoding="utf-8")
+    hashes = []
+    for name, src in [("pq", tmp_path / "d.parquet"), ("gz", tmp_path / "d.jsonl.gz"), ("txt", txt_dir / "*.txt")]:
+        m = prep.prepare([str(src)], tmp_path / name, shard_tokens=100_000, val_tokens=0, progress=False)
+        hashes.append([s["sha256"] for s in m["shards"]])
+        assert m["documents"] == 40
+    assert hashes[0] == hashes[1] == hashes[2]
+
+
+def test_real_c4_sample_and_tiny_shakespeare(tmp_path, enc):
+    c4 = shared_file("c4-sample")
+    shakespeare = shared_file("tinyshakespeare.txt")
+    m = prep.prepare([str(c4 / "*.json.gz"), str(shakespeare)], tmp_path / "o", shard_tokens=100_000, progress=False)
+    docs = []
+    for f in sorted(c4.glob("*.json.gz")):
+        docs += [json.loads(line)["text"] for line in gzip.open(f, "rt") if line.strip()]
+    assert m["documents"] == len(docs) + 1 == 31
+    expected = sum(len(enc.encode_ordinary(d)) + 1 for d in docs + [shakespeare.read_text()])
+    assert m["total_tokens"] == expected
+
+
+def test_bad_sources_fail_with_a_line_number(tmp_path, enc):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": broken\n')
+    with pytest.raises(prep.PrepareError, match=r"bad.jsonl:2: not valid JSON"):
+        prep.prepare([str(bad)], tmp_path / "o1", progress=False)
+    bad.write_text('{"text": "fine"}\n{"content": "x"}\n')
+    with pytest.raises(prep.PrepareError, match=r"bad.jsonl:2: no string field 'text'"):
+        prep.prepare([str(bad)], tmp_path / "o2", progress=False)
+    with pytest.raises(prep.PrepareError, match="no such file"):
+        prep.prepare([str(tmp_path / "missing.jsonl")], tmp_path / "o3", progress=False)
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(prep.PrepareError, match="unsupported file type"):
+        prep.prepare([str(tmp_path / "x.csv")], tmp_path / "o4", progress=False)
+
+
+def test_fineweb_offline_fails_at_once(tmp_path, monkeypatch, enc):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(prep.PrepareError, match="cannot stream HuggingFaceFW/fineweb-edu"):
+        prep.prepare(["fineweb-edu"], tmp_path / "o", progress=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens: refused at once
+    with pytest.raises(prep.PrepareError, match="127.0.0.1 unreachable"):
+        prep.prepare(["fineweb-edu"], tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+# ---- shards ----
+
+
+def test_shard_format_is_llm_c(tmp_path):
+    tokens = np.array([1, 2, 65535, 50256], dtype=np.uint16)
+    path = write_shard(tmp_path / "train_000000.bin", tokens)
+    raw = path.read_bytes()
+    header = np.frombuffer(raw[:HEADER_BYTES], dtype="<i4")
+    assert list(header[:3]) == [20240520, 1, 4] and not header[3:].any()
+    assert np.frombuffer(raw[HEADER_BYTES:], dtype="<u2").tolist() == tokens.tolist()
+
+
+def test_npy_shards_from_build_nanogpt_load(tmp_path):
+    np.save(tmp_path / "edufineweb_train_000001.npy", np.arange(5000, dtype=np.uint16))
+    np.save(tmp_path / "edufineweb_val_000000.npy", np.arange(3000, dtype=np.uint16))
+    assert [p.name for p in find_shards(tmp_path, "train")] == ["edufineweb_train_000001.npy"]
+    x, y = DataLoader(tmp_path, "train", 2, 8).next_batch()
+    assert x[0, :3].tolist() == [0, 1, 2] and y[0, :3].tolist() == [1, 2, 3]
+
+
+def test_bad_shards_are_named(tmp_path):
+    write_shard(tmp_path / "train_000000.bin", np.arange(100))
+    good = (tmp_path / "train_000000.bin").read_bytes()
+    (tmp_path / "magic.bin").write_bytes(np.array([123], "<i4").tobytes() + good[4:])
+    with pytest.raises(ShardError, match="magic.bin: bad magic number 123"):
+        read_shard(tmp_path / "magic.bin")
+    (tmp_path / "version.bin").write_bytes(good[:4] + np.array([7], "<i4").tobytes() + good[8:])
+    with pytest.raises(ShardError, match="unsupported shard version 7"):
+        read_shard(tmp_path / "version.bin")
+    (tmp_path / "trunc.bin").write_bytes(good[:-10])
+    with pytest.raises(ShardError, match="trunc.bin: header says 100 tokens"):
+        read_shard(tmp_path / "trunc.bin")
+    (tmp_path / "short.bin").write_bytes(good[:100])
+    with pytest.raises(ShardError, match="truncated"):
+        read_shard(tmp_path / "short.bin")
+    with pytest.raises(ShardError, match="no such shard"):
+        read_shard(tmp_path / "none.bin")
+    with pytest.raises(ShardError, match="token values must be in"):
+        write_shard(tmp_path / "big.bin", np.array([70000]))
+
+
+def test_loader_errors(tmp_path):
+    with pytest.raises(ShardError, match="no 'train' shards"):
+        DataLoader(tmp_path, "train", 2, 8)
+    write_shard(tmp_path / "train_000000.bin", np.arange(100))
+    with pytest.raises(ShardError, match=r"B\*T\+1 = 201 tokens \(largest has 100\)"):
+        DataLoader(tmp_path, "train", 4, 50)
+    with pytest.raises(ShardError, match="token id 99 >= vocab_size 50"):
+        DataLoader(tmp_path, "train", 2, 8, vocab_size=50)
+    with pytest.raises(ShardError, match="does not exist"):
+        DataLoader(tmp_path / "nowhere", "train", 2, 8)
+
+
+# ---- loader ----
+
+
+@pytest.fixture(scope="module")
+def loader_dir(tmp_path_factory):
+    """Three train shards of different lengths whose tokens are their own global positions mod 60000."""
+    d = tmp_path_factory.mktemp("loader")
+    start = 0
+    for i, n in enumerate([1000, 1700, 650]):
+        write_shard(d / f"train_{i + 1:06d}.bin", (np.arange(start, start + n) % 60000))
+        start += n
+    write_shard(d / "val_000000.bin", np.arange(500))
+    return d
+
+
+def windows(loader, n):
+    return [tuple(loader.next_batch()[0][0, :2].tolist()) for _ in range(n)]
+
+
+def test_ranks_are_disjoint_and_cover_the_epoch(loader_dir):
+    single = DataLoader(loader_dir, "train", 2, 16)
+    epoch = set(windows(single, single.steps_per_epoch))
+    assert len(epoch) == single.steps_per_epoch == (999 // 32) + (1699 // 32) + (649 // 32)
+    for shuffle in (False, True):
+        ranks = [DataLoader(loader_dir, "train", 2, 16, rank=r, world_size=3, shuffle=shuffle) for r in range(3)]
+        seen = [set(windows(l, l.steps_per_epoch)) for l in ranks]
+        assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1 :])
+        union = set().union(*seen)
+        assert union <= epoch and len(union) == 3 * ranks[0].steps_per_epoch >= len(epoch) - 2
+
+
+def test_targets_are_inputs_shifted_by_one(loader_dir):
+    x, y = DataLoader(loader_dir, "train", 3, 16, shuffle=True).next_batch()
+    assert x.dtype == y.dtype and x.shape == y.shape == (3, 16)
+    assert (y[:, :-1] == x[:, 1:]).all() and (y[:, -1] == x[:, -1] + 1).all()
+
+
+def test_restored_state_yields_the_same_batches(loader_dir):
+    a = DataLoader(loader_dir, "train", 2, 16, shuffle=True, seed=5)
+    n = a.steps_per_epoch
+    windows(a, n + 7)  # into the second epoch
+    b = DataLoader(loader_dir, "train", 2, 16, shuffle=True, seed=5)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert windows(a, 2 * n) == windows(b, 2 * n)
+    c = DataLoader(loader_dir, "train", 2, 8, shuffle=True, seed=5)
+    with pytest.raises(ValueError, match="loader state has seq_len=16 but this loader has 8"):
+        c.load_state_dict(a.state_dict())
+
+
+def test_epochs_reshuffle_with_the_seed(loader_dir):
+    a = DataLoader(loader_dir, "train", 2, 16, shuffle=True, seed=1)
+    n = a.steps_per_epoch
+    e0, e1 = windows(a, n), windows(a, n)
+    assert set(e0) == set(e1) and e0 != e1
+    same = DataLoader(loader_dir, "train", 2, 16, shuffle=True, seed=1)
+    other = DataLoader(loader_dir, "train", 2, 16, shuffle=True, seed=2)
+    assert windows(same, n) == e0 and windows(other, n) != e0
+    plain = DataLoader(loader_dir, "train", 2, 16)
+    assert windows(plain, 3) == [(0, 1), (32, 33), (64, 65)]
+
+
+def test_val_is_identical_across_calls(loader_dir):
+    v = DataLoader(loader_dir, "val", 2, 16, rank=1, world_size=2)
+    first = windows(v, 4)
+    v.reset()
+    assert windows(v, 4) == first

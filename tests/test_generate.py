@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from gpt2repro.generate import filter_logits, generate, sample_text
+from gpt2repro.model import GPT
+
+
+@pytest.fixture(scope="module")
+def model(tiny_config):
+    torch.manual_seed(0)
+    return GPT(tiny_config).eval()
+
+
+@pytest.mark.parametrize("prompt_len,new", [(1, 20), (7, 33), (50, 12)])
+def test_kv_cache_greedy_equals_full_recompute(model, prompt_len, new):
+    idx = torch.randint(0, 50257, (3, prompt_len))
+    cached = generate(model, idx, new, temperature=0, use_cache=True)
+    full = generate(model, idx, new, temperature=0, use_cache=False)
+    assert cached.shape == (3, prompt_len + new)
+    assert torch.equal(cached, full)
+
+
+def test_cached_logits_match_full_forward(model):
+    from gpt2repro.model import KVCache
+
+    idx = torch.randint(0, 50257, (2, 24))
+    cache = KVCache.empty(model.config, 2, "cpu", torch.float32)
+    with torch.no_grad():
+        first = model.logits(model.hidden(idx[:, :10], cache, 0))
+        rest = model.logits(model.hidden(idx[:, 10:], cache, 10))
+        full = model(idx)[0]
+    torch.testing.assert_close(torch.cat([first, rest], 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_seeded_sampling_is_reproducible(model):
+    idx = torch.randint(0, 50257, (2, 5))
+    a = generate(model, idx, 16, top_k=50, generator=torch.Generator().manual_seed(7))
+    b = generate(model, idx, 16, top_k=50, generator=torch.Generator().manual_seed(7))
+    c = generate(model, idx, 16, top_k=50, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_padded_ids_are_never_sampled(tiny_config):
+    torch.manual_seed(0)
+    model = GPT(tiny_config).eval()
+    assert tiny_config.padded_vocab_size > tiny_config.vocab_size
+    with torch.no_grad():  # make the padded rows the most likely by far, were they reachable
+        model.transformer.wte.weight[tiny_config.vocab_size :] = 50.0
+    out = generate(model, torch.zeros(4, 1, dtype=torch.long), 30, generator=torch.Generator().manual_seed(0))
+    assert out.max().item() < tiny_config.vocab_size
+    out = generate(model, torch.zeros(4, 1, dtype=torch.long), 10, temperature=0)
+    assert out.max().item() < tiny_config.vocab_size
+
+
+def test_generation_stops_at_block_size(model):
+    idx = torch.zeros(1, model.config.block_size - 5, dtype=torch.long)
+    out = generate(model, idx, 20, temperature=0)
+    assert out.shape[1] == model.config.block_size
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        generate(model, torch.zeros(1, model.config.block_size + 1, dtype=torch.long), 1)
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True, True]]
+    probs = logits.softmax(-1)[0]  # 0.636, 0.234, 0.086, ...
+    kept = ~torch.isinf(filter_logits(logits, top_p=0.8))
+    assert kept.tolist() == [[True, True, False, False, False]]
+    assert probs[0] < 0.8 < probs[0] + probs[1]
+
+
+def test_sample_text_starts_with_prompt(model, enc):
+    texts = sample_text(model, "Hello, I'm a language model,", n=2, max_new_tokens=5)
+    assert len(texts) == 2 and all(t.startswith("Hello, I'm a language model,") for t in texts)
