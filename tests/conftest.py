@@ -51,5 +51,7 @@ def data_dir(tmp_path_factory, enc):
     from gpt2repro.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("shards")
-    prepare([str(shared_file("tinyshakespeare.txt"))], out, shard_tokens=40_000, val_tokens=16_000, progress=False)
+    prepare(
+        [str(shared_file("tinyshakespeare.txt"))], out, shard_tokens=40_000, val_tokens=16_000, progress=False
+    )
     return out

@@ -19,9 +19,20 @@ def fineweb_rows(n: int) -> list[dict]:
     rows = []
     for i in range(n):
         text = " ".join(rng.choice(words, size=rng.integers(20, 200))) + f". Doc {i} — ünïcödé ✓"
-        rows.append({"text": text, "id": f"<urn:uuid:{i:08d}>", "dump": "CC-MAIN-2013-20", "url": f"http://x/{i}",
-                     "file_path": "s3://x", "language": "en", "language_score": 0.9, "token_count": 0,
-                     "score": 3.1, "int_score": 3})
+        rows.append(
+            {
+                "text": text,
+                "id": f"<urn:uuid:{i:08d}>",
+                "dump": "CC-MAIN-2013-20",
+                "url": f"http://x/{i}",
+                "file_path": "s3://x",
+                "language": "en",
+                "language_score": 0.9,
+                "token_count": 0,
+                "score": 3.1,
+                "int_score": 3,
+            }
+        )
     return rows
 
 
@@ -76,7 +87,9 @@ def test_interrupted_then_resumed_is_byte_identical(tmp_path, enc, monkeypatch):
     partial = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
     assert len(partial["shards"]) == 3 and not partial["complete"]
     monkeypatch.setattr(prep, "write_shard", real_write)
-    resumed = prep.prepare([str(src)], tmp_path / "resumed", shard_tokens=3000, val_tokens=1000, progress=False)
+    resumed = prep.prepare(
+        [str(src)], tmp_path / "resumed", shard_tokens=3000, val_tokens=1000, progress=False
+    )
     assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in full["shards"]]
     assert resumed["total_tokens"] == full["total_tokens"] and resumed["documents"] == full["documents"]
 
@@ -94,7 +107,9 @@ def test_finished_preparation_does_nothing(tmp_path, enc, capsys):
 
 def test_max_tokens_stops_exactly(tmp_path, enc):
     src = write_jsonl(tmp_path / "d.jsonl", fineweb_rows(100))
-    m = prep.prepare([str(src)], tmp_path / "o", shard_tokens=1000, val_tokens=500, max_tokens=2600, progress=False)
+    m = prep.prepare(
+        [str(src)], tmp_path / "o", shard_tokens=1000, val_tokens=500, max_tokens=2600, progress=False
+    )
     assert m["total_tokens"] == 2600 and [s["tokens"] for s in m["shards"]] == [500, 1000, 1000, 100]
 
 
@@ -110,7 +125,11 @@ def test_parquet_jsonl_gz_and_txt_sources_agree(tmp_path, enc):
     for i, r in enumerate(rows):
         (txt_dir / f"{i:03d}.txt").write_text(r["text"], encoding="utf-8")
     hashes = []
-    for name, src in [("pq", tmp_path / "d.parquet"), ("gz", tmp_path / "d.jsonl.gz"), ("txt", txt_dir / "*.txt")]:
+    for name, src in [
+        ("pq", tmp_path / "d.parquet"),
+        ("gz", tmp_path / "d.jsonl.gz"),
+        ("txt", txt_dir / "*.txt"),
+    ]:
         m = prep.prepare([str(src)], tmp_path / name, shard_tokens=100_000, val_tokens=0, progress=False)
         hashes.append([s["sha256"] for s in m["shards"]])
         assert m["documents"] == 40
@@ -120,7 +139,9 @@ def test_parquet_jsonl_gz_and_txt_sources_agree(tmp_path, enc):
 def test_real_c4_sample_and_tiny_shakespeare(tmp_path, enc):
     c4 = shared_file("c4-sample")
     shakespeare = shared_file("tinyshakespeare.txt")
-    m = prep.prepare([str(c4 / "*.json.gz"), str(shakespeare)], tmp_path / "o", shard_tokens=100_000, progress=False)
+    m = prep.prepare(
+        [str(c4 / "*.json.gz"), str(shakespeare)], tmp_path / "o", shard_tokens=100_000, progress=False
+    )
     docs = []
     for f in sorted(c4.glob("*.json.gz")):
         docs += [json.loads(line)["text"] for line in gzip.open(f, "rt") if line.strip()]
@@ -235,7 +256,9 @@ def test_ranks_are_disjoint_and_cover_the_epoch(loader_dir):
     epoch = set(windows(single, single.steps_per_epoch))
     assert len(epoch) == single.steps_per_epoch == (999 // 32) + (1699 // 32) + (649 // 32)
     for shuffle in (False, True):
-        ranks = [DataLoader(loader_dir, "train", 2, 16, rank=r, world_size=3, shuffle=shuffle) for r in range(3)]
+        ranks = [
+            DataLoader(loader_dir, "train", 2, 16, rank=r, world_size=3, shuffle=shuffle) for r in range(3)
+        ]
         seen = [set(windows(l, l.steps_per_epoch)) for l in ranks]
         assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1 :])
         union = set().union(*seen)

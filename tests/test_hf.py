@@ -102,7 +102,9 @@ def test_load_errors_name_the_problem(tmp_path, hf_dir):
     cfg = json.loads((hf_dir / "config.json").read_text())
     cfg["n_embd"] = 32
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(HFError, match=r"shape mismatch: transformer.wte.weight \(50257, 64\) vs \(50257, 32\)"):
+    with pytest.raises(
+        HFError, match=r"shape mismatch: transformer.wte.weight \(50257, 64\) vs \(50257, 32\)"
+    ):
         load_hf(bad)
     # corrupted weights
     (bad / "config.json").write_text((hf_dir / "config.json").read_text())

@@ -112,7 +112,9 @@ def test_download_then_cache_reuse(fake_asset):
 
 def test_checksum_mismatch_refuses_and_never_caches(fake_asset):
     fake_asset.write_bytes(b"tampered")
-    with pytest.raises(assets.AssetError, match="sha256 mismatch for thing.txt: expected [0-9a-f]{64}, got [0-9a-f]{64}"):
+    with pytest.raises(
+        assets.AssetError, match="sha256 mismatch for thing.txt: expected [0-9a-f]{64}, got [0-9a-f]{64}"
+    ):
         assets.fetch("thing.txt")
     assert list(assets.cache_dir().iterdir()) == []  # neither the file nor a temporary copy
 

@@ -91,7 +91,9 @@ def iter_local(paths: list[Path], text_field: str) -> Iterator[str]:
 
 def _hub_unreachable() -> str | None:
     """Why the hub cannot be reached, found in seconds (datasets itself retries for ~25 s)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", ""):
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get(
+        "HF_DATASETS_OFFLINE", "0"
+    ) not in ("0", ""):
         return "offline mode is set (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
     host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
     try:

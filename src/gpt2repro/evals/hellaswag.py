@@ -183,9 +183,9 @@ def score(
             logits = model.logits(
                 h[torch.tensor(row_ids, device=device), torch.tensor(positions, device=device)]
             )
-        logp = F.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(targets, device=device)[:, None])[
-            :, 0
-        ]
+        logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).gather(
+            1, torch.tensor(targets, device=device)[:, None]
+        )[:, 0]
         sums = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(
             0, torch.tensor(row_ids, device=device), logp.double()
         )
