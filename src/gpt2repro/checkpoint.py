@@ -134,10 +134,10 @@ def resolve(path: str | os.PathLike) -> Path:
     path = Path(path)
     if (path / "model.safetensors").is_file():
         return path
-    for run_dir in (path, path.parent):
-        found = latest(run_dir) if (run_dir / "checkpoints").is_dir() else None
-        if found is not None:
-            return found
+    run_dir = path.parent if path.name == "checkpoints" else path
+    found = latest(run_dir) if (run_dir / "checkpoints").is_dir() else None
+    if found is not None:
+        return found
     raise CheckpointError(
         f"{path}: not a checkpoint (no model.safetensors) and no run with a latest checkpoint"
     )

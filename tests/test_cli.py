@@ -1,0 +1,152 @@
+"""The `gpt2repro` command end to end, and its one-line errors."""
+
+import json
+
+import pytest
+
+from conftest import shared_file
+from gpt2repro import train as tr
+from gpt2repro.cli import main
+from gpt2repro.config import train_config
+
+
+@pytest.fixture(scope="module")
+def run_dir(data_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    cfg = train_config(
+        "cpu-tiny",
+        [
+            "model.n_layer=2",
+            "model.n_embd=64",
+            "model.n_head=2",
+            "micro_batch_size=2",
+            "seq_len=32",
+            "total_batch_size=64",
+            "max_steps=2",
+            "val_every=0",
+            "hellaswag_every=0",
+            "sample_every=0",
+        ],
+    )
+    tr.train(cfg, data_dir, run)
+    return run
+
+
+def one_line_error(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("gpt2repro: error: ") and message in err, err
+
+
+def test_sample_from_checkpoint(run_dir, capsys):
+    assert (
+        main(["sample", "--checkpoint", str(run_dir), "-n", "2", "--max-new-tokens", "5", "--device", "cpu"])
+        == 0
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("> Hello, I'm a language model,") for line in lines)
+
+
+def test_sample_from_hf_directory_is_seeded(capsys):
+    tiny = str(shared_file("tiny-gpt2"))
+    main(["sample", "--hf", tiny, "--prompt", "The cat", "-n", "1", "--seed", "3"])
+    a = capsys.readouterr().out
+    main(["sample", "--hf", tiny, "--prompt", "The cat", "-n", "1", "--seed", "3"])
+    assert capsys.readouterr().out == a and a.startswith("> The cat")
+
+
+def test_export_then_transformers_loads_it(run_dir, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    assert main(["export", "--checkpoint", str(run_dir), "--out", str(tmp_path / "hf")]) == 0
+    model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
+    assert model.config.n_layer == 2
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == 50256
+
+
+def test_eval_hellaswag_cli_writes_json_and_predictions(tmp_path, capsys):
+    shared_file("hellaswag_val.jsonl.gz")
+    tiny = str(shared_file("tiny-gpt2"))
+    argv = [
+        "eval",
+        "hellaswag",
+        "--hf",
+        tiny,
+        "--limit",
+        "6",
+        "--style",
+        "both",
+        "--json",
+        str(tmp_path / "r.json"),
+        "--predictions",
+        str(tmp_path / "p.jsonl"),
+        "--verbose",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "hellaswag [completion] n=6" in out and "logprob=" in out
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert set(results) == {"completion", "harness"}
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and [r["index"] for r in rows[:6]] == list(range(6))
+
+
+def test_bad_inputs_are_one_line_errors(run_dir, tmp_path, capsys, data_dir):
+    one_line_error(
+        capsys, ["sample", "--hf", str(tmp_path / "missing")], "not a directory and not a hub name"
+    )
+    one_line_error(capsys, ["sample", "--checkpoint", str(tmp_path / "missing")], "not a checkpoint")
+    one_line_error(
+        capsys,
+        ["train", "--preset", "nope", "--data", str(data_dir), "--out", str(tmp_path)],
+        "unknown training preset 'nope'",
+    )
+    one_line_error(
+        capsys,
+        ["train", "--preset", "cpu-tiny", "--data", str(data_dir), "--out", str(tmp_path), "lr=1"],
+        "unknown config key 'lr'",
+    )
+    one_line_error(
+        capsys,
+        ["train", "--preset", "cpu-tiny", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path)],
+        "data directory does not exist",
+    )
+    one_line_error(
+        capsys,
+        ["eval", "hellaswag", "--hf", str(shared_file("tiny-gpt2")), "--data", str(tmp_path / "none.jsonl")],
+        "no such file",
+    )
+    one_line_error(
+        capsys,
+        ["prepare", "--source", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o")],
+        "no such file",
+    )
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((shared_file("tiny-gpt2") / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"\x01\x02garbage")
+    one_line_error(capsys, ["sample", "--hf", str(broken)], "corrupted or unreadable")
+    one_line_error(capsys, ["export", "--checkpoint", str(run_dir), "--out", str(run_dir)], "not empty")
+
+
+def test_prepare_and_presets_commands(tmp_path, capsys, enc):
+    src = tmp_path / "a.txt"
+    src.write_text("hello world " * 50)
+    assert (
+        main(
+            [
+                "prepare",
+                "--source",
+                str(src),
+                "--out",
+                str(tmp_path / "o"),
+                "--shard-tokens",
+                "1000",
+                "--val-tokens",
+                "20",
+            ]
+        )
+        == 0
+    )
+    assert "102 tokens from 1 documents in 2 shards" in capsys.readouterr().out
+    assert main(["presets"]) == 0
+    assert "gpt2-124m-10B" in capsys.readouterr().out

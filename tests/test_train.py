@@ -1,0 +1,366 @@
+"""The training loop on CPU: learning, accumulation, DDP/FSDP equivalence, exact resume, guards."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from gpt2repro import checkpoint
+from gpt2repro import train as tr
+from gpt2repro.config import ConfigError, apply_overrides, train_config
+from gpt2repro.distributed import DistInfo
+from gpt2repro.model import GPT
+
+SMALL = [
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=64",
+    "model.block_size=64",
+    "micro_batch_size=4",
+    "seq_len=32",
+    "total_batch_size=256",
+    "max_lr=3e-3",
+    "warmup_steps=2",
+    "hellaswag_every=0",
+    "sample_every=0",
+    "val_every=0",
+    "dtype=fp32",
+    "log_every=0",
+]
+
+
+def small_cfg(*overrides):
+    return train_config("cpu-tiny", SMALL + list(overrides))
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["event"] == "train"}
+
+
+def test_loss_falls_well_below_its_start(data_dir, tmp_path):
+    summary = tr.train(small_cfg("max_steps=40", "val_every=20", "val_steps=2"), data_dir, tmp_path)
+    seen = losses(tmp_path)
+    assert seen[0] > 10.5 and summary["loss"] < 7.0 and summary["val_loss"] < 7.5
+    assert json.loads((tmp_path / "config.json").read_text())["max_steps"] == 40
+
+
+class ListLoader:
+    def __init__(self, batches):
+        self.batches = list(batches)
+
+    def next_batch(self):
+        return self.batches.pop(0)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    cfg = small_cfg()
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    x = torch.randint(0, 50257, (8, 32))
+    y = torch.randint(0, 50257, (8, 32))
+    info = DistInfo(0, 0, 1, torch.device("cpu"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss = tr._train_step(
+        model, model, opt, None, ListLoader([(x[:4], y[:4]), (x[4:], y[4:])]), cfg, info, "fp32", 2
+    )
+    accumulated = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    _, big = model(x, y)
+    big.backward()
+    assert loss == pytest.approx(big.item(), rel=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(accumulated[n], p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_presets_resolve_the_original_accumulation():
+    cfg = train_config("gpt2-124m-10B")
+    assert (cfg.total_batch_size, cfg.micro_batch_size, cfg.seq_len, cfg.max_steps, cfg.warmup_steps) == (
+        524288,
+        64,
+        1024,
+        19073,
+        715,
+    )
+    assert cfg.model.padded_vocab_size == 50304 and cfg.max_lr == 6e-4 and cfg.min_lr_ratio == 0.1
+    assert tr.grad_accum_steps(cfg, 1) == 8 and tr.grad_accum_steps(cfg, 8) == 1
+    assert train_config("gpt2-124m-40B").max_steps == 76292 and train_config("gpt2-124m-40B").shuffle
+    xl = train_config("gpt3-xl")
+    assert (xl.model.n_layer, xl.model.n_embd, xl.model.n_head, xl.total_batch_size, xl.max_lr) == (
+        24,
+        2048,
+        16,
+        1048576,
+        2e-4,
+    )
+    assert xl.warmup_steps * xl.total_batch_size >= 375e6 and xl.seq_len == 2048 and xl.fsdp
+
+
+def test_lr_schedule():
+    from gpt2repro.optim import lr_at
+
+    cfg = train_config("gpt2-124m-10B")
+    assert lr_at(0, cfg) == pytest.approx(6e-4 / 715)
+    assert lr_at(714, cfg) == pytest.approx(6e-4)
+    assert lr_at(19072, cfg) == pytest.approx(6e-5, rel=1e-3)
+    assert lr_at(30000, cfg) == pytest.approx(6e-5)
+
+
+def test_weight_decay_groups():
+    from gpt2repro.optim import make_optimizer
+
+    cfg = small_cfg()
+    model = GPT(cfg.model)
+    decay, no_decay = make_optimizer(model, cfg, torch.device("cpu")).param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["bogus=1"], "unknown config key 'bogus'; valid keys: total_batch_size"),
+        (["model.bogus=1"], "unknown config key 'model.bogus'"),
+        (["max_steps=ten"], "max_steps='ten': expected int"),
+        (["shuffle=maybe"], "shuffle='maybe': expected true or false"),
+        (["dtype=fp8"], "dtype='fp8' is not one of auto, fp32, bf16, fp16"),
+        (["max_steps"], "override 'max_steps' is not key=value"),
+        (["seq_len=4096"], "seq_len=4096 exceeds model.block_size"),
+    ],
+)
+def test_bad_overrides_are_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        train_config("gpt2-124m-10B", overrides)
+
+
+def test_unknown_preset_and_indivisible_batch():
+    with pytest.raises(ConfigError, match="unknown training preset 'gpt5'; choose one of: gpt2-124m-10B"):
+        train_config("gpt5")
+    cfg = apply_overrides(train_config("gpt2-124m-10B"), ["total_batch_size=500000"])
+    with pytest.raises(ConfigError, match="nearest valid: 458752 or 524288"):
+        tr.grad_accum_steps(cfg, 1)
+
+
+def _stop_after(monkeypatch, n):
+    """Make the loop see a stop request after its n-th step, as a SIGTERM would."""
+    calls = {"n": 0}
+
+    def fake(stop, cfg, started, info):
+        calls["n"] += 1
+        return "signal" if calls["n"] == n else None
+
+    monkeypatch.setattr(tr, "_should_stop", fake)
+
+
+def test_stop_and_resume_is_bit_identical(data_dir, tmp_path, monkeypatch):
+    cfg = ["max_steps=8", "ckpt_every=100", "shuffle=true", "val_every=3", "val_steps=2"]
+    tr.train(small_cfg(*cfg), data_dir, tmp_path / "straight")
+    _stop_after(monkeypatch, 4)
+    tr.train(small_cfg(*cfg), data_dir, tmp_path / "resumed")
+    assert checkpoint.latest(tmp_path / "resumed").name == "step_00000004"
+    assert max(losses(tmp_path / "resumed")) == 3
+    monkeypatch.undo()
+    tr.train(small_cfg(*cfg), data_dir, tmp_path / "resumed")
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(resumed) == list(range(8))
+    assert resumed == straight  # exactly equal floats
+
+
+def test_crash_then_resume_from_last_checkpoint(data_dir, tmp_path, monkeypatch):
+    cfg = ["max_steps=6", "ckpt_every=2", "keep_last=2"]
+    tr.train(small_cfg(*cfg), data_dir, tmp_path / "straight")
+    real, calls = tr._train_step, {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise RuntimeError("node lost")
+        return real(*a, **k)
+
+    monkeypatch.setattr(tr, "_train_step", dying)
+    with pytest.raises(RuntimeError, match="node lost"):
+        tr.train(small_cfg(*cfg), data_dir, tmp_path / "crashed")
+    monkeypatch.undo()
+    ckpts = sorted(p.name for p in (tmp_path / "crashed" / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000002", "step_00000004"]  # keep_last=2
+    tr.train(small_cfg(*cfg), data_dir, tmp_path / "crashed")
+    assert losses(tmp_path / "crashed") == losses(tmp_path / "straight")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    real, calls = tr._train_step, {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        return float("nan") if calls["n"] == 4 else real(*a, **k)
+
+    monkeypatch.setattr(tr, "_train_step", poisoned)
+    with pytest.raises(tr.TrainingError, match="loss is nan at step 3; stopping .*step_00000002"):
+        tr.train(small_cfg("max_steps=6", "ckpt_every=2"), data_dir, tmp_path)
+    good = checkpoint.latest(tmp_path)
+    assert good.name == "step_00000002"
+    assert checkpoint.load_model(tmp_path).num_params() > 0
+
+
+def test_failed_checkpoint_write_leaves_the_previous_one(data_dir, tmp_path, monkeypatch):
+    tr.train(small_cfg("max_steps=2", "ckpt_every=2"), data_dir, tmp_path)
+    before = checkpoint.load_model(tmp_path).state_dict()
+    real_save = torch.save
+
+    def disk_full(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        tr.train(small_cfg("max_steps=4", "ckpt_every=2"), data_dir, tmp_path)
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert checkpoint.latest(tmp_path).name == "step_00000002"
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")] == []
+    after = checkpoint.load_model(tmp_path).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_incompatible_resume_is_refused(data_dir, tmp_path):
+    tr.train(small_cfg("max_steps=2"), data_dir, tmp_path)
+    with pytest.raises(tr.TrainingError, match="config differs in total_batch_size"):
+        tr.train(small_cfg("max_steps=4", "total_batch_size=128"), data_dir, tmp_path)
+    state_file = checkpoint.latest(tmp_path) / "state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "world_size": 2}))
+    with pytest.raises(tr.TrainingError, match="saved with world_size=2, now 1"):
+        tr.train(small_cfg("max_steps=4"), data_dir, tmp_path)
+    tr.train(small_cfg("max_steps=4", "resume=never"), data_dir, tmp_path / "fresh")
+    assert sorted(losses(tmp_path / "fresh")) == [0, 1, 2, 3]
+
+
+def test_corrupted_checkpoint_is_named(data_dir, tmp_path):
+    tr.train(small_cfg("max_steps=1"), data_dir, tmp_path)
+    (checkpoint.latest(tmp_path) / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(checkpoint.CheckpointError, match="model.safetensors: corrupted or unreadable"):
+        checkpoint.load_model(tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match="not a checkpoint"):
+        checkpoint.load_model(tmp_path / "nowhere")
+
+
+def _cli(*args, nproc=None, **popen):
+    prefix = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+        if nproc
+        else [sys.executable]
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        prefix + ["-m", "gpt2repro", *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        **popen,
+    )
+
+
+def test_sigterm_checkpoints_and_resumes(data_dir, tmp_path):
+    args = [
+        "train",
+        "--preset",
+        "cpu-tiny",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(tmp_path),
+        *SMALL,
+        "max_steps=400",
+        "log_every=1",
+    ]
+    proc = _cli(*args)
+    for line in proc.stdout:
+        if line.startswith("step      2"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out
+    assert "stopping after step" in out and "(signal)" in out
+    done = json.loads((checkpoint.latest(tmp_path) / "state.json").read_text())["step"]
+    assert 3 <= done < 400
+    proc = _cli(*args[:-2], "max_steps=" + str(done + 2), "--resume")
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0 and f"resumed from step_{done:08d}" in out, out
+    assert sorted(losses(tmp_path))[-1] == done + 1
+
+
+def _run_to_end(args, nproc=None):
+    proc = _cli(*args, nproc=nproc)
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_process_gloo_matches_one_process(data_dir, tmp_path, mode):
+    common = [
+        "train",
+        "--preset",
+        "cpu-tiny",
+        "--data",
+        str(data_dir),
+        *SMALL,
+        "max_steps=4",
+        "shuffle=true",
+        "val_every=3",
+        "val_steps=2",
+    ]
+    _run_to_end([*common, "--out", str(tmp_path / "one")])
+    _run_to_end(
+        [*common, "--out", str(tmp_path / "two"), f"fsdp={'true' if mode == 'fsdp' else 'false'}"], nproc=2
+    )
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [0, 1, 2, 3]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5)
+    # the 2-rank checkpoint holds full (unsharded) weights that load anywhere
+    a = checkpoint.load_model(tmp_path / "one").state_dict()
+    b = checkpoint.load_model(tmp_path / "two").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+def test_compiled_training_with_val_hellaswag_and_sampling(data_dir, tmp_path, enc):
+    from conftest import shared_file
+
+    shared_file("hellaswag_val.jsonl.gz")
+    summary = tr.train(
+        small_cfg(
+            "max_steps=3",
+            "compile=true",
+            "dtype=bf16",
+            "val_every=2",
+            "val_steps=2",
+            "hellaswag_every=2",
+            "hellaswag_limit=8",
+            "sample_every=2",
+            "sample_count=2",
+            "sample_tokens=8",
+        ),
+        data_dir,
+        tmp_path,
+    )
+    events = [json.loads(line)["event"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"train", "val", "hellaswag", "sample"} <= set(events)
+    assert summary["step"] == 3 and "val_loss" in summary and "hellaswag_acc_norm" in summary
+    assert "Hello, I'm a language model," in (tmp_path / "samples.txt").read_text()
+
+
+def test_plot_writes_a_png(data_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    from gpt2repro.plot import plot_run
+
+    tr.train(small_cfg("max_steps=3", "val_every=1", "val_steps=1"), data_dir, tmp_path)
+    out = plot_run(tmp_path)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
