@@ -259,7 +259,7 @@ def test_ranks_are_disjoint_and_cover_the_epoch(loader_dir):
         ranks = [
             DataLoader(loader_dir, "train", 2, 16, rank=r, world_size=3, shuffle=shuffle) for r in range(3)
         ]
-        seen = [set(windows(l, l.steps_per_epoch)) for l in ranks]
+        seen = [set(windows(ld, ld.steps_per_epoch)) for ld in ranks]
         assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1 :])
         union = set().union(*seen)
         assert union <= epoch and len(union) == 3 * ranks[0].steps_per_epoch >= len(epoch) - 2
