@@ -11,13 +11,13 @@ from .config import TrainConfig
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """Decay only matrices and embeddings (dim >= 2); biases and LayerNorm gains are not decayed.
-    The fused CUDA kernel does the whole update in one launch per group."""
+    The fused kernel (CUDA, and CPU since torch 2.4) does the whole update in one pass per group."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    fused = device.type == "cuda"
+    fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
 
