@@ -24,7 +24,15 @@ import torch.nn.functional as F
 from .config import GPTConfig
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU on GPUs; CPUs are measured instead.
-GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12, "3090": 71e12}
+GPU_PEAKS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+    "4090": 165e12,
+    "3090": 71e12,
+}
 SIZES = {  # name: (n_layer, n_embd, n_head, B, T)
     "tiny": (4, 256, 4, 8, 256),
     "small": (6, 384, 6, 8, 256),
@@ -140,9 +148,17 @@ class HFWrapper(nn.Module):
         super().__init__()
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        hf_cfg = GPT2Config(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head, n_positions=cfg.block_size,
-                            vocab_size=cfg.padded_vocab_size, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0,
-                            attn_implementation="sdpa")
+        hf_cfg = GPT2Config(
+            n_layer=cfg.n_layer,
+            n_embd=cfg.n_embd,
+            n_head=cfg.n_head,
+            n_positions=cfg.block_size,
+            vocab_size=cfg.padded_vocab_size,
+            attn_pdrop=0.0,
+            embd_pdrop=0.0,
+            resid_pdrop=0.0,
+            attn_implementation="sdpa",
+        )
         self.model = GPT2LMHeadModel(hf_cfg)
 
     def forward(self, idx, targets):
@@ -152,7 +168,11 @@ class HFWrapper(nn.Module):
 
 def size_config(size: str) -> tuple[GPTConfig, int, int]:
     L, d, h, B, T = SIZES[size]
-    return GPTConfig(n_layer=L, n_embd=d, n_head=h, block_size=max(T, 256), vocab_size=50257, vocab_multiple=64), B, T
+    return (
+        GPTConfig(n_layer=L, n_embd=d, n_head=h, block_size=max(T, 256), vocab_size=50257, vocab_multiple=64),
+        B,
+        T,
+    )
 
 
 def bench_train_step(impl: str, size: str, mode: str, repeats: int, device: torch.device) -> dict:
@@ -181,11 +201,23 @@ def bench_train_step(impl: str, size: str, mode: str, repeats: int, device: torc
     dt = _median_time(step, repeats, warmup=3 if mode.startswith("compile") else 1)
     tok_s = B * T / dt
     peak = device_peak_flops(device, "bf16" if use_bf16 else "fp32")
-    return {"impl": impl, "size": size, "mode": mode, "B": B, "T": T, "step_s": dt, "tok_per_s": tok_s,
-            "mfu": flops_per_token * tok_s / peak if peak else None}
+    return {
+        "impl": impl,
+        "size": size,
+        "mode": mode,
+        "B": B,
+        "T": T,
+        "step_s": dt,
+        "tok_per_s": tok_s,
+        "mfu": flops_per_token * tok_s / peak if peak else None,
+    }
 
 
 def bench_generate(size: str, repeats: int, device: torch.device, new_tokens: int = 256) -> list[dict]:
+    """Greedy decoding of new_tokens from an 8-token prompt: our KV cache (fp32 and bf16 weights)
+    against our full recompute and transformers' generate (fp32 and bf16), the same weights."""
+    import copy
+
     from .generate import generate
     from .model import GPT
 
@@ -193,26 +225,42 @@ def bench_generate(size: str, repeats: int, device: torch.device, new_tokens: in
     cfg.block_size = 512
     torch.manual_seed(0)
     model = GPT(cfg).to(device).eval()
-    rows = []
-    hf = None
+    ours = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16)}
+    hf = {}
     try:
-        hf = _hf_copy(model)
+        hf["fp32"] = _hf_copy(model)
+        hf["bf16"] = copy.deepcopy(hf["fp32"]).to(torch.bfloat16)
     except ImportError:
         pass
 
-    def runner(method: str, prompt: torch.Tensor):
+    def runner(method: str, dtype: str, prompt: torch.Tensor):
         if method == "hf":
-            return lambda: hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                       do_sample=False, pad_token_id=0)
-        return lambda: generate(model, prompt, new_tokens, temperature=0, use_cache=method == "kv-cache")
+            return lambda: hf[dtype].generate(
+                prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+            )
+        return lambda: generate(
+            ours[dtype], prompt, new_tokens, temperature=0, use_cache=method == "kv-cache"
+        )
 
+    rows = []
     for batch in (1, 8):
         prompt = torch.randint(0, cfg.vocab_size, (batch, 8), device=device)
-        for method in ("kv-cache", "recompute", "hf") if hf is not None else ("kv-cache", "recompute"):
-            with torch.no_grad():
-                dt = _median_time(runner(method, prompt), repeats)
-            rows.append({"method": method, "batch": batch, "new_tokens": new_tokens, "s": dt,
-                         "tok_per_s": batch * new_tokens / dt})
+        for method in ("kv-cache", "recompute", "hf"):
+            for dtype in ("fp32", "bf16"):
+                if method == "hf" and not hf:
+                    continue
+                with torch.no_grad():
+                    dt = _median_time(runner(method, dtype, prompt), repeats)
+                rows.append(
+                    {
+                        "method": method,
+                        "dtype": dtype,
+                        "batch": batch,
+                        "new_tokens": new_tokens,
+                        "s": dt,
+                        "tok_per_s": batch * new_tokens / dt,
+                    }
+                )
     return rows
 
 
@@ -242,7 +290,9 @@ def hellaswag_one_at_a_time(model, examples: list[dict]) -> list[int]:
             mask[i, len(r.context) : len(row)] = 1
         with torch.no_grad():
             logits = model(tokens)[0]
-        losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").view(4, -1)
+        losses = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none"
+        ).view(4, -1)
         shift_mask = mask[:, 1:]
         avg = (losses * shift_mask).sum(1) / shift_mask.sum(1)
         preds.append(int(avg.argmin()))
@@ -262,11 +312,23 @@ def bench_hellaswag(size: str, repeats: int, n_examples: int = 200) -> list[dict
     ours = [d["pred_norm"] for d in sorted(details, key=lambda d: d["index"])]
     if ours != hellaswag_one_at_a_time(model, examples):
         raise RuntimeError("batched and one-at-a-time HellaSwag predictions differ")
-    t_batched = _median_time(lambda: hellaswag.evaluate(model, examples, "completion", batch_size=16), repeats)
+    t_batched = _median_time(
+        lambda: hellaswag.evaluate(model, examples, "completion", batch_size=16), repeats
+    )
     t_single = _median_time(lambda: hellaswag_one_at_a_time(model, examples), max(1, repeats // 2), warmup=0)
     return [
-        {"method": "batched", "examples": n_examples, "s": t_batched, "examples_per_s": n_examples / t_batched},
-        {"method": "one-at-a-time", "examples": n_examples, "s": t_single, "examples_per_s": n_examples / t_single},
+        {
+            "method": "batched",
+            "examples": n_examples,
+            "s": t_batched,
+            "examples_per_s": n_examples / t_batched,
+        },
+        {
+            "method": "one-at-a-time",
+            "examples": n_examples,
+            "s": t_single,
+            "examples_per_s": n_examples / t_single,
+        },
     ]
 
 
@@ -286,13 +348,22 @@ def bench_prepare(repeats: int) -> list[dict]:
         src.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs * 4))
         tokens = 0
         for workers in (os.cpu_count() or 1, 1):
+
             def run(workers=workers):
                 nonlocal tokens
                 out = Path(tempfile.mkdtemp(dir=d))
                 tokens = prepare([str(src)], out, workers=workers, progress=False)["total_tokens"]
 
             dt = _median_time(run, repeats)
-            rows.append({"workers": workers, "documents": len(docs) * 4, "tokens": tokens, "s": dt, "tok_per_s": tokens / dt})
+            rows.append(
+                {
+                    "workers": workers,
+                    "documents": len(docs) * 4,
+                    "tokens": tokens,
+                    "s": dt,
+                    "tok_per_s": tokens / dt,
+                }
+            )
     return rows
 
 
@@ -317,12 +388,19 @@ def run(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows: list[dict]
     if args.what == "peak":
-        rows = [{"dtype": name, "n": n, "gflop_per_s": gemm_flops(dt, n, args.repeats, device.type) / 1e9}
-                for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)) for n in (1024, 2048)]
+        rows = [
+            {"dtype": name, "n": n, "gflop_per_s": gemm_flops(dt, n, args.repeats, device.type) / 1e9}
+            for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+            for n in (1024, 2048)
+        ]
     elif args.what == "train":
         modes = TRAIN_MODES if args.mode == "all" else tuple(args.mode.split(","))
-        impls = ["ours"] + {"none": [], "reference": ["reference"], "hf": ["hf"], "all": ["reference", "hf"]}[args.baseline]
-        rows = [bench_train_step(impl, args.size, mode, args.repeats, device) for impl in impls for mode in modes]
+        impls = ["ours"] + {"none": [], "reference": ["reference"], "hf": ["hf"], "all": ["reference", "hf"]}[
+            args.baseline
+        ]
+        rows = [
+            bench_train_step(impl, args.size, mode, args.repeats, device) for impl in impls for mode in modes
+        ]
         best = {impl: max(r["tok_per_s"] for r in rows if r["impl"] == impl) for impl in impls}
         for r in rows:
             r["vs_best_ours"] = r["tok_per_s"] / best["ours"]
@@ -333,9 +411,13 @@ def run(args) -> dict:
     else:
         rows = bench_prepare(args.repeats)
     print(_table(rows))
-    result = {"bench": args.what, "args": {k: v for k, v in vars(args).items() if k != "func"}, "machine": machine_info(),
-              "results": rows, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    result = {
+        "bench": args.what,
+        "args": {k: v for k, v in vars(args).items() if k != "func"},
+        "machine": machine_info(),
+        "results": rows,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2))
     return result
-

@@ -140,7 +140,9 @@ class GPT(nn.Module):
         h = self.hidden(idx)
         if targets is None:
             return self.logits(h), None
-        return None, linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.config.vocab_size)
+        return None, linear_cross_entropy(
+            h.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.config.vocab_size
+        )
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward): 6N plus attention, as in the PaLM appendix."""
@@ -178,7 +180,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             w = weight[:vocab].to(compute)
             hc_all = h.to(compute)
             grad_h = torch.empty_like(h)
-            grad_wt = torch.zeros(h.shape[1], vocab, dtype=acc, device=h.device)  # transposed: faster matmul
+            grad_wt = None  # weight gradient, transposed (the faster matmul); fp32 once accumulating
             total = torch.zeros((), dtype=acc, device=h.device)
             for s in range(0, n, chunk):
                 hc, t = hc_all[s : s + chunk], targets[s : s + chunk]
@@ -187,7 +189,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 total -= grad[rows, t].to(acc).log().sum()
                 grad[rows, t] -= 1.0
                 grad_h[s : s + chunk] = grad @ w
-                grad_wt += hc.t() @ grad
+                part = hc.t() @ grad
+                grad_wt = part if grad_wt is None else grad_wt.to(acc).add_(part)
             grad_w = torch.empty_like(weight)
             grad_w[vocab:] = 0.0
             torch.mul(grad_wt.t(), 1.0 / n, out=grad_w[:vocab])

@@ -243,43 +243,48 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, info: DistInfo) -> d
     flops_per_step = raw.flops_per_token(cfg.seq_len) * cfg.total_batch_size
     started = time.time()
     last_metrics: dict = {}
+
+    def periodic(step: int, last: bool) -> None:
+        """Validation, HellaSwag and samples when due (and always on the last step)."""
+        if val_loader is not None and _due(step, last, cfg.val_every):
+            val = _validate(model, val_loader, cfg, device, dtype)
+            last_metrics["val_loss"] = val
+            if is_main:
+                print(f"step {step:6d} | val loss {val:.4f}")
+            logger.log("val", step, loss=val)
+        if hs_examples and _due(step, last, cfg.hellaswag_every):
+            result = hellaswag.evaluate(
+                raw,
+                hs_examples,
+                cfg.hellaswag_style,
+                device,
+                info.rank,
+                info.world_size,
+                dtype="bf16" if dtype == "bf16" else "fp32",
+                lockstep=cfg.fsdp,
+            )
+            last_metrics["hellaswag_acc_norm"] = result["acc_norm"]
+            if is_main:
+                print(
+                    f"step {step:6d} | hellaswag {result['n']} ex: acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f}"
+                )
+            logger.log(
+                "hellaswag",
+                step,
+                **{k: v for k, v in result.items() if k != "style"},
+                style=result["style"],
+            )
+        if cfg.sample_every and step > 0 and _due(step, last, cfg.sample_every):
+            texts = sample_text(
+                raw, cfg.sample_prompt, cfg.sample_count, cfg.sample_tokens, seed=42 + info.rank
+            )
+            logger.sample(step, texts)
+
     step = start
     try:
         for step in range(start, cfg.max_steps):
             last = step == cfg.max_steps - 1
-            if val_loader is not None and _due(step, last, cfg.val_every):
-                val = _validate(model, val_loader, cfg, device, dtype)
-                last_metrics["val_loss"] = val
-                if is_main:
-                    print(f"step {step:6d} | val loss {val:.4f}")
-                logger.log("val", step, loss=val)
-            if hs_examples and _due(step, last, cfg.hellaswag_every):
-                result = hellaswag.evaluate(
-                    raw,
-                    hs_examples,
-                    cfg.hellaswag_style,
-                    device,
-                    info.rank,
-                    info.world_size,
-                    dtype="bf16" if dtype == "bf16" else "fp32",
-                    lockstep=cfg.fsdp,
-                )
-                last_metrics["hellaswag_acc_norm"] = result["acc_norm"]
-                if is_main:
-                    print(
-                        f"step {step:6d} | hellaswag {result['n']} ex: acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f}"
-                    )
-                logger.log(
-                    "hellaswag",
-                    step,
-                    **{k: v for k, v in result.items() if k != "style"},
-                    style=result["style"],
-                )
-            if cfg.sample_every and step > 0 and _due(step, last, cfg.sample_every):
-                texts = sample_text(
-                    raw, cfg.sample_prompt, cfg.sample_count, cfg.sample_tokens, seed=42 + info.rank
-                )
-                logger.sample(step, texts)
+            periodic(step, last)
 
             t0 = time.time()
             loss = _train_step(model, raw, optimizer, scaler, train_loader, cfg, info, dtype, accum)
@@ -327,6 +332,8 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, info: DistInfo) -> d
 
             done = step + 1
             stopping = _should_stop(stop, cfg, started, info)
+            if stopping == "time limit":  # a budgeted run still ends with its final evaluation
+                periodic(done, True)
             if stopping or last or (cfg.ckpt_every and done % cfg.ckpt_every == 0):
                 _save(run_dir, done, model, raw, optimizer, train_loader, cfg, info, last_metrics)
             if stopping:

@@ -2,8 +2,9 @@
 
 The data is cut into windows of B*T tokens (plus one for the shifted targets) inside each shard.
 An epoch is an ordered list of (shard, window) pairs: sequential for `shuffle=False` (the original's
-order, and always for validation), otherwise a permutation of shards and of windows within each shard
-drawn from (seed, epoch), so every epoch is shuffled differently and reproducibly. Rank r of W takes
+order, and always for validation), otherwise one permutation of all windows of all shards drawn from
+(seed, epoch), so every epoch is shuffled differently and reproducibly, and shards that differ (one
+source after another) do not turn into phases of training. Rank r of W takes
 items r, r+W, r+2W, ...: ranks are disjoint and together cover the epoch (a remainder smaller than W
 is dropped so every rank takes the same number of steps). The state is just (epoch, position).
 """
@@ -66,13 +67,11 @@ class DataLoader:
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         """(shard, window) pairs of this rank for an epoch, shape (steps_per_epoch, 2)."""
-        if self.shuffle:
-            rng = np.random.default_rng([self.seed, epoch])
-            shard_order = rng.permutation(len(self.shards))
-            pairs = [(s, w) for s in shard_order for w in rng.permutation(self.windows[s])]
-        else:
-            pairs = [(s, w) for s in range(len(self.shards)) for w in range(self.windows[s])]
-        pairs = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+        pairs = np.array(
+            [(s, w) for s in range(len(self.shards)) for w in range(self.windows[s])], dtype=np.int64
+        ).reshape(-1, 2)
+        if self.shuffle:  # one permutation over all windows: every batch mixes the whole corpus
+            pairs = pairs[np.random.default_rng([self.seed, epoch]).permutation(len(pairs))]
         return pairs[self.rank : self.steps_per_epoch * self.world : self.world]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
