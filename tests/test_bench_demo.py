@@ -1,0 +1,83 @@
+"""`gpt2repro bench` runs and reports (speed itself is measured in benchmarks/, never asserted here),
+and the demo script works end to end on a tiny budget."""
+
+import argparse
+import json
+import subprocess
+import sys
+
+
+from conftest import ROOT, shared_file
+from gpt2repro import bench
+
+
+def args(**kw):
+    base = dict(what="peak", size="tiny", mode="bf16", baseline="none", repeats=1, json_out=None)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_bench_peak_and_train_write_json(tmp_path, capsys):
+    out = bench.run(args(what="peak", json_out=str(tmp_path / "peak.json")))
+    assert {r["dtype"] for r in out["results"]} == {"fp32", "bf16"}
+    saved = json.loads((tmp_path / "peak.json").read_text())
+    assert saved["machine"]["torch"] and all(r["gflop_per_s"] > 0 for r in saved["results"])
+    out = bench.run(args(what="train", mode="eager", baseline="reference"))
+    impls = [r["impl"] for r in out["results"]]
+    assert impls == ["ours", "reference"] and all(0 < r["mfu"] < 1.5 for r in out["results"])
+    assert "tok_per_s" in capsys.readouterr().out
+
+
+def test_reference_model_computes_the_same_function():
+    """The yardstick must do the same work: same weights give the same loss as ours."""
+    import torch
+
+    from gpt2repro.model import GPT
+
+    cfg, _, _ = bench.size_config("tiny")
+    cfg.n_layer, cfg.vocab_multiple = 2, 1  # the reference softmaxes over padded ids too; compare without them
+    torch.manual_seed(0)
+    ours, ref = GPT(cfg), bench.RefGPT(cfg)
+    mapping = {"wte": "transformer.wte", "wpe": "transformer.wpe", "ln_f": "transformer.ln_f"}
+    state = {}
+    for k in ref.state_dict():
+        head = k.split(".")[0]
+        if head in mapping:
+            state[k] = ours.state_dict()[mapping[head] + k[len(head):]]
+        elif k.startswith("h."):
+            name = k.replace("c_attn", "attn.c_attn").replace(".c_proj", ".attn.c_proj").replace("c_fc", "mlp.c_fc")
+            name = name.replace("mlp_proj", "mlp.c_proj")
+            state[k] = ours.state_dict()["transformer." + name]
+        else:
+            state[k] = ours.state_dict()[k]
+    ref.load_state_dict(state)
+    x = torch.randint(0, 50257, (2, 16))
+    y = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, y)[1], ref(x, y)[1], rtol=1e-5, atol=1e-5)
+
+
+def test_bench_hellaswag_checks_predictions_agree(monkeypatch):
+    shared_file("hellaswag_val.jsonl.gz")
+    rows = bench.bench_hellaswag("tiny", repeats=1, n_examples=12)
+    assert [r["method"] for r in rows] == ["batched", "one-at-a-time"]
+
+
+def test_bench_prepare_compares_workers():
+    shared_file("tinyshakespeare.txt")
+    rows = bench.bench_prepare(repeats=1)
+    assert rows[-1]["workers"] == 1 and rows[0]["tokens"] == rows[-1]["tokens"] > 0
+
+
+def test_demo_script_end_to_end(tmp_path):
+    shared_file("tinyshakespeare.txt")
+    shared_file("hellaswag_val.jsonl.gz")
+    cmd = [sys.executable, "scripts/demo.py", "--out", str(tmp_path), "--seconds", "600", "max_steps=3",
+           "hellaswag_limit=8", "val_steps=1", "val_every=2", "hellaswag_every=2", "sample_every=2", "compile=false",
+           "model.n_layer=2", "model.n_embd=64", "model.n_head=2"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    for what in ("prepare", "train", "plot", "export", "done"):
+        assert what in result.stdout
+    assert (tmp_path / "run" / "curves.png").is_file()
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    assert "Hello, I'm a language model," in (tmp_path / "run" / "samples.txt").read_text()
