@@ -42,11 +42,15 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE = True  # init scaled by (2*n_layer)^-0.5
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if cache is None:
+        if mask is not None:  # an explicit (B, 1, T, T) mask, e.g. packed sequences
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash kernel where available
         else:
             cache.k[self.layer, :, :, pos : pos + T] = k
@@ -79,8 +83,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, pos)
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, pos, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -115,17 +121,27 @@ class GPT(nn.Module):
         """Unique parameters (the tied lm_head counted once), as published for GPT-2."""
         return sum(p.numel() for p in self.parameters())
 
-    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
-        """Final-LayerNorm hidden states (B, T, n_embd); `pos` is the absolute position of idx[:, 0]."""
+    def hidden(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        pos: int = 0,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-LayerNorm hidden states (B, T, n_embd). `pos` is the absolute position of idx[:, 0];
+        or, for packed sequences, explicit `positions` (B, T) with an attention `mask` (B, 1, T, T)."""
         T = idx.size(1)
-        if pos + T > self.config.block_size:
+        last = int(positions.max()) + 1 if positions is not None else pos + T
+        if last > self.config.block_size:
             raise ValueError(
-                f"sequence of {pos + T} tokens exceeds block_size={self.config.block_size}; crop the input"
+                f"sequence of {last} tokens exceeds block_size={self.config.block_size}; crop the input"
             )
-        positions = torch.arange(pos, pos + T, dtype=torch.long, device=idx.device)
+        if positions is None:
+            positions = torch.arange(pos, pos + T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(positions)
         for block in self.transformer.h:
-            x = block(x, cache, pos)
+            x = block(x, cache, pos, mask)
         return self.transformer.ln_f(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -143,6 +143,59 @@ def predictions(logprob_sums: list[float], norms: list[float], style: str) -> tu
     return best, best_norm
 
 
+@dataclass
+class _Unit:
+    """One context followed by its endings, scored as a tree: each ending sees the context and itself."""
+
+    example: int
+    tokens: list[int]
+    positions: list[int]
+    segments: list[int]  # 0 = context, k + 1 = ending k
+    scored: list[tuple[int, int, int]]  # (index of the predicting token, target token, ending k)
+
+
+def _units(example: int, r: Rendered, block: int) -> list[_Unit]:
+    """Normally one unit holding the context once and all four endings. If context + ending would
+    exceed block_size, four units, each left-truncated like `row_tokens` (no shared context)."""
+    if len(r.context) + max(len(e) for e in r.endings) <= block:
+        parts = [(r.context, list(enumerate(r.endings)))]
+    else:
+        parts = []
+        for k in range(4):
+            tokens, first = row_tokens(r, k, block)
+            if first < 1:
+                raise HellaSwagError(f"example {example}: ending {k} alone does not fit block_size={block}")
+            parts.append((tokens[:first], [(k, tokens[first:])]))
+    units = []
+    for context, endings in parts:
+        u = _Unit(example, list(context), list(range(len(context))), [0] * len(context), [])
+        for k, end in endings:
+            start = len(u.tokens)
+            for m, tok in enumerate(end):
+                u.scored.append((len(context) - 1 if m == 0 else start + m - 1, tok, k))
+            u.tokens += end
+            u.positions += range(len(context), len(context) + len(end))
+            u.segments += [k + 1] * len(end)
+        units.append(u)
+    return units
+
+
+def _pack(units: list[_Unit], length: int) -> list[list[_Unit]]:
+    """Greedy first-fit of units into rows of `length` tokens (a longer unit gets a row of its own)."""
+    rows: list[list[_Unit]] = []
+    used: list[int] = []
+    for u in sorted(units, key=lambda u: -len(u.tokens)):
+        for i, n in enumerate(used):
+            if n + len(u.tokens) <= length:
+                rows[i].append(u)
+                used[i] += len(u.tokens)
+                break
+        else:
+            rows.append([u])
+            used.append(len(u.tokens))
+    return rows
+
+
 @torch.no_grad()
 def score(
     model: GPT,
@@ -151,47 +204,60 @@ def score(
     batch_size: int = 16,
     dtype: str = "fp32",
     min_batches: int = 0,
+    pack_len: int = 512,
 ) -> list[list[float]]:
     """Summed log-probability of each ending, per example: a list of 4 floats each.
 
-    `min_batches` pads with throw-away forward passes so that every rank of a sharded (FSDP) model
-    runs the same number of forwards, since each one is a collective."""
+    Each forward pass takes `batch_size` examples, each as one unit (context once, then the four
+    endings, with a mask so every ending sees only the context and itself, positions restarting
+    after the context), packed into rows of `pack_len` tokens: about half the tokens of four padded
+    rows per example, and no padding. `min_batches` adds throw-away forward passes so that every rank
+    of a sharded (FSDP) model runs the same number of them, since each one is a collective."""
     was_training = model.training
     model.eval()
     device = torch.device(device)
     block = model.config.block_size
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
-    order = sorted(
-        range(len(rendered)),
-        key=lambda i: -max(len(r) for r in [rendered[i].context + e for e in rendered[i].endings]),
-    )
     out: list[list[float]] = [[0.0] * 4 for _ in rendered]
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        rows = [row_tokens(rendered[i], j, block) for i in chunk for j in range(4)]
-        width = max(len(t) for t, _ in rows)
+    batches = 0
+    for start in range(0, len(rendered), batch_size):
+        units = [u for i in range(start, min(start + batch_size, len(rendered))) for u in _units(i, rendered[i], block)]
+        rows = _pack(units, max(pack_len, max(len(u.tokens) for u in units)))
+        width = max(sum(len(u.tokens) for u in row) for row in rows)
         idx = torch.zeros(len(rows), width, dtype=torch.long)
-        row_ids, positions, targets = [], [], []
-        for r, (tokens, first) in enumerate(rows):
-            idx[r, : len(tokens)] = torch.tensor(tokens)
-            for p in range(first, len(tokens)):  # position p-1 predicts token p
-                row_ids.append(r)
-                positions.append(p - 1)
-                targets.append(tokens[p])
+        pos = torch.zeros(len(rows), width, dtype=torch.long)
+        unit_id = -1 - torch.arange(width).repeat(len(rows), 1)  # padding: a unit of its own per token
+        seg = torch.zeros(len(rows), width, dtype=torch.long)
+        pred_row, pred_col, targets, owner = [], [], [], []
+        for r, row in enumerate(rows):
+            offset = 0
+            for n, u in enumerate(row):
+                span = slice(offset, offset + len(u.tokens))
+                idx[r, span] = torch.tensor(u.tokens)
+                pos[r, span] = torch.tensor(u.positions)
+                seg[r, span] = torch.tensor(u.segments)
+                unit_id[r, span] = n
+                for at, tok, k in u.scored:
+                    pred_row.append(r)
+                    pred_col.append(offset + at)
+                    targets.append(tok)
+                    owner.append(4 * (u.example - start) + k)
+                offset += len(u.tokens)
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        visible = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])
+        mask = (unit_id[:, :, None] == unit_id[:, None, :]) & causal & visible
         with autocast:
-            h = model.hidden(idx.to(device))
-            logits = model.logits(
-                h[torch.tensor(row_ids, device=device), torch.tensor(positions, device=device)]
-            )
-        logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).gather(
-            1, torch.tensor(targets, device=device)[:, None]
-        )[:, 0]
-        sums = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(
-            0, torch.tensor(row_ids, device=device), logp.double()
-        )
-        for k, i in enumerate(chunk):
-            out[i] = sums[4 * k : 4 * k + 4].tolist()
-    for _ in range(math.ceil(len(order) / batch_size), min_batches):
+            h = model.hidden(idx.to(device), positions=pos.to(device), mask=mask[:, None].to(device))
+            logits = model.logits(h[torch.tensor(pred_row, device=device), torch.tensor(pred_col, device=device)])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        logp = F.log_softmax(logits, dim=-1).gather(1, torch.tensor(targets, device=device)[:, None])[:, 0]
+        n = min(batch_size, len(rendered) - start)
+        sums = torch.zeros(4 * n, dtype=torch.float64, device=device)
+        sums.index_add_(0, torch.tensor(owner, device=device), logp.double())
+        for e in range(n):
+            out[start + e] = sums[4 * e : 4 * e + 4].tolist()
+        batches += 1
+    for _ in range(batches, min_batches):
         model.hidden(torch.zeros(1, 1, dtype=torch.long, device=device))
     model.train(was_training)
     return out
