@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-
 from conftest import ROOT, shared_file
 from gpt2repro import bench
 
@@ -34,7 +33,10 @@ def test_reference_model_computes_the_same_function():
     from gpt2repro.model import GPT
 
     cfg, _, _ = bench.size_config("tiny")
-    cfg.n_layer, cfg.vocab_multiple = 2, 1  # the reference softmaxes over padded ids too; compare without them
+    cfg.n_layer, cfg.vocab_multiple = (
+        2,
+        1,
+    )  # the reference softmaxes over padded ids too; compare without them
     torch.manual_seed(0)
     ours, ref = GPT(cfg), bench.RefGPT(cfg)
     mapping = {"wte": "transformer.wte", "wpe": "transformer.wpe", "ln_f": "transformer.ln_f"}
@@ -42,9 +44,13 @@ def test_reference_model_computes_the_same_function():
     for k in ref.state_dict():
         head = k.split(".")[0]
         if head in mapping:
-            state[k] = ours.state_dict()[mapping[head] + k[len(head):]]
+            state[k] = ours.state_dict()[mapping[head] + k[len(head) :]]
         elif k.startswith("h."):
-            name = k.replace("c_attn", "attn.c_attn").replace(".c_proj", ".attn.c_proj").replace("c_fc", "mlp.c_fc")
+            name = (
+                k.replace("c_attn", "attn.c_attn")
+                .replace(".c_proj", ".attn.c_proj")
+                .replace("c_fc", "mlp.c_fc")
+            )
             name = name.replace("mlp_proj", "mlp.c_proj")
             state[k] = ours.state_dict()["transformer." + name]
         else:
@@ -59,7 +65,12 @@ def test_reference_model_computes_the_same_function():
 def test_bench_hellaswag_checks_predictions_agree(monkeypatch):
     shared_file("hellaswag_val.jsonl.gz")
     rows = bench.bench_hellaswag("tiny", repeats=1, n_examples=12)
-    assert [r["method"] for r in rows] == ["batched", "one-at-a-time"]
+    assert [(r["method"], r["dtype"]) for r in rows] == [
+        ("batched", "fp32"),
+        ("batched", "bf16"),
+        ("one-at-a-time", "fp32"),
+    ]
+    assert rows[0]["same_predictions"] == 1.0 and 0 <= rows[1]["same_predictions"] <= 1
 
 
 def test_bench_prepare_compares_workers():
@@ -71,9 +82,24 @@ def test_bench_prepare_compares_workers():
 def test_demo_script_end_to_end(tmp_path):
     shared_file("tinyshakespeare.txt")
     shared_file("hellaswag_val.jsonl.gz")
-    cmd = [sys.executable, "scripts/demo.py", "--out", str(tmp_path), "--seconds", "600", "max_steps=3",
-           "hellaswag_limit=8", "val_steps=1", "val_every=2", "hellaswag_every=2", "sample_every=2", "compile=false",
-           "model.n_layer=2", "model.n_embd=64", "model.n_head=2"]
+    cmd = [
+        sys.executable,
+        "scripts/demo.py",
+        "--out",
+        str(tmp_path),
+        "--seconds",
+        "600",
+        "max_steps=3",
+        "hellaswag_limit=8",
+        "val_steps=1",
+        "val_every=2",
+        "hellaswag_every=2",
+        "sample_every=2",
+        "compile=false",
+        "model.n_layer=2",
+        "model.n_embd=64",
+        "model.n_head=2",
+    ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     for what in ("prepare", "train", "plot", "export", "done"):

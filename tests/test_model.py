@@ -95,7 +95,9 @@ def test_training_loss_equals_unfused_cross_entropy(tiny_config):
     x, y = torch.randint(0, 50257, (2, 16)), torch.randint(0, 50257, (2, 16))
     _, fused = model(x, y)
     logits, _ = model(x)
-    torch.testing.assert_close(fused, F.cross_entropy(logits.flatten(0, 1), y.flatten()), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        fused, F.cross_entropy(logits.flatten(0, 1), y.flatten()), rtol=1e-6, atol=1e-6
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16: within bf16-logit rounding of the unfused loss
         _, fused16 = model(x, y)
         logits16, _ = model(x)

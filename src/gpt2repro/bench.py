@@ -57,7 +57,9 @@ def _median_time(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def gemm_flops(dtype: torch.dtype, n: int = 1024, repeats: int = 5, device: str = "cpu", best: bool = False) -> float:
+def gemm_flops(
+    dtype: torch.dtype, n: int = 1024, repeats: int = 5, device: str = "cpu", best: bool = False
+) -> float:
     """FLOP/s of an n x n x n matmul, median (or best) of `repeats`: the MFU denominator on CPUs."""
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
@@ -304,6 +306,8 @@ def hellaswag_one_at_a_time(model, examples: list[dict]) -> list[int]:
 
 
 def bench_hellaswag(size: str, repeats: int, n_examples: int = 200) -> list[dict]:
+    """Our evaluator (fp32, and bf16 autocast) against the original one-example-at-a-time loop on the
+    same model and examples. fp32 predictions must be identical; bf16 reports its agreement."""
     from .evals import hellaswag
     from .model import GPT
 
@@ -311,33 +315,47 @@ def bench_hellaswag(size: str, repeats: int, n_examples: int = 200) -> list[dict
     torch.manual_seed(0)
     model = GPT(cfg).eval()
     examples = hellaswag.load_examples(limit=n_examples)
-    details: list[dict] = []
-    hellaswag.evaluate(model, examples, "completion", details=details)
-    ours = [d["pred_norm"] for d in sorted(details, key=lambda d: d["index"])]
-    if ours != hellaswag_one_at_a_time(model, examples):
+
+    def preds(dtype: str) -> list[int]:
+        details: list[dict] = []
+        hellaswag.evaluate(model, examples, "completion", dtype=dtype, details=details)
+        return [d["pred_norm"] for d in sorted(details, key=lambda d: d["index"])]
+
+    reference = hellaswag_one_at_a_time(model, examples)
+    if preds("fp32") != reference:
         raise RuntimeError("batched and one-at-a-time HellaSwag predictions differ")
-    t_batched = _median_time(
-        lambda: hellaswag.evaluate(model, examples, "completion", batch_size=16), repeats
-    )
-    t_single = _median_time(lambda: hellaswag_one_at_a_time(model, examples), max(1, repeats // 2), warmup=0)
-    return [
-        {
-            "method": "batched",
-            "examples": n_examples,
-            "s": t_batched,
-            "examples_per_s": n_examples / t_batched,
-        },
+    agree_bf16 = sum(a == b for a, b in zip(preds("bf16"), reference)) / n_examples
+    rows = []
+    for method, dtype in (("batched", "fp32"), ("batched", "bf16")):
+        t = _median_time(lambda d=dtype: hellaswag.evaluate(model, examples, "completion", dtype=d), repeats)
+        rows.append(
+            {
+                "method": method,
+                "dtype": dtype,
+                "examples": n_examples,
+                "s": t,
+                "examples_per_s": n_examples / t,
+                "same_predictions": 1.0 if dtype == "fp32" else agree_bf16,
+            }
+        )
+    t = _median_time(lambda: hellaswag_one_at_a_time(model, examples), max(1, repeats // 2), warmup=0)
+    rows.append(
         {
             "method": "one-at-a-time",
+            "dtype": "fp32",
             "examples": n_examples,
-            "s": t_single,
-            "examples_per_s": n_examples / t_single,
-        },
-    ]
+            "s": t,
+            "examples_per_s": n_examples / t,
+            "same_predictions": 1.0,
+        }
+    )
+    for r in rows:
+        r["speedup"] = r["examples_per_s"] / rows[-1]["examples_per_s"]
+    return rows
 
 
 def bench_prepare(repeats: int) -> list[dict]:
-    """Tokenization throughput with all cores vs one, on the same documents (WikiText-2 paragraphs)."""
+    """Tokenization throughput with all cores vs one, on the same documents (WikiText-2 lines as documents)."""
     from . import assets
     from .data.prepare import prepare
 
@@ -345,11 +363,13 @@ def bench_prepare(repeats: int) -> list[dict]:
     sources = [mirror / "wikitext-2" / "valid.txt", mirror / "wikitext-2" / "test.txt"] if mirror else []
     if not all(p.is_file() for p in sources):
         sources = [assets.fetch("tinyshakespeare.txt")]
-    docs = [p for src in sources for p in Path(src).read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    docs = [
+        line for src in sources for line in Path(src).read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
     rows = []
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "docs.jsonl"
-        src.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs * 4))
+        src.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs * 16))
         tokens = 0
         for workers in (os.cpu_count() or 1, 1):
 
@@ -362,7 +382,7 @@ def bench_prepare(repeats: int) -> list[dict]:
             rows.append(
                 {
                     "workers": workers,
-                    "documents": len(docs) * 4,
+                    "documents": len(docs) * 16,
                     "tokens": tokens,
                     "s": dt,
                     "tok_per_s": tokens / dt,

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--val-tokens", type=int, default=None, help="tokens in the val split (default: one shard)"
     )
     p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--workers", type=int, default=None, help="tokenizer threads (default: all cores)")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
 
     p = sub.add_parser("train", help="train (single process or under torchrun)")
     p.add_argument("--preset", required=True, help=f"one of: {', '.join(TRAIN_PRESETS)}")

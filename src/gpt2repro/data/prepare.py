@@ -9,15 +9,18 @@ run would. Memory stays bounded: documents stream in batches, and only one shard
 
 from __future__ import annotations
 
+import collections
 import glob
 import gzip
 import itertools
 import json
+import multiprocessing
 import os
 import socket
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -49,19 +52,30 @@ def expand_sources(sources: list[str]) -> list[Path]:
     return paths
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
+class JsonLine(NamedTuple):
+    """A raw jsonl row, parsed by the tokenizer workers (JSON decoding is a third of the work)."""
+
+    path: str
+    lineno: int
+    line: str
+    field: str
+
+    def text(self) -> str:
+        try:
+            row = json.loads(self.line)
+        except json.JSONDecodeError as e:
+            raise PrepareError(f"{self.path}:{self.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get(self.field), str):
+            raise PrepareError(f"{self.path}:{self.lineno}: no string field {self.field!r}")
+        return row[self.field]
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[JsonLine]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PrepareError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-                raise PrepareError(f"{path}:{lineno}: no string field {text_field!r}")
-            yield row[text_field]
+            if line.strip():
+                yield JsonLine(str(path), lineno, line, text_field)
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
@@ -74,7 +88,7 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
         yield from batch.column(0).to_pylist()
 
 
-def iter_local(paths: list[Path], text_field: str) -> Iterator[str]:
+def iter_local(paths: list[Path], text_field: str) -> Iterator[str | JsonLine]:
     for path in paths:
         name = path.name
         if name.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".json")):
@@ -204,11 +218,10 @@ def prepare(
             if stale.name not in {s["file"] for s in manifest["shards"]}:
                 stale.unlink()
 
-    enc = get_tokenizer()
     start_doc, start_offset = manifest["next"]["doc"], manifest["next"]["offset"]
     written = manifest["total_tokens"]
     if remote:
-        texts: Iterator[str] = iter_fineweb(name, revision, text_field, skip=start_doc)
+        texts: Iterator[str | JsonLine] = iter_fineweb(name, revision, text_field, skip=start_doc)
     else:
         texts = itertools.islice(iter_local(paths, text_field), start_doc, None)
     total = max_tokens or (FINEWEB_TOKENS.get(name) if remote else None)
@@ -236,32 +249,23 @@ def prepare(
         )
         atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
 
-    doc = start_doc
+    doc = start_doc  # index of the first document of the current batch
+    pos = start_offset  # tokens of that document already in earlier shards
     done = max_tokens is not None and written >= max_tokens
-    while not done:
-        batch = list(itertools.islice(texts, BATCH_DOCS))
-        if not batch:
+    for toks, lengths in _encoded_batches(texts, workers):
+        if done:
             break
-        if workers > 1:
-            encoded = enc.encode_ordinary_batch(batch, num_threads=workers)
-        else:
-            encoded = [enc.encode_ordinary(t) for t in batch]
-        for ids in encoded:
-            toks = np.array([EOT_ID, *ids], dtype=np.int64)
-            if toks.max() >= 2**16:
-                raise PrepareError(f"document {doc}: token id {toks.max()} does not fit in uint16")
-            pos = start_offset if doc == start_doc else 0
-            while pos < len(toks) and not done:
-                take = min(target() - fill, len(toks) - pos)
-                buf[fill : fill + take] = toks[pos : pos + take]
-                fill, pos = fill + take, pos + take
-                bar.update(take)
-                if fill == target():
-                    flush(*((doc, pos) if pos < len(toks) else (doc + 1, 0)))
-                    done = max_tokens is not None and written >= max_tokens
-            doc += 1
-            if done:
-                break
+        ends = np.cumsum(lengths)
+        while pos < len(toks) and not done:
+            take = min(target() - fill, len(toks) - pos)
+            buf[fill : fill + take] = toks[pos : pos + take]
+            fill, pos = fill + take, pos + take
+            bar.update(take)
+            if fill == target():
+                d = int(np.searchsorted(ends, pos, side="right"))  # first document not fully written
+                flush(doc + d, pos - (int(ends[d - 1]) if d else 0))
+                done = max_tokens is not None and written >= max_tokens
+        doc, pos = doc + len(lengths), 0
     if fill:
         flush(doc, 0)
     manifest["complete"] = True
@@ -269,3 +273,39 @@ def prepare(
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
     bar.close()
     return manifest
+
+
+def _encode(texts: list[str | JsonLine]) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of documents as one uint16 array (each document `<|endoftext|>` + its tokens) and the
+    per-document token counts. Runs in worker processes: arrays pickle cheaply, lists do not."""
+    enc = get_tokenizer()
+    flat: list[int] = []
+    lengths = np.empty(len(texts), dtype=np.int64)
+    for i, t in enumerate(texts):
+        ids = enc.encode_ordinary(t if isinstance(t, str) else t.text())
+        flat.append(EOT_ID)
+        flat.extend(ids)
+        lengths[i] = len(ids) + 1
+    toks = np.array(flat, dtype=np.int64)
+    if len(toks) and toks.max() >= 2**16:
+        raise PrepareError(f"token id {toks.max()} does not fit in uint16")
+    return toks.astype(np.uint16), lengths
+
+
+def _encoded_batches(
+    texts: Iterator[str | JsonLine], workers: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Encoded batches in order. With several workers, a process pool with a bounded number of
+    batches in flight, so memory stays bounded however long the stream."""
+    batches = iter(lambda: list(itertools.islice(texts, BATCH_DOCS)), [])
+    if workers <= 1:
+        yield from map(_encode, batches)
+        return
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        pending: collections.deque = collections.deque()
+        for batch in batches:
+            pending.append(pool.apply_async(_encode, (batch,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()

@@ -221,7 +221,11 @@ def score(
     out: list[list[float]] = [[0.0] * 4 for _ in rendered]
     batches = 0
     for start in range(0, len(rendered), batch_size):
-        units = [u for i in range(start, min(start + batch_size, len(rendered))) for u in _units(i, rendered[i], block)]
+        units = [
+            u
+            for i in range(start, min(start + batch_size, len(rendered)))
+            for u in _units(i, rendered[i], block)
+        ]
         rows = _pack(units, max(pack_len, max(len(u.tokens) for u in units)))
         width = max(sum(len(u.tokens) for u in row) for row in rows)
         idx = torch.zeros(len(rows), width, dtype=torch.long)
@@ -248,7 +252,9 @@ def score(
         mask = (unit_id[:, :, None] == unit_id[:, None, :]) & causal & visible
         with autocast:
             h = model.hidden(idx.to(device), positions=pos.to(device), mask=mask[:, None].to(device))
-            logits = model.logits(h[torch.tensor(pred_row, device=device), torch.tensor(pred_col, device=device)])
+            logits = model.logits(
+                h[torch.tensor(pred_row, device=device), torch.tensor(pred_col, device=device)]
+            )
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         logp = F.log_softmax(logits, dim=-1).gather(1, torch.tensor(targets, device=device)[:, None])[:, 0]
         n = min(batch_size, len(rendered) - start)
