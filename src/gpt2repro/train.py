@@ -182,30 +182,22 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, info: DistInfo) -> d
     torch.manual_seed(cfg.seed)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    train_loader = DataLoader(
-        data_dir,
-        "train",
-        cfg.micro_batch_size,
-        cfg.seq_len,
-        info.rank,
-        info.world_size,
-        shuffle=cfg.shuffle,
-        seed=cfg.seed,
-        device=device,
-        vocab_size=cfg.model.vocab_size,
-    )
-    val_loader = None
-    if cfg.val_every:
-        val_loader = DataLoader(
+
+    def loader(split: str, **kw) -> DataLoader:
+        return DataLoader(
             data_dir,
-            "val",
+            split,
             cfg.micro_batch_size,
             cfg.seq_len,
             info.rank,
             info.world_size,
             device=device,
             vocab_size=cfg.model.vocab_size,
+            **kw,
         )
+
+    train_loader = loader("train", shuffle=cfg.shuffle, seed=cfg.seed)
+    val_loader = loader("val") if cfg.val_every else None
     hs_examples = hellaswag.load_examples(limit=cfg.hellaswag_limit or None) if cfg.hellaswag_every else []
 
     raw = GPT(cfg.model).to(device)
