@@ -29,7 +29,7 @@ demo: venv
 	$(BIN)/python scripts/demo.py
 
 bench: venv
-	$(BIN)/gpt2repro bench all
+	bash benchmarks/run_all.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

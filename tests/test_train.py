@@ -364,3 +364,14 @@ def test_plot_writes_a_png(data_dir, tmp_path):
     tr.train(small_cfg("max_steps=3", "val_every=1", "val_steps=1"), data_dir, tmp_path)
     out = plot_run(tmp_path)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(data_dir, tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+
+        pytest.skip("tensorboard is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(ConfigError, match="tensorboard=true needs the tensorboard package"):
+        tr.train(small_cfg("max_steps=1", "tensorboard=true"), data_dir, tmp_path)

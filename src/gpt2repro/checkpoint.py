@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -93,7 +94,10 @@ def save(
     tmp.mkdir()
     try:
         weights = {k: v.contiguous() for k, v in model_state.items() if k != TIED}
-        atomic_write(tmp / "model.safetensors", lambda f: f.write(_safetensors_bytes(weights)))
+        atomic_write(
+            tmp / "model.safetensors",
+            lambda f: f.write(safetensors_bytes(weights, metadata={"format": "pt"})),
+        )
         atomic_write(tmp / "optimizer.pt", lambda f: torch.save(optim_state, f))
         tensors, plain = rng_state()
         atomic_write(tmp / "rng.pt", lambda f: torch.save(tensors, f))
@@ -110,12 +114,6 @@ def save(
     for old in sorted(root.glob("step_*"))[:-keep_last]:
         shutil.rmtree(old)
     return final
-
-
-def _safetensors_bytes(weights: dict[str, torch.Tensor]) -> bytes:
-    from safetensors.torch import save
-
-    return save(weights, metadata={"format": "pt"})
 
 
 def latest(run_dir: str | os.PathLike) -> Path | None:

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint
+from .bench import device_peak_flops
 from .config import ConfigError, TrainConfig
 from .data.loader import DataLoader
 from .distributed import DistInfo, all_reduce_mean, all_reduce_sum, setup, teardown
@@ -156,12 +157,6 @@ def _sync_grads(model: torch.nn.Module, raw: GPT, cfg: TrainConfig, info: DistIn
         ddp.require_backward_grad_sync = sync
 
 
-def peak_flops(device: torch.device, dtype: str) -> float | None:
-    from .bench import device_peak_flops
-
-    return device_peak_flops(device, dtype)
-
-
 def train(cfg: TrainConfig, data_dir: str, run_dir: str) -> dict:
     """Run (or resume) training; returns a summary of the last step."""
     cfg.validate()
@@ -231,7 +226,7 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, info: DistInfo) -> d
         )
     logger = Logger(run_dir, cfg, is_main)
     stop = _StopFlag()
-    peak = peak_flops(device, dtype)
+    peak = device_peak_flops(device, dtype)
     flops_per_step = raw.flops_per_token(cfg.seq_len) * cfg.total_batch_size
     started = time.time()
     last_metrics: dict = {}

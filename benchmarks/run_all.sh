@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Every number in benchmarks/RESULTS.md comes from these commands (medians after warm-up; JSON beside).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+B=.venv/bin/gpt2repro
+OUT=benchmarks/results
+mkdir -p "$OUT"
+$B bench peak --repeats 7 --json "$OUT/peak.json"
+$B bench train --size tiny --baseline all --repeats 5 --json "$OUT/train_tiny.json"
+$B bench train --size small --mode bf16,compile-bf16,eager --baseline reference --repeats 5 --json "$OUT/train_small.json"
+$B bench train --size 124m --mode bf16,eager --baseline reference --repeats 3 --json "$OUT/train_124m.json"
+$B bench generate --size small --repeats 3 --json "$OUT/generate.json"
+$B bench hellaswag --size small --repeats 3 --json "$OUT/hellaswag.json"
+$B bench prepare --repeats 5 --json "$OUT/prepare.json"
