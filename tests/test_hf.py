@@ -125,3 +125,20 @@ def test_export_refuses_non_empty_directory(tmp_path):
     with pytest.raises(HFError, match="not empty"):
         export_hf(GPT(model_config("tiny")), tmp_path / "x")
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
+
+
+def test_pytorch_model_bin_loads_with_weights_only(hf_dir, tmp_path):
+    """The layout of older HF checkpoints: a pickled state dict, read without running pickled code."""
+    model = transformers.GPT2LMHeadModel.from_pretrained(hf_dir)
+    (tmp_path / "bin").mkdir()
+    torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    (tmp_path / "bin" / "config.json").write_text((hf_dir / "config.json").read_text())
+    idx = torch.randint(0, 50257, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load_hf(tmp_path / "bin").eval()(idx)[0], _hf_logits(hf_dir, idx), rtol=0, atol=1e-5
+        )
+
+
+def test_from_pretrained_classmethod(hf_dir):
+    assert GPT.from_pretrained(str(hf_dir)).config.n_layer == 3
