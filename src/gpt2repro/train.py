@@ -25,6 +25,7 @@ from .config import ConfigError, TrainConfig
 from .data.loader import DataLoader
 from .distributed import DistInfo, all_reduce_mean, all_reduce_sum, setup, teardown
 from .evals import hellaswag
+from .fsio import atomic_write_text
 from .generate import sample_text
 from .model import GPT
 from .optim import lr_at, make_optimizer
@@ -218,7 +219,7 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, info: DistInfo) -> d
         train_loader.load_state_dict(state["loader"])
         start = state["step"]
     if is_main:
-        (run_dir / "config.json").write_text(cfg.to_json())
+        atomic_write_text(run_dir / "config.json", cfg.to_json())
         print(
             f"[gpt2repro] {raw.num_params():,} params | device {device} x{info.world_size} | dtype {dtype} | "
             f"compile {compile_model} | grad_accum {accum} | steps {start}..{cfg.max_steps}"
@@ -322,7 +323,7 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, info: DistInfo) -> d
             if stopping == "time limit":  # a budgeted run still ends with its final evaluation
                 periodic(done, True)
             if stopping or last or (cfg.ckpt_every and done % cfg.ckpt_every == 0):
-                _save(run_dir, done, model, raw, optimizer, train_loader, cfg, info, last_metrics)
+                _save(run_dir, done, raw, optimizer, train_loader, cfg, info, last_metrics)
             if stopping:
                 if is_main:
                     print(
@@ -387,7 +388,7 @@ def _should_stop(stop: _StopFlag, cfg: TrainConfig, started: float, info: DistIn
     return None
 
 
-def _save(run_dir, step, model, raw, optimizer, loader, cfg, info, metrics) -> None:
+def _save(run_dir, step, raw, optimizer, loader, cfg, info, metrics) -> None:
     model_state, optim_state = checkpoint.gather(raw, optimizer)
     if info.is_main:
         state = {"loader": loader.state_dict(), "world_size": info.world_size, "metrics": metrics}

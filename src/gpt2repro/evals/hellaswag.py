@@ -135,7 +135,7 @@ def row_tokens(r: Rendered, ending: int, block_size: int) -> tuple[list[int], in
     return tokens[cut:], len(r.context) - cut
 
 
-def predictions(logprob_sums: list[float], norms: list[float], style: str) -> tuple[int, int]:
+def predictions(logprob_sums: list[float], norms: list[float]) -> tuple[int, int]:
     """(acc prediction, acc_norm prediction) from each ending's summed log-probability."""
     normed = [s / n for s, n in zip(logprob_sums, norms)]
     best = max(range(4), key=lambda i: (logprob_sums[i], -i))
@@ -292,7 +292,7 @@ def evaluate(
     sums = score(model, rendered, device, batch_size, dtype, min_batches=most)
     correct = correct_norm = 0
     for i, r, s in zip(mine, rendered, sums):
-        pred, pred_norm = predictions(s, r.norms, style)
+        pred, pred_norm = predictions(s, r.norms)
         correct += pred == r.label
         correct_norm += pred_norm == r.label
         if details is not None:
