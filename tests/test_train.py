@@ -38,6 +38,11 @@ def small_cfg(*overrides):
     return train_config("cpu-tiny", SMALL + list(overrides))
 
 
+def events(run_dir, kind):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["event"] == kind]
+
+
 def losses(run_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if r["event"] == "train"}
@@ -316,6 +321,8 @@ def test_two_process_gloo_matches_one_process(data_dir, tmp_path, mode):
         "shuffle=true",
         "val_every=3",
         "val_steps=2",
+        "hellaswag_every=3",
+        "hellaswag_limit=7",  # odd: the ranks get different numbers of examples
     ]
     _run_to_end([*common, "--out", str(tmp_path / "one")])
     _run_to_end(
@@ -325,6 +332,10 @@ def test_two_process_gloo_matches_one_process(data_dir, tmp_path, mode):
     assert sorted(one) == sorted(two) == [0, 1, 2, 3]
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5)
+    hs_one, hs_two = (events(tmp_path / run, "hellaswag") for run in ("one", "two"))
+    assert [r["n"] for r in hs_two] == [7, 7] and [r["acc_norm"] for r in hs_two] == [
+        r["acc_norm"] for r in hs_one
+    ]
     # the 2-rank checkpoint holds full (unsharded) weights that load anywhere
     a = checkpoint.load_model(tmp_path / "one").state_dict()
     b = checkpoint.load_model(tmp_path / "two").state_dict()
