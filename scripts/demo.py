@@ -9,6 +9,7 @@ directory. Re-running resumes where it stopped."""
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -54,8 +55,8 @@ def main() -> None:
 
     print("== 4/5 export to a transformers directory")
     hf_dir = out / "hf"
-    if not hf_dir.exists():
-        export_hf(load_model(out / "run"), hf_dir)
+    shutil.rmtree(hf_dir, ignore_errors=True)  # generated output: always the latest checkpoint
+    export_hf(load_model(out / "run"), hf_dir)
 
     print("== 5/5 done")
     print(
