@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -173,8 +174,10 @@ def load_training(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
         state = json.loads((ckpt / "state.json").read_text())
         optim_state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
         tensors = torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=True)
-    except (OSError, json.JSONDecodeError, RuntimeError, EOFError) as e:
-        raise CheckpointError(f"{ckpt}: incomplete or corrupted checkpoint ({e})") from None
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise CheckpointError(
+            f"{ckpt}: incomplete or corrupted checkpoint ({str(e).splitlines()[0]})"
+        ) from None
     set_model_state_dict(model, read_weights(ckpt), options=StateDictOptions(full_state_dict=True))
     set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
     set_rng_state(tensors, state["rng"])

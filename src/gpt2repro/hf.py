@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -53,8 +54,10 @@ def _read_state(directory: Path) -> dict[str, torch.Tensor]:
             return load_file(st)
         if binf.is_file():
             return torch.load(binf, map_location="cpu", weights_only=True)  # never unpickle code
-    except (SafetensorError, RuntimeError, OSError, ValueError) as e:
-        raise HFError(f"{st if st.is_file() else binf}: corrupted or unreadable weights ({e})") from None
+    except (SafetensorError, RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        raise HFError(
+            f"{st if st.is_file() else binf}: corrupted or unreadable weights ({str(e).splitlines()[0]})"
+        ) from None
     raise HFError(f"{directory}: no model.safetensors or pytorch_model.bin")
 
 

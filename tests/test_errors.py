@@ -1,0 +1,157 @@
+"""Every remaining handled bad input reaches its one-line message."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import shared_file
+from gpt2repro import checkpoint
+from gpt2repro.config import ConfigError, GPTConfig, train_config
+from gpt2repro.data import prepare as prep
+from gpt2repro.data.loader import DataLoader
+from gpt2repro.data.shards import ShardError, read_shard, write_shard
+from gpt2repro.distributed import pick_device
+from gpt2repro.hf import HFError, load_hf
+
+
+@pytest.fixture
+def hf_copy(tmp_path):
+    src = shared_file("tiny-gpt2")
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    return d, json.loads((src / "config.json").read_text())
+
+
+def test_hf_config_errors(hf_copy):
+    d, cfg = hf_copy
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(HFError, match="config.json: not valid JSON"):
+        load_hf(d)
+    (d / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "n_embd"}))
+    with pytest.raises(HFError, match="lacks the GPT-2 field 'n_embd'"):
+        load_hf(d)
+    (d / "config.json").write_text(json.dumps({**cfg, "activation_function": "relu"}))
+    with pytest.raises(HFError, match="unsupported activation_function 'relu'"):
+        load_hf(d)
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "model.safetensors").unlink()
+    with pytest.raises(HFError, match="no model.safetensors or pytorch_model.bin"):
+        load_hf(d)
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(HFError, match="pytorch_model.bin: corrupted or unreadable weights"):
+        load_hf(d)
+
+
+def test_missing_keys_are_listed(hf_copy):
+    from safetensors.torch import load_file, save_file
+
+    d, cfg = hf_copy
+    (d / "config.json").write_text(json.dumps(cfg))
+    state = load_file(d / "model.safetensors")
+    state.pop("transformer.h.1.mlp.c_fc.bias")
+    state["transformer.extra.weight"] = torch.zeros(1)
+    save_file(state, d / "model.safetensors")
+    with pytest.raises(
+        HFError, match=r"missing: transformer.h.1.mlp.c_fc.bias; unexpected: transformer.extra.weight"
+    ):
+        load_hf(d)
+
+
+@pytest.fixture(scope="module")
+def run(data_dir, tmp_path_factory):
+    from gpt2repro.train import train
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = train_config(
+        "cpu-tiny",
+        [
+            "model.n_layer=1",
+            "model.n_embd=32",
+            "model.n_head=2",
+            "micro_batch_size=2",
+            "seq_len=16",
+            "total_batch_size=32",
+            "max_steps=1",
+            "val_every=0",
+            "hellaswag_every=0",
+            "sample_every=0",
+        ],
+    )
+    train(cfg, data_dir, out)
+    return out
+
+
+def test_checkpoint_errors(run, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    (broken / "checkpoints" / "latest").write_text("step_00000099\n")
+    with pytest.raises(checkpoint.CheckpointError, match="points at step_00000099, which does not exist"):
+        checkpoint.load_model(broken)
+    (broken / "checkpoints" / "latest").write_text("step_00000001\n")
+    ckpt = checkpoint.latest(broken)
+    (ckpt / "optimizer.pt").write_bytes(b"\x00" * 10)
+    model = checkpoint.load_model(broken)
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(checkpoint.CheckpointError, match="incomplete or corrupted checkpoint"):
+        checkpoint.load_training(ckpt, model, opt)
+    (ckpt / "config.json").write_text("{}")
+    with pytest.raises(checkpoint.CheckpointError, match="config.json: unreadable config"):
+        checkpoint.load_model(broken)
+
+
+def test_prepare_argument_and_column_errors(tmp_path, enc):
+    src = tmp_path / "a.txt"
+    src.write_text("hello")
+    with pytest.raises(prep.PrepareError, match="--shard-tokens must be positive"):
+        prep.prepare([str(src)], tmp_path / "o", shard_tokens=0, progress=False)
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": ["x"]}), tmp_path / "d.parquet")
+    with pytest.raises(prep.PrepareError, match="no column 'text' \\(columns: content\\)"):
+        prep.prepare([str(tmp_path / "d.parquet")], tmp_path / "o2", progress=False)
+
+
+def test_loader_rank_and_npy_errors(tmp_path):
+    write_shard(tmp_path / "train_000000.bin", np.arange(40))
+    with pytest.raises(ValueError, match="rank 2 is not within world_size 2"):
+        DataLoader(tmp_path, "train", 1, 8, rank=2, world_size=2)
+    with pytest.raises(ShardError, match="has 4 batches, fewer than 8 ranks"):
+        DataLoader(tmp_path, "train", 1, 8, rank=0, world_size=8)
+    np.save(tmp_path / "x.npy", np.zeros((2, 3), dtype=np.uint16))
+    with pytest.raises(ShardError, match="expected a 1-D integer array"):
+        read_shard(tmp_path / "x.npy")
+
+
+def test_config_and_device_errors():
+    with pytest.raises(ConfigError, match="model.n_layer must be positive, got 0"):
+        GPTConfig(n_layer=0).validate()
+    with pytest.raises(ConfigError, match="micro_batch_size must be positive"):
+        train_config("cpu-tiny", ["micro_batch_size=0"])
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="device=cuda requested but CUDA is not available"):
+            pick_device("cuda")
+    assert pick_device("cpu").type == "cpu"
+
+
+def test_hellaswag_ending_longer_than_block_size(enc):
+    from gpt2repro.config import model_config
+    from gpt2repro.evals import hellaswag as hs
+    from gpt2repro.model import GPT
+
+    model = GPT(model_config("tiny", block_size=8))
+    ex = {
+        "ctx": "a b",
+        "ctx_a": "a",
+        "ctx_b": "b",
+        "activity_label": "x",
+        "label": 0,
+        "endings": ["word " * 20, "b", "c", "d"],
+    }
+    with pytest.raises(hs.HellaSwagError, match="ending 0 alone does not fit block_size=8"):
+        hs.evaluate(model, [ex], "completion")
