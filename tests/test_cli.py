@@ -5,31 +5,7 @@ import json
 import pytest
 
 from conftest import shared_file
-from gpt2repro import train as tr
 from gpt2repro.cli import main
-from gpt2repro.config import train_config
-
-
-@pytest.fixture(scope="module")
-def run_dir(data_dir, tmp_path_factory):
-    run = tmp_path_factory.mktemp("run")
-    cfg = train_config(
-        "cpu-tiny",
-        [
-            "model.n_layer=2",
-            "model.n_embd=64",
-            "model.n_head=2",
-            "micro_batch_size=2",
-            "seq_len=32",
-            "total_batch_size=64",
-            "max_steps=2",
-            "val_every=0",
-            "hellaswag_every=0",
-            "sample_every=0",
-        ],
-    )
-    tr.train(cfg, data_dir, run)
-    return run
 
 
 def one_line_error(capsys, argv, message):

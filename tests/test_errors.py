@@ -60,39 +60,16 @@ def test_missing_keys_are_listed(hf_copy):
         load_hf(d)
 
 
-@pytest.fixture(scope="module")
-def run(data_dir, tmp_path_factory):
-    from gpt2repro.train import train
-
-    out = tmp_path_factory.mktemp("run")
-    cfg = train_config(
-        "cpu-tiny",
-        [
-            "model.n_layer=1",
-            "model.n_embd=32",
-            "model.n_head=2",
-            "micro_batch_size=2",
-            "seq_len=16",
-            "total_batch_size=32",
-            "max_steps=1",
-            "val_every=0",
-            "hellaswag_every=0",
-            "sample_every=0",
-        ],
-    )
-    train(cfg, data_dir, out)
-    return out
-
-
-def test_checkpoint_errors(run, tmp_path):
+def test_checkpoint_errors(run_dir, tmp_path):
     import shutil
 
     broken = tmp_path / "broken"
-    shutil.copytree(run, broken)
+    shutil.copytree(run_dir, broken)
+    good = (broken / "checkpoints" / "latest").read_text()
     (broken / "checkpoints" / "latest").write_text("step_00000099\n")
     with pytest.raises(checkpoint.CheckpointError, match="points at step_00000099, which does not exist"):
         checkpoint.load_model(broken)
-    (broken / "checkpoints" / "latest").write_text("step_00000001\n")
+    (broken / "checkpoints" / "latest").write_text(good)
     ckpt = checkpoint.latest(broken)
     (ckpt / "optimizer.pt").write_bytes(b"\x00" * 10)
     model = checkpoint.load_model(broken)
