@@ -188,8 +188,8 @@ def bench_train_step(impl: str, size: str, mode: str, repeats: int, device: torc
     cfg, B, T = size_config(size)
     torch.manual_seed(0)
     model = {"ours": GPT, "reference": RefGPT, "hf": HFWrapper}[impl](cfg).to(device)
-    flops_model = GPT(cfg) if impl != "ours" else model
-    flops_per_token = flops_model.flops_per_token(T)
+    with torch.device("meta"):  # the same FLOP count for every implementation, no weights allocated
+        flops_per_token = GPT(cfg).flops_per_token(T)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=impl == "ours" or device.type == "cuda")
     step_model = torch.compile(model) if mode.startswith("compile") else model
     use_bf16 = mode.endswith("bf16")

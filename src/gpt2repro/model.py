@@ -187,7 +187,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     logit is ~100 below the log-sum-exp; the loss is then inf and training stops."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, vocab, chunk):
+    def forward(ctx, h, weight, targets, vocab, chunk, need_grad):
         device_type = h.device.type
         compute = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
@@ -195,7 +195,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             n = h.shape[0]
             w = weight[:vocab].to(compute)
             hc_all = h.to(compute)
-            grad_h = torch.empty_like(h)
+            grad_h = torch.empty_like(h) if need_grad else None
             grad_wt = None  # weight gradient, transposed (the faster matmul); fp32 once accumulating
             total = torch.zeros((), dtype=acc, device=h.device)
             for s in range(0, n, chunk):
@@ -203,20 +203,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad = torch.softmax(hc @ w.t(), dim=-1)  # becomes d(loss)/d(logits) * n
                 rows = torch.arange(len(t), device=h.device)
                 total -= grad[rows, t].to(acc).log().sum()
+                if not need_grad:  # validation: the loss alone, one matmul per chunk instead of three
+                    continue
                 grad[rows, t] -= 1.0
                 grad_h[s : s + chunk] = grad @ w
                 part = hc.t() @ grad
                 grad_wt = part if grad_wt is None else grad_wt.to(acc).add_(part)
-            grad_w = torch.empty_like(weight)
-            grad_w[vocab:] = 0.0
-            torch.mul(grad_wt.t(), 1.0 / n, out=grad_w[:vocab])
-        ctx.save_for_backward(grad_h.div_(n), grad_w)
+            if need_grad:
+                grad_w = torch.empty_like(weight)
+                grad_w[vocab:] = 0.0
+                torch.mul(grad_wt.t(), 1.0 / n, out=grad_w[:vocab])
+                ctx.save_for_backward(grad_h.div_(n), grad_w)
         return (total / n).to(torch.float32 if h.dtype != torch.float64 else h.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h.mul_(grad_out), grad_w.mul_(grad_out), None, None, None  # called once per forward
+        return grad_h.mul_(grad_out), grad_w.mul_(grad_out), None, None, None, None  # once per forward
 
 
 def linear_cross_entropy(
@@ -224,4 +227,5 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Fused lm_head + mean cross-entropy over rows of h (N, C); only weight's first `vocab` rows
     are classes, so padded ids are never predicted."""
-    return _LinearCrossEntropy.apply(h, weight, targets, vocab, chunk)
+    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(h, weight, targets, vocab, chunk, need_grad)
