@@ -105,3 +105,26 @@ def test_training_loss_equals_unfused_cross_entropy(tiny_config):
         logits16, _ = model(x)
         unfused16 = F.cross_entropy(logits16.flatten(0, 1), y.flatten())
     assert abs(fused16.item() - unfused16.item()) < 2e-3
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 64), (8, 1, 64), (3, 5, 64), (64, 64)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_decode_linear_path_matches_float64(shape, bias):
+    """The few-rows fp32 path (a batched matmul over groups of output features) computes x W^T + b."""
+    from unittest import mock
+
+    from gpt2repro.model import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(64, 96, bias=bias)
+    x = torch.randn(shape)
+    expected = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
+    rows = x.numel() // 64
+    with torch.no_grad(), mock.patch("torch.bmm", wraps=torch.bmm) as bmm:
+        y = layer(x)
+    assert bmm.called == (rows <= Linear.MAX_ROWS and torch.get_num_threads() > 1)
+    assert y.shape == (*shape[:-1], 96)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    y_grad = layer(x)  # with autograd recording: the ordinary nn.Linear path
+    assert y_grad.requires_grad
+    torch.testing.assert_close(y_grad.detach().double(), expected, rtol=1e-5, atol=1e-5)

@@ -221,7 +221,9 @@ def bench_train_step(impl: str, size: str, mode: str, repeats: int, device: torc
 
 def bench_generate(size: str, repeats: int, device: torch.device, new_tokens: int = 256) -> list[dict]:
     """Greedy decoding of new_tokens from an 8-token prompt: our KV cache (fp32 and bf16 weights)
-    against our full recompute and transformers' generate (fp32 and bf16), the same weights."""
+    against recomputing the whole sequence for every token (ours: the lm_head at the last position
+    only; original: build-nanogpt's loop, the full forward) and transformers' generate, the same
+    weights."""
     import copy
 
     from .generate import generate
@@ -240,6 +242,8 @@ def bench_generate(size: str, repeats: int, device: torch.device, new_tokens: in
         pass
 
     def runner(method: str, dtype: str, prompt: torch.Tensor):
+        if method == "original":
+            return lambda: _original_generate(ours[dtype], prompt, new_tokens)
         if method == "hf":
             return lambda: hf[dtype].generate(
                 prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
@@ -251,10 +255,10 @@ def bench_generate(size: str, repeats: int, device: torch.device, new_tokens: in
     rows = []
     for batch in (1, 8):
         prompt = torch.randint(0, cfg.vocab_size, (batch, 8), device=device)
-        for method in ("kv-cache", "recompute", "hf"):
+        for method in ("kv-cache", "recompute", "original", "hf"):
             for dtype in ("fp32", "bf16"):
-                if method == "hf" and not hf:
-                    continue
+                if (method == "hf" and not hf) or (method == "original" and batch > 1):
+                    continue  # the original loop at B=8 takes minutes per run
                 with torch.no_grad():
                     dt = _median_time(runner(method, dtype, prompt), repeats)
                 rows.append(
@@ -268,6 +272,14 @@ def bench_generate(size: str, repeats: int, device: torch.device, new_tokens: in
                     }
                 )
     return rows
+
+
+def _original_generate(model, idx: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """build-nanogpt's sampling loop, greedy: the full forward over the whole sequence per token."""
+    for _ in range(new_tokens):
+        logits, _ = model(idx)
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
 
 
 def _hf_copy(model):

@@ -33,13 +33,47 @@ class KVCache:
         )
 
 
+class Linear(nn.Linear):
+    """nn.Linear, plus a faster path for decoding on a multi-core CPU.
+
+    With a few rows of fp32 input (one new token per sequence), the matmul is bound by reading the
+    weight, and MKL's matrix-vector product runs on one core. Splitting the output features into one
+    group per thread and running the groups as a batched matmul uses every core: about 3x faster
+    decoding at B=1 here (`gpt2repro bench generate`). Same result up to fp32 rounding order."""
+
+    MAX_ROWS = 32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        groups = torch.get_num_threads()
+        out_features, in_features = self.weight.shape
+        rows = x.numel() // in_features
+        if (
+            torch.compiler.is_compiling()
+            or x.device.type != "cpu"
+            or x.dtype != torch.float32
+            or self.weight.dtype != torch.float32
+            or torch.is_autocast_enabled("cpu")
+            or rows > self.MAX_ROWS
+            or groups < 2
+            or out_features % groups
+            or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+        ):
+            return super().forward(x)
+        w = self.weight.view(groups, out_features // groups, in_features)
+        x2 = x.reshape(rows, in_features).t().expand(groups, in_features, rows)
+        y = torch.bmm(w, x2).view(out_features, rows).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], out_features)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.n_head = config.n_head
         self.layer = layer
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE = True  # init scaled by (2*n_layer)^-0.5
 
     def forward(
@@ -67,8 +101,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +136,7 @@ class GPT(nn.Module):
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
             )
         )
-        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one tensor, one gradient
         self.apply(self._init_weights)
 
