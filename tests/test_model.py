@@ -118,7 +118,9 @@ def test_decode_linear_path_matches_float64(shape, bias):
     torch.manual_seed(0)
     layer = Linear(64, 96, bias=bias)
     x = torch.randn(shape)
-    expected = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
+    expected = F.linear(
+        x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double()
+    )
     rows = x.numel() // 64
     with torch.no_grad(), mock.patch("torch.bmm", wraps=torch.bmm) as bmm:
         y = layer(x)
