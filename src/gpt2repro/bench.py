@@ -421,7 +421,9 @@ def _table(rows: list[dict]) -> str:
 
 
 def run(args) -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from .distributed import pick_device
+
+    device = pick_device("cuda" if torch.cuda.is_available() else "cpu")  # the same set-up as training
     rows: list[dict]
     if args.what == "peak":
         rows = [
