@@ -46,7 +46,16 @@ def all_tokens(out, manifest):
     return np.concatenate([np.asarray(read_shard(out / s["file"])) for s in manifest["shards"]])
 
 
-def test_round_trip_equals_tiktoken_with_eot(tmp_path, enc):
+@pytest.fixture(params=["one-unit", "small-units"])
+def unit_bytes(request, monkeypatch):
+    """Plain jsonl files are split into byte-range units; small ones put many lines across unit
+    boundaries (and some units start and end inside one long line)."""
+    if request.param == "small-units":
+        monkeypatch.setattr(prep, "UNIT_BYTES", 997)
+    return prep.UNIT_BYTES
+
+
+def test_round_trip_equals_tiktoken_with_eot(tmp_path, enc, unit_bytes):
     rows = fineweb_rows(60)
     src = write_jsonl(tmp_path / "docs.jsonl", rows)
     m = prep.prepare([str(src)], tmp_path / "out", shard_tokens=1000, val_tokens=700, progress=False)
@@ -62,14 +71,14 @@ def test_round_trip_equals_tiktoken_with_eot(tmp_path, enc):
     assert all(sha256_file(tmp_path / "out" / s["file"]) == s["sha256"] for s in m["shards"])
 
 
-def test_one_and_two_workers_give_identical_shards(tmp_path, enc):
+def test_one_and_two_workers_give_identical_shards(tmp_path, enc, unit_bytes):
     src = write_jsonl(tmp_path / "docs.jsonl", fineweb_rows(300))
     m1 = prep.prepare([str(src)], tmp_path / "w1", shard_tokens=5000, workers=1, progress=False)
     m2 = prep.prepare([str(src)], tmp_path / "w2", shard_tokens=5000, workers=2, progress=False)
     assert [s["sha256"] for s in m1["shards"]] == [s["sha256"] for s in m2["shards"]]
 
 
-def test_interrupted_then_resumed_is_byte_identical(tmp_path, enc, monkeypatch):
+def test_interrupted_then_resumed_is_byte_identical(tmp_path, enc, monkeypatch, unit_bytes):
     src = write_jsonl(tmp_path / "docs.jsonl", fineweb_rows(300))
     full = prep.prepare([str(src)], tmp_path / "full", shard_tokens=3000, val_tokens=1000, progress=False)
     real_write, calls = prep.write_shard, {"n": 0}
@@ -92,6 +101,39 @@ def test_interrupted_then_resumed_is_byte_identical(tmp_path, enc, monkeypatch):
     )
     assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in full["shards"]]
     assert resumed["total_tokens"] == full["total_tokens"] and resumed["documents"] == full["documents"]
+
+
+@pytest.mark.parametrize("kind", ["parquet", "jsonl.gz"])
+def test_units_of_parquet_row_groups_and_gzip_batches_resume_exactly(tmp_path, monkeypatch, enc, kind):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = fineweb_rows(120)
+    monkeypatch.setattr(prep, "BATCH_DOCS", 7)
+    if kind == "parquet":
+        src = tmp_path / "d.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), src, row_group_size=7)
+        assert pq.ParquetFile(src).num_row_groups == 18
+    else:
+        src = write_jsonl(tmp_path / "d.jsonl.gz", rows, compress=True)
+    reference = prep.prepare(
+        [str(write_jsonl(tmp_path / "d.jsonl", rows))], tmp_path / "ref", shard_tokens=2500, progress=False
+    )
+    real_write, calls = prep.write_shard, {"n": 0}
+
+    def crashing_write(path, tokens):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_write(path, tokens)
+
+    monkeypatch.setattr(prep, "write_shard", crashing_write)
+    with pytest.raises(KeyboardInterrupt):
+        prep.prepare([str(src)], tmp_path / "o", shard_tokens=2500, workers=2, progress=False)
+    monkeypatch.setattr(prep, "write_shard", real_write)
+    resumed = prep.prepare([str(src)], tmp_path / "o", shard_tokens=2500, workers=2, progress=False)
+    assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in reference["shards"]]
+    assert resumed["documents"] == 120
 
 
 def test_finished_preparation_does_nothing(tmp_path, enc, capsys):
@@ -150,13 +192,14 @@ def test_real_c4_sample_and_tiny_shakespeare(tmp_path, enc):
     assert m["total_tokens"] == expected
 
 
-def test_bad_sources_fail_with_a_line_number(tmp_path, enc):
+def test_bad_sources_fail_with_a_line_number(tmp_path, enc, unit_bytes):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "fine"}\n{"text": broken\n')
-    with pytest.raises(prep.PrepareError, match=r"bad.jsonl:2: not valid JSON"):
+    good = "".join(json.dumps(r) + "\n" for r in fineweb_rows(30)) + "\n"  # 30 rows, a blank line
+    bad.write_text(good + '{"text": "fine"}\n{"text": broken\n')
+    with pytest.raises(prep.PrepareError, match=r"bad.jsonl:33: not valid JSON"):
         prep.prepare([str(bad)], tmp_path / "o1", progress=False)
-    bad.write_text('{"text": "fine"}\n{"content": "x"}\n')
-    with pytest.raises(prep.PrepareError, match=r"bad.jsonl:2: no string field 'text'"):
+    bad.write_text(good + '{"text": "fine"}\n{"content": "x"}\n')
+    with pytest.raises(prep.PrepareError, match=r"bad.jsonl:33: no string field 'text'"):
         prep.prepare([str(bad)], tmp_path / "o2", progress=False)
     with pytest.raises(prep.PrepareError, match="no such file"):
         prep.prepare([str(tmp_path / "missing.jsonl")], tmp_path / "o3", progress=False)

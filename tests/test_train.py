@@ -388,7 +388,6 @@ def test_tensorboard_without_the_package_is_a_clear_error(data_dir, tmp_path):
         tr.train(small_cfg("max_steps=1", "tensorboard=true"), data_dir, tmp_path)
 
 
-
 _FAULTS_SCRIPT = """
 import resource, torch
 from gpt2repro.config import GPTConfig

@@ -373,7 +373,7 @@ def bench_prepare(repeats: int) -> list[dict]:
 
     mirror = assets.mirror_dir()
     sources = [mirror / "wikitext-2" / "valid.txt", mirror / "wikitext-2" / "test.txt"] if mirror else []
-    if not all(p.is_file() for p in sources):
+    if not sources or not all(p.is_file() for p in sources):
         sources = [assets.fetch("tinyshakespeare.txt")]
     docs = [
         line for src in sources for line in Path(src).read_text(encoding="utf-8").splitlines() if line.strip()
@@ -382,15 +382,18 @@ def bench_prepare(repeats: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "docs.jsonl"
         src.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs * 16))
+        counts = tuple(dict.fromkeys((os.cpu_count() or 1, 1)))
+        times: dict[int, list[float]] = {w: [] for w in counts}
         tokens = 0
-        for workers in (os.cpu_count() or 1, 1):
-
-            def run(workers=workers):
-                nonlocal tokens
+        for i in range(repeats + 1):  # interleaved, so a slow moment hits both; the first is warm-up
+            for workers in counts:
+                t0 = time.perf_counter()
                 out = Path(tempfile.mkdtemp(dir=d))
                 tokens = prepare([str(src)], out, workers=workers, progress=False)["total_tokens"]
-
-            dt = _median_time(run, repeats)
+                if i:
+                    times[workers].append(time.perf_counter() - t0)
+        for workers in counts:
+            dt = statistics.median(times[workers])
             rows.append(
                 {
                     "workers": workers,
@@ -398,6 +401,7 @@ def bench_prepare(repeats: int) -> list[dict]:
                     "tokens": tokens,
                     "s": dt,
                     "tok_per_s": tokens / dt,
+                    "speedup": statistics.median(times[1]) / dt,
                 }
             )
     return rows

@@ -1,10 +1,15 @@
 """Turn a corpus into GPT-2 token shards: `gpt2repro prepare`.
 
 Each document becomes `<|endoftext|>` + encode_ordinary(text). Tokens fill fixed-size shards; the
-first `val_tokens` form the `val` split (shard 0, as in the original), the rest `train`. After every
-shard the manifest records where the next one starts (document index and offset into it), so an
-interrupted run resumes from its last complete shard and writes exactly the shards an uninterrupted
-run would. Memory stays bounded: documents stream in batches, and only one shard buffer is held.
+first `val_tokens` form the `val` split (shard 0, as in the original), the rest `train`.
+
+The input is cut into units (byte ranges of a jsonl file, parquet row groups, text files; batches of
+documents where this process has to read them: gzip, the hub stream) that worker processes read,
+parse and encode by themselves, so the main process only copies tokens into shards and writes them.
+After every shard the manifest records where the next one starts (the unit, documents into it and
+tokens into that document), so an interrupted run resumes from its last complete shard and writes
+exactly the shards an uninterrupted run would. Memory stays bounded: a few units are in flight, and
+only one shard buffer is held.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ FINEWEB_TOKENS = {
     "sample-100BT": 100_000_000_000,
     "sample-350BT": 350_000_000_000,
 }
-BATCH_DOCS = 256
+BATCH_DOCS = 256  # documents per unit where the main process reads them (gzip, hub stream)
+UNIT_BYTES = 1 << 20  # bytes per unit of a plain jsonl file (~250k tokens)
 
 
 class PrepareError(RuntimeError):
@@ -52,55 +58,107 @@ def expand_sources(sources: list[str]) -> list[Path]:
     return paths
 
 
-class JsonLine(NamedTuple):
-    """A raw jsonl row, parsed by the tokenizer workers (JSON decoding is a third of the work)."""
+class Unit(NamedTuple):
+    """A piece of the input that one worker reads and encodes by itself, so the main process only
+    collects tokens and writes shards. Units come in a fixed order; (file, part) names one, and the
+    manifest's resume point is a unit plus a number of its documents to skip."""
 
+    kind: str  # jsonl: a byte range | parquet: a row group | txt: a file | lines, texts: a batch
     path: str
-    lineno: int
-    line: str
-    field: str
-
-    def text(self) -> str:
-        try:
-            row = json.loads(self.line)
-        except json.JSONDecodeError as e:
-            raise PrepareError(f"{self.path}:{self.lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get(self.field), str):
-            raise PrepareError(f"{self.path}:{self.lineno}: no string field {self.field!r}")
-        return row[self.field]
+    file: int  # index of path among the sources
+    part: int
+    data: tuple = ()  # lines: (first line number, lines); texts: (texts,)
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[JsonLine]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                yield JsonLine(str(path), lineno, line, text_field)
+def _parse_json(line: bytes | str, path: str, lineno, field: str) -> str:
+    """`lineno` is a number or a function computing it: only needed for the error message."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise PrepareError(
+            f"{path}:{lineno if isinstance(lineno, int) else lineno()}: not valid JSON ({e.msg})"
+        ) from None
+    if not isinstance(row, dict) or not isinstance(row.get(field), str):
+        raise PrepareError(
+            f"{path}:{lineno if isinstance(lineno, int) else lineno()}: no string field {field!r}"
+        )
+    return row[field]
 
 
-def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
-    import pyarrow.parquet as pq
+def _jsonl_range(path: str, part: int, field: str) -> Iterator[str]:
+    """Documents of the lines that start inside bytes [part, part + 1) * UNIT_BYTES of a jsonl file."""
+    start, end = part * UNIT_BYTES, (part + 1) * UNIT_BYTES
+    with open(path, "rb") as f:
+        if start:
+            f.seek(start - 1)
+            f.readline()  # the rest of a line that began in the previous range
+        first = f.tell()
+        data = f.read(max(0, end - first)) if first < end else b""
+        if data and not data.endswith(b"\n"):
+            data += f.readline()  # the last line starting in this range, in full
+    offset = first
+    for line in data.split(b"\n"):
+        if line.strip():
+            yield _parse_json(line, path, lambda o=offset: _line_number(path, o), field)
+        offset += len(line) + 1
 
-    pf = pq.ParquetFile(path)
-    if text_field not in pf.schema_arrow.names:
-        raise PrepareError(f"{path}: no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)})")
-    for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
-        yield from batch.column(0).to_pylist()
+
+def _line_number(path: str, offset: int) -> int:
+    with open(path, "rb") as f:
+        return f.read(offset).count(b"\n") + 1
 
 
-def iter_local(paths: list[Path], text_field: str) -> Iterator[str | JsonLine]:
-    for path in paths:
-        name = path.name
-        if name.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".json")):
-            yield from _read_jsonl(path, text_field)
-        elif name.endswith(".parquet"):
-            yield from _read_parquet(path, text_field)
-        elif name.endswith(".txt"):
-            yield path.read_text(encoding="utf-8")
-        else:
-            raise PrepareError(
-                f"{path}: unsupported file type (use .parquet, .jsonl, .jsonl.gz, .json.gz or .txt)"
-            )
+def _unit_texts(unit: Unit, field: str) -> Iterator[str]:
+    if unit.kind == "jsonl":
+        yield from _jsonl_range(unit.path, unit.part, field)
+    elif unit.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        yield from pq.ParquetFile(unit.path).read_row_group(unit.part, columns=[field]).column(0).to_pylist()
+    elif unit.kind == "txt":
+        yield Path(unit.path).read_text(encoding="utf-8")
+    elif unit.kind == "lines":
+        first, lines = unit.data
+        for i, line in enumerate(lines):
+            yield _parse_json(line, unit.path, first + i, field)
+    else:
+        yield from unit.data[0]
+
+
+def _file_units(path: Path, file: int, field: str, start_part: int) -> Iterator[Unit]:
+    name = path.name
+    if name.endswith((".jsonl.gz", ".json.gz")):  # no seeking in gzip: this process reads the lines
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            numbered = ((n, line) for n, line in enumerate(f, 1) if line.strip())
+            for part, batch in enumerate(iter(lambda: list(itertools.islice(numbered, BATCH_DOCS)), [])):
+                if part >= start_part:
+                    yield Unit("lines", str(path), file, part, (batch[0][0], [line for _, line in batch]))
+    elif name.endswith((".jsonl", ".json")):
+        parts = -(-path.stat().st_size // UNIT_BYTES)
+        for part in range(start_part, parts):
+            yield Unit("jsonl", str(path), file, part)
+    elif name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        if field not in pf.schema_arrow.names:
+            raise PrepareError(f"{path}: no column {field!r} (columns: {', '.join(pf.schema_arrow.names)})")
+        for part in range(start_part, pf.num_row_groups):
+            yield Unit("parquet", str(path), file, part)
+    elif name.endswith(".txt"):
+        if start_part == 0:
+            yield Unit("txt", str(path), file, 0)
+    else:
+        raise PrepareError(
+            f"{path}: unsupported file type (use .parquet, .jsonl, .jsonl.gz, .json.gz or .txt)"
+        )
+
+
+def local_units(paths: list[Path], field: str, start: tuple[int, int] = (0, 0)) -> Iterator[Unit]:
+    """Units of local files in order, from (file index, part) on."""
+    for i, path in enumerate(paths):
+        if i >= start[0]:
+            yield from _file_units(path, i, field, start[1] if i == start[0] else 0)
 
 
 def _hub_unreachable() -> str | None:
@@ -218,12 +276,17 @@ def prepare(
             if stale.name not in {s["file"] for s in manifest["shards"]}:
                 stale.unlink()
 
-    start_doc, start_offset = manifest["next"]["doc"], manifest["next"]["offset"]
+    nxt = manifest["next"]
+    start_doc, start_offset = nxt["doc"], nxt["offset"]
     written = manifest["total_tokens"]
-    if remote:
-        texts: Iterator[str | JsonLine] = iter_fineweb(name, revision, text_field, skip=start_doc)
+    if remote:  # the hub stream is resumed by document count; its batches are units
+        texts = iter_fineweb(name, revision, text_field, skip=start_doc)
+        batches = iter(lambda: list(itertools.islice(texts, BATCH_DOCS)), [])
+        units: Iterator[Unit] = (Unit("texts", "", 0, k, (b,)) for k, b in enumerate(batches))
+        start_skip = 0
     else:
-        texts = itertools.islice(iter_local(paths, text_field), start_doc, None)
+        units = local_units(paths, text_field, (nxt.get("file", 0), nxt.get("part", 0)))
+        start_skip = nxt.get("skip", 0)
     total = max_tokens or (FINEWEB_TOKENS.get(name) if remote else None)
     bar = _Progress(total, written, progress)
     buf = np.empty(shard_tokens, dtype=np.uint16)
@@ -234,7 +297,9 @@ def prepare(
         size = min(shard_tokens, val_tokens - written) if written < val_tokens else shard_tokens
         return min(size, max_tokens - written) if max_tokens else size
 
-    def flush(next_doc: int, next_offset: int) -> None:
+    def flush(next_doc: int, next_offset: int, unit: Unit | None = None, skip: int = 0) -> None:
+        """Write the shard; the next one starts `next_offset` tokens into document `next_doc`, which
+        is document `skip` of `unit` (None: at the end of the input)."""
         nonlocal written, fill
         split = "val" if written < val_tokens else "train"
         file = shard_name(split, len(manifest["shards"]))
@@ -244,15 +309,20 @@ def prepare(
         )
         written += fill
         fill = 0
+        where = (
+            {"file": len(paths), "part": 0, "skip": 0}
+            if unit is None
+            else {"file": unit.file, "part": unit.part, "skip": skip}
+        )
         manifest.update(
-            total_tokens=written, documents=next_doc, next={"doc": next_doc, "offset": next_offset}
+            total_tokens=written, documents=next_doc, next={"doc": next_doc, "offset": next_offset, **where}
         )
         atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
 
     doc = start_doc  # index of the first document of the current batch
     pos = start_offset  # tokens of that document already in earlier shards
     done = max_tokens is not None and written >= max_tokens
-    for toks, lengths in _encoded_batches(texts, workers):
+    for unit, skip, (toks, lengths) in _encoded_units(units, start_skip, text_field, workers):
         if done:
             break
         ends = np.cumsum(lengths)
@@ -263,7 +333,7 @@ def prepare(
             bar.update(take)
             if fill == target():
                 d = int(np.searchsorted(ends, pos, side="right"))  # first document not fully written
-                flush(doc + d, pos - (int(ends[d - 1]) if d else 0))
+                flush(doc + d, pos - (int(ends[d - 1]) if d else 0), unit, skip + d)
                 done = max_tokens is not None and written >= max_tokens
         doc, pos = doc + len(lengths), 0
     if fill:
@@ -275,37 +345,41 @@ def prepare(
     return manifest
 
 
-def _encode(texts: list[str | JsonLine]) -> tuple[np.ndarray, np.ndarray]:
-    """A batch of documents as one uint16 array (each document `<|endoftext|>` + its tokens) and the
-    per-document token counts. Runs in worker processes: arrays pickle cheaply, lists do not."""
+def _encode(unit: Unit, skip: int, field: str) -> tuple[np.ndarray, np.ndarray]:
+    """A unit's documents from the `skip`-th on as one uint16 array (each document `<|endoftext|>` +
+    its tokens) and the per-document token counts. Runs in the worker processes, reading included."""
     enc = get_tokenizer()
     flat: list[int] = []
-    lengths = np.empty(len(texts), dtype=np.int64)
-    for i, t in enumerate(texts):
-        ids = enc.encode_ordinary(t if isinstance(t, str) else t.text())
+    lengths: list[int] = []
+    for text in itertools.islice(_unit_texts(unit, field), skip, None):
+        ids = enc.encode_ordinary(text)
         flat.append(EOT_ID)
         flat.extend(ids)
-        lengths[i] = len(ids) + 1
+        lengths.append(len(ids) + 1)
     toks = np.array(flat, dtype=np.int64)
     if len(toks) and toks.max() >= 2**16:
         raise PrepareError(f"token id {toks.max()} does not fit in uint16")
-    return toks.astype(np.uint16), lengths
+    return toks.astype(np.uint16), np.array(lengths, dtype=np.int64)
 
 
-def _encoded_batches(
-    texts: Iterator[str | JsonLine], workers: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Encoded batches in order. With several workers, a process pool with a bounded number of
-    batches in flight, so memory stays bounded however long the stream."""
-    batches = iter(lambda: list(itertools.islice(texts, BATCH_DOCS)), [])
+def _encoded_units(
+    units: Iterator[Unit], start_skip: int, field: str, workers: int
+) -> Iterator[tuple[Unit, int, tuple[np.ndarray, np.ndarray]]]:
+    """(unit, skip, encoded) in order. With several workers, a process pool with a bounded number of
+    units in flight, so memory stays bounded however long the input."""
+    jobs = ((u, start_skip if i == 0 else 0) for i, u in enumerate(units))
     if workers <= 1:
-        yield from map(_encode, batches)
+        for unit, skip in jobs:
+            yield unit, skip, _encode(unit, skip, field)
         return
+    get_tokenizer()  # loaded once here; the forked workers share it
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         pending: collections.deque = collections.deque()
-        for batch in batches:
-            pending.append(pool.apply_async(_encode, (batch,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+        for unit, skip in jobs:
+            pending.append((unit, skip, pool.apply_async(_encode, (unit, skip, field))))
+            if len(pending) >= 4 * workers:
+                unit0, skip0, result = pending.popleft()
+                yield unit0, skip0, result.get()
         while pending:
-            yield pending.popleft().get()
+            unit0, skip0, result = pending.popleft()
+            yield unit0, skip0, result.get()
