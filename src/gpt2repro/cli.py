@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     h.add_argument("--style", choices=("completion", "harness", "both"), default="completion")
     h.add_argument("--limit", type=int, default=None)
-    h.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+    h.add_argument("--batch-size", type=int, default=32, help="examples per forward pass")
     h.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     h.add_argument("--json", dest="json_out", default=None, help="write the results here")
     h.add_argument("--predictions", default=None, help="write per-example predictions (jsonl) here")
