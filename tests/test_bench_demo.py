@@ -69,8 +69,11 @@ def test_bench_hellaswag_checks_predictions_agree(monkeypatch):
         ("batched", "fp32"),
         ("batched", "bf16"),
         ("one-at-a-time", "fp32"),
+        ("one-at-a-time", "bf16"),
     ]
-    assert rows[0]["same_predictions"] == 1.0 and 0 <= rows[1]["same_predictions"] <= 1
+    assert rows[0]["same_predictions"] == 1.0 == rows[2]["same_predictions"]
+    assert all(0 <= r["same_predictions"] <= 1 for r in rows)
+    assert rows[0]["flop_ratio"] > 1 and rows[2]["speedup"] == 1.0 == rows[3]["speedup_same_dtype"]
 
 
 def test_bench_prepare_compares_workers():

@@ -292,8 +292,9 @@ def _hf_copy(model):
         return GPT2LMHeadModel.from_pretrained(out, attn_implementation="sdpa").eval()
 
 
-def hellaswag_one_at_a_time(model, examples: list[dict]) -> list[int]:
-    """The original build-nanogpt method: one example per forward, full logits, per-token losses."""
+def hellaswag_one_at_a_time(model, examples: list[dict], dtype: str = "fp32") -> list[int]:
+    """The original build-nanogpt method: one example per forward, full logits, per-token losses
+    (fp32 as in its hellaswag.py; bf16 autocast as in its training loop)."""
     from .evals.hellaswag import render
 
     preds = []
@@ -306,10 +307,10 @@ def hellaswag_one_at_a_time(model, examples: list[dict]) -> list[int]:
         for i, row in enumerate(rows):
             tokens[i, : len(row)] = torch.tensor(row)
             mask[i, len(r.context) : len(row)] = 1
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
             logits = model(tokens)[0]
         losses = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none"
+            logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none"
         ).view(4, -1)
         shift_mask = mask[:, 1:]
         avg = (losses * shift_mask).sum(1) / shift_mask.sum(1)
@@ -317,9 +318,31 @@ def hellaswag_one_at_a_time(model, examples: list[dict]) -> list[int]:
     return preds
 
 
+def hellaswag_flop_ratio(model, examples: list[dict]) -> float:
+    """Forward FLOPs of the one-at-a-time method over ours: the speed-up either reaches at equal
+    arithmetic efficiency. Counts the transformer body (2 x its weights per token) and the lm_head
+    (2 x n_embd x vocab per position it is applied to); attention and our row padding are left out."""
+    from .evals.hellaswag import render
+
+    cfg = model.config
+    body = 2 * (
+        model.num_params() - model.transformer.wte.weight.numel() - model.transformer.wpe.weight.numel()
+    )
+    head = 2 * cfg.n_embd * cfg.vocab_size
+    theirs = ours = 0
+    for ex in examples:
+        r = render(ex, "completion")
+        width = len(r.context) + max(len(e) for e in r.endings)
+        scored = sum(len(e) for e in r.endings)
+        theirs += 4 * width * (body + head)
+        ours += (len(r.context) + scored) * body + scored * head
+    return theirs / ours
+
+
 def bench_hellaswag(size: str, repeats: int, n_examples: int = 200) -> list[dict]:
-    """Our evaluator (fp32, and bf16 autocast) against the original one-example-at-a-time loop on the
-    same model and examples. fp32 predictions must be identical; bf16 reports its agreement."""
+    """Our evaluator against the original one-example-at-a-time loop, each in fp32 and bf16 autocast,
+    on the same model and examples. fp32 predictions must be identical; the others report their
+    agreement with the fp32 original."""
     from .evals import hellaswag
     from .model import GPT
 
@@ -328,41 +351,38 @@ def bench_hellaswag(size: str, repeats: int, n_examples: int = 200) -> list[dict
     model = GPT(cfg).eval()
     examples = hellaswag.load_examples(limit=n_examples)
 
-    def preds(dtype: str) -> list[int]:
+    def ours(dtype: str) -> list[int]:
         details: list[dict] = []
         hellaswag.evaluate(model, examples, "completion", dtype=dtype, details=details)
         return [d["pred_norm"] for d in sorted(details, key=lambda d: d["index"])]
 
-    reference = hellaswag_one_at_a_time(model, examples)
-    if preds("fp32") != reference:
+    def original(dtype: str) -> list[int]:
+        return hellaswag_one_at_a_time(model, examples, dtype)
+
+    reference = original("fp32")
+    if ours("fp32") != reference:
         raise RuntimeError("batched and one-at-a-time HellaSwag predictions differ")
-    agree_bf16 = sum(a == b for a, b in zip(preds("bf16"), reference)) / n_examples
     rows = []
-    for method, dtype in (("batched", "fp32"), ("batched", "bf16")):
-        t = _median_time(lambda d=dtype: hellaswag.evaluate(model, examples, "completion", dtype=d), repeats)
-        rows.append(
-            {
-                "method": method,
-                "dtype": dtype,
-                "examples": n_examples,
-                "s": t,
-                "examples_per_s": n_examples / t,
-                "same_predictions": 1.0 if dtype == "fp32" else agree_bf16,
-            }
-        )
-    t = _median_time(lambda: hellaswag_one_at_a_time(model, examples), max(1, repeats // 2), warmup=0)
-    rows.append(
-        {
-            "method": "one-at-a-time",
-            "dtype": "fp32",
-            "examples": n_examples,
-            "s": t,
-            "examples_per_s": n_examples / t,
-            "same_predictions": 1.0,
-        }
-    )
+    for method, run, runs in (("batched", ours, repeats), ("one-at-a-time", original, max(1, repeats // 2))):
+        for dtype in ("fp32", "bf16"):
+            agree = sum(a == b for a, b in zip(run(dtype), reference)) / n_examples
+            t = _median_time(lambda r=run, d=dtype: r(d), runs, warmup=0)
+            rows.append(
+                {
+                    "method": method,
+                    "dtype": dtype,
+                    "examples": n_examples,
+                    "s": t,
+                    "examples_per_s": n_examples / t,
+                    "same_predictions": agree,
+                }
+            )
+    base = {r["dtype"]: r["examples_per_s"] for r in rows if r["method"] == "one-at-a-time"}
+    flop_ratio = hellaswag_flop_ratio(model, examples)
     for r in rows:
-        r["speedup"] = r["examples_per_s"] / rows[-1]["examples_per_s"]
+        r["speedup"] = r["examples_per_s"] / base["fp32"]
+        r["speedup_same_dtype"] = r["examples_per_s"] / base[r["dtype"]]
+        r["flop_ratio"] = flop_ratio if r["method"] == "batched" else 1.0
     return rows
 
 
