@@ -130,6 +130,20 @@ def test_matches_float64_reference(model, fixture_file, enc, style):
     assert result == {"style": style, "n": 3, "acc": correct / 3, "acc_norm": correct_norm / 3}
 
 
+def test_bf16_autocast_tracks_the_float64_reference(model, fixture_file, enc):
+    """bf16 keeps 8 significant bits, so each summed log-probability may move by a few 2^-8 parts of
+    itself; the scores must differ from fp32 (autocast is really on) but stay that close."""
+    examples = hs.load_examples(fixture_file)
+    model64 = copy.deepcopy(model).double()
+    bf16, fp32 = [], []
+    hs.evaluate(model, examples, "completion", batch_size=2, dtype="bf16", details=bf16)
+    hs.evaluate(model, examples, "completion", batch_size=2, details=fp32)
+    assert [d["logprob_sums"] for d in bf16] != [d["logprob_sums"] for d in fp32]
+    for d, ex in zip(bf16, examples):
+        sums, _ = reference_sums(model64, ex, "completion", enc)
+        assert d["logprob_sums"] == pytest.approx(sums, rel=2**-6)
+
+
 def test_preprocess_and_harness_pair(enc):
     assert (
         hs.preprocess(" Intro [title] Make tea.  [step] Boil  water. ") == "Intro. Make tea.  Boil water."

@@ -22,6 +22,7 @@ import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -198,12 +199,50 @@ def _pack(units: list[_Unit], length: int) -> list[list[_Unit]]:
 LM_HEAD_ROWS = 512  # scored positions per lm_head chunk: bounded memory for any batch or model size
 
 
-def _target_logprobs(model: GPT, h: torch.Tensor, targets: torch.Tensor, autocast) -> torch.Tensor:
+def _target_logprobs(model: GPT, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) at each row of h: the lm_head over the vocabulary, a few hundred rows at a time."""
-    with autocast:
-        logits = model.logits(h)
+    logits = model.logits(h)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+
+
+class _Batch(NamedTuple):
+    idx: torch.Tensor  # (rows, width) token ids
+    pos: torch.Tensor  # (rows, width) positions, restarting after each context
+    mask: torch.Tensor  # (rows, 1, width, width) which tokens each token may attend to
+    pred_row: list[int]  # where each scored token is predicted, and its target
+    pred_col: list[int]
+    targets: list[int]
+    owner: list[int]  # 4 * (example - first example of the batch) + ending
+
+
+def _batch(rendered: list[Rendered], start: int, stop: int, block: int, pack_len: int) -> _Batch:
+    units = [u for i in range(start, stop) for u in _units(i, rendered[i], block)]
+    rows = _pack(units, max(pack_len, max(len(u.tokens) for u in units)))
+    width = max(sum(len(u.tokens) for u in row) for row in rows)
+    idx = torch.zeros(len(rows), width, dtype=torch.long)
+    pos = torch.zeros(len(rows), width, dtype=torch.long)
+    unit_id = -1 - torch.arange(width).repeat(len(rows), 1)  # padding: a unit of its own per token
+    seg = torch.zeros(len(rows), width, dtype=torch.long)
+    pred_row, pred_col, targets, owner = [], [], [], []
+    for r, row in enumerate(rows):
+        offset = 0
+        for n, u in enumerate(row):
+            span = slice(offset, offset + len(u.tokens))
+            idx[r, span] = torch.tensor(u.tokens)
+            pos[r, span] = torch.tensor(u.positions)
+            seg[r, span] = torch.tensor(u.segments)
+            unit_id[r, span] = n
+            for at, tok, k in u.scored:
+                pred_row.append(r)
+                pred_col.append(offset + at)
+                targets.append(tok)
+                owner.append(4 * (u.example - start) + k)
+            offset += len(u.tokens)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    visible = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])
+    mask = (unit_id[:, :, None] == unit_id[:, None, :]) & causal & visible
+    return _Batch(idx, pos, mask[:, None], pred_row, pred_col, targets, owner)
 
 
 @torch.no_grad()
@@ -222,63 +261,35 @@ def score(
     endings, with a mask so every ending sees only the context and itself, positions restarting
     after the context), packed into rows of `pack_len` tokens: about half the tokens of four padded
     rows per example, and no padding. Short rows (192 tokens: two or three units) keep the attention
-    spent on masked-out pairs small; `gpt2repro bench hellaswag` measured 192 and 32 examples best. `min_batches` adds throw-away forward passes so that every rank
-    of a sharded (FSDP) model runs the same number of them, since each one is a collective."""
+    spent on masked-out pairs small; `gpt2repro bench hellaswag` measured 192 and 32 examples best.
+    `min_batches` adds throw-away forward passes so that every rank of a sharded (FSDP) model runs
+    the same number of them, since each one is a collective."""
     was_training = model.training
     model.eval()
     device = torch.device(device)
-    block = model.config.block_size
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
     out: list[list[float]] = [[0.0] * 4 for _ in rendered]
     batches = 0
-    for start in range(0, len(rendered), batch_size):
-        units = [
-            u
-            for i in range(start, min(start + batch_size, len(rendered)))
-            for u in _units(i, rendered[i], block)
-        ]
-        rows = _pack(units, max(pack_len, max(len(u.tokens) for u in units)))
-        width = max(sum(len(u.tokens) for u in row) for row in rows)
-        idx = torch.zeros(len(rows), width, dtype=torch.long)
-        pos = torch.zeros(len(rows), width, dtype=torch.long)
-        unit_id = -1 - torch.arange(width).repeat(len(rows), 1)  # padding: a unit of its own per token
-        seg = torch.zeros(len(rows), width, dtype=torch.long)
-        pred_row, pred_col, targets, owner = [], [], [], []
-        for r, row in enumerate(rows):
-            offset = 0
-            for n, u in enumerate(row):
-                span = slice(offset, offset + len(u.tokens))
-                idx[r, span] = torch.tensor(u.tokens)
-                pos[r, span] = torch.tensor(u.positions)
-                seg[r, span] = torch.tensor(u.segments)
-                unit_id[r, span] = n
-                for at, tok, k in u.scored:
-                    pred_row.append(r)
-                    pred_col.append(offset + at)
-                    targets.append(tok)
-                    owner.append(4 * (u.example - start) + k)
-                offset += len(u.tokens)
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        visible = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])
-        mask = (unit_id[:, :, None] == unit_id[:, None, :]) & causal & visible
-        with autocast:
-            h = model.hidden(idx.to(device), positions=pos.to(device), mask=mask[:, None].to(device))
-            h = h[torch.tensor(pred_row, device=device), torch.tensor(pred_col, device=device)]
-        tgt = torch.tensor(targets, device=device)
-        logp = torch.cat(
-            [
-                _target_logprobs(model, h[s : s + LM_HEAD_ROWS], tgt[s : s + LM_HEAD_ROWS], autocast)
-                for s in range(0, len(tgt), LM_HEAD_ROWS)
-            ]
-        )
-        n = min(batch_size, len(rendered) - start)
-        sums = torch.zeros(4 * n, dtype=torch.float64, device=device)
-        sums.index_add_(0, torch.tensor(owner, device=device), logp.double())
-        for e in range(n):
-            out[start + e] = sums[4 * e : 4 * e + 4].tolist()
-        batches += 1
-    for _ in range(batches, min_batches):
-        model.hidden(torch.zeros(1, 1, dtype=torch.long, device=device))
+    with autocast:  # one context for the whole run, so autocast casts each weight to bf16 only once
+        for start in range(0, len(rendered), batch_size):
+            stop = min(start + batch_size, len(rendered))
+            b = _batch(rendered, start, stop, model.config.block_size, pack_len)
+            h = model.hidden(b.idx.to(device), positions=b.pos.to(device), mask=b.mask.to(device))
+            h = h[torch.tensor(b.pred_row, device=device), torch.tensor(b.pred_col, device=device)]
+            tgt = torch.tensor(b.targets, device=device)
+            logp = torch.cat(
+                [
+                    _target_logprobs(model, h[s : s + LM_HEAD_ROWS], tgt[s : s + LM_HEAD_ROWS])
+                    for s in range(0, len(tgt), LM_HEAD_ROWS)
+                ]
+            )
+            sums = torch.zeros(4 * (stop - start), dtype=torch.float64, device=device)
+            sums.index_add_(0, torch.tensor(b.owner, device=device), logp.double())
+            for e in range(stop - start):
+                out[start + e] = sums[4 * e : 4 * e + 4].tolist()
+            batches += 1
+        for _ in range(batches, min_batches):
+            model.hidden(torch.zeros(1, 1, dtype=torch.long, device=device))
     model.train(was_training)
     return out
 
