@@ -89,6 +89,27 @@ def test_fused_linear_cross_entropy_matches_float64_reference(chunk):
     assert torch.all(got[2][64:] == 0)  # padded rows get no gradient
 
 
+@pytest.mark.parametrize("chunk", [7, 4096])
+def test_fused_loss_reuses_cpu_scratch_without_corrupting_saved_gradients(chunk):
+    """A second call overwrites the scratch memory; the first call's gradients were copied out."""
+    from gpt2repro.model import _CPU_SCRATCH, linear_cross_entropy
+
+    torch.manual_seed(0)
+    w = torch.randn(70, 16, dtype=torch.float64, requires_grad=True)
+    h1, h2 = (torch.randn(150, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    t1, t2 = torch.randint(0, 64, (150,)), torch.randint(0, 64, (150,))
+    loss1 = linear_cross_entropy(h1, w, t1, 64, chunk=chunk)
+    buffer = _CPU_SCRATCH[("logits", torch.float64)].data_ptr()
+    linear_cross_entropy(h2, w, t2, 64, chunk=chunk)
+    assert _CPU_SCRATCH[("logits", torch.float64)].data_ptr() == buffer  # reused, not reallocated
+    loss1.backward()
+    got = (h1.grad.clone(), w.grad.clone())
+    h1.grad = w.grad = None
+    F.cross_entropy(h1 @ w[:64].t(), t1).backward()
+    torch.testing.assert_close(got[0], h1.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got[1], w.grad, rtol=0, atol=1e-12)
+
+
 def test_training_loss_equals_unfused_cross_entropy(tiny_config):
     torch.manual_seed(0)
     model = GPT(tiny_config)

@@ -386,38 +386,3 @@ def test_tensorboard_without_the_package_is_a_clear_error(data_dir, tmp_path):
         pass
     with pytest.raises(ConfigError, match="tensorboard=true needs the tensorboard package"):
         tr.train(small_cfg("max_steps=1", "tensorboard=true"), data_dir, tmp_path)
-
-
-_FAULTS_SCRIPT = """
-import resource, torch
-from gpt2repro.config import GPTConfig
-from gpt2repro.distributed import pick_device
-from gpt2repro.model import GPT
-pick_device("cpu")
-model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=64, block_size=512))
-opt = torch.optim.AdamW(model.parameters())
-x = torch.randint(0, 50257, (4, 512))
-for step in range(5):  # bf16 logits of 2048 x 50k: 200 MB temporaries per step
-    if step == 2:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, loss = model(x, x)
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
-def test_cpu_training_steps_reuse_freed_memory_instead_of_page_faulting_it_again():
-    def faults(setting: str) -> int:
-        env = {**os.environ, "GPT2REPRO_RETAIN_MEMORY": setting}
-        out = subprocess.run(
-            [sys.executable, "-c", _FAULTS_SCRIPT], env=env, capture_output=True, text=True, check=True
-        )
-        return int(out.stdout.split()[-1])
-
-    default = faults("0")
-    assert default > 3 * 200_000_000 // 4096  # glibc: each step's big temporaries mapped and faulted anew
-    assert faults("1") < default // 100

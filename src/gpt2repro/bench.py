@@ -447,7 +447,7 @@ def _table(rows: list[dict]) -> str:
 def run(args) -> dict:
     from .distributed import pick_device
 
-    device = pick_device("cuda" if torch.cuda.is_available() else "cpu")  # the same set-up as training
+    device = pick_device("cuda" if torch.cuda.is_available() else "cpu")
     rows: list[dict]
     if args.what == "peak":
         rows = [

@@ -5,9 +5,7 @@ several nodes, MASTER_ADDR/MASTER_PORT) come from torchrun itself."""
 
 from __future__ import annotations
 
-import ctypes
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +29,7 @@ class DistInfo:
 
 
 def pick_device(preference: str = "auto") -> torch.device:
-    """cuda > mps > cpu unless a device is named. On CPU, also `retain_freed_memory()`."""
+    """cuda > mps > cpu unless a device is named."""
     if preference != "auto":
         device = torch.device(preference)
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -42,27 +40,7 @@ def pick_device(preference: str = "auto") -> torch.device:
         device = torch.device("mps")
     else:
         device = torch.device("cpu")
-    if device.type == "cpu":
-        retain_freed_memory()
     return device
-
-
-def retain_freed_memory() -> bool:
-    """Keep freed memory in the process instead of handing it back to the OS (Linux, glibc).
-
-    glibc serves every allocation over 32 MB with a fresh mmap and unmaps it when freed, so each
-    training step page-faults its large temporaries (logits chunks, gradients) in again: ~50 ms per
-    200 MB here, a quarter of a small model's step (`bench train`: 2,266 -> 2,956 tok/s). Serving them
-    from a heap that is never trimmed is what jemalloc or tcmalloc give PyTorch on CPU. The cost: the
-    process keeps its peak memory. GPT2REPRO_RETAIN_MEMORY=0 keeps glibc's default."""
-    if os.environ.get("GPT2REPRO_RETAIN_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # from malloc.h
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def setup(device_preference: str = "auto") -> DistInfo:
