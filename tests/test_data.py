@@ -203,6 +203,10 @@ def test_bad_sources_fail_with_a_line_number(tmp_path, enc, unit_bytes):
         prep.prepare([str(bad)], tmp_path / "o2", progress=False)
     with pytest.raises(prep.PrepareError, match="no such file"):
         prep.prepare([str(tmp_path / "missing.jsonl")], tmp_path / "o3", progress=False)
+    gz = tmp_path / "bad.jsonl.gz"  # gzip units hold the line numbers; blank lines still count
+    gz.write_bytes(gzip.compress(b'{"text": "a"}\n\n\n{"text": "b"}\n{"text": broken\n'))
+    with pytest.raises(prep.PrepareError, match=r"bad.jsonl.gz:5: not valid JSON"):
+        prep.prepare([str(gz)], tmp_path / "o5", progress=False)
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(prep.PrepareError, match="unsupported file type"):
         prep.prepare([str(tmp_path / "x.csv")], tmp_path / "o4", progress=False)

@@ -23,7 +23,7 @@ import multiprocessing
 import os
 import socket
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -67,10 +67,10 @@ class Unit(NamedTuple):
     path: str
     file: int  # index of path among the sources
     part: int
-    data: tuple = ()  # lines: (first line number, lines); texts: (texts,)
+    data: tuple = ()  # lines: (line numbers, lines); texts: (texts,)
 
 
-def _parse_json(line: bytes | str, path: str, lineno, field: str) -> str:
+def _parse_json(line: bytes | str, path: str, lineno: int | Callable[[], int], field: str) -> str:
     """`lineno` is a number or a function computing it: only needed for the error message."""
     try:
         row = json.loads(line)
@@ -118,9 +118,8 @@ def _unit_texts(unit: Unit, field: str) -> Iterator[str]:
     elif unit.kind == "txt":
         yield Path(unit.path).read_text(encoding="utf-8")
     elif unit.kind == "lines":
-        first, lines = unit.data
-        for i, line in enumerate(lines):
-            yield _parse_json(line, unit.path, first + i, field)
+        for lineno, line in zip(*unit.data):
+            yield _parse_json(line, unit.path, lineno, field)
     else:
         yield from unit.data[0]
 
@@ -132,7 +131,7 @@ def _file_units(path: Path, file: int, field: str, start_part: int) -> Iterator[
             numbered = ((n, line) for n, line in enumerate(f, 1) if line.strip())
             for part, batch in enumerate(iter(lambda: list(itertools.islice(numbered, BATCH_DOCS)), [])):
                 if part >= start_part:
-                    yield Unit("lines", str(path), file, part, (batch[0][0], [line for _, line in batch]))
+                    yield Unit("lines", str(path), file, part, tuple(zip(*batch)))
     elif name.endswith((".jsonl", ".json")):
         parts = -(-path.stat().st_size // UNIT_BYTES)
         for part in range(start_part, parts):
