@@ -82,6 +82,17 @@ def test_bench_prepare_compares_workers():
     assert rows[-1]["workers"] == 1 and rows[0]["tokens"] == rows[-1]["tokens"] > 0
 
 
+def test_bench_prepare_without_a_mirror_uses_tiny_shakespeare(monkeypatch):
+    from gpt2repro import assets
+
+    path = shared_file("tinyshakespeare.txt")
+    monkeypatch.setattr(assets, "mirror_dir", lambda: None)
+    monkeypatch.setattr(assets, "fetch", lambda name: path if name == "tinyshakespeare.txt" else None)
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = bench.bench_prepare(repeats=1)
+    assert rows[0]["documents"] == 16 * len(lines) and rows[0]["tokens"] > 0
+
+
 def test_demo_script_end_to_end(tmp_path):
     shared_file("tinyshakespeare.txt")
     shared_file("hellaswag_val.jsonl.gz")

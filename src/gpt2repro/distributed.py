@@ -34,13 +34,12 @@ def pick_device(preference: str = "auto") -> torch.device:
         device = torch.device(preference)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device={preference} requested but CUDA is not available")
-    elif torch.cuda.is_available():
-        device = torch.device("cuda")
-    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        device = torch.device("mps")
-    else:
-        device = torch.device("cpu")
-    return device
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
 
 
 def setup(device_preference: str = "auto") -> DistInfo:

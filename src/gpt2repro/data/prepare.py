@@ -75,14 +75,12 @@ def _parse_json(line: bytes | str, path: str, lineno: int | Callable[[], int], f
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
-        raise PrepareError(
-            f"{path}:{lineno if isinstance(lineno, int) else lineno()}: not valid JSON ({e.msg})"
-        ) from None
-    if not isinstance(row, dict) or not isinstance(row.get(field), str):
-        raise PrepareError(
-            f"{path}:{lineno if isinstance(lineno, int) else lineno()}: no string field {field!r}"
-        )
-    return row[field]
+        problem = f"not valid JSON ({e.msg})"
+    else:
+        if isinstance(row, dict) and isinstance(row.get(field), str):
+            return row[field]
+        problem = f"no string field {field!r}"
+    raise PrepareError(f"{path}:{lineno if isinstance(lineno, int) else lineno()}: {problem}")
 
 
 def _jsonl_range(path: str, part: int, field: str) -> Iterator[str]:
