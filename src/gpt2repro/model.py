@@ -39,8 +39,8 @@ class Linear(nn.Linear):
 
     With a few rows of fp32 input (one new token per sequence), the matmul is bound by reading the
     weight, and MKL's matrix-vector product runs on one core. Splitting the output features into one
-    group per thread and running the groups as a batched matmul uses every core: a decoding step of
-    the small benchmark model at B=1 ran 2.3x faster here. Same result up to fp32 rounding order."""
+    group per thread and running the groups as a batched matmul uses every core (`gpt2repro bench
+    generate`, B=1 fp32: 109 -> 300 tokens/s here). Same result up to fp32 rounding order."""
 
     MAX_ROWS = 32
 
