@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import tempfile
 
 import numpy as np
 import pytest
@@ -81,26 +82,35 @@ def test_one_and_two_workers_give_identical_shards(tmp_path, enc, unit_bytes):
 def test_interrupted_then_resumed_is_byte_identical(tmp_path, enc, monkeypatch, unit_bytes):
     src = write_jsonl(tmp_path / "docs.jsonl", fineweb_rows(300))
     full = prep.prepare([str(src)], tmp_path / "full", shard_tokens=3000, val_tokens=1000, progress=False)
-    real_write, calls = prep.write_shard, {"n": 0}
+    real_commit, calls = prep.ShardWriter.commit, {"n": 0}
 
-    def crashing_write(path, tokens):
+    def crashing_commit(self):
         calls["n"] += 1
-        if calls["n"] == 4:  # die half-way through writing shard 3: a torn file is left behind
-            path.write_bytes(b"torn")
+        if calls["n"] == 4:  # die while committing shard 3: its temporary file and a torn one are left behind
+            self.out.path.write_bytes(b"torn")
             raise KeyboardInterrupt
-        return real_write(path, tokens)
+        return real_commit(self)
 
-    monkeypatch.setattr(prep, "write_shard", crashing_write)
+    monkeypatch.setattr(prep.ShardWriter, "commit", crashing_commit)
     with pytest.raises(KeyboardInterrupt):
         prep.prepare([str(src)], tmp_path / "resumed", shard_tokens=3000, val_tokens=1000, progress=False)
     partial = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
     assert len(partial["shards"]) == 3 and not partial["complete"]
-    monkeypatch.setattr(prep, "write_shard", real_write)
+    assert not list((tmp_path / "resumed").glob(".*.tmp"))  # the interrupted shard's file was removed
+    (tmp_path / "resumed" / ".train_000004.bin.x1y2.tmp").write_bytes(b"as a kill -9 leaves it")
+    monkeypatch.setattr(prep.ShardWriter, "commit", real_commit)
+    monkeypatch.setattr(prep, "UNIT_BYTES", unit_bytes + 1)  # another version cutting other units
+    with pytest.raises(prep.PrepareError, match="units of another size"):
+        prep.prepare([str(src)], tmp_path / "resumed", shard_tokens=3000, val_tokens=1000, progress=False)
+    monkeypatch.setattr(prep, "UNIT_BYTES", unit_bytes)
     resumed = prep.prepare(
         [str(src)], tmp_path / "resumed", shard_tokens=3000, val_tokens=1000, progress=False
     )
     assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in full["shards"]]
     assert resumed["total_tokens"] == full["total_tokens"] and resumed["documents"] == full["documents"]
+    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == sorted(
+        p.name for p in (tmp_path / "full").iterdir()
+    )
 
 
 @pytest.mark.parametrize("kind", ["parquet", "jsonl.gz"])
@@ -119,18 +129,18 @@ def test_units_of_parquet_row_groups_and_gzip_batches_resume_exactly(tmp_path, m
     reference = prep.prepare(
         [str(write_jsonl(tmp_path / "d.jsonl", rows))], tmp_path / "ref", shard_tokens=2500, progress=False
     )
-    real_write, calls = prep.write_shard, {"n": 0}
+    real_commit, calls = prep.ShardWriter.commit, {"n": 0}
 
-    def crashing_write(path, tokens):
+    def crashing_commit(self):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real_write(path, tokens)
+        return real_commit(self)
 
-    monkeypatch.setattr(prep, "write_shard", crashing_write)
+    monkeypatch.setattr(prep.ShardWriter, "commit", crashing_commit)
     with pytest.raises(KeyboardInterrupt):
         prep.prepare([str(src)], tmp_path / "o", shard_tokens=2500, workers=2, progress=False)
-    monkeypatch.setattr(prep, "write_shard", real_write)
+    monkeypatch.setattr(prep.ShardWriter, "commit", real_commit)
     resumed = prep.prepare([str(src)], tmp_path / "o", shard_tokens=2500, workers=2, progress=False)
     assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in reference["shards"]]
     assert resumed["documents"] == 120
@@ -153,6 +163,26 @@ def test_max_tokens_stops_exactly(tmp_path, enc):
         [str(src)], tmp_path / "o", shard_tokens=1000, val_tokens=500, max_tokens=2600, progress=False
     )
     assert m["total_tokens"] == 2600 and [s["tokens"] for s in m["shards"]] == [500, 1000, 1000, 100]
+
+
+def test_workers_leave_no_scratch_or_temporary_files(tmp_path, enc, monkeypatch):
+    """Worker results pass through scratch files; none may outlive a run that ends early (max_tokens
+    with units still in flight) or fails (a malformed row), nor may a half-written shard."""
+    monkeypatch.setattr(prep, "UNIT_BYTES", 997)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
+    rows = fineweb_rows(300)
+    src = write_jsonl(tmp_path / "d.jsonl", rows)
+    full = prep.prepare([str(src)], tmp_path / "full", shard_tokens=1000, workers=2, progress=False)
+    m = prep.prepare([str(src)], tmp_path / "o", shard_tokens=1000, max_tokens=2500, workers=2, progress=False)
+    assert m["total_tokens"] == 2500 and full["total_tokens"] > 10 * 2500
+    lines = src.read_text().splitlines()
+    lines[250] = "{not json"
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(prep.PrepareError, match=r"bad.jsonl:251: not valid JSON"):
+        prep.prepare([str(tmp_path / "bad.jsonl")], tmp_path / "bad", shard_tokens=1000, workers=2, progress=False)
+    assert not list((tmp_path / "scratch").iterdir())
+    assert not [p for d in ("full", "o", "bad") for p in (tmp_path / d).iterdir() if p.suffix == ".tmp"]
 
 
 def test_parquet_jsonl_gz_and_txt_sources_agree(tmp_path, enc):

@@ -19,22 +19,48 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+class AtomicFile:
+    """A temporary file beside `path`, opened for writing as `.file`. `commit()` moves it over `path`
+    once it is on disk; `discard()` (or an exception inside a `with` block) removes it. Lets a writer
+    stream a large file (a token shard) without ever exposing it half-written."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self.file: BinaryIO = os.fdopen(fd, "wb")
+
+    def commit(self) -> Path:
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.discard()
+            raise
+        fsync_dir(self.path.parent)
+        return self.path
+
+    def discard(self) -> None:
+        self.file.close()
+        Path(self.tmp).unlink(missing_ok=True)
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Call write(f) on a temporary file and move it to `path` only once it is complete on disk."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
+    with AtomicFile(path) as out:
+        write(out.file)
+    return out.path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import os
 import socket
+import tempfile
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,7 +33,7 @@ import numpy as np
 from .. import __version__, assets
 from ..fsio import atomic_write_text
 from ..tokenizer import EOT_ID, get_tokenizer
-from .shards import shard_name, write_shard
+from .shards import ShardWriter, shard_name
 
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
 FINEWEB_TOKENS = {
@@ -249,6 +250,7 @@ def prepare(
     manifest = {
         "source": FINEWEB_EDU if remote else "local",
         "args": args,
+        "units": {"jsonl_bytes": UNIT_BYTES, "batch_docs": BATCH_DOCS},  # resume points count these
         "tokenizer": {"name": "gpt2", "sha256": assets.REGISTRY["gpt2.tiktoken"].sha256},
         "package_version": __version__,
         "shards": [],
@@ -263,14 +265,19 @@ def prepare(
             raise PrepareError(
                 f"{out} holds a preparation with different arguments ({previous.get('args')}); use a new --out"
             )
+        if not previous.get("complete") and previous.get("units") != manifest["units"]:
+            raise PrepareError(
+                f"{out} was cut into units of another size ({previous.get('units')}, this version: "
+                f"{manifest['units']}), so its resume point means nothing here; use a new --out"
+            )
         if previous.get("complete"):
             print(
                 f"{out}: already complete ({previous['total_tokens']:,} tokens in {len(previous['shards'])} shards); nothing to do"
             )
             return previous
         manifest = previous
-        for stale in out.glob("*.bin"):  # a shard written after the last manifest update is redone
-            if stale.name not in {s["file"] for s in manifest["shards"]}:
+        for stale in [*out.glob("*.bin"), *out.glob(".*.tmp")]:  # written after the last manifest update:
+            if stale.name not in {s["file"] for s in manifest["shards"]}:  # redone
                 stale.unlink()
 
     nxt = manifest["next"]
@@ -286,8 +293,7 @@ def prepare(
         start_skip = nxt.get("skip", 0)
     total = max_tokens or (FINEWEB_TOKENS.get(name) if remote else None)
     bar = _Progress(total, written, progress)
-    buf = np.empty(shard_tokens, dtype=np.uint16)
-    fill = 0
+    shard: ShardWriter | None = None  # the shard being filled, written as tokens arrive
 
     def target() -> int:
         """Size of the shard being filled: val shards end exactly at val_tokens; max_tokens caps all."""
@@ -295,49 +301,63 @@ def prepare(
         return min(size, max_tokens - written) if max_tokens else size
 
     def flush(next_doc: int, next_offset: int, unit: Unit | None = None, skip: int = 0) -> None:
-        """Write the shard; the next one starts `next_offset` tokens into document `next_doc`, which
-        is document `skip` of `unit` (None: at the end of the input)."""
-        nonlocal written, fill
-        split = "val" if written < val_tokens else "train"
-        file = shard_name(split, len(manifest["shards"]))
-        write_shard(out / file, buf[:fill])
+        """Commit the shard; the next one starts `next_offset` tokens into document `next_doc`, which
+        is document `skip` of `unit` (None: at the end of the input, and the manifest is final)."""
+        nonlocal written, shard
+        path = shard.commit()
         manifest["shards"].append(
-            {"file": file, "split": split, "tokens": fill, "sha256": assets.sha256_file(out / file)}
+            {"file": path.name, "split": split(), "tokens": shard.count, "sha256": assets.sha256_file(path)}
         )
-        written += fill
-        fill = 0
+        written += shard.count
+        shard = None
         where = (
             {"file": len(paths), "part": 0, "skip": 0}
             if unit is None
             else {"file": unit.file, "part": unit.part, "skip": skip}
         )
         manifest.update(
-            total_tokens=written, documents=next_doc, next={"doc": next_doc, "offset": next_offset, **where}
+            total_tokens=written,
+            documents=next_doc,
+            next={"doc": next_doc, "offset": next_offset, **where},
+            complete=unit is None,
         )
         atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
+
+    def split() -> str:
+        return "val" if written < val_tokens else "train"
 
     doc = start_doc  # index of the first document of the current batch
     pos = start_offset  # tokens of that document already in earlier shards
     done = max_tokens is not None and written >= max_tokens
-    for unit, skip, (toks, lengths) in _encoded_units(units, start_skip, text_field, workers):
-        if done:
-            break
-        ends = np.cumsum(lengths)
-        while pos < len(toks) and not done:
-            take = min(target() - fill, len(toks) - pos)
-            buf[fill : fill + take] = toks[pos : pos + take]
-            fill, pos = fill + take, pos + take
-            bar.update(take)
-            if fill == target():
-                d = int(np.searchsorted(ends, pos, side="right"))  # first document not fully written
-                flush(doc + d, pos - (int(ends[d - 1]) if d else 0), unit, skip + d)
-                done = max_tokens is not None and written >= max_tokens
-        doc, pos = doc + len(lengths), 0
-    if fill:
+    encoded = _encoded_units(units, start_skip, text_field, workers)
+    try:
+        for unit, skip, (toks, lengths) in encoded:
+            if done:
+                break
+            ends = np.cumsum(lengths)
+            while pos < len(toks) and not done:
+                if shard is None:
+                    shard = ShardWriter(out / shard_name(split(), len(manifest["shards"])))
+                take = min(target() - shard.count, len(toks) - pos)
+                shard.write(toks[pos : pos + take])
+                pos += take
+                bar.update(take)
+                if shard.count == target():
+                    d = int(np.searchsorted(ends, pos, side="right"))  # first document not fully written
+                    flush(doc + d, pos - (int(ends[d - 1]) if d else 0), unit, skip + d)
+                    done = max_tokens is not None and written >= max_tokens
+            doc, pos = doc + len(lengths), 0
+    except BaseException:
+        if shard is not None:
+            shard.discard()
+        raise
+    finally:
+        encoded.close()  # stops the workers and removes their scratch files, also when stopping early
+    if shard is not None:
         flush(doc, 0)
-    manifest["complete"] = True
-    manifest["documents"] = manifest["next"]["doc"]
-    atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
+    elif not manifest["complete"]:  # the input ended exactly at a shard boundary, or max_tokens did
+        manifest["complete"] = True
+        atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
     bar.close()
     return manifest
 
@@ -359,6 +379,23 @@ def _encode(unit: Unit, skip: int, field: str) -> tuple[np.ndarray, np.ndarray]:
     return toks.astype(np.uint16), np.array(lengths, dtype=np.int64)
 
 
+def _encode_to_file(unit: Unit, skip: int, field: str, scratch: str) -> tuple[str, np.ndarray]:
+    """`_encode` in a worker process. The tokens come back through a scratch file, not the result
+    pipe: in `bench prepare` that halved the CPU time of the main process, which shares the cores."""
+    toks, lengths = _encode(unit, skip, field)
+    fd, path = tempfile.mkstemp(dir=scratch)
+    with os.fdopen(fd, "wb") as f:
+        f.write(toks.data)
+    return path, lengths
+
+
+def _collect(result) -> tuple[np.ndarray, np.ndarray]:
+    path, lengths = result.get()
+    toks = np.fromfile(path, dtype=np.uint16)
+    os.unlink(path)
+    return toks, lengths
+
+
 def _encoded_units(
     units: Iterator[Unit], start_skip: int, field: str, workers: int
 ) -> Iterator[tuple[Unit, int, tuple[np.ndarray, np.ndarray]]]:
@@ -370,13 +407,13 @@ def _encoded_units(
             yield unit, skip, _encode(unit, skip, field)
         return
     get_tokenizer()  # loaded once here; the forked workers share it
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        pending: collections.deque = collections.deque()
-        for unit, skip in jobs:
-            pending.append((unit, skip, pool.apply_async(_encode, (unit, skip, field))))
-            if len(pending) >= 4 * workers:
-                unit0, skip0, result = pending.popleft()
-                yield unit0, skip0, result.get()
+    with (
+        tempfile.TemporaryDirectory(prefix="gpt2repro-prepare-") as scratch,
+        multiprocessing.get_context("fork").Pool(workers) as pool,
+    ):
+        submitted = ((u, k, pool.apply_async(_encode_to_file, (u, k, field, scratch))) for u, k in jobs)
+        pending = collections.deque(itertools.islice(submitted, 4 * workers))
         while pending:
-            unit0, skip0, result = pending.popleft()
-            yield unit0, skip0, result.get()
+            unit, skip, result = pending.popleft()
+            pending.extend(itertools.islice(submitted, 1))  # keep 4 units per worker in flight
+            yield unit, skip, _collect(result)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fsio import atomic_write
+from ..fsio import AtomicFile
 
 MAGIC = 20240520
 VERSION = 1
@@ -25,19 +25,43 @@ class ShardError(ValueError):
     """A shard file is missing, malformed or does not match its header; the message names it."""
 
 
+class ShardWriter:
+    """Streams tokens into a new shard at `path`; `commit()` fills in the header's count and moves
+    the file into place atomically. Tokens go to disk as they arrive, so preparing a 100M-token shard
+    needs no shard-sized buffer, and a crash leaves no torn shard."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.out = AtomicFile(path)
+        self.out.file.write(bytes(HEADER_BYTES))  # the real header once the count is known
+        self.count = 0
+
+    def write(self, tokens: np.ndarray) -> None:
+        tokens = np.asarray(tokens)
+        if tokens.dtype != np.uint16 and tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+            raise ShardError(f"{self.out.path}: token values must be in [0, 65536) to be stored as uint16")
+        self.out.file.write(np.ascontiguousarray(tokens, dtype="<u2").data)
+        self.count += tokens.size
+
+    def commit(self) -> Path:
+        header = np.zeros(HEADER_INTS, dtype="<i4")
+        header[:3] = (MAGIC, VERSION, self.count)
+        self.out.file.seek(0)
+        self.out.file.write(header.tobytes())
+        return self.out.commit()
+
+    def discard(self) -> None:
+        self.out.discard()
+
+
 def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> Path:
     """Write tokens (any integer array with values < 65536) as an llm.c shard, atomically."""
-    tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
-        raise ShardError(f"{path}: token values must be in [0, 65536) to be stored as uint16")
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = (MAGIC, VERSION, tokens.size)
-
-    def write(f) -> None:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2", copy=False).tobytes())
-
-    return atomic_write(path, write)
+    writer = ShardWriter(path)
+    try:
+        writer.write(tokens)
+    except BaseException:
+        writer.discard()
+        raise
+    return writer.commit()
 
 
 def read_shard(path: str | os.PathLike) -> np.ndarray:
