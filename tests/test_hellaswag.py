@@ -144,6 +144,22 @@ def test_bf16_autocast_tracks_the_float64_reference(model, fixture_file, enc):
         assert d["logprob_sums"] == pytest.approx(sums, rel=2**-6)
 
 
+def test_prerendered_examples_are_not_tokenized_again(model, fixture_file, enc, monkeypatch):
+    """The training loop renders its examples once; evaluating those gives what rendering anew gives,
+    on each rank's share."""
+    examples = hs.load_examples(fixture_file)
+    for style in hs.STYLES:
+        rendered = [hs.render(e, style, enc) for e in examples]
+        fresh, again = [], []
+        expected = hs.evaluate(model, examples, style, rank=1, world_size=2, details=fresh)
+        with monkeypatch.context() as m:
+            m.setattr(hs, "render", lambda *a: pytest.fail("rendered again"))
+            got = hs.evaluate(model, examples, style, rank=1, world_size=2, details=again, rendered=rendered)
+        assert got == expected and again == fresh and [d["index"] for d in again] == [1]
+    with pytest.raises(ValueError, match="2 rendered examples for 3 examples"):
+        hs.evaluate(model, examples, "completion", rendered=rendered[:2])
+
+
 def test_preprocess_and_harness_pair(enc):
     assert (
         hs.preprocess(" Intro [title] Make tea.  [step] Boil  water. ") == "Intro. Make tea.  Boil water."

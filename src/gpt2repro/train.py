@@ -195,6 +195,7 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, info: DistInfo) -> d
     train_loader = loader("train", shuffle=cfg.shuffle, seed=cfg.seed)
     val_loader = loader("val") if cfg.val_every else None
     hs_examples = hellaswag.load_examples(limit=cfg.hellaswag_limit or None) if cfg.hellaswag_every else []
+    hs_rendered = [hellaswag.render(e, cfg.hellaswag_style) for e in hs_examples]
 
     raw = GPT(cfg.model).to(device)
     model = _wrap(raw, cfg, info, compile_model)
@@ -250,6 +251,7 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, info: DistInfo) -> d
                 info.world_size,
                 dtype="bf16" if dtype == "bf16" else "fp32",
                 lockstep=cfg.fsdp,
+                rendered=hs_rendered,
             )
             last_metrics["hellaswag_acc_norm"] = result["acc_norm"]
             if is_main:

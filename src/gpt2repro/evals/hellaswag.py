@@ -305,14 +305,18 @@ def evaluate(
     dtype: str = "fp32",
     details: list | None = None,
     lockstep: bool = False,
+    rendered: list[Rendered] | None = None,
 ) -> dict:
     """{n, acc, acc_norm} over `examples`, sharded across ranks (example i goes to rank i % world) and
     summed over all of them; identical to a single-process run. Appends per-example records to
     `details` when given (this rank's share). `lockstep` (for FSDP) makes every rank run the same
-    number of forward passes."""
+    number of forward passes. `rendered`: all examples already rendered in `style`, so evaluating
+    during training tokenizes them once per run rather than at every evaluation."""
     enc = get_tokenizer()
     mine = list(range(rank, len(examples), world_size))
-    rendered = [render(examples[i], style, enc) for i in mine]
+    if rendered is not None and len(rendered) != len(examples):
+        raise ValueError(f"{len(rendered)} rendered examples for {len(examples)} examples")
+    rendered = [render(examples[i], style, enc) if rendered is None else rendered[i] for i in mine]
     most = math.ceil(math.ceil(len(examples) / world_size) / batch_size) if lockstep else 0
     sums = score(model, rendered, device, batch_size, dtype, min_batches=most)
     correct = correct_norm = 0
