@@ -56,6 +56,19 @@ def unit_bytes(request, monkeypatch):
     return prep.UNIT_BYTES
 
 
+@pytest.mark.parametrize("size", [0, 1, 5, 997, 3 * 997, 3 * 997 + 500])
+def test_jsonl_units_cover_the_file_and_shrink_at_its_end(monkeypatch, size):
+    monkeypatch.setattr(prep, "UNIT_BYTES", 997)
+    bounds = prep._jsonl_bounds(size)
+    assert bounds[0] == 0 and bounds[-1] == size and bounds == sorted(set(bounds))
+    sizes = np.diff(bounds)
+    assert all(sizes[: -4] == 997) and sum(sizes) == size
+    if size >= 8:  # the last full-size unit is cut into about 1/2, 1/4, 1/8, 1/8 of itself
+        last = size - (size - 1) // 997 * 997
+        assert len(sizes) == -(-size // 997) + 3 and sum(sizes[-4:]) == last
+        assert [abs(a - last * f) < 1 for a, f in zip(sizes[-4:], (1 / 2, 1 / 4, 1 / 8, 1 / 8))] == [True] * 4
+
+
 def test_round_trip_equals_tiktoken_with_eot(tmp_path, enc, unit_bytes):
     rows = fineweb_rows(60)
     src = write_jsonl(tmp_path / "docs.jsonl", rows)

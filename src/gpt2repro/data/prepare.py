@@ -68,7 +68,7 @@ class Unit(NamedTuple):
     path: str
     file: int  # index of path among the sources
     part: int
-    data: tuple = ()  # lines: (line numbers, lines); texts: (texts,)
+    data: tuple = ()  # jsonl: (start, end) bytes; lines: (line numbers, lines); texts: (texts,)
 
 
 def _parse_json(line: bytes | str, path: str, lineno: int | Callable[[], int], field: str) -> str:
@@ -84,9 +84,18 @@ def _parse_json(line: bytes | str, path: str, lineno: int | Callable[[], int], f
     raise PrepareError(f"{path}:{lineno if isinstance(lineno, int) else lineno()}: {problem}")
 
 
-def _jsonl_range(path: str, part: int, field: str) -> Iterator[str]:
-    """Documents of the lines that start inside bytes [part, part + 1) * UNIT_BYTES of a jsonl file."""
-    start, end = part * UNIT_BYTES, (part + 1) * UNIT_BYTES
+def _jsonl_bounds(size: int) -> list[int]:
+    """Byte offsets cutting a jsonl file of `size` bytes into units: UNIT_BYTES each, except that the
+    last one is cut into 1/2, 1/4, 1/8, 1/8 of itself, so the workers finish a file (and the run)
+    together rather than one of them finishing its last full unit alone."""
+    bounds = list(range(0, size, UNIT_BYTES))
+    last = bounds[-1] if bounds else 0
+    bounds += [last + (size - last) * k // 8 for k in (4, 6, 7) if (size - last) * k // 8 > 0]
+    return sorted(set(bounds)) + [size]
+
+
+def _jsonl_range(path: str, start: int, end: int, field: str) -> Iterator[str]:
+    """Documents of the lines that start inside bytes [start, end) of a jsonl file."""
     with open(path, "rb") as f:
         if start:
             f.seek(start - 1)
@@ -109,7 +118,7 @@ def _line_number(path: str, offset: int) -> int:
 
 def _unit_texts(unit: Unit, field: str) -> Iterator[str]:
     if unit.kind == "jsonl":
-        yield from _jsonl_range(unit.path, unit.part, field)
+        yield from _jsonl_range(unit.path, *unit.data, field)
     elif unit.kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -132,9 +141,9 @@ def _file_units(path: Path, file: int, field: str, start_part: int) -> Iterator[
                 if part >= start_part:
                     yield Unit("lines", str(path), file, part, tuple(zip(*batch)))
     elif name.endswith((".jsonl", ".json")):
-        parts = -(-path.stat().st_size // UNIT_BYTES)
-        for part in range(start_part, parts):
-            yield Unit("jsonl", str(path), file, part)
+        bounds = _jsonl_bounds(path.stat().st_size)
+        for part in range(start_part, len(bounds) - 1):
+            yield Unit("jsonl", str(path), file, part, (bounds[part], bounds[part + 1]))
     elif name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
@@ -250,7 +259,7 @@ def prepare(
     manifest = {
         "source": FINEWEB_EDU if remote else "local",
         "args": args,
-        "units": {"jsonl_bytes": UNIT_BYTES, "batch_docs": BATCH_DOCS},  # resume points count these
+        "units": {"jsonl_bytes": UNIT_BYTES, "jsonl_tail": "1/2,1/4,1/8,1/8", "batch_docs": BATCH_DOCS},  # resume points count these
         "tokenizer": {"name": "gpt2", "sha256": assets.REGISTRY["gpt2.tiktoken"].sha256},
         "package_version": __version__,
         "shards": [],
