@@ -11,4 +11,4 @@ $B bench train --size small --mode bf16,compile-bf16,eager --baseline reference 
 $B bench train --size 124m --mode bf16,eager --baseline reference --repeats 3 --json "$OUT/train_124m.json"
 $B bench generate --size small --repeats 3 --json "$OUT/generate.json"
 $B bench hellaswag --size small --repeats 3 --json "$OUT/hellaswag.json"
-$B bench prepare --repeats 5 --json "$OUT/prepare.json"
+$B bench prepare --repeats 9 --json "$OUT/prepare.json"

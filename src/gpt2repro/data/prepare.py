@@ -5,11 +5,12 @@ first `val_tokens` form the `val` split (shard 0, as in the original), the rest 
 
 The input is cut into units (byte ranges of a jsonl file, parquet row groups, text files; batches of
 documents where this process has to read them: gzip, the hub stream) that worker processes read,
-parse and encode by themselves, so the main process only copies tokens into shards and writes them.
+parse and encode by themselves, so the main process only appends their tokens to the shard file
+being written.
 After every shard the manifest records where the next one starts (the unit, documents into it and
 tokens into that document), so an interrupted run resumes from its last complete shard and writes
 exactly the shards an uninterrupted run would. Memory stays bounded: a few units are in flight, and
-only one shard buffer is held.
+shards go to disk as they fill.
 """
 
 from __future__ import annotations
