@@ -18,7 +18,7 @@ from gpt2repro.checkpoint import load_model
 from gpt2repro.config import train_config
 from gpt2repro.data.prepare import prepare
 from gpt2repro.hf import export_hf
-from gpt2repro.plot import plot_run
+from gpt2repro.plot import plot_run, read_metrics
 from gpt2repro.train import train
 
 
@@ -59,9 +59,11 @@ def main() -> None:
     export_hf(load_model(out / "run"), hf_dir)
 
     print("== 5/5 done")
+    metrics = read_metrics(out / "run")  # also right when this run only resumed a finished one
+    val, hs = metrics.get("val", [{}])[-1], metrics.get("hellaswag", [{}])[-1]
     print(
-        f"   steps trained: {summary['step']}  last val loss: {summary.get('val_loss', float('nan')):.4f}  "
-        f"HellaSwag acc_norm (first 500): {summary.get('hellaswag_acc_norm', float('nan')):.4f}"
+        f"   steps trained: {summary['step']}  last val loss: {val.get('loss', float('nan')):.4f}  "
+        f"HellaSwag acc_norm (first 500): {hs.get('acc_norm', float('nan')):.4f}"
     )
     print(f"   run (config, checkpoints, metrics.jsonl, samples.txt): {out / 'run'}")
     print(f"   plot: {png}")

@@ -121,3 +121,8 @@ def test_demo_script_end_to_end(tmp_path):
     assert (tmp_path / "run" / "curves.png").is_file()
     assert (tmp_path / "hf" / "model.safetensors").is_file()
     assert "Hello, I'm a language model," in (tmp_path / "run" / "samples.txt").read_text()
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)  # a finished demo
+    assert again.returncode == 0 and "already complete" in again.stdout
+    summary = [line for line in result.stdout.splitlines() if "last val loss" in line]
+    assert summary and "nan" not in summary[0]
+    assert summary == [line for line in again.stdout.splitlines() if "last val loss" in line]
