@@ -10,7 +10,7 @@ import pytest
 from conftest import shared_file
 from gpt2repro.data import prepare as prep
 from gpt2repro.data.loader import DataLoader
-from gpt2repro.data.shards import HEADER_BYTES, ShardError, find_shards, read_shard, write_shard
+from gpt2repro.data.shards import HEADER_BYTES, ShardError, ShardWriter, find_shards, read_shard, write_shard
 
 
 def fineweb_rows(n: int) -> list[dict]:
@@ -62,7 +62,7 @@ def test_jsonl_units_cover_the_file_and_shrink_at_its_end(monkeypatch, size):
     bounds = prep._jsonl_bounds(size)
     assert bounds[0] == 0 and bounds[-1] == size and bounds == sorted(set(bounds))
     sizes = np.diff(bounds)
-    assert all(sizes[: -4] == 997) and sum(sizes) == size
+    assert all(sizes[:-4] == 997) and sum(sizes) == size
     if size >= 8:  # the last full-size unit is cut into about 1/2, 1/4, 1/8, 1/8 of itself
         last = size - (size - 1) // 997 * 997
         assert len(sizes) == -(-size // 997) + 3 and sum(sizes[-4:]) == last
@@ -113,7 +113,7 @@ def test_interrupted_then_resumed_is_byte_identical(tmp_path, enc, monkeypatch, 
     (tmp_path / "resumed" / ".train_000004.bin.x1y2.tmp").write_bytes(b"as a kill -9 leaves it")
     monkeypatch.setattr(prep.ShardWriter, "commit", real_commit)
     monkeypatch.setattr(prep, "UNIT_BYTES", unit_bytes + 1)  # another version cutting other units
-    with pytest.raises(prep.PrepareError, match="units of another size"):
+    with pytest.raises(prep.PrepareError, match="cut into units another way"):
         prep.prepare([str(src)], tmp_path / "resumed", shard_tokens=3000, val_tokens=1000, progress=False)
     monkeypatch.setattr(prep, "UNIT_BYTES", unit_bytes)
     resumed = prep.prepare(
@@ -187,13 +187,17 @@ def test_workers_leave_no_scratch_or_temporary_files(tmp_path, enc, monkeypatch)
     rows = fineweb_rows(300)
     src = write_jsonl(tmp_path / "d.jsonl", rows)
     full = prep.prepare([str(src)], tmp_path / "full", shard_tokens=1000, workers=2, progress=False)
-    m = prep.prepare([str(src)], tmp_path / "o", shard_tokens=1000, max_tokens=2500, workers=2, progress=False)
+    m = prep.prepare(
+        [str(src)], tmp_path / "o", shard_tokens=1000, max_tokens=2500, workers=2, progress=False
+    )
     assert m["total_tokens"] == 2500 and full["total_tokens"] > 10 * 2500
     lines = src.read_text().splitlines()
     lines[250] = "{not json"
     (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(prep.PrepareError, match=r"bad.jsonl:251: not valid JSON"):
-        prep.prepare([str(tmp_path / "bad.jsonl")], tmp_path / "bad", shard_tokens=1000, workers=2, progress=False)
+        prep.prepare(
+            [str(tmp_path / "bad.jsonl")], tmp_path / "bad", shard_tokens=1000, workers=2, progress=False
+        )
     assert not list((tmp_path / "scratch").iterdir())
     assert not [p for d in ("full", "o", "bad") for p in (tmp_path / d).iterdir() if p.suffix == ".tmp"]
 
@@ -279,6 +283,23 @@ def test_shard_format_is_llm_c(tmp_path):
     header = np.frombuffer(raw[:HEADER_BYTES], dtype="<i4")
     assert list(header[:3]) == [20240520, 1, 4] and not header[3:].any()
     assert np.frombuffer(raw[HEADER_BYTES:], dtype="<u2").tolist() == tokens.tolist()
+
+
+def test_shard_writer_streams_and_exposes_only_complete_shards(tmp_path):
+    path = write_shard(tmp_path / "train_000000.bin", np.arange(10))
+    before = path.read_bytes()
+    writer = ShardWriter(path)
+    writer.write(np.arange(5, dtype=np.uint16))
+    writer.write(np.array([65535, 0]))
+    assert path.read_bytes() == before  # nothing visible before commit
+    with pytest.raises(ShardError, match="must be in"):
+        writer.write(np.array([70000]))
+    writer.commit()
+    assert np.asarray(read_shard(path)).tolist() == [0, 1, 2, 3, 4, 65535, 0]
+    with pytest.raises(ShardError, match="must be in"):
+        write_shard(path, np.array([1, -1]))
+    assert np.asarray(read_shard(path)).tolist() == [0, 1, 2, 3, 4, 65535, 0]
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
 
 
 def test_npy_shards_from_build_nanogpt_load(tmp_path):

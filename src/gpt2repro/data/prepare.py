@@ -260,7 +260,8 @@ def prepare(
     manifest = {
         "source": FINEWEB_EDU if remote else "local",
         "args": args,
-        "units": {"jsonl_bytes": UNIT_BYTES, "jsonl_tail": "1/2,1/4,1/8,1/8", "batch_docs": BATCH_DOCS},  # resume points count these
+        # how the input is cut into units: the resume point counts them
+        "units": {"jsonl_bytes": UNIT_BYTES, "jsonl_tail": "1/2,1/4,1/8,1/8", "batch_docs": BATCH_DOCS},
         "tokenizer": {"name": "gpt2", "sha256": assets.REGISTRY["gpt2.tiktoken"].sha256},
         "package_version": __version__,
         "shards": [],
@@ -277,7 +278,7 @@ def prepare(
             )
         if not previous.get("complete") and previous.get("units") != manifest["units"]:
             raise PrepareError(
-                f"{out} was cut into units of another size ({previous.get('units')}, this version: "
+                f"{out} was cut into units another way ({previous.get('units')}; this version: "
                 f"{manifest['units']}), so its resume point means nothing here; use a new --out"
             )
         if previous.get("complete"):
@@ -286,8 +287,9 @@ def prepare(
             )
             return previous
         manifest = previous
-        for stale in [*out.glob("*.bin"), *out.glob(".*.tmp")]:  # written after the last manifest update:
-            if stale.name not in {s["file"] for s in manifest["shards"]}:  # redone
+        # shards and temporary files written after the last manifest update are redone
+        for stale in [*out.glob("*.bin"), *out.glob(".*.tmp")]:
+            if stale.name not in {s["file"] for s in manifest["shards"]}:
                 stale.unlink()
 
     nxt = manifest["next"]
@@ -309,6 +311,9 @@ def prepare(
         """Size of the shard being filled: val shards end exactly at val_tokens; max_tokens caps all."""
         size = min(shard_tokens, val_tokens - written) if written < val_tokens else shard_tokens
         return min(size, max_tokens - written) if max_tokens else size
+
+    def split() -> str:
+        return "val" if written < val_tokens else "train"
 
     def flush(next_doc: int, next_offset: int, unit: Unit | None = None, skip: int = 0) -> None:
         """Commit the shard; the next one starts `next_offset` tokens into document `next_doc`, which
@@ -332,9 +337,6 @@ def prepare(
             complete=unit is None,
         )
         atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
-
-    def split() -> str:
-        return "val" if written < val_tokens else "train"
 
     doc = start_doc  # index of the first document of the current batch
     pos = start_offset  # tokens of that document already in earlier shards
