@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 import tempfile
 
 import numpy as np
@@ -300,6 +301,9 @@ def test_shard_writer_streams_and_exposes_only_complete_shards(tmp_path):
         write_shard(path, np.array([1, -1]))
     assert np.asarray(read_shard(path)).tolist() == [0, 1, 2, 3, 4, 65535, 0]
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any file, not mkstemp's 0600
 
 
 def test_npy_shards_from_build_nanogpt_load(tmp_path):

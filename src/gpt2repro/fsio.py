@@ -5,7 +5,7 @@ disk at any point leaves either the old file or the new one, never a torn one.""
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -27,8 +27,10 @@ class AtomicFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self.file: BinaryIO = os.fdopen(fd, "wb")
+        self.tmp = self.path.parent / f".{self.path.name}.{secrets.token_hex(6)}.tmp"
+        # not mkstemp: its files are private (0600); this one gets the usual 0666 & ~umask, so a
+        # shared data set or checkpoint is readable like any other file
+        self.file: BinaryIO = os.fdopen(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
 
     def commit(self) -> Path:
         try:
@@ -44,7 +46,7 @@ class AtomicFile:
 
     def discard(self) -> None:
         self.file.close()
-        Path(self.tmp).unlink(missing_ok=True)
+        self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> AtomicFile:
         return self
