@@ -44,6 +44,7 @@ FINEWEB_TOKENS = {
 }
 BATCH_DOCS = 256  # documents per unit where the main process reads them (gzip, hub stream)
 UNIT_BYTES = 1 << 20  # bytes per unit of a plain jsonl file (~250k tokens)
+TAIL_EIGHTHS = (4, 6, 7)  # cuts of a jsonl file's last unit, in eighths of it: 1/2, 1/4, 1/8, 1/8
 
 
 class PrepareError(RuntimeError):
@@ -72,6 +73,11 @@ class Unit(NamedTuple):
     data: tuple = ()  # jsonl: (start, end) bytes; lines: (line numbers, lines); texts: (texts,)
 
 
+def _batched(items: Iterator) -> Iterator[list]:
+    """Lists of BATCH_DOCS consecutive items (the last one shorter): units of a stream this process reads."""
+    return iter(lambda: list(itertools.islice(items, BATCH_DOCS)), [])
+
+
 def _parse_json(line: bytes | str, path: str, lineno: int | Callable[[], int], field: str) -> str:
     """`lineno` is a number or a function computing it: only needed for the error message."""
     try:
@@ -87,11 +93,11 @@ def _parse_json(line: bytes | str, path: str, lineno: int | Callable[[], int], f
 
 def _jsonl_bounds(size: int) -> list[int]:
     """Byte offsets cutting a jsonl file of `size` bytes into units: UNIT_BYTES each, except that the
-    last one is cut into 1/2, 1/4, 1/8, 1/8 of itself, so the workers finish a file (and the run)
-    together rather than one of them finishing its last full unit alone."""
+    last one is cut at TAIL_EIGHTHS, so the workers finish a file (and the run) together rather than
+    one of them finishing its last full unit alone."""
     bounds = list(range(0, size, UNIT_BYTES))
     last = bounds[-1] if bounds else 0
-    bounds += [last + (size - last) * k // 8 for k in (4, 6, 7) if (size - last) * k // 8 > 0]
+    bounds += [last + (size - last) * k // 8 for k in TAIL_EIGHTHS if (size - last) * k // 8 > 0]
     return sorted(set(bounds)) + [size]
 
 
@@ -138,7 +144,7 @@ def _file_units(path: Path, file: int, field: str, start_part: int) -> Iterator[
     if name.endswith((".jsonl.gz", ".json.gz")):  # no seeking in gzip: this process reads the lines
         with gzip.open(path, "rt", encoding="utf-8") as f:
             numbered = ((n, line) for n, line in enumerate(f, 1) if line.strip())
-            for part, batch in enumerate(iter(lambda: list(itertools.islice(numbered, BATCH_DOCS)), [])):
+            for part, batch in enumerate(_batched(numbered)):
                 if part >= start_part:
                     yield Unit("lines", str(path), file, part, tuple(zip(*batch)))
     elif name.endswith((".jsonl", ".json")):
@@ -261,7 +267,11 @@ def prepare(
         "source": FINEWEB_EDU if remote else "local",
         "args": args,
         # how the input is cut into units: the resume point counts them
-        "units": {"jsonl_bytes": UNIT_BYTES, "jsonl_tail": "1/2,1/4,1/8,1/8", "batch_docs": BATCH_DOCS},
+        "units": {
+            "jsonl_bytes": UNIT_BYTES,
+            "jsonl_tail_eighths": list(TAIL_EIGHTHS),
+            "batch_docs": BATCH_DOCS,
+        },
         "tokenizer": {"name": "gpt2", "sha256": assets.REGISTRY["gpt2.tiktoken"].sha256},
         "package_version": __version__,
         "shards": [],
@@ -297,8 +307,7 @@ def prepare(
     written = manifest["total_tokens"]
     if remote:  # the hub stream is resumed by document count; its batches are units
         texts = iter_fineweb(name, revision, text_field, skip=start_doc)
-        batches = iter(lambda: list(itertools.islice(texts, BATCH_DOCS)), [])
-        units: Iterator[Unit] = (Unit("texts", "", 0, k, (b,)) for k, b in enumerate(batches))
+        units: Iterator[Unit] = (Unit("texts", "", 0, k, (b,)) for k, b in enumerate(_batched(texts)))
         start_skip = 0
     else:
         units = local_units(paths, text_field, (nxt.get("file", 0), nxt.get("part", 0)))
