@@ -359,13 +359,16 @@ def bench_hellaswag(size: str, repeats: int, n_examples: int = 200) -> list[dict
     def original(dtype: str) -> list[int]:
         return hellaswag_one_at_a_time(model, examples, dtype)
 
-    reference = original("fp32")
-    if ours("fp32") != reference:
+    methods = (("batched", ours, repeats), ("one-at-a-time", original, max(1, repeats // 2)))
+    dtypes = ("fp32", "bf16")
+    preds = {(method, d): run(d) for method, run, _ in methods for d in dtypes}  # also the warm-up runs
+    reference = preds["one-at-a-time", "fp32"]
+    if preds["batched", "fp32"] != reference:
         raise RuntimeError("batched and one-at-a-time HellaSwag predictions differ")
     rows = []
-    for method, run, runs in (("batched", ours, repeats), ("one-at-a-time", original, max(1, repeats // 2))):
-        for dtype in ("fp32", "bf16"):
-            agree = sum(a == b for a, b in zip(run(dtype), reference)) / n_examples
+    for method, run, runs in methods:
+        for dtype in dtypes:
+            agree = sum(a == b for a, b in zip(preds[method, dtype], reference)) / n_examples
             t = _median_time(lambda r=run, d=dtype: r(d), runs, warmup=0)
             rows.append(
                 {
