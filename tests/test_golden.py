@@ -1,0 +1,77 @@
+"""Refactors change no loss: fixed-seed CPU runs (fp32, no compile) must take exactly the steps
+recorded in golden_losses.json, which was written by the code before the `Trainer` refactor.
+
+A change that is meant to change training regenerates the file on purpose:
+GPT2REPRO_WRITE_GOLDEN=1 pytest tests/test_golden.py (and says so in its commit)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from gpt2repro.config import train_config
+from gpt2repro.train import train
+
+GOLDEN = ROOT / "tests" / "golden_losses.json"
+COMMON = [
+    "max_steps=12",
+    "dtype=fp32",
+    "compile=false",
+    "val_every=0",
+    "hellaswag_every=0",
+    "sample_every=0",
+    "ckpt_every=0",
+    "log_every=0",
+]
+RUNS = {
+    "cpu-tiny-unshuffled": COMMON + ["shuffle=false"],
+    "cpu-tiny-shuffled": COMMON + ["shuffle=true"],
+}
+TWO_RANKS = "cpu-tiny-shuffled-2-ranks-gloo"
+
+
+def _losses(run_dir) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in sorted((r for r in rows if r["event"] == "train"), key=lambda r: r["step"])]
+
+
+def _two_ranks(data_dir, out) -> list[float]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "gpt2repro"]
+    cmd += [
+        "train",
+        "--preset",
+        "cpu-tiny",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(out),
+        *RUNS["cpu-tiny-shuffled"],
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return _losses(out)
+
+
+def _all_runs(data_dir, tmp_path) -> dict[str, list[float]]:
+    got = {}
+    for name, overrides in RUNS.items():
+        train(train_config("cpu-tiny", overrides), data_dir, tmp_path / name)
+        got[name] = _losses(tmp_path / name)
+    got[TWO_RANKS] = _two_ranks(data_dir, tmp_path / TWO_RANKS)
+    return got
+
+
+@pytest.mark.slow
+def test_losses_are_bit_identical_to_the_golden_file(data_dir, tmp_path):
+    got = _all_runs(data_dir, tmp_path)
+    if os.environ.get("GPT2REPRO_WRITE_GOLDEN") == "1":
+        GOLDEN.write_text(json.dumps(got, indent=1) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    assert set(got) == set(golden)
+    for name in golden:
+        assert len(got[name]) == 12
+        assert got[name] == golden[name], name  # exactly equal floats, step by step
