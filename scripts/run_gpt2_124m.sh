@@ -12,7 +12,9 @@ gpt2repro prepare --source fineweb-edu --name sample-10BT --out "$DATA"
 # 2. 19,073 steps of 524,288 tokens; grad accumulation is 8/NGPU; checkpoints every 5,000 steps
 torchrun --standalone --nproc_per_node="$NGPU" -m gpt2repro train --preset gpt2-124m-10B --data "$DATA" --out "$RUN"
 #    4 epochs with reshuffling (the run that approaches GPT-3 124M): --preset gpt2-124m-40B
-#    several nodes: torchrun --nnodes=N --node_rank=R --rdzv_endpoint=HOST:PORT --nproc_per_node=8 ...
+#    several nodes (run on each, R = 0..N-1; HOST = node 0): see also scripts/slurm_gpt2_124m.sbatch
+#    torchrun --nnodes=N --node_rank=R --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
+#      --rdzv_id=gpt2-124m -m gpt2repro train --preset gpt2-124m-10B --data "$DATA" --out "$RUN"
 
 # 3. evaluate, sample, plot, export
 gpt2repro eval hellaswag --checkpoint "$RUN" --style both --json "$RUN/hellaswag.json"

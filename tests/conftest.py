@@ -24,6 +24,12 @@ def shared_file(name: str) -> Path:
     return path
 
 
+def current_umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Each test gets its own asset cache, so nothing leaks into ~/.cache or between tests."""

@@ -1,5 +1,6 @@
 """Preparation (round trip, workers, resume, sources) and the loader (ranks, resume, shuffling, errors)."""
 
+import contextlib
 import gzip
 import json
 import os
@@ -8,7 +9,7 @@ import tempfile
 import numpy as np
 import pytest
 
-from conftest import shared_file
+from conftest import current_umask, shared_file
 from gpt2repro.data import prepare as prep
 from gpt2repro.data.loader import DataLoader
 from gpt2repro.data.shards import HEADER_BYTES, ShardError, ShardWriter, find_shards, read_shard, write_shard
@@ -81,7 +82,7 @@ def test_round_trip_equals_tiktoken_with_eot(tmp_path, enc, unit_bytes):
     assert [s["split"] for s in m["shards"][:2]] == ["val", "train"]
     assert m["shards"][0]["tokens"] == 700 and m["shards"][1]["tokens"] == 1000
     assert m["shards"][0]["file"] == "val_000000.bin" and m["shards"][1]["file"] == "train_000001.bin"
-    from gpt2repro.assets import sha256_file
+    from gpt2repro.fsio import sha256_file
 
     assert all(sha256_file(tmp_path / "out" / s["file"]) == s["sha256"] for s in m["shards"])
 
@@ -93,26 +94,33 @@ def test_one_and_two_workers_give_identical_shards(tmp_path, enc, unit_bytes):
     assert [s["sha256"] for s in m1["shards"]] == [s["sha256"] for s in m2["shards"]]
 
 
-def test_interrupted_then_resumed_is_byte_identical(tmp_path, enc, monkeypatch, unit_bytes):
-    src = write_jsonl(tmp_path / "docs.jsonl", fineweb_rows(300))
-    full = prep.prepare([str(src)], tmp_path / "full", shard_tokens=3000, val_tokens=1000, progress=False)
+@contextlib.contextmanager
+def crash_on_commit(n: int, torn: bool = False):
+    """Inside: the n-th shard commit dies as a kill would (leaving a torn file if `torn`)."""
     real_commit, calls = prep.ShardWriter.commit, {"n": 0}
 
     def crashing_commit(self):
         calls["n"] += 1
-        if calls["n"] == 4:  # die while committing shard 3: its temporary file and a torn one are left behind
-            self.out.path.write_bytes(b"torn")
+        if calls["n"] == n:
+            if torn:
+                self.out.path.write_bytes(b"torn")
             raise KeyboardInterrupt
         return real_commit(self)
 
-    monkeypatch.setattr(prep.ShardWriter, "commit", crashing_commit)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(prep.ShardWriter, "commit", crashing_commit)
+        yield
+
+
+def test_interrupted_then_resumed_is_byte_identical(tmp_path, enc, monkeypatch, unit_bytes):
+    src = write_jsonl(tmp_path / "docs.jsonl", fineweb_rows(300))
+    full = prep.prepare([str(src)], tmp_path / "full", shard_tokens=3000, val_tokens=1000, progress=False)
+    with crash_on_commit(4, torn=True):  # dies committing shard 3: its temporary and a torn file left
         prep.prepare([str(src)], tmp_path / "resumed", shard_tokens=3000, val_tokens=1000, progress=False)
     partial = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
     assert len(partial["shards"]) == 3 and not partial["complete"]
     assert not list((tmp_path / "resumed").glob(".*.tmp"))  # the interrupted shard's file was removed
     (tmp_path / "resumed" / ".train_000004.bin.x1y2.tmp").write_bytes(b"as a kill -9 leaves it")
-    monkeypatch.setattr(prep.ShardWriter, "commit", real_commit)
     monkeypatch.setattr(prep, "UNIT_BYTES", unit_bytes + 1)  # another version cutting other units
     with pytest.raises(prep.PrepareError, match="cut into units another way"):
         prep.prepare([str(src)], tmp_path / "resumed", shard_tokens=3000, val_tokens=1000, progress=False)
@@ -125,6 +133,26 @@ def test_interrupted_then_resumed_is_byte_identical(tmp_path, enc, monkeypatch, 
     assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == sorted(
         p.name for p in (tmp_path / "full").iterdir()
     )
+
+
+def test_resume_refuses_an_input_that_changed_meanwhile(tmp_path, enc, monkeypatch):
+    src = write_jsonl(tmp_path / "docs.jsonl", fineweb_rows(300))
+    args = dict(shard_tokens=3000, val_tokens=1000, progress=False)
+    with crash_on_commit(3):
+        prep.prepare([str(src)], tmp_path / "out", **args)
+    manifest_before = (tmp_path / "out" / "manifest.json").read_text()
+    stat = src.stat()
+    text = src.read_text()
+    src.write_text(text.replace("a", "b", 1))  # same size, same mtime: only the content moved
+    os.utime(src, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(prep.PrepareError, match="docs.jsonl changed since the interrupted preparation"):
+        prep.prepare([str(src)], tmp_path / "out", **args)
+    assert (tmp_path / "out" / "manifest.json").read_text() == manifest_before  # nothing mixed in
+    src.write_text(text)
+    os.utime(src, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    full = prep.prepare([str(src)], tmp_path / "full", **args)
+    resumed = prep.prepare([str(src)], tmp_path / "out", **args)  # the original input back: resumes
+    assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in full["shards"]]
 
 
 @pytest.mark.parametrize("kind", ["parquet", "jsonl.gz"])
@@ -143,18 +171,8 @@ def test_units_of_parquet_row_groups_and_gzip_batches_resume_exactly(tmp_path, m
     reference = prep.prepare(
         [str(write_jsonl(tmp_path / "d.jsonl", rows))], tmp_path / "ref", shard_tokens=2500, progress=False
     )
-    real_commit, calls = prep.ShardWriter.commit, {"n": 0}
-
-    def crashing_commit(self):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_commit(self)
-
-    monkeypatch.setattr(prep.ShardWriter, "commit", crashing_commit)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_on_commit(3):
         prep.prepare([str(src)], tmp_path / "o", shard_tokens=2500, workers=2, progress=False)
-    monkeypatch.setattr(prep.ShardWriter, "commit", real_commit)
     resumed = prep.prepare([str(src)], tmp_path / "o", shard_tokens=2500, workers=2, progress=False)
     assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in reference["shards"]]
     assert resumed["documents"] == 120
@@ -301,9 +319,9 @@ def test_shard_writer_streams_and_exposes_only_complete_shards(tmp_path):
         write_shard(path, np.array([1, -1]))
     assert np.asarray(read_shard(path)).tolist() == [0, 1, 2, 3, 4, 65535, 0]
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
-    umask = os.umask(0o022)
-    os.umask(umask)
-    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any file, not mkstemp's 0600
+    assert (
+        path.stat().st_mode & 0o777 == 0o666 & ~current_umask()
+    )  # readable like any file, not mkstemp's 0600
 
 
 def test_npy_shards_from_build_nanogpt_load(tmp_path):
@@ -341,8 +359,10 @@ def test_loader_errors(tmp_path):
     write_shard(tmp_path / "train_000000.bin", np.arange(100))
     with pytest.raises(ShardError, match=r"B\*T\+1 = 201 tokens \(largest has 100\)"):
         DataLoader(tmp_path, "train", 4, 50)
-    with pytest.raises(ShardError, match="token id 99 >= vocab_size 50"):
-        DataLoader(tmp_path, "train", 2, 8, vocab_size=50)
+    loader = DataLoader(tmp_path, "train", 2, 8, vocab_size=20)  # no pass over the shards at start
+    loader.next_batch()  # tokens 0..16
+    with pytest.raises(ShardError, match=r"train_000000.bin: token id 32 >= vocab_size 20 \(tokens 16..32\)"):
+        loader.next_batch()
     with pytest.raises(ShardError, match="does not exist"):
         DataLoader(tmp_path / "nowhere", "train", 2, 8)
 
@@ -378,6 +398,38 @@ def test_ranks_are_disjoint_and_cover_the_epoch(loader_dir):
         assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1 :])
         union = set().union(*seen)
         assert union <= epoch and len(union) == 3 * ranks[0].steps_per_epoch >= len(epoch) - 2
+
+
+def _steps(loaders, steps, accum):
+    """The set of windows each optimizer step takes over all ranks."""
+    return [{w for ld in loaders for w in windows(ld, accum)} for _ in range(steps)]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_steps_take_the_same_windows_on_any_number_of_ranks(loader_dir, shuffle):
+    """4 windows per step as 1 rank x 4 micro-batches, 2 x 2 or 4 x 1; across an epoch boundary."""
+
+    def loaders(world):
+        return [
+            DataLoader(loader_dir, "train", 2, 16, r, world, shuffle, seed=3, step_windows=4)
+            for r in range(world)
+        ]
+
+    one = loaders(1)
+    n = one[0].steps_per_epoch // 4 + 3  # into the second epoch
+    reference = _steps(one, n, 4)
+    assert all(len(s) == 4 for s in reference)
+    assert _steps(loaders(2), n, 2) == reference and _steps(loaders(4), n, 1) == reference
+    # resume: 5 steps on 2 ranks, the rest on 1, then on 4
+    two = loaders(2)
+    first = _steps(two, 5, 2)
+    single = loaders(1)
+    single[0].load_state_dict(json.loads(json.dumps(two[0].state_dict())))
+    middle = _steps(single, 5, 4)
+    four = loaders(4)
+    for ld in four:
+        ld.load_state_dict(single[0].state_dict())
+    assert first + middle + _steps(four, n - 10, 1) == reference
 
 
 def test_targets_are_inputs_shifted_by_one(loader_dir):

@@ -60,18 +60,29 @@ def test_missing_keys_are_listed(hf_copy):
         load_hf(d)
 
 
-def test_checkpoint_errors(run_dir, tmp_path):
+def test_checkpoint_errors(run_dir, tmp_path, capsys):
     import shutil
 
     broken = tmp_path / "broken"
     shutil.copytree(run_dir, broken)
     good = (broken / "checkpoints" / "latest").read_text()
     (broken / "checkpoints" / "latest").write_text("step_00000099\n")
-    with pytest.raises(checkpoint.CheckpointError, match="points at step_00000099, which does not exist"):
-        checkpoint.load_model(broken)
+    assert checkpoint.load_model(broken).num_params() > 0  # falls back to the newest that verifies...
+    assert (
+        f"step_00000099: no such checkpoint directory; using {good.strip()} instead"
+        in capsys.readouterr().err
+    )
     (broken / "checkpoints" / "latest").write_text(good)
     ckpt = checkpoint.latest(broken)
     (ckpt / "optimizer.pt").write_bytes(b"\x00" * 10)
+    with pytest.raises(
+        checkpoint.CheckpointError, match="no checkpoint of .* verifies .*optimizer.pt: sha256 mismatch"
+    ):
+        checkpoint.load_model(broken)  # ...and says so when none does
+    state_file = ckpt / "state.json"  # a checkpoint of an older version, without sha256s
+    state_file.write_text(
+        json.dumps({k: v for k, v in json.loads(state_file.read_text()).items() if k != "sha256"})
+    )
     model = checkpoint.load_model(broken)
     opt = torch.optim.AdamW(model.parameters())
     with pytest.raises(checkpoint.CheckpointError, match="incomplete or corrupted checkpoint"):
@@ -84,7 +95,7 @@ def test_checkpoint_errors(run_dir, tmp_path):
 def test_prepare_argument_and_column_errors(tmp_path, enc):
     src = tmp_path / "a.txt"
     src.write_text("hello")
-    with pytest.raises(prep.PrepareError, match="--shard-tokens must be positive"):
+    with pytest.raises(prep.PrepareError, match="--shard-tokens must be at least 1, got 0"):
         prep.prepare([str(src)], tmp_path / "o", shard_tokens=0, progress=False)
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
@@ -98,7 +109,7 @@ def test_loader_rank_and_npy_errors(tmp_path):
     write_shard(tmp_path / "train_000000.bin", np.arange(40))
     with pytest.raises(ValueError, match="rank 2 is not within world_size 2"):
         DataLoader(tmp_path, "train", 1, 8, rank=2, world_size=2)
-    with pytest.raises(ShardError, match="has 4 batches, fewer than 8 ranks"):
+    with pytest.raises(ShardError, match="has 4 batches of B\\*T tokens, fewer than the 8 one step takes"):
         DataLoader(tmp_path, "train", 1, 8, rank=0, world_size=8)
     np.save(tmp_path / "x.npy", np.zeros((2, 3), dtype=np.uint16))
     with pytest.raises(ShardError, match="expected a 1-D integer array"):
@@ -106,12 +117,12 @@ def test_loader_rank_and_npy_errors(tmp_path):
 
 
 def test_config_and_device_errors():
-    with pytest.raises(ConfigError, match="model.n_layer must be positive, got 0"):
+    with pytest.raises(ConfigError, match="model.n_layer=0: expected a positive integer"):
         GPTConfig(n_layer=0).validate()
-    with pytest.raises(ConfigError, match="micro_batch_size must be positive"):
+    with pytest.raises(ConfigError, match="micro_batch_size=0: expected a positive integer"):
         train_config("cpu-tiny", ["micro_batch_size=0"])
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="device=cuda requested but CUDA is not available"):
+        with pytest.raises(ConfigError, match="device=cuda requested but CUDA is not available"):
             pick_device("cuda")
     assert pick_device("cpu").type == "cpu"
 

@@ -215,11 +215,15 @@ def test_long_rows_are_left_truncated_to_block_size(tiny_config, enc):
         (json.dumps({k: v for k, v in FIXTURE[0].items() if k != "ctx"}), "line 2: missing field"),
         (
             json.dumps(dict(FIXTURE[0], endings=["a", "b", "c"])),
-            "line 2: 'endings' must be a list of 4 strings",
+            "line 2: 'endings' must be a list of 4 non-empty strings",
         ),
         (json.dumps(dict(FIXTURE[0], label=4)), "line 2: 'label' must be an integer 0-3"),
         (json.dumps(dict(FIXTURE[0], label="1")), "line 2: 'label' must be an integer 0-3"),
         ("[1, 2]", "line 2: expected a JSON object"),
+        (
+            json.dumps(dict(FIXTURE[0], endings=["a", "b", "c", " "])),
+            "line 2: 'endings' must be a list of 4 non-empty strings",
+        ),
     ],
 )
 def test_malformed_rows_name_the_line(tmp_path, line, message):
@@ -227,6 +231,26 @@ def test_malformed_rows_name_the_line(tmp_path, line, message):
     path.write_text(json.dumps(FIXTURE[0]) + "\n" + line + "\n")
     with pytest.raises(hs.HellaSwagError, match=f"bad.jsonl:{message.replace('line ', '')}"):
         hs.load_examples(path)
+
+
+def test_empty_inputs_and_bad_counts_are_refused(tmp_path, model):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(hs.HellaSwagError, match="empty.jsonl: no examples"):
+        hs.load_examples(tmp_path / "empty.jsonl")
+    (tmp_path / "one.jsonl").write_text(json.dumps(FIXTURE[0]) + "\n")
+    for limit in (0, -1):
+        with pytest.raises(
+            hs.HellaSwagError, match=f"limit must be a positive number of examples.*got {limit}"
+        ):
+            hs.load_examples(tmp_path / "one.jsonl", limit)
+    examples = hs.load_examples(tmp_path / "one.jsonl", 5)
+    for batch_size in (0, -2):
+        with pytest.raises(
+            hs.HellaSwagError, match=f"batch size must be a positive number.*got {batch_size}"
+        ):
+            hs.evaluate(model, examples, batch_size=batch_size)
+    with pytest.raises(hs.HellaSwagError, match="no examples to evaluate"):
+        hs.evaluate(model, [])
 
 
 def test_gzip_input_and_missing_file(tmp_path):

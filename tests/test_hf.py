@@ -138,7 +138,3 @@ def test_pytorch_model_bin_loads_with_weights_only(hf_dir, tmp_path):
         torch.testing.assert_close(
             load_hf(tmp_path / "bin").eval()(idx)[0], _hf_logits(hf_dir, idx), rtol=0, atol=1e-5
         )
-
-
-def test_from_pretrained_classmethod(hf_dir):
-    assert GPT.from_pretrained(str(hf_dir)).config.n_layer == 3

@@ -151,3 +151,30 @@ def test_decode_linear_path_matches_float64(shape, bias):
     y_grad = layer(x)  # with autograd recording: the ordinary nn.Linear path
     assert y_grad.requires_grad
     torch.testing.assert_close(y_grad.detach().double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_activation_checkpointing_gives_the_same_gradients_from_less_memory(every):
+    """Recomputing blocks in backward keeps fewer activations, and changes no gradient."""
+    cfg = model_config("tiny", n_layer=3)
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 50257, (2, 32)), torch.randint(0, 50257, (2, 32))
+    grads, kept = [], []
+    for checkpoint_every in (0, every):
+        torch.manual_seed(1)
+        model = GPT(cfg)
+        model.checkpoint_every = checkpoint_every
+        saved = [0]
+
+        def pack(t, saved=saved):
+            saved[0] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _, loss = model(x, y)
+        loss.backward()
+        kept.append(saved[0])
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert kept[1] < kept[0]
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=0, atol=0)

@@ -2,11 +2,12 @@
 
 import gzip
 import hashlib
+import os
 
 import pytest
 import tiktoken
 
-from conftest import shared_file
+from conftest import current_umask, shared_file
 from gpt2repro import assets
 from gpt2repro.tokenizer import GPT2_PATTERN, get_tokenizer
 
@@ -24,7 +25,6 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def tiktoken_r50k(tmp_path_factory):
     """tiktoken's built-in r50k_base (== gpt2 ranks and regex), fed our rank file through its cache."""
-    import os
 
     rank_file = shared_file("gpt2.tiktoken")
     cache = tmp_path_factory.mktemp("tiktoken")
@@ -101,11 +101,14 @@ def test_gzip_mirror_is_decompressed_verified_and_cached(fake_asset, tmp_path, m
     monkeypatch.setenv("GPT2REPRO_ASSETS", str(mirror))
     path = assets.fetch("thing.txt")
     assert path == assets.cache_dir() / "thing.txt" and path.read_bytes() == CONTENT
+    assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask()
+    assert [p.name for p in assets.cache_dir().iterdir()] == ["thing.txt"]  # no temporary left
 
 
 def test_download_then_cache_reuse(fake_asset):
     path = assets.fetch("thing.txt")
     assert path == assets.cache_dir() / "thing.txt" and path.read_bytes() == CONTENT
+    assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # not mkstemp's private 0600
     fake_asset.unlink()  # no source any more: the cache serves it
     assert assets.fetch("thing.txt", allow_download=False) == path
 

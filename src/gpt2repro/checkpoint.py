@@ -4,10 +4,13 @@ Layout of RUN_DIR/checkpoints/step_XXXXXXXX/:
   model.safetensors  weights (our layout; the tied lm_head stored once)
   optimizer.pt       AdamW state (tensors and numbers only: loaded with weights_only=True)
   rng.pt             torch (and CUDA) RNG states
-  state.json         step, loader position, python/numpy RNG, world size, last metrics
   config.json        the resolved TrainConfig
-A checkpoint is built in a hidden temporary directory and renamed into place, so a crash or a full
-disk mid-write never touches the previous one; `latest` moves only after the rename.
+  state.json         step, loader position, python/numpy RNG, world size, last metrics, and the
+                     sha256 of each file above, verified on every load
+A checkpoint is built in a hidden temporary directory and renamed into place (`fsio.AtomicDir`), so
+a crash or a full disk mid-write never touches the previous one; `latest` moves only after the rename. When `latest` is missing or broken, the newest checkpoint
+that verifies is used instead. A checkpoint whose weights turned out to diverge is renamed
+`diverged_step_…` (kept, never resumed from).
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +39,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .config import TrainConfig
-from .fsio import atomic_write, atomic_write_text, fsync_dir
-from .model import GPT
+from .fsio import AtomicDir, atomic_write_text, fsync_dir, sha256_file
+from .model import GPT, WeightsMismatch, load_state_strict
 
 TIED = "lm_head.weight"
+CHECKSUMMED = ("model.safetensors", "optimizer.pt", "rng.pt", "config.json")
+STEP_NAME = re.compile(r"step_\d{8}")
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
@@ -89,52 +97,127 @@ def save(
     """Write checkpoint `step` (rank 0 only), point `latest` at it, prune older ones beyond keep_last."""
     final = step_dir(run_dir, step)
     root = final.parent
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        weights = {k: v.contiguous() for k, v in model_state.items() if k != TIED}
-        atomic_write(
-            tmp / "model.safetensors",
-            lambda f: f.write(safetensors_bytes(weights, metadata={"format": "pt"})),
-        )
-        atomic_write(tmp / "optimizer.pt", lambda f: torch.save(optim_state, f))
-        tensors, plain = rng_state()
-        atomic_write(tmp / "rng.pt", lambda f: torch.save(tensors, f))
-        atomic_write_text(tmp / "state.json", json.dumps({**state, "step": step, "rng": plain}))
-        atomic_write_text(tmp / "config.json", config.to_json())
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    weights = {k: v.contiguous() for k, v in model_state.items() if k != TIED}
+    tensors, plain = rng_state()
+    # re-saving the same step (e.g. after a resume) replaces it whole
+    with AtomicDir(final, replace=True) as tmp:
+        (tmp / "model.safetensors").write_bytes(safetensors_bytes(weights, metadata={"format": "pt"}))
+        torch.save(optim_state, tmp / "optimizer.pt")
+        torch.save(tensors, tmp / "rng.pt")
+        (tmp / "config.json").write_text(config.to_json())
+        sums = {name: sha256_file(tmp / name) for name in CHECKSUMMED}
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": plain, "sha256": sums}))
     atomic_write_text(root / "latest", final.name + "\n")
-    for old in sorted(root.glob("step_*"))[:-keep_last]:
+    for old in all_steps(run_dir)[:-keep_last]:
         shutil.rmtree(old)
     return final
 
 
-def latest(run_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint `latest` points at, or None when the run has none yet."""
-    pointer = Path(run_dir) / "checkpoints" / "latest"
+def all_steps(run_dir: str | os.PathLike) -> list[Path]:
+    """The run's checkpoint directories, oldest first."""
+    return sorted((Path(run_dir) / "checkpoints").glob("step_*"))
+
+
+def _pointer_target(root: Path) -> Path | None:
+    """Where `latest` points, if it names a step directory of this run (never outside it)."""
+    pointer = root / "latest"
     if not pointer.is_file():
         return None
-    path = pointer.parent / pointer.read_text().strip()
-    if not path.is_dir():
-        raise CheckpointError(f"{pointer} points at {path.name}, which does not exist")
-    return path
+    name = pointer.read_text().strip()
+    if not STEP_NAME.fullmatch(name):
+        raise CheckpointError(f"{pointer} names {name!r}, not a step_NNNNNNNN directory of this run")
+    return root / name
+
+
+def latest(run_dir: str | os.PathLike, log: Callable[[str], None] = print) -> Path | None:
+    """The checkpoint to resume from (see `latest_verified`)."""
+    found = latest_verified(run_dir, log)
+    return found[0] if found else None
+
+
+def latest_verified(
+    run_dir: str | os.PathLike, log: Callable[[str], None] = print
+) -> tuple[Path, dict] | None:
+    """The checkpoint to resume from and its verified state.json: the one `latest` points at if it
+    verifies, else the newest that does (saying so through `log`); None when there is none yet."""
+    root = Path(run_dir) / "checkpoints"
+    pointed = _pointer_target(root)
+    candidates = all_steps(run_dir)[::-1]
+    if pointed is not None:
+        candidates = [pointed] + [c for c in candidates if c != pointed]
+    problems = []
+    for ckpt in candidates:
+        try:
+            state = verify(ckpt)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            log(f"[gpt2repro] warning: {'; '.join(problems)}; using {ckpt.name} instead")
+        return ckpt, state
+    if problems:
+        raise CheckpointError(f"no checkpoint of {run_dir} verifies ({'; '.join(problems)})")
+    return None
+
+
+def verify(ckpt: Path) -> dict:
+    """state.json of a complete checkpoint whose files match their recorded sha256s."""
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt}: no such checkpoint directory")
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{ckpt / 'state.json'}: unreadable ({str(e).splitlines()[0]})") from None
+    for name, expected in state.get("sha256", {}).items():  # absent in checkpoints of older versions
+        path = ckpt / name
+        if not path.is_file() or sha256_file(path) != expected:
+            raise CheckpointError(
+                f"{path}: {'missing' if not path.is_file() else 'sha256 mismatch'} (corrupted checkpoint)"
+            )
+    return state
+
+
+def verify_run(run_dir: str | os.PathLike) -> tuple[int, list[str]]:
+    """(checkpoints checked, problems found) over every checkpoint of a run."""
+    steps = all_steps(run_dir)
+    problems = []
+    for ckpt in steps:
+        try:
+            verify(ckpt)
+        except CheckpointError as e:
+            problems.append(str(e))
+    return len(steps), problems
+
+
+def quarantine(run_dir: str | os.PathLike, step: int) -> Path | None:
+    """Rename checkpoint `step` to `diverged_step_…` (its weights made the loss blow up) and point
+    `latest` at the newest remaining one; returns that one (None if none is left)."""
+    bad = step_dir(run_dir, step)
+    root = bad.parent
+    if bad.is_dir():
+        os.replace(bad, root / f"diverged_{bad.name}")
+        fsync_dir(root)
+    remaining = all_steps(run_dir)
+    if remaining:
+        atomic_write_text(root / "latest", remaining[-1].name + "\n")
+    else:
+        (root / "latest").unlink(missing_ok=True)
+    return remaining[-1] if remaining else None
 
 
 def resolve(path: str | os.PathLike) -> Path:
-    """A checkpoint directory from a run directory, its checkpoints/ folder or the step directory itself."""
+    """A verified checkpoint directory from a run directory, its checkpoints/ folder or the step
+    directory itself."""
     path = Path(path)
     if (path / "model.safetensors").is_file():
+        verify(path)
         return path
     run_dir = path.parent if path.name == "checkpoints" else path
-    found = latest(run_dir) if (run_dir / "checkpoints").is_dir() else None
+    found = (
+        latest(run_dir, log=lambda m: print(m, file=sys.stderr))
+        if (run_dir / "checkpoints").is_dir()
+        else None
+    )
     if found is not None:
         return found
     raise CheckpointError(
@@ -160,18 +243,22 @@ def read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> GPT:
     """A GPT with the weights of a checkpoint (run dir or step dir), for eval, sampling and export."""
-    from .hf import load_state_strict
-
     ckpt = resolve(path)
     model = GPT(read_config(ckpt).model)
-    load_state_strict(model, read_weights(ckpt), source=str(ckpt))
+    try:
+        load_state_strict(model, read_weights(ckpt))
+    except WeightsMismatch as e:
+        raise CheckpointError(f"{ckpt}: weights do not fit the model ({e})") from None
     return model.to(device)
 
 
-def load_training(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model, optimizer and RNG in place (all ranks); returns state.json's contents."""
+def load_training(
+    ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict | None = None
+) -> dict:
+    """Restore model, optimizer and RNG in place (all ranks); returns state.json's contents.
+    `state`: what `verify` (or `latest_verified`) already returned, so the files are hashed once."""
+    state = state if state is not None else verify(ckpt)
     try:
-        state = json.loads((ckpt / "state.json").read_text())
         optim_state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
         tensors = torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=True)
     except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:

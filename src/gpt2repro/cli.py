@@ -5,25 +5,31 @@ Every known kind of bad input ends in one line on stderr, `gpt2repro: error: ...
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from .assets import AssetError
+from .bench.runners import BenchError
 from .checkpoint import CheckpointError
 from .config import TRAIN_PRESETS, ConfigError
 from .data.prepare import PrepareError
 from .data.shards import ShardError
 from .evals.hellaswag import HellaSwagError
+from .generate import GenerateError
 from .hf import HFError
+from .plot import PlotError
+from .precision import DTYPES
 from .train import TrainingError
 
 USER_ERRORS = (
     AssetError,
+    BenchError,
     CheckpointError,
     ConfigError,
+    GenerateError,
     HFError,
     HellaSwagError,
+    PlotError,
     PrepareError,
     ShardError,
     TrainingError,
@@ -78,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="directory of train_*/val_* shards")
     p.add_argument("--out", required=True, help="run directory (config, checkpoints, metrics)")
     p.add_argument(
-        "--resume", action="store_true", help="continue from the latest checkpoint (same as resume=auto)"
+        "--resume",
+        action="store_true",
+        help="require a checkpoint to continue from (resume=require); by default a run resumes if it can",
     )
     p.add_argument(
         "overrides", nargs="*", help="key=value config overrides, e.g. max_steps=100 model.n_layer=4"
@@ -93,10 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument(
-        "--dtype",
-        choices=("fp32", "bf16"),
+        "--weight-dtype",
+        choices=tuple(DTYPES),
         default="fp32",
-        help="bf16 weights: faster decoding on GPUs and for batches (on CPU at n=1, fp32 is as fast)",
+        help="cast the weights themselves (faster decoding on GPUs and for batches)",
     )
 
     p = sub.add_parser("export", help="export a checkpoint to a Hugging Face transformers directory")
@@ -113,7 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--style", choices=("completion", "harness", "both"), default="completion")
     h.add_argument("--limit", type=int, default=None)
     h.add_argument("--batch-size", type=int, default=32, help="examples per forward pass")
-    h.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    h.add_argument(
+        "--autocast-dtype",
+        choices=tuple(DTYPES),
+        default="fp32",
+        help="autocast for the forward passes; weights stay fp32",
+    )
     h.add_argument("--json", dest="json_out", default=None, help="write the results here")
     h.add_argument("--predictions", default=None, help="write per-example predictions (jsonl) here")
     h.add_argument("--verbose", action="store_true", help="print a few worked examples")
@@ -129,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default="none", choices=("none", "reference", "hf", "all"))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", dest="json_out", default=None)
+
+    p = sub.add_parser(
+        "verify", help="check a data directory's shards or a run's checkpoints against their sha256s"
+    )
+    p.add_argument(
+        "path", help="a directory made by `prepare` (manifest.json) or a run directory (checkpoints/)"
+    )
 
     sub.add_parser("presets", help="list training presets")
     return parser
@@ -157,20 +177,17 @@ def cmd_train(args) -> None:
     from .config import train_config
     from .train import train
 
-    cfg = train_config(args.preset, args.overrides + (["resume=auto"] if args.resume else []))
+    cfg = train_config(args.preset, args.overrides + (["resume=require"] if args.resume else []))
     train(cfg, args.data, args.out)
 
 
 def cmd_sample(args) -> None:
-    import torch
-
     from .distributed import pick_device
     from .generate import sample_text
+    from .precision import torch_dtype
 
     device = pick_device(args.device)
-    model = _load(args, device)
-    if args.dtype == "bf16":
-        model = model.to(torch.bfloat16)
+    model = _load(args, device).to(torch_dtype(args.weight_dtype))
     for text in sample_text(
         model, args.prompt, args.n, args.max_new_tokens, args.temperature, args.top_k, args.seed
     ):
@@ -187,46 +204,24 @@ def cmd_export(args) -> None:
 
 def cmd_eval(args) -> None:
     from .distributed import setup, teardown
-    from .evals import hellaswag
+    from .evals import hellaswag, report
 
     info = setup(args.device)
     try:
+        report.check_output_paths(args.json_out, args.predictions)
         model = _load(args, info.device)
         examples = hellaswag.load_examples(args.data, args.limit)
-        styles = hellaswag.STYLES if args.style == "both" else (args.style,)
-        results, details = {}, {}
-        for style in styles:
-            details[style] = []
-            results[style] = hellaswag.evaluate(
-                model,
-                examples,
-                style,
-                info.device,
-                info.rank,
-                info.world_size,
-                args.batch_size,
-                args.dtype,
-                details=details[style],
-            )
-        if not info.is_main:
-            return
-        for style, r in results.items():
-            print(f"hellaswag [{style}] n={r['n']} acc={r['acc']:.4f} acc_norm={r['acc_norm']:.4f}")
-        if args.verbose:
-            for d in details[styles[0]][:3]:
-                ex = examples[d["index"]]
-                print(
-                    f"\n--- example {d['index']} (label {d['label']}, predicted {d['pred_norm']}) ---\nctx: {ex['ctx']}"
-                )
-                for i, end in enumerate(ex["endings"]):
-                    print(f"  {i} logprob={d['logprob_sums'][i]:.4f} norm={d['norm_scores'][i]:.4f}  {end}")
-        if args.json_out:
-            Path(args.json_out).write_text(json.dumps(results, indent=2))
-        if args.predictions:
-            with open(args.predictions, "w") as f:
-                for style in styles:
-                    for d in sorted(details[style], key=lambda d: d["index"]):
-                        f.write(json.dumps({"style": style, **d}) + "\n")
+        report.run_hellaswag(
+            model,
+            examples,
+            args.style,
+            info,
+            args.batch_size,
+            args.autocast_dtype,
+            args.verbose,
+            args.json_out,
+            args.predictions,
+        )
     finally:
         teardown()
 
@@ -238,9 +233,31 @@ def cmd_plot(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from . import bench
+    from .bench.runners import run
 
-    bench.run(args)
+    run(args.what, args.size, args.mode, args.baseline, args.repeats, args.json_out)
+
+
+def cmd_verify(args) -> None:
+    from . import checkpoint
+    from .data.shards import verify_shards
+
+    path = Path(args.path)
+    if (path / "manifest.json").is_file():
+        checked, problems = verify_shards(path)
+        what = f"{checked} shards"
+    elif (path / "checkpoints").is_dir():
+        checked, problems = checkpoint.verify_run(path)
+        what = f"{checked} checkpoints"
+    else:
+        raise ShardError(
+            f"{path}: neither a prepared data directory (manifest.json) nor a run directory (checkpoints/)"
+        )
+    for problem in problems:
+        print(problem)
+    if problems:
+        raise ShardError(f"{path}: {len(problems)} of {what} failed verification (listed above)")
+    print(f"{path}: {what} verified")
 
 
 def cmd_presets(args) -> None:
@@ -263,6 +280,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "plot": cmd_plot,
     "bench": cmd_bench,
+    "verify": cmd_verify,
     "presets": cmd_presets,
 }
 

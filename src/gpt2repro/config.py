@@ -10,12 +10,32 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 
 class ConfigError(ValueError):
     """A bad preset name, override key or value; the message is one line meant for the user."""
+
+
+MAX_BLOCK_SIZE = 1 << 17  # positions: far past any GPT-2/3 size, short of allocating gigabytes by typo
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+ACTIVATION_CHECKPOINTING = re.compile(r"none|full|every_[1-9]\d*")
+
+
+def _check(key: str, value: Any, typ: type, ok: Callable[[Any], bool], expected: str) -> None:
+    """Raise a one-line ConfigError unless `value` is a `typ` (bool is not an int here; an int is a
+    float) and `ok(value)` (nan fails every comparison; ranges say whether inf is allowed)."""
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    right_type = (
+        numeric and (typ is float or isinstance(value, int))
+        if typ in (int, float)
+        else isinstance(value, typ)
+    )
+    if not right_type or not ok(value):
+        raise ConfigError(f"{key}={value!r}: expected {expected}")
 
 
 @dataclass
@@ -34,8 +54,22 @@ class GPTConfig:
 
     def validate(self) -> GPTConfig:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+            _check(f"model.{name}", getattr(self, name), int, lambda v: v > 0, "a positive integer")
+        _check(
+            "model.block_size",
+            self.block_size,
+            int,
+            lambda v: v <= MAX_BLOCK_SIZE,
+            f"at most {MAX_BLOCK_SIZE}",
+        )
+        _check(
+            "model.vocab_size",
+            self.vocab_size,
+            int,
+            lambda v: v <= 65536,
+            "at most 65536 (shards store uint16 tokens)",
+        )
+        _check("model.layer_norm_epsilon", self.layer_norm_epsilon, float, lambda v: 0 < v < 1, "in (0, 1)")
         if self.n_embd % self.n_head:
             raise ConfigError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
         return self
@@ -86,6 +120,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     # data
     shuffle: bool = False  # reshuffle shards and windows every epoch (the original did not)
+    verify_data: bool = False  # check the shards' sha256s (manifest.json) at start, shared over ranks
     seed: int = 1337
     # evaluation and sampling (0 disables)
     val_every: int = 250
@@ -100,36 +135,51 @@ class TrainConfig:
     # checkpoints
     ckpt_every: int = 5000
     keep_last: int = 3
-    resume: str = "auto"  # auto: continue from RUN_DIR's latest checkpoint if there is one; never
+    resume: str = "auto"  # auto: continue from RUN_DIR's latest checkpoint if any | never | require
+    overwrite: bool = False  # a fresh run (resume=never) may delete an earlier run's checkpoints
     time_limit: float = 0.0  # seconds; >0 stops (with a checkpoint) when the budget is spent
     # systems
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast dtype for forward/backward)
     compile: str = "auto"  # auto (on for CUDA) | true | false
     fsdp: bool = False
+    activation_checkpointing: str = "none"  # none | full | every_N (every N-th block): memory for compute
     log_every: int = 1
     tensorboard: bool = False
     wandb: bool = False
 
     def validate(self) -> TrainConfig:
+        """Every value range, checked once, so the CLI and the Python API refuse the same things."""
         self.model.validate()
-        checks = {
-            "dtype": ("auto", "fp32", "bf16", "fp16"),
-            "compile": ("auto", "true", "false"),
-            "resume": ("auto", "never"),
-            "hellaswag_style": ("completion", "harness"),
-        }
-        for key, allowed in checks.items():
+        for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        for key in ("total_batch_size", "micro_batch_size", "seq_len", "max_steps", "keep_last"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+        if not isinstance(self.device, str) or not DEVICE.fullmatch(self.device):
+            raise ConfigError(f"device={self.device!r}: expected auto, cpu, cuda, cuda:N or mps")
+        for key, (typ, ok, expected) in RANGES.items():
+            _check(key, getattr(self, key), typ, ok, expected)
+        if not ACTIVATION_CHECKPOINTING.fullmatch(self.activation_checkpointing):
+            raise ConfigError(
+                f"activation_checkpointing={self.activation_checkpointing!r}: expected none, full or every_N (N >= 1)"
+            )
         if self.seq_len > self.model.block_size:
             raise ConfigError(f"seq_len={self.seq_len} exceeds model.block_size={self.model.block_size}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.val_every and not self.val_steps:
+            raise ConfigError(
+                "val_steps=0 with val_every>0 would report a loss of nothing; set val_every=0 instead"
+            )
+        if self.sample_every and not (self.sample_count and self.sample_tokens and self.sample_prompt):
+            raise ConfigError(
+                "sampling needs sample_count>0, sample_tokens>0 and a non-empty sample_prompt (or sample_every=0)"
+            )
         return self
+
+    @property
+    def checkpoint_every(self) -> int:
+        """activation_checkpointing as a block interval: 0 (none), 1 (full), N (every_N)."""
+        mode = self.activation_checkpointing
+        named = {"none": 0, "full": 1}
+        return named[mode] if mode in named else int(mode.removeprefix("every_"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -142,6 +192,43 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+POSITIVE = (int, lambda v: v > 0, "a positive integer")
+COUNT = (int, lambda v: v >= 0, "an integer >= 0 (0 disables)")
+CHOICES = {
+    "dtype": ("auto", "fp32", "bf16", "fp16"),
+    "compile": ("auto", "true", "false"),
+    "resume": ("auto", "never", "require"),
+    "hellaswag_style": ("completion", "harness"),
+}
+RANGES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
+    "total_batch_size": POSITIVE,
+    "micro_batch_size": POSITIVE,
+    "seq_len": POSITIVE,
+    "max_steps": POSITIVE,
+    "keep_last": POSITIVE,
+    "warmup_steps": (int, lambda v: v >= 0, "an integer >= 0"),
+    "max_lr": (float, lambda v: 0 < v < math.inf, "a positive number"),
+    "min_lr_ratio": (float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "weight_decay": (float, lambda v: 0 <= v < math.inf, "a number >= 0"),
+    "beta1": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "beta2": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "eps": (float, lambda v: 0 < v < math.inf, "a positive number"),
+    "grad_clip": (float, lambda v: v > 0, "a positive number (inf disables clipping)"),
+    "seed": (int, lambda v: 0 <= v < 2**63, "an integer in [0, 2^63)"),
+    "val_every": COUNT,
+    "val_steps": (int, lambda v: v >= 0, "an integer >= 0"),
+    "hellaswag_every": COUNT,
+    "hellaswag_limit": (int, lambda v: v >= 0, "an integer >= 0 (0 = all examples)"),
+    "sample_every": COUNT,
+    "sample_prompt": (str, lambda v: True, "a string"),
+    "sample_count": (int, lambda v: v >= 0, "an integer >= 0"),
+    "sample_tokens": (int, lambda v: v >= 0, "an integer >= 0"),
+    "ckpt_every": COUNT,
+    "time_limit": (float, lambda v: 0 <= v < math.inf, "seconds >= 0 (0 = no limit)"),
+    "log_every": COUNT,
+}
 
 
 def _gpt3(size: str, lr: float, batch: int) -> TrainConfig:
@@ -158,6 +245,7 @@ def _gpt3(size: str, lr: float, batch: int) -> TrainConfig:
         shuffle=True,
         dtype="bf16",
         fsdp=size in ("gpt3-xl", "gpt3-2.7b", "gpt3-6.7b"),
+        activation_checkpointing="full" if size in ("gpt3-xl", "gpt3-2.7b", "gpt3-6.7b") else "none",
     )
 
 
@@ -187,7 +275,7 @@ def _cpu(model: str, micro: int, seq: int, accum: int, steps: int, lr: float) ->
         sample_tokens=24,
         sample_count=2,
         ckpt_every=max(1, steps // 4),
-        dtype="bf16",
+        dtype="auto",  # bf16 where the CPU has native bf16 matmuls, else fp32
         compile="false",
     )
 
@@ -206,33 +294,41 @@ TRAIN_PRESETS = {
 
 
 def _coerce(key: str, raw: str, current: Any) -> Any:
+    """The override's text as the type of the field's current value."""
     if isinstance(current, bool):
         if raw.lower() in ("1", "true", "yes", "on"):
             return True
         if raw.lower() in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"{key}={raw!r}: expected true or false")
-    for typ in (int, float):
-        if isinstance(current, typ):
-            try:
-                return typ(float(raw)) if typ is int and raw.replace("e", "").isdigit() else typ(raw)
-            except ValueError:
-                raise ConfigError(f"{key}={raw!r}: expected {typ.__name__}") from None
+    try:
+        if isinstance(current, int):  # 1e6 is accepted for an integer, 1.5 is not
+            value = float(raw) if "e" in raw.lower() and "." not in raw else int(raw)
+            if not float(value).is_integer():
+                raise ValueError
+            return int(value)
+        if isinstance(current, float):
+            return float(raw)
+    except (ValueError, OverflowError):
+        typ = "int" if isinstance(current, int) else "float"
+        raise ConfigError(f"{key}={raw!r}: expected {typ}") from None
     return raw
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     """Apply `key=value` strings (`model.n_layer=4` for the architecture) and re-validate."""
     train_keys = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "model"]
-    model_keys = [f"model.{f.name}" for f in dataclasses.fields(GPTConfig)]
-    valid = ", ".join(train_keys + model_keys)
+    model_keys = [f.name for f in dataclasses.fields(GPTConfig)]
+    valid = ", ".join(train_keys + [f"model.{k}" for k in model_keys])
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
         key, raw = item.split("=", 1)
         key = key.strip()
-        target, name = (cfg.model, key[6:]) if key.startswith("model.") else (cfg, key)
-        if name == "model" or not hasattr(target, name) or name.startswith("_"):
+        target, name, names = (
+            (cfg.model, key[6:], model_keys) if key.startswith("model.") else (cfg, key, train_keys)
+        )
+        if name not in names:  # fields only: not methods, properties or `model` itself
             raise ConfigError(f"unknown config key {key!r}; valid keys: {valid}")
         setattr(target, name, _coerce(key, raw, getattr(target, name)))
     return cfg.validate()

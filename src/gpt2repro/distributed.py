@@ -1,4 +1,5 @@
-"""Process-group set-up for torchrun (NCCL on CUDA, gloo on CPU) and device selection.
+"""Process-group set-up for torchrun (NCCL on CUDA, gloo on CPU), device selection, and wrapping a
+model for data parallelism (DDP, or FSDP2 for large sizes) with control of gradient sync.
 
 Single-process runs need no environment; under torchrun, RANK/LOCAL_RANK/WORLD_SIZE (and, for
 several nodes, MASTER_ADDR/MASTER_PORT) come from torchrun itself."""
@@ -10,6 +11,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .config import ConfigError, TrainConfig
+from .model import GPT
 
 
 @dataclass(frozen=True)
@@ -30,14 +34,20 @@ class DistInfo:
 
 def pick_device(preference: str = "auto") -> torch.device:
     """cuda > mps > cpu unless a device is named."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if preference != "auto":
-        device = torch.device(preference)
+        try:
+            device = torch.device(preference)
+        except RuntimeError:
+            raise ConfigError(f"device={preference!r}: expected auto, cpu, cuda, cuda:N or mps") from None
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device={preference} requested but CUDA is not available")
+            raise ConfigError(f"device={preference} requested but CUDA is not available")
+        if device.type == "mps" and not mps:
+            raise ConfigError(f"device={preference} requested but MPS is not available")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if mps:
         return torch.device("mps")
     return torch.device("cpu")
 
@@ -84,3 +94,31 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t /= dist.get_world_size()
     return t
+
+
+def wrap_model(raw: GPT, cfg: TrainConfig, info: DistInfo, compile_model: bool) -> torch.nn.Module:
+    """DDP or FSDP2 for several ranks, then torch.compile; the raw module stays usable for eval."""
+    model: torch.nn.Module = raw
+    if cfg.fsdp and info.distributed:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in raw.transformer.h:
+            fully_shard(block)
+        fully_shard(raw)
+    elif info.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(raw, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    return torch.compile(model) if compile_model else model
+
+
+def set_grad_sync(model: torch.nn.Module, raw: GPT, cfg: TrainConfig, info: DistInfo, sync: bool) -> None:
+    """Whether the next backward all-reduces gradients: only the last micro-step of an optimizer step
+    does. Set before that micro-step's forward pass."""
+    if not info.distributed:
+        return
+    if cfg.fsdp:
+        raw.set_requires_gradient_sync(sync)
+    else:
+        ddp = getattr(model, "_orig_mod", model)
+        ddp.require_backward_grad_sync = sync

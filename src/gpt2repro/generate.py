@@ -6,10 +6,16 @@ decoding always see the same tokens."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from .model import GPT, KVCache
+
+
+class GenerateError(ValueError):
+    """Sampling arguments that cannot work (empty or too long a prompt, a bad count); one line."""
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -66,6 +72,18 @@ def generate(
     return idx
 
 
+def prompt_tokens(prompt: str, block_size: int) -> list[int]:
+    """The prompt's tokens, if there are some and room after them to generate."""
+    from .tokenizer import get_tokenizer
+
+    ids = get_tokenizer().encode(prompt)
+    if not ids:
+        raise GenerateError("the prompt is empty")
+    if len(ids) >= block_size:
+        raise GenerateError(f"the prompt is {len(ids)} tokens; this model's block_size is {block_size}")
+    return ids
+
+
 def sample_text(
     model: GPT,
     prompt: str,
@@ -79,8 +97,24 @@ def sample_text(
     from .tokenizer import get_tokenizer
 
     enc = get_tokenizer()
+    prompt_ids = enc.encode(prompt)
+    block = model.config.block_size
+    checks = [
+        (bool(prompt_ids), "the prompt is empty"),
+        (
+            len(prompt_ids) < block,
+            f"the prompt is {len(prompt_ids)} tokens; this model's block_size is {block}",
+        ),
+        (n >= 1, f"-n must be at least 1, got {n}"),
+        (max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {max_new_tokens}"),
+        (top_k is None or top_k >= 1, f"--top-k must be at least 1, got {top_k}"),
+        (0 <= temperature < math.inf, f"--temperature must be a finite number >= 0, got {temperature}"),
+    ]
+    for ok, problem in checks:
+        if not ok:
+            raise GenerateError(problem)
     device = next(model.parameters()).device
-    idx = torch.tensor([enc.encode(prompt)] * n, dtype=torch.long, device=device)
+    idx = torch.tensor([prompt_ids] * n, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     out = generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
     return [enc.decode(row.tolist()) for row in out]

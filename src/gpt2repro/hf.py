@@ -10,16 +10,15 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import GPTConfig
-from .model import GPT
+from .config import ConfigError, GPTConfig
+from .fsio import AtomicDir, default_permissions
+from .model import GPT, WeightsMismatch, load_state_strict
 from .tokenizer import EOT_ID, write_hf_tokenizer
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -76,6 +75,8 @@ def config_from_hf(hf: dict) -> GPTConfig:
         ).validate()
     except KeyError as e:
         raise HFError(f"config.json lacks the GPT-2 field {e.args[0]!r}") from None
+    except ConfigError as e:  # checked before any weight is allocated
+        raise HFError(f"config.json: {str(e).removeprefix('model.')}") from None
 
 
 def load_hf(name_or_dir: str | os.PathLike) -> GPT:
@@ -99,31 +100,11 @@ def load_hf(name_or_dir: str | os.PathLike) -> GPT:
     state = {k: v.t() if k.endswith(CONV1D) else v for k, v in state.items()}
     state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
     model = GPT(config)
-    load_state_strict(model, state, source=str(directory))
+    try:
+        load_state_strict(model, state)
+    except WeightsMismatch as e:
+        raise HFError(f"{directory}: weights do not fit the model ({e})") from None
     return model
-
-
-def load_state_strict(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `state` into `model`, or fail listing every missing, unexpected and mis-shaped key."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    problems = [("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)]
-    if any(items for _, items in problems):
-        detail = "; ".join(
-            f"{what}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
-            for what, items in problems
-            if items
-        )
-        raise HFError(f"{source}: weights do not fit the model ({detail})")
-    with torch.no_grad():
-        for k, v in own.items():
-            v.copy_(state[k])
 
 
 def hf_config(config: GPTConfig) -> dict:
@@ -155,7 +136,7 @@ def hf_config(config: GPTConfig) -> dict:
 def export_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
     """Write config.json, model.safetensors (HF layout), generation_config.json and tokenizer files.
 
-    The directory appears complete or not at all: it is built beside `out_dir` and renamed into place."""
+    The directory appears complete or not at all (`fsio.AtomicDir`), with normal permissions."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise HFError(f"{out}: exists and is not empty; choose a new directory")
@@ -168,18 +149,11 @@ def export_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
         if k == "transformer.wte.weight":
             v = v[: config.vocab_size]  # drop padded rows
         state[k] = (v.t() if k.endswith(CONV1D) else v).contiguous()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with AtomicDir(out) as tmp:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        default_permissions(tmp / "model.safetensors")  # safetensors writes it 0600
         (tmp / "config.json").write_text(json.dumps(hf_config(config), indent=2))
         gen = {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "do_sample": True}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         write_hf_tokenizer(tmp, model_max_length=config.block_size)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .config import GPTConfig
 
@@ -40,7 +41,7 @@ class Linear(nn.Linear):
     With a few rows of fp32 input (one new token per sequence), the matmul is bound by reading the
     weight, and MKL's matrix-vector product runs on one core. Splitting the output features into one
     group per thread and running the groups as a batched matmul uses every core (`gpt2repro bench
-    generate`, B=1 fp32: 109 -> 300 tokens/s here). Same result up to fp32 rounding order."""
+    generate` measures it). Same result up to fp32 rounding order."""
 
     MAX_ROWS = 32
 
@@ -125,6 +126,35 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class WeightsMismatch(ValueError):
+    """A state dict does not fit the model; the message lists every missing, unexpected and
+    mis-shaped key. Callers (checkpoints, HF loading) wrap it in their own error naming the file."""
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` into `model`, or raise WeightsMismatch before changing anything."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    problems = [("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)]
+    if any(items for _, items in problems):
+        raise WeightsMismatch(
+            "; ".join(
+                f"{what}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
+                for what, items in problems
+                if items
+            )
+        )
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(state[k])
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -139,6 +169,9 @@ class GPT(nn.Module):
         )
         self.lm_head = Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one tensor, one gradient
+        # activation checkpointing: every n-th block's activations are recomputed in backward (0: off).
+        # A training setting, not architecture: it changes memory and time, never the result.
+        self.checkpoint_every = 0
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -175,8 +208,12 @@ class GPT(nn.Module):
         if positions is None:
             positions = torch.arange(pos, pos + T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(positions)
-        for block in self.transformer.h:
-            x = block(x, cache, pos, mask)
+        every = self.checkpoint_every if torch.is_grad_enabled() and cache is None else 0
+        for i, block in enumerate(self.transformer.h):
+            if every and i % every == 0:  # recomputed in backward instead of keeping activations
+                x = torch.utils.checkpoint.checkpoint(block, x, None, pos, mask, use_reentrant=False)
+            else:
+                x = block(x, cache, pos, mask)
         return self.transformer.ln_f(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -201,21 +238,14 @@ class GPT(nn.Module):
         n = self.num_params() - self.transformer.wpe.weight.numel()
         return 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len
 
-    @classmethod
-    def from_pretrained(cls, name_or_dir: str) -> GPT:
-        """Load a Hugging Face GPT-2 (hub name or local directory); see `hf.load_hf`."""
-        from .hf import load_hf
-
-        return load_hf(name_or_dir)
-
 
 _CPU_SCRATCH: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
 
 def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Memory for the fused loss's big temporaries, reused across calls on CPU. There glibc maps every
-    allocation over 32 MB afresh and the first touch page-faults it in, ~50 ms per 200 MB here: a
-    tenth of a small model's training step. (CUDA's caching allocator reuses memory by itself.)
+    allocation over 32 MB afresh and the first touch page-faults it in again, a noticeable part of a
+    small model's training step. (CUDA's caching allocator reuses memory by itself.)
     The buffers stay allocated for the life of the process: about 2 x chunk x vocab x 2 bytes."""
     if device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)

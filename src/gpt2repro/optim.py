@@ -9,8 +9,9 @@ import torch
 from .config import TrainConfig
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """Decay only matrices and embeddings (dim >= 2); biases and LayerNorm gains are not decayed.
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """The training run's optimizer: the one place that decides it, so another choice is added here
+    and the loop does not change. AdamW: decay only matrices and embeddings (dim >= 2); biases and LayerNorm gains are not decayed.
     The fused kernel (CUDA, and CPU since torch 2.4) does the whole update in one pass per group."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [

@@ -12,15 +12,33 @@ GPT2_124M_HELLASWAG = 0.2955
 GPT3_124M_HELLASWAG = 0.337
 
 
+class PlotError(ValueError):
+    """A run directory without readable metrics; the message names the file."""
+
+
 def read_metrics(run_dir: str | os.PathLike) -> dict[str, list[dict]]:
+    """Events of metrics.jsonl by kind. A torn last line (a kill -9 mid-write) is left out; any
+    other unreadable line is an error naming it."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics (is this a run directory?)")
+        raise PlotError(f"{path}: no metrics (is this a run directory?)")
+    lines = [
+        (n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()
+    ]
     events: dict[str, list[dict]] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
+    for i, (lineno, line) in enumerate(lines):
+        try:
             row = json.loads(line)
-            events.setdefault(row["event"], []).append(row)
+            kind = row["event"]
+            if not isinstance(kind, str) or not isinstance(row["step"], int):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            if i == len(lines) - 1 and i > 0:
+                continue
+            raise PlotError(f"{path}:{lineno}: not a metrics record") from None
+        events.setdefault(kind, []).append(row)
+    if not events:
+        raise PlotError(f"{path}: no metrics recorded yet")
     # after a resume the same steps may appear twice: keep the latest value of each step
     return {k: list({r["step"]: r for r in rows}.values()) for k, rows in events.items()}
 

@@ -4,9 +4,11 @@ The data is cut into windows of B*T tokens (plus one for the shifted targets) in
 An epoch is an ordered list of (shard, window) pairs: sequential for `shuffle=False` (the original's
 order, and always for validation), otherwise one permutation of all windows of all shards drawn from
 (seed, epoch), so every epoch is shuffled differently and reproducibly, and shards that differ (one
-source after another) do not turn into phases of training. Rank r of W takes
-items r, r+W, r+2W, ...: ranks are disjoint and together cover the epoch (a remainder smaller than W
-is dropped so every rank takes the same number of steps). The state is just (epoch, position).
+source after another) do not turn into phases of training. Rank r of W takes items r, r+W, r+2W, ...:
+ranks are disjoint and together cover the epoch. An optimizer step consumes `step_windows` windows
+(grad_accum x W, fixed by the global batch), and the epoch is cut to a multiple of it, so the
+windows of each step are the same on any number of ranks. The state is (epoch, windows consumed in
+it), world-size free: a run resumes on any number of ranks that divides its global batch.
 """
 
 from __future__ import annotations
@@ -33,10 +35,15 @@ class DataLoader:
         seed: int = 1337,
         device: str | torch.device = "cpu",
         vocab_size: int | None = None,
+        step_windows: int | None = None,
     ):
+        step_windows = step_windows or world_size
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not within world_size {world_size}")
+        if step_windows % world_size:
+            raise ValueError(f"{step_windows} windows per step do not split over {world_size} ranks")
         self.B, self.T, self.rank, self.world = batch_size, seq_len, rank, world_size
+        self.step_windows, self.vocab_size = step_windows, vocab_size
         self.shuffle, self.seed, self.split = shuffle, seed, split
         self.device = torch.device(device)
         self.paths = find_shards(data_dir, split)
@@ -49,21 +56,18 @@ class DataLoader:
                 f"{data_dir}: no {split!r} shard holds B*T+1 = {window + 1} tokens (largest has {longest}); "
                 "lower micro_batch_size or seq_len"
             )
-        if sum(self.windows) < world_size:
+        if sum(self.windows) < step_windows:
             raise ShardError(
-                f"{data_dir}: {split!r} has {sum(self.windows)} batches, fewer than {world_size} ranks"
+                f"{data_dir}: {split!r} has {sum(self.windows)} batches of B*T tokens, fewer than the "
+                f"{step_windows} one step takes"
             )
-        if vocab_size is not None:
-            for path, shard in zip(self.paths, self.shards):
-                top = int(shard.max()) if len(shard) else 0
-                if top >= vocab_size:
-                    raise ShardError(f"{path}: token id {top} >= vocab_size {vocab_size}")
         self.epoch, self.position = 0, 0
         self._order = self._epoch_order(0)
 
     @property
     def steps_per_epoch(self) -> int:
-        return sum(self.windows) // self.world
+        """Micro-batches per epoch on each rank."""
+        return sum(self.windows) // self.step_windows * self.step_windows // self.world
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         """(shard, window) pairs of this rank for an epoch, shape (steps_per_epoch, 2)."""
@@ -82,6 +86,13 @@ class DataLoader:
         self.position += 1
         start = int(window) * self.B * self.T
         buf = torch.from_numpy(self.shards[shard][start : start + self.B * self.T + 1].astype(np.int64))
+        if (
+            self.vocab_size is not None and int(buf.max()) >= self.vocab_size
+        ):  # checked as read: no pass over every shard
+            raise ShardError(
+                f"{self.paths[shard]}: token id {int(buf.max())} >= vocab_size {self.vocab_size} "
+                f"(tokens {start}..{start + self.B * self.T})"
+            )
         x, y = buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
         if self.device.type == "cuda":  # pinned host memory lets the copy overlap compute
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(
@@ -97,21 +108,33 @@ class DataLoader:
     def state_dict(self) -> dict:
         return {
             "epoch": self.epoch,
-            "position": self.position,
+            "consumed": self.position * self.world,  # windows of this epoch taken by all ranks
+            "step_windows": self.step_windows,
             "seed": self.seed,
             "shuffle": self.shuffle,
-            "world_size": self.world,
             "batch_size": self.B,
             "seq_len": self.T,
             "shards": [Path(p).name for p in self.paths],
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if "consumed" not in state:  # written before resuming on other world sizes: same world size only
+            state = {
+                **state,
+                "consumed": state["position"] * state["world_size"],
+                "step_windows": self.step_windows,
+            }
+            if state.pop("world_size") != self.world:
+                raise ValueError("loader state of an older version: resume with the same number of ranks")
         mine = self.state_dict()
-        for key in ("seed", "shuffle", "world_size", "batch_size", "seq_len", "shards"):
+        for key in ("step_windows", "seed", "shuffle", "batch_size", "seq_len", "shards"):
             if state[key] != mine[key]:
                 raise ValueError(
                     f"loader state has {key}={state[key]!r} but this loader has {mine[key]!r}; cannot resume exactly"
                 )
-        self.epoch, self.position = state["epoch"], state["position"]
+        if state["consumed"] % self.world:
+            raise ValueError(
+                f"{state['consumed']} windows consumed is not a step boundary for {self.world} ranks"
+            )
+        self.epoch, self.position = state["epoch"], state["consumed"] // self.world
         self._order = self._epoch_order(self.epoch)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import glob
 import gzip
+import hashlib
 import itertools
 import json
 import multiprocessing
@@ -30,9 +31,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .. import __version__, assets
-from ..fsio import atomic_write_text
+from ..fsio import atomic_write_text, sha256_file
 from ..tokenizer import EOT_ID, get_tokenizer
 from .shards import ShardWriter, shard_name
 
@@ -58,7 +60,27 @@ def expand_sources(sources: list[str]) -> list[Path]:
         if not matches or not all(Path(m).is_file() for m in matches):
             raise PrepareError(f"source {s!r}: no such file")
         paths.extend(Path(m) for m in matches)
+    empty = [p for p in paths if p.stat().st_size == 0]
+    if empty:
+        raise PrepareError(f"{empty[0]}: empty file (no documents to tokenize)")
     return paths
+
+
+def fingerprint(path: Path) -> dict:
+    """What identifies an input file's content cheaply: size, mtime and a hash of its first and
+    last MiB. A resumed preparation refuses inputs whose fingerprint changed."""
+    stat = path.stat()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, stat.st_size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return {
+        "path": str(path),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "sha256_ends": h.hexdigest(),
+    }
 
 
 class Unit(NamedTuple):
@@ -123,6 +145,25 @@ def _line_number(path: str, offset: int) -> int:
         return f.read(offset).count(b"\n") + 1
 
 
+def _unreadable(path: str | Path, e: Exception) -> PrepareError:
+    return PrepareError(
+        f"{path}: cannot read it as its extension says ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    )
+
+
+def _texts(unit: Unit, field: str) -> Iterator[str]:
+    """The unit's documents, each checked to be text; unreadable input is a PrepareError naming the file."""
+    try:
+        for text in _unit_texts(unit, field):
+            if not isinstance(text, str):
+                raise PrepareError(f"{unit.path}: a {field!r} value is {type(text).__name__}, not text")
+            yield text
+    except PrepareError:
+        raise
+    except Exception as e:  # noqa: BLE001 - decoding, gzip, parquet and OS errors all mean this
+        raise _unreadable(unit.path, e) from None
+
+
 def _unit_texts(unit: Unit, field: str) -> Iterator[str]:
     if unit.kind == "jsonl":
         yield from _jsonl_range(unit.path, *unit.data, field)
@@ -172,7 +213,12 @@ def local_units(paths: list[Path], field: str, start: tuple[int, int] = (0, 0)) 
     """Units of local files in order, from (file index, part) on."""
     for i, path in enumerate(paths):
         if i >= start[0]:
-            yield from _file_units(path, i, field, start[1] if i == start[0] else 0)
+            try:
+                yield from _file_units(path, i, field, start[1] if i == start[0] else 0)
+            except PrepareError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a fake .gz or .parquet, bytes that are not UTF-8
+                raise _unreadable(path, e) from None
 
 
 def _hub_unreachable() -> str | None:
@@ -210,19 +256,133 @@ def iter_fineweb(name: str, revision: str | None, text_field: str, skip: int) ->
         yield row[text_field]
 
 
-class _Progress:
-    def __init__(self, total: int | None, initial: int, enabled: bool):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(
-            total=total, initial=initial, unit="tok", unit_scale=True, disable=not enabled, desc="prepare"
+def _open_manifest(out: Path, args: dict, remote: bool, inputs: list[dict]) -> dict:
+    """A new manifest for `args`, or the earlier run's in `out` when it was made with the same
+    arguments, the same cut into units and unchanged inputs (its unfinished shards are removed, to
+    be redone)."""
+    manifest = {
+        "source": FINEWEB_EDU if remote else "local",
+        "args": args,
+        # how the input is cut into units: the resume point counts them
+        "units": {
+            "jsonl_bytes": UNIT_BYTES,
+            "jsonl_tail_eighths": list(TAIL_EIGHTHS),
+            "batch_docs": BATCH_DOCS,
+        },
+        "inputs": inputs,
+        "tokenizer": {"name": "gpt2", "sha256": assets.REGISTRY["gpt2.tiktoken"].sha256},
+        "package_version": __version__,
+        "shards": [],
+        "documents": 0,
+        "total_tokens": 0,
+        "next": {"doc": 0, "offset": 0},
+        "complete": False,
+    }
+    path = out / "manifest.json"
+    if not path.is_file():
+        return manifest
+    try:
+        previous = json.loads(path.read_text())
+        previous["shards"], previous["complete"]  # noqa: B018 - the keys a resume needs
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PrepareError(f"{path}: unreadable manifest ({type(e).__name__}); use a new --out") from None
+    if previous.get("args") != args:
+        raise PrepareError(
+            f"{out} holds a preparation with different arguments ({previous.get('args')}); use a new --out"
         )
+    if not previous.get("complete") and previous.get("units") != manifest["units"]:
+        raise PrepareError(
+            f"{out} was cut into units another way ({previous.get('units')}; this version: "
+            f"{manifest['units']}), so its resume point means nothing here; use a new --out"
+        )
+    changed = [new["path"] for old, new in zip(previous.get("inputs", inputs), inputs) if old != new]
+    if not previous["complete"] and changed:
+        raise PrepareError(
+            f"{changed[0]} changed since the interrupted preparation in {out} (size, mtime or content); "
+            "resuming would mix old and new text: use a new --out"
+        )
+    if not previous.get("complete"):
+        # shards and temporary files written after the last manifest update are redone
+        for stale in [*out.glob("*.bin"), *out.glob(".*.tmp")]:
+            if stale.name not in {s["file"] for s in previous["shards"]}:
+                stale.unlink()
+    return previous
 
-    def update(self, n: int) -> None:
-        self.bar.update(n)
 
-    def close(self) -> None:
-        self.bar.close()
+class ShardSink:
+    """Where the tokens go: shards of the right size (the val split first, exactly `val_tokens`;
+    then train; `max_tokens` caps all), each written to disk as tokens arrive and committed with
+    the point to resume from after it recorded in the manifest."""
+
+    def __init__(self, out: Path, manifest: dict, shard_tokens: int, val_tokens: int, max_tokens: int | None):
+        self.out, self.manifest = out, manifest
+        self.shard_tokens, self.val_tokens, self.max_tokens = shard_tokens, val_tokens, max_tokens
+        self.written = manifest["total_tokens"]
+        self.shard: ShardWriter | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.max_tokens is not None and self.written >= self.max_tokens
+
+    def _split(self) -> str:
+        return "val" if self.written < self.val_tokens else "train"
+
+    def _target(self) -> int:
+        """Size of the shard being filled."""
+        if self.written < self.val_tokens:
+            size = min(self.shard_tokens, self.val_tokens - self.written)
+        else:
+            size = self.shard_tokens
+        return min(size, self.max_tokens - self.written) if self.max_tokens else size
+
+    def write(self, tokens: np.ndarray) -> int:
+        """Append as many of `tokens` as the current shard takes; how many it took."""
+        if self.shard is None:
+            self.shard = ShardWriter(self.out / shard_name(self._split(), len(self.manifest["shards"])))
+        take = min(self._target() - self.shard.count, len(tokens))
+        self.shard.write(tokens[:take])
+        return take
+
+    @property
+    def full(self) -> bool:
+        return self.shard is not None and self.shard.count == self._target()
+
+    def commit(self, next_doc: int, next_offset: int, where: dict, final: bool = False) -> None:
+        """Commit the shard; the next one starts `next_offset` tokens into document `next_doc`, found
+        at `where` in the input (`final`: the input is exhausted and the manifest is complete)."""
+        path = self.shard.commit()
+        self.manifest["shards"].append(
+            {
+                "file": path.name,
+                "split": self._split(),
+                "tokens": self.shard.count,
+                "sha256": sha256_file(path),
+            }
+        )
+        self.written += self.shard.count
+        self.shard = None
+        self.manifest.update(
+            total_tokens=self.written,
+            documents=next_doc,
+            next={"doc": next_doc, "offset": next_offset, **where},
+            complete=final,
+        )
+        self._write_manifest()
+
+    def finish(self, next_doc: int, end: dict) -> None:
+        """The input ended (or max_tokens did): commit the partial shard, mark the set complete."""
+        if self.shard is not None:
+            self.commit(next_doc, 0, end, final=True)
+        elif not self.manifest["complete"]:
+            self.manifest["complete"] = True
+            self._write_manifest()
+
+    def discard(self) -> None:
+        if self.shard is not None:
+            self.shard.discard()
+
+    def _write_manifest(self) -> None:
+        atomic_write_text(self.out / "manifest.json", json.dumps(self.manifest, indent=2))
 
 
 def prepare(
@@ -239,10 +399,8 @@ def prepare(
     progress: bool = True,
 ) -> dict:
     """Tokenize `sources` (["fineweb-edu"] or local files/globs) into shards in `out_dir`; returns the manifest."""
-    if shard_tokens <= 0:
-        raise PrepareError(f"--shard-tokens must be positive, got {shard_tokens}")
+    _check_counts(shard_tokens, val_tokens, max_tokens, workers)
     val_tokens = shard_tokens if val_tokens is None else val_tokens
-    workers = workers or os.cpu_count() or 1
     remote = sources == ["fineweb-edu"]
     why = _hub_unreachable() if remote else None
     if why:
@@ -252,8 +410,10 @@ def prepare(
         )
     paths = [] if remote else expand_sources(sources)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest_path = out / "manifest.json"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PrepareError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
     args = dict(
         sources=sources if remote else [str(p) for p in paths],
         name=name if remote else None,
@@ -263,124 +423,80 @@ def prepare(
         val_tokens=val_tokens,
         max_tokens=max_tokens,
     )
-    manifest = {
-        "source": FINEWEB_EDU if remote else "local",
-        "args": args,
-        # how the input is cut into units: the resume point counts them
-        "units": {
-            "jsonl_bytes": UNIT_BYTES,
-            "jsonl_tail_eighths": list(TAIL_EIGHTHS),
-            "batch_docs": BATCH_DOCS,
-        },
-        "tokenizer": {"name": "gpt2", "sha256": assets.REGISTRY["gpt2.tiktoken"].sha256},
-        "package_version": __version__,
-        "shards": [],
-        "documents": 0,
-        "total_tokens": 0,
-        "next": {"doc": 0, "offset": 0},
-        "complete": False,
-    }
-    if manifest_path.is_file():
-        previous = json.loads(manifest_path.read_text())
-        if previous.get("args") != args:
-            raise PrepareError(
-                f"{out} holds a preparation with different arguments ({previous.get('args')}); use a new --out"
-            )
-        if not previous.get("complete") and previous.get("units") != manifest["units"]:
-            raise PrepareError(
-                f"{out} was cut into units another way ({previous.get('units')}; this version: "
-                f"{manifest['units']}), so its resume point means nothing here; use a new --out"
-            )
-        if previous.get("complete"):
-            print(
-                f"{out}: already complete ({previous['total_tokens']:,} tokens in {len(previous['shards'])} shards); nothing to do"
-            )
-            return previous
-        manifest = previous
-        # shards and temporary files written after the last manifest update are redone
-        for stale in [*out.glob("*.bin"), *out.glob(".*.tmp")]:
-            if stale.name not in {s["file"] for s in manifest["shards"]}:
-                stale.unlink()
-
-    nxt = manifest["next"]
-    start_doc, start_offset = nxt["doc"], nxt["offset"]
-    written = manifest["total_tokens"]
-    if remote:  # the hub stream is resumed by document count; its batches are units
-        texts = iter_fineweb(name, revision, text_field, skip=start_doc)
-        units: Iterator[Unit] = (Unit("texts", "", 0, k, (b,)) for k, b in enumerate(_batched(texts)))
-        start_skip = 0
-    else:
-        units = local_units(paths, text_field, (nxt.get("file", 0), nxt.get("part", 0)))
-        start_skip = nxt.get("skip", 0)
+    manifest = _open_manifest(out, args, remote, [fingerprint(p) for p in paths])
+    if manifest["complete"]:
+        print(
+            f"{out}: already complete ({manifest['total_tokens']:,} tokens in {len(manifest['shards'])} shards); nothing to do"
+        )
+        return manifest
+    sink = ShardSink(out, manifest, shard_tokens, val_tokens, max_tokens)
+    units, skip = _resume_units(manifest["next"], remote, paths, name, revision, text_field)
     total = max_tokens or (FINEWEB_TOKENS.get(name) if remote else None)
-    bar = _Progress(total, written, progress)
-    shard: ShardWriter | None = None  # the shard being filled, written as tokens arrive
+    with tqdm(
+        total=total, initial=sink.written, unit="tok", unit_scale=True, disable=not progress, desc="prepare"
+    ) as bar:
+        try:
+            _fill(
+                sink, _encoded_units(units, skip, text_field, workers or os.cpu_count() or 1), bar, len(paths)
+            )
+        except OSError as e:  # a full or read-only disk while writing: what is committed stays valid
+            raise PrepareError(
+                f"{out}: {e.strerror or e} while writing shards; the {len(manifest['shards'])} shards "
+                "committed so far are kept: free space and rerun the same command to resume"
+            ) from None
+    return manifest
 
-    def target() -> int:
-        """Size of the shard being filled: val shards end exactly at val_tokens; max_tokens caps all."""
-        size = min(shard_tokens, val_tokens - written) if written < val_tokens else shard_tokens
-        return min(size, max_tokens - written) if max_tokens else size
 
-    def split() -> str:
-        return "val" if written < val_tokens else "train"
+def _check_counts(
+    shard_tokens: int, val_tokens: int | None, max_tokens: int | None, workers: int | None
+) -> None:
+    checks = [
+        ("--shard-tokens", shard_tokens, 1),
+        ("--val-tokens", val_tokens, 0),
+        ("--max-tokens", max_tokens, 1),
+        ("--workers", workers, 1),
+    ]
+    for option, value, low in checks:
+        if value is not None and value < low:
+            raise PrepareError(f"{option} must be at least {low}, got {value}")
 
-    def flush(next_doc: int, next_offset: int, unit: Unit | None = None, skip: int = 0) -> None:
-        """Commit the shard; the next one starts `next_offset` tokens into document `next_doc`, which
-        is document `skip` of `unit` (None: at the end of the input, and the manifest is final)."""
-        nonlocal written, shard
-        path = shard.commit()
-        manifest["shards"].append(
-            {"file": path.name, "split": split(), "tokens": shard.count, "sha256": assets.sha256_file(path)}
-        )
-        written += shard.count
-        shard = None
-        where = (
-            {"file": len(paths), "part": 0, "skip": 0}
-            if unit is None
-            else {"file": unit.file, "part": unit.part, "skip": skip}
-        )
-        manifest.update(
-            total_tokens=written,
-            documents=next_doc,
-            next={"doc": next_doc, "offset": next_offset, **where},
-            complete=unit is None,
-        )
-        atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
 
-    doc = start_doc  # index of the first document of the current batch
-    pos = start_offset  # tokens of that document already in earlier shards
-    done = max_tokens is not None and written >= max_tokens
-    encoded = _encoded_units(units, start_skip, text_field, workers)
+def _resume_units(
+    nxt: dict, remote: bool, paths: list[Path], name: str, revision: str | None, field: str
+) -> tuple[Iterator[Unit], int]:
+    """The units from the resume point on, and how many documents of the first one to skip."""
+    if remote:  # the hub stream is resumed by document count; its batches are units
+        texts = iter_fineweb(name, revision, field, skip=nxt["doc"])
+        return (Unit("texts", "", 0, k, (b,)) for k, b in enumerate(_batched(texts))), 0
+    return local_units(paths, field, (nxt.get("file", 0), nxt.get("part", 0))), nxt.get("skip", 0)
+
+
+def _fill(sink: ShardSink, encoded: Iterator, bar, n_files: int) -> None:
+    """Stream the encoded units into the sink, committing each shard as it fills."""
+    doc, pos = (
+        sink.manifest["next"]["doc"],
+        sink.manifest["next"]["offset"],
+    )  # the first document of a unit, tokens of it already written
     try:
         for unit, skip, (toks, lengths) in encoded:
-            if done:
+            if sink.done:
                 break
             ends = np.cumsum(lengths)
-            while pos < len(toks) and not done:
-                if shard is None:
-                    shard = ShardWriter(out / shard_name(split(), len(manifest["shards"])))
-                take = min(target() - shard.count, len(toks) - pos)
-                shard.write(toks[pos : pos + take])
+            while pos < len(toks) and not sink.done:
+                take = sink.write(toks[pos:])
                 pos += take
                 bar.update(take)
-                if shard.count == target():
+                if sink.full:
                     d = int(np.searchsorted(ends, pos, side="right"))  # first document not fully written
-                    flush(doc + d, pos - (int(ends[d - 1]) if d else 0), unit, skip + d)
-                    done = max_tokens is not None and written >= max_tokens
+                    where = {"file": unit.file, "part": unit.part, "skip": skip + d}
+                    sink.commit(doc + d, pos - (int(ends[d - 1]) if d else 0), where)
             doc, pos = doc + len(lengths), 0
     except BaseException:
-        if shard is not None:
-            shard.discard()
+        sink.discard()
         raise
     finally:
         encoded.close()  # stops the workers and removes their scratch files, also when stopping early
-    if shard is not None:
-        flush(doc, 0)
-    elif not manifest["complete"]:  # the input ended exactly at a shard boundary, or max_tokens did
-        manifest["complete"] = True
-        atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
-    bar.close()
-    return manifest
+    sink.finish(doc, {"file": n_files, "part": 0, "skip": 0})
 
 
 def _encode(unit: Unit, skip: int, field: str) -> tuple[np.ndarray, np.ndarray]:
@@ -389,7 +505,7 @@ def _encode(unit: Unit, skip: int, field: str) -> tuple[np.ndarray, np.ndarray]:
     enc = get_tokenizer()
     flat: list[int] = []
     lengths: list[int] = []
-    for text in itertools.islice(_unit_texts(unit, field), skip, None):
+    for text in itertools.islice(_texts(unit, field), skip, None):
         ids = enc.encode_ordinary(text)
         flat.append(EOT_ID)
         flat.extend(ids)

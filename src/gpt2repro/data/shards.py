@@ -7,13 +7,14 @@ build-nanogpt's `.npy` shards (a plain uint16 array) load too. Both are memory-m
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 
 import numpy as np
 
-from ..fsio import AtomicFile
+from ..fsio import AtomicFile, sha256_file
 
 MAGIC = 20240520
 VERSION = 1
@@ -109,3 +110,26 @@ def find_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
     if not shards:
         raise ShardError(f"{data_dir}: no {split!r} shards (expected files like {shard_name(split, 0)})")
     return shards
+
+
+def verify_shards(data_dir: str | os.PathLike, rank: int = 0, world_size: int = 1) -> tuple[int, list[str]]:
+    """Check shards against the sha256s that `prepare` recorded in manifest.json: this rank's
+    share (every world_size-th shard), so ranks verify a data set together, each reading a part.
+    Returns (shards checked, problems found)."""
+    manifest_path = Path(data_dir) / "manifest.json"
+    try:
+        entries = json.loads(manifest_path.read_text())["shards"]
+        listed = [(str(e["file"]), str(e["sha256"])) for e in entries]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ShardError(
+            f"{manifest_path}: no readable manifest to verify against ({type(e).__name__})"
+        ) from None
+    problems = []
+    mine = listed[rank::world_size]
+    for name, expected in mine:
+        path = Path(data_dir) / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif sha256_file(path) != expected:
+            problems.append(f"{path}: sha256 mismatch (corrupted or changed since prepare)")
+    return len(mine), problems

@@ -51,6 +51,8 @@ class Rendered:
 
 def load_examples(path: str | os.PathLike | None = None, limit: int | None = None) -> list[dict]:
     """Validated rows of a HellaSwag jsonl (.gz accepted); the official validation file by default."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise HellaSwagError(f"limit must be a positive number of examples (or none for all), got {limit!r}")
     path = Path(path) if path is not None else assets.fetch("hellaswag_val.jsonl")
     if not path.is_file():
         raise HellaSwagError(f"{path}: no such file")
@@ -75,9 +77,9 @@ def load_examples(path: str | os.PathLike | None = None, limit: int | None = Non
             if (
                 not isinstance(endings, list)
                 or len(endings) != 4
-                or not all(isinstance(e, str) for e in endings)
+                or not all(isinstance(e, str) and e.strip() for e in endings)
             ):
-                raise HellaSwagError(f"{path}:{lineno}: 'endings' must be a list of 4 strings")
+                raise HellaSwagError(f"{path}:{lineno}: 'endings' must be a list of 4 non-empty strings")
             if (
                 not isinstance(row["label"], int)
                 or isinstance(row["label"], bool)
@@ -85,6 +87,8 @@ def load_examples(path: str | os.PathLike | None = None, limit: int | None = Non
             ):
                 raise HellaSwagError(f"{path}:{lineno}: 'label' must be an integer 0-3, got {row['label']!r}")
             examples.append(row)
+    if not examples:
+        raise HellaSwagError(f"{path}: no examples")
     return examples
 
 
@@ -312,6 +316,10 @@ def evaluate(
     `details` when given (this rank's share). `lockstep` (for FSDP) makes every rank run the same
     number of forward passes. `rendered`: all examples already rendered in `style`, so evaluating
     during training tokenizes them once per run rather than at every evaluation."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise HellaSwagError(f"batch size must be a positive number of examples, got {batch_size!r}")
+    if not examples:
+        raise HellaSwagError("no examples to evaluate")
     enc = get_tokenizer()
     mine = list(range(rank, len(examples), world_size))
     if rendered is not None and len(rendered) != len(examples):

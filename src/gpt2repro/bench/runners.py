@@ -1,14 +1,14 @@
 """`gpt2repro bench`: measured speed, never timed tests.
 
 Every sub-command prints a table and writes JSON (medians over several runs after warm-up, machine
-info, torch version, threads). Yardsticks run the same config side by side: a plain nanoGPT-style
-model written here (straightforward PyTorch, no tricks), Hugging Face's GPT2LMHeadModel, the
-original one-example-at-a-time HellaSwag loop, a single-process tokenizer.
+info, torch version, threads). Yardsticks (`reference.py`) run the same config side by side: a plain
+nanoGPT-style model, Hugging Face's GPT2LMHeadModel, the original sampling and one-example-at-a-time
+HellaSwag loops, a single-process tokenizer.
 """
 
 from __future__ import annotations
 
-import functools
+import copy
 import json
 import os
 import platform
@@ -18,73 +18,41 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from .config import GPTConfig
+from .. import assets
+from ..config import GPTConfig
+from ..data.prepare import prepare
+from ..distributed import pick_device
+from ..evals import hellaswag
+from ..generate import generate
+from ..mfu import device_peak_flops, gemm_flops, median_time, synchronize
+from ..model import GPT
+from ..precision import autocast, cpu_has_fast_bf16, torch_dtype
+from .reference import HFWrapper, RefGPT, hellaswag_one_at_a_time, hf_copy, original_generate
 
-# Dense bf16 tensor-core peaks (FLOP/s) for MFU on GPUs; CPUs are measured instead.
-GPU_PEAKS = {
-    "H100": 989e12,
-    "H200": 989e12,
-    "A100": 312e12,
-    "A10G": 125e12,
-    "L4": 121e12,
-    "4090": 165e12,
-    "3090": 71e12,
-}
 SIZES = {  # name: (n_layer, n_embd, n_head, B, T)
     "tiny": (4, 256, 4, 8, 256),
     "small": (6, 384, 6, 8, 256),
     "124m": (12, 768, 12, 1, 1024),
 }
 TRAIN_MODES = ("eager", "bf16", "compile", "compile-bf16")
+PEAK_SIZES = (1024, 2048)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def bench_dtypes() -> tuple[str, ...]:
+    """bf16 rows only where bf16 matmuls are native: elsewhere they would time an emulation
+    hundreds of times slower than fp32 (and take hours)."""
+    return ("fp32", "bf16") if torch.cuda.is_available() or cpu_has_fast_bf16() else ("fp32",)
 
 
-def _median_time(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+WHAT = ("peak", "train", "generate", "hellaswag", "prepare")
 
 
-def gemm_flops(
-    dtype: torch.dtype, n: int = 1024, repeats: int = 5, device: str = "cpu", best: bool = False
-) -> float:
-    """FLOP/s of an n x n x n matmul, median (or best) of `repeats`: the MFU denominator on CPUs."""
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
-
-    def run():
-        for _ in range(4):
-            a @ b
-        _sync(torch.device(device))
-
-    if best:
-        run()
-        return max(4 * 2 * n**3 / _median_time(run, 1, warmup=0) for _ in range(repeats))
-    return 4 * 2 * n**3 / _median_time(run, repeats)
+class BenchError(ValueError):
+    """A bad benchmark name, mode or count; the message says which."""
 
 
-@functools.lru_cache(maxsize=8)
-def device_peak_flops(device: torch.device, dtype: str) -> float | None:
-    """Peak FLOP/s for MFU: a table for known GPUs, a quick GEMM measurement on CPU."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((peak for key, peak in GPU_PEAKS.items() if key in name), None)
-    if device.type == "cpu":
-        # the best of several runs: a peak, robust to a busy moment during the measurement
-        return gemm_flops(torch.bfloat16 if dtype == "bf16" else torch.float32, repeats=7, best=True)
-    return None
+BASELINES = {"none": [], "reference": ["reference"], "hf": ["hf"], "all": ["reference", "hf"]}
 
 
 def machine_info() -> dict:
@@ -109,69 +77,6 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
-# ---------------------------------------------------------------- the plain reference model
-
-
-class RefBlock(nn.Module):
-    """nanoGPT's block, as written in the lecture: no fused loss, nothing clever."""
-
-    def __init__(self, d: int, h: int):
-        super().__init__()
-        self.h = h
-        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.c_fc, self.mlp_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.h, C // self.h).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).contiguous().view(B, T, C)
-        x = x + self.c_proj(y)
-        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
-
-
-class RefGPT(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.h = nn.ModuleList(RefBlock(cfg.n_embd, cfg.n_head) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight
-
-    def forward(self, idx, targets):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.size(1), device=idx.device))
-        for block in self.h:
-            x = block(x)
-        logits = self.lm_head(self.ln_f(x))
-        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
-
-
-class HFWrapper(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        hf_cfg = GPT2Config(
-            n_layer=cfg.n_layer,
-            n_embd=cfg.n_embd,
-            n_head=cfg.n_head,
-            n_positions=cfg.block_size,
-            vocab_size=cfg.padded_vocab_size,
-            attn_pdrop=0.0,
-            embd_pdrop=0.0,
-            resid_pdrop=0.0,
-            attn_implementation="sdpa",
-        )
-        self.model = GPT2LMHeadModel(hf_cfg)
-
-    def forward(self, idx, targets):
-        out = self.model(input_ids=idx, labels=targets)
-        return out.logits, out.loss
-
-
 def size_config(size: str) -> tuple[GPTConfig, int, int]:
     L, d, h, B, T = SIZES[size]
     return (
@@ -183,8 +88,6 @@ def size_config(size: str) -> tuple[GPTConfig, int, int]:
 
 def bench_train_step(impl: str, size: str, mode: str, repeats: int, device: torch.device) -> dict:
     """Tokens/s of forward + backward + AdamW for one model implementation in one mode."""
-    from .model import GPT
-
     cfg, B, T = size_config(size)
     torch.manual_seed(0)
     model = {"ours": GPT, "reference": RefGPT, "hf": HFWrapper}[impl](cfg).to(device)
@@ -197,14 +100,14 @@ def bench_train_step(impl: str, size: str, mode: str, repeats: int, device: torc
     y = torch.randint(0, cfg.vocab_size, (B, T), device=device)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with autocast(device, "bf16" if use_bf16 else "fp32"):
             _, loss = step_model(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        _sync(device)
+        synchronize(device)
 
-    dt = _median_time(step, repeats, warmup=3 if mode.startswith("compile") else 1)
+    dt = median_time(step, repeats, warmup=3 if mode.startswith("compile") else 1)
     tok_s = B * T / dt
     peak = device_peak_flops(device, "bf16" if use_bf16 else "fp32")
     return {
@@ -224,26 +127,21 @@ def bench_generate(size: str, repeats: int, device: torch.device, new_tokens: in
     against recomputing the whole sequence for every token (ours: the lm_head at the last position
     only; original: build-nanogpt's loop, the full forward) and transformers' generate, the same
     weights."""
-    import copy
-
-    from .generate import generate
-    from .model import GPT
-
     cfg, _, _ = size_config(size)
     cfg.block_size = 512
     torch.manual_seed(0)
     model = GPT(cfg).to(device).eval()
-    ours = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16)}
+    ours = {d: model if d == "fp32" else copy.deepcopy(model).to(torch_dtype(d)) for d in bench_dtypes()}
     hf = {}
     try:
-        hf["fp32"] = _hf_copy(model)
-        hf["bf16"] = copy.deepcopy(hf["fp32"]).to(torch.bfloat16)
+        hf["fp32"] = hf_copy(model)
+        hf.update({d: copy.deepcopy(hf["fp32"]).to(torch_dtype(d)) for d in bench_dtypes() if d != "fp32"})
     except ImportError:
         pass
 
     def runner(method: str, dtype: str, prompt: torch.Tensor):
         if method == "original":
-            return lambda: _original_generate(ours[dtype], prompt, new_tokens)
+            return lambda: original_generate(ours[dtype], prompt, new_tokens)
         if method == "hf":
             return lambda: hf[dtype].generate(
                 prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
@@ -256,11 +154,11 @@ def bench_generate(size: str, repeats: int, device: torch.device, new_tokens: in
     for batch in (1, 8):
         prompt = torch.randint(0, cfg.vocab_size, (batch, 8), device=device)
         for method in ("kv-cache", "recompute", "original", "hf"):
-            for dtype in ("fp32", "bf16"):
+            for dtype in bench_dtypes():
                 if (method == "hf" and not hf) or (method == "original" and batch > 1):
                     continue  # the original loop at B=8 takes minutes per run
                 with torch.no_grad():
-                    dt = _median_time(runner(method, dtype, prompt), repeats)
+                    dt = median_time(runner(method, dtype, prompt), repeats)
                 rows.append(
                     {
                         "method": method,
@@ -274,56 +172,10 @@ def bench_generate(size: str, repeats: int, device: torch.device, new_tokens: in
     return rows
 
 
-def _original_generate(model, idx: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """build-nanogpt's sampling loop, greedy: the full forward over the whole sequence per token."""
-    for _ in range(new_tokens):
-        logits, _ = model(idx)
-        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return idx
-
-
-def _hf_copy(model):
-    from transformers import GPT2LMHeadModel
-
-    from .hf import export_hf
-
-    with tempfile.TemporaryDirectory() as d:
-        out = export_hf(model, Path(d) / "m")
-        return GPT2LMHeadModel.from_pretrained(out, attn_implementation="sdpa").eval()
-
-
-def hellaswag_one_at_a_time(model, examples: list[dict], dtype: str = "fp32") -> list[int]:
-    """The original build-nanogpt method: one example per forward, full logits, per-token losses
-    (fp32 as in its hellaswag.py; bf16 autocast as in its training loop)."""
-    from .evals.hellaswag import render
-
-    preds = []
-    for ex in examples:
-        r = render(ex, "completion")
-        rows = [r.context + e for e in r.endings]
-        width = max(len(t) for t in rows)
-        tokens = torch.zeros(4, width, dtype=torch.long)
-        mask = torch.zeros(4, width)
-        for i, row in enumerate(rows):
-            tokens[i, : len(row)] = torch.tensor(row)
-            mask[i, len(r.context) : len(row)] = 1
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            logits = model(tokens)[0]
-        losses = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none"
-        ).view(4, -1)
-        shift_mask = mask[:, 1:]
-        avg = (losses * shift_mask).sum(1) / shift_mask.sum(1)
-        preds.append(int(avg.argmin()))
-    return preds
-
-
 def hellaswag_flop_ratio(model, examples: list[dict]) -> float:
     """Forward FLOPs of the one-at-a-time method over ours: the speed-up either reaches at equal
     arithmetic efficiency. Counts the transformer body (2 x its weights per token) and the lm_head
     (2 x n_embd x vocab per position it is applied to); attention and our row padding are left out."""
-    from .evals.hellaswag import render
-
     cfg = model.config
     body = 2 * (
         model.num_params() - model.transformer.wte.weight.numel() - model.transformer.wpe.weight.numel()
@@ -331,7 +183,7 @@ def hellaswag_flop_ratio(model, examples: list[dict]) -> float:
     head = 2 * cfg.n_embd * cfg.vocab_size
     theirs = ours = 0
     for ex in examples:
-        r = render(ex, "completion")
+        r = hellaswag.render(ex, "completion")
         width = len(r.context) + max(len(e) for e in r.endings)
         scored = sum(len(e) for e in r.endings)
         theirs += 4 * width * (body + head)
@@ -343,9 +195,6 @@ def bench_hellaswag(size: str, repeats: int, n_examples: int = 200) -> list[dict
     """Our evaluator against the original one-example-at-a-time loop, each in fp32 and bf16 autocast,
     on the same model and examples. fp32 predictions must be identical; the others report their
     agreement with the fp32 original."""
-    from .evals import hellaswag
-    from .model import GPT
-
     cfg, _, _ = size_config(size)
     torch.manual_seed(0)
     model = GPT(cfg).eval()
@@ -360,7 +209,7 @@ def bench_hellaswag(size: str, repeats: int, n_examples: int = 200) -> list[dict
         return hellaswag_one_at_a_time(model, examples, dtype)
 
     methods = (("batched", ours, repeats), ("one-at-a-time", original, max(1, repeats // 2)))
-    dtypes = ("fp32", "bf16")
+    dtypes = bench_dtypes()
     preds = {(method, d): run(d) for method, run, _ in methods for d in dtypes}  # also the warm-up runs
     reference = preds["one-at-a-time", "fp32"]
     if preds["batched", "fp32"] != reference:
@@ -369,7 +218,7 @@ def bench_hellaswag(size: str, repeats: int, n_examples: int = 200) -> list[dict
     for method, run, runs in methods:
         for dtype in dtypes:
             agree = sum(a == b for a, b in zip(preds[method, dtype], reference)) / n_examples
-            t = _median_time(lambda r=run, d=dtype: r(d), runs, warmup=0)
+            t = median_time(lambda r=run, d=dtype: r(d), runs, warmup=0)
             rows.append(
                 {
                     "method": method,
@@ -391,9 +240,6 @@ def bench_hellaswag(size: str, repeats: int, n_examples: int = 200) -> list[dict
 
 def bench_prepare(repeats: int) -> list[dict]:
     """Tokenization throughput with all cores vs one, on the same documents (WikiText-2 lines as documents)."""
-    from . import assets
-    from .data.prepare import prepare
-
     mirror = assets.mirror_dir()
     sources = [mirror / "wikitext-2" / "valid.txt", mirror / "wikitext-2" / "test.txt"] if mirror else []
     if not sources or not all(p.is_file() for p in sources):
@@ -447,42 +293,65 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(args) -> dict:
-    from .distributed import pick_device
+def bench_peak(repeats: int, device: torch.device) -> list[dict]:
+    return [
+        {"dtype": name, "n": n, "gflop_per_s": gemm_flops(torch_dtype(name), n, repeats, device.type) / 1e9}
+        for name in bench_dtypes()
+        for n in PEAK_SIZES
+    ]
 
+
+def bench_train(size: str, modes: str, baseline: str, repeats: int, device: torch.device) -> list[dict]:
+    """Our train step in each mode, beside the baselines, each row relative to our best mode."""
+    native = bench_dtypes()
+    chosen = (
+        tuple(m for m in TRAIN_MODES if "bf16" in native or "bf16" not in m)
+        if modes == "all"
+        else tuple(modes.split(","))
+    )
+    unknown = [m for m in chosen if m not in TRAIN_MODES]
+    if unknown:
+        raise BenchError(
+            f"unknown train mode(s) {', '.join(unknown)}; choose from {', '.join(TRAIN_MODES)} or all"
+        )
+    impls = ["ours", *BASELINES[baseline]]
+    rows = [bench_train_step(impl, size, mode, repeats, device) for impl in impls for mode in chosen]
+    best = max(r["tok_per_s"] for r in rows if r["impl"] == "ours")
+    for r in rows:
+        r["vs_best_ours"] = r["tok_per_s"] / best
+    return rows
+
+
+def run(
+    what: str,
+    size: str = "tiny",
+    mode: str = "all",
+    baseline: str = "none",
+    repeats: int = 5,
+    json_out: str | None = None,
+) -> dict:
+    """Run one benchmark, print its table, and return (and optionally write) the result with machine info."""
+    if repeats < 1:
+        raise BenchError(f"--repeats must be at least 1, got {repeats}")
+    if what not in WHAT:
+        raise BenchError(f"unknown benchmark {what!r}; choose one of {', '.join(WHAT)}")
     device = pick_device("cuda" if torch.cuda.is_available() else "cpu")
-    rows: list[dict]
-    if args.what == "peak":
-        rows = [
-            {"dtype": name, "n": n, "gflop_per_s": gemm_flops(dt, n, args.repeats, device.type) / 1e9}
-            for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))
-            for n in (1024, 2048)
-        ]
-    elif args.what == "train":
-        modes = TRAIN_MODES if args.mode == "all" else tuple(args.mode.split(","))
-        impls = ["ours"] + {"none": [], "reference": ["reference"], "hf": ["hf"], "all": ["reference", "hf"]}[
-            args.baseline
-        ]
-        rows = [
-            bench_train_step(impl, args.size, mode, args.repeats, device) for impl in impls for mode in modes
-        ]
-        best = {impl: max(r["tok_per_s"] for r in rows if r["impl"] == impl) for impl in impls}
-        for r in rows:
-            r["vs_best_ours"] = r["tok_per_s"] / best["ours"]
-    elif args.what == "generate":
-        rows = bench_generate(args.size, args.repeats, device)
-    elif args.what == "hellaswag":
-        rows = bench_hellaswag(args.size, args.repeats)
-    else:
-        rows = bench_prepare(args.repeats)
+    runners = {
+        "peak": lambda: bench_peak(repeats, device),
+        "train": lambda: bench_train(size, mode, baseline, repeats, device),
+        "generate": lambda: bench_generate(size, repeats, device),
+        "hellaswag": lambda: bench_hellaswag(size, repeats),
+        "prepare": lambda: bench_prepare(repeats),
+    }
+    rows = runners[what]()
     print(_table(rows))
     result = {
-        "bench": args.what,
-        "args": {k: v for k, v in vars(args).items() if k != "func"},
+        "bench": what,
+        "args": {"size": size, "mode": mode, "baseline": baseline, "repeats": repeats},
         "machine": machine_info(),
         "results": rows,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=2))
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2))
     return result

@@ -1,0 +1,63 @@
+"""`gpt2repro eval hellaswag` behind the command line: score one or both styles, then report the
+summary, a few worked examples, the results JSON and the per-example predictions. Output paths are
+checked before the model runs, so a typo never costs a whole evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..distributed import DistInfo
+from ..fsio import atomic_write_text
+from ..model import GPT
+from .hellaswag import STYLES, HellaSwagError, evaluate
+
+
+def check_output_paths(*paths: str | None) -> None:
+    for path in paths:
+        if path is not None and not Path(path).parent.is_dir():
+            raise HellaSwagError(f"{path}: directory {Path(path).parent} does not exist")
+
+
+def worked_examples(examples: list[dict], details: list[dict], n: int = 3) -> str:
+    lines = []
+    for d in details[:n]:
+        ex = examples[d["index"]]
+        lines.append(f"\n--- example {d['index']} (label {d['label']}, predicted {d['pred_norm']}) ---")
+        lines.append(f"ctx: {ex['ctx']}")
+        for i, end in enumerate(ex["endings"]):
+            lines.append(f"  {i} logprob={d['logprob_sums'][i]:.4f} norm={d['norm_scores'][i]:.4f}  {end}")
+    return "\n".join(lines)
+
+
+def run_hellaswag(
+    model: GPT,
+    examples: list[dict],
+    style: str,
+    info: DistInfo,
+    batch_size: int = 32,
+    dtype: str = "fp32",
+    verbose: bool = False,
+    json_out: str | None = None,
+    predictions: str | None = None,
+) -> dict[str, dict]:
+    """Evaluate in `style` (or `both`), print and write the reports on the main rank; the results."""
+    styles = STYLES if style == "both" else (style,)
+    results, details = {}, {}
+    for s in styles:
+        details[s] = []
+        results[s] = evaluate(
+            model, examples, s, info.device, info.rank, info.world_size, batch_size, dtype, details=details[s]
+        )
+    if not info.is_main:
+        return results
+    for s, r in results.items():
+        print(f"hellaswag [{s}] n={r['n']} acc={r['acc']:.4f} acc_norm={r['acc_norm']:.4f}")
+    if verbose:
+        print(worked_examples(examples, details[styles[0]]))
+    if json_out:
+        atomic_write_text(json_out, json.dumps(results, indent=2))
+    if predictions:
+        rows = [{"style": s, **d} for s in styles for d in sorted(details[s], key=lambda d: d["index"])]
+        atomic_write_text(predictions, "".join(json.dumps(r) + "\n" for r in rows))
+    return results

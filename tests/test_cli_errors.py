@@ -1,0 +1,236 @@
+"""Every user error the command line knows: one line on stderr naming the problem, exit code 2, no
+traceback, nothing lost. Each row: the command, the bad input, a fragment of the expected message."""
+
+import gzip
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import shared_file
+from gpt2repro import checkpoint
+from gpt2repro.cli import main
+
+SMALL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "micro_batch_size=2", "seq_len=32"]
+SMALL += ["total_batch_size=64", "val_every=0", "hellaswag_every=0", "sample_every=0", "max_steps=1"]
+
+TRAIN_OVERRIDES = [
+    ("max_steps=1e400", "max_steps='1e400': expected int"),
+    ("validate=1", "unknown config key 'validate'"),
+    ("to_json=x", "unknown config key 'to_json'"),
+    ("max_lr=-1", "max_lr=-1.0: expected a positive number"),
+    ("max_lr=nan", "max_lr=nan: expected a positive number"),
+    ("beta1=2", "beta1=2.0: expected a number in [0, 1)"),
+    ("seed=-1", "seed=-1: expected an integer in [0, 2^63)"),
+    ("device=tpu", "device='tpu': expected auto, cpu, cuda, cuda:N or mps"),
+    ("sample_prompt=", "a non-empty sample_prompt"),
+    ("grad_clip=-1", "grad_clip=-1.0: expected a positive number"),
+    ("val_steps=0", "val_steps=0 with val_every>0"),
+    ("min_lr_ratio=5", "min_lr_ratio=5.0: expected a number in [0, 1]"),
+    ("eps=-1", "eps=-1.0: expected a positive number"),
+    ("weight_decay=-1", "weight_decay=-1.0: expected a number >= 0"),
+    ("sample_count=-2", "sample_count=-2: expected an integer >= 0"),
+    ("log_every=-1", "log_every=-1: expected an integer >= 0"),
+    ("model.layer_norm_epsilon=-1", "model.layer_norm_epsilon=-1.0: expected in (0, 1)"),
+    ("model.block_size=1e9", "model.block_size=1000000000: expected at most 131072"),
+    ("time_limit=inf", "time_limit=inf: expected seconds >= 0"),
+    ("dtype=fp8", "dtype='fp8' is not one of auto, fp32, bf16, fp16"),
+    ("activation_checkpointing=every_0", "activation_checkpointing='every_0': expected none, full or every_N"),
+    ("sample_prompt=word" + " word" * 299, "the prompt is 300 tokens; this model's block_size is 256"),
+]
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(capsys, argv, fragment):
+    code, out, err = run(capsys, *argv)
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("prepare:")]
+    assert code == 2, (out, err)
+    assert "Traceback" not in err + out
+    assert len(lines) == 1 and lines[0].startswith("gpt2repro: error: "), err
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("override,fragment", TRAIN_OVERRIDES, ids=[o[:24] for o, _ in TRAIN_OVERRIDES])
+def test_train_config_errors(capsys, data_dir, tmp_path, override, fragment):
+    needs = {"sample_prompt": "sample_every=1", "val_steps": "val_every=1"}  # what makes the value matter
+    extra = [override, needs.get(override.split("=")[0], override)]
+    argv = ["train", "--preset", "cpu-tiny", "--data", data_dir, "--out", tmp_path / "run", *SMALL, *extra]
+    assert_one_line_error(capsys, argv, fragment)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any work
+
+
+def test_train_run_directory_errors(capsys, data_dir, tmp_path):
+    base = ["train", "--preset", "cpu-tiny", "--out", tmp_path / "run", *SMALL]
+    assert_one_line_error(capsys, [*base, "--data", tmp_path / "none"], "data directory does not exist")
+    assert_one_line_error(capsys, [*base, "--data", data_dir, "--resume"], "no checkpoint to resume from")
+    assert main([*map(str, base), "--data", str(data_dir), "ckpt_every=1"]) == 0
+    saved = checkpoint.latest(tmp_path / "run")
+    before = (saved / "model.safetensors").read_bytes()
+    fragment = "holds checkpoints of an earlier run (step_00000001)"
+    assert_one_line_error(capsys, [*base, "--data", data_dir, "resume=never"], fragment)
+    other = tmp_path / "other"
+    shutil.copytree(data_dir, other)
+    (other / "train_000008.bin").unlink()
+    assert_one_line_error(capsys, [*base, "--data", other, "max_steps=2"], "loader state has shards=")
+    assert (saved / "model.safetensors").read_bytes() == before  # nothing lost
+    if not __import__("torch").cuda.is_available():
+        fragment = "device=cuda requested but CUDA is not available"
+        assert_one_line_error(
+            capsys, [*base, "--data", data_dir, "device=cuda", "--out", tmp_path / "x"], fragment
+        )
+
+
+@pytest.fixture
+def bad_sources(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    pa = pytest.importorskip("pyarrow")
+    d = tmp_path / "src"
+    d.mkdir()
+    (d / "garbage.txt").write_bytes(
+        np.random.default_rng(0).integers(128, 256, 3000, dtype=np.uint8).tobytes()
+    )
+    (d / "fake.jsonl.gz").write_text("not gzip")
+    (d / "fake.parquet").write_text("not parquet")
+    pq.write_table(pa.table({"text": [1, 2]}), d / "ints.parquet")
+    pq.write_table(pa.table({"text": ["a", None]}), d / "nulls.parquet")
+    (d / "empty.txt").write_text("")
+    (d / "ok.txt").write_text("hello world")
+    (d / "a-file").write_text("x")
+    return d
+
+
+PREPARE_CASES = [
+    (["garbage.txt"], [], "garbage.txt: cannot read it as its extension says (UnicodeDecodeError"),
+    (["fake.jsonl.gz"], [], "fake.jsonl.gz: cannot read it as its extension says (BadGzipFile"),
+    (["fake.parquet"], [], "fake.parquet: cannot read it as its extension says (ArrowInvalid"),
+    (["ints.parquet"], [], "ints.parquet: a 'text' value is int, not text"),
+    (["nulls.parquet"], [], "nulls.parquet: a 'text' value is NoneType, not text"),
+    (["empty.txt"], [], "empty.txt: empty file"),
+    (["ok.txt"], ["--val-tokens", "-100"], "--val-tokens must be at least 0, got -100"),
+    (["ok.txt"], ["--max-tokens", "0"], "--max-tokens must be at least 1, got 0"),
+    (["ok.txt"], ["--workers", "-3"], "--workers must be at least 1, got -3"),
+    (["ok.txt"], ["--shard-tokens", "0"], "--shard-tokens must be at least 1, got 0"),
+    (["missing.txt"], [], "missing.txt': no such file"),
+]
+
+
+@pytest.mark.parametrize("sources,extra,fragment", PREPARE_CASES, ids=[c[2][:30] for c in PREPARE_CASES])
+def test_prepare_errors(capsys, bad_sources, tmp_path, sources, extra, fragment):
+    shared_file("gpt2.tiktoken")
+    argv = ["prepare", "--source", *[bad_sources / s for s in sources], "--out", tmp_path / "out", *extra]
+    assert_one_line_error(capsys, argv, fragment)
+    assert not list((tmp_path / "out").glob("*.bin")) if (tmp_path / "out").exists() else True
+
+
+def test_prepare_output_errors(capsys, bad_sources, tmp_path):
+    shared_file("gpt2.tiktoken")
+    src = bad_sources / "ok.txt"
+    argv = ["prepare", "--source", src, "--out", bad_sources / "a-file" / "out"]
+    assert_one_line_error(capsys, argv, "cannot create the output directory")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text("{garbage")
+    assert_one_line_error(
+        capsys, ["prepare", "--source", src, "--out", out], "manifest.json: unreadable manifest"
+    )
+    assert (out / "manifest.json").read_text() == "{garbage"  # nothing overwritten
+
+
+def test_a_bom_jsonl_is_read(capsys, tmp_path):
+    shared_file("gpt2.tiktoken")
+    src = tmp_path / "bom.jsonl"
+    src.write_bytes(b'\xef\xbb\xbf{"text": "hello"}\n{"text": "x"}\n')
+    assert main(["prepare", "--source", str(src), "--out", str(tmp_path / "o"), "--val-tokens", "0"]) == 0
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["total_tokens"] == 4
+
+
+SAMPLE_CASES = [
+    (["--prompt", "word" + " word" * 299], "the prompt is 300 tokens; this model's block_size is 256"),
+    (["--prompt", ""], "the prompt is empty"),
+    (["-n", "0"], "-n must be at least 1, got 0"),
+    (["--top-k", "0"], "--top-k must be at least 1, got 0"),
+    (["--max-new-tokens", "-10"], "--max-new-tokens must be at least 1, got -10"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0, got -1.0"),
+    (["--temperature", "inf"], "--temperature must be a finite number >= 0, got inf"),
+]
+
+
+@pytest.mark.parametrize("extra,fragment", SAMPLE_CASES, ids=[c[1][:24] for c in SAMPLE_CASES])
+def test_sample_errors(capsys, run_dir, extra, fragment):
+    shared_file("gpt2.tiktoken")
+    assert_one_line_error(capsys, ["sample", "--checkpoint", run_dir, *extra], fragment)
+
+
+def test_eval_errors(capsys, run_dir, tmp_path):
+    shared_file("hellaswag_val.jsonl.gz")
+    base = ["eval", "hellaswag", "--checkpoint", run_dir]
+    for extra, fragment in [
+        (["--batch-size", "0", "--limit", "2"], "batch size must be a positive number of examples, got 0"),
+        (["--batch-size", "-2", "--limit", "2"], "batch size must be a positive number of examples, got -2"),
+        (["--limit", "0"], "limit must be a positive number of examples (or none for all), got 0"),
+        (["--limit", "-1"], "limit must be a positive number of examples (or none for all), got -1"),
+        (["--limit", "2", "--json", tmp_path / "no" / "r.json"], "r.json: directory"),
+    ]:
+        assert_one_line_error(capsys, [*base, *extra], fragment)
+    (tmp_path / "empty.jsonl").write_text("")
+    assert_one_line_error(capsys, [*base, "--data", tmp_path / "empty.jsonl"], "empty.jsonl: no examples")
+    row = json.loads(gzip.open(shared_file("hellaswag_val.jsonl.gz"), "rt").readline())
+    (tmp_path / "blank.jsonl").write_text(json.dumps(dict(row, endings=["a", "", "b", "c"])) + "\n")
+    fragment = "blank.jsonl:1: 'endings' must be a list of 4 non-empty strings"
+    assert_one_line_error(capsys, [*base, "--data", tmp_path / "blank.jsonl"], fragment)
+
+
+def test_plot_errors(capsys, tmp_path):
+    assert_one_line_error(capsys, ["plot", tmp_path], "metrics.jsonl: no metrics (is this a run directory?)")
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert_one_line_error(capsys, ["plot", tmp_path], "metrics.jsonl: no metrics recorded yet")
+    (tmp_path / "metrics.jsonl").write_text('garbage\n{"event": "train", "step": 0, "loss": 1.0}\n')
+    assert_one_line_error(capsys, ["plot", tmp_path], "metrics.jsonl:1: not a metrics record")
+
+
+def test_plot_tolerates_a_torn_last_line(tmp_path):
+    from gpt2repro.plot import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"event": "train", "step": 0, "loss": 1.0}\n{"event": "tr')
+    assert read_metrics(tmp_path) == {"train": [{"event": "train", "step": 0, "loss": 1.0}]}
+
+
+def test_bench_errors(capsys):
+    assert_one_line_error(capsys, ["bench", "peak", "--repeats", "0"], "--repeats must be at least 1, got 0")
+    assert_one_line_error(capsys, ["bench", "train", "--mode", "bogus"], "unknown train mode(s) bogus")
+
+
+@pytest.mark.parametrize(
+    "field,value,fragment",
+    [
+        ("n_layer", "12", "n_layer='12': expected a positive integer"),
+        ("n_embd", None, "n_embd=None: expected a positive integer"),
+        ("n_positions", 1e9, "block_size=1000000000.0: expected a positive integer"),
+        ("n_positions", 10**9, "block_size=1000000000: expected at most 131072"),
+    ],
+)
+def test_hf_config_errors(capsys, tmp_path, field, value, fragment):
+    src = shared_file("tiny-gpt2")
+    d = tmp_path / "hf"
+    shutil.copytree(src, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, field: value}))
+    assert_one_line_error(capsys, ["sample", "--hf", d], f"config.json: {fragment}")
+
+
+def test_verify_command(capsys, run_dir, data_dir, tmp_path):
+    assert main(["verify", str(data_dir)]) == 0 and "shards verified" in capsys.readouterr().out
+    assert main(["verify", str(run_dir)]) == 0 and "checkpoints verified" in capsys.readouterr().out
+    bad = tmp_path / "data"
+    shutil.copytree(data_dir, bad)
+    (bad / "val_000000.bin").write_bytes((bad / "val_000000.bin").read_bytes()[:-2] + b"\x00\x00")
+    code, out, err = run(capsys, "verify", bad)
+    assert code == 2 and "val_000000.bin: sha256 mismatch" in out
+    assert err.strip() == f"gpt2repro: error: {bad}: 1 of 10 shards failed verification (listed above)"
+    assert_one_line_error(capsys, ["verify", tmp_path / "nothing"], "neither a prepared data directory")

@@ -1,0 +1,56 @@
+"""Atomic publishing of directories (checkpoints, exports): complete or absent, normal permissions."""
+
+import pytest
+
+from conftest import current_umask
+from gpt2repro.config import model_config
+from gpt2repro.fsio import AtomicDir
+from gpt2repro.hf import export_hf
+from gpt2repro.model import GPT
+
+
+def _modes(root):
+    return {p.name: p.stat().st_mode & 0o777 for p in [root, *root.rglob("*")]}
+
+
+def test_atomic_dir_appears_complete_or_not_at_all(tmp_path):
+    target = tmp_path / "d"
+    with pytest.raises(RuntimeError, match="boom"), AtomicDir(target) as tmp:
+        (tmp / "a.txt").write_text("half")
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []  # neither the target nor the temporary directory
+    with AtomicDir(target) as tmp:
+        (tmp / "a.txt").write_text("one")
+        assert not target.exists()  # nothing visible before the commit
+    assert (target / "a.txt").read_text() == "one" and list(tmp_path.iterdir()) == [target]
+
+
+def test_atomic_dir_replaces_only_when_asked_and_cleans_leftovers(tmp_path):
+    target = tmp_path / "d"
+    with AtomicDir(target) as tmp:
+        (tmp / "a.txt").write_text("one")
+    (tmp_path / ".d.tmp").mkdir()  # left by a killed earlier attempt
+    (tmp_path / ".d.tmp" / "junk").write_text("x")
+    with pytest.raises(FileExistsError, match="exists and is not empty"), AtomicDir(target) as tmp:
+        (tmp / "a.txt").write_text("two")
+    assert (target / "a.txt").read_text() == "one"
+    with AtomicDir(target, replace=True) as tmp:
+        (tmp / "b.txt").write_text("two")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_export_has_normal_permissions(tmp_path):
+    out = export_hf(GPT(model_config("tiny")), tmp_path / "hf")
+    modes = _modes(out)
+    assert modes.pop("hf") == 0o777 & ~current_umask()  # was mkdtemp's 0700
+    assert modes and set(modes.values()) == {0o666 & ~current_umask()}  # model.safetensors was 0600
+
+
+def test_checkpoint_has_normal_permissions(run_dir):
+    from gpt2repro import checkpoint
+
+    ckpt = checkpoint.latest(run_dir)
+    modes = _modes(ckpt)
+    assert modes.pop(ckpt.name) == 0o777 & ~current_umask()
+    assert set(modes.values()) == {0o666 & ~current_umask()}
