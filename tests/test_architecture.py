@@ -14,9 +14,9 @@ LAYERS = [
     {"model", "tokenizer"},
     {"data.shards", "data.loader", "data.prepare"},
     {"optim", "checkpoint", "distributed", "mfu"},
-    {"evals.hellaswag", "generate"},
+    {"evals.hellaswag", "generate", "hf"},
     {"train", "metrics"},
-    {"hf", "evals.report", "plot"},
+    {"evals.report", "plot"},
     {"bench.reference", "bench.runners"},
     {"cli", "__main__"},
 ]

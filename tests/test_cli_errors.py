@@ -36,7 +36,10 @@ TRAIN_OVERRIDES = [
     ("model.block_size=1e9", "model.block_size=1000000000: expected at most 131072"),
     ("time_limit=inf", "time_limit=inf: expected seconds >= 0"),
     ("dtype=fp8", "dtype='fp8' is not one of auto, fp32, bf16, fp16"),
-    ("activation_checkpointing=every_0", "activation_checkpointing='every_0': expected none, full or every_N"),
+    (
+        "activation_checkpointing=every_0",
+        "activation_checkpointing='every_0': expected none, full or every_N",
+    ),
     ("sample_prompt=word" + " word" * 299, "the prompt is 300 tokens; this model's block_size is 256"),
 ]
 

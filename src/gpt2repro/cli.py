@@ -44,13 +44,10 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args, device):
-    if args.checkpoint:
-        from .checkpoint import load_model
-
-        return load_model(args.checkpoint, device)
+    from .checkpoint import load_model
     from .hf import load_hf
 
-    return load_hf(args.hf).to(device)
+    return load_model(args.checkpoint, device) if args.checkpoint else load_hf(args.hf).to(device)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -118,6 +118,9 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
+    # start from pretrained weights (a hub name, an HF GPT-2 directory or a run of ours); the
+    # architecture then comes from the weights (model.vocab_multiple excepted)
+    init_from: str = ""
     # data
     shuffle: bool = False  # reshuffle shards and windows every epoch (the original did not)
     verify_data: bool = False  # check the shards' sha256s (manifest.json) at start, shared over ranks
@@ -280,6 +283,27 @@ def _cpu(model: str, micro: int, seq: int, accum: int, steps: int, lr: float) ->
     )
 
 
+def _finetune() -> TrainConfig:
+    """nanoGPT's Shakespeare fine-tune, generalised: pretrained GPT-2 (the architecture comes from
+    the weights), 32k-token batches, a short warmup to a small LR, no HellaSwag."""
+    return TrainConfig(
+        model=model_config("gpt2", vocab_multiple=64),
+        init_from="gpt2",
+        total_batch_size=32768,
+        micro_batch_size=8,
+        seq_len=1024,
+        max_steps=200,
+        warmup_steps=10,
+        max_lr=3e-5,
+        shuffle=True,
+        val_every=25,
+        val_steps=10,
+        hellaswag_every=0,
+        sample_every=50,
+        ckpt_every=50,
+    )
+
+
 TRAIN_PRESETS = {
     "gpt2-124m-10B": _gpt2_124m_10b,
     "gpt2-124m-40B": _gpt2_124m_40b,
@@ -288,6 +312,7 @@ TRAIN_PRESETS = {
     "gpt3-large": lambda: _gpt3("gpt3-large", 2.5e-4, 524288),
     "gpt3-xl": lambda: _gpt3("gpt3-xl", 2.0e-4, 1048576),
     "gpt3-2.7b": lambda: _gpt3("gpt3-2.7b", 1.6e-4, 1048576),
+    "finetune": _finetune,
     "cpu-tiny": lambda: _cpu("cpu-tiny", micro=8, seq=128, accum=2, steps=60, lr=3e-3),
     "cpu-demo": lambda: _cpu("cpu-demo", micro=8, seq=256, accum=2, steps=400, lr=2e-3),
 }
@@ -337,4 +362,12 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
 def train_config(preset: str, overrides: list[str] | None = None) -> TrainConfig:
     if preset not in TRAIN_PRESETS:
         raise ConfigError(f"unknown training preset {preset!r}; choose one of: {', '.join(TRAIN_PRESETS)}")
-    return apply_overrides(TRAIN_PRESETS[preset](), overrides or [])
+    cfg = apply_overrides(TRAIN_PRESETS[preset](), overrides or [])
+    architecture = [o.split("=")[0] for o in overrides or [] if o.startswith("model.")]
+    conflicts = [k for k in architecture if k.strip() != "model.vocab_multiple"]
+    if cfg.init_from and conflicts:
+        raise ConfigError(
+            f"{conflicts[0]} cannot be set with init_from={cfg.init_from}: the architecture comes from the "
+            "weights (only model.vocab_multiple may be)"
+        )
+    return cfg

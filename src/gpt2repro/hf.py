@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import checkpoint
 from .config import ConfigError, GPTConfig
 from .fsio import AtomicDir, default_permissions
 from .model import GPT, WeightsMismatch, load_state_strict
@@ -58,6 +59,14 @@ def _read_state(directory: Path) -> dict[str, torch.Tensor]:
             f"{st if st.is_file() else binf}: corrupted or unreadable weights ({str(e).splitlines()[0]})"
         ) from None
     raise HFError(f"{directory}: no model.safetensors or pytorch_model.bin")
+
+
+def load_pretrained(source: str | os.PathLike) -> GPT:
+    """Weights to start from or evaluate: a run or checkpoint directory of ours, a Hugging Face
+    GPT-2 directory (our exports included), or a hub name (`gpt2` ... `gpt2-xl`)."""
+    path = Path(source)
+    ours = path.name == "checkpoints" or (path / "checkpoints").is_dir() or (path / "state.json").is_file()
+    return checkpoint.load_model(path) if path.is_dir() and ours else load_hf(source)
 
 
 def config_from_hf(hf: dict) -> GPTConfig:

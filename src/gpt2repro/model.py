@@ -185,6 +185,16 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def copy_weights_from(self, other: GPT) -> None:
+        """Start from `other`'s weights (same architecture; the vocabulary may be padded otherwise):
+        the real vocabulary's rows are copied, padded rows keep their initialisation."""
+        state = other.state_dict()
+        wte = self.transformer.wte.weight.detach().clone()
+        vocab = self.config.vocab_size
+        wte[:vocab] = state["transformer.wte.weight"][:vocab]
+        state["transformer.wte.weight"] = state["lm_head.weight"] = wte
+        load_state_strict(self, state)
+
     def num_params(self) -> int:
         """Unique parameters (the tied lm_head counted once), as published for GPT-2."""
         return sum(p.numel() for p in self.parameters())

@@ -10,6 +10,7 @@ SIGTERM/SIGINT finish the step, checkpoint and exit; resuming continues bit-iden
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import signal
@@ -27,6 +28,7 @@ from .distributed import DistInfo, all_reduce_mean, all_reduce_sum, set_grad_syn
 from .evals import hellaswag
 from .fsio import atomic_write_text
 from .generate import prompt_tokens, sample_text
+from .hf import load_pretrained
 from .metrics import MetricsLogger
 from .mfu import device_peak_flops, synchronize
 from .model import GPT
@@ -78,6 +80,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, data_dir: Path, run_dir: Path, info: DistInfo):
         self.cfg, self.info, self.run_dir, self.device = cfg, info, run_dir, info.device
+        pretrained = self._pretrained() if cfg.init_from else None
         self.accum = grad_accum_steps(cfg, info.world_size)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.compiled = cfg.compile == "true" or (cfg.compile == "auto" and self.device.type == "cuda")
@@ -97,6 +100,8 @@ class Trainer:
         if cfg.sample_every:  # a prompt that cannot be sampled fails now, not after the first steps
             prompt_tokens(cfg.sample_prompt, cfg.model.block_size)
         self.raw = GPT(cfg.model).to(self.device)
+        if pretrained is not None:
+            self.raw.copy_weights_from(pretrained)
         self.raw.checkpoint_every = cfg.checkpoint_every
         self.model = wrap_model(self.raw, cfg, info, self.compiled)
         self.optimizer = build_optimizer(self.raw, cfg, self.device)
@@ -107,6 +112,15 @@ class Trainer:
         # worse than guessing uniformly by far: the weights blew up (a finite loss can say so too)
         self.divergence_loss = 2 * math.log(cfg.model.vocab_size)
         self.start_step, self.started = 0, time.time()
+        self.peak = device_peak_flops(self.device, self.dtype)  # for MFU
+        self.flops_per_step = self.raw.flops_per_token(cfg.seq_len) * cfg.total_batch_size
+
+    def _pretrained(self) -> GPT:
+        """The weights of init_from; the run's architecture becomes theirs (its vocab padding kept)."""
+        pretrained = load_pretrained(self.cfg.init_from)
+        self.cfg.model = dataclasses.replace(pretrained.config, vocab_multiple=self.cfg.model.vocab_multiple)
+        self.cfg.validate()
+        return pretrained
 
     def _verify_data(self, data_dir: Path) -> None:
         """Every rank hashes its share of the shards; any problem on any rank stops all of them."""
@@ -139,8 +153,6 @@ class Trainer:
         self.start_step = start = self.resume()
         self.logger = MetricsLogger(self.run_dir, cfg, self.info.is_main)
         stop = StopFlag()
-        self.peak = device_peak_flops(self.device, self.dtype)
-        self.flops_per_step = self.raw.flops_per_token(cfg.seq_len) * cfg.total_batch_size
         self.started = time.time()
         try:
             for step in range(start, cfg.max_steps):
