@@ -12,3 +12,4 @@ $B bench train --size 124m --mode bf16,eager --baseline reference --repeats 3 --
 $B bench generate --size small --repeats 3 --json "$OUT/generate.json"
 $B bench hellaswag --size small --repeats 3 --json "$OUT/hellaswag.json"
 $B bench prepare --repeats 9 --json "$OUT/prepare.json"
+$B bench memory --size 124m --json "$OUT/memory_124m.json"

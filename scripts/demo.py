@@ -2,7 +2,7 @@
 """`make demo`: the whole pipeline at small scale on CPU, with the code path of the 124M run.
 
 Prepares Tiny Shakespeare + WikiText-2 into llm.c shards, trains the `cpu-demo` preset (gradient
-accumulation, bf16 autocast, torch.compile) for a bounded time with validation, HellaSwag on the
+accumulation, bf16 autocast where the CPU has it natively, torch.compile) for a bounded time with validation, HellaSwag on the
 first 500 examples and samples in the loop, then plots the curves and exports a transformers
 directory. Re-running resumes where it stopped."""
 
@@ -44,7 +44,7 @@ def main() -> None:
     m = prepare(corpus(), out / "data", shard_tokens=250_000, val_tokens=60_000, progress=False)
     print(f"   {m['total_tokens']:,} tokens from {m['documents']} documents in {len(m['shards'])} shards")
 
-    print("== 2/5 train: cpu-demo preset (grad accumulation, bf16 autocast, compile)")
+    print("== 2/5 train: cpu-demo preset (grad accumulation, autocast dtype auto, compile)")
     cfg = train_config(
         "cpu-demo", ["compile=true", "hellaswag_limit=500", f"time_limit={args.seconds}", *args.overrides]
     )

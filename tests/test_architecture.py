@@ -16,8 +16,8 @@ LAYERS = [
     {"optim", "checkpoint", "distributed", "mfu"},
     {"evals.hellaswag", "generate", "hf"},
     {"train", "metrics"},
-    {"evals.report", "plot"},
-    {"bench.reference", "bench.runners"},
+    {"evals.report", "evals.harness", "plot"},
+    {"bench.reference", "bench.learn", "bench.runners"},
     {"cli", "__main__"},
 ]
 LAYER = {m: i for i, layer in enumerate(LAYERS) for m in layer}

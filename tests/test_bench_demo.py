@@ -106,3 +106,12 @@ def test_demo_script_end_to_end(tmp_path):
     summary = [line for line in result.stdout.splitlines() if "last val loss" in line]
     assert summary and "nan" not in summary[0]
     assert summary == [line for line in again.stdout.splitlines() if "last val loss" in line]
+
+
+def test_bench_memory_runs_each_mode_in_a_fresh_process():
+    rows = bench.run("memory", size="tiny", repeats=1)["results"]
+    assert [r["activation_checkpointing"] for r in rows] == ["none", "full"]
+    assert all(
+        r["step_extra_mb"] > 0 and r["peak_mb"] >= r["step_extra_mb"] and r["step_s"] > 0 for r in rows
+    )
+    assert rows[0]["vs_none"] == 1.0

@@ -237,3 +237,20 @@ def test_verify_command(capsys, run_dir, data_dir, tmp_path):
     assert code == 2 and "val_000000.bin: sha256 mismatch" in out
     assert err.strip() == f"gpt2repro: error: {bad}: 1 of 10 shards failed verification (listed above)"
     assert_one_line_error(capsys, ["verify", tmp_path / "nothing"], "neither a prepared data directory")
+
+
+def test_finetune_and_source_errors(capsys, data_dir, tmp_path, monkeypatch):
+    base = ["train", "--preset", "finetune", "--data", data_dir, "--out", tmp_path / "ft", "max_steps=1"]
+    fragment = "nowhere: not a directory and not a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl)"
+    assert_one_line_error(capsys, [*base, f"init_from={tmp_path / 'nowhere'}"], fragment)
+    fragment = "model.n_embd cannot be set with init_from=gpt2: the architecture comes from the weights"
+    assert_one_line_error(capsys, [*base, "model.n_embd=64"], fragment)
+    (tmp_path / "notgpt2").mkdir()
+    (tmp_path / "notgpt2" / "config.json").write_text(json.dumps({"activation_function": "relu"}))
+    fragment = "unsupported activation_function 'relu'"
+    assert_one_line_error(capsys, [*base, f"init_from={tmp_path / 'notgpt2'}"], fragment)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = ["prepare", "--source", "hf:someone/some-data", "--out", tmp_path / "p"]
+    assert_one_line_error(
+        capsys, argv, "cannot stream someone/some-data from the Hugging Face hub (offline mode"
+    )

@@ -244,6 +244,37 @@ def test_parquet_jsonl_gz_and_txt_sources_agree(tmp_path, enc):
     assert hashes[0] == hashes[1] == hashes[2]
 
 
+def test_hf_datasets_and_directories_as_sources(tmp_path, enc, monkeypatch):
+    """A directory of parquet files, a save_to_disk directory and `hf:` (the hub code path, offline
+    on a local directory) give the shards a single local file gives; streams resume exactly."""
+    datasets = pytest.importorskip("datasets")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    rows = fineweb_rows(120)
+    args = dict(shard_tokens=2500, val_tokens=500, progress=False)
+    reference = prep.prepare([str(write_jsonl(tmp_path / "d.jsonl", rows))], tmp_path / "ref", **args)
+    parquet_dir = tmp_path / "parquet"
+    parquet_dir.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[:50]), parquet_dir / "part-0.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[50:]), parquet_dir / "part-1.parquet")
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(saved))
+    for label, source in [("dir", str(parquet_dir)), ("hub", f"hf:{parquet_dir}"), ("disk", str(saved))]:
+        m = prep.prepare([source], tmp_path / label, **args)
+        assert [s["sha256"] for s in m["shards"]] == [s["sha256"] for s in reference["shards"]], label
+        assert m["documents"] == 120
+    with crash_on_commit(2):
+        prep.prepare([str(saved)], tmp_path / "resumed", **args)
+    resumed = prep.prepare([str(saved)], tmp_path / "resumed", **args)
+    assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in reference["shards"]]
+    with pytest.raises(prep.PrepareError, match="no split 'test' \\(splits: train\\)"):
+        prep.prepare([str(saved)], tmp_path / "bad-split", split="test", **args)
+    with pytest.raises(prep.PrepareError, match="no column 'body' \\(columns: text, id"):
+        prep.prepare([f"hf:{parquet_dir}"], tmp_path / "bad-field", text_field="body", **args)
+
+
 def test_real_c4_sample_and_tiny_shakespeare(tmp_path, enc):
     c4 = shared_file("c4-sample")
     shakespeare = shared_file("tinyshakespeare.txt")

@@ -6,14 +6,13 @@ GPT2REPRO_WRITE_GOLDEN=1 pytest tests/test_golden.py (and says so in its commit)
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from conftest import ROOT
 from gpt2repro.config import train_config
 from gpt2repro.train import train
+from test_train import _run_to_end, train_argv
 
 GOLDEN = ROOT / "tests" / "golden_losses.json"
 COMMON = [
@@ -39,20 +38,7 @@ def _losses(run_dir) -> list[float]:
 
 
 def _two_ranks(data_dir, out) -> list[float]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "gpt2repro"]
-    cmd += [
-        "train",
-        "--preset",
-        "cpu-tiny",
-        "--data",
-        str(data_dir),
-        "--out",
-        str(out),
-        *RUNS["cpu-tiny-shuffled"],
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    _run_to_end([*train_argv(data_dir, "--out", out), *RUNS["cpu-tiny-shuffled"]], nproc=2)
     return _losses(out)
 
 

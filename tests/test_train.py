@@ -113,7 +113,8 @@ def test_weight_decay_groups():
 
     cfg = small_cfg()
     model = GPT(cfg.model)
-    decay, no_decay = build_optimizer(model, cfg, torch.device("cpu")).param_groups
+    (adamw,) = build_optimizer(model, cfg, torch.device("cpu"))
+    decay, no_decay = adamw.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
@@ -335,19 +336,13 @@ def _cli(*args, nproc=None, launcher=(), **popen):
     )
 
 
+def train_argv(data_dir, *extra) -> list[str]:
+    """`gpt2repro train` of the cpu-tiny preset on data_dir, for a subprocess."""
+    return ["train", "--preset", "cpu-tiny", "--data", str(data_dir), *map(str, extra)]
+
+
 def test_sigterm_checkpoints_and_resumes(data_dir, tmp_path):
-    args = [
-        "train",
-        "--preset",
-        "cpu-tiny",
-        "--data",
-        str(data_dir),
-        "--out",
-        str(tmp_path),
-        *SMALL,
-        "max_steps=400",
-        "log_every=1",
-    ]
+    args = [*train_argv(data_dir, "--out", tmp_path), *SMALL, "max_steps=400", "log_every=1"]
     proc = _cli(*args)
     for line in proc.stdout:
         if line.startswith("step      2"):
@@ -374,12 +369,7 @@ def _run_to_end(args, nproc=None):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_process_gloo_matches_one_process(data_dir, tmp_path, mode):
     common = [
-        "train",
-        "--preset",
-        "cpu-tiny",
-        "--data",
-        str(data_dir),
-        *SMALL,
+        *train_argv(data_dir, *SMALL),
         "max_steps=4",
         "shuffle=true",
         "val_every=3",
@@ -463,7 +453,7 @@ CONSTANT_LR = ["min_lr_ratio=1", "shuffle=true", "ckpt_every=2"]  # the LR does 
 
 def test_resume_on_another_number_of_ranks_continues_the_same_stream(data_dir, tmp_path):
     """2 ranks -> 1 rank -> 2 ranks takes the same windows, so the same losses, as one process."""
-    base = ["train", "--preset", "cpu-tiny", "--data", str(data_dir), *SMALL, *CONSTANT_LR]
+    base = train_argv(data_dir, *SMALL, *CONSTANT_LR)
     _run_to_end([*base, "--out", str(tmp_path / "straight"), "max_steps=6"])
     elastic = ["--out", str(tmp_path / "elastic")]
     _run_to_end([*base, *elastic, "max_steps=2"], nproc=2)
@@ -479,7 +469,7 @@ def test_resume_on_another_number_of_ranks_continues_the_same_stream(data_dir, t
 
 def test_two_node_launch_on_one_machine_matches_one_process(data_dir, tmp_path):
     """torchrun --nnodes 2 with c10d rendezvous on 127.0.0.1, one process per "node", gloo."""
-    base = ["train", "--preset", "cpu-tiny", "--data", str(data_dir), *SMALL, "max_steps=3", "shuffle=true"]
+    base = train_argv(data_dir, *SMALL, "max_steps=3", "shuffle=true")
     _run_to_end([*base, "--out", str(tmp_path / "one")])
     rdzv = ["--nnodes", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{_free_port()}"]
     rdzv += ["--rdzv_id", "gpt2repro-test"]

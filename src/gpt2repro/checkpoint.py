@@ -2,7 +2,7 @@
 
 Layout of RUN_DIR/checkpoints/step_XXXXXXXX/:
   model.safetensors  weights (our layout; the tied lm_head stored once)
-  optimizer.pt       AdamW state (tensors and numbers only: loaded with weights_only=True)
+  optimizer.pt       optimizer state, all optimizers of the run (tensors and numbers: weights_only=True)
   rng.pt             torch (and CUDA) RNG states
   config.json        the resolved TrainConfig
   state.json         step, loader position, python/numpy RNG, world size, last metrics, and the
@@ -56,9 +56,11 @@ def step_dir(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
 
 
-def gather(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+def gather(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> tuple[dict, dict]:
     """Full (unsharded) model and optimizer state on CPU. Under FSDP every rank must call this."""
-    return get_model_state_dict(model, options=FULL), get_optimizer_state_dict(model, optimizer, options=FULL)
+    return get_model_state_dict(model, options=FULL), get_optimizer_state_dict(
+        model, optimizers, options=FULL
+    )
 
 
 def rng_state() -> tuple[dict, dict]:
@@ -253,7 +255,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> G
 
 
 def load_training(
-    ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict | None = None
+    ckpt: Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], state: dict | None = None
 ) -> dict:
     """Restore model, optimizer and RNG in place (all ranks); returns state.json's contents.
     `state`: what `verify` (or `latest_verified`) already returned, so the files are hashed once."""
@@ -266,6 +268,6 @@ def load_training(
             f"{ckpt}: incomplete or corrupted checkpoint ({str(e).splitlines()[0]})"
         ) from None
     set_model_state_dict(model, read_weights(ckpt), options=StateDictOptions(full_state_dict=True))
-    set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, optimizers, optim_state, options=StateDictOptions(full_state_dict=True))
     set_rng_state(tensors, state["rng"])
     return state

@@ -14,6 +14,7 @@ from .checkpoint import CheckpointError
 from .config import TRAIN_PRESETS, ConfigError
 from .data.prepare import PrepareError
 from .data.shards import ShardError
+from .evals.harness import HarnessError
 from .evals.hellaswag import HellaSwagError
 from .generate import GenerateError
 from .hf import HFError
@@ -28,6 +29,7 @@ USER_ERRORS = (
     ConfigError,
     GenerateError,
     HFError,
+    HarnessError,
     HellaSwagError,
     PlotError,
     PrepareError,
@@ -56,16 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", help="tokenize FineWeb-EDU or local files into llm.c-format shards")
+    p = sub.add_parser(
+        "prepare", help="tokenize a corpus (FineWeb-EDU, any HF data set, local files) into shards"
+    )
     p.add_argument(
         "--source",
         nargs="+",
         required=True,
-        help="'fineweb-edu' or local files/globs (.parquet .jsonl[.gz] .json.gz .txt)",
+        help="'fineweb-edu', 'hf:NAME' (any Hugging Face data set, streamed), a directory saved with "
+        "datasets' save_to_disk, or local files/globs/directories (.parquet .jsonl[.gz] .json.gz .txt)",
     )
     p.add_argument(
-        "--name", default="sample-10BT", help="FineWeb-EDU config (sample-10BT, sample-100BT, sample-350BT)"
+        "--name", default=None, help="the data set's config (FineWeb-EDU: sample-10BT (default), ...)"
     )
+    p.add_argument("--split", default="train", help="the split of a hub or saved data set")
     p.add_argument("--revision", default=None, help="dataset revision (commit) for reproducibility")
     p.add_argument("--out", required=True)
     p.add_argument("--text-field", default="text")
@@ -128,17 +134,33 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--predictions", default=None, help="write per-example predictions (jsonl) here")
     h.add_argument("--verbose", action="store_true", help="print a few worked examples")
 
+    h = ev.add_parser("harness", help="any lm-evaluation-harness task (needs the eval extra)")
+    _add_model_source(h)
+    h.add_argument(
+        "--tasks", required=True, help="comma-separated lm-eval task names, e.g. hellaswag,arc_easy"
+    )
+    h.add_argument("--limit", type=int, default=None, help="examples per task")
+    h.add_argument("--include-path", default=None, help="a directory of extra task YAMLs (local data)")
+    h.add_argument("--batch-size", type=int, default=16)
+    h.add_argument("--autocast-dtype", choices=tuple(DTYPES), default="fp32")
+    h.add_argument("--json", dest="json_out", default=None, help="write the results here")
+
     p = sub.add_parser("plot", help="plot a run's losses and HellaSwag")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
 
     p = sub.add_parser("bench", help="measure speed (see benchmarks/RESULTS.md)")
-    p.add_argument("what", choices=("peak", "train", "generate", "hellaswag", "prepare"))
+    p.add_argument("what", choices=("peak", "train", "generate", "hellaswag", "prepare", "memory", "learn"))
     p.add_argument("--size", default="tiny", choices=("tiny", "small", "124m"))
     p.add_argument("--mode", default="all", help="eager|bf16|compile|compile-bf16|all (train)")
     p.add_argument("--baseline", default="none", choices=("none", "reference", "hf", "all"))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", dest="json_out", default=None)
+    p.add_argument("--presets", default="cpu-tiny,cpu-demo", help="learn: the training presets (model sizes)")
+    p.add_argument("--steps", type=int, default=200, help="learn: the token budget, in optimizer steps")
+    p.add_argument("--seeds", type=int, default=2, help="learn: runs per setting")
+    p.add_argument("--data", default=None, help="learn: shards (default: Tiny Shakespeare + WikiText-2)")
+    p.add_argument("--plot", default=None, help="learn: write val loss against tokens here (PNG)")
 
     p = sub.add_parser(
         "verify", help="check a data directory's shards or a run's checkpoints against their sha256s"
@@ -158,6 +180,7 @@ def cmd_prepare(args) -> None:
         args.source,
         args.out,
         name=args.name,
+        split=args.split,
         revision=args.revision,
         text_field=args.text_field,
         shard_tokens=args.shard_tokens,
@@ -201,12 +224,27 @@ def cmd_export(args) -> None:
 
 def cmd_eval(args) -> None:
     from .distributed import setup, teardown
-    from .evals import hellaswag, report
+    from .evals import report
 
     info = setup(args.device)
     try:
-        report.check_output_paths(args.json_out, args.predictions)
+        report.check_output_paths(args.json_out, getattr(args, "predictions", None))
         model = _load(args, info.device)
+        if args.task == "harness":
+            tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+            report.run_harness_tasks(
+                model,
+                tasks,
+                info,
+                args.limit,
+                args.include_path,
+                args.batch_size,
+                args.autocast_dtype,
+                args.json_out,
+            )
+            return
+        from .evals import hellaswag
+
         examples = hellaswag.load_examples(args.data, args.limit)
         report.run_hellaswag(
             model,
@@ -232,7 +270,10 @@ def cmd_plot(args) -> None:
 def cmd_bench(args) -> None:
     from .bench.runners import run
 
-    run(args.what, args.size, args.mode, args.baseline, args.repeats, args.json_out)
+    learn = dict(
+        sizes=args.presets.split(","), data=args.data, steps=args.steps, seeds=args.seeds, plot=args.plot
+    )
+    run(args.what, args.size, args.mode, args.baseline, args.repeats, args.json_out, learn)
 
 
 def cmd_verify(args) -> None:

@@ -108,7 +108,14 @@ class TrainConfig:
     total_batch_size: int = 524288
     micro_batch_size: int = 64
     seq_len: int = 1024
-    # optimisation
+    # optimisation: adamw (the original) | muon (Muon on the blocks' matrices, AdamW on the rest)
+    optimizer: str = "adamw"
+    muon_lr: float = 6e-4  # Muon's peak LR, on AdamW's scale (updates matched to AdamW's RMS)
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.1
+    schedule: str = "cosine"  # cosine (to min_lr_ratio) | wsd (warmup, stable, linear decay)
+    wsd_decay_fraction: float = 0.2  # wsd: the last fraction of max_steps decays
+    target_val_loss: float = 0.0  # > 0: stop when validation loss reaches it (tokens and time logged)
     max_steps: int = 19073
     warmup_steps: int = 715
     max_lr: float = 6e-4
@@ -167,6 +174,12 @@ class TrainConfig:
             )
         if self.seq_len > self.model.block_size:
             raise ConfigError(f"seq_len={self.seq_len} exceeds model.block_size={self.model.block_size}")
+        if self.optimizer == "muon" and self.fsdp:
+            raise ConfigError(
+                "optimizer=muon with fsdp=true is not supported: Newton-Schulz needs whole matrices, FSDP shards them"
+            )
+        if self.target_val_loss and not self.val_every:
+            raise ConfigError("target_val_loss needs validation: set val_every > 0")
         if self.val_every and not self.val_steps:
             raise ConfigError(
                 "val_steps=0 with val_every>0 would report a loss of nothing; set val_every=0 instead"
@@ -204,6 +217,8 @@ CHOICES = {
     "compile": ("auto", "true", "false"),
     "resume": ("auto", "never", "require"),
     "hellaswag_style": ("completion", "harness"),
+    "optimizer": ("adamw", "muon"),
+    "schedule": ("cosine", "wsd"),
 }
 RANGES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     "total_batch_size": POSITIVE,
@@ -214,6 +229,11 @@ RANGES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     "warmup_steps": (int, lambda v: v >= 0, "an integer >= 0"),
     "max_lr": (float, lambda v: 0 < v < math.inf, "a positive number"),
     "min_lr_ratio": (float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "muon_lr": (float, lambda v: 0 < v < math.inf, "a positive number"),
+    "muon_momentum": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "muon_weight_decay": (float, lambda v: 0 <= v < math.inf, "a number >= 0"),
+    "wsd_decay_fraction": (float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "target_val_loss": (float, lambda v: 0 <= v < math.inf, "a loss >= 0 (0 = none)"),
     "weight_decay": (float, lambda v: 0 <= v < math.inf, "a number >= 0"),
     "beta1": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "beta2": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
@@ -362,12 +382,16 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
 def train_config(preset: str, overrides: list[str] | None = None) -> TrainConfig:
     if preset not in TRAIN_PRESETS:
         raise ConfigError(f"unknown training preset {preset!r}; choose one of: {', '.join(TRAIN_PRESETS)}")
-    cfg = apply_overrides(TRAIN_PRESETS[preset](), overrides or [])
-    architecture = [o.split("=")[0] for o in overrides or [] if o.startswith("model.")]
-    conflicts = [k for k in architecture if k.strip() != "model.vocab_multiple"]
-    if cfg.init_from and conflicts:
+    cfg, overrides = TRAIN_PRESETS[preset](), overrides or []
+    init_from = next(
+        (o.split("=", 1)[1] for o in overrides if o.strip().startswith("init_from=")), cfg.init_from
+    )
+    architecture = [o.split("=")[0].strip() for o in overrides if o.strip().startswith("model.")]
+    conflicts = [k for k in architecture if k != "model.vocab_multiple"]
+    if init_from and conflicts:
         raise ConfigError(
-            f"{conflicts[0]} cannot be set with init_from={cfg.init_from}: the architecture comes from the "
+            f"{conflicts[0]} cannot be set with init_from={init_from}: the architecture comes from the "
             "weights (only model.vocab_multiple may be)"
         )
+    cfg = apply_overrides(cfg, overrides)
     return cfg

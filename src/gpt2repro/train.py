@@ -32,7 +32,7 @@ from .hf import load_pretrained
 from .metrics import MetricsLogger
 from .mfu import device_peak_flops, synchronize
 from .model import GPT
-from .optim import build_optimizer, lr_at
+from .optim import build_optimizer, lr_at, set_lr
 from .precision import autocast, resolve_dtype, slow_dtype_warning
 
 # Resuming requires these to match the checkpoint: they change the model or which batches come next.
@@ -104,11 +104,12 @@ class Trainer:
             self.raw.copy_weights_from(pretrained)
         self.raw.checkpoint_every = cfg.checkpoint_every
         self.model = wrap_model(self.raw, cfg, info, self.compiled)
-        self.optimizer = build_optimizer(self.raw, cfg, self.device)
+        self.optimizers = build_optimizer(self.raw, cfg, self.device)
         fp16_cuda = self.dtype == "fp16" and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if fp16_cuda else None
         self.logger = MetricsLogger(run_dir, cfg, enabled=False)  # the real one opens once resume succeeds
         self.last_metrics: dict = {}
+        self.target_reached: int | None = None  # the step whose validation reached target_val_loss
         # worse than guessing uniformly by far: the weights blew up (a finite loss can say so too)
         self.divergence_loss = 2 * math.log(cfg.model.vocab_size)
         self.start_step, self.started = 0, time.time()
@@ -195,7 +196,7 @@ class Trainer:
                 raise TrainingError(
                     f"cannot resume {ckpt}: config differs in {', '.join(diffs)}; use a new --out"
                 )
-            checkpoint.load_training(ckpt, self.raw, self.optimizer, state)
+            checkpoint.load_training(ckpt, self.raw, self.optimizers, state)
             try:
                 self.train_loader.load_state_dict(state["loader"])
             except ValueError as e:
@@ -241,7 +242,8 @@ class Trainer:
         """Gradients of the mean loss over `accum` micro-batches, as one big batch would give them;
         returns that loss averaged over ranks."""
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.accum):
             x, y = self.train_loader.next_batch()
@@ -252,7 +254,8 @@ class Trainer:
             loss_sum += loss.detach()
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
+            for opt in self.optimizers:
+                self.scaler.unscale_(opt)
         return float(all_reduce_mean(loss_sum))
 
     def train_step(self, step: int) -> dict:
@@ -262,17 +265,18 @@ class Trainer:
         if not math.isfinite(loss) or loss > self.divergence_loss:
             self._diverged(step, f"loss is {loss}", blame_checkpoint=True)
         lr = lr_at(step, self.cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizers, lr)
         norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         if self.scaler is None and not math.isfinite(norm):  # (fp16's scaler skips such steps itself)
             self._diverged(step, f"gradient norm is {norm}", blame_checkpoint=False)
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
+            for opt in self.optimizers:
+                self.scaler.step(opt)
             self.scaler.update()
         else:
-            self.optimizer.step()
+            for opt in self.optimizers:
+                opt.step()
         synchronize(self.device)  # only for honest timing
         dt = time.time() - t0
         tok_s = self.cfg.total_batch_size / dt
@@ -303,6 +307,13 @@ class Trainer:
             self.last_metrics["val_loss"] = val
             self.logger.print(f"step {step:6d} | val loss {val:.4f}")
             self.logger.log("val", step, loss=val)
+            if cfg.target_val_loss and val <= cfg.target_val_loss and self.target_reached is None:
+                self.target_reached = step
+                tokens, seconds = step * cfg.total_batch_size, time.time() - self.started
+                self.logger.print(
+                    f"[gpt2repro] target val loss {cfg.target_val_loss} reached at step {step}: {tokens:,} tokens, {seconds:.1f}s"
+                )
+                self.logger.log("target", step, val_loss=val, tokens=tokens, seconds=seconds)
         if self.hellaswag[0] and _due(step, last, cfg.hellaswag_every):
             self.eval_hellaswag(step)
         if cfg.sample_every and step > 0 and _due(step, last, cfg.sample_every):
@@ -360,11 +371,11 @@ class Trainer:
             return "signal"
         if flags[1]:
             return "time limit"
-        return None
+        return "target val loss reached" if self.target_reached is not None else None
 
     def save(self, step: int) -> None:
         """Checkpoint after `step` steps: every rank gathers (FSDP needs it), rank 0 writes."""
-        model_state, optim_state = checkpoint.gather(self.raw, self.optimizer)
+        model_state, optim_state = checkpoint.gather(self.raw, self.optimizers)
         if self.info.is_main:
             state = {
                 "loader": self.train_loader.state_dict(),

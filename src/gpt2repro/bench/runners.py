@@ -12,7 +12,10 @@ import copy
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +31,7 @@ from ..generate import generate
 from ..mfu import device_peak_flops, gemm_flops, median_time, synchronize
 from ..model import GPT
 from ..precision import autocast, cpu_has_fast_bf16, torch_dtype
+from .learn import bench_learn
 from .reference import HFWrapper, RefGPT, hellaswag_one_at_a_time, hf_copy, original_generate
 
 SIZES = {  # name: (n_layer, n_embd, n_head, B, T)
@@ -37,6 +41,7 @@ SIZES = {  # name: (n_layer, n_embd, n_head, B, T)
 }
 TRAIN_MODES = ("eager", "bf16", "compile", "compile-bf16")
 PEAK_SIZES = (1024, 2048)
+MEMORY_BATCH = 4  # sequences per step in `bench memory`: enough for activations to dominate
 
 
 def bench_dtypes() -> tuple[str, ...]:
@@ -45,7 +50,7 @@ def bench_dtypes() -> tuple[str, ...]:
     return ("fp32", "bf16") if torch.cuda.is_available() or cpu_has_fast_bf16() else ("fp32",)
 
 
-WHAT = ("peak", "train", "generate", "hellaswag", "prepare")
+WHAT = ("peak", "train", "generate", "hellaswag", "prepare", "memory", "learn")
 
 
 class BenchError(ValueError):
@@ -293,6 +298,63 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def memory_probe(size: str, checkpointing: str) -> None:
+    """One fp32 training step in this (fresh) process; prints its memory use as JSON. CPU: peak RSS
+    over the RSS before the step; CUDA: the allocator's peak over its use before the step."""
+    device = pick_device("auto")
+    cfg, _, T = size_config(size)
+    B = MEMORY_BATCH
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device)
+    model.checkpoint_every = {"none": 0, "full": 1}[checkpointing]
+    x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
+    y = torch.randint(0, cfg.vocab_size, (B, T), device=device)
+    before = _rss_bytes() if device.type == "cpu" else torch.cuda.memory_allocated(device)
+
+    def step():
+        model(x, y)[1].backward()
+        model.zero_grad(set_to_none=False)
+        synchronize(device)
+
+    step()
+    peak = (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if device.type == "cpu"
+        else torch.cuda.max_memory_allocated(device)
+    )
+    seconds = median_time(step, repeats=1, warmup=0)
+    print(
+        json.dumps(
+            {
+                "size": size,
+                "activation_checkpointing": checkpointing,
+                "B": B,
+                "T": T,
+                "step_extra_mb": (peak - before) / 2**20,
+                "peak_mb": peak / 2**20,
+                "step_s": seconds,
+            }
+        )
+    )
+
+
+def _rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def bench_memory(size: str) -> list[dict]:
+    """Memory of a training step with and without activation checkpointing, each in a fresh process
+    (a process's peak memory only grows)."""
+    rows = []
+    for mode in ("none", "full"):
+        code = f"from gpt2repro.bench.runners import memory_probe; memory_probe({size!r}, {mode!r})"
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        rows.append(json.loads(result.stdout.splitlines()[-1]))
+    for r in rows:
+        r["vs_none"] = r["step_extra_mb"] / rows[0]["step_extra_mb"]
+    return rows
+
+
 def bench_peak(repeats: int, device: torch.device) -> list[dict]:
     return [
         {"dtype": name, "n": n, "gflop_per_s": gemm_flops(torch_dtype(name), n, repeats, device.type) / 1e9}
@@ -329,8 +391,10 @@ def run(
     baseline: str = "none",
     repeats: int = 5,
     json_out: str | None = None,
+    learn: dict | None = None,
 ) -> dict:
-    """Run one benchmark, print its table, and return (and optionally write) the result with machine info."""
+    """Run one benchmark, print its table, and return (and optionally write) the result with machine info.
+    `learn`: bench_learn's arguments (sizes, data, steps, seeds, plot)."""
     if repeats < 1:
         raise BenchError(f"--repeats must be at least 1, got {repeats}")
     if what not in WHAT:
@@ -342,12 +406,14 @@ def run(
         "generate": lambda: bench_generate(size, repeats, device),
         "hellaswag": lambda: bench_hellaswag(size, repeats),
         "prepare": lambda: bench_prepare(repeats),
+        "memory": lambda: bench_memory(size),
+        "learn": lambda: bench_learn(**(learn or {})),
     }
     rows = runners[what]()
     print(_table(rows))
     result = {
         "bench": what,
-        "args": {"size": size, "mode": mode, "baseline": baseline, "repeats": repeats},
+        "args": {"size": size, "mode": mode, "baseline": baseline, "repeats": repeats, **(learn or {})},
         "machine": machine_info(),
         "results": rows,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -49,6 +49,9 @@ UNIT_BYTES = 1 << 20  # bytes per unit of a plain jsonl file (~250k tokens)
 TAIL_EIGHTHS = (4, 6, 7)  # cuts of a jsonl file's last unit, in eighths of it: 1/2, 1/4, 1/8, 1/8
 
 
+SUFFIXES = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz", ".txt")
+
+
 class PrepareError(RuntimeError):
     """Bad source, malformed input row or an incompatible earlier run; the message says which."""
 
@@ -56,6 +59,12 @@ class PrepareError(RuntimeError):
 def expand_sources(sources: list[str]) -> list[Path]:
     paths: list[Path] = []
     for s in sources:
+        if Path(s).is_dir():  # a directory of data files: its supported files, in name order
+            found = sorted(p for p in Path(s).rglob("*") if p.is_file() and p.name.endswith(SUFFIXES))
+            if not found:
+                raise PrepareError(f"source {s!r}: a directory with no {', '.join(SUFFIXES)} files")
+            paths.extend(found)
+            continue
         matches = sorted(glob.glob(s)) if any(c in s for c in "*?[") else [s]
         if not matches or not all(Path(m).is_file() for m in matches):
             raise PrepareError(f"source {s!r}: no such file")
@@ -235,33 +244,79 @@ def _hub_unreachable() -> str | None:
     return None
 
 
-def iter_fineweb(name: str, revision: str | None, text_field: str, skip: int) -> Iterator[str]:
-    """Stream FineWeb-EDU from the hub: no download of the whole set to memory or disk cache."""
-    try:
-        from datasets import load_dataset
+class Stream(NamedTuple):
+    """A data set this process reads row by row and hands to the workers in batches: a hub data set
+    (streamed, nothing downloaded whole) or a directory saved with `datasets.save_to_disk`. Resumed
+    by document count."""
 
-        ds = load_dataset(FINEWEB_EDU, name=name, split="train", streaming=True, revision=revision)
+    kind: str  # hub | disk
+    dataset: str  # hub name (or a local path datasets loads the same way) | the saved directory
+    name: str | None  # the data set's config, e.g. sample-10BT
+    split: str
+
+
+def resolve_stream(sources: list[str], name: str | None, split: str) -> Stream | None:
+    """`fineweb-edu`, `hf:NAME` or a save_to_disk directory as a Stream; None for local files."""
+    if len(sources) != 1:
+        return None
+    source = sources[0]
+    if source == "fineweb-edu":
+        return Stream("hub", FINEWEB_EDU, name or "sample-10BT", split)
+    if source.startswith("hf:"):
+        return Stream("hub", source[3:], name, split)
+    path = Path(source)
+    if path.is_dir() and any(
+        (path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")
+    ):
+        return Stream("disk", str(path), None, split)
+    return None
+
+
+def _open_stream(stream: Stream, revision: str | None):
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    if stream.kind == "hub":
+        return load_dataset(
+            stream.dataset, name=stream.name, split=stream.split, streaming=True, revision=revision
+        )
+    ds = load_from_disk(stream.dataset)
+    if isinstance(ds, DatasetDict):
+        if stream.split not in ds:
+            raise PrepareError(f"{stream.dataset}: no split {stream.split!r} (splits: {', '.join(ds)})")
+        ds = ds[stream.split]
+    return ds.to_iterable_dataset()
+
+
+def iter_stream(stream: Stream, revision: str | None, field: str, skip: int) -> Iterator[str]:
+    """The stream's `field` values from document `skip` on."""
+    where = f"{stream.dataset} ({stream.name or 'default'}, {stream.split})"
+    try:
+        ds = _open_stream(stream, revision)
         rows = iter(ds.skip(skip) if skip else ds)
-        first = next(rows)  # touch the network now, so an offline machine fails at once
+        first = next(rows, None)  # touch the network now, so an offline machine fails at once
     except ImportError:
         raise PrepareError(
-            "streaming FineWeb-EDU needs the data extra: pip install 'gpt2repro[data]'"
+            "streaming a data set needs the data extra: pip install 'gpt2repro[data]'"
         ) from None
-    except Exception as e:  # noqa: BLE001 - any hub failure means the same thing here
+    except PrepareError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any hub or loading failure means the same thing here
         raise PrepareError(
-            f"cannot stream {FINEWEB_EDU} ({name}) from the Hugging Face hub ({type(e).__name__}); "
+            f"cannot stream {where} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             "offline machines: download its parquet files elsewhere and pass them with --source"
         ) from None
-    for row in itertools.chain([first], rows):
-        yield row[text_field]
+    for row in itertools.chain([first] if first is not None else [], rows):
+        if field not in row:
+            raise PrepareError(f"{where}: no column {field!r} (columns: {', '.join(row)})")
+        yield row[field]
 
 
-def _open_manifest(out: Path, args: dict, remote: bool, inputs: list[dict]) -> dict:
+def _open_manifest(out: Path, args: dict, source: str, inputs: list[dict]) -> dict:
     """A new manifest for `args`, or the earlier run's in `out` when it was made with the same
     arguments, the same cut into units and unchanged inputs (its unfinished shards are removed, to
     be redone)."""
     manifest = {
-        "source": FINEWEB_EDU if remote else "local",
+        "source": source,
         "args": args,
         # how the input is cut into units: the resume point counts them
         "units": {
@@ -389,7 +444,8 @@ def prepare(
     sources: list[str],
     out_dir: str | os.PathLike,
     *,
-    name: str = "sample-10BT",
+    name: str | None = None,
+    split: str = "train",
     revision: str | None = None,
     text_field: str = "text",
     shard_tokens: int = 100_000_000,
@@ -398,40 +454,38 @@ def prepare(
     workers: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Tokenize `sources` (["fineweb-edu"] or local files/globs) into shards in `out_dir`; returns the manifest."""
+    """Tokenize `sources` into shards in `out_dir`; returns the manifest. Sources: local files, globs
+    or directories of them; `fineweb-edu`; `hf:NAME` (any hub data set, streamed); a directory
+    saved with `datasets.save_to_disk`."""
     _check_counts(shard_tokens, val_tokens, max_tokens, workers)
     val_tokens = shard_tokens if val_tokens is None else val_tokens
-    remote = sources == ["fineweb-edu"]
-    why = _hub_unreachable() if remote else None
-    if why:
-        raise PrepareError(
-            f"cannot stream {FINEWEB_EDU} ({name}) from the Hugging Face hub ({why}); "
-            "offline machines: download its parquet files elsewhere and pass them with --source"
-        )
-    paths = [] if remote else expand_sources(sources)
+    stream, paths, watched = _inputs(sources, name, split)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PrepareError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
     args = dict(
-        sources=sources if remote else [str(p) for p in paths],
-        name=name if remote else None,
+        sources=sources if stream else [str(p) for p in paths],
+        name=stream.name if stream else None,
+        split=stream.split if stream else None,
         revision=revision,
         text_field=text_field,
         shard_tokens=shard_tokens,
         val_tokens=val_tokens,
         max_tokens=max_tokens,
     )
-    manifest = _open_manifest(out, args, remote, [fingerprint(p) for p in paths])
+    manifest = _open_manifest(
+        out, args, stream.dataset if stream else "local", [fingerprint(p) for p in watched]
+    )
     if manifest["complete"]:
         print(
             f"{out}: already complete ({manifest['total_tokens']:,} tokens in {len(manifest['shards'])} shards); nothing to do"
         )
         return manifest
     sink = ShardSink(out, manifest, shard_tokens, val_tokens, max_tokens)
-    units, skip = _resume_units(manifest["next"], remote, paths, name, revision, text_field)
-    total = max_tokens or (FINEWEB_TOKENS.get(name) if remote else None)
+    units, skip = _resume_units(manifest["next"], stream, paths, revision, text_field)
+    total = max_tokens or (FINEWEB_TOKENS.get(stream.name) if stream else None)
     with tqdm(
         total=total, initial=sink.written, unit="tok", unit_scale=True, disable=not progress, desc="prepare"
     ) as bar:
@@ -445,6 +499,21 @@ def prepare(
                 "committed so far are kept: free space and rerun the same command to resume"
             ) from None
     return manifest
+
+
+def _inputs(sources: list[str], name: str | None, split: str) -> tuple[Stream | None, list[Path], list[Path]]:
+    """(the stream to read, or None; the local files to read; the files whose change a resume refuses)."""
+    stream = resolve_stream(sources, name, split)
+    if stream is None:
+        paths = expand_sources(sources)
+        return None, paths, paths
+    why = _hub_unreachable() if stream.kind == "hub" and not Path(stream.dataset).exists() else None
+    if why:
+        raise PrepareError(
+            f"cannot stream {stream.dataset} from the Hugging Face hub ({why}); "
+            "offline machines: download its parquet files elsewhere and pass them with --source"
+        )
+    return stream, [], sorted(Path(stream.dataset).rglob("*.arrow")) if stream.kind == "disk" else []
 
 
 def _check_counts(
@@ -462,11 +531,11 @@ def _check_counts(
 
 
 def _resume_units(
-    nxt: dict, remote: bool, paths: list[Path], name: str, revision: str | None, field: str
+    nxt: dict, stream: Stream | None, paths: list[Path], revision: str | None, field: str
 ) -> tuple[Iterator[Unit], int]:
     """The units from the resume point on, and how many documents of the first one to skip."""
-    if remote:  # the hub stream is resumed by document count; its batches are units
-        texts = iter_fineweb(name, revision, field, skip=nxt["doc"])
+    if stream:  # a stream is resumed by document count; its batches are units
+        texts = iter_stream(stream, revision, field, skip=nxt["doc"])
         return (Unit("texts", "", 0, k, (b,)) for k, b in enumerate(_batched(texts))), 0
     return local_units(paths, field, (nxt.get("file", 0), nxt.get("part", 0))), nxt.get("skip", 0)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..distributed import DistInfo
 from ..fsio import atomic_write_text
 from ..model import GPT
+from .harness import run_harness
 from .hellaswag import STYLES, HellaSwagError, evaluate
 
 
@@ -60,4 +61,24 @@ def run_hellaswag(
     if predictions:
         rows = [{"style": s, **d} for s in styles for d in sorted(details[s], key=lambda d: d["index"])]
         atomic_write_text(predictions, "".join(json.dumps(r) + "\n" for r in rows))
+    return results
+
+
+def run_harness_tasks(
+    model: GPT,
+    tasks: list[str],
+    info: DistInfo,
+    limit: int | None,
+    include_path: str | None,
+    batch_size: int,
+    dtype: str,
+    json_out: str | None,
+) -> dict[str, dict[str, float]]:
+    """lm-eval tasks on one process: print one line per task, write the JSON."""
+    results = run_harness(model, tasks, info.device, limit, include_path, batch_size, dtype)
+    if info.is_main:
+        for task, metrics in results.items():
+            print(f"{task}: " + " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+        if json_out:
+            atomic_write_text(json_out, json.dumps(results, indent=2))
     return results
