@@ -135,6 +135,33 @@ def test_interrupted_then_resumed_is_byte_identical(tmp_path, enc, monkeypatch, 
     )
 
 
+def test_a_full_disk_keeps_what_was_committed_and_leaves_no_temporary_files(tmp_path, enc, monkeypatch):
+    src = write_jsonl(tmp_path / "docs.jsonl", fineweb_rows(300))
+    args = dict(shard_tokens=3000, val_tokens=1000, progress=False, workers=2)
+    real_write, calls = prep.ShardWriter.write, {"n": 0}
+
+    def filling_disk(self, tokens):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise OSError(28, "No space left on device")
+        return real_write(self, tokens)
+
+    monkeypatch.setattr(prep.ShardWriter, "write", filling_disk)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
+    with pytest.raises(
+        prep.PrepareError, match="No space left on device while writing shards; the .* shards committed"
+    ):
+        prep.prepare([str(src)], tmp_path / "out", **args)
+    assert not list((tmp_path / "out").glob(".*.tmp")) and not list((tmp_path / "scratch").iterdir())
+    committed = json.loads((tmp_path / "out" / "manifest.json").read_text())["shards"]
+    assert committed and all((tmp_path / "out" / s["file"]).is_file() for s in committed)
+    monkeypatch.undo()
+    full = prep.prepare([str(src)], tmp_path / "full", **args)
+    resumed = prep.prepare([str(src)], tmp_path / "out", **args)  # space freed: the same command resumes
+    assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in full["shards"]]
+
+
 def test_resume_refuses_an_input_that_changed_meanwhile(tmp_path, enc, monkeypatch):
     src = write_jsonl(tmp_path / "docs.jsonl", fineweb_rows(300))
     args = dict(shard_tokens=3000, val_tokens=1000, progress=False)
