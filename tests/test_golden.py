@@ -1,5 +1,7 @@
 """Refactors change no loss: fixed-seed CPU runs (fp32, no compile) must take exactly the steps
 recorded in golden_losses.json, which was written by the code before the `Trainer` refactor.
+Recorded per CPU kernel family (torch's CPU capability: AVX2, AVX512, ...): exact on the family that
+recorded it; on another one, whose kernels sum in another order, to 1e-4 relative.
 
 A change that is meant to change training regenerates the file on purpose:
 GPT2REPRO_WRITE_GOLDEN=1 pytest tests/test_golden.py (and says so in its commit)."""
@@ -8,6 +10,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from conftest import ROOT
 from gpt2repro.config import train_config
@@ -54,10 +57,15 @@ def _all_runs(data_dir, tmp_path) -> dict[str, list[float]]:
 @pytest.mark.slow
 def test_losses_are_bit_identical_to_the_golden_file(data_dir, tmp_path):
     got = _all_runs(data_dir, tmp_path)
+    family = torch.backends.cpu.get_cpu_capability()
+    recorded = json.loads(GOLDEN.read_text())
     if os.environ.get("GPT2REPRO_WRITE_GOLDEN") == "1":
-        GOLDEN.write_text(json.dumps(got, indent=1) + "\n")
-    golden = json.loads(GOLDEN.read_text())
+        GOLDEN.write_text(json.dumps({**recorded, family: got}, indent=1) + "\n")
+    golden = recorded.get(family) or next(iter(recorded.values()))
     assert set(got) == set(golden)
     for name in golden:
         assert len(got[name]) == 12
-        assert got[name] == golden[name], name  # exactly equal floats, step by step
+        if family in recorded:
+            assert got[name] == golden[name], name  # exactly equal floats, step by step
+        else:
+            assert got[name] == pytest.approx(golden[name], rel=1e-4), name
