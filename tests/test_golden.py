@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT
 from gpt2repro.config import train_config
 from gpt2repro.train import train
-from test_train import _run_to_end, train_argv
+from test_train import _run_to_end, losses, train_argv
 
 GOLDEN = ROOT / "tests" / "golden_losses.json"
 COMMON = [
@@ -36,8 +36,7 @@ TWO_RANKS = "cpu-tiny-shuffled-2-ranks-gloo"
 
 
 def _losses(run_dir) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in sorted((r for r in rows if r["event"] == "train"), key=lambda r: r["step"])]
+    return [loss for _, loss in sorted(losses(run_dir).items())]
 
 
 def _two_ranks(data_dir, out) -> list[float]:

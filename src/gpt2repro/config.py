@@ -192,10 +192,7 @@ class TrainConfig:
 
     @property
     def checkpoint_every(self) -> int:
-        """activation_checkpointing as a block interval: 0 (none), 1 (full), N (every_N)."""
-        mode = self.activation_checkpointing
-        named = {"none": 0, "full": 1}
-        return named[mode] if mode in named else int(mode.removeprefix("every_"))
+        return checkpoint_interval(self.activation_checkpointing)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -208,6 +205,12 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def checkpoint_interval(mode: str) -> int:
+    """activation_checkpointing as a block interval: 0 (none), 1 (full), N (every_N)."""
+    named = {"none": 0, "full": 1}
+    return named[mode] if mode in named else int(mode.removeprefix("every_"))
 
 
 POSITIVE = (int, lambda v: v > 0, "a positive integer")

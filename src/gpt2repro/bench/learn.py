@@ -8,7 +8,6 @@ each, and the time ratio; plus a PNG of validation loss against tokens."""
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 from .. import assets
 from ..config import train_config
 from ..data.prepare import prepare
+from ..plot import read_metrics
 from ..train import train
 
 LR_FACTORS = (0.5, 1.0, 2.0)
@@ -53,9 +53,9 @@ def _run(size: str, data: Path, out: Path, steps: int, seed: int, extra: list[st
     ]
     cfg = train_config(size, overrides)
     train(cfg, data, out)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    val = [(r["step"] * cfg.total_batch_size, r["loss"]) for r in rows if r["event"] == "val"]
-    dts = [r["dt"] for r in rows if r["event"] == "train"][1:]  # the first step warms up
+    events = read_metrics(out)
+    val = [(r["step"] * cfg.total_batch_size, r["loss"]) for r in events["val"]]
+    dts = [r["dt"] for r in events["train"]][1:]  # the first step warms up
     return {
         "val": val,
         "final": val[-1][1],

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .. import assets
-from ..config import GPTConfig
+from ..config import GPTConfig, checkpoint_interval
 from ..data.prepare import prepare
 from ..distributed import pick_device
 from ..evals import hellaswag
@@ -306,7 +306,7 @@ def memory_probe(size: str, checkpointing: str) -> None:
     B = MEMORY_BATCH
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
-    model.checkpoint_every = {"none": 0, "full": 1}[checkpointing]
+    model.checkpoint_every = checkpoint_interval(checkpointing)
     x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
     y = torch.randint(0, cfg.vocab_size, (B, T), device=device)
     before = _rss_bytes() if device.type == "cpu" else torch.cuda.memory_allocated(device)
