@@ -35,7 +35,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--seconds", type=float, default=480, help="training time budget")
-    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for the cpu-demo preset")
+    parser.add_argument(
+        "--preset",
+        default="cpu-demo",
+        choices=("cpu-demo", "cpu-demo-muon"),
+        help="cpu-demo-muon: the Muon recipe",
+    )
+    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for the preset")
     args = parser.parse_args()
     out = Path(args.out)
     started = time.time()
@@ -44,9 +50,9 @@ def main() -> None:
     m = prepare(corpus(), out / "data", shard_tokens=250_000, val_tokens=60_000, progress=False)
     print(f"   {m['total_tokens']:,} tokens from {m['documents']} documents in {len(m['shards'])} shards")
 
-    print("== 2/5 train: cpu-demo preset (grad accumulation, autocast dtype auto, compile)")
+    print(f"== 2/5 train: {args.preset} preset (grad accumulation, autocast dtype auto, compile)")
     cfg = train_config(
-        "cpu-demo", ["compile=true", "hellaswag_limit=500", f"time_limit={args.seconds}", *args.overrides]
+        args.preset, ["compile=true", "hellaswag_limit=500", f"time_limit={args.seconds}", *args.overrides]
     )
     summary = train(cfg, str(out / "data"), str(out / "run"))
 

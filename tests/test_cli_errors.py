@@ -207,6 +207,11 @@ def test_plot_tolerates_a_torn_last_line(tmp_path):
 def test_bench_errors(capsys):
     assert_one_line_error(capsys, ["bench", "peak", "--repeats", "0"], "--repeats must be at least 1, got 0")
     assert_one_line_error(capsys, ["bench", "train", "--mode", "bogus"], "unknown train mode(s) bogus")
+    for factors in ("0.5,x", "0,1", ""):
+        assert_one_line_error(capsys, ["bench", "learn", "--lr-factors", factors], "--lr-factors")
+    learn = ["bench", "learn", "--presets", "cpu-tiny"]
+    assert_one_line_error(capsys, [*learn, "--recipe", "muon_lr=-1"], "muon_lr=-1.0: expected a number >= 0")
+    assert_one_line_error(capsys, [*learn, "--set", "bogus=1"], "unknown config key 'bogus'")
 
 
 @pytest.mark.parametrize(

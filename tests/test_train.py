@@ -1,6 +1,7 @@
 """The training loop on CPU: learning, accumulation, DDP/FSDP equivalence, exact resume, guards."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -398,12 +399,14 @@ def test_two_process_gloo_matches_one_process(data_dir, tmp_path, mode):
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
 
 
-def test_compiled_training_with_val_hellaswag_and_sampling(data_dir, tmp_path, enc):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_compiled_training_with_val_hellaswag_and_sampling(data_dir, tmp_path, enc, optimizer):
     from conftest import shared_file
 
     shared_file("hellaswag_val.jsonl.gz")
     summary = tr.train(
         small_cfg(
+            f"optimizer={optimizer}",
             "max_steps=3",
             "compile=true",
             "dtype=bf16",
@@ -423,6 +426,7 @@ def test_compiled_training_with_val_hellaswag_and_sampling(data_dir, tmp_path, e
     assert {"train", "val", "hellaswag", "sample"} <= set(events)
     assert summary["step"] == 3 and "val_loss" in summary and "hellaswag_acc_norm" in summary
     assert "Hello, I'm a language model," in (tmp_path / "samples.txt").read_text()
+    assert all(math.isfinite(loss) for loss in losses(tmp_path).values())
 
 
 def test_plot_writes_a_png(data_dir, tmp_path):

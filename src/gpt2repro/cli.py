@@ -5,6 +5,7 @@ Every known kind of bad input ends in one line on stderr, `gpt2repro: error: ...
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -161,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=2, help="learn: runs per setting")
     p.add_argument("--data", default=None, help="learn: shards (default: Tiny Shakespeare + WikiText-2)")
     p.add_argument("--plot", default=None, help="learn: write val loss against tokens here (PNG)")
+    p.add_argument(
+        "--lr-factors", default="0.5,1,2", help="learn: multiples of each optimizer's default LR to sweep"
+    )
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="learn: for every run")
+    p.add_argument(
+        "--recipe", action="append", default=[], metavar="KEY=VALUE", help="learn: for the Muon runs only"
+    )
 
     p = sub.add_parser(
         "verify", help="check a data directory's shards or a run's checkpoints against their sha256s"
@@ -270,8 +278,21 @@ def cmd_plot(args) -> None:
 def cmd_bench(args) -> None:
     from .bench.runners import run
 
+    try:
+        factors = tuple(float(f) for f in args.lr_factors.split(","))
+    except ValueError:
+        factors = ()
+    if not factors or not all(0 < f < math.inf for f in factors):
+        raise ConfigError(f"--lr-factors {args.lr_factors!r}: expected positive numbers separated by commas")
     learn = dict(
-        sizes=args.presets.split(","), data=args.data, steps=args.steps, seeds=args.seeds, plot=args.plot
+        sizes=args.presets.split(","),
+        data=args.data,
+        steps=args.steps,
+        seeds=args.seeds,
+        plot=args.plot,
+        overrides=tuple(args.set),
+        recipe=tuple(args.recipe),
+        factors=factors,
     )
     run(args.what, args.size, args.mode, args.baseline, args.repeats, args.json_out, learn)
 
@@ -306,7 +327,8 @@ def cmd_presets(args) -> None:
         m = c.model
         print(
             f"{name:16s} L{m.n_layer} d{m.n_embd} h{m.n_head} ctx{c.seq_len} batch {c.total_batch_size:,} tok "
-            f"lr {c.max_lr:g} steps {c.max_steps:,}"
+            f"lr {c.max_lr:g} steps {c.max_steps:,} {c.optimizer}"
+            + (f" (muon lr {c.muon_peak_lr:g})" if c.optimizer == "muon" else "")
         )
 
 

@@ -5,7 +5,10 @@ decided, so the loop never changes when a choice is added.
 pass per group) on CUDA and CPU. `muon`: torch.optim.Muon (momentum orthogonalised by Newton-Schulz)
 for the 2-D matrices inside the blocks (attention c_attn/c_proj, MLP c_fc/c_proj), AdamW as above for
 the rest (tied embedding/lm_head, positions, LayerNorms, biases). Muon's step is scaled to AdamW's
-update RMS ("match_rms_adamw"), so its LR lives on AdamW's scale and carries across widths.
+update RMS ("match_rms_adamw"), so its LR lives on AdamW's scale and carries across widths. Two
+choices torch's Muon does not offer are added (`GPTMuon`): the Newton-Schulz dtype (torch always
+iterates in bf16, emulated hundreds of times slower on CPUs without native bf16) and orthogonalising
+c_attn's Q, K and V blocks apart.
 Schedules: warmup then cosine to min_lr_ratio (the original), or warmup-stable-decay (`wsd`)."""
 
 from __future__ import annotations
@@ -15,17 +18,91 @@ import math
 import torch
 
 from .config import TrainConfig
+from .precision import resolve_dtype, torch_dtype
 
 HIDDEN_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+def _adamw(params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.AdamW:
+    groups = [{"params": [p for p in params if p.dim() >= 2]}, {"params": [p for p in params if p.dim() < 2]}]
     fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+    return torch.optim.AdamW(groups, fused=fused)  # LR, betas, eps, decay: configure()
+
+
+def newton_schulz(
+    g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """torch.optim.Muon's quintic iteration, operation for operation (so bf16 gives its bits), in `dtype`."""
+    a, b, c = coefficients
+    x = g.to(dtype)
+    tall = g.size(0) > g.size(1)
+    x = x.T if tall else x
+    x.div_(x.norm().clamp(min=eps))
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class GPTMuon(torch.optim.Muon):
+    """torch.optim.Muon (Nesterov momentum, decoupled weight decay, "match_rms_adamw" LR) with two
+    group options: `ns_dtype` (the Newton-Schulz dtype) and `split` (orthogonalise the matrix as
+    that many equal row blocks: 3 for c_attn's Q, K, V). The state is torch's: momentum buffers."""
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201 (torch's signature)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params: list[torch.Tensor] = []
+            grads: list[torch.Tensor] = []
+            bufs: list[torch.Tensor] = []
+            self._init_group(group, params, grads, bufs)
+            lr, mu = group["lr"], group["momentum"]
+            for p, g, buf in zip(params, grads, bufs):
+                buf.lerp_(g, 1 - mu)
+                update = g.lerp(buf, mu) if group["nesterov"] else buf
+                blocks = update.chunk(group["split"], dim=0)
+                ortho = [
+                    newton_schulz(
+                        b,
+                        group["ns_coefficients"],
+                        group["ns_steps"],
+                        group["eps"],
+                        torch_dtype(group["ns_dtype"]),
+                    )
+                    for b in blocks
+                ]
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(torch.cat(ortho), alpha=-lr * 0.2 * math.sqrt(max(blocks[0].shape)))
+        return loss
+
+
+def _muon(named: list[tuple[str, torch.nn.Parameter]]) -> GPTMuon:
+    groups = [
+        {"params": [p for n, p in named if n.endswith("attn.c_attn.weight")], "qkv": True},
+        {"params": [p for n, p in named if not n.endswith("attn.c_attn.weight")], "qkv": False},
+    ]
+    return GPTMuon(groups, adjust_lr_fn="match_rms_adamw")
+
+
+def configure(optimizers: list[torch.optim.Optimizer], cfg: TrainConfig, device: torch.device) -> None:
+    """Put the config's hyperparameters on the param groups: at build, and again after a checkpoint
+    is loaded (torch restores the saved ones), so that the config, not the checkpoint, decides."""
+    ns_dtype = resolve_dtype(cfg.muon_ns_dtype, device)  # a name, as the state is saved
+    ns_dtype = "fp32" if ns_dtype == "fp16" else ns_dtype  # fp16's range is too narrow for the iteration
+    for opt in optimizers:
+        for group in opt.param_groups:
+            if isinstance(opt, GPTMuon):
+                split = 3 if group["qkv"] and cfg.muon_split_qkv else 1
+                group.update(momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay)
+                group.update(lr_scale=cfg.muon_peak_lr / cfg.max_lr, ns_dtype=ns_dtype, split=split)
+            else:
+                group.update(betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+                decay = all(p.dim() >= 2 for p in group["params"])  # matrices and embeddings only
+                group["weight_decay"] = cfg.weight_decay if decay else 0.0
 
 
 def build_optimizer(
@@ -35,19 +112,14 @@ def build_optimizer(
     the schedule's (max_lr at the peak)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
-        return [_adamw([p for _, p in named], cfg, device)]
-    hidden = [p for n, p in named if n.startswith("transformer.h.") and n.endswith(HIDDEN_MATRICES)]
-    rest = [p for n, p in named if not (n.startswith("transformer.h.") and n.endswith(HIDDEN_MATRICES))]
-    muon = torch.optim.Muon(
-        hidden,
-        lr=cfg.muon_lr,
-        weight_decay=cfg.muon_weight_decay,
-        momentum=cfg.muon_momentum,
-        adjust_lr_fn="match_rms_adamw",
-    )
-    for group in muon.param_groups:
-        group["lr_scale"] = cfg.muon_lr / cfg.max_lr
-    return [muon, _adamw(rest, cfg, device)]
+        optimizers = [_adamw([p for _, p in named], device)]
+    else:
+        is_hidden = [n.startswith("transformer.h.") and n.endswith(HIDDEN_MATRICES) for n, _ in named]
+        hidden = [np for np, h in zip(named, is_hidden) if h]
+        rest = [p for (_, p), h in zip(named, is_hidden) if not h]
+        optimizers = [_muon(hidden), _adamw(rest, device)]
+    configure(optimizers, cfg, device)
+    return optimizers
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -42,7 +42,7 @@ def resolve_dtype(name: str, device: torch.device) -> str:
 def slow_dtype_warning(name: str, device: torch.device) -> str | None:
     """A warning when `name` will be emulated slowly on `device`, else None."""
     if device.type == "cpu" and name in ("bf16", "fp16") and not cpu_has_fast_bf16():
-        return f"{name} on this CPU has no native matmul support and runs far slower than fp32 (dtype=auto picks fp32 here)"
+        return f"{name} on this CPU has no native matmul support and runs far slower than fp32 (auto picks fp32 here)"
     return None
 
 

@@ -32,11 +32,12 @@ from .hf import load_pretrained
 from .metrics import MetricsLogger
 from .mfu import device_peak_flops, synchronize
 from .model import GPT
-from .optim import build_optimizer, lr_at, set_lr
+from .optim import build_optimizer, configure, lr_at, set_lr
 from .precision import autocast, resolve_dtype, slow_dtype_warning
 
-# Resuming requires these to match the checkpoint: they change the model or which batches come next.
-RESUME_KEYS = ("model", "total_batch_size", "micro_batch_size", "seq_len", "seed", "shuffle")
+# Resuming requires these to match the checkpoint: they change the model, which batches come next or
+# the optimizer state's layout.
+RESUME_KEYS = ("model", "total_batch_size", "micro_batch_size", "seq_len", "seed", "shuffle", "optimizer")
 
 
 class TrainingError(RuntimeError):
@@ -197,6 +198,7 @@ class Trainer:
                     f"cannot resume {ckpt}: config differs in {', '.join(diffs)}; use a new --out"
                 )
             checkpoint.load_training(ckpt, self.raw, self.optimizers, state)
+            configure(self.optimizers, cfg, self.device)  # this config's hyperparameters, not the saved ones
             try:
                 self.train_loader.load_state_dict(state["loader"])
             except ValueError as e:
@@ -209,9 +211,10 @@ class Trainer:
                 f"dtype {self.dtype} | compile {self.compiled} | grad_accum {self.accum} | "
                 f"steps {start}..{cfg.max_steps}" + (f" | resumed from {found[0].name}" if found else "")
             )
-            warning = slow_dtype_warning(self.dtype, self.device)
-            if warning:
-                print(f"[gpt2repro] warning: {warning}")
+            for key, dtype in (("dtype", self.dtype), ("muon_ns_dtype", cfg.muon_ns_dtype)):
+                warning = slow_dtype_warning(dtype, self.device)
+                if warning and (key == "dtype" or cfg.optimizer == "muon"):
+                    print(f"[gpt2repro] warning: {key}: {warning}")
         return start
 
     def _start_fresh(self) -> None:

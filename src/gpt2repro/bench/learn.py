@@ -73,15 +73,16 @@ def tokens_to_reach(curve: list[tuple[int, float]], loss: float) -> float | None
 
 
 def _sweep(
-    size: str, data: Path, work: Path, steps: int, seeds: int, optimizer: str, overrides: list[str]
+    size: str, data: Path, work: Path, steps: int, seeds: int, factors: tuple[float, ...], extra0: list[str]
 ) -> dict:
-    """{lr: [run per seed]} for one optimizer, LR swept around the preset's."""
-    base = train_config(size)
-    key, lr0 = ("max_lr", base.max_lr) if optimizer == "adamw" else ("muon_lr", base.max_lr)
+    """{lr: [run per seed]} for one optimizer (set in `extra0`), its LR swept around its default."""
+    base = train_config(size, extra0)
+    optimizer = base.optimizer
+    key, lr0 = ("max_lr", base.max_lr) if optimizer == "adamw" else ("muon_lr", base.muon_peak_lr)
     sweep = {}
-    for factor in LR_FACTORS:
+    for factor in factors:
         lr = lr0 * factor
-        extra = [*overrides, f"optimizer={optimizer}", f"{key}={lr}"]
+        extra = [*extra0, f"{key}={lr}"]
         sweep[lr] = [
             _run(size, data, work / f"{optimizer}-{lr}-{s}", steps, s + 1, extra) for s in range(seeds)
         ]
@@ -95,19 +96,28 @@ def bench_learn(
     seeds: int,
     plot: str | None,
     overrides: tuple[str, ...] = (),
+    recipe: tuple[str, ...] = (),
+    factors: tuple[float, ...] = LR_FACTORS,
 ) -> list[dict]:
-    """One row per size (see the module docstring); `overrides` go to every run (tests use them)."""
+    """One row per size (see the module docstring). `overrides` go to every run, `recipe` to the
+    Muon runs only (to compare variants of it); `factors` multiply each optimizer's default LR."""
+    runs = {"adamw": [*overrides, "optimizer=adamw"], "muon": [*overrides, "optimizer=muon", *recipe]}
+    for size in sizes:  # a typo fails now, not after an hour of runs
+        for extra in runs.values():
+            train_config(size, extra)
     data_dir = learn_data(data)
     rows, curves = [], {}
     with tempfile.TemporaryDirectory() as work:
         for size in sizes:
-            best = {}
-            for optimizer in ("adamw", "muon"):
-                sweep = _sweep(size, data_dir, Path(work), steps, seeds, optimizer, list(overrides))
-                lr = min(sweep, key=lambda k: statistics.mean(r["final"] for r in sweep[k]))
+            best, sweeps = {}, {}
+            for optimizer, extra in runs.items():
+                sweep = _sweep(size, data_dir, Path(work), steps, seeds, factors, extra)
+                finals = {lr: statistics.mean(r["final"] for r in runs) for lr, runs in sweep.items()}
+                lr = min(finals, key=finals.get)
                 best[optimizer] = (lr, sweep[lr])
                 curves[(size, optimizer)] = sweep[lr]
-            rows.append(_compare(size, best))
+                sweeps[optimizer] = finals
+            rows.append({**_compare(size, best), "sweep": sweeps})
     if plot:
         _plot(curves, plot)
     return rows

@@ -285,7 +285,8 @@ def bench_prepare(repeats: int) -> list[dict]:
 
 
 def _table(rows: list[dict]) -> str:
-    keys = list(rows[0])
+    """Rows as aligned columns; nested results (dicts) are for the JSON only."""
+    keys = [k for k, v in rows[0].items() if not isinstance(v, dict)]
 
     def fmt(v):
         if isinstance(v, float):
