@@ -88,7 +88,7 @@ def test_muon_steps_are_orthogonalised_nesterov_momentum(name, split):
 
 def test_muon_in_bf16_takes_torch_muons_steps_exactly():
     """With the bf16 iteration and c_attn whole, GPTMuon is torch.optim.Muon, bit for bit."""
-    cfg = muon_cfg("muon_ns_dtype=bf16", "muon_weight_decay=0.1")
+    cfg = muon_cfg("muon_ns_dtype=bf16", "muon_weight_decay=0.1", "muon_split_qkv=false")
     torch.manual_seed(0)
     ours_model = GPT(model_config("tiny"))
     theirs_model = GPT(model_config("tiny"))
@@ -209,7 +209,7 @@ def test_a_muon_trained_model_exports_to_transformers_with_equal_logits(data_dir
     transformers = pytest.importorskip("transformers")
     from gpt2repro.hf import export_hf
 
-    tr.train(muon_cfg("max_steps=3", "ckpt_every=3", "muon_split_qkv=true"), data_dir, tmp_path / "run")
+    tr.train(muon_cfg("max_steps=3", "ckpt_every=3"), data_dir, tmp_path / "run")
     model = checkpoint.load_model(tmp_path / "run").eval()
     out = export_hf(model, tmp_path / "hf")
     theirs = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
@@ -249,7 +249,7 @@ def test_a_resumed_run_takes_its_configs_hyperparameters_not_the_checkpoints(dat
     decays or betas must use the new ones, and may not switch optimizer under its saved state."""
     from gpt2repro.distributed import DistInfo
 
-    tr.train(muon_cfg("max_steps=2", "ckpt_every=2"), data_dir, tmp_path)
+    tr.train(muon_cfg("max_steps=2", "ckpt_every=2", "muon_split_qkv=false"), data_dir, tmp_path)
     changed = [
         "muon_lr=0.01",
         "muon_weight_decay=0.05",

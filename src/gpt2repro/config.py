@@ -117,7 +117,7 @@ class TrainConfig:
     muon_momentum: float = 0.95
     muon_weight_decay: float = 0.1
     muon_ns_dtype: str = "auto"  # Newton-Schulz dtype: auto (bf16 where native, else fp32) | bf16 | fp32
-    muon_split_qkv: bool = False  # orthogonalise c_attn's Q, K, V blocks apart (else as one 3d x d matrix)
+    muon_split_qkv: bool = True  # orthogonalise c_attn's Q, K, V blocks apart (else as one 3d x d matrix)
     schedule: str = "cosine"  # cosine (to min_lr_ratio) | wsd (warmup, stable, linear decay)
     wsd_decay_fraction: float = 0.2  # wsd: the last fraction of max_steps decays
     target_val_loss: float = 0.0  # > 0: stop when validation loss reaches it (tokens and time logged)
