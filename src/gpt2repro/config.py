@@ -20,9 +20,8 @@ class ConfigError(ValueError):
     """A bad preset name, override key or value; the message is one line meant for the user."""
 
 
-MUON_LR_RATIO = (
-    4.0  # Muon's LR over the preset's AdamW LR (bench learn: the flat best at cpu-tiny and cpu-demo)
-)
+# Muon's LR over the preset's AdamW LR: the flat best of `bench learn` at cpu-tiny and cpu-demo
+MUON_LR_RATIO = 4.0
 MAX_BLOCK_SIZE = 1 << 17  # positions: far past any GPT-2/3 size, short of allocating gigabytes by typo
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 ACTIVATION_CHECKPOINTING = re.compile(r"none|full|every_[1-9]\d*")
