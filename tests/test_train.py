@@ -131,6 +131,13 @@ def test_weight_decay_groups():
         (["dtype=fp8"], "dtype='fp8' is not one of auto, fp32, bf16, fp16"),
         (["max_steps"], "override 'max_steps' is not key=value"),
         (["seq_len=4096"], "seq_len=4096 exceeds model.block_size"),
+        (["optimizer=sgd"], "optimizer='sgd' is not one of adamw, muon"),
+        (["optimizer=muon", "fsdp=true"], "optimizer=muon with fsdp=true is not supported"),
+        (["schedule=wsd", "wsd_decay_fraction=0"], "wsd_decay_fraction=0.0: expected a number in \\(0, 1\\]"),
+        (["target_val_loss=3", "val_every=0"], "target_val_loss needs validation"),
+        (["muon_lr=-1"], "muon_lr=-1.0: expected a number >= 0"),
+        (["muon_ns_dtype=fp16"], "muon_ns_dtype='fp16' is not one of auto, bf16, fp32"),
+        (["muon_split_qkv=maybe"], "muon_split_qkv='maybe': expected true or false"),
     ],
 )
 def test_bad_overrides_are_one_line_errors(overrides, message):

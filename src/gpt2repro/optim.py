@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.optim._muon import _adjust_lr
 
 from .config import TrainConfig
 from .precision import resolve_dtype, torch_dtype
@@ -45,9 +46,9 @@ def newton_schulz(
 
 
 class GPTMuon(torch.optim.Muon):
-    """torch.optim.Muon (Nesterov momentum, decoupled weight decay, "match_rms_adamw" LR) with two
-    group options: `ns_dtype` (the Newton-Schulz dtype) and `split` (orthogonalise the matrix as
-    that many equal row blocks: 3 for c_attn's Q, K, V). The state is torch's: momentum buffers."""
+    """torch.optim.Muon (Nesterov momentum, decoupled weight decay, its LR adjustment, here per
+    block) with two group options: `ns_dtype` (the Newton-Schulz dtype) and `split` (orthogonalise
+    the matrix as that many equal row blocks: 3 for c_attn's Q, K, V). The state is torch's."""
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001, ANN201 (torch's signature)
@@ -76,7 +77,7 @@ class GPTMuon(torch.optim.Muon):
                     for b in blocks
                 ]
                 p.mul_(1 - lr * group["weight_decay"])
-                p.add_(torch.cat(ortho), alpha=-lr * 0.2 * math.sqrt(max(blocks[0].shape)))
+                p.add_(torch.cat(ortho), alpha=-_adjust_lr(lr, group["adjust_lr_fn"], blocks[0].shape))
         return loss
 
 

@@ -211,9 +211,12 @@ class Trainer:
                 f"dtype {self.dtype} | compile {self.compiled} | grad_accum {self.accum} | "
                 f"steps {start}..{cfg.max_steps}" + (f" | resumed from {found[0].name}" if found else "")
             )
-            for key, dtype in (("dtype", self.dtype), ("muon_ns_dtype", cfg.muon_ns_dtype)):
+            dtypes = {"dtype": self.dtype}
+            if cfg.optimizer == "muon":
+                dtypes["muon_ns_dtype"] = cfg.muon_ns_dtype
+            for key, dtype in dtypes.items():
                 warning = slow_dtype_warning(dtype, self.device)
-                if warning and (key == "dtype" or cfg.optimizer == "muon"):
+                if warning:
                     print(f"[gpt2repro] warning: {key}: {warning}")
         return start
 

@@ -395,7 +395,7 @@ def run(
     learn: dict | None = None,
 ) -> dict:
     """Run one benchmark, print its table, and return (and optionally write) the result with machine info.
-    `learn`: bench_learn's arguments (sizes, data, steps, seeds, plot)."""
+    `learn`: bench_learn's arguments (sizes, data, steps, seeds, plot, overrides, recipe, factors)."""
     if repeats < 1:
         raise BenchError(f"--repeats must be at least 1, got {repeats}")
     if what not in WHAT:
