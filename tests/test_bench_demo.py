@@ -115,3 +115,14 @@ def test_bench_memory_runs_each_mode_in_a_fresh_process():
         r["step_extra_mb"] > 0 and r["peak_mb"] >= r["step_extra_mb"] and r["step_s"] > 0 for r in rows
     )
     assert rows[0]["vs_none"] == 1.0
+
+
+def test_demo_script_trains_the_preset_it_is_given(tmp_path):
+    shared_file("tinyshakespeare.txt")
+    small = ["max_steps=1", "val_steps=1", "hellaswag_every=0", "sample_every=0", "compile=false"]
+    small += ["model.n_layer=2", "model.n_embd=64", "model.n_head=2"]
+    cmd = [sys.executable, "scripts/demo.py", "--out", str(tmp_path), "--preset", "cpu-demo-muon", *small]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "train: cpu-demo-muon preset" in result.stdout
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["optimizer"] == "muon"
