@@ -11,9 +11,9 @@ PKG = ROOT / "src" / "gpt2repro"
 LAYERS = [
     {"__init__", "config", "precision", "fsio"},
     {"assets"},
-    {"model", "tokenizer"},
+    {"model", "ops", "tokenizer"},
     {"data.shards", "data.loader", "data.prepare"},
-    {"optim", "checkpoint", "distributed", "mfu"},
+    {"optim", "muon", "checkpoint", "distributed", "mfu"},
     {"evals.hellaswag", "generate", "hf"},
     {"train", "metrics"},
     {"evals.report", "evals.harness", "plot"},

@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import torch
+
 from conftest import ROOT, shared_file
 from gpt2repro.bench import runners as bench
 from gpt2repro.bench.reference import RefGPT
@@ -44,7 +46,7 @@ def test_reference_model_computes_the_same_function():
 
 def test_bench_hellaswag_checks_predictions_agree(monkeypatch):
     shared_file("hellaswag_val.jsonl.gz")
-    rows = bench.bench_hellaswag("tiny", repeats=1, n_examples=12)
+    rows = bench.bench_hellaswag("tiny", repeats=1, device=torch.device("cpu"), n_examples=12)
     dtypes = bench.bench_dtypes()  # bf16 rows only where this CPU has native bf16 matmuls
     assert [(r["method"], r["dtype"]) for r in rows] == [
         (method, d) for method in ("batched", "one-at-a-time") for d in dtypes

@@ -71,7 +71,7 @@ def test_bad_model_config_is_rejected():
 
 @pytest.mark.parametrize("chunk", [7, 64, 4096])
 def test_fused_linear_cross_entropy_matches_float64_reference(chunk):
-    from gpt2repro.model import linear_cross_entropy
+    from gpt2repro.ops import linear_cross_entropy
 
     torch.manual_seed(0)
     h = torch.randn(150, 16, dtype=torch.float64, requires_grad=True)
@@ -92,7 +92,7 @@ def test_fused_linear_cross_entropy_matches_float64_reference(chunk):
 @pytest.mark.parametrize("chunk", [7, 4096])
 def test_fused_loss_reuses_cpu_scratch_without_corrupting_saved_gradients(chunk):
     """A second call overwrites the scratch memory; the first call's gradients were copied out."""
-    from gpt2repro.model import _CPU_SCRATCH, linear_cross_entropy
+    from gpt2repro.ops import _CPU_SCRATCH, linear_cross_entropy
 
     torch.manual_seed(0)
     w = torch.randn(70, 16, dtype=torch.float64, requires_grad=True)

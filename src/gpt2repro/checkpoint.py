@@ -179,6 +179,12 @@ def verify(ckpt: Path) -> dict:
     return state
 
 
+def fingerprint(ckpt: Path) -> int:
+    """60 bits of the sha256 of the checkpoint's state.json: two copies of one checkpoint agree, two
+    checkpoints (other weights, step or loader position) do not."""
+    return int(sha256_file(ckpt / "state.json")[:15], 16)
+
+
 def verify_run(run_dir: str | os.PathLike) -> tuple[int, list[str]]:
     """(checkpoints checked, problems found) over every checkpoint of a run."""
     steps = all_steps(run_dir)

@@ -49,6 +49,9 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
 def _load(args, device):
     from .checkpoint import load_model
     from .hf import load_hf
+    from .precision import enable_tf32
+
+    enable_tf32(device)
 
     return load_model(args.checkpoint, device) if args.checkpoint else load_hf(args.hf).to(device)
 
@@ -157,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default="none", choices=("none", "reference", "hf", "all"))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", dest="json_out", default=None)
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--presets", default="cpu-tiny,cpu-demo", help="learn: the training presets (model sizes)")
     p.add_argument("--steps", type=int, default=200, help="learn: the token budget, in optimizer steps")
     p.add_argument("--seeds", type=int, default=2, help="learn: runs per setting")
@@ -294,7 +298,7 @@ def cmd_bench(args) -> None:
         recipe=tuple(args.recipe),
         factors=factors,
     )
-    run(args.what, args.size, args.mode, args.baseline, args.repeats, args.json_out, learn)
+    run(args.what, args.size, args.mode, args.baseline, args.repeats, args.json_out, learn, args.device)
 
 
 def cmd_verify(args) -> None:

@@ -182,6 +182,11 @@ class TrainConfig:
             raise ConfigError(
                 "optimizer=muon with fsdp=true is not supported: Newton-Schulz needs whole matrices, FSDP shards them"
             )
+        if self.dtype == "fp16" and self.fsdp:
+            raise ConfigError(
+                "dtype=fp16 with fsdp=true is not supported: the gradient scaler would see only this rank's "
+                "shard of the gradients; use bf16 (or fp32)"
+            )
         if self.target_val_loss and not self.val_every:
             raise ConfigError("target_val_loss needs validation: set val_every > 0")
         if self.val_every and not self.val_steps:

@@ -7,6 +7,8 @@ several nodes, MASTER_ADDR/MASTER_PORT) come from torchrun itself."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -105,10 +107,20 @@ def wrap_model(raw: GPT, cfg: TrainConfig, info: DistInfo, compile_model: bool) 
         for block in raw.transformer.h:
             fully_shard(block)
         fully_shard(raw)
+        # FSDP2 sets up its root at the first forward pass; do it now, or in-loop evaluation, which
+        # may call the blocks first, would make each block a root of its own
+        with torch.no_grad():
+            raw(torch.zeros(1, 1, dtype=torch.long, device=info.device))
+        raw.reshard()  # the root keeps its parameters gathered after forward; the optimizer needs shards
     elif info.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(raw, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+        # gradients live in DDP's communication buckets: no copy in or out of them per step
+        model = DDP(
+            raw,
+            device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+            gradient_as_bucket_view=True,
+        )
     return torch.compile(model) if compile_model else model
 
 
@@ -122,3 +134,40 @@ def set_grad_sync(model: torch.nn.Module, raw: GPT, cfg: TrainConfig, info: Dist
     else:
         ddp = getattr(model, "_orig_mod", model)
         ddp.require_backward_grad_sync = sync
+
+
+@contextmanager
+def full_parameters(raw: GPT) -> Iterator[None]:
+    """The root module's own parameters (wte, wpe, ln_f) unsharded while calls bypass its forward
+    (`hidden`, `logits`: HellaSwag, sampling); each block still gathers its own in its forward hooks.
+    Without FSDP, nothing to do. Every rank must enter it (the gather is a collective)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(raw, FSDPModule):
+        yield
+        return
+    raw.unshard()
+    try:
+        yield
+    finally:
+        raw.reshard()
+
+
+def agree(info: DistInfo, value: tuple[int, ...], what: str, describe: Callable[[tuple], str] = str) -> None:
+    """Stop every rank with one line when ranks hold different values of `what` (e.g. which checkpoint
+    each found): one all-gather, so no rank is left waiting in a later collective."""
+    if not info.distributed:
+        return
+    mine = torch.tensor(value, dtype=torch.int64, device=info.device)
+    gathered = [torch.zeros_like(mine) for _ in range(info.world_size)]
+    dist.all_gather(gathered, mine)
+    groups: dict[tuple, list[str]] = {}
+    for rank, v in enumerate(gathered):
+        groups.setdefault(tuple(v.tolist()), []).append(str(rank))
+    if len(groups) > 1:
+        detail = "; ".join(f"rank {','.join(r)}: {describe(v)}" for v, r in groups.items())
+        raise DisagreementError(f"ranks disagree on {what} ({detail})")
+
+
+class DisagreementError(RuntimeError):
+    """Ranks of one job hold different state (e.g. different checkpoints); the message names them."""

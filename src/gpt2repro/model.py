@@ -8,7 +8,6 @@ padded ids are cut from the logits, so they are never predicted, sampled or scor
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .config import GPTConfig
+from .ops import Linear, linear_cross_entropy
 
 
 @dataclass
@@ -34,39 +34,15 @@ class KVCache:
             torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
         )
 
-
-class Linear(nn.Linear):
-    """nn.Linear, plus a faster path for decoding on a multi-core CPU.
-
-    With a few rows of fp32 input (one new token per sequence), the matmul is bound by reading the
-    weight, and MKL's matrix-vector product runs on one core. Splitting the output features into one
-    group per thread and running the groups as a batched matmul uses every core (`gpt2repro bench
-    generate` measures it). Same result up to fp32 rounding order."""
-
-    MAX_ROWS = 32
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        groups = torch.get_num_threads()
-        out_features, in_features = self.weight.shape
-        rows = x.numel() // in_features
-        if (
-            torch.compiler.is_compiling()
-            or x.device.type != "cpu"
-            or x.dtype != torch.float32
-            or self.weight.dtype != torch.float32
-            or torch.is_autocast_enabled("cpu")
-            or rows > self.MAX_ROWS
-            or groups < 2
-            or out_features % groups
-            or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-        ):
-            return super().forward(x)
-        w = self.weight.view(groups, out_features // groups, in_features)
-        x2 = x.reshape(rows, in_features).t().expand(groups, in_features, rows)
-        y = torch.bmm(w, x2).view(out_features, rows).t()
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], out_features)
+    def insert(
+        self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a layer's keys/values (B, n_head, T, head_dim) at positions pos.. and return all of
+        that layer's keys/values up to the last one stored."""
+        end = pos + k.size(2)
+        self.k[layer, :, :, pos:end] = k
+        self.v[layer, :, :, pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -89,11 +65,11 @@ class CausalSelfAttention(nn.Module):
         elif cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash kernel where available
         else:
-            cache.k[self.layer, :, :, pos : pos + T] = k
-            cache.v[self.layer, :, :, pos : pos + T] = v
-            k, v = cache.k[self.layer, :, :, : pos + T], cache.v[self.layer, :, :, : pos + T]
+            k, v = cache.insert(self.layer, pos, k, v)
             if T == 1:  # one new token attends to everything cached
                 y = F.scaled_dot_product_attention(q, k, v)
+            elif pos == 0:  # a prompt from the start: plain causal attention, flash-eligible
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:  # query i sits at absolute position pos+i and sees keys 0..pos+i
                 mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -247,85 +223,3 @@ class GPT(nn.Module):
         cfg = self.config
         n = self.num_params() - self.transformer.wpe.weight.numel()
         return 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len
-
-
-_CPU_SCRATCH: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-
-
-def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Memory for the fused loss's big temporaries, reused across calls on CPU. There glibc maps every
-    allocation over 32 MB afresh and the first touch page-faults it in again, a noticeable part of a
-    small model's training step. (CUDA's caching allocator reuses memory by itself.)
-    The buffers stay allocated for the life of the process: about 2 x chunk x vocab x 2 bytes."""
-    if device.type != "cpu":
-        return torch.empty(shape, dtype=dtype, device=device)
-    numel = math.prod(shape)
-    buf = _CPU_SCRATCH.get((name, dtype))
-    if buf is None or buf.numel() < numel:
-        buf = _CPU_SCRATCH[(name, dtype)] = torch.empty(numel, dtype=dtype)
-    return buf[:numel].view(shape)
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of (h @ weight[:vocab].T) against targets, a chunk of rows at a time.
-
-    The lm_head is most of the FLOPs at small sizes, and its fp32 logits (N x 50k floats) most of the
-    memory traffic. Here each chunk's logits live only while that chunk's loss and its gradients with
-    respect to h and weight are computed, in the forward pass; backward just scales them. Per chunk:
-    one matmul, one fused softmax, the loss -log p[target] read from it, and p - onehot fed to two
-    matmuls. Under bf16 autocast the softmax is stored in bf16: its rounding (2^-9 relative in p,
-    ~0.002 in a token's loss) is ten times smaller than that of the bf16 logits themselves, which
-    the unfused version has too. p[target] underflows (fp32 and bf16 alike) only when the target's
-    logit is ~100 below the log-sum-exp; the loss is then inf and training stops."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, vocab, chunk, need_grad):
-        device_type = h.device.type
-        compute = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
-        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-        with torch.autocast(device_type, enabled=False):
-            n, dim = h.shape
-            dev = h.device
-            w = weight[:vocab]
-            if w.dtype != compute:
-                w = _scratch("weight", (vocab, dim), compute, dev).copy_(w)
-            hc_all = h.to(compute)
-            grad_h = torch.empty_like(h) if need_grad else None
-            grad_wt = None  # weight gradient, transposed (the faster matmul); fp32 once accumulating
-            total = torch.zeros((), dtype=acc, device=dev)
-            for s in range(0, n, chunk):
-                hc, t = hc_all[s : s + chunk], targets[s : s + chunk]
-                logits = torch.mm(hc, w.t(), out=_scratch("logits", (len(t), vocab), compute, dev))
-                grad = torch.softmax(logits, -1, out=_scratch("probs", (len(t), vocab), compute, dev))
-                rows = torch.arange(len(t), device=dev)  # grad becomes d(loss)/d(logits) * n
-                total -= grad[rows, t].to(acc).log().sum()
-                if not need_grad:  # validation: the loss alone, one matmul per chunk instead of three
-                    continue
-                grad[rows, t] -= 1.0
-                grad_h[s : s + chunk] = grad @ w
-                part = torch.mm(hc.t(), grad, out=_scratch("part", (dim, vocab), compute, dev))
-                if grad_wt is None:  # scratch memory: copied out before the next chunk overwrites it
-                    grad_wt = part if n <= chunk else part.to(acc, copy=True)
-                else:
-                    grad_wt.add_(part)
-            if need_grad:
-                grad_w = torch.empty_like(weight)
-                grad_w[vocab:] = 0.0
-                torch.mul(grad_wt.t(), 1.0 / n, out=grad_w[:vocab])
-                ctx.save_for_backward(grad_h.div_(n), grad_w)
-        return (total / n).to(torch.float32 if h.dtype != torch.float64 else h.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h.mul_(grad_out), grad_w.mul_(grad_out), None, None, None, None  # once per forward
-
-
-@torch.compiler.disable  # runs as written under torch.compile: it is already fused by hand
-def linear_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab: int, chunk: int = 2048
-) -> torch.Tensor:
-    """Fused lm_head + mean cross-entropy over rows of h (N, C); only weight's first `vocab` rows
-    are classes, so padded ids are never predicted."""
-    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(h, weight, targets, vocab, chunk, need_grad)

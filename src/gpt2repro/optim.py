@@ -6,7 +6,7 @@ pass per group) on CUDA and CPU. `muon`: torch.optim.Muon (momentum orthogonalis
 for the 2-D matrices inside the blocks (attention c_attn/c_proj, MLP c_fc/c_proj), AdamW as above for
 the rest (tied embedding/lm_head, positions, LayerNorms, biases). Muon's step is scaled to AdamW's
 update RMS ("match_rms_adamw"), so its LR lives on AdamW's scale and carries across widths. Two
-choices torch's Muon does not offer are added (`GPTMuon`): the Newton-Schulz dtype (torch always
+choices torch's Muon does not offer are added (`muon.GPTMuon`): the Newton-Schulz dtype (torch always
 iterates in bf16, emulated hundreds of times slower on CPUs without native bf16) and orthogonalising
 c_attn's Q, K and V blocks apart.
 Schedules: warmup then cosine to min_lr_ratio (the original), or warmup-stable-decay (`wsd`)."""
@@ -16,10 +16,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.optim._muon import _adjust_lr
 
 from .config import TrainConfig
-from .precision import resolve_dtype, torch_dtype
+from .precision import resolve_dtype
 
 HIDDEN_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -30,58 +29,9 @@ def _adamw(params: list[torch.nn.Parameter], device: torch.device) -> torch.opti
     return torch.optim.AdamW(groups, fused=fused)  # LR, betas, eps, decay: configure()
 
 
-def newton_schulz(
-    g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float, dtype: torch.dtype
-) -> torch.Tensor:
-    """torch.optim.Muon's quintic iteration, operation for operation (so bf16 gives its bits), in `dtype`."""
-    a, b, c = coefficients
-    x = g.to(dtype)
-    tall = g.size(0) > g.size(1)
-    x = x.T if tall else x
-    x.div_(x.norm().clamp(min=eps))
-    for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+def _muon(named: list[tuple[str, torch.nn.Parameter]]) -> torch.optim.Optimizer:
+    from .muon import GPTMuon  # torch.optim.Muon is torch 2.9+: AdamW runs never import it
 
-
-class GPTMuon(torch.optim.Muon):
-    """torch.optim.Muon (Nesterov momentum, decoupled weight decay, its LR adjustment, here per
-    block) with two group options: `ns_dtype` (the Newton-Schulz dtype) and `split` (orthogonalise
-    the matrix as that many equal row blocks: 3 for c_attn's Q, K, V). The state is torch's."""
-
-    @torch.no_grad()
-    def step(self, closure=None):  # noqa: ANN001, ANN201 (torch's signature)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params: list[torch.Tensor] = []
-            grads: list[torch.Tensor] = []
-            bufs: list[torch.Tensor] = []
-            self._init_group(group, params, grads, bufs)
-            lr, mu = group["lr"], group["momentum"]
-            for p, g, buf in zip(params, grads, bufs):
-                buf.lerp_(g, 1 - mu)
-                update = g.lerp(buf, mu) if group["nesterov"] else buf
-                blocks = update.chunk(group["split"], dim=0)
-                ortho = [
-                    newton_schulz(
-                        b,
-                        group["ns_coefficients"],
-                        group["ns_steps"],
-                        group["eps"],
-                        torch_dtype(group["ns_dtype"]),
-                    )
-                    for b in blocks
-                ]
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(torch.cat(ortho), alpha=-_adjust_lr(lr, group["adjust_lr_fn"], blocks[0].shape))
-        return loss
-
-
-def _muon(named: list[tuple[str, torch.nn.Parameter]]) -> GPTMuon:
     groups = [
         {"params": [p for n, p in named if n.endswith("attn.c_attn.weight")], "qkv": True},
         {"params": [p for n, p in named if not n.endswith("attn.c_attn.weight")], "qkv": False},
@@ -96,7 +46,7 @@ def configure(optimizers: list[torch.optim.Optimizer], cfg: TrainConfig, device:
     ns_dtype = "fp32" if ns_dtype == "fp16" else ns_dtype  # fp16's range is too narrow for the iteration
     for opt in optimizers:
         for group in opt.param_groups:
-            if isinstance(opt, GPTMuon):
+            if "ns_coefficients" in group:  # a Muon group
                 split = 3 if group["qkv"] and cfg.muon_split_qkv else 1
                 group.update(momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay)
                 group.update(lr_scale=cfg.muon_peak_lr / cfg.max_lr, ns_dtype=ns_dtype, split=split)

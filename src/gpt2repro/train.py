@@ -24,16 +24,27 @@ from . import checkpoint
 from .config import ConfigError, TrainConfig
 from .data.loader import DataLoader
 from .data.shards import ShardError, verify_shards
-from .distributed import DistInfo, all_reduce_mean, all_reduce_sum, set_grad_sync, setup, teardown, wrap_model
+from .distributed import (
+    DisagreementError,
+    DistInfo,
+    agree,
+    all_reduce_mean,
+    all_reduce_sum,
+    full_parameters,
+    set_grad_sync,
+    setup,
+    teardown,
+    wrap_model,
+)
 from .evals import hellaswag
 from .fsio import atomic_write_text
 from .generate import prompt_tokens, sample_text
 from .hf import load_pretrained
 from .metrics import MetricsLogger
-from .mfu import device_peak_flops, synchronize
+from .mfu import Peak, synchronize
 from .model import GPT
 from .optim import build_optimizer, configure, lr_at, set_lr
-from .precision import autocast, resolve_dtype, slow_dtype_warning
+from .precision import autocast, enable_tf32, resolve_dtype, slow_dtype_warning
 
 # Resuming requires these to match the checkpoint: they change the model, which batches come next or
 # the optimizer state's layout.
@@ -85,8 +96,7 @@ class Trainer:
         self.accum = grad_accum_steps(cfg, info.world_size)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.compiled = cfg.compile == "true" or (cfg.compile == "auto" and self.device.type == "cuda")
-        if self.device.type == "cuda":
-            torch.set_float32_matmul_precision("high")  # TF32 matmuls
+        enable_tf32(self.device)
         torch.manual_seed(cfg.seed)
         run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.verify_data:
@@ -106,15 +116,15 @@ class Trainer:
         self.raw.checkpoint_every = cfg.checkpoint_every
         self.model = wrap_model(self.raw, cfg, info, self.compiled)
         self.optimizers = build_optimizer(self.raw, cfg, self.device)
-        fp16_cuda = self.dtype == "fp16" and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda") if fp16_cuda else None
+        # fp16's narrow range: the loss is scaled so gradients do not underflow, steps with inf skipped
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == "fp16" else None
         self.logger = MetricsLogger(run_dir, cfg, enabled=False)  # the real one opens once resume succeeds
         self.last_metrics: dict = {}
         self.target_reached: int | None = None  # the step whose validation reached target_val_loss
         # worse than guessing uniformly by far: the weights blew up (a finite loss can say so too)
         self.divergence_loss = 2 * math.log(cfg.model.vocab_size)
         self.start_step, self.started = 0, time.time()
-        self.peak = device_peak_flops(self.device, self.dtype)  # for MFU
+        self.peak = Peak(self.device, self.dtype, info.world_size)  # for MFU
         self.flops_per_step = self.raw.flops_per_token(cfg.seq_len) * cfg.total_batch_size
 
     def _pretrained(self) -> GPT:
@@ -184,8 +194,7 @@ class Trainer:
         start at. A fresh run never shadows an earlier one's checkpoints unless overwrite=true.
         Writes the resolved config.json and prints what is about to run."""
         cfg, info = self.cfg, self.info
-        log = print if info.is_main else (lambda message: None)
-        found = checkpoint.latest_verified(self.run_dir, log) if cfg.resume != "never" else None
+        found = self._find_checkpoint()
         if found is None:
             self._start_fresh()
         start = 0
@@ -219,6 +228,28 @@ class Trainer:
                 if warning:
                     print(f"[gpt2repro] warning: {key}: {warning}")
         return start
+
+    def _find_checkpoint(self) -> tuple[Path, dict] | None:
+        """The checkpoint to resume from and its state, the same on every rank (nodes without shared
+        storage each look in their own directory): or all ranks stop, naming the ones that differ."""
+        log = print if self.info.is_main else (lambda message: None)
+        found, problem = None, None
+        try:
+            found = checkpoint.latest_verified(self.run_dir, log) if self.cfg.resume != "never" else None
+        except checkpoint.CheckpointError as e:  # every rank must still reach the agreement
+            problem = e
+        key = (
+            (-2 if problem else -1, 0)
+            if found is None
+            else (found[1]["step"], checkpoint.fingerprint(found[0]))
+        )
+        try:
+            agree(self.info, key, "the checkpoint to resume from", _describe_checkpoint)
+        except DisagreementError as e:
+            raise TrainingError(f"{self.run_dir}: {e}; give every rank the same run directory") from None
+        if problem is not None:
+            raise problem
+        return found
 
     def _start_fresh(self) -> None:
         """Step 0 in a directory that may hold an earlier run: refuse, or with overwrite=true
@@ -286,7 +317,7 @@ class Trainer:
         synchronize(self.device)  # only for honest timing
         dt = time.time() - t0
         tok_s = self.cfg.total_batch_size / dt
-        mfu = self.flops_per_step / dt / (self.peak * self.info.world_size) if self.peak else None
+        mfu = self.peak.mfu(self.flops_per_step, dt)
         done = step + 1 - self.start_step
         eta = (time.time() - self.started) / done * (self.cfg.max_steps - step - 1)
         self.last_metrics.update(loss=loss, lr=lr, grad_norm=norm)
@@ -320,13 +351,18 @@ class Trainer:
                     f"[gpt2repro] target val loss {cfg.target_val_loss} reached at step {step}: {tokens:,} tokens, {seconds:.1f}s"
                 )
                 self.logger.log("target", step, val_loss=val, tokens=tokens, seconds=seconds)
-        if self.hellaswag[0] and _due(step, last, cfg.hellaswag_every):
-            self.eval_hellaswag(step)
-        if cfg.sample_every and step > 0 and _due(step, last, cfg.sample_every):
-            texts = sample_text(
-                self.raw, cfg.sample_prompt, cfg.sample_count, cfg.sample_tokens, seed=42 + self.info.rank
-            )
-            self.logger.sample(step, texts)
+        hellaswag_due = self.hellaswag[0] and _due(step, last, cfg.hellaswag_every)
+        sample_due = cfg.sample_every and step > 0 and _due(step, last, cfg.sample_every)
+        if not (hellaswag_due or sample_due):
+            return
+        with full_parameters(self.raw):  # both call the raw model's parts directly, past FSDP's hooks
+            if hellaswag_due:
+                self.eval_hellaswag(step)
+            if sample_due:
+                texts = sample_text(
+                    self.raw, cfg.sample_prompt, cfg.sample_count, cfg.sample_tokens, seed=42 + self.info.rank
+                )
+                self.logger.sample(step, texts)
 
     @torch.no_grad()
     def validation_loss(self) -> float:
@@ -394,6 +430,12 @@ class Trainer:
             self.logger.print(f"[gpt2repro] checkpoint {path}")
         if self.info.distributed:
             dist.barrier()
+
+
+def _describe_checkpoint(key: tuple) -> str:
+    if key[0] < 0:
+        return "no checkpoint that verifies" if key[0] == -2 else "no checkpoint (fresh start)"
+    return f"step {key[0]} (state {key[1]:015x})"
 
 
 def train(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path) -> dict:

@@ -105,7 +105,7 @@ def original_generate(model, idx: torch.Tensor, new_tokens: int) -> torch.Tensor
     return idx
 
 
-def hellaswag_one_at_a_time(model, examples: list[dict], dtype: str = "fp32") -> list[int]:
+def hellaswag_one_at_a_time(model, examples: list[dict], dtype: str = "fp32", device="cpu") -> list[int]:
     """The original build-nanogpt method: one example per forward, full logits, per-token losses
     (fp32 as in its hellaswag.py; bf16 autocast as in its training loop)."""
     preds = []
@@ -118,7 +118,8 @@ def hellaswag_one_at_a_time(model, examples: list[dict], dtype: str = "fp32") ->
         for i, row in enumerate(rows):
             tokens[i, : len(row)] = torch.tensor(row)
             mask[i, len(r.context) : len(row)] = 1
-        with torch.no_grad(), autocast(torch.device("cpu"), dtype):
+        tokens, mask = tokens.to(device), mask.to(device)
+        with torch.no_grad(), autocast(torch.device(device), dtype):
             logits = model(tokens)[0]
         losses = F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none"

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from ..evals import hellaswag
 from ..generate import generate
 from ..mfu import device_peak_flops, gemm_flops, median_time, synchronize
 from ..model import GPT
-from ..precision import autocast, cpu_has_fast_bf16, torch_dtype
+from ..precision import autocast, cpu_has_fast_bf16, enable_tf32, torch_dtype
 from .learn import bench_learn
 from .reference import HFWrapper, RefGPT, hellaswag_one_at_a_time, hf_copy, original_generate
 
@@ -91,8 +92,11 @@ def size_config(size: str) -> tuple[GPTConfig, int, int]:
     )
 
 
-def bench_train_step(impl: str, size: str, mode: str, repeats: int, device: torch.device) -> dict:
-    """Tokens/s of forward + backward + AdamW for one model implementation in one mode."""
+def train_step_runner(
+    impl: str, size: str, mode: str, device: torch.device
+) -> tuple[Callable[[], None], dict]:
+    """One forward + backward + AdamW step of one model implementation in one mode, ready to time;
+    and what its row reports besides the time."""
     cfg, B, T = size_config(size)
     torch.manual_seed(0)
     model = {"ours": GPT, "reference": RefGPT, "hf": HFWrapper}[impl](cfg).to(device)
@@ -100,31 +104,42 @@ def bench_train_step(impl: str, size: str, mode: str, repeats: int, device: torc
         flops_per_token = GPT(cfg).flops_per_token(T)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=impl == "ours" or device.type == "cuda")
     step_model = torch.compile(model) if mode.startswith("compile") else model
-    use_bf16 = mode.endswith("bf16")
+    dtype = "bf16" if mode.endswith("bf16") else "fp32"
     x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
     y = torch.randint(0, cfg.vocab_size, (B, T), device=device)
 
     def step():
-        with autocast(device, "bf16" if use_bf16 else "fp32"):
+        with autocast(device, dtype):
             _, loss = step_model(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         synchronize(device)
 
-    dt = median_time(step, repeats, warmup=3 if mode.startswith("compile") else 1)
-    tok_s = B * T / dt
-    peak = device_peak_flops(device, "bf16" if use_bf16 else "fp32")
-    return {
-        "impl": impl,
-        "size": size,
-        "mode": mode,
-        "B": B,
-        "T": T,
-        "step_s": dt,
-        "tok_per_s": tok_s,
-        "mfu": flops_per_token * tok_s / peak if peak else None,
-    }
+    for _ in range(3 if mode.startswith("compile") else 1):  # warm-up (compilation)
+        step()
+    row = {"impl": impl, "size": size, "mode": mode, "B": B, "T": T}
+    return step, {**row, "flops_per_token": flops_per_token, "dtype": dtype}
+
+
+def bench_train_steps(
+    runs: list[tuple[str, str]], size: str, repeats: int, device: torch.device
+) -> list[dict]:
+    """Tokens/s of each (implementation, mode): the medians of `repeats` rounds, each round timing
+    one step of every run in turn, so a slow moment of the machine hits all of them alike."""
+    steps = [train_step_runner(impl, size, mode, device) for impl, mode in runs]
+    times: list[list[float]] = [[] for _ in steps]
+    for _ in range(repeats):
+        for (step, _), seen in zip(steps, times):
+            seen.append(median_time(step, 1, warmup=0))
+    rows = []
+    for (_, info), seen in zip(steps, times):
+        dt = statistics.median(seen)
+        tok_s = info["B"] * info["T"] / dt
+        peak = device_peak_flops(device, info.pop("dtype"))
+        flops = info.pop("flops_per_token")
+        rows.append({**info, "step_s": dt, "tok_per_s": tok_s, "mfu": flops * tok_s / peak if peak else None})
+    return rows
 
 
 def bench_generate(size: str, repeats: int, device: torch.device, new_tokens: int = 256) -> list[dict]:
@@ -196,22 +211,22 @@ def hellaswag_flop_ratio(model, examples: list[dict]) -> float:
     return theirs / ours
 
 
-def bench_hellaswag(size: str, repeats: int, n_examples: int = 200) -> list[dict]:
+def bench_hellaswag(size: str, repeats: int, device: torch.device, n_examples: int = 200) -> list[dict]:
     """Our evaluator against the original one-example-at-a-time loop, each in fp32 and bf16 autocast,
     on the same model and examples. fp32 predictions must be identical; the others report their
     agreement with the fp32 original."""
     cfg, _, _ = size_config(size)
     torch.manual_seed(0)
-    model = GPT(cfg).eval()
+    model = GPT(cfg).to(device).eval()
     examples = hellaswag.load_examples(limit=n_examples)
 
     def ours(dtype: str) -> list[int]:
         details: list[dict] = []
-        hellaswag.evaluate(model, examples, "completion", dtype=dtype, details=details)
+        hellaswag.evaluate(model, examples, "completion", device, dtype=dtype, details=details)
         return [d["pred_norm"] for d in sorted(details, key=lambda d: d["index"])]
 
     def original(dtype: str) -> list[int]:
-        return hellaswag_one_at_a_time(model, examples, dtype)
+        return hellaswag_one_at_a_time(model, examples, dtype, device)
 
     methods = (("batched", ours, repeats), ("one-at-a-time", original, max(1, repeats // 2)))
     dtypes = bench_dtypes()
@@ -378,7 +393,7 @@ def bench_train(size: str, modes: str, baseline: str, repeats: int, device: torc
             f"unknown train mode(s) {', '.join(unknown)}; choose from {', '.join(TRAIN_MODES)} or all"
         )
     impls = ["ours", *BASELINES[baseline]]
-    rows = [bench_train_step(impl, size, mode, repeats, device) for impl in impls for mode in chosen]
+    rows = bench_train_steps([(impl, mode) for impl in impls for mode in chosen], size, repeats, device)
     best = max(r["tok_per_s"] for r in rows if r["impl"] == "ours")
     for r in rows:
         r["vs_best_ours"] = r["tok_per_s"] / best
@@ -393,6 +408,7 @@ def run(
     repeats: int = 5,
     json_out: str | None = None,
     learn: dict | None = None,
+    device: str = "auto",
 ) -> dict:
     """Run one benchmark, print its table, and return (and optionally write) the result with machine info.
     `learn`: bench_learn's arguments (sizes, data, steps, seeds, plot, overrides, recipe, factors)."""
@@ -400,12 +416,13 @@ def run(
         raise BenchError(f"--repeats must be at least 1, got {repeats}")
     if what not in WHAT:
         raise BenchError(f"unknown benchmark {what!r}; choose one of {', '.join(WHAT)}")
-    device = pick_device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    enable_tf32(device)
     runners = {
         "peak": lambda: bench_peak(repeats, device),
         "train": lambda: bench_train(size, mode, baseline, repeats, device),
         "generate": lambda: bench_generate(size, repeats, device),
-        "hellaswag": lambda: bench_hellaswag(size, repeats),
+        "hellaswag": lambda: bench_hellaswag(size, repeats, device),
         "prepare": lambda: bench_prepare(repeats),
         "memory": lambda: bench_memory(size),
         "learn": lambda: bench_learn(**(learn or {})),
@@ -414,7 +431,14 @@ def run(
     print(_table(rows))
     result = {
         "bench": what,
-        "args": {"size": size, "mode": mode, "baseline": baseline, "repeats": repeats, **(learn or {})},
+        "args": {
+            "size": size,
+            "mode": mode,
+            "baseline": baseline,
+            "repeats": repeats,
+            "device": str(device),
+            **(learn or {}),
+        },
         "machine": machine_info(),
         "results": rows,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

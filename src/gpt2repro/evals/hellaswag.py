@@ -19,14 +19,13 @@ import json
 import math
 import os
 import re
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from .. import assets
+from .. import assets, precision
 from ..distributed import all_reduce_sum
 from ..model import GPT
 from ..tokenizer import get_tokenizer
@@ -271,7 +270,7 @@ def score(
     was_training = model.training
     model.eval()
     device = torch.device(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+    autocast = precision.autocast(device, dtype)
     out: list[list[float]] = [[0.0] * 4 for _ in rendered]
     batches = 0
     with autocast:  # one context for the whole run, so autocast casts each weight to bf16 only once
