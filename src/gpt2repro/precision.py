@@ -46,6 +46,10 @@ def enable_tf32(device: torch.device) -> None:
         torch.set_float32_matmul_precision("high")
 
 
+def tf32_enabled(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.get_float32_matmul_precision() != "highest"
+
+
 def slow_dtype_warning(name: str, device: torch.device) -> str | None:
     """A warning when `name` will be emulated slowly on `device`, else None."""
     if device.type == "cpu" and name in ("bf16", "fp16") and not cpu_has_fast_bf16():

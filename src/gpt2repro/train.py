@@ -44,7 +44,7 @@ from .metrics import MetricsLogger
 from .mfu import Peak, synchronize
 from .model import GPT
 from .optim import build_optimizer, configure, lr_at, set_lr
-from .precision import autocast, enable_tf32, resolve_dtype, slow_dtype_warning
+from .precision import autocast, enable_tf32, resolve_dtype, slow_dtype_warning, tf32_enabled
 
 # Resuming requires these to match the checkpoint: they change the model, which batches come next or
 # the optimizer state's layout.
@@ -217,7 +217,8 @@ class Trainer:
             atomic_write_text(self.run_dir / "config.json", cfg.to_json())
             print(
                 f"[gpt2repro] {self.raw.num_params():,} params | device {self.device} x{info.world_size} | "
-                f"dtype {self.dtype} | compile {self.compiled} | grad_accum {self.accum} | "
+                f"dtype {self.dtype} | tf32 {'on' if tf32_enabled(self.device) else 'off'} | "
+                f"compile {self.compiled} | grad_accum {self.accum} | "
                 f"steps {start}..{cfg.max_steps}" + (f" | resumed from {found[0].name}" if found else "")
             )
             dtypes = {"dtype": self.dtype}
