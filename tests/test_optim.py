@@ -127,7 +127,8 @@ def test_target_val_loss_stops_and_logs(data_dir, tmp_path):
     summary = tr.train(cfg, data_dir, tmp_path)
     (target,) = events(tmp_path, "target")
     assert target["val_loss"] <= 10.5 and target["tokens"] == target["step"] * 256 and target["seconds"] > 0
-    assert summary["step"] == target["step"] + 1 < 50  # stopped after the step it was found at
+    assert summary["step"] == target["step"] < 50  # stopped at the step it was found at, and saved it
+    assert summary["val_loss"] == target["val_loss"]
     assert checkpoint.latest(tmp_path).name == f"step_{summary['step']:08d}"
 
 

@@ -59,6 +59,23 @@ def test_loss_falls_well_below_its_start(data_dir, tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["max_steps"] == 60
 
 
+@pytest.mark.parametrize("limit", ["max_steps=4", "time_limit=0.001"])
+def test_the_final_evaluation_is_of_the_saved_weights(data_dir, tmp_path, limit):
+    """Both ways a run ends report the val loss of the weights in the checkpoint they save."""
+    from gpt2repro.data.loader import DataLoader
+
+    summary = tr.train(small_cfg("max_steps=4", "val_every=3", "val_steps=2", limit), data_dir, tmp_path)
+    final = checkpoint.latest(tmp_path)
+    assert (
+        final.name == f"step_{summary['step']:08d}" and events(tmp_path, "val")[-1]["step"] == summary["step"]
+    )
+    model = checkpoint.load_model(tmp_path).eval()
+    loader = DataLoader(data_dir, "val", 4, 32)
+    with torch.no_grad():
+        fresh = sum(model(*loader.next_batch())[1].item() for _ in range(2)) / 2
+    assert summary["val_loss"] == pytest.approx(fresh, rel=1e-6)
+
+
 def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):
     cfg = small_cfg()
     trainer = tr.Trainer(cfg, data_dir, tmp_path, DistInfo(0, 0, 1, torch.device("cpu")))
@@ -159,7 +176,7 @@ def _stop_after(monkeypatch, n):
 
     def fake(self, stop):
         calls["n"] += 1
-        return "signal" if calls["n"] == n else None
+        return tr.StopReason.SIGNAL if calls["n"] == n else None
 
     monkeypatch.setattr(tr.Trainer, "should_stop", fake)
 
@@ -358,7 +375,7 @@ def test_sigterm_checkpoints_and_resumes(data_dir, tmp_path):
             break
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, out
-    assert "stopping after step" in out and "(signal)" in out
+    assert "stopping at step" in out and "(signal)" in out
     done = json.loads((checkpoint.latest(tmp_path) / "state.json").read_text())["step"]
     assert 3 <= done < 400
     proc = _cli(*args[:-2], "max_steps=" + str(done + 2), "--resume")

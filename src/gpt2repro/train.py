@@ -11,6 +11,7 @@ SIGTERM/SIGINT finish the step, checkpoint and exit; resuming continues bit-iden
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import shutil
 import signal
@@ -67,6 +68,12 @@ def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
     return cfg.total_batch_size // per_step
 
 
+class StopReason(enum.Enum):
+    SIGNAL = "signal"  # preempted: checkpoint at once, no evaluation
+    TIME_LIMIT = "time limit"
+    TARGET = "target val loss reached"
+
+
 class StopFlag:
     """SIGTERM/SIGINT set a flag checked after each step, so a preempted run checkpoints cleanly."""
 
@@ -119,8 +126,6 @@ class Trainer:
         # fp16's narrow range: the loss is scaled so gradients do not underflow, steps with inf skipped
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == "fp16" else None
         self.logger = MetricsLogger(run_dir, cfg, enabled=False)  # the real one opens once resume succeeds
-        self.last_metrics: dict = {}
-        self.target_reached: int | None = None  # the step whose validation reached target_val_loss
         # worse than guessing uniformly by far: the weights blew up (a finite loss can say so too)
         self.divergence_loss = 2 * math.log(cfg.model.vocab_size)
         self.start_step, self.started = 0, time.time()
@@ -160,34 +165,52 @@ class Trainer:
         )
 
     def fit(self) -> dict:
-        """Train from the latest checkpoint (or step 0) to max_steps; a summary of the last step."""
+        """Train from the latest checkpoint (or step 0) to max_steps. Each iteration starts with the
+        weights of `step` updates: it evaluates them when due and saves them when due, then takes the
+        next update; so the last iteration reports on exactly the weights it saves (nanochat's loop)."""
         cfg = self.cfg
         self.start_step = start = self.resume()
         self.logger = MetricsLogger(self.run_dir, cfg, self.info.is_main)
-        stop = StopFlag()
+        stop, reason, metrics = StopFlag(), None, {}
         self.started = time.time()
         try:
-            for step in range(start, cfg.max_steps):
-                last = step == cfg.max_steps - 1
-                self.evaluate(step, last)
+            for step in range(start, cfg.max_steps + 1):
+                last = step == cfg.max_steps or reason is not None
+                # a resumed step was evaluated before its checkpoint; a preempted run saves at once
+                if (step > start or step == 0) and reason is not StopReason.SIGNAL:
+                    metrics.update(self.evaluate(step, last))
+                    if reason is None and self._reached_target(step, metrics):
+                        reason, last = StopReason.TARGET, True
+                if step > start and (last or _due(step, False, cfg.ckpt_every)):
+                    self.save(step, metrics)
+                if last:
+                    break
                 stats = self.train_step(step)
-                console = cfg.log_every > 0 and (step % cfg.log_every == 0 or last)
+                metrics.update(loss=stats["loss"], lr=stats["lr"], grad_norm=stats["grad_norm"])
+                console = cfg.log_every > 0 and (step % cfg.log_every == 0 or step + 1 == cfg.max_steps)
                 self.logger.train_step(step, stats, self.train_loader.epoch, console)
                 reason = self.should_stop(stop)
-                if reason == "time limit":  # a budgeted run still ends with its final evaluation
-                    self.evaluate(step + 1, True)
-                if reason or last or _due(step + 1, False, cfg.ckpt_every):
-                    self.save(step + 1)
-                if reason:
-                    self.logger.print(
-                        f"[gpt2repro] stopping after step {step} ({reason}); checkpoint written, "
-                        "resume with the same command"
-                    )
-                    return {"step": step + 1, **self.last_metrics}
         finally:
             stop.restore()
             self.logger.close()
-        return {"step": cfg.max_steps, **self.last_metrics}
+        if reason is not None:
+            self.logger.print(
+                f"[gpt2repro] stopping at step {step} ({reason.value}); checkpoint written, "
+                "resume with the same command"
+            )
+        return {"step": step, **metrics}
+
+    def _reached_target(self, step: int, metrics: dict) -> bool:
+        """Whether this step's validation reached target_val_loss (logged once, as it ends the run)."""
+        target, val = self.cfg.target_val_loss, metrics.get("val_loss")
+        if not target or val is None or val > target or metrics.get("val_step") != step:
+            return False
+        tokens, seconds = step * self.cfg.total_batch_size, time.time() - self.started
+        self.logger.print(
+            f"[gpt2repro] target val loss {target} reached at step {step}: {tokens:,} tokens, {seconds:.1f}s"
+        )
+        self.logger.log("target", step, val_loss=val, tokens=tokens, seconds=seconds)
+        return True
 
     def resume(self) -> int:
         """Restore the run directory's latest good checkpoint (unless resume=never); the step to
@@ -321,7 +344,6 @@ class Trainer:
         mfu = self.peak.mfu(self.flops_per_step, dt)
         done = step + 1 - self.start_step
         eta = (time.time() - self.started) / done * (self.cfg.max_steps - step - 1)
-        self.last_metrics.update(loss=loss, lr=lr, grad_norm=norm)
         return dict(loss=loss, lr=lr, grad_norm=norm, dt=dt, tok_per_s=tok_s, mfu=mfu, eta_s=eta)
 
     def _diverged(self, step: int, what: str, blame_checkpoint: bool) -> None:
@@ -337,33 +359,27 @@ class Trainer:
         good = checkpoint.latest(self.run_dir, log=self.logger.print)
         raise TrainingError(f"{what} at step {step}; stopping{note} (last good checkpoint: {good or 'none'})")
 
-    def evaluate(self, step: int, last: bool) -> None:
-        """Validation loss, HellaSwag and samples, each when due (and always on the last step)."""
-        cfg = self.cfg
+    def evaluate(self, step: int, last: bool) -> dict:
+        """Validation loss, HellaSwag and samples, each when due (and always on the last step); the
+        numbers measured."""
+        cfg, out = self.cfg, {}
         if self.val_loader is not None and _due(step, last, cfg.val_every):
-            val = self.validation_loss()
-            self.last_metrics["val_loss"] = val
-            self.logger.print(f"step {step:6d} | val loss {val:.4f}")
-            self.logger.log("val", step, loss=val)
-            if cfg.target_val_loss and val <= cfg.target_val_loss and self.target_reached is None:
-                self.target_reached = step
-                tokens, seconds = step * cfg.total_batch_size, time.time() - self.started
-                self.logger.print(
-                    f"[gpt2repro] target val loss {cfg.target_val_loss} reached at step {step}: {tokens:,} tokens, {seconds:.1f}s"
-                )
-                self.logger.log("target", step, val_loss=val, tokens=tokens, seconds=seconds)
+            out.update(val_loss=self.validation_loss(), val_step=step)
+            self.logger.print(f"step {step:6d} | val loss {out['val_loss']:.4f}")
+            self.logger.log("val", step, loss=out["val_loss"])
         hellaswag_due = self.hellaswag[0] and _due(step, last, cfg.hellaswag_every)
         sample_due = cfg.sample_every and step > 0 and _due(step, last, cfg.sample_every)
         if not (hellaswag_due or sample_due):
-            return
+            return out
         with full_parameters(self.raw):  # both call the raw model's parts directly, past FSDP's hooks
             if hellaswag_due:
-                self.eval_hellaswag(step)
+                out["hellaswag_acc_norm"] = self.eval_hellaswag(step)
             if sample_due:
                 texts = sample_text(
                     self.raw, cfg.sample_prompt, cfg.sample_count, cfg.sample_tokens, seed=42 + self.info.rank
                 )
                 self.logger.sample(step, texts)
+        return out
 
     @torch.no_grad()
     def validation_loss(self) -> float:
@@ -378,8 +394,8 @@ class Trainer:
             total += loss.detach() / self.cfg.val_steps
         return float(all_reduce_mean(total))
 
-    def eval_hellaswag(self, step: int) -> None:
-        """HellaSwag in the training's autocast dtype, sharded over the ranks."""
+    def eval_hellaswag(self, step: int) -> float:
+        """HellaSwag in the training's autocast dtype, sharded over the ranks; its acc_norm."""
         examples, rendered = self.hellaswag
         info = self.info
         style = self.cfg.hellaswag_style
@@ -394,15 +410,15 @@ class Trainer:
             lockstep=self.cfg.fsdp,
             rendered=rendered,
         )
-        self.last_metrics["hellaswag_acc_norm"] = result["acc_norm"]
         self.logger.print(
             f"step {step:6d} | hellaswag {result['n']} ex: acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f}"
         )
         self.logger.log(
             "hellaswag", step, n=result["n"], acc=result["acc"], acc_norm=result["acc_norm"], style=style
         )
+        return result["acc_norm"]
 
-    def should_stop(self, stop: StopFlag) -> str | None:
+    def should_stop(self, stop: StopFlag) -> StopReason | None:
         """A reason to stop now, agreed by all ranks (any rank's signal stops every rank)."""
         flags = [
             float(stop.signal is not None),
@@ -411,19 +427,17 @@ class Trainer:
         if self.info.distributed:
             flags = all_reduce_sum(flags, self.device)
         if flags[0]:
-            return "signal"
-        if flags[1]:
-            return "time limit"
-        return "target val loss reached" if self.target_reached is not None else None
+            return StopReason.SIGNAL
+        return StopReason.TIME_LIMIT if flags[1] else None
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, metrics: dict) -> None:
         """Checkpoint after `step` steps: every rank gathers (FSDP needs it), rank 0 writes."""
         model_state, optim_state = checkpoint.gather(self.raw, self.optimizers)
         if self.info.is_main:
             state = {
                 "loader": self.train_loader.state_dict(),
                 "world_size": self.info.world_size,
-                "metrics": self.last_metrics,
+                "metrics": {k: v for k, v in metrics.items() if k != "val_step"},
             }
             path = checkpoint.save(
                 self.run_dir, step, model_state, optim_state, state, self.cfg, self.cfg.keep_last
