@@ -15,10 +15,10 @@ from pathlib import Path
 
 from gpt2repro import assets
 from gpt2repro.checkpoint import load_model
-from gpt2repro.config import train_config
 from gpt2repro.data.prepare import prepare
 from gpt2repro.hf import export_hf
 from gpt2repro.plot import plot_run, read_metrics
+from gpt2repro.presets import train_config
 from gpt2repro.train import train
 
 

@@ -66,7 +66,7 @@ def data_dir(tmp_path_factory, enc):
 @pytest.fixture(scope="session")
 def run_dir(data_dir, tmp_path_factory):
     """A finished 2-step run of a tiny model: a checkpoint to sample, export, evaluate and break."""
-    from gpt2repro.config import train_config
+    from gpt2repro.presets import train_config
     from gpt2repro.train import train
 
     run = tmp_path_factory.mktemp("run")

@@ -8,12 +8,13 @@ import torch
 
 from conftest import shared_file
 from gpt2repro import checkpoint
-from gpt2repro.config import ConfigError, GPTConfig, train_config
+from gpt2repro.config import ConfigError, GPTConfig
 from gpt2repro.data import prepare as prep
 from gpt2repro.data.loader import DataLoader
 from gpt2repro.data.shards import ShardError, read_shard, write_shard
 from gpt2repro.distributed import pick_device
 from gpt2repro.hf import HFError, load_hf
+from gpt2repro.presets import train_config
 
 
 @pytest.fixture

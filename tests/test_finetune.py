@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from conftest import shared_file
 from gpt2repro import checkpoint
 from gpt2repro import train as tr
-from gpt2repro.config import ConfigError, train_config
+from gpt2repro.config import ConfigError
 from gpt2repro.distributed import DistInfo
 from gpt2repro.hf import export_hf
+from gpt2repro.presets import train_config
 
 transformers = pytest.importorskip("transformers")
 CPU = DistInfo(0, 0, 1, torch.device("cpu"))

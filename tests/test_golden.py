@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from gpt2repro.config import train_config
+from gpt2repro.presets import train_config
 from gpt2repro.train import train
 from test_train import _run_to_end, losses, train_argv
 

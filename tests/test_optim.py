@@ -9,9 +9,10 @@ import torch
 
 from gpt2repro import checkpoint
 from gpt2repro import train as tr
-from gpt2repro.config import MUON_LR_RATIO, ConfigError, model_config, train_config
+from gpt2repro.config import MUON_LR_RATIO, ConfigError, model_config
 from gpt2repro.model import GPT
 from gpt2repro.optim import HIDDEN_MATRICES, build_optimizer, lr_at, set_lr
+from gpt2repro.presets import train_config
 from test_train import SMALL, _run_to_end, _stop_after, events, losses, small_cfg, train_argv
 
 

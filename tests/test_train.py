@@ -15,10 +15,11 @@ import torch
 from conftest import ROOT
 from gpt2repro import checkpoint
 from gpt2repro import train as tr
-from gpt2repro.config import ConfigError, apply_overrides, train_config
+from gpt2repro.config import ConfigError, apply_overrides
 from gpt2repro.data.shards import ShardError
 from gpt2repro.distributed import DistInfo
 from gpt2repro.model import GPT
+from gpt2repro.presets import train_config
 
 SMALL = [
     "model.n_layer=2",

@@ -1,42 +1,57 @@
 """The `gpt2repro` command: prepare, train, eval, sample, export, plot, bench, presets.
 
-Every known kind of bad input ends in one line on stderr, `gpt2repro: error: ...`, and exit code 2."""
+Every known kind of bad input ends in one line on stderr, `gpt2repro: error: ...`, and exit code 2.
+Output piped into a reader that stops early (`| head`) ends quietly. Everything that needs torch
+is imported by the command that uses it, so `--help`, `--version` and `presets` start at once."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import select
 import sys
 from pathlib import Path
 
-from .assets import AssetError
-from .bench.runners import BenchError
-from .checkpoint import CheckpointError
-from .config import TRAIN_PRESETS, ConfigError
-from .data.prepare import PrepareError
-from .data.shards import ShardError
-from .evals.harness import HarnessError
-from .evals.hellaswag import HellaSwagError
-from .generate import GenerateError
-from .hf import HFError
-from .plot import PlotError
-from .precision import DTYPES
-from .train import TrainingError
+from . import __version__
+from .config import DTYPE_NAMES, ConfigError
+from .presets import TRAIN_PRESETS
 
-USER_ERRORS = (
-    AssetError,
-    BenchError,
-    CheckpointError,
-    ConfigError,
-    GenerateError,
-    HFError,
-    HarnessError,
-    HellaSwagError,
-    PlotError,
-    PrepareError,
-    ShardError,
-    TrainingError,
-)
+# Each layer's exception for user mistakes, by module. One is looked up only if its module has been
+# imported (an error cannot come from a module never loaded), so the CLI itself imports no torch.
+USER_ERRORS = {
+    "assets": "AssetError",
+    "bench.runners": "BenchError",
+    "checkpoint": "CheckpointError",
+    "config": "ConfigError",
+    "data.prepare": "PrepareError",
+    "data.shards": "ShardError",
+    "evals.harness": "HarnessError",
+    "evals.hellaswag": "HellaSwagError",
+    "generate": "GenerateError",
+    "hf": "HFError",
+    "plot": "PlotError",
+    "train": "TrainingError",
+}
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
+
+
+def _is_user_error(e: BaseException) -> bool:
+    for module, name in USER_ERRORS.items():
+        loaded = sys.modules.get(f"{__package__}.{module}")
+        if loaded is not None and isinstance(e, getattr(loaded, name)):
+            return True
+    return False
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll says POLLERR), as after `| head`."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, ValueError, OSError):  # no poll (Windows), or stdout is no file
+        return False
 
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:
@@ -60,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpt2repro", description="GPT-2 reproduced from scratch in PyTorch."
     )
+    parser.add_argument("--version", action="version", version=f"gpt2repro {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -87,7 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
 
     p = sub.add_parser("train", help="train (single process or under torchrun)")
-    p.add_argument("--preset", required=True, help=f"one of: {', '.join(TRAIN_PRESETS)}")
+    p.add_argument("--preset", help=f"one of: {', '.join(TRAIN_PRESETS)} (or named by the --config file)")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a config file (.toml, or a run's config.json): its keys override the preset's",
+    )
     p.add_argument("--data", required=True, help="directory of train_*/val_* shards")
     p.add_argument("--out", required=True, help="run directory (config, checkpoints, metrics)")
     p.add_argument(
@@ -96,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="require a checkpoint to continue from (resume=require); by default a run resumes if it can",
     )
     p.add_argument(
-        "overrides", nargs="*", help="key=value config overrides, e.g. max_steps=100 model.n_layer=4"
+        "overrides",
+        nargs="*",
+        help="key=value overrides of the preset and file, e.g. max_steps=100 model.n_layer=4",
     )
 
     p = sub.add_parser("sample", help="sample text from a model")
@@ -109,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument(
         "--weight-dtype",
-        choices=tuple(DTYPES),
+        choices=DTYPE_NAMES,
         default="fp32",
         help="cast the weights themselves (faster decoding on GPUs and for batches)",
     )
@@ -130,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--batch-size", type=int, default=32, help="examples per forward pass")
     h.add_argument(
         "--autocast-dtype",
-        choices=tuple(DTYPES),
+        choices=DTYPE_NAMES,
         default="fp32",
         help="autocast for the forward passes; weights stay fp32",
     )
@@ -146,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--limit", type=int, default=None, help="examples per task")
     h.add_argument("--include-path", default=None, help="a directory of extra task YAMLs (local data)")
     h.add_argument("--batch-size", type=int, default=16)
-    h.add_argument("--autocast-dtype", choices=tuple(DTYPES), default="fp32")
+    h.add_argument("--autocast-dtype", choices=DTYPE_NAMES, default="fp32")
     h.add_argument("--json", dest="json_out", default=None, help="write the results here")
 
     p = sub.add_parser("plot", help="plot a run's losses and HellaSwag")
@@ -181,7 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
         "path", help="a directory made by `prepare` (manifest.json) or a run directory (checkpoints/)"
     )
 
-    sub.add_parser("presets", help="list training presets")
+    p = sub.add_parser(
+        "presets", help="list the training presets, print one's resolved config, or document every key"
+    )
+    p.add_argument("name", nargs="?", help="print this preset's resolved config, ready for --config")
+    p.add_argument("overrides", nargs="*", help="key=value overrides to resolve with it")
+    p.add_argument("--config", metavar="FILE", help="resolve this config file (as train --config would)")
+    p.add_argument("--format", choices=("toml", "json"), default="toml", help="of the printed config")
+    p.add_argument("--keys", action="store_true", help="every key: type, default and meaning")
     return parser
 
 
@@ -206,11 +236,11 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from .config import train_config
+    from .presets import train_config
     from .train import train
 
-    cfg = train_config(args.preset, args.overrides + (["resume=require"] if args.resume else []))
-    train(cfg, args.data, args.out)
+    overrides = args.overrides + (["resume=require"] if args.resume else [])
+    train(train_config(args.preset, overrides, args.config), args.data, args.out)
 
 
 def cmd_sample(args) -> None:
@@ -303,7 +333,7 @@ def cmd_bench(args) -> None:
 
 def cmd_verify(args) -> None:
     from . import checkpoint
-    from .data.shards import verify_shards
+    from .data.shards import ShardError, verify_shards
 
     path = Path(args.path)
     if (path / "manifest.json").is_file():
@@ -324,7 +354,26 @@ def cmd_verify(args) -> None:
 
 
 def cmd_presets(args) -> None:
-    from .config import train_config
+    from .configfile import keys_table, to_toml
+    from .presets import train_config
+
+    if args.name and "=" in args.name:  # `presets --config F key=value`: no name, an override
+        args.name, args.overrides = None, [args.name, *args.overrides]
+    if args.keys:
+        print(keys_table())
+    elif args.name or args.config:
+        cfg = train_config(args.name, args.overrides, args.config)
+        source = " ".join(["presets", *([args.name] if args.name else []), *args.overrides])
+        source += f" --config {args.config}" if args.config else ""
+        sys.stdout.write(cfg.to_json() + "\n" if args.format == "json" else to_toml(cfg, source))
+    elif args.overrides:
+        raise ConfigError("key=value overrides need a preset NAME or --config FILE to apply to")
+    else:
+        _list_presets()
+
+
+def _list_presets() -> None:
+    from .presets import train_config
 
     for name in TRAIN_PRESETS:
         c = train_config(name)
@@ -349,19 +398,36 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # key=value overrides may come anywhere after `train`, between options too
-    if args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
+    # key=value overrides may come anywhere after `train` or `presets`, between options too
+    if args.command in ("train", "presets") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         COMMANDS[args.command](args)
-    except USER_ERRORS as e:
-        print(f"gpt2repro: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
+        print(f"gpt2repro: error: {e}", file=sys.stderr)
+        return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; the exit code. A closed stdout (`| head`) is handled here, once: flushed
+    inside, so it cannot fail later at exit, and no traceback."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush goes nowhere
+        return SIGPIPE_EXIT

@@ -1,8 +1,10 @@
-"""Configuration dataclasses, named presets and validated `key=value` overrides.
+"""Configuration dataclasses, their validation, and setting their keys from `key=value` text or
+from the typed values of a file.
 
 Two configs: `GPTConfig` (the architecture, mirroring Hugging Face's GPT2Config fields) and
-`TrainConfig` (one training run, with the model nested under `model`). Presets are plain functions of
-nothing, so reading this file tells you exactly what each named run is.
+`TrainConfig` (one training run, with the model nested under `model`). Every field carries its
+one-line meaning (`field(metadata={"help": ...})`): `gpt2repro presets --keys`, the comments of the
+files `presets NAME` writes and docs/config.md all read it from here. Named runs are in presets.py.
 """
 
 from __future__ import annotations
@@ -17,13 +19,19 @@ from typing import Any
 
 
 class ConfigError(ValueError):
-    """A bad preset name, override key or value; the message is one line meant for the user."""
+    """A bad preset name, override key or value; the message is one line meant for the user.
+    `key` names the config key at fault, when there is one (so a file can say on which line)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 # Muon's LR over the preset's AdamW LR: the flat best of `bench learn` at cpu-tiny and cpu-demo
 MUON_LR_RATIO = 4.0
 MAX_BLOCK_SIZE = 1 << 17  # positions: far past any GPT-2/3 size, short of allocating gigabytes by typo
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DTYPE_NAMES = ("fp32", "bf16", "fp16")  # precision.DTYPES maps them to torch dtypes (tested equal)
 ACTIVATION_CHECKPOINTING = re.compile(r"none|full|every_[1-9]\d*")
 
 
@@ -37,18 +45,25 @@ def _check(key: str, value: Any, typ: type, ok: Callable[[Any], bool], expected:
         else isinstance(value, typ)
     )
     if not right_type or not ok(value):
-        raise ConfigError(f"{key}={value!r}: expected {expected}")
+        raise ConfigError(f"{key}={value!r}: expected {expected}", key)
+
+
+def _key(default: Any, help: str) -> Any:
+    """A config field with its default and its one-line meaning."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class GPTConfig:
-    block_size: int = 1024  # n_positions
-    vocab_size: int = 50257  # real vocabulary: ids >= this are padding and never predicted
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    vocab_multiple: int = 1  # pad the embedding rows to a multiple of this (64 -> 50304) for speed
-    layer_norm_epsilon: float = 1e-5
+    block_size: int = _key(1024, "positions (HF n_positions): the longest sequence the model reads")
+    vocab_size: int = _key(50257, "the real vocabulary: ids >= this are padding, never predicted")
+    n_layer: int = _key(12, "transformer blocks")
+    n_head: int = _key(12, "attention heads (must divide n_embd)")
+    n_embd: int = _key(768, "width (d_model)")
+    vocab_multiple: int = _key(
+        1, "pad the embedding rows to a multiple of this for speed (64: 50257 -> 50304)"
+    )
+    layer_norm_epsilon: float = _key(1e-5, "LayerNorm epsilon")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -73,7 +88,9 @@ class GPTConfig:
         )
         _check("model.layer_norm_epsilon", self.layer_norm_epsilon, float, lambda v: 0 < v < 1, "in (0, 1)")
         if self.n_embd % self.n_head:
-            raise ConfigError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
+            raise ConfigError(
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}", "model.n_head"
+            )
         return self
 
 
@@ -105,82 +122,112 @@ def model_config(name: str, **overrides: Any) -> GPTConfig:
 
 @dataclass
 class TrainConfig:
-    model: GPTConfig = field(default_factory=GPTConfig)
-    # batch: total_batch_size tokens per optimizer step = micro_batch_size * seq_len * world * grad_accum
-    total_batch_size: int = 524288
-    micro_batch_size: int = 64
-    seq_len: int = 1024
-    # optimisation: adamw (the original) | muon (Muon on the blocks' matrices, AdamW on the rest)
-    optimizer: str = "adamw"
-    muon_lr: float = 0.0  # Muon's peak LR, on AdamW's scale; 0 = the recipe: MUON_LR_RATIO * max_lr
-    muon_momentum: float = 0.95
-    muon_weight_decay: float = 0.1
-    muon_ns_dtype: str = "auto"  # Newton-Schulz dtype: auto (bf16 where native, else fp32) | bf16 | fp32
-    muon_split_qkv: bool = True  # orthogonalise c_attn's Q, K, V blocks apart (else as one 3d x d matrix)
-    schedule: str = "cosine"  # cosine (to min_lr_ratio) | wsd (warmup, stable, linear decay)
-    wsd_decay_fraction: float = 0.2  # wsd: the last fraction of max_steps decays
-    target_val_loss: float = 0.0  # > 0: stop when validation loss reaches it (tokens and time logged)
-    max_steps: int = 19073
-    warmup_steps: int = 715
-    max_lr: float = 6e-4
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    # start from pretrained weights (a hub name, an HF GPT-2 directory or a run of ours); the
-    # architecture then comes from the weights (model.vocab_multiple excepted)
-    init_from: str = ""
+    model: GPTConfig = field(default_factory=GPTConfig, metadata={"help": "the architecture"})
+    # batch
+    total_batch_size: int = _key(
+        524288, "tokens per optimizer step = micro_batch_size x seq_len x ranks x grad accumulation"
+    )
+    micro_batch_size: int = _key(64, "sequences per forward pass on each rank")
+    seq_len: int = _key(1024, "tokens per training sequence (at most model.block_size)")
+    # optimisation
+    optimizer: str = _key(
+        "adamw", "adamw (the original) or muon (Muon on the blocks' matrices, AdamW on the rest)"
+    )
+    muon_lr: float = _key(
+        0.0,
+        f"Muon's peak LR, on AdamW's scale; 0 = the recipe, {MUON_LR_RATIO:g} x max_lr "
+        "(which follows width as GPT-3's table does)",
+    )
+    muon_momentum: float = _key(0.95, "Muon's Nesterov momentum")
+    muon_weight_decay: float = _key(0.1, "decoupled weight decay of the Muon matrices")
+    muon_ns_dtype: str = _key(
+        "auto", "Newton-Schulz dtype; auto: bf16 where matmuls are native (GPUs, AVX-512-BF16/AMX), else fp32"
+    )
+    muon_split_qkv: bool = _key(
+        True, "orthogonalise c_attn's Q, K, V blocks apart (false: as one 3d x d matrix)"
+    )
+    schedule: str = _key(
+        "cosine", "cosine (the original) or wsd: warmup, stable, linear decay over wsd_decay_fraction"
+    )
+    wsd_decay_fraction: float = _key(0.2, "wsd: the last fraction of max_steps, where the LR decays")
+    target_val_loss: float = _key(
+        0.0, "> 0: stop when validation loss reaches it, logging the tokens and seconds it took"
+    )
+    max_steps: int = _key(19073, "optimizer steps")
+    warmup_steps: int = _key(715, "steps of linear LR warmup")
+    max_lr: float = _key(6e-4, "peak (AdamW) learning rate")
+    min_lr_ratio: float = _key(0.1, "the final LR, as a fraction of max_lr")
+    weight_decay: float = _key(0.1, "AdamW's decoupled weight decay, on the >= 2-D parameters only")
+    beta1: float = _key(0.9, "AdamW's beta1")
+    beta2: float = _key(0.95, "AdamW's beta2")
+    eps: float = _key(1e-8, "AdamW's epsilon")
+    grad_clip: float = _key(1.0, "clip the global gradient norm to this (inf: no clipping)")
+    init_from: str = _key(
+        "",
+        "pretrained weights to start from: a hub name, an HF GPT-2 directory or a run of ours "
+        "(the architecture is then theirs)",
+    )
     # data
-    shuffle: bool = False  # reshuffle shards and windows every epoch (the original did not)
-    verify_data: bool = False  # check the shards' sha256s (manifest.json) at start, shared over ranks
-    seed: int = 1337
+    shuffle: bool = _key(False, "reshuffle shards and windows every epoch (the original did not)")
+    verify_data: bool = _key(False, "check the shards' sha256s against manifest.json at start")
+    seed: int = _key(1337, "seed of the initial weights and of the data order")
     # evaluation and sampling (0 disables)
-    val_every: int = 250
-    val_steps: int = 20
-    hellaswag_every: int = 250
-    hellaswag_limit: int = 0  # 0 = all 10,042 examples
-    hellaswag_style: str = "completion"
-    sample_every: int = 250
-    sample_prompt: str = "Hello, I'm a language model,"
-    sample_count: int = 4
-    sample_tokens: int = 32
+    val_every: int = _key(250, "validation loss every N steps (0: never)")
+    val_steps: int = _key(20, "micro-batches per validation")
+    hellaswag_every: int = _key(250, "HellaSwag every N steps (0: never)")
+    hellaswag_limit: int = _key(0, "HellaSwag examples scored in the loop (0: all 10,042)")
+    hellaswag_style: str = _key(
+        "completion", "completion (build-nanogpt's scoring) or harness (lm-evaluation-harness's)"
+    )
+    sample_every: int = _key(250, "samples every N steps (0: never)")
+    sample_prompt: str = _key("Hello, I'm a language model,", "the prompt of the in-loop samples")
+    sample_count: int = _key(4, "samples per sampling")
+    sample_tokens: int = _key(32, "new tokens per sample")
     # checkpoints
-    ckpt_every: int = 5000
-    keep_last: int = 3
-    resume: str = "auto"  # auto: continue from RUN_DIR's latest checkpoint if any | never | require
-    overwrite: bool = False  # a fresh run (resume=never) may delete an earlier run's checkpoints
-    time_limit: float = 0.0  # seconds; >0 stops (with a checkpoint) when the budget is spent
+    ckpt_every: int = _key(5000, "checkpoint every N steps (0: only at the end)")
+    keep_last: int = _key(3, "checkpoints kept; older ones are deleted")
+    resume: str = _key(
+        "auto", "auto: continue from the run directory's latest checkpoint if any; never; require"
+    )
+    overwrite: bool = _key(False, "a fresh run (resume=never) may delete an earlier run's checkpoints")
+    time_limit: float = _key(0.0, "seconds; > 0 stops with a checkpoint once spent (0: no limit)")
     # systems
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast dtype for forward/backward)
-    compile: str = "auto"  # auto (on for CUDA) | true | false
-    fsdp: bool = False
-    activation_checkpointing: str = "none"  # none | full | every_N (every N-th block): memory for compute
-    log_every: int = 1
-    tensorboard: bool = False
-    wandb: bool = False
+    device: str = _key("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
+    dtype: str = _key(
+        "auto", "autocast dtype of forward/backward; auto: bf16 where native (fp16 on older GPUs), else fp32"
+    )
+    compile: str = _key("auto", "torch.compile the model; auto: on for CUDA")
+    fsdp: bool = _key(False, "under torchrun, FSDP2 (fully_shard per block) instead of DDP")
+    activation_checkpointing: str = _key(
+        "none", "recompute blocks in backward: none, full or every_N (every N-th block): memory for compute"
+    )
+    log_every: int = _key(1, "a console line every N steps (0: none; metrics.jsonl gets every step)")
+    tensorboard: bool = _key(False, "also log to TensorBoard (RUN/tb; needs the tensorboard package)")
+    wandb: bool = _key(False, "also log to Weights & Biases (needs the wandb package)")
 
     def validate(self) -> TrainConfig:
         """Every value range, checked once, so the CLI and the Python API refuse the same things."""
         self.model.validate()
         for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
-                raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+                raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}", key)
         if not isinstance(self.device, str) or not DEVICE.fullmatch(self.device):
-            raise ConfigError(f"device={self.device!r}: expected auto, cpu, cuda, cuda:N or mps")
+            raise ConfigError(f"device={self.device!r}: expected auto, cpu, cuda, cuda:N or mps", "device")
         for key, (typ, ok, expected) in RANGES.items():
             _check(key, getattr(self, key), typ, ok, expected)
         if not ACTIVATION_CHECKPOINTING.fullmatch(self.activation_checkpointing):
             raise ConfigError(
-                f"activation_checkpointing={self.activation_checkpointing!r}: expected none, full or every_N (N >= 1)"
+                f"activation_checkpointing={self.activation_checkpointing!r}: expected none, full or every_N (N >= 1)",
+                "activation_checkpointing",
             )
         if self.seq_len > self.model.block_size:
-            raise ConfigError(f"seq_len={self.seq_len} exceeds model.block_size={self.model.block_size}")
+            raise ConfigError(
+                f"seq_len={self.seq_len} exceeds model.block_size={self.model.block_size}", "seq_len"
+            )
         if self.optimizer == "muon" and self.fsdp:
             raise ConfigError(
-                "optimizer=muon with fsdp=true is not supported: Newton-Schulz needs whole matrices, FSDP shards them"
+                "optimizer=muon with fsdp=true is not supported: Newton-Schulz needs whole matrices, FSDP shards them",
+                "optimizer",
             )
         if self.dtype == "fp16" and self.fsdp:
             raise ConfigError(
@@ -188,14 +235,16 @@ class TrainConfig:
                 "shard of the gradients; use bf16 (or fp32)"
             )
         if self.target_val_loss and not self.val_every:
-            raise ConfigError("target_val_loss needs validation: set val_every > 0")
+            raise ConfigError("target_val_loss needs validation: set val_every > 0", "target_val_loss")
         if self.val_every and not self.val_steps:
             raise ConfigError(
-                "val_steps=0 with val_every>0 would report a loss of nothing; set val_every=0 instead"
+                "val_steps=0 with val_every>0 would report a loss of nothing; set val_every=0 instead",
+                "val_steps",
             )
         if self.sample_every and not (self.sample_count and self.sample_tokens and self.sample_prompt):
             raise ConfigError(
-                "sampling needs sample_count>0, sample_tokens>0 and a non-empty sample_prompt (or sample_every=0)"
+                "sampling needs sample_count>0, sample_tokens>0 and a non-empty sample_prompt (or sample_every=0)",
+                "sample_every",
             )
         return self
 
@@ -231,7 +280,7 @@ def checkpoint_interval(mode: str) -> int:
 POSITIVE = (int, lambda v: v > 0, "a positive integer")
 COUNT = (int, lambda v: v >= 0, "an integer >= 0 (0 disables)")
 CHOICES = {
-    "dtype": ("auto", "fp32", "bf16", "fp16"),
+    "dtype": ("auto", *DTYPE_NAMES),
     "compile": ("auto", "true", "false"),
     "resume": ("auto", "never", "require"),
     "hellaswag_style": ("completion", "harness"),
@@ -273,101 +322,6 @@ RANGES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
 }
 
 
-def _gpt3(size: str, lr: float, batch: int) -> TrainConfig:
-    """GPT-3 paper recipe: n_ctx 2048, warmup over 375M tokens, cosine to 10%, ~10B tokens here."""
-    steps = 10_000_000_000 // batch
-    return TrainConfig(
-        model=model_config(size, vocab_multiple=64),
-        total_batch_size=batch,
-        micro_batch_size=16,
-        seq_len=2048,
-        max_lr=lr,
-        warmup_steps=math.ceil(375_000_000 / batch),
-        max_steps=steps,
-        shuffle=True,
-        dtype="bf16",
-        fsdp=size in ("gpt3-xl", "gpt3-2.7b", "gpt3-6.7b"),
-        activation_checkpointing="full" if size in ("gpt3-xl", "gpt3-2.7b", "gpt3-6.7b") else "none",
-    )
-
-
-def _gpt2_124m_10b() -> TrainConfig:
-    return TrainConfig(model=model_config("gpt2", vocab_multiple=64), dtype="bf16")
-
-
-def _gpt2_124m_40b() -> TrainConfig:
-    return dataclasses.replace(_gpt2_124m_10b(), max_steps=76292, shuffle=True)
-
-
-def _gpt2_124m_muon() -> TrainConfig:
-    """The 124M run with the Muon recipe in half the original's tokens (5B): `bench learn` measured
-    at most 0.5x the tokens to AdamW's loss at two CPU sizes (README: why half, not the ratio)."""
-    return dataclasses.replace(_gpt2_124m_10b(), optimizer="muon", max_steps=math.ceil(19073 / 2))
-
-
-def _cpu(model: str, micro: int, seq: int, accum: int, steps: int, lr: float) -> TrainConfig:
-    return TrainConfig(
-        model=model_config(model, vocab_multiple=64),
-        total_batch_size=micro * seq * accum,
-        micro_batch_size=micro,
-        seq_len=seq,
-        max_steps=steps,
-        warmup_steps=max(1, steps // 20),
-        max_lr=lr,
-        shuffle=True,
-        val_every=max(1, steps // 10),
-        val_steps=4,
-        hellaswag_every=max(1, steps // 2),
-        hellaswag_limit=200,
-        sample_every=max(1, steps // 2),
-        sample_tokens=24,
-        sample_count=2,
-        ckpt_every=max(1, steps // 4),
-        dtype="auto",  # bf16 where the CPU has native bf16 matmuls, else fp32
-        compile="false",
-    )
-
-
-def _finetune() -> TrainConfig:
-    """nanoGPT's Shakespeare fine-tune, generalised: pretrained GPT-2 (the architecture comes from
-    the weights), 32k-token batches, a short warmup to a small LR, no HellaSwag."""
-    return TrainConfig(
-        model=model_config("gpt2", vocab_multiple=64),
-        init_from="gpt2",
-        total_batch_size=32768,
-        micro_batch_size=8,
-        seq_len=1024,
-        max_steps=200,
-        warmup_steps=10,
-        max_lr=3e-5,
-        shuffle=True,
-        val_every=25,
-        val_steps=10,
-        hellaswag_every=0,
-        sample_every=50,
-        ckpt_every=50,
-    )
-
-
-TRAIN_PRESETS = {
-    "gpt2-124m-10B": _gpt2_124m_10b,
-    "gpt2-124m-40B": _gpt2_124m_40b,
-    "gpt2-124m-muon": _gpt2_124m_muon,
-    "gpt3-small": lambda: _gpt3("gpt3-small", 6.0e-4, 524288),
-    "gpt3-medium": lambda: _gpt3("gpt3-medium", 3.0e-4, 524288),
-    "gpt3-large": lambda: _gpt3("gpt3-large", 2.5e-4, 524288),
-    "gpt3-xl": lambda: _gpt3("gpt3-xl", 2.0e-4, 1048576),
-    "gpt3-2.7b": lambda: _gpt3("gpt3-2.7b", 1.6e-4, 1048576),
-    "finetune": _finetune,
-    "cpu-tiny": lambda: _cpu("cpu-tiny", micro=8, seq=128, accum=2, steps=60, lr=3e-3),
-    "cpu-demo": lambda: _cpu("cpu-demo", micro=8, seq=256, accum=2, steps=400, lr=2e-3),
-    # the recipe on CPU: in make demo's time, the val loss AdamW needs twice the steps for (README)
-    "cpu-demo-muon": lambda: dataclasses.replace(
-        _cpu("cpu-demo", micro=8, seq=256, accum=2, steps=100, lr=2e-3), optimizer="muon"
-    ),
-}
-
-
 def _coerce(key: str, raw: str, current: Any) -> Any:
     """The override's text as the type of the field's current value."""
     if isinstance(current, bool):
@@ -390,38 +344,51 @@ def _coerce(key: str, raw: str, current: Any) -> Any:
     return raw
 
 
+TYPES = {"int": int, "float": float, "str": str, "bool": bool}  # the annotations, which are text here
+EXPECTED = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def config_keys() -> list[tuple[str, type, Any, str]]:
+    """Every key of a run, as (key, type, default, one-line meaning): the run's own, then model.*."""
+    return [
+        (prefix + f.name, TYPES[f.type], f.default, f.metadata["help"])
+        for prefix, cls in (("", TrainConfig), ("model.", GPTConfig))
+        for f in dataclasses.fields(cls)
+        if f.name != "model"
+    ]
+
+
+def _locate(cfg: TrainConfig, key: str) -> tuple[Any, str, type]:
+    """The dataclass holding `key`, the field's name there and its type; fields only (not methods,
+    properties or `model` itself)."""
+    target, name = (cfg.model, key[6:]) if key.startswith("model.") else (cfg, key)
+    types = {f.name: TYPES.get(f.type) for f in dataclasses.fields(target) if f.name != "model"}
+    if name not in types:
+        valid = ", ".join(k for k, *_ in config_keys())
+        raise ConfigError(f"unknown config key {key!r}; valid keys: {valid}", key)
+    return target, name, types[name]
+
+
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     """Apply `key=value` strings (`model.n_layer=4` for the architecture) and re-validate."""
-    train_keys = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "model"]
-    model_keys = [f.name for f in dataclasses.fields(GPTConfig)]
-    valid = ", ".join(train_keys + [f"model.{k}" for k in model_keys])
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
         key, raw = item.split("=", 1)
         key = key.strip()
-        target, name, names = (
-            (cfg.model, key[6:], model_keys) if key.startswith("model.") else (cfg, key, train_keys)
-        )
-        if name not in names:  # fields only: not methods, properties or `model` itself
-            raise ConfigError(f"unknown config key {key!r}; valid keys: {valid}")
+        target, name, _ = _locate(cfg, key)
         setattr(target, name, _coerce(key, raw, getattr(target, name)))
     return cfg.validate()
 
 
-def train_config(preset: str, overrides: list[str] | None = None) -> TrainConfig:
-    if preset not in TRAIN_PRESETS:
-        raise ConfigError(f"unknown training preset {preset!r}; choose one of: {', '.join(TRAIN_PRESETS)}")
-    cfg, overrides = TRAIN_PRESETS[preset](), overrides or []
-    init_from = next(
-        (o.split("=", 1)[1] for o in overrides if o.strip().startswith("init_from=")), cfg.init_from
-    )
-    architecture = [o.split("=")[0].strip() for o in overrides if o.strip().startswith("model.")]
-    conflicts = [k for k in architecture if k != "model.vocab_multiple"]
-    if init_from and conflicts:
-        raise ConfigError(
-            f"{conflicts[0]} cannot be set with init_from={init_from}: the architecture comes from the "
-            "weights (only model.vocab_multiple may be)"
-        )
-    cfg = apply_overrides(cfg, overrides)
-    return cfg
+def set_value(cfg: TrainConfig, key: str, value: Any) -> None:
+    """Set `key` to a typed value (a file's): an int does for a float and an integral number for an
+    int, as in `key=value` text; any other type is refused. Ranges are `validate`'s."""
+    target, name, typ = _locate(cfg, key)
+    if typ is float and type(value) is int:
+        value = float(value)
+    elif typ is int and type(value) is float and value.is_integer():
+        value = int(value)
+    if type(value) is not typ:  # exactly: a bool is not an int here
+        raise ConfigError(f"{key}={value!r}: expected {EXPECTED[typ]}", key)
+    setattr(target, name, value)

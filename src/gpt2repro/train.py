@@ -135,7 +135,15 @@ class Trainer:
     def _pretrained(self) -> GPT:
         """The weights of init_from; the run's architecture becomes theirs (its vocab padding kept)."""
         pretrained = load_pretrained(self.cfg.init_from)
-        self.cfg.model = dataclasses.replace(pretrained.config, vocab_multiple=self.cfg.model.vocab_multiple)
+        stated = self.cfg.model
+        self.cfg.model = dataclasses.replace(pretrained.config, vocab_multiple=stated.vocab_multiple)
+        changed = [
+            f"{k}={v}" for k, v in dataclasses.asdict(self.cfg.model).items() if getattr(stated, k) != v
+        ]
+        if changed and self.info.is_main:  # a config file's [model] keys may say otherwise: say who won
+            print(
+                f"[gpt2repro] init_from={self.cfg.init_from}: the weights' architecture, not the config's: {', '.join(changed)}"
+            )
         self.cfg.validate()
         return pretrained
 

@@ -13,9 +13,9 @@ import tempfile
 from pathlib import Path
 
 from .. import assets
-from ..config import train_config
 from ..data.prepare import prepare
 from ..plot import read_metrics
+from ..presets import train_config
 from ..train import train
 
 LR_FACTORS = (0.5, 1.0, 2.0)
