@@ -51,7 +51,7 @@ def test_a_run_from_a_file_and_from_its_config_json_repeat_the_presets_run(capsy
     )
     assert len(losses(direct)) == 3 and losses(direct) == losses(from_toml) == losses(from_json)
     val = [[e["loss"] for e in events(run, "val")] for run in (direct, from_toml, from_json)]
-    assert len(val[0]) == 2 and val[0] == val[1] == val[2]
+    assert len(val[0]) == 3 and val[0] == val[1] == val[2]  # steps 0, 2 and the final 3
 
 
 def test_a_fine_tune_repeats_from_its_config_json(capsys, data_dir, tmp_path):
