@@ -26,6 +26,7 @@ USER_ERRORS = {
     "config": "ConfigError",
     "data.prepare": "PrepareError",
     "data.shards": "ShardError",
+    "distributed": "DisagreementError",
     "evals.harness": "HarnessError",
     "evals.hellaswag": "HellaSwagError",
     "generate": "GenerateError",
