@@ -128,3 +128,33 @@ def test_demo_script_trains_the_preset_it_is_given(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "train: cpu-demo-muon preset" in result.stdout
     assert json.loads((tmp_path / "run" / "config.json").read_text())["optimizer"] == "muon"
+
+
+def _demo_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo", ROOT / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    return demo
+
+
+def test_demo_sizes_its_schedule_to_the_budget_on_this_host(tmp_path, monkeypatch):
+    """A slow host gets fewer steps, so warmup and the whole decay finish before the time limit; a
+    resumed demo keeps the schedule it started with; a fast host keeps the preset's steps."""
+    from gpt2repro.optim import lr_at
+    from gpt2repro.presets import train_config
+
+    demo = _demo_module()
+    cfg = train_config("cpu-demo", ["model.n_layer=1", "model.n_embd=64", "model.n_head=1"])
+    assert 0 < demo.step_seconds(cfg) < 60  # really timed on this machine
+    monkeypatch.setattr(demo, "step_seconds", lambda cfg: 2.0)  # an AVX2 host at ~2,000 tok/s
+    steps = demo.schedule_steps(cfg, tmp_path / "run", seconds=480)
+    assert steps == int(0.7 * 480 / 2.0) < cfg.max_steps and steps * 2.0 <= 480
+    fitted = train_config("cpu-demo", [f"max_steps={steps}"])
+    assert lr_at(steps - 1, fitted) < 0.11 * fitted.max_lr  # the cosine has reached its floor by then
+    monkeypatch.setattr(demo, "step_seconds", lambda cfg: 0.01)
+    assert demo.schedule_steps(cfg, tmp_path / "run", seconds=480) == cfg.max_steps
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(fitted.to_json())
+    assert demo.schedule_steps(cfg, tmp_path / "run", seconds=480) == steps
