@@ -383,6 +383,7 @@ def _list_presets() -> None:
             f"{name:16s} L{m.n_layer} d{m.n_embd} h{m.n_head} ctx{c.seq_len} batch {c.total_batch_size:,} tok "
             f"lr {c.max_lr:g} steps {c.max_steps:,} {c.optimizer}"
             + (f" (muon lr {c.muon_peak_lr:g})" if c.optimizer == "muon" else "")
+            + (f", stops at val loss {c.target_val_loss:g}" if c.target_val_loss else "")
         )
 
 
