@@ -40,7 +40,7 @@ def test_forward_and_loss_compile_to_one_graph(preset, autocast, every):
         model = GPT(model_config(preset, vocab_multiple=64))
     if preset == "gpt2":
         model = model.to_empty(device="cpu")
-    model.checkpoint_every = every
+    model.recompute_interval = every
     x, y = torch.randint(0, 50257, (2, 64)), torch.randint(0, 50257, (2, 64))
     torch._dynamo.reset()
     with precision.autocast(torch.device("cpu"), autocast or "fp32"):

@@ -99,7 +99,9 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 
 
 def wrap_model(raw: GPT, cfg: TrainConfig, info: DistInfo, compile_model: bool) -> torch.nn.Module:
-    """DDP or FSDP2 for several ranks, then torch.compile; the raw module stays usable for eval."""
+    """Activation checkpointing as configured, DDP or FSDP2 for several ranks, then torch.compile;
+    the raw module stays usable for eval."""
+    raw.recompute_interval = cfg.recompute_interval
     model: torch.nn.Module = raw
     if cfg.fsdp and info.distributed:
         from torch.distributed.fsdp import fully_shard

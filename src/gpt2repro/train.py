@@ -120,7 +120,6 @@ class Trainer:
         self.raw = GPT(cfg.model).to(self.device)
         if pretrained is not None:
             self.raw.copy_weights_from(pretrained)
-        self.raw.checkpoint_every = cfg.checkpoint_every
         self.model = wrap_model(self.raw, cfg, info, self.compiled)
         self.optimizers = build_optimizer(self.raw, cfg, self.device)
         # fp16's narrow range: the loss is scaled so gradients do not underflow, steps with inf skipped

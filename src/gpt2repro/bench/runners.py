@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .. import assets
-from ..config import GPTConfig, checkpoint_interval
+from ..config import GPTConfig, recompute_interval
 from ..data.prepare import prepare
 from ..distributed import pick_device
 from ..evals import hellaswag
@@ -322,7 +322,7 @@ def memory_probe(size: str, checkpointing: str) -> None:
     B = MEMORY_BATCH
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
-    model.checkpoint_every = checkpoint_interval(checkpointing)
+    model.recompute_interval = recompute_interval(checkpointing)
     x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
     y = torch.randint(0, cfg.vocab_size, (B, T), device=device)
     before = _rss_bytes() if device.type == "cpu" else torch.cuda.memory_allocated(device)
