@@ -17,7 +17,7 @@ LAYERS = [
     {"evals.hellaswag", "generate", "hf"},
     {"train", "metrics"},
     {"evals.report", "evals.harness", "plot"},
-    {"bench.reference", "bench.learn", "bench.runners"},
+    {"bench.names", "bench.reference", "bench.learn", "bench.runners"},
     {"cli", "__main__"},
 ]
 LAYER = {m: i for i, layer in enumerate(LAYERS) for m in layer}

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .bench.names import BASELINES, SIZES, TRAIN_MODES, WHAT
 from .config import DTYPE_NAMES, ConfigError
 from .presets import TRAIN_PRESETS
 
@@ -178,10 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
 
     p = sub.add_parser("bench", help="measure speed (see benchmarks/RESULTS.md)")
-    p.add_argument("what", choices=("peak", "train", "generate", "hellaswag", "prepare", "memory", "learn"))
-    p.add_argument("--size", default="tiny", choices=("tiny", "small", "124m"))
-    p.add_argument("--mode", default="all", help="eager|bf16|compile|compile-bf16|all (train)")
-    p.add_argument("--baseline", default="none", choices=("none", "reference", "hf", "all"))
+    p.add_argument("what", choices=WHAT)
+    p.add_argument(
+        "--size", default="4x256", choices=SIZES, help="layers x width (see benchmarks/RESULTS.md)"
+    )
+    p.add_argument(
+        "--mode", default="all", help=f"{'|'.join(TRAIN_MODES)}|all, or several with commas (train)"
+    )
+    p.add_argument("--baseline", default="none", choices=BASELINES)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", dest="json_out", default=None)
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
