@@ -9,7 +9,7 @@ from conftest import ROOT
 PKG = ROOT / "src" / "gpt2repro"
 # lowest first; the same list as docs/architecture.md
 LAYERS = [
-    {"__init__", "config", "precision", "fsio"},
+    {"__init__", "config", "precision", "fsio", "lock"},
     {"assets"},
     {"model", "tokenizer"},
     {"data.shards", "data.loader", "data.prepare"},

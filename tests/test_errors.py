@@ -83,7 +83,10 @@ def test_checkpoint_errors(run_dir, tmp_path, capsys):
     state_file.write_text(
         json.dumps({k: v for k, v in json.loads(state_file.read_text()).items() if k != "sha256"})
     )
+    (ckpt / "manifest.json").unlink()
+    capsys.readouterr()
     model = checkpoint.load_model(broken)
+    assert "predates checkpoint manifests" in capsys.readouterr().err  # loads, with a notice
     opt = torch.optim.AdamW(model.parameters())
     with pytest.raises(checkpoint.CheckpointError, match="incomplete or corrupted checkpoint"):
         checkpoint.load_training(ckpt, model, opt)

@@ -26,7 +26,7 @@ from .data.loader import DataLoader
 from .data.shards import ShardError, verify_shards
 from .distributed import DistInfo, all_reduce_mean, all_reduce_sum, set_grad_sync, setup, teardown, wrap_model
 from .evals import hellaswag
-from .fsio import atomic_write_text
+from .fsio import WriteError, atomic_write_text
 from .generate import prompt_tokens, sample_text
 from .hf import load_pretrained
 from .metrics import MetricsLogger
@@ -400,7 +400,14 @@ def train(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path) -> dict:
     """Run (or resume) training; returns a summary of the last step."""
     cfg.validate()
     info = setup(cfg.device)
+    run_dir = Path(run_dir)
     try:
-        return Trainer(cfg, Path(data_dir), Path(run_dir), info).fit()
+        with checkpoint.run_lock(run_dir, info):  # one writer per run directory
+            trainer = Trainer(cfg, Path(data_dir), run_dir, info)
+            if info.is_main:
+                checkpoint.warn_about_space(run_dir, trainer.raw, trainer.optimizers, cfg.keep_last)
+            return trainer.fit()
+    except WriteError as e:  # a full, read-only or vanished disk: say what a resume starts from
+        raise WriteError(f"{e}; {checkpoint.last_good(run_dir)}") from None
     finally:
         teardown()
