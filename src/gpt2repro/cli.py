@@ -17,8 +17,10 @@ from .data.prepare import PrepareError
 from .data.shards import ShardError
 from .evals.harness import HarnessError
 from .evals.hellaswag import HellaSwagError
+from .fsio import WriteError
 from .generate import GenerateError
 from .hf import HFError
+from .lock import LockError
 from .plot import PlotError
 from .precision import DTYPES
 from .train import TrainingError
@@ -32,10 +34,12 @@ USER_ERRORS = (
     HFError,
     HarnessError,
     HellaSwagError,
+    LockError,
     PlotError,
     PrepareError,
     ShardError,
     TrainingError,
+    WriteError,
 )
 
 
@@ -223,10 +227,9 @@ def cmd_sample(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .checkpoint import load_model
-    from .hf import export_hf
+    from .hf import export_checkpoint
 
-    out = export_hf(load_model(args.checkpoint), args.out)
+    out = export_checkpoint(args.checkpoint, args.out)
     print(f"exported to {out} (load with transformers.GPT2LMHeadModel.from_pretrained)")
 
 

@@ -32,7 +32,7 @@ class ShardWriter:
     needs no shard-sized buffer, and a crash leaves no torn shard."""
 
     def __init__(self, path: str | os.PathLike):
-        self.out = AtomicFile(path)
+        self.out = AtomicFile(path, "a token shard")
         self.out.file.write(bytes(HEADER_BYTES))  # the real header once the count is known
         self.count = 0
 
