@@ -126,7 +126,8 @@ def save(
         torch.save(tensors, tmp / "rng.pt")
         (tmp / "config.json").write_text(config.to_json())
         sums = {name: sha256_file(tmp / name) for name in CHECKSUMMED}
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": plain, "sha256": sums}))
+        content = {**state, "step": step, "rng": plain, "sha256": sums, "manifest": MANIFEST}
+        (tmp / "state.json").write_text(json.dumps(content))
         write_manifest(tmp, {**sums, "state.json": sha256_file(tmp / "state.json")})
     atomic_write_text(root / "latest", final.name + "\n", what="the latest-checkpoint pointer")
     for old in all_steps(run_dir)[:-keep_last]:
@@ -285,6 +286,8 @@ def verify(ckpt: Path, log: Callable[[str], None] | None = None) -> dict:
     if not legacy:
         _verify_manifest(ckpt)
     state = _read_json(ckpt / "state.json")
+    if legacy and state.get("manifest"):
+        raise CheckpointError(f"{ckpt / MANIFEST}: missing (corrupted checkpoint)")
     if legacy:
         for name, expected in state.get("sha256", {}).items():  # absent in the oldest versions
             _check_file(ckpt / name, expected)
