@@ -242,26 +242,22 @@ def _verify_manifest(ckpt: Path) -> None:
         _check_file(ckpt / name, sha, size)
 
 
-def _loader_problem(loader: dict, step: int) -> str | None:
-    """Why the loader position cannot be where `step` optimizer steps leave it, if it cannot:
-    each step takes `step_windows` windows, and every epoch the same whole number of steps."""
-    consumed, windows, epoch = (loader.get(k) for k in ("consumed", "step_windows", "epoch"))
-    if consumed is None and windows is None:
-        return None  # a loader state of an older version: no step size to compare with
-    if not all(isinstance(v, int) and v >= 0 for v in (consumed, windows, epoch)) or not windows:
-        return f"is malformed ({loader.get('epoch')!r}, {consumed!r}, {windows!r})"
-    total = step * windows
-    if epoch == 0:
-        ok = consumed == total
-    else:
-        per_epoch, rest = divmod(total - consumed, epoch)
-        ok = rest == 0 and per_epoch > 0 and per_epoch % windows == 0 and consumed <= per_epoch
-    ok = ok and consumed % windows == 0
-    return (
-        None
-        if ok
-        else f"(epoch {epoch}, {consumed} windows) is not where {step} steps of {windows} windows end"
-    )
+def loader_mismatch(loader: dict, step: int) -> str | None:
+    """Why the loader position is not where `step` optimizer steps leave it, if it is not: each
+    step takes `step_windows` windows, an epoch `epoch_windows` (a finished epoch rolls over at the
+    next batch). Loader states of older versions lack what to compare and pass."""
+    keys = ("epoch", "consumed", "step_windows", "epoch_windows")
+    if any(k not in loader for k in keys):
+        return None
+    epoch, consumed, windows, per_epoch = (loader[k] for k in keys)
+    if not all(isinstance(v, int) and v >= 0 for v in (epoch, consumed, windows, per_epoch)):
+        return f"is malformed ({epoch!r}, {consumed!r}, {windows!r}, {per_epoch!r})"
+    full, rest = divmod(step * windows, per_epoch) if per_epoch else (0, step * windows)
+    if (epoch, consumed) == (full, rest) or (
+        rest == 0 and full and (epoch, consumed) == (full - 1, per_epoch)
+    ):
+        return None
+    return f"(epoch {epoch}, {consumed} windows) is not where {step} steps of {windows} windows end"
 
 
 def _check_consistent(ckpt: Path, state: dict) -> None:
@@ -271,7 +267,7 @@ def _check_consistent(ckpt: Path, state: dict) -> None:
         raise CheckpointError(f"{where}: step {step!r} is not a step count")
     if STEP_NAME.fullmatch(ckpt.name) and ckpt.name != f"step_{step:08d}":
         raise CheckpointError(f"{where}: step {step} does not match its directory {ckpt.name}")
-    problem = _loader_problem(state.get("loader") or {}, step)
+    problem = loader_mismatch(state.get("loader") or {}, step)
     if problem:
         raise CheckpointError(f"{where}: the loader position {problem}")
 
