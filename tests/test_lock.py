@@ -2,6 +2,8 @@
 stops at once, naming the holder, and leaves the first one's work as it would be alone; a holder
 killed with -9 (its forked workers still running) leaves no stale lock; readers never block."""
 
+import errno
+import fcntl
 import json
 import os
 import signal
@@ -69,6 +71,16 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
     assert not (tmp_path / LOCK_NAME).exists()  # released and removed
     with DirLock(tmp_path, "prepare"):  # free again
         pass
+
+
+def test_a_file_system_without_locks_is_written_with_a_warning(tmp_path, monkeypatch, capsys):
+    def unsupported(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)
+    with DirLock(tmp_path, "train"):
+        assert "does not lock files (No locks available)" in capsys.readouterr().err
+    assert not (tmp_path / LOCK_NAME).exists()
 
 
 def test_a_holder_killed_with_its_workers_running_leaves_no_stale_lock(tmp_path):

@@ -15,6 +15,7 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -76,6 +77,13 @@ class DirLock:
                 raise LockError(
                     f"{self.directory} is being written by {holder}; wait for it to end, or write elsewhere"
                 ) from None
+            except OSError as e:  # a file system without locks (some FUSE mounts): write unguarded
+                print(
+                    f"[gpt2repro] warning: {self.directory}: this file system does not lock files "
+                    f"({e.strerror}); a second writer would not be stopped",
+                    file=sys.stderr,
+                )
+                break
             if self._still_mine(fd):
                 break
             os.close(fd)  # its holder removed the file as we locked it: lock the new one
