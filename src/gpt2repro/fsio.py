@@ -176,10 +176,8 @@ class AtomicFile:
         return self.path
 
     def discard(self) -> None:
-        try:
+        with contextlib.suppress(OSError):  # buffered bytes the full disk refused: the file goes anyway
             self.file.close()
-        except OSError:
-            pass  # buffered bytes the full disk refused: the file goes anyway
         self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> AtomicFile:
