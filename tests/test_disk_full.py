@@ -73,7 +73,9 @@ def test_a_refused_write_names_path_what_and_space_and_keeps_the_old(tmp_path):
             raise unrelated  # not the file system's fault: passes through untouched
     out = AtomicFile(tmp_path / "gone" / "r.json", "the results")
     shutil.rmtree(tmp_path / "gone")  # the output directory vanishes mid-write
-    with pytest.raises(WriteError, match=r"r.json: cannot write the results: the directory vanished \("):
+    with pytest.raises(
+        WriteError, match=r"r.json: cannot write the results: the output directory vanished \("
+    ):
         out.commit()
     assert _no_temporaries(tmp_path)
 
@@ -91,6 +93,11 @@ def test_a_log_line_the_disk_refuses_is_cut_off_again(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous)
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 0}\n'  # no torn line
+    (tmp_path / "metrics.jsonl").unlink()  # the run directory deleted under a running job
+    with pytest.raises(
+        WriteError, match="metrics.jsonl: cannot write metrics: the output directory vanished"
+    ):
+        log.write('{"step": 2}\n')
     log.close()
     full = AppendFile("/dev/full", "samples")
     with pytest.raises(WriteError, match="/dev/full: cannot write samples: no space left on device"):
@@ -114,6 +121,16 @@ def _ok(capsys, argv):
     code = main([str(a) for a in argv])
     assert code == 0, capsys.readouterr()
     return capsys.readouterr().out
+
+
+def test_a_vanished_run_directory_is_not_quietly_made_again(tmp_path):
+    from gpt2repro.config import train_config
+
+    with pytest.raises(
+        WriteError, match="step_00000002: cannot write checkpoint step 2: the output directory vanished"
+    ):
+        checkpoint.save(tmp_path / "deleted", 2, {}, {}, {}, train_config("cpu-tiny"), 3)
+    assert not (tmp_path / "deleted").exists()
 
 
 def test_a_full_disk_during_a_checkpoint(data_dir, tmp_path, capsys, monkeypatch):

@@ -19,6 +19,7 @@ that verifies is used instead. A checkpoint whose weights turned out to diverge 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -46,8 +47,11 @@ from torch.distributed.checkpoint.state_dict import (
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum
 from .fsio import (
+    REASONS,
     AtomicDir,
+    WriteError,
     atomic_write_text,
+    describe,
     free_bytes,
     fsync_dir,
     human_bytes,
@@ -116,6 +120,8 @@ def save(
     """Write checkpoint `step` (rank 0 only), point `latest` at it, prune older ones beyond keep_last."""
     final = step_dir(run_dir, step)
     root = final.parent
+    if not Path(run_dir).is_dir():  # deleted under a running job: do not quietly make a new one
+        raise WriteError(describe(final, f"checkpoint step {step}", REASONS[errno.ENOENT]))
     weights = {k: v.contiguous() for k, v in model_state.items() if k != TIED}
     tensors, plain = rng_state()
     needed = tensor_bytes(weights) + tensor_bytes(optim_state)

@@ -30,7 +30,7 @@ REASONS = {
     errno.EROFS: "read-only file system",
     errno.EACCES: "permission denied",
     errno.EPERM: "permission denied",
-    errno.ENOENT: "the directory vanished",
+    errno.ENOENT: "the output directory vanished",
 }
 FULL_MARGIN = 1 << 20  # less free than this after a failed write: the disk filled up
 
@@ -241,7 +241,10 @@ class AppendFile:
 
     def write(self, text: str) -> None:
         data = memoryview(text.encode("utf-8"))
-        size = os.fstat(self.fd).st_size
+        stat = os.fstat(self.fd)
+        if stat.st_nlink == 0:  # deleted, with its directory perhaps: the lines would go nowhere
+            raise WriteError(describe(self.path, self.what, REASONS[errno.ENOENT]))
+        size = stat.st_size
         try:
             while data:
                 data = data[os.write(self.fd, data) :]
