@@ -18,6 +18,7 @@ from gpt2repro import train as tr
 from gpt2repro.config import ConfigError, apply_overrides
 from gpt2repro.data.shards import ShardError
 from gpt2repro.distributed import DistInfo
+from gpt2repro.fsio import WriteError
 from gpt2repro.model import GPT
 from gpt2repro.presets import train_config
 
@@ -243,7 +244,11 @@ def test_failed_checkpoint_write_leaves_the_previous_one(data_dir, tmp_path, mon
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoint.torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(
+        WriteError,
+        match=r"step_00000004: cannot write checkpoint step 4: no space left on device \(.* free, at least "
+        r".* needed\); last good checkpoint: step_00000002$",
+    ):
         tr.train(small_cfg("max_steps=4", "ckpt_every=2"), data_dir, tmp_path)
     monkeypatch.setattr(checkpoint.torch, "save", real_save)
     assert checkpoint.latest(tmp_path).name == "step_00000002"

@@ -16,34 +16,10 @@ from pathlib import Path
 from . import __version__
 from .bench.names import BASELINES, SIZES, TRAIN_MODES, WHAT
 from .config import DTYPE_NAMES, ConfigError
+from .errors import UserError
 from .presets import TRAIN_PRESETS
 
-# Each layer's exception for user mistakes, by module. One is looked up only if its module has been
-# imported (an error cannot come from a module never loaded), so the CLI itself imports no torch.
-USER_ERRORS = {
-    "assets": "AssetError",
-    "bench.runners": "BenchError",
-    "checkpoint": "CheckpointError",
-    "config": "ConfigError",
-    "data.prepare": "PrepareError",
-    "data.shards": "ShardError",
-    "distributed": "DisagreementError",
-    "evals.harness": "HarnessError",
-    "evals.hellaswag": "HellaSwagError",
-    "generate": "GenerateError",
-    "hf": "HFError",
-    "plot": "PlotError",
-    "train": "TrainingError",
-}
 SIGPIPE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
-
-
-def _is_user_error(e: BaseException) -> bool:
-    for module, name in USER_ERRORS.items():
-        loaded = sys.modules.get(f"{__package__}.{module}")
-        if loaded is not None and isinstance(e, getattr(loaded, name)):
-            return True
-    return False
 
 
 def _stdout_closed() -> bool:
@@ -263,10 +239,9 @@ def cmd_sample(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .checkpoint import load_model
-    from .hf import export_hf
+    from .hf import export_checkpoint
 
-    out = export_hf(load_model(args.checkpoint), args.out)
+    out = export_checkpoint(args.checkpoint, args.out)
     print(f"exported to {out} (load with transformers.GPT2LMHeadModel.from_pretrained)")
 
 
@@ -417,9 +392,7 @@ def _main(argv: list[str] | None) -> int:
         COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130
-    except Exception as e:
-        if not _is_user_error(e):
-            raise
+    except UserError as e:
         print(f"gpt2repro: error: {e}", file=sys.stderr)
         return 2
     return 0

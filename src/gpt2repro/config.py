@@ -17,8 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A bad preset name, override key or value; the message is one line meant for the user.
     `key` names the config key at fault, when there is one (so a file can say on which line)."""
 

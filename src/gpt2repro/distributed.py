@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError, TrainConfig
+from .errors import UserError
 from .model import GPT
 
 
@@ -171,5 +172,5 @@ def agree(info: DistInfo, value: tuple[int, ...], what: str, describe: Callable[
         raise DisagreementError(f"ranks disagree on {what} ({detail})")
 
 
-class DisagreementError(RuntimeError):
+class DisagreementError(UserError, RuntimeError):
     """Ranks of one job hold different state (e.g. different checkpoints); the message names them."""

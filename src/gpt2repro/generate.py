@@ -11,11 +11,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .errors import UserError
 from .kvcache import KVCache
 from .model import GPT
 
 
-class GenerateError(ValueError):
+class GenerateError(UserError, ValueError):
     """Sampling arguments that cannot work (empty or too long a prompt, a bad count); one line."""
 
 

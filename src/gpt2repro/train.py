@@ -37,8 +37,9 @@ from .distributed import (
     teardown,
     wrap_model,
 )
+from .errors import UserError
 from .evals import hellaswag
-from .fsio import atomic_write_text
+from .fsio import WriteError, atomic_write_text
 from .generate import prompt_tokens, sample_text
 from .hf import load_pretrained
 from .metrics import MetricsLogger
@@ -52,7 +53,7 @@ from .precision import autocast, enable_tf32, resolve_dtype, slow_dtype_warning,
 RESUME_KEYS = ("model", "total_batch_size", "micro_batch_size", "seq_len", "seed", "shuffle", "optimizer")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot continue (non-finite loss, incompatible resume); the message says why."""
 
 
@@ -464,7 +465,14 @@ def train(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path) -> dict:
     """Run (or resume) training; returns a summary of the last step."""
     cfg.validate()
     info = setup(cfg.device)
+    run_dir = Path(run_dir)
     try:
-        return Trainer(cfg, Path(data_dir), Path(run_dir), info).fit()
+        with checkpoint.run_lock(run_dir, info):  # one writer per run directory
+            trainer = Trainer(cfg, Path(data_dir), run_dir, info)
+            if info.is_main:
+                checkpoint.warn_about_space(run_dir, trainer.raw, trainer.optimizers, cfg.keep_last)
+            return trainer.fit()
+    except WriteError as e:  # a full, read-only or vanished disk: say what a resume starts from
+        raise WriteError(f"{e}; {checkpoint.last_good(run_dir)}") from None
     finally:
         teardown()

@@ -27,6 +27,7 @@ from .. import assets
 from ..config import GPTConfig, recompute_interval
 from ..data.prepare import prepare
 from ..distributed import pick_device
+from ..errors import UserError
 from ..evals import hellaswag
 from ..generate import generate
 from ..mfu import Peak, gemm_flops, median_time, synchronize
@@ -46,7 +47,7 @@ def bench_dtypes() -> tuple[str, ...]:
     return ("fp32", "bf16") if torch.cuda.is_available() or cpu_has_fast_bf16() else ("fp32",)
 
 
-class BenchError(ValueError):
+class BenchError(UserError, ValueError):
     """A bad benchmark name, mode or count; the message says which."""
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..generate import generate
 from ..model import GPT
 from ..precision import autocast
@@ -20,7 +21,7 @@ from ..tokenizer import EOT_ID, get_tokenizer
 from .hellaswag import harness_pair
 
 
-class HarnessError(ValueError):
+class HarnessError(UserError, ValueError):
     """The harness is missing, or a task or argument it cannot take; one line."""
 
 
