@@ -15,7 +15,7 @@ LAYERS = [
     {"data.shards", "data.loader", "data.prepare"},
     {"optim", "muon", "checkpoint", "distributed", "mfu"},
     {"evals.hellaswag", "generate", "hf"},
-    {"train", "metrics"},
+    {"train", "plan", "checkpointer", "metrics"},
     {"evals.report", "evals.harness", "plot"},
     {"bench.names", "bench.reference", "bench.learn", "bench.runners"},
     {"cli", "__main__"},

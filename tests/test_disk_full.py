@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 
 from conftest import shared_file
-from gpt2repro import checkpoint, fsio
+from gpt2repro import checkpoint, checkpointer, fsio
 from gpt2repro import hf as hf_mod
 from gpt2repro.cli import main
 from gpt2repro.fsio import AppendFile, AtomicDir, AtomicFile, WriteError
@@ -124,7 +124,7 @@ def _ok(capsys, argv):
 
 
 def test_a_vanished_run_directory_is_not_quietly_made_again(tmp_path):
-    from gpt2repro.config import train_config
+    from gpt2repro.presets import train_config
 
     with pytest.raises(
         WriteError, match="step_00000002: cannot write checkpoint step 2: the output directory vanished"
@@ -164,7 +164,7 @@ def test_too_little_space_is_warned_at_start_and_refused_before_writing(
     _ok(capsys, [*TRAIN, "--data", data_dir, "--out", run, "max_steps=2"])
     before = _ckpt_files(run)
     monkeypatch.setattr(fsio, "free_bytes", lambda path: 10_000_000)  # a disk with 10 MB left
-    monkeypatch.setattr(checkpoint, "free_bytes", lambda path: 10_000_000)
+    monkeypatch.setattr(checkpointer, "free_bytes", lambda path: 10_000_000)
     fragment = "step_00000004: cannot write checkpoint step 4: not enough free space (10.0 MB free, at least"
     line, out = assert_one_line_error(
         capsys, [*TRAIN, "--data", data_dir, "--out", run, "max_steps=4"], fragment

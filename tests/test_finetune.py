@@ -13,6 +13,7 @@ from gpt2repro import train as tr
 from gpt2repro.config import ConfigError
 from gpt2repro.distributed import DistInfo
 from gpt2repro.hf import export_hf
+from gpt2repro.plan import resolve
 from gpt2repro.presets import train_config
 
 transformers = pytest.importorskip("transformers")
@@ -34,8 +35,8 @@ def transformers_loss(directory, batches) -> float:
 
 
 def step_zero_matches_transformers(source, hf_directory, data_dir, run_dir):
-    trainer = tr.Trainer(finetune_cfg(source), data_dir, run_dir, CPU)
-    batches = [trainer.train_loader.next_batch() for _ in range(trainer.accum)]
+    trainer = tr.Trainer(resolve(finetune_cfg(source), CPU), data_dir, run_dir)
+    batches = [trainer.train_loader.next_batch() for _ in range(trainer.plan.accum)]
     trainer.train_loader.reset()
     expected = transformers_loss(hf_directory, batches)
     assert trainer.train_step(0)["loss"] == pytest.approx(expected, rel=1e-5)
@@ -48,8 +49,10 @@ def test_finetune_the_shared_tiny_hf_checkpoint(data_dir, tmp_path):
     hf_cfg = json.loads((tiny / "config.json").read_text())
     assert (trainer.cfg.model.n_embd, trainer.cfg.model.n_layer) == (hf_cfg["n_embd"], hf_cfg["n_layer"])
     assert trainer.cfg.model.padded_vocab_size == 50304  # the preset's padding, rows never predicted
-    summary = tr.train(finetune_cfg(tiny, "max_steps=3", "ckpt_every=1"), data_dir, tmp_path / "run")
-    assert summary["step"] == 3
+    cfg = finetune_cfg(tiny, "max_steps=3", "ckpt_every=1")
+    given = cfg.to_json()
+    summary = tr.train(cfg, data_dir, tmp_path / "run")
+    assert summary["step"] == 3 and cfg.to_json() == given  # the caller's config is not changed
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["model"]["n_embd"] == 2 and saved["init_from"] == str(tiny)
     # it resumes like any run (from its checkpoint, not from init_from again)

@@ -12,6 +12,7 @@ from gpt2repro import train as tr
 from gpt2repro.config import MUON_LR_RATIO, ConfigError, model_config
 from gpt2repro.model import GPT
 from gpt2repro.optim import HIDDEN_MATRICES, build_optimizer, lr_at, set_lr
+from gpt2repro.plan import resolve
 from gpt2repro.presets import train_config
 from test_train import SMALL, _run_to_end, _stop_after, events, losses, small_cfg, train_argv
 
@@ -244,7 +245,7 @@ def test_a_resumed_run_takes_its_configs_hyperparameters_not_the_checkpoints(dat
         "beta2=0.99",
     ]
     cfg = muon_cfg("max_steps=4", *changed)
-    trainer = tr.Trainer(cfg, data_dir, tmp_path, DistInfo(0, 0, 1, torch.device("cpu")))
+    trainer = tr.Trainer(resolve(cfg, DistInfo(0, 0, 1, torch.device("cpu"))), data_dir, tmp_path)
     assert trainer.resume() == 2
     muon, adamw = trainer.optimizers
     assert [g["split"] for g in muon.param_groups] == [3, 1] and len(muon.state) == 8  # buffers restored

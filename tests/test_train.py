@@ -1,5 +1,6 @@
 """The training loop on CPU: learning, accumulation, DDP/FSDP equivalence, exact resume, guards."""
 
+import dataclasses
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from gpt2repro.data.shards import ShardError
 from gpt2repro.distributed import DistInfo
 from gpt2repro.fsio import WriteError
 from gpt2repro.model import GPT
+from gpt2repro.plan import grad_accum_steps, resolve
 from gpt2repro.presets import train_config
 
 SMALL = [
@@ -78,10 +80,24 @@ def test_the_final_evaluation_is_of_the_saved_weights(data_dir, tmp_path, limit)
     assert summary["val_loss"] == pytest.approx(fresh, rel=1e-6)
 
 
+def test_the_plan_resolves_the_config_once_for_ranks_and_device():
+    cfg = small_cfg("dtype=auto", "compile=auto")
+    given = cfg.to_json()
+    one = resolve(cfg, DistInfo(0, 0, 1, torch.device("cpu")))
+    two = resolve(cfg, DistInfo(0, 0, 2, torch.device("cpu")))
+    assert (one.accum, two.accum, one.step_windows, two.step_windows) == (2, 1, 2, 2)
+    assert one.dtype in ("fp32", "bf16") and one.compile is False  # auto: compile on CUDA only
+    assert one.cfg is not cfg and cfg.to_json() == given
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        one.accum = 3
+    with pytest.raises(ConfigError, match="nearest valid"):
+        resolve(cfg, DistInfo(0, 0, 3, torch.device("cpu")))
+
+
 def test_gradient_accumulation_equals_one_big_batch(data_dir, tmp_path):
     cfg = small_cfg()
-    trainer = tr.Trainer(cfg, data_dir, tmp_path, DistInfo(0, 0, 1, torch.device("cpu")))
-    assert trainer.accum == 2
+    trainer = tr.Trainer(resolve(cfg, DistInfo(0, 0, 1, torch.device("cpu"))), data_dir, tmp_path)
+    assert trainer.plan.accum == 2
     batches = [trainer.train_loader.next_batch() for _ in range(2)]
     trainer.train_loader.reset()
     loss = trainer.forward_backward()
@@ -105,7 +121,7 @@ def test_presets_resolve_the_original_accumulation():
         715,
     )
     assert cfg.model.padded_vocab_size == 50304 and cfg.max_lr == 6e-4 and cfg.min_lr_ratio == 0.1
-    assert tr.grad_accum_steps(cfg, 1) == 8 and tr.grad_accum_steps(cfg, 8) == 1
+    assert grad_accum_steps(cfg, 1) == 8 and grad_accum_steps(cfg, 8) == 1
     assert train_config("gpt2-124m-40B").max_steps == 76292 and train_config("gpt2-124m-40B").shuffle
     xl = train_config("gpt3-xl")
     assert (xl.model.n_layer, xl.model.n_embd, xl.model.n_head, xl.total_batch_size, xl.max_lr) == (
@@ -169,7 +185,7 @@ def test_unknown_preset_and_indivisible_batch():
         train_config("gpt5")
     cfg = apply_overrides(train_config("gpt2-124m-10B"), ["total_batch_size=500000"])
     with pytest.raises(ConfigError, match="nearest valid: 458752 or 524288"):
-        tr.grad_accum_steps(cfg, 1)
+        grad_accum_steps(cfg, 1)
 
 
 def _stop_after(monkeypatch, n):
@@ -495,9 +511,15 @@ def test_resume_on_another_number_of_ranks_continues_the_same_stream(data_dir, t
     elastic = ["--out", str(tmp_path / "elastic")]
     _run_to_end([*base, *elastic, "max_steps=2"], nproc=2)
     out = _run_to_end([*base, *elastic, "max_steps=4"])
-    assert "x1 | dtype fp32 | tf32 off | compile False | grad_accum 2 | steps 2..4 | resumed from step_00000002" in out
+    assert (
+        "x1 | dtype fp32 | tf32 off | compile False | grad_accum 2 | steps 2..4 | resumed from step_00000002"
+        in out
+    )
     out = _run_to_end([*base, *elastic, "max_steps=6"], nproc=2)
-    assert "x2 | dtype fp32 | compile False | grad_accum 1 | steps 4..6 | resumed from step_00000004" in out
+    assert (
+        "x2 | dtype fp32 | tf32 off | compile False | grad_accum 1 | steps 4..6 | resumed from step_00000004"
+        in out
+    )
     straight, elastic_losses = losses(tmp_path / "straight"), losses(tmp_path / "elastic")
     assert sorted(elastic_losses) == list(range(6))
     for step, loss in straight.items():

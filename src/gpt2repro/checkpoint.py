@@ -18,7 +18,6 @@ that verifies is used instead. A checkpoint whose weights turned out to diverge 
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -45,7 +44,6 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .config import TrainConfig
-from .distributed import DistInfo, all_reduce_sum
 from .errors import UserError
 from .fsio import (
     REASONS,
@@ -53,13 +51,9 @@ from .fsio import (
     WriteError,
     atomic_write_text,
     describe,
-    free_bytes,
     fsync_dir,
-    human_bytes,
-    remove_leftovers,
     sha256_file,
 )
-from .lock import DirLock, LockError
 from .model import GPT, WeightsMismatch, load_state_strict
 
 TIED = "lm_head.weight"
@@ -401,67 +395,3 @@ def load_training(
     set_optimizer_state_dict(model, optimizers, optim_state, options=StateDictOptions(full_state_dict=True))
     set_rng_state(tensors, state["rng"])
     return state
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: Path, info: DistInfo):
-    """The run directory's writer lock, held by rank 0 for the whole job; every rank learns at once
-    whether it was taken, so none is left waiting in a collective for a rank that gave up. The holder
-    then removes what a killed earlier writer left half-written."""
-    lock = DirLock(run_dir, "train")
-    error: Exception | None = None
-    if info.is_main:
-        try:
-            lock.acquire()
-        except Exception as e:  # noqa: BLE001 - whatever it is, the other ranks must hear of it
-            error = e
-    if all_reduce_sum([float(error is not None)], info.device)[0]:
-        raise error or LockError(f"{run_dir}: rank 0 could not lock the run directory (its error says why)")
-    try:
-        if info.is_main:
-            remove_leftovers(run_dir, "config.json")
-            remove_leftovers(run_dir / "checkpoints")
-        yield
-    finally:
-        lock.release()
-
-
-def estimated_bytes(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> int:
-    """A checkpoint's size before its optimizer state exists: the weights (the tied lm_head once)
-    and per parameter AdamW's two moments or Muon's one momentum buffer."""
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    for opt in optimizers:
-        buffers = 2 if "betas" in opt.defaults else 1
-        size += sum(buffers * p.numel() * p.element_size() for g in opt.param_groups for p in g["params"])
-    return size
-
-
-def warn_about_space(
-    run_dir: Path,
-    model: torch.nn.Module,
-    optimizers: list[torch.optim.Optimizer],
-    keep_last: int,
-    log: Callable[[str], None] = print,
-) -> None:
-    """Warn when the disk cannot hold keep_last checkpoints plus the one being written."""
-    each = estimated_bytes(model, optimizers)
-    free = free_bytes(run_dir)
-    kept = sum(f.stat().st_size for d in all_steps(run_dir) for f in d.iterdir() if f.is_file())
-    if free is None or free + kept >= (keep_last + 1) * each:
-        return
-    log(
-        f"[gpt2repro] warning: {run_dir}: {human_bytes(free)} free"
-        + (f" (and {human_bytes(kept)} in its checkpoints)" if kept else "")
-        + f", but keep_last={keep_last} checkpoints and the one being written take about "
-        f"{human_bytes((keep_last + 1) * each)} ({human_bytes(each)} each); training stops at a "
-        "checkpoint that does not fit"
-    )
-
-
-def last_good(run_dir: Path) -> str:
-    """Which checkpoint a resume would start from, for an error message."""
-    try:
-        found = latest(run_dir, log=lambda message: None)
-    except CheckpointError:
-        found = None
-    return f"last good checkpoint: {found.name}" if found else "no checkpoint written yet"

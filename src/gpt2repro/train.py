@@ -10,25 +10,19 @@ SIGTERM/SIGINT finish the step, checkpoint and exit; resuming continues bit-iden
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import math
-import shutil
 import signal
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from . import checkpoint
-from .config import ConfigError, TrainConfig
+from .checkpointer import Checkpointer, TrainingError, run_lock
+from .config import TrainConfig
 from .data.loader import DataLoader
 from .data.shards import ShardError, verify_shards
 from .distributed import (
-    DisagreementError,
-    DistInfo,
-    agree,
     all_reduce_mean,
     all_reduce_sum,
     full_parameters,
@@ -37,36 +31,15 @@ from .distributed import (
     teardown,
     wrap_model,
 )
-from .errors import UserError
 from .evals import hellaswag
 from .fsio import WriteError, atomic_write_text
 from .generate import prompt_tokens, sample_text
-from .hf import load_pretrained
 from .metrics import MetricsLogger
 from .mfu import Peak, synchronize
 from .model import GPT
 from .optim import build_optimizer, configure, lr_at, set_lr
-from .precision import autocast, enable_tf32, resolve_dtype, slow_dtype_warning, tf32_enabled
-
-# Resuming requires these to match the checkpoint: they change the model, which batches come next or
-# the optimizer state's layout.
-RESUME_KEYS = ("model", "total_batch_size", "micro_batch_size", "seq_len", "seed", "shuffle", "optimizer")
-
-
-class TrainingError(UserError, RuntimeError):
-    """Training cannot continue (non-finite loss, incompatible resume); the message says why."""
-
-
-def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
-    per_step = cfg.micro_batch_size * cfg.seq_len * world_size
-    if cfg.total_batch_size % per_step:
-        lo = max(per_step, cfg.total_batch_size // per_step * per_step)
-        hi = lo + per_step if lo < cfg.total_batch_size else lo
-        raise ConfigError(
-            f"total_batch_size={cfg.total_batch_size} is not divisible by micro_batch_size*seq_len*world_size"
-            f"={cfg.micro_batch_size}*{cfg.seq_len}*{world_size}={per_step}; nearest valid: {lo} or {hi}"
-        )
-    return cfg.total_batch_size // per_step
+from .plan import Plan, resolve
+from .precision import autocast, enable_tf32, slow_dtype_warning, tf32_enabled
 
 
 class StopReason(enum.Enum):
@@ -98,20 +71,16 @@ class Trainer:
     """Everything one run holds: config, ranks, the model (raw, and wrapped for DDP/FSDP/compile),
     optimizer, data loaders, in-loop HellaSwag examples and the metrics logger."""
 
-    def __init__(self, cfg: TrainConfig, data_dir: Path, run_dir: Path, info: DistInfo):
-        self.cfg, self.info, self.run_dir, self.device = cfg, info, run_dir, info.device
-        pretrained = self._pretrained() if cfg.init_from else None
-        self.accum = grad_accum_steps(cfg, info.world_size)
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
-        self.compiled = cfg.compile == "true" or (cfg.compile == "auto" and self.device.type == "cuda")
+    def __init__(self, plan: Plan, data_dir: Path, run_dir: Path):
+        cfg, info = plan.cfg, plan.info
+        self.plan, self.cfg, self.info, self.run_dir, self.device = plan, cfg, info, run_dir, info.device
         enable_tf32(self.device)
         torch.manual_seed(cfg.seed)
         run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.verify_data:
             self._verify_data(data_dir)
-        step_windows = self.accum * info.world_size  # fixed by the global batch: resumable on any world size
         self.train_loader = self._loader(
-            data_dir, "train", shuffle=cfg.shuffle, seed=cfg.seed, step_windows=step_windows
+            data_dir, "train", shuffle=cfg.shuffle, seed=cfg.seed, step_windows=plan.step_windows
         )
         self.val_loader = self._loader(data_dir, "val") if cfg.val_every else None
         examples = hellaswag.load_examples(limit=cfg.hellaswag_limit or None) if cfg.hellaswag_every else []
@@ -119,33 +88,19 @@ class Trainer:
         if cfg.sample_every:  # a prompt that cannot be sampled fails now, not after the first steps
             prompt_tokens(cfg.sample_prompt, cfg.model.block_size)
         self.raw = GPT(cfg.model).to(self.device)
-        if pretrained is not None:
-            self.raw.copy_weights_from(pretrained)
-        self.model = wrap_model(self.raw, cfg, info, self.compiled)
+        if plan.pretrained is not None:
+            self.raw.copy_weights_from(plan.pretrained)
+        self.model = wrap_model(self.raw, cfg, info, plan.compile)
         self.optimizers = build_optimizer(self.raw, cfg, self.device)
         # fp16's narrow range: the loss is scaled so gradients do not underflow, steps with inf skipped
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == "fp16" else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if plan.dtype == "fp16" else None
         self.logger = MetricsLogger(run_dir, cfg, enabled=False)  # the real one opens once resume succeeds
+        self.checkpoints = Checkpointer(run_dir, cfg, info, print)
         # worse than guessing uniformly by far: the weights blew up (a finite loss can say so too)
         self.divergence_loss = 2 * math.log(cfg.model.vocab_size)
         self.start_step, self.started = 0, time.time()
-        self.peak = Peak(self.device, self.dtype, info.world_size)  # for MFU
+        self.peak = Peak(self.device, plan.dtype, info.world_size)  # for MFU
         self.flops_per_step = self.raw.flops_per_token(cfg.seq_len) * cfg.total_batch_size
-
-    def _pretrained(self) -> GPT:
-        """The weights of init_from; the run's architecture becomes theirs (its vocab padding kept)."""
-        pretrained = load_pretrained(self.cfg.init_from)
-        stated = self.cfg.model
-        self.cfg.model = dataclasses.replace(pretrained.config, vocab_multiple=stated.vocab_multiple)
-        changed = [
-            f"{k}={v}" for k, v in dataclasses.asdict(self.cfg.model).items() if getattr(stated, k) != v
-        ]
-        if changed and self.info.is_main:  # a config file's [model] keys may say otherwise: say who won
-            print(
-                f"[gpt2repro] init_from={self.cfg.init_from}: the weights' architecture, not the config's: {', '.join(changed)}"
-            )
-        self.cfg.validate()
-        return pretrained
 
     def _verify_data(self, data_dir: Path) -> None:
         """Every rank hashes its share of the shards; any problem on any rank stops all of them."""
@@ -221,91 +176,29 @@ class Trainer:
         return True
 
     def resume(self) -> int:
-        """Restore the run directory's latest good checkpoint (unless resume=never); the step to
-        start at. A fresh run never shadows an earlier one's checkpoints unless overwrite=true.
-        Writes the resolved config.json and prints what is about to run."""
-        cfg, info = self.cfg, self.info
-        found = self._find_checkpoint()
-        if found is None:
-            self._start_fresh()
-        start = 0
-        if found is not None:
-            ckpt, state = found
-            saved = checkpoint.read_config(ckpt)
-            diffs = [k for k in RESUME_KEYS if getattr(saved, k) != getattr(cfg, k)]
-            if diffs:
-                raise TrainingError(
-                    f"cannot resume {ckpt}: config differs in {', '.join(diffs)}; use a new --out"
-                )
-            checkpoint.load_training(ckpt, self.raw, self.optimizers, state)
-            configure(self.optimizers, cfg, self.device)  # this config's hyperparameters, not the saved ones
-            try:
-                self.train_loader.load_state_dict(state["loader"])
-            except ValueError as e:
-                raise TrainingError(f"cannot resume {ckpt}: {e}") from None
-            start = state["step"]
-        if info.is_main:
-            atomic_write_text(self.run_dir / "config.json", cfg.to_json())
-            print(
-                f"[gpt2repro] {self.raw.num_params():,} params | device {self.device} x{info.world_size} | "
-                f"dtype {self.dtype} | tf32 {'on' if tf32_enabled(self.device) else 'off'} | "
-                f"compile {self.compiled} | grad_accum {self.accum} | "
-                f"steps {start}..{cfg.max_steps}" + (f" | resumed from {found[0].name}" if found else "")
-            )
-            dtypes = {"dtype": self.dtype}
-            if cfg.optimizer == "muon":
-                dtypes["muon_ns_dtype"] = cfg.muon_ns_dtype
-            for key, dtype in dtypes.items():
-                warning = slow_dtype_warning(dtype, self.device)
-                if warning:
-                    print(f"[gpt2repro] warning: {key}: {warning}")
-        return start
-
-    def _find_checkpoint(self) -> tuple[Path, dict] | None:
-        """The checkpoint to resume from and its state, the same on every rank (nodes without shared
-        storage each look in their own directory): or all ranks stop, naming the ones that differ."""
-        log = print if self.info.is_main else (lambda message: None)
-        found, problem = None, None
-        try:
-            found = checkpoint.latest_verified(self.run_dir, log) if self.cfg.resume != "never" else None
-        except checkpoint.CheckpointError as e:  # every rank must still reach the agreement
-            problem = e
-        key = (
-            (-2 if problem else -1, 0)
-            if found is None
-            else (found[1]["step"], checkpoint.fingerprint(found[0]))
+        """Restore the checkpoint to resume from, if any (the Checkpointer decides which); the step
+        to start at. Writes the resolved config.json and prints what is about to run."""
+        cfg, info, plan = self.cfg, self.info, self.plan
+        start, name = self.checkpoints.restore(self.raw, self.optimizers, self.train_loader)
+        configure(self.optimizers, cfg, self.device)  # this config's hyperparameters, not the saved ones
+        if not info.is_main:
+            return start
+        atomic_write_text(self.run_dir / "config.json", cfg.to_json(), "the run's config")
+        print(
+            f"[gpt2repro] {self.raw.num_params():,} params | device {self.device} x{info.world_size} | "
+            f"dtype {plan.dtype} | tf32 {'on' if tf32_enabled(self.device) else 'off'} | "
+            f"compile {plan.compile} | grad_accum {plan.accum} | "
+            f"steps {start}..{cfg.max_steps}" + (f" | resumed from {name}" if name else "")
         )
-        try:
-            agree(self.info, key, "the checkpoint to resume from", _describe_checkpoint)
-        except DisagreementError as e:
-            raise TrainingError(f"{self.run_dir}: {e}; give every rank the same run directory") from None
-        if problem is not None:
-            raise problem
-        return found
-
-    def _start_fresh(self) -> None:
-        """Step 0 in a directory that may hold an earlier run: refuse, or with overwrite=true
-        remove its checkpoints and logs first."""
-        cfg = self.cfg
-        earlier = checkpoint.all_steps(self.run_dir)
-        if cfg.resume == "require":
-            raise TrainingError(f"{self.run_dir}: no checkpoint to resume from (--resume / resume=require)")
-        if not earlier:
-            return
-        if not cfg.overwrite:
-            raise TrainingError(
-                f"{self.run_dir} holds checkpoints of an earlier run ({earlier[-1].name}) that resume=never "
-                "would shadow; resume it (resume=auto), use a new --out, or pass overwrite=true to delete them"
-            )
-        if self.info.is_main:
-            shutil.rmtree(self.run_dir / "checkpoints")
-            for name in ("metrics.jsonl", "samples.txt"):
-                (self.run_dir / name).unlink(missing_ok=True)
-            print(
-                f"[gpt2repro] overwrite=true: deleted the earlier run's checkpoints and logs in {self.run_dir}"
-            )
-        if self.info.distributed:
-            dist.barrier()
+        dtypes = {
+            "dtype": plan.dtype,
+            **({"muon_ns_dtype": cfg.muon_ns_dtype} if cfg.optimizer == "muon" else {}),
+        }
+        for key, dtype in dtypes.items():
+            warning = slow_dtype_warning(dtype, self.device)
+            if warning:
+                print(f"[gpt2repro] warning: {key}: {warning}")
+        return start
 
     def forward_backward(self) -> float:
         """Gradients of the mean loss over `accum` micro-batches, as one big batch would give them;
@@ -314,12 +207,12 @@ class Trainer:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
-        for micro in range(self.accum):
+        for micro in range(self.plan.accum):
             x, y = self.train_loader.next_batch()
-            set_grad_sync(self.model, self.raw, self.cfg, self.info, micro == self.accum - 1)
-            with autocast(self.device, self.dtype):
+            set_grad_sync(self.model, self.raw, self.cfg, self.info, micro == self.plan.accum - 1)
+            with autocast(self.device, self.plan.dtype):
                 _, loss = self.model(x, y)
-            loss = loss / self.accum
+            loss = loss / self.plan.accum
             loss_sum += loss.detach()
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if self.scaler is not None:
@@ -357,15 +250,8 @@ class Trainer:
     def _diverged(self, step: int, what: str, blame_checkpoint: bool) -> None:
         """Stop before the update. When the weights at the start of `step` produced the divergence,
         a checkpoint holding them is not good: it is set aside, never resumed from."""
-        note = ""
-        if blame_checkpoint and checkpoint.step_dir(self.run_dir, step).is_dir():
-            if self.info.is_main:
-                checkpoint.quarantine(self.run_dir, step)
-            note = f"; checkpoint step_{step:08d} held these weights and was renamed diverged_step_{step:08d}"
-        if self.info.distributed:
-            dist.barrier()
-        good = checkpoint.latest(self.run_dir, log=self.logger.print)
-        raise TrainingError(f"{what} at step {step}; stopping{note} (last good checkpoint: {good or 'none'})")
+        note = self.checkpoints.set_aside(step) if blame_checkpoint else ""
+        raise TrainingError(f"{what} at step {step}; stopping{note} ({self.checkpoints.last_good()})")
 
     def evaluate(self, step: int, last: bool) -> dict:
         """Validation loss, HellaSwag and samples, each when due (and always on the last step); the
@@ -397,7 +283,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for _ in range(self.cfg.val_steps):
             x, y = self.val_loader.next_batch()
-            with autocast(self.device, self.dtype):
+            with autocast(self.device, self.plan.dtype):
                 _, loss = self.model(x, y)
             total += loss.detach() / self.cfg.val_steps
         return float(all_reduce_mean(total))
@@ -414,7 +300,7 @@ class Trainer:
             self.device,
             info.rank,
             info.world_size,
-            dtype=self.dtype,
+            dtype=self.plan.dtype,
             lockstep=self.cfg.fsdp,
             rendered=rendered,
         )
@@ -439,40 +325,22 @@ class Trainer:
         return StopReason.TIME_LIMIT if flags[1] else None
 
     def save(self, step: int, metrics: dict) -> None:
-        """Checkpoint after `step` steps: every rank gathers (FSDP needs it), rank 0 writes."""
-        model_state, optim_state = checkpoint.gather(self.raw, self.optimizers)
-        if self.info.is_main:
-            state = {
-                "loader": self.train_loader.state_dict(),
-                "world_size": self.info.world_size,
-                "metrics": {k: v for k, v in metrics.items() if k != "val_step"},
-            }
-            path = checkpoint.save(
-                self.run_dir, step, model_state, optim_state, state, self.cfg, self.cfg.keep_last
-            )
-            self.logger.print(f"[gpt2repro] checkpoint {path}")
-        if self.info.distributed:
-            dist.barrier()
-
-
-def _describe_checkpoint(key: tuple) -> str:
-    if key[0] < 0:
-        return "no checkpoint that verifies" if key[0] == -2 else "no checkpoint (fresh start)"
-    return f"step {key[0]} (state {key[1]:015x})"
+        self.checkpoints.save(step, self.raw, self.optimizers, self.train_loader, metrics)
 
 
 def train(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path) -> dict:
-    """Run (or resume) training; returns a summary of the last step."""
-    cfg.validate()
+    """Run (or resume) training; returns a summary of the last step. `cfg` is not changed."""
     info = setup(cfg.device)
     run_dir = Path(run_dir)
+    trainer = None
     try:
-        with checkpoint.run_lock(run_dir, info):  # one writer per run directory
-            trainer = Trainer(cfg, Path(data_dir), run_dir, info)
+        with run_lock(run_dir, info):  # one writer per run directory
+            trainer = Trainer(resolve(cfg, info), Path(data_dir), run_dir)
             if info.is_main:
-                checkpoint.warn_about_space(run_dir, trainer.raw, trainer.optimizers, cfg.keep_last)
+                trainer.checkpoints.warn_about_space(trainer.raw, trainer.optimizers)
             return trainer.fit()
     except WriteError as e:  # a full, read-only or vanished disk: say what a resume starts from
-        raise WriteError(f"{e}; {checkpoint.last_good(run_dir)}") from None
+        good = Checkpointer(run_dir, cfg, info, print).last_good()
+        raise WriteError(f"{e}; {good}") from None
     finally:
         teardown()

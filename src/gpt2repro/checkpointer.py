@@ -1,0 +1,195 @@
+"""The run directory's checkpoints, owned for one run: its lock, where a run starts (the newest
+checkpoint every rank agrees on, or a fresh start that never shadows an earlier run), saving, and
+setting aside a checkpoint whose weights diverged. The Trainer keeps the loop; `checkpoint.py`
+keeps the format of one checkpoint directory."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint
+from .checkpoint import CheckpointError, all_steps, latest
+from .config import TrainConfig
+from .data.loader import DataLoader
+from .distributed import DisagreementError, DistInfo, agree, all_reduce_sum
+from .errors import UserError
+from .fsio import free_bytes, human_bytes, remove_leftovers
+from .lock import DirLock, LockError
+
+# Resuming requires these to match the checkpoint: they change the model, which batches come next or
+# the optimizer state's layout.
+RESUME_KEYS = ("model", "total_batch_size", "micro_batch_size", "seq_len", "seed", "shuffle", "optimizer")
+
+
+class TrainingError(UserError, RuntimeError):
+    """Training cannot continue (non-finite loss, incompatible resume); the message says why."""
+
+
+class Checkpointer:
+    def __init__(self, run_dir: Path, cfg: TrainConfig, info: DistInfo, log: Callable[[str], None]):
+        self.run_dir, self.cfg, self.info, self.log = run_dir, cfg, info, log
+
+    def restore(self, model: torch.nn.Module, optimizers: list, loader: DataLoader) -> tuple[int, str | None]:
+        """Load the checkpoint to resume from into model, optimizers, RNG and loader (every rank);
+        (the step to start at, that checkpoint's name). With none, a fresh start at step 0."""
+        found = self._find()
+        if found is None:
+            self._start_fresh()
+            return 0, None
+        ckpt, state = found
+        saved = checkpoint.read_config(ckpt)
+        diffs = [k for k in RESUME_KEYS if getattr(saved, k) != getattr(self.cfg, k)]
+        if diffs:
+            raise TrainingError(
+                f"cannot resume {ckpt}: config differs in {', '.join(diffs)}; use a new --out"
+            )
+        checkpoint.load_training(ckpt, model, optimizers, state)
+        try:
+            loader.load_state_dict(state["loader"])
+        except ValueError as e:
+            raise TrainingError(f"cannot resume {ckpt}: {e}") from None
+        return state["step"], ckpt.name
+
+    def _find(self) -> tuple[Path, dict] | None:
+        """The checkpoint to resume from and its state, the same on every rank (nodes without shared
+        storage each look in their own directory): or all ranks stop, naming the ones that differ."""
+        quiet = self.log if self.info.is_main else (lambda message: None)
+        found, problem = None, None
+        try:
+            found = checkpoint.latest_verified(self.run_dir, quiet) if self.cfg.resume != "never" else None
+        except CheckpointError as e:  # every rank must still reach the agreement
+            problem = e
+        key = (
+            (-2 if problem else -1, 0)
+            if found is None
+            else (found[1]["step"], checkpoint.fingerprint(found[0]))
+        )
+        try:
+            agree(self.info, key, "the checkpoint to resume from", _describe)
+        except DisagreementError as e:
+            raise TrainingError(f"{self.run_dir}: {e}; give every rank the same run directory") from None
+        if problem is not None:
+            raise problem
+        return found
+
+    def _start_fresh(self) -> None:
+        """Step 0 in a directory that may hold an earlier run: refuse, or with overwrite=true
+        remove its checkpoints and logs first (under the run's lock)."""
+        earlier = all_steps(self.run_dir)
+        if self.cfg.resume == "require":
+            raise TrainingError(f"{self.run_dir}: no checkpoint to resume from (--resume / resume=require)")
+        if not earlier:
+            return
+        if not self.cfg.overwrite:
+            raise TrainingError(
+                f"{self.run_dir} holds checkpoints of an earlier run ({earlier[-1].name}) that resume=never "
+                "would shadow; resume it (resume=auto), use a new --out, or pass overwrite=true to delete them"
+            )
+        if self.info.is_main:
+            shutil.rmtree(self.run_dir / "checkpoints")
+            for name in ("metrics.jsonl", "samples.txt"):
+                (self.run_dir / name).unlink(missing_ok=True)
+            self.log(
+                f"[gpt2repro] overwrite=true: deleted the earlier run's checkpoints and logs in {self.run_dir}"
+            )
+        self._barrier()
+
+    def save(
+        self, step: int, model: torch.nn.Module, optimizers: list, loader: DataLoader, metrics: dict
+    ) -> None:
+        """Checkpoint after `step` steps: every rank gathers (FSDP needs it), rank 0 writes."""
+        model_state, optim_state = checkpoint.gather(model, optimizers)
+        if self.info.is_main:
+            state = {
+                "loader": loader.state_dict(),
+                "world_size": self.info.world_size,
+                "metrics": {k: v for k, v in metrics.items() if k != "val_step"},
+            }
+            path = checkpoint.save(
+                self.run_dir, step, model_state, optim_state, state, self.cfg, self.cfg.keep_last
+            )
+            self.log(f"[gpt2repro] checkpoint {path}")
+        self._barrier()
+
+    def set_aside(self, step: int) -> str:
+        """A checkpoint holding weights that diverged is renamed, kept but never resumed from; a note
+        for the error message (empty when there was none at that step)."""
+        note = ""
+        if checkpoint.step_dir(self.run_dir, step).is_dir():
+            if self.info.is_main:
+                checkpoint.quarantine(self.run_dir, step)
+            note = f"; checkpoint step_{step:08d} held these weights and was renamed diverged_step_{step:08d}"
+        self._barrier()
+        return note
+
+    def last_good(self) -> str:
+        """Which checkpoint a resume would start from, for an error message."""
+        try:
+            found = latest(self.run_dir, log=lambda message: None)
+        except CheckpointError:
+            found = None
+        return f"last good checkpoint: {found.name if found else 'none'}"
+
+    def warn_about_space(self, model: torch.nn.Module, optimizers: list) -> None:
+        """Warn when the disk cannot hold keep_last checkpoints plus the one being written."""
+        each, keep = _estimated_bytes(model, optimizers), self.cfg.keep_last
+        free = free_bytes(self.run_dir)
+        kept = sum(f.stat().st_size for d in all_steps(self.run_dir) for f in d.iterdir() if f.is_file())
+        if free is None or free + kept >= (keep + 1) * each:
+            return
+        self.log(
+            f"[gpt2repro] warning: {self.run_dir}: {human_bytes(free)} free"
+            + (f" (and {human_bytes(kept)} in its checkpoints)" if kept else "")
+            + f", but keep_last={keep} checkpoints and the one being written take about "
+            f"{human_bytes((keep + 1) * each)} ({human_bytes(each)} each); training stops at a "
+            "checkpoint that does not fit"
+        )
+
+    def _barrier(self) -> None:
+        if self.info.distributed:
+            dist.barrier()
+
+
+def _describe(key: tuple) -> str:
+    if key[0] < 0:
+        return "no checkpoint that verifies" if key[0] == -2 else "no checkpoint (fresh start)"
+    return f"step {key[0]} (state {key[1]:015x})"
+
+
+def _estimated_bytes(model: torch.nn.Module, optimizers: list) -> int:
+    """A checkpoint's size before its optimizer state exists: the weights (the tied lm_head once)
+    and per parameter AdamW's two moments or Muon's one momentum buffer."""
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    for opt in optimizers:
+        buffers = 2 if "betas" in opt.defaults else 1
+        size += sum(buffers * p.numel() * p.element_size() for g in opt.param_groups for p in g["params"])
+    return size
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, info: DistInfo) -> Iterator[None]:
+    """The run directory's writer lock, held by rank 0 for the whole job; every rank learns at once
+    whether it was taken, so none is left waiting in a collective for a rank that gave up. The holder
+    then removes what a killed earlier writer left half-written."""
+    lock = DirLock(run_dir, "train")
+    error: Exception | None = None
+    if info.is_main:
+        try:
+            lock.acquire()
+        except Exception as e:  # noqa: BLE001 - whatever it is, the other ranks must hear of it
+            error = e
+    if all_reduce_sum([float(error is not None)], info.device)[0]:
+        raise error or LockError(f"{run_dir}: rank 0 could not lock the run directory (its error says why)")
+    try:
+        if info.is_main:
+            remove_leftovers(run_dir, "config.json")
+            remove_leftovers(run_dir / "checkpoints")
+        yield
+    finally:
+        lock.release()
