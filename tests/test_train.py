@@ -81,12 +81,12 @@ def test_the_final_evaluation_is_of_the_saved_weights(data_dir, tmp_path, limit)
 
 
 def test_the_plan_resolves_the_config_once_for_ranks_and_device():
-    cfg = small_cfg("dtype=auto", "compile=auto")
+    cfg = small_cfg("dtype=auto")
     given = cfg.to_json()
     one = resolve(cfg, DistInfo(0, 0, 1, torch.device("cpu")))
     two = resolve(cfg, DistInfo(0, 0, 2, torch.device("cpu")))
     assert (one.accum, two.accum, one.step_windows, two.step_windows) == (2, 1, 2, 2)
-    assert one.dtype in ("fp32", "bf16") and one.compile is False  # auto: compile on CUDA only
+    assert one.dtype in ("fp32", "bf16") and one.compile is False  # (the CPU presets do not compile)
     assert one.cfg is not cfg and cfg.to_json() == given
     with pytest.raises(dataclasses.FrozenInstanceError):
         one.accum = 3
@@ -542,3 +542,44 @@ def test_two_node_launch_on_one_machine_matches_one_process(data_dir, tmp_path):
     assert sorted(two) == [0, 1, 2] and "x2 |" in outputs[0]
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5)
+
+
+def _as_written_before_compile_was_a_bool(run, value: str) -> None:
+    """Rewrite a run as the code before this change wrote it: "compile" a string in its config.json
+    and its checkpoints' (their sha256s and manifests as that code recorded them)."""
+    from gpt2repro.fsio import sha256_file
+
+    for path in [run / "config.json", *(d / "config.json" for d in checkpoint.all_steps(run))]:
+        saved = json.loads(path.read_text())
+        path.write_text(json.dumps({**saved, "compile": value}, indent=2, sort_keys=True))
+    for ckpt in checkpoint.all_steps(run):
+        state = json.loads((ckpt / "state.json").read_text())
+        state["sha256"]["config.json"] = sha256_file(ckpt / "config.json")
+        (ckpt / "state.json").write_text(json.dumps(state))
+        checkpoint.write_manifest(ckpt, {**state["sha256"], "state.json": sha256_file(ckpt / "state.json")})
+
+
+@pytest.mark.parametrize("value", ["auto", "false", "true"])
+def test_runs_written_before_compile_became_a_bool_still_work(data_dir, tmp_path, capsys, value):
+    from gpt2repro.cli import main
+
+    run = tmp_path / "run"
+    tr.train(small_cfg("max_steps=2"), data_dir, run)
+    _as_written_before_compile_was_a_bool(run, value)
+    assert checkpoint.read_config(checkpoint.latest(run)).compile is (value != "false")
+    assert checkpoint.verify(checkpoint.latest(run))["step"] == 2
+    tr.train(small_cfg("max_steps=3"), data_dir, run)  # resume
+    assert sorted(losses(run)) == [0, 1, 2]
+    _as_written_before_compile_was_a_bool(run, value)
+    for argv in (
+        ["sample", "--checkpoint", str(run), "-n", "1", "--max-new-tokens", "2"],
+        ["export", "--checkpoint", str(run), "--out", str(tmp_path / "hf")],
+        ["verify", str(run)],
+        ["eval", "hellaswag", "--checkpoint", str(run), "--limit", "4"],
+    ):
+        assert main(argv) == 0, capsys.readouterr().err
+    not_model = [o for o in SMALL if not o.startswith("model.")]
+    init = tr.train(
+        train_config("cpu-tiny", [*not_model, "max_steps=1", f"init_from={run}"]), data_dir, tmp_path / "ft"
+    )
+    assert init["step"] == 1

@@ -14,7 +14,7 @@ import json
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import UserError
@@ -198,7 +198,7 @@ class TrainConfig:
     dtype: str = _key(
         "auto", "autocast dtype of forward/backward; auto: bf16 where native (fp16 on older GPUs), else fp32"
     )
-    compile: str = _key("auto", "torch.compile the model; auto: on for CUDA")
+    compile: bool = _key(True, "torch.compile the model (off in the CPU presets: short runs do not repay it)")
     fsdp: bool = _key(False, "under torchrun, FSDP2 (fully_shard per block) instead of DDP")
     activation_checkpointing: str = _key(
         "none", "recompute blocks in backward: none, full or every_N (every N-th block): memory for compute"
@@ -217,6 +217,9 @@ class TrainConfig:
             raise ConfigError(f"device={self.device!r}: expected auto, cpu, cuda, cuda:N or mps", "device")
         for key, (typ, ok, expected) in RANGES.items():
             _check(key, getattr(self, key), typ, ok, expected)
+        for f in fields(self):
+            if f.type in ("bool", bool):
+                _check(f.name, getattr(self, f.name), bool, lambda v: True, "true or false")
         if not ACTIVATION_CHECKPOINTING.fullmatch(self.activation_checkpointing):
             raise ConfigError(
                 f"activation_checkpointing={self.activation_checkpointing!r}: expected none, full or every_N (N >= 1)",
@@ -266,6 +269,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         d = dict(d)
+        if isinstance(d.get("compile"), str):  # config.json before compile became a bool ("auto": on)
+            d["compile"] = d["compile"] != "false"
         model = GPTConfig(**d.pop("model"))
         return cls(model=model, **d).validate()
 
@@ -283,7 +288,6 @@ POSITIVE = (int, lambda v: v > 0, "a positive integer")
 COUNT = (int, lambda v: v >= 0, "an integer >= 0 (0 disables)")
 CHOICES = {
     "dtype": ("auto", *DTYPE_NAMES),
-    "compile": ("auto", "true", "false"),
     "resume": ("auto", "never", "require"),
     "hellaswag_style": ("completion", "harness"),
     "optimizer": ("adamw", "muon"),

@@ -71,12 +71,11 @@ def resolve(cfg: TrainConfig, info: DistInfo) -> Plan:
     pretrained = None
     if cfg.init_from:
         cfg, pretrained = _with_pretrained_architecture(cfg, info)
-    compiled = cfg.compile == "true" or (cfg.compile == "auto" and info.device.type == "cuda")
     return Plan(
         cfg=cfg,
         info=info,
         accum=grad_accum_steps(cfg, info.world_size),
         dtype=resolve_dtype(cfg.dtype, info.device),
-        compile=compiled,
+        compile=cfg.compile,
         pretrained=pretrained,
     )

@@ -81,7 +81,7 @@ def _cpu(model: str, micro: int, seq: int, accum: int, steps: int, lr: float) ->
         sample_count=2,
         ckpt_every=max(1, steps // 4),
         dtype="auto",  # bf16 where the CPU has native bf16 matmuls, else fp32
-        compile="false",
+        compile=False,
     )
 
 
