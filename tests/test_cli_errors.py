@@ -83,6 +83,14 @@ def test_train_run_directory_errors(capsys, data_dir, tmp_path):
     (other / "train_000008.bin").unlink()
     assert_one_line_error(capsys, [*base, "--data", other, "max_steps=2"], "loader state has shards=")
     assert (saved / "model.safetensors").read_bytes() == before  # nothing lost
+    (tmp_path / "a_file").write_text("not a directory")
+    fragment = "a_file exists and is not a directory"
+    assert_one_line_error(capsys, [*base, "--data", data_dir, "--out", tmp_path / "a_file"], fragment)
+    fragment = "a_file: exists and is not a directory"
+    assert_one_line_error(
+        capsys, ["export", "--checkpoint", tmp_path / "run", "--out", tmp_path / "a_file"], fragment
+    )
+    assert (tmp_path / "a_file").read_text() == "not a directory"
     if not __import__("torch").cuda.is_available():
         fragment = "device=cuda requested but CUDA is not available"
         assert_one_line_error(
@@ -157,11 +165,11 @@ def test_a_bom_jsonl_is_read(capsys, tmp_path):
 SAMPLE_CASES = [
     (["--prompt", "word" + " word" * 299], "the prompt is 300 tokens; this model's block_size is 256"),
     (["--prompt", ""], "the prompt is empty"),
-    (["-n", "0"], "-n must be at least 1, got 0"),
-    (["--top-k", "0"], "--top-k must be at least 1, got 0"),
-    (["--max-new-tokens", "-10"], "--max-new-tokens must be at least 1, got -10"),
-    (["--temperature", "-1"], "--temperature must be a finite number >= 0, got -1.0"),
-    (["--temperature", "inf"], "--temperature must be a finite number >= 0, got inf"),
+    (["-n", "0"], "n must be at least 1, got 0"),
+    (["--top-k", "0"], "top_k must be at least 1, got 0"),
+    (["--max-new-tokens", "-10"], "max_new_tokens must be at least 1, got -10"),
+    (["--temperature", "-1"], "temperature must be a finite number >= 0, got -1.0"),
+    (["--temperature", "inf"], "temperature must be a finite number >= 0, got inf"),
 ]
 
 
@@ -206,7 +214,7 @@ def test_plot_tolerates_a_torn_last_line(tmp_path):
 
 
 def test_bench_errors(capsys):
-    assert_one_line_error(capsys, ["bench", "peak", "--repeats", "0"], "--repeats must be at least 1, got 0")
+    assert_one_line_error(capsys, ["bench", "peak", "--repeats", "0"], "repeats must be at least 1, got 0")
     assert_one_line_error(capsys, ["bench", "train", "--mode", "bogus"], "unknown train mode(s) bogus")
     for factors in ("0.5,x", "0,1", ""):
         assert_one_line_error(capsys, ["bench", "learn", "--lr-factors", factors], "--lr-factors")

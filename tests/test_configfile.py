@@ -120,7 +120,7 @@ BAD_FILES = [
     ("c.toml", "max_steps = true", "c.toml:1: max_steps=True: expected an integer"),
     ("c.toml", 'shuffle = "yes"', "c.toml:1: shuffle='yes': expected true or false"),
     ("c.toml", 'max_lr = "fast"', "c.toml:1: max_lr='fast': expected a number"),
-    ("c.toml", "compile = false", "c.toml:1: compile=False: expected a string"),
+    ("c.toml", 'compile = "auto"', "c.toml:1: compile='auto': expected true or false"),
     ("c.toml", "seed = 1\nmax_lr = -1.0", "c.toml:2: max_lr=-1.0: expected a positive number"),
     ("c.toml", "max_lr = nan", "c.toml:1: max_lr=nan: expected a positive number"),
     ("c.toml", "[model]\nblock_size = 1e9", "c.toml:2: model.block_size=1000000000: expected at most 131072"),
@@ -134,7 +134,7 @@ BAD_FILES = [
     (
         "c.toml",
         'preset = "cpu-demo"\nseed = 1',
-        "c.toml:1: preset='cpu-demo' but --preset cpu-tiny; name it once",
+        "c.toml:1: preset='cpu-demo' but the preset given is 'cpu-tiny'; name it once",
     ),
     ("c.toml", "max_steps = \nseed = 1", "c.toml: not valid TOML: Invalid value (at line 1, column 13)"),
     ("c.json", '{"max_stepz": 1}', "c.json: unknown config key 'max_stepz'"),

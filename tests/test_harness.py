@@ -77,7 +77,7 @@ def test_harness_errors(run_dir, local_hellaswag, capsys, monkeypatch):
         main([*base, "--tasks", "hellaswag_local", "--limit", "0", "--include-path", str(local_hellaswag)])
         == 2
     )
-    assert "--limit must be at least 1, got 0" in capsys.readouterr().err
+    assert "limit must be at least 1, got 0" in capsys.readouterr().err
     monkeypatch.setitem(__import__("sys").modules, "lm_eval.api.model", None)  # as if not installed
     assert main([*base, "--tasks", "hellaswag"]) == 2
     assert capsys.readouterr().err.strip() == (

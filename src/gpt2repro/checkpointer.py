@@ -47,7 +47,7 @@ class Checkpointer:
         diffs = [k for k in RESUME_KEYS if getattr(saved, k) != getattr(self.cfg, k)]
         if diffs:
             raise TrainingError(
-                f"cannot resume {ckpt}: config differs in {', '.join(diffs)}; use a new --out"
+                f"cannot resume {ckpt}: config differs in {', '.join(diffs)}; use a new run directory"
             )
         checkpoint.load_training(ckpt, model, optimizers, state)
         try:

@@ -319,18 +319,18 @@ def cmd_verify(args) -> None:
     path = Path(args.path)
     if (path / "manifest.json").is_file():
         checked, problems = verify_shards(path)
-        what = f"{checked} shards"
+        what, error = f"{checked} shards", ShardError
     elif (path / "checkpoints").is_dir():
         checked, problems = checkpoint.verify_run(path)
-        what = f"{checked} checkpoints"
+        what, error = f"{checked} checkpoints", checkpoint.CheckpointError
     else:
-        raise ShardError(
+        raise UserError(
             f"{path}: neither a prepared data directory (manifest.json) nor a run directory (checkpoints/)"
         )
     for problem in problems:
         print(problem)
     if problems:
-        raise ShardError(f"{path}: {len(problems)} of {what} failed verification (listed above)")
+        raise error(f"{path}: {len(problems)} of {what} failed verification (listed above)")
     print(f"{path}: {what} verified")
 
 

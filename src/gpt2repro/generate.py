@@ -107,10 +107,10 @@ def sample_text(
             len(prompt_ids) < block,
             f"the prompt is {len(prompt_ids)} tokens; this model's block_size is {block}",
         ),
-        (n >= 1, f"-n must be at least 1, got {n}"),
-        (max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {max_new_tokens}"),
-        (top_k is None or top_k >= 1, f"--top-k must be at least 1, got {top_k}"),
-        (0 <= temperature < math.inf, f"--temperature must be a finite number >= 0, got {temperature}"),
+        (n >= 1, f"n must be at least 1, got {n}"),
+        (max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {max_new_tokens}"),
+        (top_k is None or top_k >= 1, f"top_k must be at least 1, got {top_k}"),
+        (0 <= temperature < math.inf, f"temperature must be a finite number >= 0, got {temperature}"),
     ]
     for ok, problem in checks:
         if not ok:

@@ -160,6 +160,8 @@ def export_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike) -> 
 
 
 def _export(model: GPT, out: Path) -> Path:
+    if out.exists() and not out.is_dir():
+        raise HFError(f"{out}: exists and is not a directory; choose a new directory")
     if out.exists() and any(out.iterdir()):
         raise HFError(f"{out}: exists and is not empty; choose a new directory")
     remove_leftovers(out.parent, out.name)  # a killed earlier export's temporaries

@@ -64,6 +64,10 @@ class DirLock:
         self.fd: int | None = None
 
     def acquire(self) -> DirLock:
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise LockError(
+                f"{self.path.parent} exists and is not a directory; name a directory to write into"
+            )
         while True:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)

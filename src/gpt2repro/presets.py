@@ -152,7 +152,7 @@ def _base(preset: str | None, named: Any, where: Callable[[str], str]) -> TrainC
         raise ConfigError(f"{where('preset')}: preset={named!r}: expected a preset name (a string)", "preset")
     if named is not None and preset not in (None, named):
         raise ConfigError(
-            f"{where('preset')}: preset={named!r} but --preset {preset}; name it once", "preset"
+            f"{where('preset')}: preset={named!r} but the preset given is {preset!r}; name it once", "preset"
         )
     name = preset if preset is not None else named
     if name is None:

@@ -402,7 +402,7 @@ def run(
     """Run one benchmark, print its table, and return (and optionally write) the result with machine info.
     `learn`: bench_learn's arguments (sizes, data, steps, seeds, plot, overrides, recipe, factors)."""
     if repeats < 1:
-        raise BenchError(f"--repeats must be at least 1, got {repeats}")
+        raise BenchError(f"repeats must be at least 1, got {repeats}")
     if what not in WHAT:
         raise BenchError(f"unknown benchmark {what!r}; choose one of {', '.join(WHAT)}")
     device = pick_device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)

@@ -126,9 +126,9 @@ def run_harness(
     from lm_eval.tasks import TaskManager
 
     if limit is not None and limit < 1:
-        raise HarnessError(f"--limit must be at least 1, got {limit}")
+        raise HarnessError(f"limit must be at least 1, got {limit}")
     if include_path is not None and not Path(include_path).is_dir():
-        raise HarnessError(f"--include-path {include_path}: not a directory")
+        raise HarnessError(f"include_path {include_path}: not a directory")
     manager = TaskManager(include_path=include_path) if include_path else TaskManager()
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown or not tasks:
