@@ -1,0 +1,132 @@
+"""Inference benchmarks: KV-cache decoding against recomputation, the original loop and transformers;
+batched HellaSwag scoring against the original one-example-at-a-time loop."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..evals import hellaswag
+from ..generate import generate
+from ..mfu import median_time
+from ..model import GPT
+from ..precision import torch_dtype
+from .common import bench_dtypes, size_config
+from .reference import hellaswag_one_at_a_time, hf_copy, original_generate
+
+
+def bench_generate(size: str, repeats: int, device: torch.device, new_tokens: int = 256) -> list[dict]:
+    """Greedy decoding of new_tokens from an 8-token prompt: our KV cache (fp32 and bf16 weights)
+    against recomputing the whole sequence for every token (ours: the lm_head at the last position
+    only; original: build-nanogpt's loop, the full forward) and transformers' generate, the same
+    weights."""
+    cfg, _, _ = size_config(size)
+    cfg.block_size = 512
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device).eval()
+    ours = {d: model if d == "fp32" else copy.deepcopy(model).to(torch_dtype(d)) for d in bench_dtypes()}
+    hf = {}
+    try:
+        hf["fp32"] = hf_copy(model)
+        hf.update({d: copy.deepcopy(hf["fp32"]).to(torch_dtype(d)) for d in bench_dtypes() if d != "fp32"})
+    except ImportError:
+        pass
+
+    def runner(method: str, dtype: str, prompt: torch.Tensor):
+        if method == "original":
+            return lambda: original_generate(ours[dtype], prompt, new_tokens)
+        if method == "hf":
+            return lambda: hf[dtype].generate(
+                prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+            )
+        return lambda: generate(
+            ours[dtype], prompt, new_tokens, temperature=0, use_cache=method == "kv-cache"
+        )
+
+    rows = []
+    for batch in (1, 8):
+        prompt = torch.randint(0, cfg.vocab_size, (batch, 8), device=device)
+        for method in ("kv-cache", "recompute", "original", "hf"):
+            for dtype in bench_dtypes():
+                if (method == "hf" and not hf) or (method == "original" and batch > 1):
+                    continue  # the original loop at B=8 takes minutes per run
+                with torch.no_grad():
+                    dt = median_time(runner(method, dtype, prompt), repeats)
+                rows.append(
+                    {
+                        "method": method,
+                        "dtype": dtype,
+                        "batch": batch,
+                        "new_tokens": new_tokens,
+                        "s": dt,
+                        "tok_per_s": batch * new_tokens / dt,
+                    }
+                )
+    return rows
+
+
+def hellaswag_flop_ratio(model, examples: list[dict]) -> float:
+    """Forward FLOPs of the one-at-a-time method over ours: the speed-up either reaches at equal
+    arithmetic efficiency. Counts the transformer body (2 x its weights per token) and the lm_head
+    (2 x n_embd x vocab per position it is applied to); attention and our row padding are left out."""
+    cfg = model.config
+    body = 2 * (
+        model.num_params() - model.transformer.wte.weight.numel() - model.transformer.wpe.weight.numel()
+    )
+    head = 2 * cfg.n_embd * cfg.vocab_size
+    theirs = ours = 0
+    for ex in examples:
+        r = hellaswag.render(ex, "completion")
+        width = len(r.context) + max(len(e) for e in r.endings)
+        scored = sum(len(e) for e in r.endings)
+        theirs += 4 * width * (body + head)
+        ours += (len(r.context) + scored) * body + scored * head
+    return theirs / ours
+
+
+def bench_hellaswag(size: str, repeats: int, device: torch.device, n_examples: int = 200) -> list[dict]:
+    """Our evaluator against the original one-example-at-a-time loop, each in fp32 and bf16 autocast,
+    on the same model and examples. fp32 predictions must be identical; the others report their
+    agreement with the fp32 original."""
+    cfg, _, _ = size_config(size)
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device).eval()
+    examples = hellaswag.load_examples(limit=n_examples)
+
+    def ours(dtype: str) -> list[int]:
+        details: list[dict] = []
+        hellaswag.evaluate(model, examples, "completion", device, dtype=dtype, details=details)
+        return [d["pred_norm"] for d in sorted(details, key=lambda d: d["index"])]
+
+    def original(dtype: str) -> list[int]:
+        return hellaswag_one_at_a_time(model, examples, dtype, device)
+
+    methods = (("batched", ours, repeats), ("one-at-a-time", original, max(1, repeats // 2)))
+    dtypes = bench_dtypes()
+    preds = {(method, d): run(d) for method, run, _ in methods for d in dtypes}  # also the warm-up runs
+    reference = preds["one-at-a-time", "fp32"]
+    if preds["batched", "fp32"] != reference:
+        raise RuntimeError("batched and one-at-a-time HellaSwag predictions differ")
+    rows = []
+    for method, run, runs in methods:
+        for dtype in dtypes:
+            agree = sum(a == b for a, b in zip(preds[method, dtype], reference)) / n_examples
+            t = median_time(lambda r=run, d=dtype: r(d), runs, warmup=0)
+            rows.append(
+                {
+                    "method": method,
+                    "dtype": dtype,
+                    "examples": n_examples,
+                    "s": t,
+                    "examples_per_s": n_examples / t,
+                    "same_predictions": agree,
+                }
+            )
+    base = {r["dtype"]: r["examples_per_s"] for r in rows if r["method"] == "one-at-a-time"}
+    flop_ratio = hellaswag_flop_ratio(model, examples)
+    for r in rows:
+        r["speedup"] = r["examples_per_s"] / base["fp32"]
+        r["speedup_same_dtype"] = r["examples_per_s"] / base[r["dtype"]]
+        r["flop_ratio"] = flop_ratio if r["method"] == "batched" else 1.0
+    return rows
