@@ -119,9 +119,10 @@ def test_bench_memory_runs_each_mode_in_a_fresh_process():
 
 @pytest.mark.slow
 def test_bench_memory_shows_activation_checkpointing_saving_memory():
-    """At a size where activations dominate a step (not the fused loss's buffers, as at tiny)."""
+    """At a size where activations dominate a step (not the fused loss's buffers, as at 4x256): the
+    tensors kept for backward, counted exactly; the step's RSS is reported beside them."""
     none, full = bench.run("memory", size="12x256", repeats=1)["results"]
-    assert full["step_extra_mb"] < 0.95 * none["step_extra_mb"]
+    assert full["saved_mb"] < 0.35 * none["saved_mb"] and none["saved_mb"] > 500
 
 
 def test_demo_script_trains_the_preset_it_is_given(tmp_path):

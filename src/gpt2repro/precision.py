@@ -52,7 +52,8 @@ def tf32_enabled(device: torch.device) -> bool:
 
 def slow_dtype_warning(name: str, device: torch.device) -> str | None:
     """A warning when `name` will be emulated slowly on `device`, else None."""
-    if device.type == "cpu" and name in ("bf16", "fp16") and not cpu_has_fast_bf16():
+    native = {"bf16": cpu_has_fast_bf16, "fp16": lambda: bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())}
+    if device.type == "cpu" and name in native and not native[name]():
         return f"{name} on this CPU has no native matmul support and runs far slower than fp32 (auto picks fp32 here)"
     return None
 

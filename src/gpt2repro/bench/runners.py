@@ -130,7 +130,9 @@ def bench_prepare(repeats: int) -> list[dict]:
 
 def memory_probe(size: str, checkpointing: str) -> None:
     """One fp32 training step in this (fresh) process; prints its memory use as JSON. CPU: peak RSS
-    over the RSS before the step; CUDA: the allocator's peak over its use before the step."""
+    over the RSS before the step; CUDA: the allocator's peak over its use before the step. Both
+    devices: `saved_mb`, the tensors autograd keeps for backward (what checkpointing trades away,
+    counted exactly; RSS also depends on how the allocator reuses freed memory)."""
     device = pick_device("auto")
     cfg, _, T = size_config(size)
     B = MEMORY_BATCH
@@ -146,6 +148,7 @@ def memory_probe(size: str, checkpointing: str) -> None:
         model.zero_grad(set_to_none=False)
         synchronize(device)
 
+    saved = _saved_bytes(model, x, y)
     step()
     peak = (
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -161,11 +164,26 @@ def memory_probe(size: str, checkpointing: str) -> None:
                 "B": B,
                 "T": T,
                 "step_extra_mb": (peak - before) / 2**20,
+                "saved_mb": saved / 2**20,
                 "peak_mb": peak / 2**20,
                 "step_s": seconds,
             }
         )
     )
+
+
+def _saved_bytes(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Bytes of the tensors a forward pass keeps for backward (each storage once)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, y)[1].backward()
+    model.zero_grad(set_to_none=False)
+    return sum(storages.values())
 
 
 def _rss_bytes() -> int:
