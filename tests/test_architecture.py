@@ -12,7 +12,7 @@ LAYERS = [
     {"__init__", "errors", "config", "configfile", "presets", "precision", "fsio", "lock"},
     {"assets"},
     {"model", "ops", "kvcache", "tokenizer"},
-    {"data.shards", "data.loader", "data.sources", "data.sink", "data.prepare"},
+    {"data.shards", "data.loader", "data.sources", "data.sink", "data.hubshards", "data.prepare"},
     {"optim", "muon", "checkpoint", "distributed", "mfu"},
     {"evals.hellaswag", "generate", "hf"},
     {"train", "metrics"},

@@ -17,7 +17,6 @@ import multiprocessing
 import os
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -25,7 +24,8 @@ from tqdm.auto import tqdm
 from ..fsio import WriteError
 from ..lock import DirLock
 from ..tokenizer import EOT_ID, get_tokenizer
-from .sink import ShardSink, open_manifest
+from .hubshards import HF_SHARDS, fetch_shards, is_hub_shards
+from .sink import ShardSink, finished, make_out_dir, open_manifest
 from .sources import (
     FINEWEB_TOKENS,
     PrepareError,
@@ -37,6 +37,8 @@ from .sources import (
     units_cut,
 )
 
+SHARD_TOKENS = 100_000_000  # the original's shard size
+
 
 def prepare(
     sources: list[str],
@@ -46,23 +48,24 @@ def prepare(
     split: str = "train",
     revision: str | None = None,
     text_field: str = "text",
-    shard_tokens: int = 100_000_000,
+    shard_tokens: int = SHARD_TOKENS,
     val_tokens: int | None = None,
     max_tokens: int | None = None,
     workers: int | None = None,
+    max_shards: int | None = None,
     progress: bool = True,
 ) -> dict:
     """Tokenize `sources` into shards in `out_dir`; returns the manifest. Sources: local files, globs
     or directories of them; `fineweb-edu`; `hf:NAME` (any hub data set, streamed); a directory
-    saved with `datasets.save_to_disk`."""
-    _check_counts(shard_tokens, val_tokens, max_tokens, workers)
+    saved with `datasets.save_to_disk`; `hf-shards:REPO` (tokenized already: fetched, `max_shards`)."""
+    _check_counts(shard_tokens, val_tokens, max_tokens, workers, max_shards)
+    if is_hub_shards(sources) or max_shards is not None:  # tokenized already: fetched as they are
+        tokenizing = dict(name=name, split=split, text_field=text_field, shard_tokens=shard_tokens)
+        _fetch_only(sources, **tokenizing, max_tokens=max_tokens, workers=workers)
+        return fetch_shards(sources, out_dir, max_shards, val_tokens, revision, progress)
     val_tokens = shard_tokens if val_tokens is None else val_tokens
     stream, paths, watched = open_inputs(sources, name, split)
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PrepareError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
+    out = make_out_dir(out_dir)
     args = dict(
         sources=sources if stream else [str(p) for p in paths],
         name=stream.name if stream else None,
@@ -76,10 +79,7 @@ def prepare(
     with DirLock(out, "prepare"):  # one writer per data directory
         inputs = [fingerprint(p) for p in watched]
         manifest = open_manifest(out, args, stream.dataset if stream else "local", inputs, units_cut())
-        if manifest["complete"]:
-            print(
-                f"{out}: already complete ({manifest['total_tokens']:,} tokens in {len(manifest['shards'])} shards); nothing to do"
-            )
+        if finished(out, manifest):
             return manifest
         units, skip = resume_units(manifest["next"], stream, paths, revision, text_field)
         _write_shards(
@@ -90,6 +90,20 @@ def prepare(
             len(paths),
         )
     return manifest
+
+
+def _fetch_only(sources: list[str], **options) -> None:
+    """Refuses --max-shards for sources tokenized here, and for shards tokenized already the options
+    that shape tokenizing (given other values than their defaults)."""
+    if not is_hub_shards(sources):
+        raise PrepareError(f"--max-shards is for {HF_SHARDS} sources (the others stop at --max-tokens)")
+    defaults = dict(split="train", text_field="text", shard_tokens=SHARD_TOKENS)
+    given = [key for key, value in options.items() if value != defaults.get(key)]
+    if given:
+        option = "--" + given[0].replace("_", "-")
+        raise PrepareError(
+            f"{option} does not apply to {HF_SHARDS} sources: their shards are tokenized already"
+        )
 
 
 def _write_shards(
@@ -112,13 +126,18 @@ def _write_shards(
 
 
 def _check_counts(
-    shard_tokens: int, val_tokens: int | None, max_tokens: int | None, workers: int | None
+    shard_tokens: int,
+    val_tokens: int | None,
+    max_tokens: int | None,
+    workers: int | None,
+    max_shards: int | None,
 ) -> None:
     checks = [
         ("--shard-tokens", shard_tokens, 1),
         ("--val-tokens", val_tokens, 0),
         ("--max-tokens", max_tokens, 1),
         ("--workers", workers, 1),
+        ("--max-shards", max_shards, 1),
     ]
     for option, value, low in checks:
         if value is not None and value < low:

@@ -7,6 +7,7 @@ run would.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -34,18 +35,9 @@ def open_manifest(out: Path, args: dict, source: str, inputs: list[dict], units:
         "next": {"doc": 0, "offset": 0},
         "complete": False,
     }
-    path = out / "manifest.json"
-    if not path.is_file():
+    previous = read_manifest(out, args)
+    if previous is None:
         return manifest
-    try:
-        previous = json.loads(path.read_text())
-        previous["shards"], previous["complete"]  # noqa: B018 - the keys a resume needs
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise PrepareError(f"{path}: unreadable manifest ({type(e).__name__}); use a new --out") from None
-    if previous.get("args") != args:
-        raise PrepareError(
-            f"{out} holds a preparation with different arguments ({previous.get('args')}); use a new --out"
-        )
     if not previous.get("complete") and previous.get("units") != manifest["units"]:
         raise PrepareError(
             f"{out} was cut into units another way ({previous.get('units')}; this version: "
@@ -58,11 +50,54 @@ def open_manifest(out: Path, args: dict, source: str, inputs: list[dict], units:
             "resuming would mix old and new text: use a new --out"
         )
     if not previous.get("complete"):
-        # shards and temporary files written after the last manifest update are redone
-        for stale in [*out.glob("*.bin"), *out.glob(".*.tmp")]:
-            if stale.name not in {s["file"] for s in previous["shards"]}:
-                stale.unlink()
+        drop_unlisted(out, previous)
     return previous
+
+
+def read_manifest(out: Path, args: dict) -> dict | None:
+    """The manifest of an earlier run in `out`, which must have been made with the same `args`;
+    None when there is none."""
+    path = out / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        previous = json.loads(path.read_text())
+        previous["shards"], previous["complete"]  # noqa: B018 - the keys a resume needs
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PrepareError(f"{path}: unreadable manifest ({type(e).__name__}); use a new --out") from None
+    if previous.get("args") != args:
+        raise PrepareError(
+            f"{out} holds a preparation with different arguments ({previous.get('args')}); use a new --out"
+        )
+    return previous
+
+
+def drop_unlisted(out: Path, manifest: dict) -> None:
+    """Remove the shards and temporary files written after the manifest's last update: redone."""
+    for stale in [*out.glob("*.bin"), *out.glob(".*.tmp")]:
+        if stale.name not in {s["file"] for s in manifest["shards"]}:
+            stale.unlink()
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2), "the manifest")
+
+
+def finished(out: Path, manifest: dict) -> bool:
+    """Whether the manifest is complete, said on stdout: a rerun has nothing to do."""
+    if manifest["complete"]:
+        shards = f"{manifest['total_tokens']:,} tokens in {len(manifest['shards'])} shards"
+        print(f"{out}: already complete ({shards}); nothing to do")
+    return manifest["complete"]
+
+
+def make_out_dir(out_dir: str | os.PathLike) -> Path:
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PrepareError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
+    return out
 
 
 class ShardSink:
@@ -138,4 +173,4 @@ class ShardSink:
             self.shard.discard()
 
     def _write_manifest(self) -> None:
-        atomic_write_text(self.out / "manifest.json", json.dumps(self.manifest, indent=2), "the manifest")
+        write_manifest(self.out, self.manifest)

@@ -138,10 +138,13 @@ def _line_number(path: str, offset: int) -> int:
         return f.read(offset).count(b"\n") + 1
 
 
+def brief(e: BaseException) -> str:
+    """An exception in a few words for a one-line error: its type and its message's first line."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def _unreadable(path: str | Path, e: Exception) -> PrepareError:
-    return PrepareError(
-        f"{path}: cannot read it as its extension says ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-    )
+    return PrepareError(f"{path}: cannot read it as its extension says ({brief(e)})")
 
 
 def documents(unit: Unit, field: str) -> Iterator[str]:
@@ -214,7 +217,7 @@ def local_units(paths: list[Path], field: str, start: tuple[int, int] = (0, 0)) 
                 raise _unreadable(path, e) from None
 
 
-def _hub_unreachable() -> str | None:
+def hub_unreachable() -> str | None:
     """Why the hub cannot be reached, found in seconds (datasets itself retries for ~25 s)."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get(
         "HF_DATASETS_OFFLINE", "0"
@@ -286,7 +289,7 @@ def iter_stream(stream: Stream, revision: str | None, field: str, skip: int) -> 
         raise
     except Exception as e:  # noqa: BLE001 - any hub or loading failure means the same thing here
         raise PrepareError(
-            f"cannot stream {where} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"cannot stream {where} ({brief(e)}); "
             "offline machines: download its parquet files elsewhere and pass them with --source"
         ) from None
     for row in itertools.chain([first] if first is not None else [], rows):
@@ -303,7 +306,7 @@ def open_inputs(
     if stream is None:
         paths = expand_sources(sources)
         return None, paths, paths
-    why = _hub_unreachable() if stream.kind == "hub" and not Path(stream.dataset).exists() else None
+    why = hub_unreachable() if stream.kind == "hub" and not Path(stream.dataset).exists() else None
     if why:
         raise PrepareError(
             f"cannot stream {stream.dataset} from the Hugging Face hub ({why}); "
