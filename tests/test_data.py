@@ -11,6 +11,7 @@ import pytest
 
 from conftest import current_umask, shared_file
 from gpt2repro.data import prepare as prep
+from gpt2repro.data import sources
 from gpt2repro.data.loader import DataLoader
 from gpt2repro.data.shards import HEADER_BYTES, ShardError, ShardWriter, find_shards, read_shard, write_shard
 
@@ -54,14 +55,14 @@ def unit_bytes(request, monkeypatch):
     """Plain jsonl files are split into byte-range units; small ones put many lines across unit
     boundaries (and some units start and end inside one long line)."""
     if request.param == "small-units":
-        monkeypatch.setattr(prep, "UNIT_BYTES", 997)
-    return prep.UNIT_BYTES
+        monkeypatch.setattr(sources, "UNIT_BYTES", 997)
+    return sources.UNIT_BYTES
 
 
 @pytest.mark.parametrize("size", [0, 1, 5, 997, 3 * 997, 3 * 997 + 500])
 def test_jsonl_units_cover_the_file_and_shrink_at_its_end(monkeypatch, size):
-    monkeypatch.setattr(prep, "UNIT_BYTES", 997)
-    bounds = prep._jsonl_bounds(size)
+    monkeypatch.setattr(sources, "UNIT_BYTES", 997)
+    bounds = sources._jsonl_bounds(size)
     assert bounds[0] == 0 and bounds[-1] == size and bounds == sorted(set(bounds))
     sizes = np.diff(bounds)
     assert all(sizes[:-4] == 997) and sum(sizes) == size
@@ -97,7 +98,7 @@ def test_one_and_two_workers_give_identical_shards(tmp_path, enc, unit_bytes):
 @contextlib.contextmanager
 def crash_on_commit(n: int, torn: bool = False):
     """Inside: the n-th shard commit dies as a kill would (leaving a torn file if `torn`)."""
-    real_commit, calls = prep.ShardWriter.commit, {"n": 0}
+    real_commit, calls = ShardWriter.commit, {"n": 0}
 
     def crashing_commit(self):
         calls["n"] += 1
@@ -108,7 +109,7 @@ def crash_on_commit(n: int, torn: bool = False):
         return real_commit(self)
 
     with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr(prep.ShardWriter, "commit", crashing_commit)
+        patch.setattr(ShardWriter, "commit", crashing_commit)
         yield
 
 
@@ -121,10 +122,10 @@ def test_interrupted_then_resumed_is_byte_identical(tmp_path, enc, monkeypatch, 
     assert len(partial["shards"]) == 3 and not partial["complete"]
     assert not list((tmp_path / "resumed").glob(".*.tmp"))  # the interrupted shard's file was removed
     (tmp_path / "resumed" / ".train_000004.bin.x1y2.tmp").write_bytes(b"as a kill -9 leaves it")
-    monkeypatch.setattr(prep, "UNIT_BYTES", unit_bytes + 1)  # another version cutting other units
+    monkeypatch.setattr(sources, "UNIT_BYTES", unit_bytes + 1)  # another version cutting other units
     with pytest.raises(prep.PrepareError, match="cut into units another way"):
         prep.prepare([str(src)], tmp_path / "resumed", shard_tokens=3000, val_tokens=1000, progress=False)
-    monkeypatch.setattr(prep, "UNIT_BYTES", unit_bytes)
+    monkeypatch.setattr(sources, "UNIT_BYTES", unit_bytes)
     resumed = prep.prepare(
         [str(src)], tmp_path / "resumed", shard_tokens=3000, val_tokens=1000, progress=False
     )
@@ -138,7 +139,7 @@ def test_interrupted_then_resumed_is_byte_identical(tmp_path, enc, monkeypatch, 
 def test_a_full_disk_keeps_what_was_committed_and_leaves_no_temporary_files(tmp_path, enc, monkeypatch):
     src = write_jsonl(tmp_path / "docs.jsonl", fineweb_rows(300))
     args = dict(shard_tokens=3000, val_tokens=1000, progress=False, workers=2)
-    real_write, calls = prep.ShardWriter.write, {"n": 0}
+    real_write, calls = ShardWriter.write, {"n": 0}
 
     def filling_disk(self, tokens):
         calls["n"] += 1
@@ -146,7 +147,7 @@ def test_a_full_disk_keeps_what_was_committed_and_leaves_no_temporary_files(tmp_
             raise OSError(28, "No space left on device")
         return real_write(self, tokens)
 
-    monkeypatch.setattr(prep.ShardWriter, "write", filling_disk)
+    monkeypatch.setattr(ShardWriter, "write", filling_disk)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
     (tmp_path / "scratch").mkdir()
     with pytest.raises(
@@ -188,7 +189,7 @@ def test_units_of_parquet_row_groups_and_gzip_batches_resume_exactly(tmp_path, m
     import pyarrow.parquet as pq
 
     rows = fineweb_rows(120)
-    monkeypatch.setattr(prep, "BATCH_DOCS", 7)
+    monkeypatch.setattr(sources, "BATCH_DOCS", 7)
     if kind == "parquet":
         src = tmp_path / "d.parquet"
         pq.write_table(pa.Table.from_pylist(rows), src, row_group_size=7)
@@ -227,7 +228,7 @@ def test_max_tokens_stops_exactly(tmp_path, enc):
 def test_workers_leave_no_scratch_or_temporary_files(tmp_path, enc, monkeypatch):
     """Worker results pass through scratch files; none may outlive a run that ends early (max_tokens
     with units still in flight) or fails (a malformed row), nor may a half-written shard."""
-    monkeypatch.setattr(prep, "UNIT_BYTES", 997)
+    monkeypatch.setattr(sources, "UNIT_BYTES", 997)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
     (tmp_path / "scratch").mkdir()
     rows = fineweb_rows(300)

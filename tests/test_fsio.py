@@ -1,10 +1,14 @@
-"""Atomic publishing of directories (checkpoints, exports): complete or absent, normal permissions."""
+"""Atomic publishing of files (fetched shards: linked or copied) and directories (checkpoints,
+exports): complete or absent, normal permissions."""
+
+import errno
+import os
 
 import pytest
 
 from conftest import current_umask
 from gpt2repro.config import model_config
-from gpt2repro.fsio import AtomicDir, remove_leftovers
+from gpt2repro.fsio import AtomicDir, publish_copy, remove_leftovers
 from gpt2repro.hf import export_hf
 from gpt2repro.model import GPT
 
@@ -60,3 +64,21 @@ def test_checkpoint_has_normal_permissions(run_dir):
     modes = _modes(ckpt)
     assert modes.pop(ckpt.name) == 0o777 & ~current_umask()
     assert set(modes.values()) == {0o666 & ~current_umask()}
+
+
+def test_publish_copy_links_or_else_copies_atomically(tmp_path, monkeypatch):
+    src = tmp_path / "downloaded.bin"
+    src.write_bytes(b"tokens" * 1000)
+    (tmp_path / "out").mkdir()
+    linked = publish_copy(src, tmp_path / "out" / "a.bin")
+    assert linked.read_bytes() == src.read_bytes() and linked.stat().st_ino == src.stat().st_ino
+
+    def no_links(*args, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_links)
+    copied = publish_copy(src, tmp_path / "out" / "b.bin")
+    assert copied.read_bytes() == src.read_bytes() and copied.stat().st_ino != src.stat().st_ino
+    with pytest.raises(FileNotFoundError):
+        publish_copy(tmp_path / "missing.bin", tmp_path / "out" / "c.bin")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.bin", "b.bin"]  # no temporary

@@ -54,6 +54,7 @@ def cmd_prepare(args) -> None:
         val_tokens=args.val_tokens,
         max_tokens=args.max_tokens,
         workers=args.workers,
+        max_shards=args.max_shards,
     )
     print(
         f"{args.out}: {m['total_tokens']:,} tokens from {m['documents']:,} documents in {len(m['shards'])} shards"

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         required=True,
         help="'fineweb-edu', 'hf:NAME' (any Hugging Face data set, streamed), a directory saved with "
-        "datasets' save_to_disk, or local files/globs/directories (.parquet .jsonl[.gz] .json.gz .txt)",
+        "datasets' save_to_disk, or local files/globs/directories (.parquet .jsonl[.gz] .json.gz .txt); "
+        "'hf-shards:REPO' (or hf-shards:DIR): llm.c shards tokenized already, downloaded as they are",
     )
     p.add_argument(
         "--name", default=None, help="the data set's config (FineWeb-EDU: sample-10BT (default), ...)"
@@ -44,10 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text")
     p.add_argument("--shard-tokens", type=int, default=100_000_000)
     p.add_argument(
-        "--val-tokens", type=int, default=None, help="tokens in the val split (default: one shard)"
+        "--val-tokens",
+        type=int,
+        default=None,
+        help="tokens in the val split (default: one shard; hf-shards: all)",
     )
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    p.add_argument(
+        "--max-shards", type=int, default=None, help="hf-shards: train shards to fetch (default: all)"
+    )
 
     p = sub.add_parser("train", help="train (single process or under torchrun)")
     p.add_argument("--preset", help=f"one of: {', '.join(TRAIN_PRESETS)} (or named by the --config file)")

@@ -203,6 +203,26 @@ def atomic_write_text(path: str | os.PathLike, text: str, what: str = "a file") 
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")), what)
 
 
+def publish_copy(src: str | os.PathLike, path: str | os.PathLike, what: str = "a file") -> Path:
+    """Put `src`'s bytes at `path` atomically: a hard link where the file system allows one (a
+    downloaded 200 MB shard is not stored twice), else a copy. `src` must never change in place."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    try:
+        os.link(src, tmp)
+    except OSError:  # another file system, or one without hard links: copy
+        with AtomicFile(path, what) as out, open(src, "rb") as f:
+            shutil.copyfileobj(f, out.file, 1 << 20)
+        return path
+    try:
+        os.replace(tmp, path)
+    except BaseException as e:
+        fail_cleanly(e, path, what, lambda: tmp.unlink(missing_ok=True))
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
 def fsync_tree(root: Path) -> None:
     """fsync every file and directory below `root` (deepest first), then `root` itself."""
     for path in sorted(root.rglob("*"), key=lambda p: -len(p.parts)):

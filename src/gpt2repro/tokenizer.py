@@ -15,6 +15,7 @@ from . import assets
 
 EOT = "<|endoftext|>"
 EOT_ID = 50256
+N_VOCAB = 50257  # ids 0..50256; anything above is not a GPT-2 token
 # The regex of tiktoken's r50k_base / gpt2 encodings (tiktoken_ext.openai_public.r50k_pat_str).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
@@ -33,7 +34,7 @@ def get_tokenizer(rank_file: str | None = None) -> tiktoken.Encoding:
         pat_str=GPT2_PATTERN,
         mergeable_ranks=ranks,
         special_tokens={EOT: EOT_ID},
-        explicit_n_vocab=50257,
+        explicit_n_vocab=N_VOCAB,
     )
 
 

@@ -1,0 +1,331 @@
+"""Where `prepare`'s documents come from, cut into units a worker reads by itself.
+
+Local files (jsonl byte ranges, parquet row groups, whole text files; gzip in batches of lines this
+process reads, as it cannot seek) and data sets this process streams row by row (a hub data set, a
+`datasets.save_to_disk` directory) handed on in batches. Units come in a fixed order, so a resume
+point is a unit plus documents into it; `units_cut()` records how the cut was made.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import itertools
+import json
+import os
+import socket
+import urllib.parse
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+from ..errors import UserError
+
+FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
+FINEWEB_TOKENS = {
+    "sample-10BT": 10_000_000_000,
+    "sample-100BT": 100_000_000_000,
+    "sample-350BT": 350_000_000_000,
+}
+BATCH_DOCS = 256  # documents per unit where the main process reads them (gzip, hub stream)
+UNIT_BYTES = 1 << 20  # bytes per unit of a plain jsonl file (~250k tokens)
+TAIL_EIGHTHS = (4, 6, 7)  # cuts of a jsonl file's last unit, in eighths of it: 1/2, 1/4, 1/8, 1/8
+
+
+SUFFIXES = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz", ".txt")
+
+
+class PrepareError(UserError, RuntimeError):
+    """Bad source, malformed input row or an incompatible earlier run; the message says which."""
+
+
+def expand_sources(sources: list[str]) -> list[Path]:
+    paths: list[Path] = []
+    for s in sources:
+        if Path(s).is_dir():  # a directory of data files: its supported files, in name order
+            found = sorted(p for p in Path(s).rglob("*") if p.is_file() and p.name.endswith(SUFFIXES))
+            if not found:
+                raise PrepareError(f"source {s!r}: a directory with no {', '.join(SUFFIXES)} files")
+            paths.extend(found)
+            continue
+        matches = sorted(glob.glob(s)) if any(c in s for c in "*?[") else [s]
+        if not matches or not all(Path(m).is_file() for m in matches):
+            raise PrepareError(f"source {s!r}: no such file")
+        paths.extend(Path(m) for m in matches)
+    empty = [p for p in paths if p.stat().st_size == 0]
+    if empty:
+        raise PrepareError(f"{empty[0]}: empty file (no documents to tokenize)")
+    return paths
+
+
+def fingerprint(path: Path) -> dict:
+    """What identifies an input file's content cheaply: size, mtime and a hash of its first and
+    last MiB. A resumed preparation refuses inputs whose fingerprint changed."""
+    stat = path.stat()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, stat.st_size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return {
+        "path": str(path),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "sha256_ends": h.hexdigest(),
+    }
+
+
+class Unit(NamedTuple):
+    """A piece of the input that one worker reads and encodes by itself, so the main process only
+    collects tokens and writes shards. Units come in a fixed order; (file, part) names one, and the
+    manifest's resume point is a unit plus a number of its documents to skip."""
+
+    kind: str  # jsonl: a byte range | parquet: a row group | txt: a file | lines, texts: a batch
+    path: str
+    file: int  # index of path among the sources
+    part: int
+    data: tuple = ()  # jsonl: (start, end) bytes; lines: (line numbers, lines); texts: (texts,)
+
+
+def _batched(items: Iterator) -> Iterator[list]:
+    """Lists of BATCH_DOCS consecutive items (the last one shorter): units of a stream this process reads."""
+    return iter(lambda: list(itertools.islice(items, BATCH_DOCS)), [])
+
+
+def _parse_json(line: bytes | str, path: str, lineno: int | Callable[[], int], field: str) -> str:
+    """`lineno` is a number or a function computing it: only needed for the error message."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        problem = f"not valid JSON ({e.msg})"
+    else:
+        if isinstance(row, dict) and isinstance(row.get(field), str):
+            return row[field]
+        problem = f"no string field {field!r}"
+    raise PrepareError(f"{path}:{lineno if isinstance(lineno, int) else lineno()}: {problem}")
+
+
+def _jsonl_bounds(size: int) -> list[int]:
+    """Byte offsets cutting a jsonl file of `size` bytes into units: UNIT_BYTES each, except that the
+    last one is cut at TAIL_EIGHTHS, so the workers finish a file (and the run) together rather than
+    one of them finishing its last full unit alone."""
+    bounds = list(range(0, size, UNIT_BYTES))
+    last = bounds[-1] if bounds else 0
+    bounds += [last + (size - last) * k // 8 for k in TAIL_EIGHTHS if (size - last) * k // 8 > 0]
+    return sorted(set(bounds)) + [size]
+
+
+def _jsonl_range(path: str, start: int, end: int, field: str) -> Iterator[str]:
+    """Documents of the lines that start inside bytes [start, end) of a jsonl file."""
+    with open(path, "rb") as f:
+        if start:
+            f.seek(start - 1)
+            f.readline()  # the rest of a line that began in the previous range
+        first = f.tell()
+        data = f.read(max(0, end - first)) if first < end else b""
+        if data and not data.endswith(b"\n"):
+            data += f.readline()  # the last line starting in this range, in full
+    offset = first
+    for line in data.split(b"\n"):
+        if line.strip():
+            yield _parse_json(line, path, lambda o=offset: _line_number(path, o), field)
+        offset += len(line) + 1
+
+
+def _line_number(path: str, offset: int) -> int:
+    with open(path, "rb") as f:
+        return f.read(offset).count(b"\n") + 1
+
+
+def brief(e: BaseException) -> str:
+    """An exception in a few words for a one-line error: its type and its message's first line."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _unreadable(path: str | Path, e: Exception) -> PrepareError:
+    return PrepareError(f"{path}: cannot read it as its extension says ({brief(e)})")
+
+
+def documents(unit: Unit, field: str) -> Iterator[str]:
+    """The unit's documents, each checked to be text; unreadable input is a PrepareError naming the file."""
+    try:
+        for text in _unit_texts(unit, field):
+            if not isinstance(text, str):
+                raise PrepareError(f"{unit.path}: a {field!r} value is {type(text).__name__}, not text")
+            yield text
+    except PrepareError:
+        raise
+    except Exception as e:  # noqa: BLE001 - decoding, gzip, parquet and OS errors all mean this
+        raise _unreadable(unit.path, e) from None
+
+
+def _unit_texts(unit: Unit, field: str) -> Iterator[str]:
+    if unit.kind == "jsonl":
+        yield from _jsonl_range(unit.path, *unit.data, field)
+    elif unit.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        yield from pq.ParquetFile(unit.path).read_row_group(unit.part, columns=[field]).column(0).to_pylist()
+    elif unit.kind == "txt":
+        yield Path(unit.path).read_text(encoding="utf-8")
+    elif unit.kind == "lines":
+        for lineno, line in zip(*unit.data):
+            yield _parse_json(line, unit.path, lineno, field)
+    else:
+        yield from unit.data[0]
+
+
+def _file_units(path: Path, file: int, field: str, start_part: int) -> Iterator[Unit]:
+    name = path.name
+    if name.endswith((".jsonl.gz", ".json.gz")):  # no seeking in gzip: this process reads the lines
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            numbered = ((n, line) for n, line in enumerate(f, 1) if line.strip())
+            for part, batch in enumerate(_batched(numbered)):
+                if part >= start_part:
+                    yield Unit("lines", str(path), file, part, tuple(zip(*batch)))
+    elif name.endswith((".jsonl", ".json")):
+        bounds = _jsonl_bounds(path.stat().st_size)
+        for part in range(start_part, len(bounds) - 1):
+            yield Unit("jsonl", str(path), file, part, (bounds[part], bounds[part + 1]))
+    elif name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        if field not in pf.schema_arrow.names:
+            raise PrepareError(f"{path}: no column {field!r} (columns: {', '.join(pf.schema_arrow.names)})")
+        for part in range(start_part, pf.num_row_groups):
+            yield Unit("parquet", str(path), file, part)
+    elif name.endswith(".txt"):
+        if start_part == 0:
+            yield Unit("txt", str(path), file, 0)
+    else:
+        raise PrepareError(
+            f"{path}: unsupported file type (use .parquet, .jsonl, .jsonl.gz, .json.gz or .txt)"
+        )
+
+
+def local_units(paths: list[Path], field: str, start: tuple[int, int] = (0, 0)) -> Iterator[Unit]:
+    """Units of local files in order, from (file index, part) on."""
+    for i, path in enumerate(paths):
+        if i >= start[0]:
+            try:
+                yield from _file_units(path, i, field, start[1] if i == start[0] else 0)
+            except PrepareError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a fake .gz or .parquet, bytes that are not UTF-8
+                raise _unreadable(path, e) from None
+
+
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be reached, found in seconds (datasets itself retries for ~25 s)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get(
+        "HF_DATASETS_OFFLINE", "0"
+    ) not in ("0", ""):
+        return "offline mode is set (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as e:
+        return f"{host} unreachable: {e}"
+    return None
+
+
+class Stream(NamedTuple):
+    """A data set this process reads row by row and hands to the workers in batches: a hub data set
+    (streamed, nothing downloaded whole) or a directory saved with `datasets.save_to_disk`. Resumed
+    by document count."""
+
+    kind: str  # hub | disk
+    dataset: str  # hub name (or a local path datasets loads the same way) | the saved directory
+    name: str | None  # the data set's config, e.g. sample-10BT
+    split: str
+
+
+def resolve_stream(sources: list[str], name: str | None, split: str) -> Stream | None:
+    """`fineweb-edu`, `hf:NAME` or a save_to_disk directory as a Stream; None for local files."""
+    if len(sources) != 1:
+        return None
+    source = sources[0]
+    if source == "fineweb-edu":
+        return Stream("hub", FINEWEB_EDU, name or "sample-10BT", split)
+    if source.startswith("hf:"):
+        return Stream("hub", source[3:], name, split)
+    path = Path(source)
+    if path.is_dir() and any(
+        (path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")
+    ):
+        return Stream("disk", str(path), None, split)
+    return None
+
+
+def _open_stream(stream: Stream, revision: str | None):
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    if stream.kind == "hub":
+        return load_dataset(
+            stream.dataset, name=stream.name, split=stream.split, streaming=True, revision=revision
+        )
+    ds = load_from_disk(stream.dataset)
+    if isinstance(ds, DatasetDict):
+        if stream.split not in ds:
+            raise PrepareError(f"{stream.dataset}: no split {stream.split!r} (splits: {', '.join(ds)})")
+        ds = ds[stream.split]
+    return ds.to_iterable_dataset()
+
+
+def iter_stream(stream: Stream, revision: str | None, field: str, skip: int) -> Iterator[str]:
+    """The stream's `field` values from document `skip` on."""
+    where = f"{stream.dataset} ({stream.name or 'default'}, {stream.split})"
+    try:
+        ds = _open_stream(stream, revision)
+        rows = iter(ds.skip(skip) if skip else ds)
+        first = next(rows, None)  # touch the network now, so an offline machine fails at once
+    except ImportError:
+        raise PrepareError(
+            "streaming a data set needs the data extra: pip install 'gpt2repro[data]'"
+        ) from None
+    except PrepareError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any hub or loading failure means the same thing here
+        raise PrepareError(
+            f"cannot stream {where} ({brief(e)}); "
+            "offline machines: download its parquet files elsewhere and pass them with --source"
+        ) from None
+    for row in itertools.chain([first] if first is not None else [], rows):
+        if field not in row:
+            raise PrepareError(f"{where}: no column {field!r} (columns: {', '.join(row)})")
+        yield row[field]
+
+
+def open_inputs(
+    sources: list[str], name: str | None, split: str
+) -> tuple[Stream | None, list[Path], list[Path]]:
+    """(the stream to read, or None; the local files to read; the files whose change a resume refuses)."""
+    stream = resolve_stream(sources, name, split)
+    if stream is None:
+        paths = expand_sources(sources)
+        return None, paths, paths
+    why = hub_unreachable() if stream.kind == "hub" and not Path(stream.dataset).exists() else None
+    if why:
+        raise PrepareError(
+            f"cannot stream {stream.dataset} from the Hugging Face hub ({why}); "
+            "offline machines: download its parquet files elsewhere and pass them with --source"
+        )
+    return stream, [], sorted(Path(stream.dataset).rglob("*.arrow")) if stream.kind == "disk" else []
+
+
+def resume_units(
+    nxt: dict, stream: Stream | None, paths: list[Path], revision: str | None, field: str
+) -> tuple[Iterator[Unit], int]:
+    """The units from the resume point on, and how many documents of the first one to skip."""
+    if stream:  # a stream is resumed by document count; its batches are units
+        texts = iter_stream(stream, revision, field, skip=nxt["doc"])
+        return (Unit("texts", "", 0, k, (b,)) for k, b in enumerate(_batched(texts))), 0
+    return local_units(paths, field, (nxt.get("file", 0), nxt.get("part", 0))), nxt.get("skip", 0)
+
+
+def units_cut() -> dict:
+    """How the input is cut into units, recorded in the manifest: a resume point counts them, so a
+    version cutting them another way cannot resume it."""
+    return {"jsonl_bytes": UNIT_BYTES, "jsonl_tail_eighths": list(TAIL_EIGHTHS), "batch_docs": BATCH_DOCS}
