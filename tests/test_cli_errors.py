@@ -124,10 +124,10 @@ PREPARE_CASES = [
     (["ints.parquet"], [], "ints.parquet: a 'text' value is int, not text"),
     (["nulls.parquet"], [], "nulls.parquet: a 'text' value is NoneType, not text"),
     (["empty.txt"], [], "empty.txt: empty file"),
-    (["ok.txt"], ["--val-tokens", "-100"], "--val-tokens must be at least 0, got -100"),
-    (["ok.txt"], ["--max-tokens", "0"], "--max-tokens must be at least 1, got 0"),
-    (["ok.txt"], ["--workers", "-3"], "--workers must be at least 1, got -3"),
-    (["ok.txt"], ["--shard-tokens", "0"], "--shard-tokens must be at least 1, got 0"),
+    (["ok.txt"], ["--val-tokens", "-100"], "val_tokens must be at least 0, got -100"),
+    (["ok.txt"], ["--max-tokens", "0"], "max_tokens must be at least 1, got 0"),
+    (["ok.txt"], ["--workers", "-3"], "workers must be at least 1, got -3"),
+    (["ok.txt"], ["--shard-tokens", "0"], "shard_tokens must be at least 1, got 0"),
     (["missing.txt"], [], "missing.txt': no such file"),
 ]
 

@@ -104,7 +104,7 @@ def test_checkpoint_errors(run_dir, tmp_path, capsys):
 def test_prepare_argument_and_column_errors(tmp_path, enc):
     src = tmp_path / "a.txt"
     src.write_text("hello")
-    with pytest.raises(prep.PrepareError, match="--shard-tokens must be at least 1, got 0"):
+    with pytest.raises(prep.PrepareError, match="shard_tokens must be at least 1, got 0"):
         prep.prepare([str(src)], tmp_path / "o", shard_tokens=0, progress=False)
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq

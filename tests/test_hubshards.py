@@ -184,12 +184,12 @@ def test_options_and_sources_that_do_not_fit(repo, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     cases = [
-        ([txt, "--max-shards", 2], "--max-shards is for hf-shards: sources"),
-        ([f"hf-shards:{repo}", "--shard-tokens", 10], "--shard-tokens does not apply to hf-shards: sources"),
-        ([f"hf-shards:{repo}", "--workers", 2], "--workers does not apply to hf-shards: sources"),
-        ([f"hf-shards:{repo}", "--max-shards", 0], "--max-shards must be at least 1, got 0"),
+        ([txt, "--max-shards", 2], "max_shards is for hf-shards: sources"),
+        ([f"hf-shards:{repo}", "--shard-tokens", 10], "shard_tokens does not apply to hf-shards: sources"),
+        ([f"hf-shards:{repo}", "--workers", 2], "workers does not apply to hf-shards: sources"),
+        ([f"hf-shards:{repo}", "--max-shards", 0], "max_shards must be at least 1, got 0"),
         ([f"hf-shards:{repo}", txt], "hf-shards: takes one source at a time, not 2"),
-        ([f"hf-shards:{repo}", "--revision", "main"], "--revision is for hub data sets"),
+        ([f"hf-shards:{repo}", "--revision", "main"], "revision is for hub data sets"),
         ([f"hf-shards:{tmp_path}/nowhere"], "no such directory, and not a hub data set's name"),
         (["hf-shards:"], "no such directory, and not a hub data set's name"),
         ([f"hf-shards:{empty}"], "no llm.c shards in it (files like fineweb_train_000001.bin)"),

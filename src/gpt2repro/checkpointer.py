@@ -83,13 +83,13 @@ class Checkpointer:
         remove its checkpoints and logs first (under the run's lock)."""
         earlier = all_steps(self.run_dir)
         if self.cfg.resume == "require":
-            raise TrainingError(f"{self.run_dir}: no checkpoint to resume from (--resume / resume=require)")
+            raise TrainingError(f"{self.run_dir}: no checkpoint to resume from (resume=require)")
         if not earlier:
             return
         if not self.cfg.overwrite:
             raise TrainingError(
                 f"{self.run_dir} holds checkpoints of an earlier run ({earlier[-1].name}) that resume=never "
-                "would shadow; resume it (resume=auto), use a new --out, or pass overwrite=true to delete them"
+                "would shadow; resume it (resume=auto), use a new output directory, or pass overwrite=true to delete them"
             )
         if self.info.is_main:
             shutil.rmtree(self.run_dir / "checkpoints")

@@ -169,7 +169,7 @@ def train_config(
     """The preset's config, then the file's keys (TOML or JSON; it may name the preset itself),
     then the `key=value` overrides. An error about a key the file set says where in the file."""
     if preset is None and file is None:
-        raise ConfigError("a run needs a preset (--preset NAME) or a config file (--config FILE)")
+        raise ConfigError("a run needs a preset or a config file")
     values, where = read_config_file(file) if file is not None else ({}, str)
     cfg = _base(preset, values.pop("preset", None), where)
     for key, value in values.items():

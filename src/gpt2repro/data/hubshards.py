@@ -91,7 +91,9 @@ def _open_manifest(out: Path, args: dict) -> dict:
         return previous
     strays = sorted(p.name for p in out.glob("*.bin"))
     if strays:
-        raise PrepareError(f"{out}: holds shards no manifest lists ({strays[0]}, ...); use a new --out")
+        raise PrepareError(
+            f"{out}: holds shards no manifest lists ({strays[0]}, ...); use a new output directory"
+        )
     return {
         "source": args["source"],
         "args": args,
@@ -112,7 +114,7 @@ def _locate(label: str, revision: str | None, commit: str | None) -> Remote:
     root = Path(spec).expanduser()
     if spec and root.is_dir():
         if revision:
-            raise PrepareError(f"--revision is for hub data sets; {spec} is a local directory")
+            raise PrepareError(f"revision is for hub data sets; {spec} is a local directory")
         files = sorted(str(p.relative_to(root)) for p in root.rglob("*.bin") if p.is_file())
         return Remote(label, None, root, None, files)
     if not REPO_ID.match(spec):

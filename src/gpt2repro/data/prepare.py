@@ -93,16 +93,15 @@ def prepare(
 
 
 def _fetch_only(sources: list[str], **options) -> None:
-    """Refuses --max-shards for sources tokenized here, and for shards tokenized already the options
+    """Refuses max_shards for sources tokenized here, and for shards tokenized already the options
     that shape tokenizing (given other values than their defaults)."""
     if not is_hub_shards(sources):
-        raise PrepareError(f"--max-shards is for {HF_SHARDS} sources (the others stop at --max-tokens)")
+        raise PrepareError(f"max_shards is for {HF_SHARDS} sources (the others stop at max_tokens)")
     defaults = dict(split="train", text_field="text", shard_tokens=SHARD_TOKENS)
     given = [key for key, value in options.items() if value != defaults.get(key)]
     if given:
-        option = "--" + given[0].replace("_", "-")
         raise PrepareError(
-            f"{option} does not apply to {HF_SHARDS} sources: their shards are tokenized already"
+            f"{given[0]} does not apply to {HF_SHARDS} sources: their shards are tokenized already"
         )
 
 
@@ -133,11 +132,11 @@ def _check_counts(
     max_shards: int | None,
 ) -> None:
     checks = [
-        ("--shard-tokens", shard_tokens, 1),
-        ("--val-tokens", val_tokens, 0),
-        ("--max-tokens", max_tokens, 1),
-        ("--workers", workers, 1),
-        ("--max-shards", max_shards, 1),
+        ("shard_tokens", shard_tokens, 1),
+        ("val_tokens", val_tokens, 0),
+        ("max_tokens", max_tokens, 1),
+        ("workers", workers, 1),
+        ("max_shards", max_shards, 1),
     ]
     for option, value, low in checks:
         if value is not None and value < low:

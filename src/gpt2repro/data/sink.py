@@ -41,13 +41,13 @@ def open_manifest(out: Path, args: dict, source: str, inputs: list[dict], units:
     if not previous.get("complete") and previous.get("units") != manifest["units"]:
         raise PrepareError(
             f"{out} was cut into units another way ({previous.get('units')}; this version: "
-            f"{manifest['units']}), so its resume point means nothing here; use a new --out"
+            f"{manifest['units']}), so its resume point means nothing here; use a new output directory"
         )
     changed = [new["path"] for old, new in zip(previous.get("inputs", inputs), inputs) if old != new]
     if not previous["complete"] and changed:
         raise PrepareError(
             f"{changed[0]} changed since the interrupted preparation in {out} (size, mtime or content); "
-            "resuming would mix old and new text: use a new --out"
+            "resuming would mix old and new text: use a new output directory"
         )
     if not previous.get("complete"):
         drop_unlisted(out, previous)
@@ -64,10 +64,12 @@ def read_manifest(out: Path, args: dict) -> dict | None:
         previous = json.loads(path.read_text())
         previous["shards"], previous["complete"]  # noqa: B018 - the keys a resume needs
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise PrepareError(f"{path}: unreadable manifest ({type(e).__name__}); use a new --out") from None
+        raise PrepareError(
+            f"{path}: unreadable manifest ({type(e).__name__}); use a new output directory"
+        ) from None
     if previous.get("args") != args:
         raise PrepareError(
-            f"{out} holds a preparation with different arguments ({previous.get('args')}); use a new --out"
+            f"{out} holds a preparation with different arguments ({previous.get('args')}); use a new output directory"
         )
     return previous
 
