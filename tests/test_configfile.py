@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import SMALL, assert_one_line_error, events, losses
 
 from conftest import ROOT, shared_file
 from gpt2repro import __version__, precision
@@ -17,8 +18,6 @@ from gpt2repro.cli import main
 from gpt2repro.config import DTYPE_NAMES, ConfigError, GPTConfig, TrainConfig, config_keys
 from gpt2repro.configfile import keys_table, to_toml, tomllib
 from gpt2repro.presets import TRAIN_PRESETS, train_config
-from test_cli_errors import assert_one_line_error
-from test_train import SMALL, events, losses
 
 USER_PRESETS = ("gpt2-124m-10B", "gpt2-124m-40B", "gpt2-124m-muon", "finetune", "cpu-demo")
 

@@ -14,6 +14,7 @@ import subprocess
 
 import pytest
 import torch
+from helpers import SMALL, assert_one_line_error, losses
 from safetensors import SafetensorError
 
 from conftest import shared_file
@@ -21,8 +22,6 @@ from gpt2repro import checkpoint, checkpointer, fsio
 from gpt2repro import hf as hf_mod
 from gpt2repro.cli import main
 from gpt2repro.fsio import AppendFile, AtomicDir, AtomicFile, WriteError
-from test_cli_errors import assert_one_line_error
-from test_train import SMALL, losses
 
 TRAIN = ["train", "--preset", "cpu-tiny", *SMALL, "ckpt_every=2"]
 

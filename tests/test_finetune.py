@@ -3,6 +3,7 @@ model on the same batches, the architecture comes from the weights, and the resu
 
 import json
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,8 +19,8 @@ from gpt2repro.presets import train_config
 
 transformers = pytest.importorskip("transformers")
 CPU = DistInfo(0, 0, 1, torch.device("cpu"))
-SMALL = ["micro_batch_size=2", "seq_len=32", "total_batch_size=128", "dtype=fp32", "compile=false"]
-SMALL += ["val_every=0", "sample_every=0", "log_every=0", "max_lr=1e-3"]
+# the shared small run without its architecture (init_from brings the weights' own)
+SMALL = [o for o in helpers.SMALL if not o.startswith("model.")] + ["max_lr=1e-3"]
 
 
 def finetune_cfg(source, *extra):

@@ -5,11 +5,11 @@ import gzip
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import command, subprocess_env
 
 from conftest import ROOT, shared_file
 from gpt2repro.evals import hellaswag as hs
@@ -262,18 +262,13 @@ def test_gzip_input_and_missing_file(tmp_path):
 
 
 def run_cli(*args, nproc=None, env=None):
-    prefix = (
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m", "gpt2repro"]
-        if nproc
-        else [sys.executable, "-m", "gpt2repro"]
-    )
     return subprocess.run(
-        prefix + list(args),
+        command(*args, nproc=nproc),
         capture_output=True,
         text=True,
         timeout=600,
         cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        env=subprocess_env(**(env or {})),
     )
 
 

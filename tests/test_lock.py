@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+from helpers import SMALL, assert_one_line_error, launch, losses, small_cfg, train_argv
 
 from conftest import ROOT, shared_file
 from gpt2repro import checkpoint
@@ -21,8 +22,6 @@ from gpt2repro.cli import main
 from gpt2repro.data import prepare as prep
 from gpt2repro.hf import export_hf
 from gpt2repro.lock import LOCK_NAME, DirLock, LockError
-from test_cli_errors import assert_one_line_error
-from test_train import SMALL, _cli, losses, small_cfg, train_argv
 
 HOLDER = """
 import os, sys, time
@@ -150,9 +149,9 @@ def _stopped_holder(proc, directory):
 @pytest.mark.slow
 def test_two_trainers_in_one_directory(data_dir, tmp_path, capsys):
     args = [*train_argv(data_dir, *SMALL), "max_steps=8", "ckpt_every=2", "shuffle=true"]
-    alone = _cli(*args, "--out", tmp_path / "alone")
+    alone = launch(*args, "--out", tmp_path / "alone")
     assert alone.wait(timeout=300) == 0
-    first = _cli(*args, "--out", tmp_path / "run")
+    first = launch(*args, "--out", tmp_path / "run")
     _stopped_holder(first, tmp_path / "run")
     try:
         started = time.time()
@@ -208,7 +207,7 @@ def test_every_rank_learns_the_run_directory_is_taken(data_dir, tmp_path):
     run = tmp_path / "run"
     with DirLock(run, "train"):
         started = time.time()
-        proc = _cli(*train_argv(data_dir, *SMALL), "--out", run, nproc=2)
+        proc = launch(*train_argv(data_dir, *SMALL), "--out", run, nproc=2)
         out = proc.communicate(timeout=300)[0]
     assert proc.returncode != 0 and time.time() - started < 120, out
     errors = [line for line in out.splitlines() if line.startswith("gpt2repro: error:")]

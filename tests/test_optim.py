@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import SMALL, events, losses, run_to_end, small_cfg, stop_after, train_argv
 
 from gpt2repro import checkpoint
 from gpt2repro import train as tr
@@ -14,7 +15,6 @@ from gpt2repro.model import GPT
 from gpt2repro.optim import HIDDEN_MATRICES, build_optimizer, lr_at, set_lr
 from gpt2repro.plan import resolve
 from gpt2repro.presets import train_config
-from test_train import SMALL, _run_to_end, _stop_after, events, losses, small_cfg, train_argv
 
 
 def muon_cfg(*extra):
@@ -137,7 +137,7 @@ def test_target_val_loss_stops_and_logs(data_dir, tmp_path):
 def test_muon_stop_and_resume_is_bit_identical(data_dir, tmp_path, monkeypatch):
     cfg = ["max_steps=6", "ckpt_every=100", "shuffle=true"]
     tr.train(muon_cfg(*cfg), data_dir, tmp_path / "straight")
-    _stop_after(monkeypatch, 3)
+    stop_after(monkeypatch, 3)
     tr.train(muon_cfg(*cfg), data_dir, tmp_path / "resumed")
     monkeypatch.undo()
     tr.train(muon_cfg(*cfg), data_dir, tmp_path / "resumed")
@@ -148,8 +148,8 @@ def test_muon_stop_and_resume_is_bit_identical(data_dir, tmp_path, monkeypatch):
 def test_muon_under_ddp_equals_one_process(data_dir, tmp_path):
     base = train_argv(data_dir, *SMALL, "optimizer=muon", "muon_lr=0.02")
     base += ["max_steps=3", "shuffle=true"]
-    _run_to_end([*base, "--out", str(tmp_path / "one")])
-    _run_to_end([*base, "--out", str(tmp_path / "two")], nproc=2)
+    run_to_end([*base, "--out", str(tmp_path / "one")])
+    run_to_end([*base, "--out", str(tmp_path / "two")], nproc=2)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(two) == [0, 1, 2]
     for step in one:
