@@ -132,6 +132,7 @@ def test_a_vanished_run_directory_is_not_quietly_made_again(tmp_path):
     assert not (tmp_path / "deleted").exists()
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_checkpoint(data_dir, tmp_path, capsys, monkeypatch):
     run, straight = tmp_path / "run", tmp_path / "straight"
     _ok(capsys, [*TRAIN, "--data", data_dir, "--out", straight, "max_steps=4"])

@@ -44,6 +44,7 @@ def step_zero_matches_transformers(source, hf_directory, data_dir, run_dir):
     return trainer
 
 
+@pytest.mark.slow
 def test_finetune_the_shared_tiny_hf_checkpoint(data_dir, tmp_path):
     tiny = shared_file("tiny-gpt2")
     trainer = step_zero_matches_transformers(tiny, tiny, data_dir, tmp_path / "probe")
@@ -67,6 +68,7 @@ def test_finetune_the_shared_tiny_hf_checkpoint(data_dir, tmp_path):
         torch.testing.assert_close(ours(idx)[0], theirs, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_finetune_a_model_exported_by_us_and_a_run_of_ours(data_dir, run_dir, tmp_path):
     exported = export_hf(checkpoint.load_model(run_dir), tmp_path / "export")
     step_zero_matches_transformers(exported, exported, data_dir, tmp_path / "from-export")

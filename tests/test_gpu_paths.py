@@ -48,6 +48,7 @@ def test_forward_and_loss_compile_to_one_graph(preset, autocast, every):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons[:3]
 
 
+@pytest.mark.slow
 def test_compiled_training_never_recompiles_after_its_first_steps_and_matches_eager(
     data_dir, tmp_path, monkeypatch
 ):
@@ -113,6 +114,7 @@ def test_fp16_loss_is_finite_and_its_gradients_match_float64():
     assert torch.all(w.grad[64:] == 0)
 
 
+@pytest.mark.slow
 def test_fp16_training_scales_its_loss_and_stays_finite(data_dir, tmp_path, monkeypatch):
     scalers = []
     init = tr.Trainer.__init__
@@ -187,6 +189,7 @@ def test_lm_head_gemms_run_at_the_padded_width(n):
     assert linear_cross_entropy(h.detach(), w.detach(), t, 100).item() == pytest.approx(ref.item(), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_torch_floor_is_the_tested_version_and_adamw_never_imports_muon():
     pyproject = (ROOT / "pyproject.toml").read_text()
     floor = re.search(r'"torch>=([\d.]+)"', pyproject).group(1)

@@ -173,6 +173,7 @@ def test_preprocess_and_harness_pair(enc):
     assert enc.decode(r.endings[1]) == " jumps over the moon." and r.norms[1] == len(r.endings[1])
 
 
+@pytest.mark.slow
 def test_batched_equals_one_at_a_time_on_real_examples(enc):
     from gpt2repro.hf import load_hf
 
@@ -272,6 +273,7 @@ def run_cli(*args, nproc=None, env=None):
     )
 
 
+@pytest.mark.slow
 def test_two_rank_gloo_equals_single_process(tmp_path):
     tiny = shared_file("tiny-gpt2")
     shared_file("hellaswag_val.jsonl.gz")

@@ -82,6 +82,7 @@ def test_a_file_system_without_locks_is_written_with_a_warning(tmp_path, monkeyp
     assert not (tmp_path / LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_a_holder_killed_with_its_workers_running_leaves_no_stale_lock(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.Popen(
@@ -101,6 +102,7 @@ def test_a_holder_killed_with_its_workers_running_leaves_no_stale_lock(tmp_path)
         os.kill(child, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_train_prepare_and_export_refuse_a_held_directory(data_dir, run_dir, tmp_path, capsys, enc):
     run = tmp_path / "run"
     tr.train(small_cfg("max_steps=2"), data_dir, run)

@@ -21,6 +21,7 @@ from gpt2repro.plan import grad_accum_steps, resolve
 from gpt2repro.presets import train_config
 
 
+@pytest.mark.slow
 def test_loss_falls_well_below_its_start(data_dir, tmp_path):
     summary = tr.train(small_cfg("max_steps=60", "val_every=30", "val_steps=2"), data_dir, tmp_path)
     seen = losses(tmp_path)
@@ -28,6 +29,7 @@ def test_loss_falls_well_below_its_start(data_dir, tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["max_steps"] == 60
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("limit", ["max_steps=4", "time_limit=0.001"])
 def test_the_final_evaluation_is_of_the_saved_weights(data_dir, tmp_path, limit):
     """Both ways a run ends report the val loss of the weights in the checkpoint they save."""
@@ -129,6 +131,7 @@ def test_unknown_preset_and_indivisible_batch():
         grad_accum_steps(cfg, 1)
 
 
+@pytest.mark.slow
 def test_stop_and_resume_is_bit_identical(data_dir, tmp_path, monkeypatch):
     cfg = ["max_steps=8", "ckpt_every=100", "shuffle=true", "val_every=3", "val_steps=2"]
     tr.train(small_cfg(*cfg), data_dir, tmp_path / "straight")
@@ -143,6 +146,7 @@ def test_stop_and_resume_is_bit_identical(data_dir, tmp_path, monkeypatch):
     assert resumed == straight  # exactly equal floats
 
 
+@pytest.mark.slow
 def test_crash_then_resume_from_last_checkpoint(data_dir, tmp_path, monkeypatch):
     cfg = ["max_steps=6", "ckpt_every=2", "keep_last=2"]
     tr.train(small_cfg(*cfg), data_dir, tmp_path / "straight")
@@ -218,6 +222,7 @@ def test_incompatible_resume_is_refused(data_dir, tmp_path):
         tr.train(small_cfg("max_steps=4"), other, tmp_path)
 
 
+@pytest.mark.slow
 def test_a_fresh_run_never_shadows_an_earlier_one(data_dir, tmp_path):
     tr.train(small_cfg("max_steps=4", "ckpt_every=1"), data_dir, tmp_path)
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
@@ -241,6 +246,7 @@ def test_corrupted_checkpoint_is_named(data_dir, tmp_path):
         checkpoint.load_model(tmp_path / "nowhere")
 
 
+@pytest.mark.slow
 def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(data_dir, tmp_path, capsys):
     cfg = ["max_steps=6", "ckpt_every=1", "keep_last=3", "shuffle=true"]
     tr.train(small_cfg(*cfg), data_dir, tmp_path / "straight")
@@ -297,6 +303,7 @@ def test_verify_data_checks_the_shards_against_the_manifest(data_dir, tmp_path):
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resumes(data_dir, tmp_path):
     args = [*train_argv(data_dir, "--out", tmp_path), *SMALL, "max_steps=400", "log_every=1"]
     proc = launch(*args)
@@ -315,6 +322,7 @@ def test_sigterm_checkpoints_and_resumes(data_dir, tmp_path):
     assert sorted(losses(tmp_path))[-1] == done + 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_process_gloo_matches_one_process(data_dir, tmp_path, mode):
     common = [
@@ -347,6 +355,7 @@ def test_two_process_gloo_matches_one_process(data_dir, tmp_path, mode):
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_compiled_training_with_val_hellaswag_and_sampling(data_dir, tmp_path, enc, optimizer):
     from conftest import shared_file
@@ -377,6 +386,7 @@ def test_compiled_training_with_val_hellaswag_and_sampling(data_dir, tmp_path, e
     assert all(math.isfinite(loss) for loss in losses(tmp_path).values())
 
 
+@pytest.mark.slow
 def test_plot_writes_a_png(data_dir, tmp_path):
     pytest.importorskip("matplotlib")
     from gpt2repro.plot import plot_run
@@ -400,6 +410,7 @@ def test_tensorboard_without_the_package_is_a_clear_error(data_dir, tmp_path):
 CONSTANT_LR = ["min_lr_ratio=1", "shuffle=true", "ckpt_every=2"]  # the LR does not depend on max_steps
 
 
+@pytest.mark.slow
 def test_resume_on_another_number_of_ranks_continues_the_same_stream(data_dir, tmp_path):
     """2 ranks -> 1 rank -> 2 ranks takes the same windows, so the same losses, as one process."""
     base = train_argv(data_dir, *SMALL, *CONSTANT_LR)
@@ -422,6 +433,7 @@ def test_resume_on_another_number_of_ranks_continues_the_same_stream(data_dir, t
         assert elastic_losses[step] == pytest.approx(loss, rel=1e-5)  # summation order differs across ranks
 
 
+@pytest.mark.slow
 def test_two_node_launch_on_one_machine_matches_one_process(data_dir, tmp_path):
     """torchrun --nnodes 2 with c10d rendezvous on 127.0.0.1, one process per "node", gloo."""
     base = train_argv(data_dir, *SMALL, "max_steps=3", "shuffle=true")
@@ -455,6 +467,7 @@ def _as_written_before_compile_was_a_bool(run, value: str) -> None:
         checkpoint.write_manifest(ckpt, {**state["sha256"], "state.json": sha256_file(ckpt / "state.json")})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["auto", "false", "true"])
 def test_runs_written_before_compile_became_a_bool_still_work(data_dir, tmp_path, capsys, value):
     from gpt2repro.cli import main
