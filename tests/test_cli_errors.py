@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import BAD_OVERRIDES, SMALL, assert_one_line_error, run_main
+from helpers import BAD_OVERRIDES, SMALL, assert_one_line_error, run_main, train_argv
 
 from conftest import shared_file
 from gpt2repro import checkpoint
@@ -18,17 +18,7 @@ from gpt2repro.cli import main
     "overrides,fragment", BAD_OVERRIDES, ids=[" ".join(o)[:24] for o, _ in BAD_OVERRIDES]
 )
 def test_train_config_errors(capsys, data_dir, tmp_path, overrides, fragment):
-    argv = [
-        "train",
-        "--preset",
-        "cpu-tiny",
-        "--data",
-        data_dir,
-        "--out",
-        tmp_path / "run",
-        *SMALL,
-        *overrides,
-    ]
+    argv = [*train_argv(data_dir, "--out", tmp_path / "run"), *SMALL, *overrides]
     assert_one_line_error(capsys, argv, fragment)
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any work
 

@@ -109,18 +109,7 @@ def test_train_prepare_and_export_refuse_a_held_directory(data_dir, run_dir, tmp
     before = {p.name: p.read_bytes() for p in checkpoint.latest(run).iterdir()}
     with DirLock(run, "train"):
         for extra in ([], ["resume=never", "overwrite=true"]):  # overwrite deletes only under the lock
-            argv = [
-                "train",
-                "--preset",
-                "cpu-tiny",
-                "--data",
-                data_dir,
-                "--out",
-                run,
-                *SMALL,
-                "max_steps=4",
-                *extra,
-            ]
+            argv = [*train_argv(data_dir, "--out", run), *SMALL, "max_steps=4", *extra]
             assert_one_line_error(
                 capsys, argv, f"{run} is being written by gpt2repro train (pid {os.getpid()}"
             )
