@@ -71,6 +71,18 @@ def schedule_steps(cfg, run_dir: Path, seconds: float) -> int:
     return steps
 
 
+def scaled_to(steps: int) -> list[str]:
+    """The schedule and the evaluation intervals for `steps`, in the CPU presets' proportions."""
+    return [
+        f"max_steps={steps}",
+        f"warmup_steps={max(1, steps // 20)}",
+        f"val_every={max(1, steps // 10)}",
+        f"hellaswag_every={max(1, steps // 2)}",
+        f"sample_every={max(1, steps // 2)}",
+        f"ckpt_every={max(1, steps // 4)}",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="runs/demo")
@@ -95,7 +107,7 @@ def main() -> None:
     cfg = train_config(args.preset, overrides)
     if not any(o.startswith("max_steps=") for o in args.overrides):
         steps = schedule_steps(cfg, out / "run", args.seconds)
-        cfg = train_config(args.preset, [*overrides, f"max_steps={steps}"])
+        cfg = train_config(args.preset, [*overrides, *scaled_to(steps)])
     summary = train(cfg, str(out / "data"), str(out / "run"))
 
     print("== 3/5 plot")

@@ -164,8 +164,9 @@ def test_demo_sizes_its_schedule_to_the_budget_on_this_host(tmp_path, monkeypatc
     monkeypatch.setattr(demo, "step_seconds", lambda cfg: 2.0)  # an AVX2 host at ~2,000 tok/s
     steps = demo.schedule_steps(cfg, tmp_path / "run", seconds=480)
     assert steps == int(0.7 * 480 / 2.0) < cfg.max_steps and steps * 2.0 <= 480
-    fitted = train_config("cpu-demo", [f"max_steps={steps}"])
+    fitted = train_config("cpu-demo", demo.scaled_to(steps))
     assert lr_at(steps - 1, fitted) < 0.11 * fitted.max_lr  # the cosine has reached its floor by then
+    assert fitted.warmup_steps == steps // 20 and fitted.val_every == steps // 10
     monkeypatch.setattr(demo, "step_seconds", lambda cfg: 0.01)
     assert demo.schedule_steps(cfg, tmp_path / "run", seconds=480) == cfg.max_steps
     (tmp_path / "run").mkdir()
