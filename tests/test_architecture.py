@@ -11,7 +11,7 @@ PKG = ROOT / "src" / "gpt2repro"
 LAYERS = [
     {"__init__", "config", "configfile", "presets", "precision", "fsio"},
     {"assets"},
-    {"model", "ops", "tokenizer"},
+    {"model", "ops", "tokenizer", "chat"},
     {"data.shards", "data.loader", "data.prepare"},
     {"optim", "muon", "checkpoint", "distributed", "mfu"},
     {"evals.hellaswag", "generate", "hf"},

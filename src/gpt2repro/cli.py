@@ -22,6 +22,7 @@ from .presets import TRAIN_PRESETS
 USER_ERRORS = {
     "assets": "AssetError",
     "bench.runners": "BenchError",
+    "chat": "ChatError",
     "checkpoint": "CheckpointError",
     "config": "ConfigError",
     "data.prepare": "PrepareError",

@@ -162,12 +162,20 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def copy_weights_from(self, other: GPT) -> None:
-        """Start from `other`'s weights (same architecture; the vocabulary may be padded otherwise):
-        the real vocabulary's rows are copied, padded rows keep their initialisation."""
+        """Start from `other`'s weights (same architecture; the vocabulary may be padded otherwise,
+        and may lack tokens this one has: the chat tokens, when a base model becomes a chat model).
+        The rows both vocabularies hold are copied. A row `other` lacks starts at the mean of the
+        copied rows plus its own initialisation (N(0, 0.02)): predicted about as likely as an average
+        token at first, so the first steps see no huge loss, and told apart from the other new rows.
+        Padded rows keep their initialisation."""
         state = other.state_dict()
         wte = self.transformer.wte.weight.detach().clone()
         vocab = self.config.vocab_size
-        wte[:vocab] = state["transformer.wte.weight"][:vocab]
+        source = state["transformer.wte.weight"]
+        shared = min(vocab, other.config.vocab_size, source.size(0))
+        wte[:shared] = source[:shared]
+        if shared < vocab:
+            wte[shared:vocab] += source[:shared].mean(0)
         state["transformer.wte.weight"] = state["lm_head.weight"] = wte
         load_state_strict(self, state)
 

@@ -119,11 +119,11 @@ def _refuse_architecture_with_init_from(cfg: TrainConfig, overrides: list[str]) 
         (o.split("=", 1)[1] for o in overrides if o.strip().startswith("init_from=")), cfg.init_from
     )
     architecture = [o.split("=")[0].strip() for o in overrides if o.strip().startswith("model.")]
-    conflicts = [k for k in architecture if k != "model.vocab_multiple"]
+    conflicts = [k for k in architecture if k not in ("model.vocab_multiple", "model.chat")]
     if init_from and conflicts:
         raise ConfigError(
             f"{conflicts[0]} cannot be set with init_from={init_from}: the architecture comes from the "
-            "weights (only model.vocab_multiple may be)"
+            "weights (only model.vocab_multiple and model.chat may be)"
         )
 
 

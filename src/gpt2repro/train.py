@@ -133,10 +133,12 @@ class Trainer:
         self.flops_per_step = self.raw.flops_per_token(cfg.seq_len) * cfg.total_batch_size
 
     def _pretrained(self) -> GPT:
-        """The weights of init_from; the run's architecture becomes theirs (its vocab padding kept)."""
+        """The weights of init_from; the run's architecture becomes theirs (its vocab padding kept,
+        and the chat tokens added when the run is a chat model)."""
         pretrained = load_pretrained(self.cfg.init_from)
         stated = self.cfg.model
         self.cfg.model = dataclasses.replace(pretrained.config, vocab_multiple=stated.vocab_multiple)
+        self.cfg.model = self.cfg.model.as_chat() if stated.chat else self.cfg.model
         changed = [
             f"{k}={v}" for k, v in dataclasses.asdict(self.cfg.model).items() if getattr(stated, k) != v
         ]
