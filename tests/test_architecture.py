@@ -12,7 +12,7 @@ LAYERS = [
     {"__init__", "config", "configfile", "presets", "precision", "fsio"},
     {"assets"},
     {"model", "ops", "tokenizer", "chat"},
-    {"data.shards", "data.loader", "data.prepare"},
+    {"data.shards", "data.loader", "data.prepare", "data.conversations"},
     {"optim", "muon", "checkpoint", "distributed", "mfu"},
     {"evals.hellaswag", "generate", "hf"},
     {"train", "metrics"},

@@ -63,7 +63,11 @@ CHAT_TEMPLATE = (
 
 class ChatError(ValueError):
     """A conversation that cannot be rendered (unknown role, missing content, a reply first); the
-    message says which message and why, in one line."""
+    message says which message and why, in one line; `kind` names the problem for counting."""
+
+    def __init__(self, message: str, kind: str = "bad conversation"):
+        super().__init__(message)
+        self.kind = kind
 
 
 @functools.lru_cache(maxsize=1)
@@ -84,23 +88,30 @@ def check(messages: Sequence[dict]) -> None:
     """Raise ChatError unless `messages` is a conversation: dicts with a known `role` and text
     `content`, a system message only first, a user message before any reply."""
     if not messages:
-        raise ChatError("empty conversation (no messages)")
+        raise ChatError("empty conversation (no messages)", "empty conversation")
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise ChatError(f"message {i} is {type(message).__name__}, not an object with role and content")
+            raise ChatError(
+                f"message {i} is {type(message).__name__}, not an object with role and content",
+                "not a message",
+            )
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
-            raise ChatError(f"message {i}: unknown role {role!r} (expected system, user or assistant)")
+            raise ChatError(
+                f"message {i}: unknown role {role!r} (expected system, user or assistant)", "unknown role"
+            )
         if not isinstance(content, str):
             what = "missing content" if content is None else f"content is {type(content).__name__}, not text"
-            raise ChatError(f"message {i} ({role}): {what}")
+            raise ChatError(f"message {i} ({role}): {what}", "missing content")
         spelled = next((s for s in SPECIAL_TEXT if s in content), None)
         if spelled:
-            raise ChatError(f"message {i} ({role}): the text contains the special token {spelled}")
+            raise ChatError(
+                f"message {i} ({role}): the text contains the special token {spelled}", "special token text"
+            )
         if role == "system" and i:
-            raise ChatError(f"message {i}: a system message may only come first")
+            raise ChatError(f"message {i}: a system message may only come first", "system not first")
         if role == "assistant" and i == (1 if messages[0]["role"] == "system" else 0):
-            raise ChatError(f"message {i}: an assistant turn before any user message")
+            raise ChatError(f"message {i}: an assistant turn before any user message", "assistant first")
 
 
 def render_with_mask(

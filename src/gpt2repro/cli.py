@@ -102,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    p.add_argument(
+        "--chat",
+        nargs="?",
+        const="auto",
+        choices=("auto", "messages", "sharegpt", "instruction"),
+        help="conversations (rows with loss masks) in this layout; alone: detected per record",
+    )
+    p.add_argument("--seq-len", type=int, default=1024, help="--chat: tokens per row (the training seq_len)")
+    p.add_argument("--skip-bad", action="store_true", help="--chat: leave bad records out, counted")
 
     p = sub.add_parser("train", help="train (single process or under torchrun)")
     p.add_argument("--preset", help=f"one of: {', '.join(TRAIN_PRESETS)} (or named by the --config file)")
@@ -217,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_prepare(args) -> None:
+    if args.chat:
+        _prepare_chat(args)
+        return
     from .data.prepare import prepare
 
     m = prepare(
@@ -233,6 +245,20 @@ def cmd_prepare(args) -> None:
     )
     print(
         f"{args.out}: {m['total_tokens']:,} tokens from {m['documents']:,} documents in {len(m['shards'])} shards"
+    )
+
+
+def _prepare_chat(args) -> None:
+    from .data.conversations import prepare_conversations
+
+    kw = dict(name=args.name, split=args.split, revision=args.revision, shard_tokens=args.shard_tokens)
+    kw.update(val_tokens=args.val_tokens, max_tokens=args.max_tokens, seq_len=args.seq_len)
+    m = prepare_conversations(args.source, args.out, layout=args.chat, skip_bad=args.skip_bad, **kw)
+    c = m["counts"]
+    print(
+        f"{args.out}: {c['conversations']:,} conversations in {c['rows']:,} rows of {args.seq_len} tokens "
+        f"({c['trained_tokens']:,} learned); truncated {c['truncated']:,}, too long {c['too_long']:,}, "
+        f"bad {c['bad']:,}"
     )
 
 
