@@ -20,7 +20,7 @@ from gpt2repro.presets import TRAIN_PRESETS, train_config
 from test_cli_errors import assert_one_line_error
 from test_train import SMALL, events, losses
 
-USER_PRESETS = ("gpt2-124m-10B", "gpt2-124m-40B", "gpt2-124m-muon", "finetune", "cpu-demo")
+USER_PRESETS = ("gpt2-124m-10B", "gpt2-124m-40B", "gpt2-124m-muon", "finetune", "sft", "cpu-demo")
 
 
 def printed(capsys, *argv) -> str:

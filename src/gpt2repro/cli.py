@@ -264,10 +264,14 @@ def _prepare_chat(args) -> None:
 
 def cmd_train(args) -> None:
     from .presets import train_config
-    from .train import train
 
     overrides = args.overrides + (["resume=require"] if args.resume else [])
-    train(train_config(args.preset, overrides, args.config), args.data, args.out)
+    cfg = train_config(args.preset, overrides, args.config)
+    if cfg.model.chat:  # conversations, the masked loss
+        from .sft import train
+    else:
+        from .train import train
+    train(cfg, args.data, args.out)
 
 
 def cmd_sample(args) -> None:

@@ -215,15 +215,20 @@ class GPT(nn.Module):
         return self.lm_head(h)[..., : self.config.vocab_size]
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(logits, None) without targets; (None, mean cross-entropy) with them. Training never
+        """(logits, None) without targets; (None, cross-entropy) with them: the mean, or with
+        reduction="sum" the sum over targets >= 0 (-1: a token not learned). Training never
         materialises the (B, T, vocab) logits: see `linear_cross_entropy`."""
         h = self.hidden(idx)
         if targets is None:
             return self.logits(h), None
         return None, linear_cross_entropy(
-            h.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.config.vocab_size
+            h.flatten(0, 1),
+            self.lm_head.weight,
+            targets.flatten(),
+            self.config.vocab_size,
+            reduction=reduction,
         )
 
     def flops_per_token(self, seq_len: int) -> float:

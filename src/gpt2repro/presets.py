@@ -93,6 +93,25 @@ def _finetune() -> TrainConfig:
     )
 
 
+def _sft() -> TrainConfig:
+    """Supervised fine-tuning on conversations (`prepare --chat`): a pretrained GPT-2 gains the chat
+    tokens and learns the assistant's turns. A larger LR than `finetune` (the chat tokens start from
+    nothing), validation on held-out conversations, samples that answer prompts; not tuned."""
+    return dataclasses.replace(
+        _finetune(),
+        model=model_config("gpt2", vocab_multiple=64).as_chat(),
+        max_steps=300,
+        warmup_steps=10,
+        max_lr=1e-4,
+        val_every=50,
+        sample_every=100,
+        sample_prompt="Hello! Who are you?",
+        sample_count=2,
+        sample_tokens=48,
+        ckpt_every=100,
+    )
+
+
 TRAIN_PRESETS = {
     "gpt2-124m-10B": _gpt2_124m_10b,
     "gpt2-124m-40B": _gpt2_124m_40b,
@@ -103,6 +122,7 @@ TRAIN_PRESETS = {
     "gpt3-xl": lambda: _gpt3("gpt3-xl", 2.0e-4, 1048576),
     "gpt3-2.7b": lambda: _gpt3("gpt3-2.7b", 1.6e-4, 1048576),
     "finetune": _finetune,
+    "sft": _sft,
     "cpu-tiny": lambda: _cpu("cpu-tiny", micro=8, seq=128, accum=2, steps=60, lr=3e-3),
     "cpu-demo": lambda: _cpu("cpu-demo", micro=8, seq=256, accum=2, steps=400, lr=2e-3),
     # the recipe on CPU: in make demo's time, the val loss AdamW needs twice the steps for (README)

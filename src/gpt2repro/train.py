@@ -385,11 +385,15 @@ class Trainer:
             if hellaswag_due:
                 out["hellaswag_acc_norm"] = self.eval_hellaswag(step)
             if sample_due:
-                texts = sample_text(
-                    self.raw, cfg.sample_prompt, cfg.sample_count, cfg.sample_tokens, seed=42 + self.info.rank
-                )
-                self.logger.sample(step, texts)
+                self.logger.sample(step, self.samples())
         return out
+
+    def samples(self) -> list[str]:
+        """The in-loop samples: continuations of sample_prompt."""
+        cfg = self.cfg
+        return sample_text(
+            self.raw, cfg.sample_prompt, cfg.sample_count, cfg.sample_tokens, seed=42 + self.info.rank
+        )
 
     @torch.no_grad()
     def validation_loss(self) -> float:
@@ -463,11 +467,14 @@ def _describe_checkpoint(key: tuple) -> str:
     return f"step {key[0]} (state {key[1]:015x})"
 
 
-def train(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path) -> dict:
-    """Run (or resume) training; returns a summary of the last step."""
+def train(
+    cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path, trainer: type[Trainer] | None = None
+) -> dict:
+    """Run (or resume) training; returns a summary of the last step. `trainer`: a Trainer subclass
+    (sft.SFTTrainer for conversations)."""
     cfg.validate()
     info = setup(cfg.device)
     try:
-        return Trainer(cfg, Path(data_dir), Path(run_dir), info).fit()
+        return (trainer or Trainer)(cfg, Path(data_dir), Path(run_dir), info).fit()
     finally:
         teardown()

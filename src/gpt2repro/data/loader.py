@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .shards import ShardError, find_shards, read_mask, read_shard
+from .shards import ShardError, find_shards, mask_path, read_mask, read_shard
 
 
 class DataLoader:
@@ -52,6 +52,11 @@ class DataLoader:
         self.paths = find_shards(data_dir, split)
         self.shards = [read_shard(p) for p in self.paths]
         self.masks = [read_mask(p, len(s)) for p, s in zip(self.paths, self.shards)] if masks else None
+        if not masks and mask_path(self.paths[0]).is_file():
+            raise ShardError(
+                f"{data_dir} holds conversations with loss masks: fine-tune a chat model on them "
+                "(the sft preset, or model.chat=true)"
+            )
         window = batch_size * seq_len
         self.windows = [(len(s) - 1) // window for s in self.shards]
         if max(self.windows) == 0:
