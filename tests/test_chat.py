@@ -138,3 +138,82 @@ def test_transformers_checkpoints_load_padded_as_our_presets(enc):
     target = GPT(model.config.as_chat())
     target.copy_weights_from(model)  # no resizing anywhere: the chat rows exist already
     assert target.transformer.wte.weight.shape == model.transformer.wte.weight.shape
+
+
+# --- the export: transformers applies our template to the same ids, and stops where we stop ---
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def chat_export(chat_run_dir, tmp_path_factory):
+    from gpt2repro.checkpoint import load_model
+    from gpt2repro.hf import export_hf
+
+    return export_hf(load_model(chat_run_dir), tmp_path_factory.mktemp("chat-export") / "hf")
+
+
+MULTI_TURN = [
+    {"role": "system", "content": "Ünïcödé system: 日本語 😀"},
+    {"role": "user", "content": "First question?"},
+    {"role": "assistant", "content": "First answer.\n"},
+    {"role": "user", "content": "  second, with spaces  "},
+    {"role": "assistant", "content": "Ωμέγα\ttab"},
+    {"role": "user", "content": "{{ not jinja }} {% raw %}"},
+]
+
+
+@pytest.mark.parametrize("messages", [*CONVERSATIONS, MULTI_TURN], ids=range(5))
+def test_transformers_apply_chat_template_gives_our_ids(chat_export, messages):
+    tok = transformers.AutoTokenizer.from_pretrained(chat_export)
+    for prompt in (True, False):
+        got = tok.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=True)["input_ids"]
+        assert got == chat.render(messages, add_generation_prompt=prompt)
+        assert tok.apply_chat_template(
+            messages, add_generation_prompt=prompt, tokenize=False
+        ) == chat.render_text(messages, prompt)
+    assert tok.convert_ids_to_tokens([S, AE]) == ["<|system_start|>", "<|assistant_end|>"]
+
+
+@pytest.mark.parametrize("messages,problem", [BAD[4], BAD[6], BAD[1]])
+def test_the_template_refuses_what_render_refuses(chat_export, messages, problem):
+    tok = transformers.AutoTokenizer.from_pretrained(chat_export)
+    with pytest.raises(Exception, match="start with a user message|only come first|unknown role"):
+        tok.apply_chat_template(messages, tokenize=False)
+
+
+def test_the_export_stops_at_the_end_of_the_assistants_turn(chat_export, chat_run_dir):
+    import json
+
+    from gpt2repro.chat_session import ChatSession
+    from gpt2repro.checkpoint import load_model
+    from gpt2repro.hf import load_hf
+
+    gen = json.loads((chat_export / "generation_config.json").read_text())
+    assert gen["eos_token_id"][0] == AE
+    session = ChatSession(load_model(chat_run_dir), temperature=0, max_new_tokens=20)
+    ours = list(session.send("Hi"))
+    assert session.turns[-1]["stopped"] and chat.decode(ours) == "Hello there."
+    model = transformers.AutoModelForCausalLM.from_pretrained(chat_export)
+    prompt = torch.tensor([chat.render([{"role": "user", "content": "Hi"}], add_generation_prompt=True)])
+    theirs = model.generate(prompt, max_new_tokens=20, do_sample=False)[0, prompt.size(1) :].tolist()
+    assert theirs == [*ours, AE]  # the same reply, ended by the end-of-turn token
+    pipe = transformers.pipeline("text-generation", model=str(chat_export))
+    answer = pipe([{"role": "user", "content": "Hi"}], max_new_tokens=20, do_sample=False)[0][
+        "generated_text"
+    ]
+    assert answer[-1] == {"role": "assistant", "content": "Hello there."}
+    back = load_hf(chat_export)
+    assert back.config.chat and back.config.vocab_size == CHAT_VOCAB_SIZE
+
+
+def test_a_base_export_has_no_chat_tokens(tmp_path):
+    import json
+
+    from gpt2repro.hf import export_hf
+
+    out = export_hf(GPT(model_config("tiny")), tmp_path / "base")
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert "chat_template" not in tok_cfg and "gpt2repro_chat" not in json.loads(
+        (out / "config.json").read_text()
+    )

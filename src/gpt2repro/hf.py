@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import checkpoint
+from . import chat, checkpoint
 from .config import ConfigError, GPTConfig
 from .fsio import AtomicDir, default_permissions
 from .model import GPT, WeightsMismatch, load_state_strict
@@ -156,6 +156,7 @@ def hf_config(config: GPTConfig) -> dict:
         "eos_token_id": EOT_ID,
         "use_cache": True,
         "torch_dtype": "float32",
+        **({CHAT_KEY: True} if config.chat else {}),
     }
 
 
@@ -179,7 +180,19 @@ def export_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         default_permissions(tmp / "model.safetensors")  # safetensors writes it 0600
         (tmp / "config.json").write_text(json.dumps(hf_config(config), indent=2))
-        gen = {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "do_sample": True}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        write_hf_tokenizer(tmp, model_max_length=config.block_size)
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2))
+        chat_files = dict(special=chat.TOKEN_IDS, chat_template=chat.CHAT_TEMPLATE) if config.chat else {}
+        write_hf_tokenizer(tmp, model_max_length=config.block_size, **chat_files)
     return out
+
+
+def generation_config(config: GPTConfig) -> dict:
+    """A chat model's replies stop at the end of the assistant's turn (or at <|endoftext|>)."""
+    if not config.chat:
+        return {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "do_sample": True}
+    return {
+        "bos_token_id": EOT_ID,
+        "eos_token_id": [chat.ASSISTANT_END_ID, EOT_ID],
+        "pad_token_id": EOT_ID,
+        "do_sample": True,
+    }
