@@ -16,7 +16,7 @@ LAYERS = [
     {"optim", "muon", "checkpoint", "distributed", "mfu"},
     {"evals.hellaswag", "generate", "hf", "chat_session"},
     {"train", "metrics", "sft"},
-    {"evals.report", "evals.harness", "plot"},
+    {"evals.report", "evals.harness", "plot", "chat_cli"},
     {"bench.reference", "bench.learn", "bench.runners"},
     {"cli", "__main__"},
 ]

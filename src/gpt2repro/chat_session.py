@@ -146,16 +146,16 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         self.ids += new
         self.cached = self.cached if self.reuse_cache else 0
-        prompt = len(self.ids) - self.cached
+        turn = dict(prompt_tokens=len(self.ids) - self.cached, reply_tokens=0, decode_steps=0, stopped=False)
         logits = self._run()
         reply: list[int] = []
-        first, stopped = None, False
+        first = None
         try:
             while len(reply) < self.max_new_tokens:
                 token = int(next_token(logits, self.temperature, self.top_k, None, self.generator))
                 first = first or time.perf_counter()
                 if token >= EOT_ID:  # the end of the turn (or a special token out of place)
-                    stopped = token in chat.STOP_TOKENS
+                    turn["stopped"] = token in chat.STOP_TOKENS
                     break
                 reply.append(token)
                 self.ids.append(token)
@@ -165,26 +165,18 @@ class ChatSession:
                     break
                 if len(reply) < self.max_new_tokens:
                     logits = self._run()
+                    turn["decode_steps"] += 1
         finally:
-            self._close(reply, stopped, prompt, started, first)
+            self._close(reply, turn, started, first)
 
-    def _close(
-        self, reply: list[int], stopped: bool, prompt: int, started: float, first: float | None
-    ) -> None:
+    def _close(self, reply: list[int], turn: dict, started: float, first: float | None) -> None:
         """End the turn with its end token (sampled or not), keep the message, record the timings."""
         self.ids.append(chat.ASSISTANT_END_ID)
         self.messages.append({"role": "assistant", "content": get_tokenizer().decode(reply)})
         now = time.perf_counter()
         first = first or now
-        self.turns.append(
-            dict(
-                prompt_tokens=prompt,
-                reply_tokens=len(reply),
-                stopped=stopped,
-                first_token_s=first - started,
-                decode_s=now - first,
-            )
-        )
+        turn.update(reply_tokens=len(reply), first_token_s=first - started, decode_s=now - first)
+        self.turns.append(turn)
 
     def reply(self, text: str) -> str:
         """The whole reply to `text`, as text."""

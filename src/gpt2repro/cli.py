@@ -1,4 +1,4 @@
-"""The `gpt2repro` command: prepare, train, eval, sample, export, plot, bench, presets.
+"""The `gpt2repro` command: prepare, train, eval, sample, chat, export, plot, bench, presets.
 
 Every known kind of bad input ends in one line on stderr, `gpt2repro: error: ...`, and exit code 2.
 Output piped into a reader that stops early (`| head`) ends quietly. Everything that needs torch
@@ -147,6 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="cast the weights themselves (faster decoding on GPUs and for batches)",
     )
 
+    p = sub.add_parser(
+        "chat", help="talk to a chat model (streamed replies, the conversation kept in the KV cache)"
+    )
+    _add_model_source(p)
+    p.add_argument("--message", default=None, help="answer this once and exit (scripts)")
+    p.add_argument("--system", default=None, help="a system message opening the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply at most")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--weight-dtype", choices=DTYPE_NAMES, default="fp32", help="cast the weights themselves")
+
     p = sub.add_parser("export", help="export a checkpoint to a Hugging Face transformers directory")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
@@ -287,6 +299,16 @@ def cmd_sample(args) -> None:
         print(f"> {text}")
 
 
+def cmd_chat(args) -> None:
+    from .chat_cli import run
+    from .distributed import pick_device
+    from .precision import torch_dtype
+
+    model = _load(args, pick_device(args.device)).to(torch_dtype(args.weight_dtype))
+    sampling = dict(max_new_tokens=args.max_new_tokens, top_k=args.top_k, temperature=args.temperature)
+    run(model, args.message, args.system, seed=args.seed, **sampling)
+
+
 def cmd_export(args) -> None:
     from .checkpoint import load_model
     from .hf import export_hf
@@ -420,6 +442,7 @@ COMMANDS = {
     "prepare": cmd_prepare,
     "train": cmd_train,
     "sample": cmd_sample,
+    "chat": cmd_chat,
     "export": cmd_export,
     "eval": cmd_eval,
     "plot": cmd_plot,
