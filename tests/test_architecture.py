@@ -14,7 +14,7 @@ LAYERS = [
     {"model", "ops", "tokenizer", "chat"},
     {"data.shards", "data.loader", "data.prepare", "data.conversations"},
     {"optim", "muon", "checkpoint", "distributed", "mfu"},
-    {"evals.hellaswag", "generate", "hf", "chat_session"},
+    {"evals.hellaswag", "generate", "hf", "chat_session", "evals.chat"},
     {"train", "metrics", "sft"},
     {"evals.report", "evals.harness", "plot", "chat_cli"},
     {"bench.reference", "bench.learn", "bench.runners"},

@@ -181,3 +181,23 @@ class ChatSession:
     def reply(self, text: str) -> str:
         """The whole reply to `text`, as text."""
         return get_tokenizer().decode(list(self.send(text)))
+
+
+@torch.no_grad()
+def greedy_reply(model: GPT, prompt: list[int], max_new_tokens: int) -> tuple[list[int], bool]:
+    """The greedy reply to rendered prompt ids (opened for the assistant): its tokens, and whether
+    it ended with the end-of-turn token among its first `max_new_tokens` tokens."""
+    device = next(model.parameters()).device
+    cache = KVCache.empty(model.config, 1, device, model.transformer.wte.weight.dtype)
+    logits = model.logits(model.hidden(torch.tensor([prompt], device=device), cache, 0)[:, -1])
+    reply: list[int] = []
+    for _ in range(max_new_tokens):
+        token = int(logits.argmax(-1))
+        if token >= EOT_ID:
+            return reply, token in chat.STOP_TOKENS
+        reply.append(token)
+        pos = len(prompt) + len(reply) - 1
+        if pos + 1 >= model.config.block_size:
+            break
+        logits = model.logits(model.hidden(torch.tensor([[token]], device=device), cache, pos)[:, -1])
+    return reply, False

@@ -27,6 +27,7 @@ USER_ERRORS = {
     "config": "ConfigError",
     "data.prepare": "PrepareError",
     "data.shards": "ShardError",
+    "evals.chat": "ChatEvalError",
     "evals.harness": "HarnessError",
     "evals.hellaswag": "HellaSwagError",
     "generate": "GenerateError",
@@ -193,6 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--batch-size", type=int, default=16)
     h.add_argument("--autocast-dtype", choices=DTYPE_NAMES, default="fp32")
     h.add_argument("--json", dest="json_out", default=None, help="write the results here")
+    h.add_argument(
+        "--apply-chat-template", action="store_true", help="a chat model: prompts through its chat template"
+    )
+
+    h = ev.add_parser(
+        "chat", help="a chat model on held-out conversations: assistant-token loss, template adherence"
+    )
+    _add_model_source(h)
+    h.add_argument("--data", required=True, help="a `prepare --chat` directory (its val split is read)")
+    h.add_argument("--limit", type=int, default=100, help="conversations whose first reply is generated")
+    h.add_argument(
+        "--max-new-tokens", type=int, default=64, help="N: a reply must end its turn within N tokens"
+    )
+    h.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (the loss)")
+    h.add_argument("--json", dest="json_out", default=None, help="write the results here")
 
     p = sub.add_parser("plot", help="plot a run's losses and HellaSwag")
     p.add_argument("run_dir")
@@ -325,6 +341,9 @@ def cmd_eval(args) -> None:
     try:
         report.check_output_paths(args.json_out, getattr(args, "predictions", None))
         model = _load(args, info.device)
+        if args.task == "chat":
+            report.run_chat(model, args.data, args.limit, args.max_new_tokens, args.batch_size, args.json_out)
+            return
         if args.task == "harness":
             tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
             report.run_harness_tasks(
@@ -336,6 +355,7 @@ def cmd_eval(args) -> None:
                 args.batch_size,
                 args.autocast_dtype,
                 args.json_out,
+                args.apply_chat_template,
             )
             return
         from .evals import hellaswag
