@@ -9,17 +9,27 @@ directory. Re-running resumes where it stopped."""
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from pathlib import Path
+
+import torch
 
 from gpt2repro import assets
 from gpt2repro.checkpoint import load_model
 from gpt2repro.data.prepare import prepare
 from gpt2repro.hf import export_hf
+from gpt2repro.mfu import median_time
+from gpt2repro.model import GPT
 from gpt2repro.plot import plot_run, read_metrics
+from gpt2repro.precision import autocast, resolve_dtype
 from gpt2repro.presets import train_config
 from gpt2repro.train import train
+
+# Share of the budget for optimizer steps; the rest is compilation, validation, HellaSwag and samples.
+BUDGET_SHARE = 0.7
+MIN_STEPS = 20
 
 
 def corpus() -> list[str]:
@@ -29,6 +39,36 @@ def corpus() -> list[str]:
     if mirror is not None:
         sources += [str(p) for p in sorted((mirror / "wikitext-2").glob("*.txt"))]
     return sources
+
+
+def step_seconds(cfg) -> float:
+    """One optimizer step of this config on this machine: the median of a few eager steps (torch.compile
+    runs as fast or faster on CPU, so the estimate errs towards fewer steps)."""
+    model = GPT(cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    dtype = resolve_dtype(cfg.dtype, torch.device("cpu"))
+    accum = cfg.total_batch_size // (cfg.micro_batch_size * cfg.seq_len)
+    x = torch.randint(0, cfg.model.vocab_size, (cfg.micro_batch_size, cfg.seq_len))
+
+    def micro_step() -> None:
+        with autocast(torch.device("cpu"), dtype):
+            model(x, x)[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return median_time(micro_step, repeats=3, warmup=1) * accum
+
+
+def schedule_steps(cfg, run_dir: Path, seconds: float) -> int:
+    """The preset's steps, or as many as fit in the budget on this host, so that warmup and the whole
+    cosine decay run before the time limit; fixed at the run's start (its config.json keeps it)."""
+    saved = run_dir / "config.json"
+    if saved.is_file():  # resuming: the schedule the run started with
+        return json.loads(saved.read_text())["max_steps"]
+    fitted = int(BUDGET_SHARE * seconds / step_seconds(cfg))
+    steps = max(MIN_STEPS, min(cfg.max_steps, fitted))
+    print(f"   schedule: {steps} steps (the preset has {cfg.max_steps}; {fitted} fit in {seconds:.0f}s here)")
+    return steps
 
 
 def main() -> None:
@@ -51,9 +91,11 @@ def main() -> None:
     print(f"   {m['total_tokens']:,} tokens from {m['documents']} documents in {len(m['shards'])} shards")
 
     print(f"== 2/5 train: {args.preset} preset (grad accumulation, autocast dtype auto, compile)")
-    cfg = train_config(
-        args.preset, ["compile=true", "hellaswag_limit=500", f"time_limit={args.seconds}", *args.overrides]
-    )
+    overrides = ["compile=true", "hellaswag_limit=500", f"time_limit={args.seconds}", *args.overrides]
+    cfg = train_config(args.preset, overrides)
+    if not any(o.startswith("max_steps=") for o in args.overrides):
+        steps = schedule_steps(cfg, out / "run", args.seconds)
+        cfg = train_config(args.preset, [*overrides, f"max_steps={steps}"])
     summary = train(cfg, str(out / "data"), str(out / "run"))
 
     print("== 3/5 plot")

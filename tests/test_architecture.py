@@ -9,15 +9,15 @@ from conftest import ROOT
 PKG = ROOT / "src" / "gpt2repro"
 # lowest first; the same list as docs/architecture.md
 LAYERS = [
-    {"__init__", "config", "configfile", "presets", "precision", "fsio"},
+    {"__init__", "errors", "config", "configfile", "presets", "precision", "fsio", "lock"},
     {"assets"},
-    {"model", "ops", "tokenizer", "chat"},
+    {"model", "ops", "kvcache", "tokenizer", "chat"},
     {"data.shards", "data.loader", "data.prepare", "data.conversations"},
     {"optim", "muon", "checkpoint", "distributed", "mfu"},
     {"evals.hellaswag", "generate", "hf", "chat_session", "evals.chat"},
     {"train", "metrics", "sft"},
     {"evals.report", "evals.harness", "plot", "chat_cli"},
-    {"bench.reference", "bench.learn", "bench.runners"},
+    {"bench.names", "bench.reference", "bench.learn", "bench.runners"},
     {"cli", "__main__"},
 ]
 LAYER = {m: i for i, layer in enumerate(LAYERS) for m in layer}

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT, shared_file
@@ -15,12 +16,12 @@ from gpt2repro.bench.reference import RefGPT
 def test_bench_peak_and_train_write_json(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench, "PEAK_SIZES", (256,))
     out = bench.run("peak", repeats=1, json_out=str(tmp_path / "peak.json"))
-    assert {r["dtype"] for r in out["results"]} == set(bench.bench_dtypes()) >= {"fp32"}
+    assert [r["dtype"] for r in out["results"]] == [d for d in bench.bench_dtypes() for _ in bench.PEAK_SIZES]
     saved = json.loads((tmp_path / "peak.json").read_text())
     assert saved["machine"]["torch"] and all(r["gflop_per_s"] > 0 for r in saved["results"])
     out = bench.run("train", mode="eager", baseline="reference", repeats=1)
     impls = [r["impl"] for r in out["results"]]
-    assert impls == ["ours", "reference"] and all(0 < r["mfu"] < 1.5 for r in out["results"])
+    assert impls == ["ours", "reference"] and all(0 < r["mfu"] <= 1 for r in out["results"])
     assert "tok_per_s" in capsys.readouterr().out
 
 
@@ -30,7 +31,7 @@ def test_reference_model_computes_the_same_function():
 
     from gpt2repro.model import GPT
 
-    cfg, _, _ = bench.size_config("tiny")
+    cfg, _, _ = bench.size_config("4x256")
     cfg.n_layer, cfg.vocab_multiple = (
         2,
         1,
@@ -46,16 +47,14 @@ def test_reference_model_computes_the_same_function():
 
 def test_bench_hellaswag_checks_predictions_agree(monkeypatch):
     shared_file("hellaswag_val.jsonl.gz")
-    rows = bench.bench_hellaswag("tiny", repeats=1, device=torch.device("cpu"), n_examples=12)
+    rows = bench.bench_hellaswag("4x256", repeats=1, device=torch.device("cpu"), n_examples=12)
     dtypes = bench.bench_dtypes()  # bf16 rows only where this CPU has native bf16 matmuls
     assert [(r["method"], r["dtype"]) for r in rows] == [
         (method, d) for method in ("batched", "one-at-a-time") for d in dtypes
     ]
     first = {r["method"]: r for r in rows if r["dtype"] == "fp32"}
     assert first["batched"]["same_predictions"] == 1.0 == first["one-at-a-time"]["same_predictions"]
-    assert all(0 <= r["same_predictions"] <= 1 for r in rows)
-    assert first["batched"]["flop_ratio"] > 1 and first["one-at-a-time"]["speedup"] == 1.0
-    assert all(r["speedup_same_dtype"] == 1.0 for r in rows if r["method"] == "one-at-a-time")
+    assert first["batched"]["flop_ratio"] > 1
 
 
 def test_bench_prepare_compares_workers():
@@ -111,12 +110,18 @@ def test_demo_script_end_to_end(tmp_path):
 
 
 def test_bench_memory_runs_each_mode_in_a_fresh_process():
-    rows = bench.run("memory", size="tiny", repeats=1)["results"]
+    rows = bench.run("memory", size="4x256", repeats=1)["results"]
     assert [r["activation_checkpointing"] for r in rows] == ["none", "full"]
     assert all(
         r["step_extra_mb"] > 0 and r["peak_mb"] >= r["step_extra_mb"] and r["step_s"] > 0 for r in rows
     )
-    assert rows[0]["vs_none"] == 1.0
+
+
+@pytest.mark.slow
+def test_bench_memory_shows_activation_checkpointing_saving_memory():
+    """At a size where activations dominate a step (not the fused loss's buffers, as at tiny)."""
+    none, full = bench.run("memory", size="12x256", repeats=1)["results"]
+    assert full["step_extra_mb"] < 0.95 * none["step_extra_mb"]
 
 
 def test_demo_script_trains_the_preset_it_is_given(tmp_path):
@@ -128,3 +133,33 @@ def test_demo_script_trains_the_preset_it_is_given(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "train: cpu-demo-muon preset" in result.stdout
     assert json.loads((tmp_path / "run" / "config.json").read_text())["optimizer"] == "muon"
+
+
+def _demo_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo", ROOT / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    return demo
+
+
+def test_demo_sizes_its_schedule_to_the_budget_on_this_host(tmp_path, monkeypatch):
+    """A slow host gets fewer steps, so warmup and the whole decay finish before the time limit; a
+    resumed demo keeps the schedule it started with; a fast host keeps the preset's steps."""
+    from gpt2repro.optim import lr_at
+    from gpt2repro.presets import train_config
+
+    demo = _demo_module()
+    cfg = train_config("cpu-demo", ["model.n_layer=1", "model.n_embd=64", "model.n_head=1"])
+    assert 0 < demo.step_seconds(cfg) < 60  # really timed on this machine
+    monkeypatch.setattr(demo, "step_seconds", lambda cfg: 2.0)  # an AVX2 host at ~2,000 tok/s
+    steps = demo.schedule_steps(cfg, tmp_path / "run", seconds=480)
+    assert steps == int(0.7 * 480 / 2.0) < cfg.max_steps and steps * 2.0 <= 480
+    fitted = train_config("cpu-demo", [f"max_steps={steps}"])
+    assert lr_at(steps - 1, fitted) < 0.11 * fitted.max_lr  # the cosine has reached its floor by then
+    monkeypatch.setattr(demo, "step_seconds", lambda cfg: 0.01)
+    assert demo.schedule_steps(cfg, tmp_path / "run", seconds=480) == cfg.max_steps
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(fitted.to_json())
+    assert demo.schedule_steps(cfg, tmp_path / "run", seconds=480) == steps

@@ -48,9 +48,9 @@ class Counted:
         self.calls = []
         real = model.hidden
 
-        def hidden(idx, cache=None, pos=0, **kw):
-            self.calls.append((pos, idx.size(1)))
-            return real(idx, cache, pos, **kw)
+        def hidden(idx, cache=None, **kw):
+            self.calls.append((int(cache.lengths[0]) if cache is not None else 0, idx.size(1)))
+            return real(idx, cache, **kw)
 
         model.hidden = hidden
 

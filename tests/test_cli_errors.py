@@ -57,6 +57,7 @@ def assert_one_line_error(capsys, argv, fragment):
     assert "Traceback" not in err + out
     assert len(lines) == 1 and lines[0].startswith("gpt2repro: error: "), err
     assert fragment in lines[0], lines[0]
+    return lines[0], out
 
 
 @pytest.mark.parametrize("override,fragment", TRAIN_OVERRIDES, ids=[o[:24] for o, _ in TRAIN_OVERRIDES])

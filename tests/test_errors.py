@@ -68,7 +68,10 @@ def test_checkpoint_errors(run_dir, tmp_path, capsys):
     shutil.copytree(run_dir, broken)
     good = (broken / "checkpoints" / "latest").read_text()
     (broken / "checkpoints" / "latest").write_text("step_00000099\n")
-    assert checkpoint.load_model(broken).num_params() > 0  # falls back to the newest that verifies...
+    loaded = checkpoint.load_model(broken).transformer.wte.weight  # the newest that verifies...
+    assert torch.equal(
+        loaded, checkpoint.load_model(broken / "checkpoints" / good.strip()).transformer.wte.weight
+    )
     assert (
         f"step_00000099: no such checkpoint directory; using {good.strip()} instead"
         in capsys.readouterr().err
@@ -82,9 +85,14 @@ def test_checkpoint_errors(run_dir, tmp_path, capsys):
         checkpoint.load_model(broken)  # ...and says so when none does
     state_file = ckpt / "state.json"  # a checkpoint of an older version, without sha256s
     state_file.write_text(
-        json.dumps({k: v for k, v in json.loads(state_file.read_text()).items() if k != "sha256"})
+        json.dumps(
+            {k: v for k, v in json.loads(state_file.read_text()).items() if k not in ("sha256", "manifest")}
+        )
     )
+    (ckpt / "manifest.json").unlink()
+    capsys.readouterr()
     model = checkpoint.load_model(broken)
+    assert "predates checkpoint manifests" in capsys.readouterr().err  # loads, with a notice
     opt = torch.optim.AdamW(model.parameters())
     with pytest.raises(checkpoint.CheckpointError, match="incomplete or corrupted checkpoint"):
         checkpoint.load_training(ckpt, model, opt)

@@ -4,7 +4,7 @@ import pytest
 
 from conftest import current_umask
 from gpt2repro.config import model_config
-from gpt2repro.fsio import AtomicDir
+from gpt2repro.fsio import AtomicDir, remove_leftovers
 from gpt2repro.hf import export_hf
 from gpt2repro.model import GPT
 
@@ -25,19 +25,25 @@ def test_atomic_dir_appears_complete_or_not_at_all(tmp_path):
     assert (target / "a.txt").read_text() == "one" and list(tmp_path.iterdir()) == [target]
 
 
-def test_atomic_dir_replaces_only_when_asked_and_cleans_leftovers(tmp_path):
+def test_atomic_dir_replaces_only_when_asked_and_leftovers_go_under_the_lock(tmp_path):
     target = tmp_path / "d"
     with AtomicDir(target) as tmp:
         (tmp / "a.txt").write_text("one")
-    (tmp_path / ".d.tmp").mkdir()  # left by a killed earlier attempt
-    (tmp_path / ".d.tmp" / "junk").write_text("x")
+    (tmp_path / ".d.1a2b3c.tmp").mkdir()  # left by a killed earlier attempt
+    (tmp_path / ".d.1a2b3c.tmp" / "junk").write_text("x")
+    (tmp_path / ".other.1a2b3c.tmp").write_text("another target's")
+    first, second = AtomicDir(target, replace=True), AtomicDir(target, replace=True)
+    assert first.tmp != second.tmp  # two writers never share a temporary name
+    second.discard()
     with pytest.raises(FileExistsError, match="exists and is not empty"), AtomicDir(target) as tmp:
         (tmp / "a.txt").write_text("two")
     assert (target / "a.txt").read_text() == "one"
-    with AtomicDir(target, replace=True) as tmp:
+    with first as tmp:
         (tmp / "b.txt").write_text("two")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".d.1a2b3c.tmp", ".other.1a2b3c.tmp", "d"]
+    remove_leftovers(tmp_path, "d")  # what the holder of d's lock does first
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.1a2b3c.tmp", "d"]
 
 
 def test_export_has_normal_permissions(tmp_path):

@@ -21,13 +21,13 @@ def test_kv_cache_greedy_equals_full_recompute(model, prompt_len, new):
 
 
 def test_cached_logits_match_full_forward(model):
-    from gpt2repro.model import KVCache
+    from gpt2repro.kvcache import KVCache
 
     idx = torch.randint(0, 50257, (2, 24))
     cache = KVCache.empty(model.config, 2, "cpu", torch.float32)
     with torch.no_grad():
-        first = model.logits(model.hidden(idx[:, :10], cache, 0))
-        rest = model.logits(model.hidden(idx[:, 10:], cache, 10))
+        first = model.logits(model.hidden(idx[:, :10], cache))
+        rest = model.logits(model.hidden(idx[:, 10:], cache))
         full = model(idx)[0]
     torch.testing.assert_close(torch.cat([first, rest], 1), full, rtol=1e-5, atol=1e-5)
 
@@ -72,3 +72,35 @@ def test_top_k_and_top_p_filters():
 def test_sample_text_starts_with_prompt(model, enc):
     texts = sample_text(model, "Hello, I'm a language model,", n=2, max_new_tokens=5)
     assert len(texts) == 2 and all(t.startswith("Hello, I'm a language model,") for t in texts)
+
+
+def test_a_cache_holds_sequences_of_different_lengths_in_reusable_slots(model):
+    """A server's batch: slots prefilled one at a time to different lengths, then decoded together,
+    give each sequence what it gets alone; a reset slot takes a new sequence; a chat's next turn
+    continues its slot without encoding the history again."""
+    from gpt2repro.kvcache import KVCache
+
+    torch.manual_seed(1)
+    a, b = torch.randint(0, 50257, (1, 7)), torch.randint(0, 50257, (1, 12))
+    alone = [generate(model, p, 6, temperature=0)[0, -6:] for p in (a, b)]
+    cache = KVCache.empty(model.config, 2, "cpu", torch.float32)
+    with torch.no_grad():
+        last = [model.logits(model.hidden(p, cache.slot(i))[:, -1]) for i, p in enumerate((a, b))]
+        assert cache.lengths.tolist() == [7, 12]
+        tokens = torch.cat(last).argmax(-1, keepdim=True)
+        out = [tokens]
+        for _ in range(5):
+            tokens = model.logits(model.hidden(tokens, cache)[:, -1]).argmax(-1, keepdim=True)
+            out.append(tokens)
+    together = torch.cat(out, 1)
+    assert torch.equal(together[0], alone[0]) and torch.equal(together[1], alone[1])
+    cache.reset(0)  # slot 0 takes a new sequence while slot 1 keeps its own
+    assert cache.lengths.tolist() == [0, 17]
+    with torch.no_grad():
+        again = model.logits(model.hidden(b, cache.slot(0))[:, -1])
+        turn = model.logits(model.hidden(b[:, :3], cache.slot(0))[:, -1])  # a next turn: 3 new tokens
+        full = model.logits(model.hidden(torch.cat([b, b[:, :3]], 1))[:, -1])
+    torch.testing.assert_close(again, last[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(turn, full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        model.hidden(torch.zeros(1, model.config.block_size, dtype=torch.long), cache.slot(1))

@@ -40,7 +40,7 @@ def test_forward_and_loss_compile_to_one_graph(preset, autocast, every):
         model = GPT(model_config(preset, vocab_multiple=64))
     if preset == "gpt2":
         model = model.to_empty(device="cpu")
-    model.checkpoint_every = every
+    model.recompute_interval = every
     x, y = torch.randint(0, 50257, (2, 64)), torch.randint(0, 50257, (2, 64))
     torch._dynamo.reset()
     with precision.autocast(torch.device("cpu"), autocast or "fp32"):
@@ -84,7 +84,7 @@ def test_fsdp_evaluates_and_samples_without_a_validation_pass_first(data_dir, tm
     args = [*train_argv(data_dir, *SMALL), "max_steps=3", "fsdp=true", "val_every=0"]
     args += ["hellaswag_every=2", "hellaswag_limit=6", "sample_every=2", "sample_count=1", "sample_tokens=4"]
     _run_to_end([*args, "--out", str(tmp_path)], nproc=2)
-    assert [r["n"] for r in events(tmp_path, "hellaswag")] == [6, 6]  # steps 0 and 2 (the last)
+    assert [r["n"] for r in events(tmp_path, "hellaswag")] == [6, 6, 6]  # steps 0, 2 and the final 3
     assert "Hello, I'm a language model," in (tmp_path / "samples.txt").read_text()
 
 

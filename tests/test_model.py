@@ -160,10 +160,10 @@ def test_activation_checkpointing_gives_the_same_gradients_from_less_memory(ever
     torch.manual_seed(0)
     x, y = torch.randint(0, 50257, (2, 32)), torch.randint(0, 50257, (2, 32))
     grads, kept = [], []
-    for checkpoint_every in (0, every):
+    for interval in (0, every):
         torch.manual_seed(1)
         model = GPT(cfg)
-        model.checkpoint_every = checkpoint_every
+        model.recompute_interval = interval
         saved = [0]
 
         def pack(t, saved=saved):

@@ -206,11 +206,12 @@ def test_a_muon_trained_model_exports_to_transformers_with_equal_logits(data_dir
 
 
 def test_muon_presets_are_the_originals_with_the_recipe():
-    """gpt2-124m-muon: the 10B run in half its steps with Muon and nothing else changed; the recipe's
-    LR follows the preset's AdamW LR (which follows width) unless muon_lr is set."""
+    """gpt2-124m-muon: the 10B run with Muon in 0.7x its steps (the published 124M ratios), stopping
+    at GPT-2 124M's val loss, nothing else changed; the recipe's LR follows the preset's AdamW LR
+    (which follows width) unless muon_lr is set."""
     base, muon = train_config("gpt2-124m-10B").to_dict(), train_config("gpt2-124m-muon").to_dict()
-    assert {k for k in base if base[k] != muon[k]} == {"optimizer", "max_steps"}
-    assert muon["max_steps"] * 524288 >= 5e9 and muon["max_steps"] == 9537
+    assert {k for k in base if base[k] != muon[k]} == {"optimizer", "max_steps", "target_val_loss"}
+    assert muon["max_steps"] == 13352 and muon["target_val_loss"] == 3.29 and muon["val_every"] > 0
     assert train_config("gpt2-124m-muon").muon_peak_lr == MUON_LR_RATIO * 6e-4
     assert train_config("gpt3-large", ["optimizer=muon"]).muon_peak_lr == MUON_LR_RATIO * 2.5e-4
     assert train_config("gpt2-124m-muon", ["muon_lr=0.01"]).muon_peak_lr == 0.01

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from .errors import UserError
 from .fsio import AtomicFile, sha256_file
 
 
-class AssetError(RuntimeError):
+class AssetError(UserError, RuntimeError):
     """An asset could not be found, fetched or verified; the message says which and why."""
 
 

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import tiktoken
 
 from .config import CHAT_VOCAB_SIZE
+from .errors import UserError
 from .tokenizer import EOT, EOT_ID, get_tokenizer
 
 SYSTEM_START, SYSTEM_END = "<|system_start|>", "<|system_end|>"
@@ -61,7 +62,7 @@ CHAT_TEMPLATE = (
 )
 
 
-class ChatError(ValueError):
+class ChatError(UserError, ValueError):
     """A conversation that cannot be rendered (unknown role, missing content, a reply first); the
     message says which message and why, in one line; `kind` names the problem for counting."""
 

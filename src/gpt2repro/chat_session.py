@@ -21,7 +21,8 @@ import torch
 
 from . import chat
 from .generate import GenerateError, next_token
-from .model import GPT, KVCache
+from .kvcache import KVCache
+from .model import GPT
 from .tokenizer import EOT_ID, get_tokenizer
 
 
@@ -133,7 +134,8 @@ class ChatSession:
         """Run the tokens the cache lacks through the model; the logits after the last one."""
         todo = self.ids[self.cached :]
         idx = torch.tensor([todo], dtype=torch.long, device=self.device)
-        h = self.model.hidden(idx, self.cache, self.cached)
+        self.cache.lengths[0] = self.cached  # 0 after dropped turns or a reset: encoded afresh
+        h = self.model.hidden(idx, self.cache)
         self.cached += len(todo)
         self.forward_tokens += len(todo)
         return self.model.logits(h[:, -1])
@@ -189,15 +191,14 @@ def greedy_reply(model: GPT, prompt: list[int], max_new_tokens: int) -> tuple[li
     it ended with the end-of-turn token among its first `max_new_tokens` tokens."""
     device = next(model.parameters()).device
     cache = KVCache.empty(model.config, 1, device, model.transformer.wte.weight.dtype)
-    logits = model.logits(model.hidden(torch.tensor([prompt], device=device), cache, 0)[:, -1])
+    logits = model.logits(model.hidden(torch.tensor([prompt], device=device), cache)[:, -1])
     reply: list[int] = []
     for _ in range(max_new_tokens):
         token = int(logits.argmax(-1))
         if token >= EOT_ID:
             return reply, token in chat.STOP_TOKENS
         reply.append(token)
-        pos = len(prompt) + len(reply) - 1
-        if pos + 1 >= model.config.block_size:
+        if len(prompt) + len(reply) >= model.config.block_size:
             break
-        logits = model.logits(model.hidden(torch.tensor([[token]], device=device), cache, pos)[:, -1])
+        logits = model.logits(model.hidden(torch.tensor([[token]], device=device), cache)[:, -1])
     return reply, False

@@ -14,36 +14,12 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .bench.names import BASELINES, SIZES, TRAIN_MODES, WHAT
 from .config import DTYPE_NAMES, ConfigError
+from .errors import UserError
 from .presets import TRAIN_PRESETS
 
-# Each layer's exception for user mistakes, by module. One is looked up only if its module has been
-# imported (an error cannot come from a module never loaded), so the CLI itself imports no torch.
-USER_ERRORS = {
-    "assets": "AssetError",
-    "bench.runners": "BenchError",
-    "chat": "ChatError",
-    "checkpoint": "CheckpointError",
-    "config": "ConfigError",
-    "data.prepare": "PrepareError",
-    "data.shards": "ShardError",
-    "evals.chat": "ChatEvalError",
-    "evals.harness": "HarnessError",
-    "evals.hellaswag": "HellaSwagError",
-    "generate": "GenerateError",
-    "hf": "HFError",
-    "plot": "PlotError",
-    "train": "TrainingError",
-}
 SIGPIPE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
-
-
-def _is_user_error(e: BaseException) -> bool:
-    for module, name in USER_ERRORS.items():
-        loaded = sys.modules.get(f"{__package__}.{module}")
-        if loaded is not None and isinstance(e, getattr(loaded, name)):
-            return True
-    return False
 
 
 def _stdout_closed() -> bool:
@@ -215,10 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
 
     p = sub.add_parser("bench", help="measure speed (see benchmarks/RESULTS.md)")
-    p.add_argument("what", choices=("peak", "train", "generate", "hellaswag", "prepare", "memory", "learn"))
-    p.add_argument("--size", default="tiny", choices=("tiny", "small", "124m"))
-    p.add_argument("--mode", default="all", help="eager|bf16|compile|compile-bf16|all (train)")
-    p.add_argument("--baseline", default="none", choices=("none", "reference", "hf", "all"))
+    p.add_argument("what", choices=WHAT)
+    p.add_argument(
+        "--size", default="4x256", choices=SIZES, help="layers x width (see benchmarks/RESULTS.md)"
+    )
+    p.add_argument(
+        "--mode", default="all", help=f"{'|'.join(TRAIN_MODES)}|all, or several with commas (train)"
+    )
+    p.add_argument("--baseline", default="none", choices=BASELINES)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", dest="json_out", default=None)
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
@@ -326,10 +306,9 @@ def cmd_chat(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .checkpoint import load_model
-    from .hf import export_hf
+    from .hf import export_checkpoint
 
-    out = export_hf(load_model(args.checkpoint), args.out)
+    out = export_checkpoint(args.checkpoint, args.out)
     print(f"exported to {out} (load with transformers.GPT2LMHeadModel.from_pretrained)")
 
 
@@ -455,6 +434,7 @@ def _list_presets() -> None:
             f"{name:16s} L{m.n_layer} d{m.n_embd} h{m.n_head} ctx{c.seq_len} batch {c.total_batch_size:,} tok "
             f"lr {c.max_lr:g} steps {c.max_steps:,} {c.optimizer}"
             + (f" (muon lr {c.muon_peak_lr:g})" if c.optimizer == "muon" else "")
+            + (f", stops at val loss {c.target_val_loss:g}" if c.target_val_loss else "")
         )
 
 
@@ -484,9 +464,7 @@ def _main(argv: list[str] | None) -> int:
         COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130
-    except Exception as e:
-        if not _is_user_error(e):
-            raise
+    except UserError as e:
         print(f"gpt2repro: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -17,8 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A bad preset name, override key or value; the message is one line meant for the user.
     `key` names the config key at fault, when there is one (so a file can say on which line)."""
 
@@ -279,8 +281,8 @@ class TrainConfig:
         return self.muon_lr or MUON_LR_RATIO * self.max_lr
 
     @property
-    def checkpoint_every(self) -> int:
-        return checkpoint_interval(self.activation_checkpointing)
+    def recompute_interval(self) -> int:
+        return recompute_interval(self.activation_checkpointing)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -295,7 +297,7 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-def checkpoint_interval(mode: str) -> int:
+def recompute_interval(mode: str) -> int:
     """activation_checkpointing as a block interval: 0 (none), 1 (full), N (every_N)."""
     named = {"none": 0, "full": 1}
     return named[mode] if mode in named else int(mode.removeprefix("every_"))

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError, TrainConfig
+from .errors import UserError
 from .model import GPT
 
 
@@ -99,7 +100,9 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 
 
 def wrap_model(raw: GPT, cfg: TrainConfig, info: DistInfo, compile_model: bool) -> torch.nn.Module:
-    """DDP or FSDP2 for several ranks, then torch.compile; the raw module stays usable for eval."""
+    """Activation checkpointing as configured, DDP or FSDP2 for several ranks, then torch.compile;
+    the raw module stays usable for eval."""
+    raw.recompute_interval = cfg.recompute_interval
     model: torch.nn.Module = raw
     if cfg.fsdp and info.distributed:
         from torch.distributed.fsdp import fully_shard
@@ -169,5 +172,5 @@ def agree(info: DistInfo, value: tuple[int, ...], what: str, describe: Callable[
         raise DisagreementError(f"ranks disagree on {what} ({detail})")
 
 
-class DisagreementError(RuntimeError):
+class DisagreementError(UserError, RuntimeError):
     """Ranks of one job hold different state (e.g. different checkpoints); the message names them."""

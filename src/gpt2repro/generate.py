@@ -11,10 +11,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .model import GPT, KVCache
+from .errors import UserError
+from .kvcache import KVCache
+from .model import GPT
 
 
-class GenerateError(ValueError):
+class GenerateError(UserError, ValueError):
     """Sampling arguments that cannot work (empty or too long a prompt, a bad count); one line."""
 
 
@@ -60,14 +62,14 @@ def generate(
     if use_cache:
         dtype = model.transformer.wte.weight.dtype
         cache = KVCache.empty(model.config, idx.size(0), idx.device, dtype)
-        logits = model.logits(model.hidden(idx, cache, 0)[:, -1])
+        logits = model.logits(model.hidden(idx, cache)[:, -1])
     for i in range(steps):
         if not use_cache:
             logits = model.logits(model.hidden(idx)[:, -1])
         tok = next_token(logits, temperature, top_k, top_p, generator)
         idx = torch.cat([idx, tok], dim=1)
         if use_cache and i + 1 < steps:
-            logits = model.logits(model.hidden(tok, cache, idx.size(1) - 1)[:, -1])
+            logits = model.logits(model.hidden(tok, cache)[:, -1])
     model.train(was_training)
     return idx
 

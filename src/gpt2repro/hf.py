@@ -20,7 +20,9 @@ from safetensors.torch import load_file, save_file
 
 from . import chat, checkpoint
 from .config import ConfigError, GPTConfig
-from .fsio import AtomicDir, default_permissions
+from .errors import UserError
+from .fsio import AtomicDir, default_permissions, remove_leftovers
+from .lock import DirLock
 from .model import GPT, WeightsMismatch, load_state_strict
 from .tokenizer import EOT_ID, write_hf_tokenizer
 
@@ -31,7 +33,7 @@ VOCAB_MULTIPLE = 64  # as our presets pad: 50257 -> 50304 rows
 CHAT_KEY = "gpt2repro_chat"  # config.json of a chat export (transformers keeps unknown keys)
 
 
-class HFError(RuntimeError):
+class HFError(UserError, RuntimeError):
     """A Hugging Face checkpoint could not be loaded or written; the message says what is wrong."""
 
 
@@ -163,10 +165,22 @@ def hf_config(config: GPTConfig) -> dict:
 def export_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
     """Write config.json, model.safetensors (HF layout), generation_config.json and tokenizer files.
 
-    The directory appears complete or not at all (`fsio.AtomicDir`), with normal permissions."""
-    out = Path(out_dir)
+    The directory appears complete or not at all (`fsio.AtomicDir`), with normal permissions, written
+    under its lock (`lock.DirLock`): a second export to the same place stops at once."""
+    with DirLock(out_dir, "export", beside=True):
+        return _export(model, Path(out_dir))
+
+
+def export_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """`export_hf` of a checkpoint of ours, locking the output before the weights are read."""
+    with DirLock(out_dir, "export", beside=True):
+        return _export(checkpoint.load_model(source), Path(out_dir))
+
+
+def _export(model: GPT, out: Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise HFError(f"{out}: exists and is not empty; choose a new directory")
+    remove_leftovers(out.parent, out.name)  # a killed earlier export's temporaries
     config = model.config
     state = {}
     for k, v in model.state_dict().items():
@@ -176,7 +190,8 @@ def export_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
         if k == "transformer.wte.weight":
             v = v[: config.vocab_size]  # drop padded rows
         state[k] = (v.t() if k.endswith(CONV1D) else v).contiguous()
-    with AtomicDir(out) as tmp:
+    needed = sum(v.numel() * v.element_size() for v in state.values())
+    with AtomicDir(out, what="the export", needed=needed) as tmp:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         default_permissions(tmp / "model.safetensors")  # safetensors writes it 0600
         (tmp / "config.json").write_text(json.dumps(hf_config(config), indent=2))

@@ -8,13 +8,15 @@ import json
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig
+from .fsio import AppendFile
 
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, cfg: TrainConfig, enabled: bool):
         self.enabled = enabled
-        self.metrics = (run_dir / "metrics.jsonl").open("a") if enabled else None
-        self.samples = (run_dir / "samples.txt").open("a") if enabled else None
+        # whole lines, cut off again when the disk refuses them (a WriteError names the file)
+        self.metrics = AppendFile(run_dir / "metrics.jsonl", "metrics") if enabled else None
+        self.samples = AppendFile(run_dir / "samples.txt", "samples") if enabled else None
         self.tb = self.wandb = None
         if enabled and cfg.tensorboard:
             try:
@@ -39,7 +41,6 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.metrics.write(json.dumps({"event": event, "step": step, **values}) + "\n")
-        self.metrics.flush()
         numbers = {f"{event}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}
         if self.tb is not None:
             for k, v in numbers.items():
@@ -63,7 +64,6 @@ class MetricsLogger:
         for text in texts:
             self.samples.write(f"step {step}: {text!r}\n")
             print(f"  sample: {text!r}")
-        self.samples.flush()
         self.log("sample", step, texts=texts)
 
     def close(self) -> None:

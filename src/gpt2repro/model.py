@@ -8,41 +8,14 @@ padded ids are cut from the logits, so they are never predicted, sampled or scor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .config import GPTConfig
+from .kvcache import KVCache
 from .ops import Linear, linear_cross_entropy
-
-
-@dataclass
-class KVCache:
-    """Preallocated keys/values for every layer: (n_layer, B, n_head, block_size, head_dim)."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-
-    @classmethod
-    def empty(cls, config: GPTConfig, batch: int, device, dtype: torch.dtype) -> KVCache:
-        hd = config.n_embd // config.n_head
-        shape = (config.n_layer, batch, config.n_head, config.block_size, hd)
-        return cls(
-            torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
-        )
-
-    def insert(
-        self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store a layer's keys/values (B, n_head, T, head_dim) at positions pos.. and return all of
-        that layer's keys/values up to the last one stored."""
-        end = pos + k.size(2)
-        self.k[layer, :, :, pos:end] = k
-        self.v[layer, :, :, pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -55,7 +28,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.RESIDUAL_SCALE = True  # init scaled by (2*n_layer)^-0.5
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0, mask: torch.Tensor | None = None
+        self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
@@ -64,15 +37,9 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         elif cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash kernel where available
-        else:
-            k, v = cache.insert(self.layer, pos, k, v)
-            if T == 1:  # one new token attends to everything cached
-                y = F.scaled_dot_product_attention(q, k, v)
-            elif pos == 0:  # a prompt from the start: plain causal attention, flash-eligible
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            else:  # query i sits at absolute position pos+i and sees keys 0..pos+i
-                mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:  # a prompt from the start is plainly causal (flash-eligible); else the cache's mask
+            k, v, mask, causal = cache.insert(self.layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -96,9 +63,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0, mask: torch.Tensor | None = None
+        self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, pos, mask)
+        x = x + self.attn(self.ln_1(x), cache, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -145,9 +112,9 @@ class GPT(nn.Module):
         )
         self.lm_head = Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one tensor, one gradient
-        # activation checkpointing: every n-th block's activations are recomputed in backward (0: off).
-        # A training setting, not architecture: it changes memory and time, never the result.
-        self.checkpoint_every = 0
+        # activation checkpointing: every n-th block is recomputed in backward (0: off). A training
+        # setting, not architecture (memory for time, never the result): `distributed.wrap_model` sets it.
+        self.recompute_interval = 0
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -187,27 +154,32 @@ class GPT(nn.Module):
         self,
         idx: torch.Tensor,
         cache: KVCache | None = None,
-        pos: int = 0,
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final-LayerNorm hidden states (B, T, n_embd). `pos` is the absolute position of idx[:, 0];
-        or, for packed sequences, explicit `positions` (B, T) with an attention `mask` (B, 1, T, T)."""
+        """Final-LayerNorm hidden states (B, T, n_embd) of tokens from position 0; with a `cache`,
+        of new tokens after each slot's cached ones; or, for packed sequences, at explicit
+        `positions` (B, T) with an attention `mask` (B, 1, T, T)."""
         T = idx.size(1)
-        last = int(positions.max()) + 1 if positions is not None else pos + T
-        if last > self.config.block_size:
-            raise ValueError(
-                f"sequence of {last} tokens exceeds block_size={self.config.block_size}; crop the input"
-            )
-        if positions is None:
-            positions = torch.arange(pos, pos + T, dtype=torch.long, device=idx.device)
+        if cache is not None:  # (checks its own room)
+            positions = cache.begin(T, idx.device)
+        else:
+            last = T if positions is None else int(positions.max()) + 1
+            if last > self.config.block_size:
+                raise ValueError(
+                    f"sequence of {last} tokens exceeds block_size={self.config.block_size}; crop the input"
+                )
+            if positions is None:
+                positions = torch.arange(T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(positions)
-        every = self.checkpoint_every if torch.is_grad_enabled() and cache is None else 0
+        every = self.recompute_interval if torch.is_grad_enabled() and cache is None else 0
         for i, block in enumerate(self.transformer.h):
             if every and i % every == 0:  # recomputed in backward instead of keeping activations
-                x = torch.utils.checkpoint.checkpoint(block, x, None, pos, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, None, mask, use_reentrant=False)
             else:
-                x = block(x, cache, pos, mask)
+                x = block(x, cache, mask)
+        if cache is not None:
+            cache.advance()
         return self.transformer.ln_f(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -7,12 +7,15 @@ import json
 import os
 from pathlib import Path
 
+from .errors import UserError
+from .fsio import atomic_write
+
 GPT2_124M_VAL_LOSS = 3.2924
 GPT2_124M_HELLASWAG = 0.2955
 GPT3_124M_HELLASWAG = 0.337
 
 
-class PlotError(ValueError):
+class PlotError(UserError, ValueError):
     """A run directory without readable metrics; the message names the file."""
 
 
@@ -78,6 +81,7 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     ax2.set_title("HellaSwag")
     ax2.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    # atomically: a reader (or a full disk) never sees half a picture
+    atomic_write(out, lambda f: fig.savefig(f, format=out.suffix[1:] or "png", dpi=100), "the plot")
     plt.close(fig)
     return out

@@ -37,8 +37,9 @@ from .distributed import (
     teardown,
     wrap_model,
 )
+from .errors import UserError
 from .evals import hellaswag
-from .fsio import atomic_write_text
+from .fsio import WriteError, atomic_write_text
 from .generate import prompt_tokens, sample_text
 from .hf import load_pretrained
 from .metrics import MetricsLogger
@@ -52,7 +53,7 @@ from .precision import autocast, enable_tf32, resolve_dtype, slow_dtype_warning,
 RESUME_KEYS = ("model", "total_batch_size", "micro_batch_size", "seq_len", "seed", "shuffle", "optimizer")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot continue (non-finite loss, incompatible resume); the message says why."""
 
 
@@ -120,7 +121,6 @@ class Trainer:
         self.raw = GPT(cfg.model).to(self.device)
         if pretrained is not None:
             self.raw.copy_weights_from(pretrained)
-        self.raw.checkpoint_every = cfg.checkpoint_every
         self.model = wrap_model(self.raw, cfg, info, self.compiled)
         self.optimizers = build_optimizer(self.raw, cfg, self.device)
         # fp16's narrow range: the loss is scaled so gradients do not underflow, steps with inf skipped
@@ -474,7 +474,14 @@ def train(
     (sft.SFTTrainer for conversations)."""
     cfg.validate()
     info = setup(cfg.device)
+    run_dir = Path(run_dir)
     try:
-        return (trainer or Trainer)(cfg, Path(data_dir), Path(run_dir), info).fit()
+        with checkpoint.run_lock(run_dir, info):  # one writer per run directory
+            run = (trainer or Trainer)(cfg, Path(data_dir), run_dir, info)
+            if info.is_main:
+                checkpoint.warn_about_space(run_dir, run.raw, run.optimizers, cfg.keep_last)
+            return run.fit()
+    except WriteError as e:  # a full, read-only or vanished disk: say what a resume starts from
+        raise WriteError(f"{e}; {checkpoint.last_good(run_dir)}") from None
     finally:
         teardown()

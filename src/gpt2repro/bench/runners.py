@@ -24,23 +24,19 @@ from pathlib import Path
 import torch
 
 from .. import assets
-from ..config import GPTConfig, checkpoint_interval
+from ..config import GPTConfig, recompute_interval
 from ..data.prepare import prepare
 from ..distributed import pick_device
+from ..errors import UserError
 from ..evals import hellaswag
 from ..generate import generate
-from ..mfu import device_peak_flops, gemm_flops, median_time, synchronize
+from ..mfu import Peak, gemm_flops, median_time, synchronize
 from ..model import GPT
 from ..precision import autocast, cpu_has_fast_bf16, enable_tf32, torch_dtype
 from .learn import bench_learn
+from .names import BASELINES, SIZES, TRAIN_MODES, WHAT
 from .reference import HFWrapper, RefGPT, hellaswag_one_at_a_time, hf_copy, original_generate
 
-SIZES = {  # name: (n_layer, n_embd, n_head, B, T)
-    "tiny": (4, 256, 4, 8, 256),
-    "small": (6, 384, 6, 8, 256),
-    "124m": (12, 768, 12, 1, 1024),
-}
-TRAIN_MODES = ("eager", "bf16", "compile", "compile-bf16")
 PEAK_SIZES = (1024, 2048)
 MEMORY_BATCH = 4  # sequences per step in `bench memory`: enough for activations to dominate
 
@@ -51,14 +47,8 @@ def bench_dtypes() -> tuple[str, ...]:
     return ("fp32", "bf16") if torch.cuda.is_available() or cpu_has_fast_bf16() else ("fp32",)
 
 
-WHAT = ("peak", "train", "generate", "hellaswag", "prepare", "memory", "learn")
-
-
-class BenchError(ValueError):
+class BenchError(UserError, ValueError):
     """A bad benchmark name, mode or count; the message says which."""
-
-
-BASELINES = {"none": [], "reference": ["reference"], "hf": ["hf"], "all": ["reference", "hf"]}
 
 
 def machine_info() -> dict:
@@ -136,9 +126,8 @@ def bench_train_steps(
     for (_, info), seen in zip(steps, times):
         dt = statistics.median(seen)
         tok_s = info["B"] * info["T"] / dt
-        peak = device_peak_flops(device, info.pop("dtype"))
-        flops = info.pop("flops_per_token")
-        rows.append({**info, "step_s": dt, "tok_per_s": tok_s, "mfu": flops * tok_s / peak if peak else None})
+        share = Peak(device, info.pop("dtype")).mfu(info.pop("flops_per_token") * tok_s, 1.0)
+        rows.append({**info, "step_s": dt, "tok_per_s": tok_s, "mfu": share})
     return rows
 
 
@@ -322,7 +311,7 @@ def memory_probe(size: str, checkpointing: str) -> None:
     B = MEMORY_BATCH
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
-    model.checkpoint_every = checkpoint_interval(checkpointing)
+    model.recompute_interval = recompute_interval(checkpointing)
     x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
     y = torch.randint(0, cfg.vocab_size, (B, T), device=device)
     before = _rss_bytes() if device.type == "cpu" else torch.cuda.memory_allocated(device)
@@ -402,7 +391,7 @@ def bench_train(size: str, modes: str, baseline: str, repeats: int, device: torc
 
 def run(
     what: str,
-    size: str = "tiny",
+    size: str = "4x256",
     mode: str = "all",
     baseline: str = "none",
     repeats: int = 5,

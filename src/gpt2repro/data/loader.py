@@ -124,6 +124,7 @@ class DataLoader:
             "epoch": self.epoch,
             "consumed": self.position * self.world,  # windows of this epoch taken by all ranks
             "step_windows": self.step_windows,
+            "epoch_windows": self.steps_per_epoch * self.world,  # so a checkpoint can check its step
             "seed": self.seed,
             "shuffle": self.shuffle,
             "batch_size": self.B,

@@ -34,7 +34,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .. import __version__, assets
-from ..fsio import atomic_write_text, sha256_file
+from ..errors import UserError
+from ..fsio import WriteError, atomic_write_text, sha256_file
+from ..lock import DirLock
 from ..tokenizer import EOT_ID, get_tokenizer
 from .shards import ShardWriter, shard_name
 
@@ -52,7 +54,7 @@ TAIL_EIGHTHS = (4, 6, 7)  # cuts of a jsonl file's last unit, in eighths of it: 
 SUFFIXES = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz", ".txt")
 
 
-class PrepareError(RuntimeError):
+class PrepareError(UserError, RuntimeError):
     """Bad source, malformed input row or an incompatible earlier run; the message says which."""
 
 
@@ -437,7 +439,7 @@ class ShardSink:
             self.shard.discard()
 
     def _write_manifest(self) -> None:
-        atomic_write_text(self.out / "manifest.json", json.dumps(self.manifest, indent=2))
+        atomic_write_text(self.out / "manifest.json", json.dumps(self.manifest, indent=2), "the manifest")
 
 
 def prepare(
@@ -475,30 +477,43 @@ def prepare(
         val_tokens=val_tokens,
         max_tokens=max_tokens,
     )
-    manifest = _open_manifest(
-        out, args, stream.dataset if stream else "local", [fingerprint(p) for p in watched]
-    )
-    if manifest["complete"]:
-        print(
-            f"{out}: already complete ({manifest['total_tokens']:,} tokens in {len(manifest['shards'])} shards); nothing to do"
+    with DirLock(out, "prepare"):  # one writer per data directory
+        manifest = _open_manifest(
+            out, args, stream.dataset if stream else "local", [fingerprint(p) for p in watched]
         )
-        return manifest
-    sink = ShardSink(out, manifest, shard_tokens, val_tokens, max_tokens)
-    units, skip = _resume_units(manifest["next"], stream, paths, revision, text_field)
-    total = max_tokens or (FINEWEB_TOKENS.get(stream.name) if stream else None)
+        if manifest["complete"]:
+            print(
+                f"{out}: already complete ({manifest['total_tokens']:,} tokens in {len(manifest['shards'])} shards); nothing to do"
+            )
+            return manifest
+        units, skip = _resume_units(manifest["next"], stream, paths, revision, text_field)
+        _write_shards(
+            ShardSink(out, manifest, shard_tokens, val_tokens, max_tokens),
+            _encoded_units(units, skip, text_field, workers or os.cpu_count() or 1),
+            max_tokens or (FINEWEB_TOKENS.get(stream.name) if stream else None),
+            progress,
+            len(paths),
+        )
+    return manifest
+
+
+def _write_shards(
+    sink: ShardSink, encoded: Iterator, total: int | None, progress: bool, n_files: int
+) -> None:
+    """Fill the sink behind a progress bar. A full or read-only disk ends it, keeping what was committed."""
     with tqdm(
         total=total, initial=sink.written, unit="tok", unit_scale=True, disable=not progress, desc="prepare"
     ) as bar:
         try:
-            _fill(
-                sink, _encoded_units(units, skip, text_field, workers or os.cpu_count() or 1), bar, len(paths)
+            _fill(sink, encoded, bar, n_files)
+        except (OSError, WriteError) as e:
+            why = (
+                str(e) if isinstance(e, WriteError) else f"{sink.out}: {e.strerror or e} while writing shards"
             )
-        except OSError as e:  # a full or read-only disk while writing: what is committed stays valid
             raise PrepareError(
-                f"{out}: {e.strerror or e} while writing shards; the {len(manifest['shards'])} shards "
-                "committed so far are kept: free space and rerun the same command to resume"
+                f"{why}; the {len(sink.manifest['shards'])} shards committed so far are kept: free space "
+                "and rerun the same command to resume"
             ) from None
-    return manifest
 
 
 def _inputs(sources: list[str], name: str | None, split: str) -> tuple[Stream | None, list[Path], list[Path]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
 from ..fsio import AtomicFile, sha256_file
 
 MAGIC = 20240520
@@ -22,7 +23,7 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard file is missing, malformed or does not match its header; the message names it."""
 
 
@@ -32,7 +33,7 @@ class ShardWriter:
     needs no shard-sized buffer, and a crash leaves no torn shard."""
 
     def __init__(self, path: str | os.PathLike):
-        self.out = AtomicFile(path)
+        self.out = AtomicFile(path, "a token shard")
         self.out.file.write(bytes(HEADER_BYTES))  # the real header once the count is known
         self.count = 0
 

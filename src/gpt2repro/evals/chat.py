@@ -17,6 +17,7 @@ from ..chat_session import greedy_reply, require_chat_model
 from ..data.conversations import data_seq_len
 from ..data.loader import DataLoader
 from ..data.shards import ShardError, find_shards, read_shard
+from ..errors import UserError
 from ..model import GPT
 from ..tokenizer import EOT_ID
 
@@ -46,7 +47,7 @@ def conversations(data_dir, split: str = "val") -> list[list[int]]:
     return out
 
 
-class ChatEvalError(ValueError):
+class ChatEvalError(UserError, ValueError):
     """A bad `eval chat` argument; one line."""
 
 

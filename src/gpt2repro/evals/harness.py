@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .. import chat
+from ..errors import UserError
 from ..generate import generate
 from ..model import GPT
 from ..precision import autocast
@@ -21,7 +22,7 @@ from ..tokenizer import EOT_ID, get_tokenizer
 from .hellaswag import harness_pair
 
 
-class HarnessError(ValueError):
+class HarnessError(UserError, ValueError):
     """The harness is missing, or a task or argument it cannot take; one line."""
 
 

@@ -27,6 +27,7 @@ import torch
 
 from .. import assets, precision
 from ..distributed import all_reduce_sum
+from ..errors import UserError
 from ..model import GPT
 from ..tokenizer import get_tokenizer
 
@@ -34,7 +35,7 @@ STYLES = ("completion", "harness")
 FIELDS = ("ctx", "ctx_a", "ctx_b", "activity_label", "endings", "label")
 
 
-class HellaSwagError(ValueError):
+class HellaSwagError(UserError, ValueError):
     """Malformed HellaSwag input; the message names the file and line."""
 
 

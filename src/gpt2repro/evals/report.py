@@ -5,10 +5,11 @@ checked before the model runs, so a typo never costs a whole evaluation."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ..distributed import DistInfo
-from ..fsio import atomic_write_text
+from ..fsio import WriteError, atomic_write_text
 from ..model import GPT
 from .chat import evaluate as evaluate_chat
 from .chat import summary as chat_summary
@@ -20,6 +21,19 @@ def check_output_paths(*paths: str | None) -> None:
     for path in paths:
         if path is not None and not Path(path).parent.is_dir():
             raise HellaSwagError(f"{path}: directory {Path(path).parent} does not exist")
+        if path is not None and not os.access(Path(path).parent, os.W_OK):
+            raise HellaSwagError(f"{path}: directory {Path(path).parent} is not writable")
+
+
+def write_outputs(outputs: list[tuple[str | None, str, str]]) -> None:
+    """Write (path, text, what) atomically; the scores are printed already, so a full disk loses
+    only the files, and its error says so."""
+    for path, text, what in outputs:
+        if path:
+            try:
+                atomic_write_text(path, text, what)
+            except WriteError as e:
+                raise WriteError(f"{e}; the scores are printed above") from None
 
 
 def worked_examples(examples: list[dict], details: list[dict], n: int = 3) -> str:
@@ -58,11 +72,11 @@ def run_hellaswag(
         print(f"hellaswag [{s}] n={r['n']} acc={r['acc']:.4f} acc_norm={r['acc_norm']:.4f}")
     if verbose:
         print(worked_examples(examples, details[styles[0]]))
-    if json_out:
-        atomic_write_text(json_out, json.dumps(results, indent=2))
-    if predictions:
-        rows = [{"style": s, **d} for s in styles for d in sorted(details[s], key=lambda d: d["index"])]
-        atomic_write_text(predictions, "".join(json.dumps(r) + "\n" for r in rows))
+    rows = [{"style": s, **d} for s in styles for d in sorted(details[s], key=lambda d: d["index"])]
+    lines = "".join(json.dumps(r) + "\n" for r in rows) if predictions else ""
+    write_outputs(
+        [(json_out, json.dumps(results, indent=2), "the results"), (predictions, lines, "the predictions")]
+    )
     return results
 
 
@@ -84,8 +98,7 @@ def run_harness_tasks(
     if info.is_main:
         for task, metrics in results.items():
             print(f"{task}: " + " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
-        if json_out:
-            atomic_write_text(json_out, json.dumps(results, indent=2))
+        write_outputs([(json_out, json.dumps(results, indent=2), "the results")])
     return results
 
 

@@ -1,0 +1,136 @@
+"""Every byte of a checkpoint is verified: a manifest covers each file, state.json included, and
+its own content; the step in state.json, the directory's name and the loader position must agree.
+A checkpoint that fails is refused by `verify` and skipped by a resume, which says why and starts
+from the newest good one. Checkpoints of older versions (no manifest) load with a notice."""
+
+import json
+import shutil
+
+import pytest
+
+from gpt2repro import checkpoint
+from gpt2repro import train as tr
+from gpt2repro.cli import main
+from gpt2repro.data.loader import DataLoader
+from gpt2repro.fsio import sha256_file
+from test_train import losses, small_cfg
+
+CFG = ["ckpt_every=1", "keep_last=3", "shuffle=true"]
+FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "config.json", "state.json")
+
+
+@pytest.fixture(scope="module")
+def runs(data_dir, tmp_path_factory):
+    """A run with checkpoints after steps 1, 2, 3, and the same run straight to step 4."""
+    root = tmp_path_factory.mktemp("integrity")
+    tr.train(small_cfg(*CFG, "max_steps=3"), data_dir, root / "run")
+    tr.train(small_cfg(*CFG, "max_steps=4"), data_dir, root / "straight")
+    return root
+
+
+@pytest.fixture
+def run(runs, tmp_path):
+    shutil.copytree(runs / "run", tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _edit_state(ckpt, edit, rehash):
+    """Change state.json; with `rehash`, write a manifest that matches the change (as a tool that
+    'repairs' checksums would), so only the consistency checks can catch it."""
+    state = json.loads((ckpt / "state.json").read_text())
+    edit(state)
+    (ckpt / "state.json").write_text(json.dumps(state))
+    if rehash:
+        checkpoint.write_manifest(ckpt, {name: sha256_file(ckpt / name) for name in FILES})
+
+
+def _edit_manifest(ckpt, edit):
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    edit(manifest)
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _rewind_loader(state):
+    state["loader"]["consumed"] -= state["loader"]["step_windows"]
+
+
+TAMPERING = {
+    "step": (lambda c: _edit_state(c, lambda s: s.update(step=1), False), "state.json: sha256 mismatch"),
+    "step, manifest redone": (
+        lambda c: _edit_state(c, lambda s: s.update(step=1), True),
+        "state.json: step 1 does not match its directory step_00000003",
+    ),
+    "loader, manifest redone": (
+        lambda c: _edit_state(c, _rewind_loader, True),
+        "state.json: the loader position (epoch 0, 4 windows) is not where 3 steps of 2 windows end",
+    ),
+    "a file's entry": (
+        lambda c: _edit_manifest(c, lambda m: m["files"]["optimizer.pt"].update(sha256="0" * 64)),
+        "manifest.json: its own sha256 does not match its content",
+    ),
+    "state.json unlisted": (
+        lambda c: checkpoint.write_manifest(c, {n: sha256_file(c / n) for n in FILES[:-1]}),
+        "manifest.json: does not cover state.json",
+    ),
+    "manifest deleted": (lambda c: (c / "manifest.json").unlink(), "manifest.json: missing"),
+}
+
+
+@pytest.mark.parametrize("kind", TAMPERING)
+def test_tampering_is_caught_by_verify_and_by_resume(run, runs, data_dir, capsys, kind):
+    tamper, problem = TAMPERING[kind]
+    tamper(checkpoint.step_dir(run, 3))
+    capsys.readouterr()
+    assert main(["verify", str(run)]) == 2
+    out, err = capsys.readouterr()
+    assert f"step_00000003/{problem}" in out and "1 of 3 checkpoints failed verification" in err
+    tr.train(small_cfg(*CFG, "max_steps=4"), data_dir, run)
+    out = capsys.readouterr().out
+    assert f"step_00000003/{problem}" in out and "using step_00000002 instead" in out
+    assert "resumed from step_00000002" in out
+    assert losses(run) == losses(runs / "straight")
+
+
+def _as_older_version(ckpt):
+    """What the previous version wrote: no manifest, state.json not covered by any checksum."""
+    (ckpt / "manifest.json").unlink()
+    state = json.loads((ckpt / "state.json").read_text())
+    del state["manifest"]
+    (ckpt / "state.json").write_text(json.dumps(state))
+
+
+def test_checkpoints_of_older_versions_load_with_a_notice(run, runs, data_dir, capsys):
+    for ckpt in checkpoint.all_steps(run):
+        _as_older_version(ckpt)
+    capsys.readouterr()
+    assert main(["verify", str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert "3 checkpoints verified" in out and err.count("predates checkpoint manifests") == 3
+    older = checkpoint.step_dir(run, 3)
+    state = json.loads((older / "state.json").read_text())
+    (older / "state.json").write_text(json.dumps({**state, "step": 1}))  # the issue's edit
+    assert main(["verify", str(run)]) == 2
+    assert "step_00000003/state.json: step 1 does not match its directory" in capsys.readouterr().out
+    (older / "state.json").write_text(json.dumps(state))
+    tr.train(small_cfg(*CFG, "max_steps=4"), data_dir, run)
+    out = capsys.readouterr().out
+    assert "step_00000003 predates checkpoint manifests" in out and "resumed from step_00000003" in out
+    assert losses(run) == losses(runs / "straight")
+    assert (checkpoint.step_dir(run, 4) / "manifest.json").is_file()  # new ones have it
+
+
+@pytest.mark.parametrize("world,accum", [(1, 3), (2, 2)])
+def test_the_loader_position_of_every_step_agrees_with_it(data_dir, world, accum):
+    """No false alarm at epoch ends: step by step through three epochs (of the rank-0 loader; the
+    state counts every rank's windows), the position checks out, and the neighbouring steps do not."""
+    loader = DataLoader(data_dir, "train", 8, 64, 0, world, shuffle=True, step_windows=accum * world)
+    steps_per_epoch = loader.steps_per_epoch // accum
+    assert steps_per_epoch >= 2
+    for step in range(3 * steps_per_epoch + 2):
+        state = loader.state_dict()
+        assert checkpoint.loader_mismatch(state, step) is None, (step, state)
+        assert checkpoint.loader_mismatch(state, step + 1) is not None
+        if step:
+            assert checkpoint.loader_mismatch(state, step - 1) is not None
+        for _ in range(accum):
+            loader.next_batch()
