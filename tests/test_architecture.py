@@ -17,7 +17,7 @@ LAYERS = [
     {"evals.hellaswag", "generate", "hf", "chat_session", "evals.chat"},
     {"train", "metrics", "sft"},
     {"evals.report", "evals.harness", "plot", "chat_cli"},
-    {"bench.names", "bench.reference", "bench.learn", "bench.runners"},
+    {"bench.names", "bench.reference", "bench.learn", "bench.chat", "bench.runners"},
     {"cli", "__main__"},
 ]
 LAYER = {m: i for i, layer in enumerate(LAYERS) for m in layer}

@@ -33,6 +33,7 @@ from ..generate import generate
 from ..mfu import Peak, gemm_flops, median_time, synchronize
 from ..model import GPT
 from ..precision import autocast, cpu_has_fast_bf16, enable_tf32, torch_dtype
+from .chat import bench_chat
 from .learn import bench_learn
 from .names import BASELINES, SIZES, TRAIN_MODES, WHAT
 from .reference import HFWrapper, RefGPT, hellaswag_one_at_a_time, hf_copy, original_generate
@@ -415,6 +416,7 @@ def run(
         "prepare": lambda: bench_prepare(repeats),
         "memory": lambda: bench_memory(size),
         "learn": lambda: bench_learn(**(learn or {})),
+        "chat": lambda: bench_chat(repeats, device),
     }
     rows = runners[what]()
     print(_table(rows))
