@@ -21,7 +21,7 @@ import torch
 from .chat_session import ChatSession
 from .config import ConfigError, TrainConfig
 from .data.conversations import data_seq_len
-from .distributed import all_reduce_mean, all_reduce_sum, set_grad_sync
+from .distributed import all_reduce_sum
 from .precision import autocast
 from .train import Trainer, TrainingError
 from .train import train as _train
@@ -53,29 +53,18 @@ class SFTTrainer(Trainer):
     def _loader(self, data_dir: Path, split: str, **kw):
         return super()._loader(data_dir, split, masks=True, **kw)
 
-    def forward_backward(self) -> float:
-        """Gradients of the mean loss over the learned tokens of the whole step (all micro-batches,
-        all ranks); returns that loss."""
-        self.model.train()
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
+    reduction = "sum"  # each micro-batch's summed loss, divided by the whole step's count
+
+    def micro_batches(self) -> list:
+        """The step's micro-batches, all read first: the divisor is the number of learned tokens
+        over all of them on all ranks, times the world size (gradient averaging over ranks divides
+        by it again)."""
         batches = [self.train_loader.next_batch() for _ in range(self.accum)]
         (learned,) = all_reduce_sum([sum(int((y >= 0).sum()) for _, y in batches)], self.device)
         if not learned:
             raise TrainingError("a step without a single learned token: the data's masks are empty")
-        scale = self.info.world_size / learned  # gradient averaging over ranks divides by the world size
-        loss_sum = torch.zeros((), device=self.device)
-        for micro, (x, y) in enumerate(batches):
-            set_grad_sync(self.model, self.raw, self.cfg, self.info, micro == self.accum - 1)
-            with autocast(self.device, self.dtype):
-                _, loss = self.model(x, y, reduction="sum")
-            loss = loss * scale
-            loss_sum += loss.detach()
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        if self.scaler is not None:
-            for opt in self.optimizers:
-                self.scaler.unscale_(opt)
-        return float(all_reduce_mean(loss_sum))
+        self.divisor = learned / self.info.world_size
+        return batches
 
     @torch.no_grad()
     def validation_loss(self) -> float:

@@ -316,18 +316,26 @@ class Trainer:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
-        for micro in range(self.accum):
-            x, y = self.train_loader.next_batch()
+        for micro, (x, y) in enumerate(self.micro_batches()):
             set_grad_sync(self.model, self.raw, self.cfg, self.info, micro == self.accum - 1)
             with autocast(self.device, self.dtype):
-                _, loss = self.model(x, y)
-            loss = loss / self.accum
+                _, loss = self.model(x, y, reduction=self.reduction)
+            loss = loss / self.divisor
             loss_sum += loss.detach()
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if self.scaler is not None:
             for opt in self.optimizers:
                 self.scaler.unscale_(opt)
         return float(all_reduce_mean(loss_sum))
+
+    # each micro-batch's mean loss over accum: the step's mean (sft.SFTTrainer sums, then divides
+    # by the step's count of learned tokens)
+    reduction = "mean"
+
+    def micro_batches(self):
+        """The step's micro-batches, read one at a time (setting `divisor`)."""
+        self.divisor = self.accum
+        return (self.train_loader.next_batch() for _ in range(self.accum))
 
     def train_step(self, step: int) -> dict:
         """One optimizer step; returns what is logged about it."""
