@@ -119,7 +119,8 @@ def test_a_step_is_the_mean_over_every_learned_token_of_the_global_batch(chat_da
 
 
 @pytest.mark.slow
-def test_two_ranks_take_the_step_of_one_process(chat_data_dir, tmp_path):
+@pytest.mark.parametrize("mode", ["fsdp=false", "fsdp=true"])
+def test_two_ranks_take_the_step_of_one_process(chat_data_dir, tmp_path, mode):
     common = ["train", "--preset", "cpu-tiny", "--data", str(chat_data_dir), "model.chat=true", *CHAT_SMALL]
     common += [
         "micro_batch_size=2",
@@ -130,7 +131,7 @@ def test_two_ranks_take_the_step_of_one_process(chat_data_dir, tmp_path):
         "ckpt_every=3",
     ]
     _run_to_end([*common, "--out", str(tmp_path / "one"), "val_steps=4"])  # the windows the two ranks read
-    _run_to_end([*common, "--out", str(tmp_path / "two"), "val_steps=2"], nproc=2)
+    _run_to_end([*common, "--out", str(tmp_path / "two"), "val_steps=2", mode], nproc=2)  # DDP or FSDP2
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert one.keys() == two.keys() == {0, 1, 2}
     for step in one:
