@@ -205,6 +205,9 @@ def test_the_export_stops_at_the_end_of_the_assistants_turn(chat_export, chat_ru
     assert answer[-1] == {"role": "assistant", "content": "Hello there."}
     back = load_hf(chat_export)
     assert back.config.chat and back.config.vocab_size == CHAT_VOCAB_SIZE
+    from gpt2repro.cli import main
+
+    assert main(["chat", "--hf", str(chat_export), "--message", "Hi", "--temperature", "0"]) == 0
 
 
 def test_a_base_export_has_no_chat_tokens(tmp_path):
