@@ -95,37 +95,38 @@ class ChatSession:
         self.ids: list[int] = []  # every token of the conversation, in order
         self.cached = 0  # how many of them the cache holds
 
-    def _turn_ids(self, text: str) -> list[int]:
-        """The tokens a new user turn adds to the history, the reply's opening included."""
+    def _turn_ids(self, text: str, messages: list[dict], ids: list[int]) -> list[int]:
+        """The tokens a new user turn adds to a history, the reply's opening included."""
         message = {"role": "user", "content": text}
-        chat.check([*self.messages, message])
-        if not self.ids:
-            return chat.render([*self.messages, message], add_generation_prompt=True)
+        chat.check([*messages, message])
+        if not ids:
+            return chat.render([*messages, message], add_generation_prompt=True)
         return chat.render([message], add_generation_prompt=True)[1:]  # without the leading <|endoftext|>
 
     def _fit(self, text: str) -> list[int]:
-        """The new turn's tokens, after dropping the oldest turns if the context needs the room."""
+        """The new turn's tokens, after dropping the oldest turns if the context needs the room
+        (the system message stays). A message too long even alone changes nothing."""
         reserve = min(self.max_new_tokens, self.context // 2)
-        new = self._turn_ids(text)
+        first = int(self.system is not None)
+        messages, ids, cached = self.messages, self.ids, self.cached
+        new = self._turn_ids(text, messages, ids)
         dropped = 0
-        while len(self.ids) + len(new) + reserve > self.context and len(self.messages) > (
-            self.system is not None
-        ):
-            first = int(self.system is not None)  # the system message stays
-            turns = self.messages[first:]
+        while len(ids) + len(new) + reserve > self.context and len(messages) > first:
+            turns = messages[first:]
             cut = next((i for i in range(1, len(turns)) if turns[i]["role"] == "user"), len(turns))
-            self.messages = self.messages[:first] + turns[cut:]
-            self.ids, self.cached = (chat.render(self.messages) if self.messages else []), 0
-            new, dropped = self._turn_ids(text), dropped + 1
-        if len(self.ids) + len(new) >= self.context:
+            messages = messages[:first] + turns[cut:]
+            ids, cached = (chat.render(messages) if messages else []), 0
+            new, dropped = self._turn_ids(text, messages, ids), dropped + 1
+        if len(ids) + len(new) >= self.context:
             raise GenerateError(
-                f"the message needs {len(self.ids) + len(new)} tokens with the conversation; this model's "
+                f"the message needs {len(ids) + len(new)} tokens with the conversation; this model's "
                 f"context is {self.context}"
             )
+        self.messages, self.ids, self.cached = messages, ids, cached
         if dropped:
             self.on_notice(
                 f"[the conversation outgrew the {self.context}-token context: dropped its {dropped} oldest "
-                f"turn(s), kept {len(self.messages)} message(s)]"
+                f"turn(s), kept {len(messages)} message(s)]"
             )
         return new
 
