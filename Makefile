@@ -7,7 +7,7 @@ SHARED  := $(abspath ../shared/data)
 # Tests and the demo read local copies of external files from here when it exists.
 export GPT2REPRO_ASSETS ?= $(if $(wildcard $(SHARED)),$(SHARED),)
 
-.PHONY: venv test test-fast lint demo bench clean
+.PHONY: venv test test-fast lint demo chat-demo bench clean
 
 venv: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ lint: venv
 
 demo: venv
 	$(BIN)/python scripts/demo.py
+
+# fine-tunes the demo model (trained first when runs/demo is absent) into a small chat model
+chat-demo: venv
+	$(BIN)/python scripts/chat_demo.py
 
 bench: venv
 	bash benchmarks/run_all.sh

@@ -74,3 +74,54 @@ def run_dir(data_dir, tmp_path_factory):
     cfg = small_cfg("model.block_size=256", "micro_batch_size=2", "total_batch_size=64", "max_steps=2")
     train(cfg, data_dir, run)
     return run
+
+
+def shakespeare_dialogues(limit: int) -> list[dict]:
+    """Conversations from Tiny Shakespeare: one speech as the user's turn, the reply to it as the
+    assistant's (real text, turns of uneven length)."""
+    blocks = shared_file("tinyshakespeare.txt").read_text().split("\n\n")
+    speeches = [b.split("\n", 1)[1] for b in blocks if "\n" in b.strip()]  # "SPEAKER:\nlines"
+    pairs = zip(speeches[0::2], speeches[1::2])
+    return [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in list(pairs)[:limit]
+    ]
+
+
+def write_conversations(path: Path, records: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_data_dir(tmp_path_factory, enc):
+    """Tiny Shakespeare dialogues as conversation rows of 64 tokens: 8 held-out rows, then train."""
+    from gpt2repro.data.conversations import prepare_conversations
+
+    root = tmp_path_factory.mktemp("chat-data")
+    src = write_conversations(root / "dialogues.jsonl", shakespeare_dialogues(400))
+    prepare_conversations([str(src)], root / "data", seq_len=64, val_tokens=8 * 64, progress=False)
+    return root / "data"
+
+
+GREETING = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]
+CHAT_SMALL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=128"]
+CHAT_SMALL += ["micro_batch_size=4", "seq_len=64", "total_batch_size=256", "dtype=fp32", "log_every=0"]
+CHAT_SMALL += ["hellaswag_every=0", "sample_every=0", "val_every=0", "warmup_steps=2"]
+
+
+@pytest.fixture(scope="session")
+def chat_run_dir(tmp_path_factory, enc):
+    """A tiny chat model fine-tuned until it answers "Hi" with "Hello there." and ends its turn."""
+    from gpt2repro import sft
+    from gpt2repro.data.conversations import prepare_conversations
+    from gpt2repro.presets import train_config
+
+    root = tmp_path_factory.mktemp("chat-run")
+    src = write_conversations(root / "greeting.jsonl", [{"messages": GREETING}] * 64)
+    prepare_conversations([str(src)], root / "data", seq_len=64, val_tokens=64, progress=False)
+    cfg = train_config("cpu-tiny", ["model.chat=true", *CHAT_SMALL, "max_steps=20", "max_lr=1e-2"])
+    sft.train(cfg, root / "data", root / "run")
+    return root / "run"

@@ -19,7 +19,7 @@ from gpt2repro.config import DTYPE_NAMES, ConfigError, GPTConfig, TrainConfig, c
 from gpt2repro.configfile import keys_table, to_toml, tomllib
 from gpt2repro.presets import TRAIN_PRESETS, train_config
 
-USER_PRESETS = ("gpt2-124m-10B", "gpt2-124m-40B", "gpt2-124m-muon", "finetune", "cpu-demo")
+USER_PRESETS = ("gpt2-124m-10B", "gpt2-124m-40B", "gpt2-124m-muon", "finetune", "sft", "cpu-demo")
 
 
 def printed(capsys, *argv) -> str:

@@ -103,7 +103,7 @@ def test_load_errors_name_the_problem(tmp_path, hf_dir):
     cfg["n_embd"] = 32
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(
-        HFError, match=r"shape mismatch: transformer.wte.weight \(50257, 64\) vs \(50257, 32\)"
+        HFError, match=r"shape mismatch: transformer.wte.weight \(50304, 64\) vs \(50304, 32\)"
     ):
         load_hf(bad)
     # corrupted weights

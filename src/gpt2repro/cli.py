@@ -1,4 +1,4 @@
-"""The `gpt2repro` command: prepare, train, eval, sample, export, plot, bench, presets.
+"""The `gpt2repro` command: prepare, train, eval, sample, chat, export, plot, bench, presets.
 
 Every known kind of bad input ends in one line on stderr, `gpt2repro: error: ...`, and exit code 2.
 Output piped into a reader that stops early (`| head`) ends quietly. Everything that needs torch
@@ -41,6 +41,9 @@ def _load(args, device):
 
 
 def cmd_prepare(args) -> None:
+    if args.chat:
+        _prepare_chat(args)
+        return
     from .data.prepare import prepare
 
     m = prepare(
@@ -61,12 +64,30 @@ def cmd_prepare(args) -> None:
     )
 
 
+def _prepare_chat(args) -> None:
+    from .data.conversations import prepare_conversations
+
+    kw = dict(name=args.name, split=args.split, revision=args.revision, shard_tokens=args.shard_tokens)
+    kw.update(val_tokens=args.val_tokens, max_tokens=args.max_tokens, seq_len=args.seq_len)
+    m = prepare_conversations(args.source, args.out, layout=args.chat, skip_bad=args.skip_bad, **kw)
+    c = m["counts"]
+    print(
+        f"{args.out}: {c['conversations']:,} conversations in {c['rows']:,} rows of {args.seq_len} tokens "
+        f"({c['trained_tokens']:,} learned); truncated {c['truncated']:,}, too long {c['too_long']:,}, "
+        f"bad {c['bad']:,}"
+    )
+
+
 def cmd_train(args) -> None:
     from .presets import train_config
-    from .train import train
 
     overrides = args.overrides + (["resume=require"] if args.resume else [])
-    train(train_config(args.preset, overrides, args.config), args.data, args.out)
+    cfg = train_config(args.preset, overrides, args.config)
+    if cfg.model.chat:  # conversations, the masked loss
+        from .sft import train
+    else:
+        from .train import train
+    train(cfg, args.data, args.out)
 
 
 def cmd_sample(args) -> None:
@@ -80,6 +101,16 @@ def cmd_sample(args) -> None:
         model, args.prompt, args.n, args.max_new_tokens, args.temperature, args.top_k, args.seed
     ):
         print(f"> {text}")
+
+
+def cmd_chat(args) -> None:
+    from .chat_cli import run
+    from .distributed import pick_device
+    from .precision import torch_dtype
+
+    model = _load(args, pick_device(args.device)).to(torch_dtype(args.weight_dtype))
+    sampling = dict(max_new_tokens=args.max_new_tokens, top_k=args.top_k, temperature=args.temperature)
+    run(model, args.message, args.system, seed=args.seed, **sampling)
 
 
 def cmd_export(args) -> None:
@@ -97,6 +128,9 @@ def cmd_eval(args) -> None:
     try:
         report.check_output_paths(args.json_out, getattr(args, "predictions", None))
         model = _load(args, info.device)
+        if args.task == "chat":
+            report.run_chat(model, args.data, args.limit, args.max_new_tokens, args.batch_size, args.json_out)
+            return
         if args.task == "harness":
             tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
             report.run_harness_tasks(
@@ -108,6 +142,7 @@ def cmd_eval(args) -> None:
                 args.batch_size,
                 args.autocast_dtype,
                 args.json_out,
+                args.apply_chat_template,
             )
             return
         from .evals import hellaswag
@@ -215,6 +250,7 @@ COMMANDS = {
     "prepare": cmd_prepare,
     "train": cmd_train,
     "sample": cmd_sample,
+    "chat": cmd_chat,
     "export": cmd_export,
     "eval": cmd_eval,
     "plot": cmd_plot,

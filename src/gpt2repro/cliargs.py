@@ -55,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-shards", type=int, default=None, help="hf-shards: train shards to fetch (default: all)"
     )
+    p.add_argument(
+        "--chat",
+        nargs="?",
+        const="auto",
+        choices=("auto", "messages", "sharegpt", "instruction"),
+        help="conversations (rows with loss masks) in this layout; alone: detected per record",
+    )
+    p.add_argument("--seq-len", type=int, default=1024, help="--chat: tokens per row (the training seq_len)")
+    p.add_argument("--skip-bad", action="store_true", help="--chat: leave bad records out, counted")
 
     p = sub.add_parser("train", help="train (single process or under torchrun)")
     p.add_argument("--preset", help=f"one of: {', '.join(TRAIN_PRESETS)} (or named by the --config file)")
@@ -91,6 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="cast the weights themselves (faster decoding on GPUs and for batches)",
     )
 
+    p = sub.add_parser(
+        "chat", help="talk to a chat model (streamed replies, the conversation kept in the KV cache)"
+    )
+    _add_model_source(p)
+    p.add_argument("--message", default=None, help="answer this once and exit (scripts)")
+    p.add_argument("--system", default=None, help="a system message opening the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply at most")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--weight-dtype", choices=DTYPE_NAMES, default="fp32", help="cast the weights themselves")
+
     p = sub.add_parser("export", help="export a checkpoint to a Hugging Face transformers directory")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
@@ -124,6 +145,21 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--include-path", default=None, help="a directory of extra task YAMLs (local data)")
     h.add_argument("--batch-size", type=int, default=16)
     h.add_argument("--autocast-dtype", choices=DTYPE_NAMES, default="fp32")
+    h.add_argument("--json", dest="json_out", default=None, help="write the results here")
+    h.add_argument(
+        "--apply-chat-template", action="store_true", help="a chat model: prompts through its chat template"
+    )
+
+    h = ev.add_parser(
+        "chat", help="a chat model on held-out conversations: assistant-token loss, template adherence"
+    )
+    _add_model_source(h)
+    h.add_argument("--data", required=True, help="a `prepare --chat` directory (its val split is read)")
+    h.add_argument("--limit", type=int, default=100, help="conversations whose first reply is generated")
+    h.add_argument(
+        "--max-new-tokens", type=int, default=64, help="N: a reply must end its turn within N tokens"
+    )
+    h.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (the loss)")
     h.add_argument("--json", dest="json_out", default=None, help="write the results here")
 
     p = sub.add_parser("plot", help="plot a run's losses and HellaSwag")

@@ -31,6 +31,8 @@ class ConfigError(UserError, ValueError):
 
 # Muon's LR over the preset's AdamW LR: the flat best of `bench learn` at cpu-tiny and cpu-demo
 MUON_LR_RATIO = 4.0
+GPT2_VOCAB_SIZE = 50257  # GPT-2's BPE: 50,256 merges and <|endoftext|>
+CHAT_VOCAB_SIZE = 50263  # and the 6 chat tokens after it (chat.py), in rows the padding already holds
 MAX_BLOCK_SIZE = 1 << 17  # positions: far past any GPT-2/3 size, short of allocating gigabytes by typo
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 DTYPE_NAMES = ("fp32", "bf16", "fp16")  # precision.DTYPES maps them to torch dtypes (tested equal)
@@ -66,10 +68,25 @@ class GPTConfig:
         1, "pad the embedding rows to a multiple of this for speed (64: 50257 -> 50304)"
     )
     layer_norm_epsilon: float = _key(1e-5, "LayerNorm epsilon")
+    chat: bool = _key(
+        False,
+        f"a chat model: the vocabulary ends with the chat tokens (vocab_size {CHAT_VOCAB_SIZE}: GPT-2's "
+        f"{GPT2_VOCAB_SIZE} + {CHAT_VOCAB_SIZE - GPT2_VOCAB_SIZE})",
+    )
 
     @property
     def padded_vocab_size(self) -> int:
         return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
+
+    def as_chat(self) -> GPTConfig:
+        """This architecture with the chat tokens: GPT-2's vocabulary extended by them."""
+        if self.vocab_size not in (GPT2_VOCAB_SIZE, CHAT_VOCAB_SIZE):
+            raise ConfigError(
+                f"model.vocab_size={self.vocab_size}: the chat tokens extend GPT-2's vocabulary of "
+                f"{GPT2_VOCAB_SIZE}",
+                "model.chat",
+            )
+        return dataclasses.replace(self, chat=True, vocab_size=CHAT_VOCAB_SIZE).validate()
 
     def validate(self) -> GPTConfig:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
@@ -89,6 +106,13 @@ class GPTConfig:
             "at most 65536 (shards store uint16 tokens)",
         )
         _check("model.layer_norm_epsilon", self.layer_norm_epsilon, float, lambda v: 0 < v < 1, "in (0, 1)")
+        _check("model.chat", self.chat, bool, lambda v: True, "true or false")
+        if self.chat and self.vocab_size != CHAT_VOCAB_SIZE:
+            raise ConfigError(
+                f"model.chat=true needs model.vocab_size={CHAT_VOCAB_SIZE} (GPT-2's {GPT2_VOCAB_SIZE} and the "
+                f"chat tokens), got {self.vocab_size}",
+                "model.vocab_size",
+            )
         if self.n_embd % self.n_head:
             raise ConfigError(
                 f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}", "model.n_head"
@@ -383,8 +407,18 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         key, raw = item.split("=", 1)
         key = key.strip()
         target, name, _ = _locate(cfg, key)
-        setattr(target, name, _coerce(key, raw, getattr(target, name)))
+        _assign(target, name, _coerce(key, raw, getattr(target, name)))
     return cfg.validate()
+
+
+def _assign(target: Any, name: str, value: Any) -> None:
+    """Set a field; `model.chat=true` on GPT-2's vocabulary also extends it by the chat tokens (and
+    false takes them away again), so the one key makes a chat model."""
+    setattr(target, name, value)
+    if isinstance(target, GPTConfig) and name == "chat" and isinstance(value, bool):
+        sizes = {True: (GPT2_VOCAB_SIZE, CHAT_VOCAB_SIZE), False: (CHAT_VOCAB_SIZE, GPT2_VOCAB_SIZE)}[value]
+        if target.vocab_size == sizes[0]:
+            target.vocab_size = sizes[1]
 
 
 def set_value(cfg: TrainConfig, key: str, value: Any) -> None:
@@ -397,4 +431,4 @@ def set_value(cfg: TrainConfig, key: str, value: Any) -> None:
         value = int(value)
     if type(value) is not typ:  # exactly: a bool is not an int here
         raise ConfigError(f"{key}={value!r}: expected {EXPECTED[typ]}", key)
-    setattr(target, name, value)
+    _assign(target, name, value)

@@ -3,7 +3,9 @@ model, and export ours to a directory that `transformers` loads with no network.
 
 HF's GPT-2 uses Conv1D layers whose weights are stored [in, out]; ours are nn.Linear [out, in], so
 those four weights are transposed each way. HF saves lm_head tied (omitted); padded vocab rows are
-trimmed on export."""
+trimmed on export and added on load (padded as our presets are, so the rows the chat tokens take
+exist without resizing). A chat model's export carries the chat tokens as special tokens, the chat
+template and a generation config that stops at the end of the assistant's turn."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import checkpoint
+from . import chat, checkpoint
 from .config import ConfigError, GPTConfig
 from .errors import UserError
 from .fsio import AtomicDir, default_permissions, remove_leftovers
@@ -27,6 +29,8 @@ from .tokenizer import EOT_ID, write_hf_tokenizer
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 IGNORED_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in older HF checkpoints
+VOCAB_MULTIPLE = 64  # as our presets pad: 50257 -> 50304 rows
+CHAT_KEY = "gpt2repro_chat"  # config.json of a chat export (transformers keeps unknown keys)
 
 
 class HFError(UserError, RuntimeError):
@@ -83,6 +87,8 @@ def config_from_hf(hf: dict) -> GPTConfig:
             n_head=hf["n_head"],
             n_embd=hf["n_embd"],
             layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+            vocab_multiple=VOCAB_MULTIPLE,
+            chat=hf.get(CHAT_KEY) is True,
         ).validate()
     except KeyError as e:
         raise HFError(f"config.json lacks the GPT-2 field {e.args[0]!r}") from None
@@ -109,13 +115,24 @@ def load_hf(name_or_dir: str | os.PathLike) -> GPT:
         state = {f"transformer.{k}": v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.endswith(IGNORED_BUFFERS)}
     state = {k: v.t() if k.endswith(CONV1D) else v for k, v in state.items()}
-    state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
+    if "transformer.wte.weight" in state:  # tied: lm_head is the embedding (HF saves it once)
+        state["transformer.wte.weight"] = state["lm_head.weight"] = _pad_rows(
+            state["transformer.wte.weight"], config
+        )
     model = GPT(config)
     try:
         load_state_strict(model, state)
     except WeightsMismatch as e:
         raise HFError(f"{directory}: weights do not fit the model ({e})") from None
     return model
+
+
+def _pad_rows(wte: torch.Tensor, config: GPTConfig) -> torch.Tensor:
+    """The embedding with the padded rows our model has: zeros, never predicted nor read as input."""
+    missing = config.padded_vocab_size - wte.size(0)
+    if wte.size(0) != config.vocab_size or missing <= 0:
+        return wte  # a mismatch is left for load_state_strict to name
+    return torch.cat([wte, wte.new_zeros(missing, wte.size(1))])
 
 
 def hf_config(config: GPTConfig) -> dict:
@@ -141,6 +158,7 @@ def hf_config(config: GPTConfig) -> dict:
         "eos_token_id": EOT_ID,
         "use_cache": True,
         "torch_dtype": "float32",
+        **({CHAT_KEY: True} if config.chat else {}),
     }
 
 
@@ -179,7 +197,19 @@ def _export(model: GPT, out: Path) -> Path:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         default_permissions(tmp / "model.safetensors")  # safetensors writes it 0600
         (tmp / "config.json").write_text(json.dumps(hf_config(config), indent=2))
-        gen = {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "do_sample": True}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        write_hf_tokenizer(tmp, model_max_length=config.block_size)
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2))
+        chat_files = dict(special=chat.TOKEN_IDS, chat_template=chat.CHAT_TEMPLATE) if config.chat else {}
+        write_hf_tokenizer(tmp, model_max_length=config.block_size, **chat_files)
     return out
+
+
+def generation_config(config: GPTConfig) -> dict:
+    """A chat model's replies stop at the end of the assistant's turn (or at <|endoftext|>)."""
+    if not config.chat:
+        return {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "do_sample": True}
+    return {
+        "bos_token_id": EOT_ID,
+        "eos_token_id": [chat.ASSISTANT_END_ID, EOT_ID],
+        "pad_token_id": EOT_ID,
+        "do_sample": True,
+    }

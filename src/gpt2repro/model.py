@@ -129,12 +129,20 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def copy_weights_from(self, other: GPT) -> None:
-        """Start from `other`'s weights (same architecture; the vocabulary may be padded otherwise):
-        the real vocabulary's rows are copied, padded rows keep their initialisation."""
+        """Start from `other`'s weights (same architecture; the vocabulary may be padded otherwise,
+        and may lack tokens this one has: the chat tokens, when a base model becomes a chat model).
+        The rows both vocabularies hold are copied. A row `other` lacks starts at the mean of the
+        copied rows plus its own initialisation (N(0, 0.02)): predicted about as likely as an average
+        token at first, so the first steps see no huge loss, and told apart from the other new rows.
+        Padded rows keep their initialisation."""
         state = other.state_dict()
         wte = self.transformer.wte.weight.detach().clone()
         vocab = self.config.vocab_size
-        wte[:vocab] = state["transformer.wte.weight"][:vocab]
+        source = state["transformer.wte.weight"]
+        shared = min(vocab, other.config.vocab_size, source.size(0))
+        wte[:shared] = source[:shared]
+        if shared < vocab:
+            wte[shared:vocab] += source[:shared].mean(0)
         state["transformer.wte.weight"] = state["lm_head.weight"] = wte
         load_state_strict(self, state)
 
@@ -179,15 +187,20 @@ class GPT(nn.Module):
         return self.lm_head(h)[..., : self.config.vocab_size]
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(logits, None) without targets; (None, mean cross-entropy) with them. Training never
+        """(logits, None) without targets; (None, cross-entropy) with them: the mean, or with
+        reduction="sum" the sum over targets >= 0 (-1: a token not learned). Training never
         materialises the (B, T, vocab) logits: see `linear_cross_entropy`."""
         h = self.hidden(idx)
         if targets is None:
             return self.logits(h), None
         return None, linear_cross_entropy(
-            h.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.config.vocab_size
+            h.flatten(0, 1),
+            self.lm_head.weight,
+            targets.flatten(),
+            self.config.vocab_size,
+            reduction=reduction,
         )
 
     def flops_per_token(self, seq_len: int) -> float:

@@ -2,7 +2,8 @@
 
 - `Linear`: nn.Linear with a faster decoding path on multi-core CPUs.
 - `linear_cross_entropy`: the lm_head and the cross-entropy fused, chunk by chunk, so training never
-  holds the (tokens x vocabulary) logits.
+  holds the (tokens x vocabulary) logits; its `sum` reduction ignores negative targets (the tokens a
+  chat fine-tune does not learn).
 """
 
 from __future__ import annotations
@@ -102,10 +103,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     token's loss) is ten times smaller than that of the bf16 logits themselves. p[target] underflows
     only when the target's logit is ~87 below the log-sum-exp (fp32 and bf16 share the exponent
     range); fp16, whose softmax would underflow 17 nats below it, never comes here
-    (see `linear_cross_entropy`)."""
+    (see `linear_cross_entropy`). `masked`: the sum over the targets >= 0, the others ignored (no
+    loss, zero gradient); otherwise the mean over all rows, every target a class."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, vocab, chunk, need_grad):
+    def forward(ctx, h, weight, targets, vocab, chunk, need_grad, masked):
         device_type = h.device.type
         compute = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
@@ -128,12 +130,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits[:, vocab:] = float("-inf")  # padded classes: probability exactly 0
                 grad = torch.softmax(logits, -1, out=_scratch("probs", (len(t), width), compute, dev))
                 rows = torch.arange(len(t), device=dev)  # grad becomes d(loss)/d(logits) * n
-                total -= grad[rows, t].to(acc).log().sum()
+                if masked:
+                    keep = t >= 0
+                    t = t.clamp(min=0)
+                picked = grad[rows, t].to(acc).log()
+                total -= (picked.masked_fill(~keep, 0.0) if masked else picked).sum()
                 if not need_grad:  # validation: the loss alone, one matmul per chunk instead of three
                     continue
-                grad[rows, t] -= 1.0
+                grad[rows, t] -= keep.to(grad.dtype) if masked else 1.0
+                if masked:
+                    grad.masked_fill_(~keep[:, None], 0.0)  # ignored rows: no gradient at all
                 grad_h[s : s + chunk] = grad @ w
                 grad_wt = _accumulate(grad_wt, hc.t(), grad, first_of_many=n > chunk)
+            n = 1 if masked else n  # a sum: nothing to divide by
             if need_grad:
                 grad_w = torch.mul(grad_wt.t(), 1.0 / n, out=torch.empty_like(weight))
                 ctx.save_for_backward(grad_h.div_(n), grad_w)
@@ -142,18 +151,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h.mul_(grad_out), grad_w.mul_(grad_out), None, None, None, None  # once per forward
+        return grad_h.mul_(grad_out), grad_w.mul_(grad_out), None, None, None, None, None  # once per forward
 
 
 def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab: int) -> torch.Tensor:
     logits = F.linear(h, weight)  # the autocast dtype, at the padded width
-    return F.cross_entropy(logits[:, :vocab].float(), targets, reduction="sum")
+    return F.cross_entropy(logits[:, :vocab].float(), targets, reduction="sum", ignore_index=-1)
 
 
-def _recomputed_cross_entropy(h, weight, targets, vocab: int, chunk: int) -> torch.Tensor:
+def _recomputed_cross_entropy(
+    h, weight, targets, vocab: int, chunk: int, masked: bool = False
+) -> torch.Tensor:
     """The same loss through autograd, a chunk at a time, each chunk's logits recomputed in backward:
     for fp16, whose gradients must be formed in backward, where GradScaler's scale keeps them from
-    underflowing and its inf check sees them (costs one more lm_head matmul than the fused path)."""
+    underflowing and its inf check sees them (costs one more lm_head matmul than the fused path).
+    `masked`: the sum over targets >= 0 (the -1 of the loader's masks ignored), not the mean."""
     total = h.new_zeros((), dtype=torch.float32)
     for s in range(0, h.size(0), chunk):
         part = (h[s : s + chunk], weight, targets[s : s + chunk], vocab)
@@ -161,17 +173,27 @@ def _recomputed_cross_entropy(h, weight, targets, vocab: int, chunk: int) -> tor
             total = total + torch.utils.checkpoint.checkpoint(_chunk_loss, *part, use_reentrant=False)
         else:
             total = total + _chunk_loss(*part)
-    return total / h.size(0)
+    return total if masked else total / h.size(0)
 
 
 @torch.compiler.disable  # runs as written under torch.compile: it is already fused by hand
 def linear_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab: int, chunk: int = 2048
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    vocab: int,
+    chunk: int = 2048,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """lm_head + mean cross-entropy over rows of h (N, C); only weight's first `vocab` rows are
-    classes, so padded ids are never predicted. Fused by hand, except under fp16 autocast."""
+    """lm_head + cross-entropy over rows of h (N, C); only weight's first `vocab` rows are classes,
+    so padded ids are never predicted. `mean`: over all rows (every target a class); `sum`: over the
+    targets >= 0, negative ones ignored (a loss mask; the caller divides by the count it wants, e.g.
+    a whole step's learned tokens). Fused by hand, except under fp16 autocast."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction={reduction!r}: expected mean or sum")
+    masked = reduction == "sum"
     device_type = h.device.type
     if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16:
-        return _recomputed_cross_entropy(h, weight, targets, vocab, chunk)
+        return _recomputed_cross_entropy(h, weight, targets, vocab, chunk, masked)
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(h, weight, targets, vocab, chunk, need_grad)
+    return _LinearCrossEntropy.apply(h, weight, targets, vocab, chunk, need_grad, masked)

@@ -57,6 +57,7 @@ def _with_pretrained_architecture(cfg: TrainConfig, info: DistInfo) -> tuple[Tra
     pretrained = load_pretrained(cfg.init_from)
     stated = cfg.model
     model = dataclasses.replace(pretrained.config, vocab_multiple=stated.vocab_multiple)
+    model = model.as_chat() if stated.chat else model  # a chat run adds the chat tokens to the weights'
     changed = [f"{k}={v}" for k, v in dataclasses.asdict(model).items() if getattr(stated, k) != v]
     if changed and info.is_main:  # a config file's [model] keys may say otherwise: say who won
         print(

@@ -106,6 +106,25 @@ def _finetune() -> TrainConfig:
     )
 
 
+def _sft() -> TrainConfig:
+    """Supervised fine-tuning on conversations (`prepare --chat`): a pretrained GPT-2 gains the chat
+    tokens and learns the assistant's turns. A larger LR than `finetune` (the chat tokens start from
+    nothing), validation on held-out conversations, samples that answer prompts; not tuned."""
+    return dataclasses.replace(
+        _finetune(),
+        model=model_config("gpt2", vocab_multiple=64).as_chat(),
+        max_steps=300,
+        warmup_steps=10,
+        max_lr=1e-4,
+        val_every=50,
+        sample_every=100,
+        sample_prompt="Hello! Who are you?",
+        sample_count=2,
+        sample_tokens=48,
+        ckpt_every=100,
+    )
+
+
 TRAIN_PRESETS = {
     "gpt2-124m-10B": _gpt2_124m_10b,
     "gpt2-124m-40B": _gpt2_124m_40b,
@@ -116,6 +135,7 @@ TRAIN_PRESETS = {
     "gpt3-xl": lambda: _gpt3("gpt3-xl", 2.0e-4, 1048576),
     "gpt3-2.7b": lambda: _gpt3("gpt3-2.7b", 1.6e-4, 1048576),
     "finetune": _finetune,
+    "sft": _sft,
     "cpu-tiny": lambda: _cpu("cpu-tiny", micro=8, seq=128, accum=2, steps=60, lr=3e-3),
     "cpu-demo": lambda: _cpu("cpu-demo", micro=8, seq=256, accum=2, steps=400, lr=2e-3),
     # the recipe on CPU: in make demo's time, the val loss AdamW needs twice the steps for (README)
@@ -132,11 +152,11 @@ def _refuse_architecture_with_init_from(cfg: TrainConfig, overrides: list[str]) 
         (o.split("=", 1)[1] for o in overrides if o.strip().startswith("init_from=")), cfg.init_from
     )
     architecture = [o.split("=")[0].strip() for o in overrides if o.strip().startswith("model.")]
-    conflicts = [k for k in architecture if k != "model.vocab_multiple"]
+    conflicts = [k for k in architecture if k not in ("model.vocab_multiple", "model.chat")]
     if init_from and conflicts:
         raise ConfigError(
             f"{conflicts[0]} cannot be set with init_from={init_from}: the architecture comes from the "
-            "weights (only model.vocab_multiple may be)"
+            "weights (only model.vocab_multiple and model.chat may be)"
         )
 
 

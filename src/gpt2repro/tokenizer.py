@@ -85,8 +85,14 @@ def hf_vocab_and_merges(enc: tiktoken.Encoding) -> tuple[dict[str, int], list[st
     return vocab, merges
 
 
-def write_hf_tokenizer(out_dir: str | os.PathLike, model_max_length: int = 1024) -> None:
-    """vocab.json, merges.txt and tokenizer_config.json that `AutoTokenizer` loads with no network."""
+def write_hf_tokenizer(
+    out_dir: str | os.PathLike,
+    model_max_length: int = 1024,
+    special: dict[str, int] | None = None,
+    chat_template: str | None = None,
+) -> None:
+    """vocab.json, merges.txt and tokenizer_config.json that `AutoTokenizer` loads with no network;
+    a chat model's tokens (`special`, after <|endoftext|>) as special tokens, with its template."""
     out = Path(out_dir)
     vocab, merges = hf_vocab_and_merges(get_tokenizer())
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
@@ -99,7 +105,23 @@ def write_hf_tokenizer(out_dir: str | os.PathLike, model_max_length: int = 1024)
         "eos_token": EOT,
         "unk_token": EOT,
     }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    if special:
+        tokens = {EOT: EOT_ID, **special}
+        config["added_tokens_decoder"] = {
+            str(i): {
+                "content": t,
+                "special": True,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "single_word": False,
+            }
+            for t, i in tokens.items()
+        }
+        config["additional_special_tokens"] = list(special)
+    if chat_template:
+        config["chat_template"] = chat_template
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     (out / "special_tokens_map.json").write_text(
         json.dumps({k: EOT for k in ("bos_token", "eos_token", "unk_token")})
     )

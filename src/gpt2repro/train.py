@@ -207,18 +207,26 @@ class Trainer:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
-        for micro in range(self.plan.accum):
-            x, y = self.train_loader.next_batch()
+        for micro, (x, y) in enumerate(self.micro_batches()):
             set_grad_sync(self.model, self.raw, self.cfg, self.info, micro == self.plan.accum - 1)
             with autocast(self.device, self.plan.dtype):
-                _, loss = self.model(x, y)
-            loss = loss / self.plan.accum
+                _, loss = self.model(x, y, reduction=self.reduction)
+            loss = loss / self.divisor
             loss_sum += loss.detach()
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if self.scaler is not None:
             for opt in self.optimizers:
                 self.scaler.unscale_(opt)
         return float(all_reduce_mean(loss_sum))
+
+    # each micro-batch's mean loss over accum: the step's mean (sft.SFTTrainer sums, then divides
+    # by the step's count of learned tokens)
+    reduction = "mean"
+
+    def micro_batches(self):
+        """The step's micro-batches, read one at a time (setting `divisor`)."""
+        self.divisor = self.plan.accum
+        return (self.train_loader.next_batch() for _ in range(self.plan.accum))
 
     def train_step(self, step: int) -> dict:
         """One optimizer step; returns what is logged about it."""
@@ -269,11 +277,15 @@ class Trainer:
             if hellaswag_due:
                 out["hellaswag_acc_norm"] = self.eval_hellaswag(step)
             if sample_due:
-                texts = sample_text(
-                    self.raw, cfg.sample_prompt, cfg.sample_count, cfg.sample_tokens, seed=42 + self.info.rank
-                )
-                self.logger.sample(step, texts)
+                self.logger.sample(step, self.samples())
         return out
+
+    def samples(self) -> list[str]:
+        """The in-loop samples: continuations of sample_prompt."""
+        cfg = self.cfg
+        return sample_text(
+            self.raw, cfg.sample_prompt, cfg.sample_count, cfg.sample_tokens, seed=42 + self.info.rank
+        )
 
     @torch.no_grad()
     def validation_loss(self) -> float:
@@ -328,17 +340,19 @@ class Trainer:
         self.checkpoints.save(step, self.raw, self.optimizers, self.train_loader, metrics)
 
 
-def train(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path) -> dict:
-    """Run (or resume) training; returns a summary of the last step. `cfg` is not changed."""
+def train(
+    cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path, trainer: type[Trainer] | None = None
+) -> dict:
+    """Run (or resume) training; returns a summary of the last step. `cfg` is not changed. `trainer`:
+    a Trainer subclass (sft.SFTTrainer for conversations)."""
     info = setup(cfg.device)
     run_dir = Path(run_dir)
-    trainer = None
     try:
         with run_lock(run_dir, info):  # one writer per run directory
-            trainer = Trainer(resolve(cfg, info), Path(data_dir), run_dir)
+            run = (trainer or Trainer)(resolve(cfg, info), Path(data_dir), run_dir)
             if info.is_main:
-                trainer.checkpoints.warn_about_space(trainer.raw, trainer.optimizers)
-            return trainer.fit()
+                run.checkpoints.warn_about_space(run.raw, run.optimizers)
+            return run.fit()
     except WriteError as e:  # a full, read-only or vanished disk: say what a resume starts from
         good = Checkpointer(run_dir, cfg, info, print).last_good()
         raise WriteError(f"{e}; {good}") from None

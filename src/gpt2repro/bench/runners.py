@@ -28,6 +28,7 @@ from ..distributed import pick_device
 from ..mfu import Peak, gemm_flops, median_time, synchronize
 from ..model import GPT
 from ..precision import autocast, enable_tf32, torch_dtype
+from .chat import bench_chat
 from .common import BenchError, bench_dtypes, machine_info, size_config, table
 from .inference import bench_generate, bench_hellaswag
 from .learn import bench_learn
@@ -258,6 +259,7 @@ def run(
         "prepare": lambda: bench_prepare(repeats),
         "memory": lambda: bench_memory(size),
         "learn": lambda: bench_learn(**(learn or {})),
+        "chat": lambda: bench_chat(repeats, device),
     }
     rows = runners[what]()
     print(table(rows))

@@ -9,6 +9,8 @@ ranks are disjoint and together cover the epoch. An optimizer step consumes `ste
 (grad_accum x W, fixed by the global batch), and the epoch is cut to a multiple of it, so the
 windows of each step are the same on any number of ranks. The state is (epoch, windows consumed in
 it), world-size free: a run resumes on any number of ranks that divides its global batch.
+With `masks` (conversation data, `prepare --chat`), targets that are not learned read -1, which the
+loss ignores.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .shards import ShardError, find_shards, read_shard
+from .shards import ShardError, find_shards, mask_path, read_mask, read_shard
 
 
 class DataLoader:
@@ -36,6 +38,7 @@ class DataLoader:
         device: str | torch.device = "cpu",
         vocab_size: int | None = None,
         step_windows: int | None = None,
+        masks: bool = False,
     ):
         step_windows = step_windows or world_size
         if not 0 <= rank < world_size:
@@ -48,6 +51,12 @@ class DataLoader:
         self.device = torch.device(device)
         self.paths = find_shards(data_dir, split)
         self.shards = [read_shard(p) for p in self.paths]
+        self.masks = [read_mask(p, len(s)) for p, s in zip(self.paths, self.shards)] if masks else None
+        if not masks and mask_path(self.paths[0]).is_file():
+            raise ShardError(
+                f"{data_dir} holds conversations with loss masks: fine-tune a chat model on them "
+                "(the sft preset, or model.chat=true)"
+            )
         window = batch_size * seq_len
         self.windows = [(len(s) - 1) // window for s in self.shards]
         if max(self.windows) == 0:
@@ -94,6 +103,11 @@ class DataLoader:
                 f"(tokens {start}..{start + self.B * self.T})"
             )
         x, y = buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+        if self.masks is not None:  # targets not learned: -1, ignored by the loss
+            learned = torch.from_numpy(
+                self.masks[shard][start + 1 : start + self.B * self.T + 1].astype(bool)
+            )
+            y = y.masked_fill(~learned.view(self.B, self.T), -1)
         if self.device.type == "cuda":  # pinned host memory lets the copy overlap compute
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(
                 self.device, non_blocking=True

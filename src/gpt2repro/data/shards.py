@@ -134,3 +134,21 @@ def verify_shards(data_dir: str | os.PathLike, rank: int = 0, world_size: int = 
         elif sha256_file(path) != expected:
             problems.append(f"{path}: sha256 mismatch (corrupted or changed since prepare)")
     return len(mine), problems
+
+
+def mask_path(shard: str | os.PathLike) -> Path:
+    """Where the loss mask of a conversation shard lives: `train_000001.bin` -> `train_000001.mask`."""
+    return Path(shard).with_suffix(".mask")
+
+
+def read_mask(shard: str | os.PathLike, count: int) -> np.ndarray:
+    """A read-only memory map of the shard's loss mask: one byte per token, 1 where training learns
+    the token (`prepare --chat` writes it beside the shard; the shard's header holds the count)."""
+    path = mask_path(shard)
+    if not path.is_file():
+        raise ShardError(
+            f"{path}: no loss mask beside {Path(shard).name} (conversation data comes from prepare --chat)"
+        )
+    if path.stat().st_size != count:
+        raise ShardError(f"{path}: {path.stat().st_size} bytes, but its shard holds {count} tokens")
+    return np.memmap(path, dtype=np.uint8, mode="r", shape=(count,))

@@ -274,8 +274,8 @@ def _open_stream(stream: Stream, revision: str | None):
     return ds.to_iterable_dataset()
 
 
-def iter_stream(stream: Stream, revision: str | None, field: str, skip: int) -> Iterator[str]:
-    """The stream's `field` values from document `skip` on."""
+def iter_stream(stream: Stream, revision: str | None, field: str | None, skip: int) -> Iterator:
+    """The stream's `field` values (whole rows for None) from document `skip` on."""
     where = f"{stream.dataset} ({stream.name or 'default'}, {stream.split})"
     try:
         ds = _open_stream(stream, revision)
@@ -293,9 +293,9 @@ def iter_stream(stream: Stream, revision: str | None, field: str, skip: int) -> 
             "offline machines: download its parquet files elsewhere and pass them with --source"
         ) from None
     for row in itertools.chain([first] if first is not None else [], rows):
-        if field not in row:
+        if field is not None and field not in row:
             raise PrepareError(f"{where}: no column {field!r} (columns: {', '.join(row)})")
-        yield row[field]
+        yield row if field is None else row[field]  # None: whole rows (conversations)
 
 
 def open_inputs(

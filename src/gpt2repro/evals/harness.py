@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .. import chat
 from ..errors import UserError
 from ..generate import generate
 from ..model import GPT
@@ -67,13 +68,35 @@ def score_tokens(
     return out
 
 
-def make_lm(model: GPT, device: torch.device, batch_size: int = 16, dtype: str = "fp32"):
-    """An lm-eval `LM` backed by our model."""
+class _ChatText:
+    """The tokenizer's interface for prompts rendered through the chat template: their spelled-out
+    chat tokens become the tokens themselves."""
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return chat.encoding().encode(text, allowed_special="all")
+
+    def decode(self, ids: list[int]) -> str:
+        return chat.decode(ids)
+
+
+def make_lm(
+    model: GPT, device: torch.device, batch_size: int = 16, dtype: str = "fp32", chat_template: bool = False
+):
+    """An lm-eval `LM` backed by our model; `chat_template`: the harness renders prompts with ours
+    (`chat.render_text`), and generation stops at the end of the assistant's turn too."""
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-    enc = get_tokenizer()
+    enc = _ChatText() if chat_template else get_tokenizer()
 
     class GPT2ReproLM(_lm_base()):
+        tokenizer_name = "gpt2repro-chat"
+
+        def chat_template(self, chat_template=False) -> str:
+            return chat.CHAT_TEMPLATE
+
+        def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
+            return chat.render_text(chat_history, add_generation_prompt)
+
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             pairs = []
             for context, continuation in (r.args for r in requests):
@@ -100,6 +123,7 @@ def make_lm(model: GPT, device: torch.device, batch_size: int = 16, dtype: str =
             for context, kwargs in (r.args for r in requests):
                 until = kwargs.get("until") or [enc.decode([EOT_ID])]
                 until = [until] if isinstance(until, str) else until
+                until = [*until, chat.ASSISTANT_END] if chat_template else until
                 ids = enc.encode_ordinary(context)[-(model.config.block_size - 1) :]
                 steps = min(int(kwargs.get("max_gen_toks", 256)), model.config.block_size - len(ids))
                 with autocast(device, dtype):
@@ -119,9 +143,17 @@ def run_harness(
     include_path: str | None = None,
     batch_size: int = 16,
     dtype: str = "fp32",
+    apply_chat_template: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """{task: {metric: value}} for lm-eval tasks by name (local task YAMLs from `include_path`)."""
-    lm = make_lm(model, device, batch_size, dtype)  # first: a missing extra is the first error
+    """{task: {metric: value}} for lm-eval tasks by name (local task YAMLs from `include_path`);
+    `apply_chat_template`: a chat model's prompts through its template."""
+    lm = make_lm(
+        model, device, batch_size, dtype, apply_chat_template
+    )  # first: a missing extra is the first error
+    if apply_chat_template and not model.config.chat:
+        raise HarnessError(
+            "--apply-chat-template needs a chat model (model.chat=true); this one is a base model"
+        )
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -133,7 +165,14 @@ def run_harness(
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown or not tasks:
         raise HarnessError(f"unknown lm-eval task(s): {', '.join(unknown) or '(none given)'}")
-    out = simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=False)
+    out = simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        limit=limit,
+        task_manager=manager,
+        log_samples=False,
+        apply_chat_template=apply_chat_template,
+    )
     return {
         task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, float) and not math.isnan(v)}
         for task, metrics in out["results"].items()

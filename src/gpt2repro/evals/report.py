@@ -11,6 +11,8 @@ from pathlib import Path
 from ..distributed import DistInfo
 from ..fsio import WriteError, atomic_write_text
 from ..model import GPT
+from .chat import evaluate as evaluate_chat
+from .chat import summary as chat_summary
 from .harness import run_harness
 from .hellaswag import STYLES, HellaSwagError, evaluate
 
@@ -87,11 +89,25 @@ def run_harness_tasks(
     batch_size: int,
     dtype: str,
     json_out: str | None,
+    apply_chat_template: bool = False,
 ) -> dict[str, dict[str, float]]:
     """lm-eval tasks on one process: print one line per task, write the JSON."""
-    results = run_harness(model, tasks, info.device, limit, include_path, batch_size, dtype)
+    results = run_harness(
+        model, tasks, info.device, limit, include_path, batch_size, dtype, apply_chat_template
+    )
     if info.is_main:
         for task, metrics in results.items():
             print(f"{task}: " + " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
         write_outputs([(json_out, json.dumps(results, indent=2), "the results")])
     return results
+
+
+def run_chat(
+    model: GPT, data_dir: str, limit: int, max_new_tokens: int, batch_size: int, json_out: str | None
+) -> dict:
+    """`eval chat`: print the summary line, write the JSON."""
+    result = evaluate_chat(model, data_dir, limit, max_new_tokens, batch_size)
+    print(chat_summary(result))
+    if json_out:
+        atomic_write_text(json_out, json.dumps(result, indent=2))
+    return result

@@ -1,0 +1,95 @@
+"""`eval chat` (assistant-token loss, template adherence) and `eval harness --apply-chat-template`."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_harness import local_hellaswag  # noqa: F401 - a fixture
+
+from conftest import shakespeare_dialogues
+from gpt2repro import chat
+from gpt2repro.checkpoint import load_model
+from gpt2repro.cli import main
+from gpt2repro.config import model_config
+from gpt2repro.data.loader import DataLoader
+from gpt2repro.evals import chat as chat_eval
+from gpt2repro.model import GPT
+from test_cli_errors import assert_one_line_error
+
+
+def test_the_val_conversations_are_the_held_out_ones(chat_data_dir):
+    held_out = chat_eval.conversations(chat_data_dir)
+    dialogues = shakespeare_dialogues(400)
+    rendered = [chat.render(d["messages"])[:64] for d in dialogues[: len(held_out)]]
+    assert held_out == rendered and len(held_out) >= 8  # 8 rows hold at least one each, in order
+
+
+def test_adherence_and_loss_of_a_trained_and_an_untrained_model(chat_run_dir):
+    data = chat_run_dir.parent / "data"
+    trained = chat_eval.evaluate(load_model(chat_run_dir), data, limit=5, max_new_tokens=8)
+    assert (trained["ended"], trained["replies"], trained["adherence"]) == (5, 5, 1.0)
+    torch.manual_seed(0)
+    fresh = GPT(model_config("tiny").as_chat())
+    untrained = chat_eval.evaluate(fresh, data, limit=5, max_new_tokens=8)
+    assert untrained["adherence"] == 0.0 and trained["loss"] < 1.0 < untrained["loss"]
+    loader = DataLoader(data, "val", 1, 64, masks=True)  # the loss, computed directly
+    x, y = loader.next_batch()
+    with torch.no_grad():
+        ref = F.cross_entropy(fresh(x)[0].double().flatten(0, 1), y.flatten(), ignore_index=-1)
+    assert untrained["loss"] == pytest.approx(ref.item(), rel=1e-6)
+    assert (
+        untrained["learned_tokens"] == int((y >= 0).sum()) == 7 * 4
+    )  # 7 greetings a row: "Hello there." and the end
+
+
+def test_a_reply_that_runs_on_is_not_adherent(chat_run_dir):
+    data = chat_run_dir.parent / "data"
+    model = load_model(chat_run_dir)
+    assert chat_eval.adherence(model, data, 3, max_new_tokens=4) == (3, 3)  # 3 tokens, then the end
+    assert chat_eval.adherence(model, data, 3, max_new_tokens=3) == (0, 3)  # the end token would be 4th
+
+
+def test_cli_eval_chat(chat_run_dir, run_dir, data_dir, tmp_path, capsys):
+    data = chat_run_dir.parent / "data"
+    out = tmp_path / "chat.json"
+    argv = ["eval", "chat", "--checkpoint", chat_run_dir, "--data", data, "--limit", "2", "--json", out]
+    assert main([str(a) for a in argv]) == 0
+    assert "template adherence 2/2 = 1.000" in capsys.readouterr().out
+    assert json.loads(out.read_text())["replies"] == 2
+    base = ["eval", "chat", "--checkpoint", run_dir, "--data", data]
+    assert_one_line_error(capsys, base, "is a base model without chat tokens")
+    assert_one_line_error(capsys, [*argv[:6], "--limit", "0"], "--limit, --max-new-tokens and --batch-size")
+    assert_one_line_error(capsys, [*argv[:4], "--data", data_dir], "not conversation data")
+
+
+def test_harness_applies_our_chat_template(chat_run_dir, run_dir, monkeypatch, local_hellaswag):  # noqa: F811
+    pytest.importorskip("lm_eval")
+    from gpt2repro.evals import harness
+
+    seen = []
+    real = harness.score_tokens
+
+    def spy(model, pairs, *args):
+        seen.extend(pairs)
+        return real(model, pairs, *args)
+
+    monkeypatch.setattr(harness, "score_tokens", spy)
+    model = load_model(chat_run_dir)
+    tasks = local_hellaswag
+    results = harness.run_harness(
+        model, ["hellaswag_local"], torch.device("cpu"), 2, str(tasks), apply_chat_template=True
+    )
+    assert set(results["hellaswag_local"]) >= {"acc", "acc_norm"}
+    context = seen[0][0]
+    U, UE, A = (chat.TOKEN_IDS[t] for t in (chat.USER_START, chat.USER_END, chat.ASSISTANT_START))
+    assert context[:2] == [50256, U] and context[-2:] == [UE, A]  # the question as a user turn
+    with pytest.raises(harness.HarnessError, match="--apply-chat-template needs a chat model"):
+        harness.run_harness(
+            load_model(run_dir),
+            ["hellaswag_local"],
+            torch.device("cpu"),
+            2,
+            str(tasks),
+            apply_chat_template=True,
+        )
