@@ -9,7 +9,7 @@ from conftest import ROOT
 PKG = ROOT / "src" / "gpt2repro"
 # lowest first; the same list as docs/architecture.md
 LAYERS = [
-    {"__init__", "errors", "config", "configfile", "presets", "precision", "fsio", "lock"},
+    {"__init__", "errors", "config", "overrides", "configfile", "presets", "precision", "fsio", "lock"},
     {"assets"},
     {"model", "ops", "kvcache", "tokenizer", "chat"},
     {

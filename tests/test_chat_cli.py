@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from helpers import assert_one_line_error
 
 from conftest import ROOT, shared_file
 from gpt2repro import chat
@@ -16,7 +17,6 @@ from gpt2repro.cli import main
 from gpt2repro.config import model_config
 from gpt2repro.generate import GenerateError
 from gpt2repro.model import GPT
-from test_cli_errors import assert_one_line_error
 
 
 def test_message_answers_once_and_reports_the_timings(chat_run_dir, capsys):

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_one_line_error
 from test_harness import local_hellaswag  # noqa: F401 - a fixture
 
 from conftest import shakespeare_dialogues
@@ -15,7 +16,6 @@ from gpt2repro.config import model_config
 from gpt2repro.data.loader import DataLoader
 from gpt2repro.evals import chat as chat_eval
 from gpt2repro.model import GPT
-from test_cli_errors import assert_one_line_error
 
 
 def test_the_val_conversations_are_the_held_out_ones(chat_data_dir):

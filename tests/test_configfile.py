@@ -15,8 +15,9 @@ from helpers import SMALL, assert_one_line_error, events, losses
 from conftest import ROOT, shared_file
 from gpt2repro import __version__, precision
 from gpt2repro.cli import main
-from gpt2repro.config import DTYPE_NAMES, ConfigError, GPTConfig, TrainConfig, config_keys
+from gpt2repro.config import DTYPE_NAMES, ConfigError, GPTConfig, TrainConfig
 from gpt2repro.configfile import keys_table, to_toml, tomllib
+from gpt2repro.overrides import config_keys
 from gpt2repro.presets import TRAIN_PRESETS, train_config
 
 USER_PRESETS = ("gpt2-124m-10B", "gpt2-124m-40B", "gpt2-124m-muon", "finetune", "sft", "cpu-demo")

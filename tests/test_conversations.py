@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import assert_one_line_error
 
 from gpt2repro import chat
 from gpt2repro.data.conversations import data_seq_len, prepare_conversations, to_messages
 from gpt2repro.data.loader import DataLoader
 from gpt2repro.data.prepare import PrepareError
 from gpt2repro.data.shards import ShardError, find_shards, read_mask, read_shard, verify_shards
-from test_cli_errors import assert_one_line_error
 
 S, SE, U, UE, A, AE = (chat.TOKEN_IDS[t] for t in chat.CHAT_TOKENS)
 EOT = 50256

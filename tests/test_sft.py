@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import losses, run_to_end
 
 from conftest import CHAT_SMALL, shared_file
 from gpt2repro import checkpoint, sft
@@ -18,7 +19,6 @@ from gpt2repro.distributed import DistInfo
 from gpt2repro.hf import export_hf
 from gpt2repro.ops import _recomputed_cross_entropy, linear_cross_entropy
 from gpt2repro.presets import train_config
-from test_train import _run_to_end, losses
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"))
 
@@ -130,8 +130,8 @@ def test_two_ranks_take_the_step_of_one_process(chat_data_dir, tmp_path, mode):
         "val_steps=2",
         "ckpt_every=3",
     ]
-    _run_to_end([*common, "--out", str(tmp_path / "one"), "val_steps=4"])  # the windows the two ranks read
-    _run_to_end([*common, "--out", str(tmp_path / "two"), "val_steps=2", mode], nproc=2)  # DDP or FSDP2
+    run_to_end([*common, "--out", str(tmp_path / "one"), "val_steps=4"])  # the windows the two ranks read
+    run_to_end([*common, "--out", str(tmp_path / "two"), "val_steps=2", mode], nproc=2)  # DDP or FSDP2
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert one.keys() == two.keys() == {0, 1, 2}
     for step in one:

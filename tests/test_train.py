@@ -12,11 +12,12 @@ from helpers import SMALL, events, free_port, launch, losses, run_to_end, small_
 
 from gpt2repro import checkpoint
 from gpt2repro import train as tr
-from gpt2repro.config import ConfigError, apply_overrides
+from gpt2repro.config import ConfigError
 from gpt2repro.data.shards import ShardError
 from gpt2repro.distributed import DistInfo
 from gpt2repro.fsio import WriteError
 from gpt2repro.model import GPT
+from gpt2repro.overrides import apply_overrides
 from gpt2repro.plan import grad_accum_steps, resolve
 from gpt2repro.presets import train_config
 

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import CHOICES, ConfigError, TrainConfig, config_keys
+from .config import CHOICES, ConfigError, TrainConfig
+from .overrides import config_keys
 
 try:
     import tomllib

@@ -13,8 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, TrainConfig, apply_overrides, model_config, set_value
+from .config import ConfigError, TrainConfig, model_config
 from .configfile import read_config_file
+from .overrides import apply_overrides, set_value
 
 
 def _gpt3(size: str, lr: float, batch: int) -> TrainConfig:

@@ -15,10 +15,8 @@ whole rows plus one padding token (the loader reads B*T+1 tokens a batch); besid
 `train_000001.mask` holds one byte per token, 1 where the token is learned. The first rows, at least
 `val_tokens` of them, are the `val` split: held-out conversations.
 
-A bad record (not JSON, none of the layouts, unknown role, missing content, empty, an assistant
-turn first) stops the preparation with one line naming the file and line, or with `skip_bad` is
-left out and counted by kind in the manifest. After every shard the manifest records the record to
-resume from and the counts so far, so an interrupted preparation resumes to the same bytes.
+A bad record stops the preparation with one line naming file and line, or with `skip_bad` is left
+out and counted by kind. The manifest records, after every shard, the record to resume from.
 """
 
 from __future__ import annotations
