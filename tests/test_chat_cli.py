@@ -140,7 +140,7 @@ def test_chat_in_a_real_terminal(chat_run_dir, monkeypatch):
     try:
         _wait_for("you>")
         _tmux("send-keys", "-t", "chat", "Hi", "Enter")
-        _wait_for("assistant> Hello there.")
+        _wait_for("assistant> Hello there.\nyou>")  # the reply ended: the next prompt is up
         _tmux("send-keys", "-t", "chat", "/reset", "Enter")
         _wait_for("[conversation reset]")
         _tmux("send-keys", "-t", "chat", "Hi", "Enter")
