@@ -18,6 +18,7 @@ from gpt2repro.data.shards import ShardError
 from gpt2repro.distributed import DistInfo
 from gpt2repro.hf import export_hf
 from gpt2repro.ops import _recomputed_cross_entropy, linear_cross_entropy
+from gpt2repro.plan import resolve
 from gpt2repro.presets import train_config
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"))
@@ -89,10 +90,9 @@ def sft_cfg(*extra):
 
 
 def test_a_step_is_the_mean_over_every_learned_token_of_the_global_batch(chat_data_dir, tmp_path):
-    trainer = sft.SFTTrainer(
-        sft_cfg("micro_batch_size=2", "total_batch_size=256", "seed=3"), chat_data_dir, tmp_path, CPU
-    )
-    assert trainer.accum == 2
+    cfg = sft_cfg("micro_batch_size=2", "total_batch_size=256", "seed=3")
+    trainer = sft.SFTTrainer(resolve(cfg, CPU), chat_data_dir, tmp_path)
+    assert trainer.plan.accum == 2
     batches = [trainer.train_loader.next_batch() for _ in range(2)]
     trainer.train_loader.reset()
     counts = [int((y >= 0).sum()) for _, y in batches]
@@ -148,7 +148,7 @@ def test_two_ranks_take_the_step_of_one_process(chat_data_dir, tmp_path, mode):
 
 
 def test_validation_is_the_loss_over_held_out_learned_tokens(chat_data_dir, tmp_path):
-    trainer = sft.SFTTrainer(sft_cfg("val_every=1", "val_steps=3"), chat_data_dir, tmp_path, CPU)
+    trainer = sft.SFTTrainer(resolve(sft_cfg("val_every=1", "val_steps=3"), CPU), chat_data_dir, tmp_path)
     total, learned = 0.0, 0
     loader = trainer.val_loader
     loader.reset()
@@ -200,9 +200,8 @@ def test_sft_of_the_tiny_hf_checkpoint_validates_samples_and_resumes(chat_data_d
 
 def test_sft_of_an_export_of_ours(run_dir, chat_data_dir, tmp_path):
     exported = export_hf(checkpoint.load_model(run_dir), tmp_path / "export")
-    trainer = sft.SFTTrainer(
-        train_config("sft", [f"init_from={exported}", *CHAT_SMALL[4:]]), chat_data_dir, tmp_path / "r", CPU
-    )
+    cfg = train_config("sft", [f"init_from={exported}", *CHAT_SMALL[4:]])
+    trainer = sft.SFTTrainer(resolve(cfg, CPU), chat_data_dir, tmp_path / "r")
     base = checkpoint.load_model(run_dir)
     assert trainer.cfg.model.chat and trainer.cfg.model.n_embd == base.config.n_embd
     torch.testing.assert_close(
