@@ -1,4 +1,4 @@
-"""The `gpt2repro` command: prepare, train, eval, sample, export, plot, bench, presets.
+"""The `gpt2repro` command: prepare, train, eval, sample, serve, export, plot, bench, presets.
 
 Every known kind of bad input ends in one line on stderr, `gpt2repro: error: ...`, and exit code 2.
 Output piped into a reader that stops early (`| head`) ends quietly. Everything that needs torch
@@ -80,6 +80,22 @@ def cmd_sample(args) -> None:
         model, args.prompt, args.n, args.max_new_tokens, args.temperature, args.top_k, args.seed
     ):
         print(f"> {text}")
+
+
+def cmd_serve(args) -> None:
+    if args.max_concurrency < 1 or not 0 < args.port < 65536:
+        raise UserError("--max-concurrency must be at least 1 and --port between 1 and 65535")
+    if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
+        raise UserError("--max-tokens-limit must be at least 1")
+    from .distributed import pick_device
+    from .serve.run import model_name, serve, served_model, uvicorn_module
+
+    uvicorn_module()  # the missing extra named before the model loads
+    model = _load(args, pick_device(args.device))
+    served = served_model(model, model_name(args.checkpoint, args.hf), args.max_concurrency)
+    if args.api_key is None:
+        print("gpt2repro serve: no --api-key: anyone who can reach the port can use it", file=sys.stderr)
+    serve(served, args.host, args.port, args.api_key, args.max_tokens_limit)
 
 
 def cmd_export(args) -> None:
@@ -215,6 +231,7 @@ COMMANDS = {
     "prepare": cmd_prepare,
     "train": cmd_train,
     "sample": cmd_sample,
+    "serve": cmd_serve,
     "export": cmd_export,
     "eval": cmd_eval,
     "plot": cmd_plot,

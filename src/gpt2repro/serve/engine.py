@@ -59,7 +59,7 @@ def _infos(logits: torch.Tensor, ids: list[int], top: int) -> list[TokenInfo]:
     best = torch.topk(logp, top, dim=-1) if top else None
     out = []
     for r, (i, lp) in enumerate(zip(ids, chosen)):
-        alts = list(zip(best.indices[r].tolist(), best.values[r].tolist())) if best is not None else None
+        alts = list(zip(best.indices[r].tolist(), best.values[r].tolist())) if best is not None else []
         out.append(TokenInfo(i, lp, alts))
     return out
 
