@@ -83,8 +83,8 @@ def cmd_sample(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    if args.max_concurrency < 1 or not 0 < args.port < 65536:
-        raise UserError("--max-concurrency must be at least 1 and --port between 1 and 65535")
+    if args.max_concurrency < 1 or not 0 <= args.port < 65536:
+        raise UserError("--max-concurrency must be at least 1 and --port between 0 (any free one) and 65535")
     if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
         raise UserError("--max-tokens-limit must be at least 1")
     from .distributed import pick_device

@@ -6,7 +6,6 @@ web framework."""
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 
 MAX_N = 32  # choices per request: more would hold the engine's slots for one client

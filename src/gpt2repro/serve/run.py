@@ -5,6 +5,7 @@ for tests and `bench serve`."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -89,9 +90,13 @@ def serve(served: Served, host: str, port: int, api_key: str | None, max_tokens_
     app = create_app(served, api_key, max_tokens_limit)
     config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=GRACE, log_level="info")
     server = uvicorn.Server(config)
+    # uvicorn stops gracefully on SIGTERM, then raises it again for the handler it found: a no-op one
+    # lets the engine stop and the command exit 0
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         server.run()
     finally:
+        signal.signal(signal.SIGTERM, previous)
         served.engine.stop()
     if not server.started:
         raise ServeError(f"could not listen on {host}:{port} (is the port taken?)")
