@@ -324,3 +324,38 @@ def test_sigterm_lets_an_in_flight_stream_finish_then_exits(run_dir, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_chat_completions_through_a_chat_format_streamed_and_not(model, enc):
+    """A stand-in chat format (messages' text in turn; a reply ends at a token the model greedily
+    draws) in place of a chat model's template: the messages reach the model, the end token stops the
+    reply and is not part of it."""
+    from gpt2repro.serve.run import ChatFormat
+
+    render = lambda messages: enc.encode("".join(f"{m['role']}: {m['content']}\n" for m in messages))  # noqa: E731
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who art thou?"}]
+    prompt = torch.tensor([render(messages)])
+    alone = generate(model, prompt, 30, temperature=0)[0, prompt.size(1) :].tolist()
+    end = alone[4]
+    expected = alone[: alone.index(end)]
+    served = served_model(model, "chat-model", 4)
+    served.chat = ChatFormat(render, frozenset({end}), enc.decode_single_token_bytes)
+    try:
+        with ServerThread(create_app(served)) as s:
+            client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+            r = client.chat.completions.create(
+                model="chat-model", messages=messages, max_tokens=30, temperature=0
+            )
+            chunks = list(
+                client.chat.completions.create(
+                    model="chat-model", messages=messages, max_tokens=30, temperature=0, stream=True
+                )
+            )
+    finally:
+        served.engine.stop()
+    assert r.choices[0].message.content == enc.decode(expected)
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.prompt_tokens == prompt.size(1) and r.usage.completion_tokens == len(expected) + 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == r.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
