@@ -18,7 +18,15 @@ LAYERS = [
     {"train", "plan", "checkpointer", "metrics"},
     {"evals.report", "evals.harness", "plot", "serve.engine", "serve.protocol", "serve.text"}
     | {"serve.generation", "serve.app", "serve.run"},
-    {"bench.names", "bench.reference", "bench.common", "bench.inference", "bench.learn", "bench.runners"},
+    {
+        "bench.names",
+        "bench.reference",
+        "bench.common",
+        "bench.inference",
+        "bench.learn",
+        "bench.runners",
+        "bench.serving",
+    },
     {"cli", "cliargs", "__main__"},
 ]
 LAYER = {m: i for i, layer in enumerate(LAYERS) for m in layer}

@@ -359,3 +359,14 @@ def test_chat_completions_through_a_chat_format_streamed_and_not(model, enc):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == r.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
+
+
+def test_bench_serve_measures_batched_against_one_at_a_time():
+    from gpt2repro.bench.serving import bench_serve
+
+    rows = bench_serve("4x256", 1, torch.device("cpu"), requests=4, new_tokens=3)
+    assert [(r["server"], r["clients"]) for r in rows] == [
+        (server, c) for server in ("batched (16 slots)", "one at a time") for c in (1, 4, 16)
+    ]
+    for r in rows:  # every request generated its 3 tokens
+        assert r["gen tok/s"] == pytest.approx(3 * r["req/s"], rel=0.05)

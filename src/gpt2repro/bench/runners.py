@@ -35,6 +35,15 @@ from .names import BASELINES, TRAIN_MODES, WHAT
 from .reference import HFWrapper, RefGPT
 
 PEAK_SIZES = (1024, 2048)
+
+
+def _bench_serve(size: str, repeats: int, device: torch.device) -> list[dict]:
+    """Imported here: it needs the serve extra, which no other benchmark does."""
+    from .serving import bench_serve
+
+    return bench_serve(size, repeats, device)
+
+
 MEMORY_BATCH = 4  # sequences per step in `bench memory`: enough for activations to dominate
 
 
@@ -258,6 +267,7 @@ def run(
         "prepare": lambda: bench_prepare(repeats),
         "memory": lambda: bench_memory(size),
         "learn": lambda: bench_learn(**(learn or {})),
+        "serve": lambda: _bench_serve(size, repeats, device),
     }
     rows = runners[what]()
     print(table(rows))
