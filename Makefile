@@ -7,7 +7,7 @@ SHARED  := $(abspath ../shared/data)
 # Tests and the demo read local copies of external files from here when it exists.
 export GPT2REPRO_ASSETS ?= $(if $(wildcard $(SHARED)),$(SHARED),)
 
-.PHONY: venv test lint demo bench clean
+.PHONY: venv test test-fast lint demo bench clean
 
 venv: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ $(VENV)/.installed: pyproject.toml
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# the developers' quick loop: everything but the multi-process, subprocess-heavy and long tests
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks scripts

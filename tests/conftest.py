@@ -66,24 +66,11 @@ def data_dir(tmp_path_factory, enc):
 @pytest.fixture(scope="session")
 def run_dir(data_dir, tmp_path_factory):
     """A finished 2-step run of a tiny model: a checkpoint to sample, export, evaluate and break."""
-    from gpt2repro.presets import train_config
+    from helpers import small_cfg
+
     from gpt2repro.train import train
 
     run = tmp_path_factory.mktemp("run")
-    cfg = train_config(
-        "cpu-tiny",
-        [
-            "model.n_layer=2",
-            "model.n_embd=64",
-            "model.n_head=2",
-            "micro_batch_size=2",
-            "seq_len=32",
-            "total_batch_size=64",
-            "max_steps=2",
-            "val_every=0",
-            "hellaswag_every=0",
-            "sample_every=0",
-        ],
-    )
+    cfg = small_cfg("model.block_size=256", "micro_batch_size=2", "total_batch_size=64", "max_steps=2")
     train(cfg, data_dir, run)
     return run

@@ -13,6 +13,7 @@ from gpt2repro.bench import runners as bench
 from gpt2repro.bench.reference import RefGPT
 
 
+@pytest.mark.slow
 def test_bench_peak_and_train_write_json(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench, "PEAK_SIZES", (256,))
     out = bench.run("peak", repeats=1, json_out=str(tmp_path / "peak.json"))
@@ -45,6 +46,7 @@ def test_reference_model_computes_the_same_function():
         torch.testing.assert_close(ours(x, y)[1], ref(x, y)[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bench_hellaswag_checks_predictions_agree(monkeypatch):
     shared_file("hellaswag_val.jsonl.gz")
     rows = bench.bench_hellaswag("4x256", repeats=1, device=torch.device("cpu"), n_examples=12)
@@ -57,12 +59,14 @@ def test_bench_hellaswag_checks_predictions_agree(monkeypatch):
     assert first["batched"]["flop_ratio"] > 1
 
 
+@pytest.mark.slow
 def test_bench_prepare_compares_workers():
     shared_file("tinyshakespeare.txt")
     rows = bench.bench_prepare(repeats=1)
     assert rows[-1]["workers"] == 1 and rows[0]["tokens"] == rows[-1]["tokens"] > 0
 
 
+@pytest.mark.slow
 def test_bench_prepare_without_a_mirror_uses_tiny_shakespeare(monkeypatch):
     from gpt2repro import assets
 
@@ -74,6 +78,7 @@ def test_bench_prepare_without_a_mirror_uses_tiny_shakespeare(monkeypatch):
     assert rows[0]["documents"] == 16 * len(lines) and rows[0]["tokens"] > 0
 
 
+@pytest.mark.slow
 def test_demo_script_end_to_end(tmp_path):
     shared_file("tinyshakespeare.txt")
     shared_file("hellaswag_val.jsonl.gz")
@@ -109,6 +114,7 @@ def test_demo_script_end_to_end(tmp_path):
     assert summary == [line for line in again.stdout.splitlines() if "last val loss" in line]
 
 
+@pytest.mark.slow
 def test_bench_memory_runs_each_mode_in_a_fresh_process():
     rows = bench.run("memory", size="4x256", repeats=1)["results"]
     assert [r["activation_checkpointing"] for r in rows] == ["none", "full"]
@@ -125,6 +131,7 @@ def test_bench_memory_shows_activation_checkpointing_saving_memory():
     assert full["saved_mb"] < 0.35 * none["saved_mb"] and none["saved_mb"] > 500
 
 
+@pytest.mark.slow
 def test_demo_script_trains_the_preset_it_is_given(tmp_path):
     shared_file("tinyshakespeare.txt")
     small = ["max_steps=1", "val_steps=1", "hellaswag_every=0", "sample_every=0", "compile=false"]

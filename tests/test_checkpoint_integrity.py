@@ -7,13 +7,13 @@ import json
 import shutil
 
 import pytest
+from helpers import losses, small_cfg
 
 from gpt2repro import checkpoint
 from gpt2repro import train as tr
 from gpt2repro.cli import main
 from gpt2repro.data.loader import DataLoader
 from gpt2repro.fsio import sha256_file
-from test_train import losses, small_cfg
 
 CFG = ["ckpt_every=1", "keep_last=3", "shuffle=true"]
 FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "config.json", "state.json")

@@ -3,15 +3,10 @@
 import json
 
 import pytest
+from helpers import assert_one_line_error
 
 from conftest import shared_file
 from gpt2repro.cli import main
-
-
-def one_line_error(capsys, argv, message):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("gpt2repro: error: ") and message in err, err
 
 
 def test_sample_from_checkpoint(run_dir, capsys):
@@ -67,31 +62,31 @@ def test_eval_hellaswag_cli_writes_json_and_predictions(tmp_path, capsys):
 
 
 def test_bad_inputs_are_one_line_errors(run_dir, tmp_path, capsys, data_dir):
-    one_line_error(
+    assert_one_line_error(
         capsys, ["sample", "--hf", str(tmp_path / "missing")], "not a directory and not a hub name"
     )
-    one_line_error(capsys, ["sample", "--checkpoint", str(tmp_path / "missing")], "not a checkpoint")
-    one_line_error(
+    assert_one_line_error(capsys, ["sample", "--checkpoint", str(tmp_path / "missing")], "not a checkpoint")
+    assert_one_line_error(
         capsys,
         ["train", "--preset", "nope", "--data", str(data_dir), "--out", str(tmp_path)],
         "unknown training preset 'nope'",
     )
-    one_line_error(
+    assert_one_line_error(
         capsys,
         ["train", "--preset", "cpu-tiny", "--data", str(data_dir), "--out", str(tmp_path), "lr=1"],
         "unknown config key 'lr'",
     )
-    one_line_error(
+    assert_one_line_error(
         capsys,
         ["train", "--preset", "cpu-tiny", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path)],
         "data directory does not exist",
     )
-    one_line_error(
+    assert_one_line_error(
         capsys,
         ["eval", "hellaswag", "--hf", str(shared_file("tiny-gpt2")), "--data", str(tmp_path / "none.jsonl")],
         "no such file",
     )
-    one_line_error(
+    assert_one_line_error(
         capsys,
         ["prepare", "--source", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o")],
         "no such file",
@@ -100,8 +95,10 @@ def test_bad_inputs_are_one_line_errors(run_dir, tmp_path, capsys, data_dir):
     broken.mkdir()
     (broken / "config.json").write_text((shared_file("tiny-gpt2") / "config.json").read_text())
     (broken / "model.safetensors").write_bytes(b"\x01\x02garbage")
-    one_line_error(capsys, ["sample", "--hf", str(broken)], "corrupted or unreadable")
-    one_line_error(capsys, ["export", "--checkpoint", str(run_dir), "--out", str(run_dir)], "not empty")
+    assert_one_line_error(capsys, ["sample", "--hf", str(broken)], "corrupted or unreadable")
+    assert_one_line_error(
+        capsys, ["export", "--checkpoint", str(run_dir), "--out", str(run_dir)], "not empty"
+    )
 
 
 def test_prepare_and_presets_commands(tmp_path, capsys, enc):

@@ -7,70 +7,34 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers import BAD_OVERRIDES, SMALL, assert_one_line_error, run_main
 
 from conftest import shared_file
 from gpt2repro import checkpoint
 from gpt2repro.cli import main
 
-SMALL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "micro_batch_size=2", "seq_len=32"]
-SMALL += ["total_batch_size=64", "val_every=0", "hellaswag_every=0", "sample_every=0", "max_steps=1"]
 
-TRAIN_OVERRIDES = [
-    ("max_steps=1e400", "max_steps='1e400': expected int"),
-    ("validate=1", "unknown config key 'validate'"),
-    ("to_json=x", "unknown config key 'to_json'"),
-    ("max_lr=-1", "max_lr=-1.0: expected a positive number"),
-    ("max_lr=nan", "max_lr=nan: expected a positive number"),
-    ("beta1=2", "beta1=2.0: expected a number in [0, 1)"),
-    ("seed=-1", "seed=-1: expected an integer in [0, 2^63)"),
-    ("device=tpu", "device='tpu': expected auto, cpu, cuda, cuda:N or mps"),
-    ("sample_prompt=", "a non-empty sample_prompt"),
-    ("grad_clip=-1", "grad_clip=-1.0: expected a positive number"),
-    ("val_steps=0", "val_steps=0 with val_every>0"),
-    ("min_lr_ratio=5", "min_lr_ratio=5.0: expected a number in [0, 1]"),
-    ("eps=-1", "eps=-1.0: expected a positive number"),
-    ("weight_decay=-1", "weight_decay=-1.0: expected a number >= 0"),
-    ("sample_count=-2", "sample_count=-2: expected an integer >= 0"),
-    ("log_every=-1", "log_every=-1: expected an integer >= 0"),
-    ("model.layer_norm_epsilon=-1", "model.layer_norm_epsilon=-1.0: expected in (0, 1)"),
-    ("model.block_size=1e9", "model.block_size=1000000000: expected at most 131072"),
-    ("time_limit=inf", "time_limit=inf: expected seconds >= 0"),
-    ("dtype=fp8", "dtype='fp8' is not one of auto, fp32, bf16, fp16"),
-    (
-        "activation_checkpointing=every_0",
-        "activation_checkpointing='every_0': expected none, full or every_N",
-    ),
-    ("sample_prompt=word" + " word" * 299, "the prompt is 300 tokens; this model's block_size is 256"),
-]
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(capsys, argv, fragment):
-    code, out, err = run(capsys, *argv)
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("prepare:")]
-    assert code == 2, (out, err)
-    assert "Traceback" not in err + out
-    assert len(lines) == 1 and lines[0].startswith("gpt2repro: error: "), err
-    assert fragment in lines[0], lines[0]
-    return lines[0], out
-
-
-@pytest.mark.parametrize("override,fragment", TRAIN_OVERRIDES, ids=[o[:24] for o, _ in TRAIN_OVERRIDES])
-def test_train_config_errors(capsys, data_dir, tmp_path, override, fragment):
-    needs = {"sample_prompt": "sample_every=1", "val_steps": "val_every=1"}  # what makes the value matter
-    extra = [override, needs.get(override.split("=")[0], override)]
-    argv = ["train", "--preset", "cpu-tiny", "--data", data_dir, "--out", tmp_path / "run", *SMALL, *extra]
+@pytest.mark.parametrize(
+    "overrides,fragment", BAD_OVERRIDES, ids=[" ".join(o)[:24] for o, _ in BAD_OVERRIDES]
+)
+def test_train_config_errors(capsys, data_dir, tmp_path, overrides, fragment):
+    argv = [
+        "train",
+        "--preset",
+        "cpu-tiny",
+        "--data",
+        data_dir,
+        "--out",
+        tmp_path / "run",
+        *SMALL,
+        *overrides,
+    ]
     assert_one_line_error(capsys, argv, fragment)
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any work
 
 
 def test_train_run_directory_errors(capsys, data_dir, tmp_path):
-    base = ["train", "--preset", "cpu-tiny", "--out", tmp_path / "run", *SMALL]
+    base = ["train", "--preset", "cpu-tiny", "--out", tmp_path / "run", *SMALL, "max_steps=1"]
     assert_one_line_error(capsys, [*base, "--data", tmp_path / "none"], "data directory does not exist")
     assert_one_line_error(capsys, [*base, "--data", data_dir, "--resume"], "no checkpoint to resume from")
     assert main([*map(str, base), "--data", str(data_dir), "ckpt_every=1"]) == 0
@@ -247,7 +211,7 @@ def test_verify_command(capsys, run_dir, data_dir, tmp_path):
     bad = tmp_path / "data"
     shutil.copytree(data_dir, bad)
     (bad / "val_000000.bin").write_bytes((bad / "val_000000.bin").read_bytes()[:-2] + b"\x00\x00")
-    code, out, err = run(capsys, "verify", bad)
+    code, out, err = run_main(capsys, "verify", bad)
     assert code == 2 and "val_000000.bin: sha256 mismatch" in out
     assert err.strip() == f"gpt2repro: error: {bad}: 1 of 10 shards failed verification (listed above)"
     assert_one_line_error(capsys, ["verify", tmp_path / "nothing"], "neither a prepared data directory")

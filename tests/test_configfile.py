@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import SMALL, assert_one_line_error, events, losses
 
 from conftest import ROOT, shared_file
 from gpt2repro import __version__, precision
@@ -17,8 +18,6 @@ from gpt2repro.cli import main
 from gpt2repro.config import DTYPE_NAMES, ConfigError, GPTConfig, TrainConfig, config_keys
 from gpt2repro.configfile import keys_table, to_toml, tomllib
 from gpt2repro.presets import TRAIN_PRESETS, train_config
-from test_cli_errors import assert_one_line_error
-from test_train import SMALL, events, losses
 
 USER_PRESETS = ("gpt2-124m-10B", "gpt2-124m-40B", "gpt2-124m-muon", "finetune", "cpu-demo")
 
@@ -35,6 +34,7 @@ def env() -> dict:
     }
 
 
+@pytest.mark.slow
 def test_a_run_from_a_file_and_from_its_config_json_repeat_the_presets_run(capsys, data_dir, tmp_path):
     """preset -> `presets NAME` file -> run -> config.json -> run: one config, the same losses."""
     small = [*SMALL, "max_steps=3", "val_every=2"]
@@ -54,6 +54,7 @@ def test_a_run_from_a_file_and_from_its_config_json_repeat_the_presets_run(capsy
     assert len(val[0]) == 3 and val[0] == val[1] == val[2]  # steps 0, 2 and the final 3
 
 
+@pytest.mark.slow
 def test_a_fine_tune_repeats_from_its_config_json(capsys, data_dir, tmp_path):
     """config.json of an init_from run carries the weights' architecture; handed back, it runs the same."""
     tiny = shared_file("tiny-gpt2")

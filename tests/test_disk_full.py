@@ -14,6 +14,7 @@ import subprocess
 
 import pytest
 import torch
+from helpers import SMALL, assert_one_line_error, losses
 from safetensors import SafetensorError
 
 from conftest import shared_file
@@ -21,8 +22,6 @@ from gpt2repro import checkpoint, checkpointer, fsio
 from gpt2repro import hf as hf_mod
 from gpt2repro.cli import main
 from gpt2repro.fsio import AppendFile, AtomicDir, AtomicFile, WriteError
-from test_cli_errors import assert_one_line_error
-from test_train import SMALL, losses
 
 TRAIN = ["train", "--preset", "cpu-tiny", *SMALL, "ckpt_every=2"]
 
@@ -133,6 +132,7 @@ def test_a_vanished_run_directory_is_not_quietly_made_again(tmp_path):
     assert not (tmp_path / "deleted").exists()
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_checkpoint(data_dir, tmp_path, capsys, monkeypatch):
     run, straight = tmp_path / "run", tmp_path / "straight"
     _ok(capsys, [*TRAIN, "--data", data_dir, "--out", straight, "max_steps=4"])

@@ -3,6 +3,7 @@ model on the same batches, the architecture comes from the weights, and the resu
 
 import json
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,8 +19,8 @@ from gpt2repro.presets import train_config
 
 transformers = pytest.importorskip("transformers")
 CPU = DistInfo(0, 0, 1, torch.device("cpu"))
-SMALL = ["micro_batch_size=2", "seq_len=32", "total_batch_size=128", "dtype=fp32", "compile=false"]
-SMALL += ["val_every=0", "sample_every=0", "log_every=0", "max_lr=1e-3"]
+# the shared small run without its architecture (init_from brings the weights' own)
+SMALL = [o for o in helpers.SMALL if not o.startswith("model.")] + ["max_lr=1e-3"]
 
 
 def finetune_cfg(source, *extra):
@@ -43,6 +44,7 @@ def step_zero_matches_transformers(source, hf_directory, data_dir, run_dir):
     return trainer
 
 
+@pytest.mark.slow
 def test_finetune_the_shared_tiny_hf_checkpoint(data_dir, tmp_path):
     tiny = shared_file("tiny-gpt2")
     trainer = step_zero_matches_transformers(tiny, tiny, data_dir, tmp_path / "probe")
@@ -66,6 +68,7 @@ def test_finetune_the_shared_tiny_hf_checkpoint(data_dir, tmp_path):
         torch.testing.assert_close(ours(idx)[0], theirs, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_finetune_a_model_exported_by_us_and_a_run_of_ours(data_dir, run_dir, tmp_path):
     exported = export_hf(checkpoint.load_model(run_dir), tmp_path / "export")
     step_zero_matches_transformers(exported, exported, data_dir, tmp_path / "from-export")

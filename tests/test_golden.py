@@ -11,11 +11,11 @@ import os
 
 import pytest
 import torch
+from helpers import losses, run_to_end, train_argv
 
 from conftest import ROOT
 from gpt2repro.presets import train_config
 from gpt2repro.train import train
-from test_train import _run_to_end, losses, train_argv
 
 GOLDEN = ROOT / "tests" / "golden_losses.json"
 COMMON = [
@@ -40,7 +40,7 @@ def _losses(run_dir) -> list[float]:
 
 
 def _two_ranks(data_dir, out) -> list[float]:
-    _run_to_end([*train_argv(data_dir, "--out", out), *RUNS["cpu-tiny-shuffled"]], nproc=2)
+    run_to_end([*train_argv(data_dir, "--out", out), *RUNS["cpu-tiny-shuffled"]], nproc=2)
     return _losses(out)
 
 

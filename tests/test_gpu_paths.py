@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import SMALL, events, losses, run_to_end, small_cfg, train_argv
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ROOT, shared_file
@@ -19,7 +20,6 @@ from gpt2repro import train as tr
 from gpt2repro.config import model_config
 from gpt2repro.model import GPT
 from gpt2repro.ops import linear_cross_entropy
-from test_train import SMALL, _run_to_end, events, losses, small_cfg, train_argv
 
 
 def _forward_loss(model):
@@ -48,6 +48,7 @@ def test_forward_and_loss_compile_to_one_graph(preset, autocast, every):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons[:3]
 
 
+@pytest.mark.slow
 def test_compiled_training_never_recompiles_after_its_first_steps_and_matches_eager(
     data_dir, tmp_path, monkeypatch
 ):
@@ -83,7 +84,7 @@ def test_fsdp_evaluates_and_samples_without_a_validation_pass_first(data_dir, tm
     shared_file("hellaswag_val.jsonl.gz")
     args = [*train_argv(data_dir, *SMALL), "max_steps=3", "fsdp=true", "val_every=0"]
     args += ["hellaswag_every=2", "hellaswag_limit=6", "sample_every=2", "sample_count=1", "sample_tokens=4"]
-    _run_to_end([*args, "--out", str(tmp_path)], nproc=2)
+    run_to_end([*args, "--out", str(tmp_path)], nproc=2)
     assert [r["n"] for r in events(tmp_path, "hellaswag")] == [6, 6, 6]  # steps 0, 2 and the final 3
     assert "Hello, I'm a language model," in (tmp_path / "samples.txt").read_text()
 
@@ -113,6 +114,7 @@ def test_fp16_loss_is_finite_and_its_gradients_match_float64():
     assert torch.all(w.grad[64:] == 0)
 
 
+@pytest.mark.slow
 def test_fp16_training_scales_its_loss_and_stays_finite(data_dir, tmp_path, monkeypatch):
     scalers = []
     init = tr.Trainer.__init__
@@ -187,6 +189,7 @@ def test_lm_head_gemms_run_at_the_padded_width(n):
     assert linear_cross_entropy(h.detach(), w.detach(), t, 100).item() == pytest.approx(ref.item(), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_torch_floor_is_the_tested_version_and_adamw_never_imports_muon():
     pyproject = (ROOT / "pyproject.toml").read_text()
     floor = re.search(r'"torch>=([\d.]+)"', pyproject).group(1)
@@ -265,7 +268,7 @@ sys.exit(main([*sys.argv[1:], "--out", os.path.join(os.environ["RUN_ROOT"], "ran
 def test_ranks_that_find_different_checkpoints_all_stop_with_one_line(data_dir, tmp_path):
     """Two 'nodes' without shared storage: rank 0's directory holds a checkpoint, rank 1's none."""
     args = [*train_argv(data_dir, *SMALL)]
-    _run_to_end([*args, "max_steps=2", "--out", str(tmp_path / "rank0")])
+    run_to_end([*args, "max_steps=2", "--out", str(tmp_path / "rank0")])
     script = tmp_path / "per_rank.py"
     script.write_text(RANK_DIRS)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]

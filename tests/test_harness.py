@@ -41,6 +41,7 @@ def local_hellaswag(tmp_path, monkeypatch):
     return tasks
 
 
+@pytest.mark.slow
 def test_harness_hellaswag_equals_our_harness_style(run_dir, local_hellaswag, tmp_path, capsys):
     limit = 40
     out = tmp_path / "harness.json"
@@ -69,6 +70,7 @@ def test_loglikelihoods_match_a_direct_computation(run_dir):
         assert logprob == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_harness_errors(run_dir, local_hellaswag, capsys, monkeypatch):
     base = ["eval", "harness", "--checkpoint", str(run_dir)]
     assert main([*base, "--tasks", "no_such_task", "--include-path", str(local_hellaswag)]) == 2

@@ -5,11 +5,11 @@ import gzip
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import command, subprocess_env
 
 from conftest import ROOT, shared_file
 from gpt2repro.evals import hellaswag as hs
@@ -173,6 +173,7 @@ def test_preprocess_and_harness_pair(enc):
     assert enc.decode(r.endings[1]) == " jumps over the moon." and r.norms[1] == len(r.endings[1])
 
 
+@pytest.mark.slow
 def test_batched_equals_one_at_a_time_on_real_examples(enc):
     from gpt2repro.hf import load_hf
 
@@ -262,21 +263,17 @@ def test_gzip_input_and_missing_file(tmp_path):
 
 
 def run_cli(*args, nproc=None, env=None):
-    prefix = (
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m", "gpt2repro"]
-        if nproc
-        else [sys.executable, "-m", "gpt2repro"]
-    )
     return subprocess.run(
-        prefix + list(args),
+        command(*args, nproc=nproc),
         capture_output=True,
         text=True,
         timeout=600,
         cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        env=subprocess_env(**(env or {})),
     )
 
 
+@pytest.mark.slow
 def test_two_rank_gloo_equals_single_process(tmp_path):
     tiny = shared_file("tiny-gpt2")
     shared_file("hellaswag_val.jsonl.gz")

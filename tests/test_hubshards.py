@@ -7,6 +7,7 @@ import types
 
 import numpy as np
 import pytest
+from helpers import assert_one_line_error, losses, small_cfg
 
 from gpt2repro.cli import main
 from gpt2repro.data import hubshards
@@ -15,8 +16,6 @@ from gpt2repro.data.shards import MAGIC, find_shards, read_shard, verify_shards
 from gpt2repro.fsio import sha256_file
 from gpt2repro.tokenizer import EOT_ID
 from gpt2repro.train import train
-from test_cli_errors import assert_one_line_error
-from test_train import losses, small_cfg
 
 TOKENS = {"val": 3000, "train": 5000}  # per shard
 

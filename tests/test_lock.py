@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+from helpers import SMALL, assert_one_line_error, launch, losses, small_cfg, train_argv
 
 from conftest import ROOT, shared_file
 from gpt2repro import checkpoint
@@ -21,8 +22,6 @@ from gpt2repro.cli import main
 from gpt2repro.data import prepare as prep
 from gpt2repro.hf import export_hf
 from gpt2repro.lock import LOCK_NAME, DirLock, LockError
-from test_cli_errors import assert_one_line_error
-from test_train import SMALL, _cli, losses, small_cfg, train_argv
 
 HOLDER = """
 import os, sys, time
@@ -83,6 +82,7 @@ def test_a_file_system_without_locks_is_written_with_a_warning(tmp_path, monkeyp
     assert not (tmp_path / LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_a_holder_killed_with_its_workers_running_leaves_no_stale_lock(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.Popen(
@@ -102,6 +102,7 @@ def test_a_holder_killed_with_its_workers_running_leaves_no_stale_lock(tmp_path)
         os.kill(child, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_train_prepare_and_export_refuse_a_held_directory(data_dir, run_dir, tmp_path, capsys, enc):
     run = tmp_path / "run"
     tr.train(small_cfg("max_steps=2"), data_dir, run)
@@ -150,9 +151,9 @@ def _stopped_holder(proc, directory):
 @pytest.mark.slow
 def test_two_trainers_in_one_directory(data_dir, tmp_path, capsys):
     args = [*train_argv(data_dir, *SMALL), "max_steps=8", "ckpt_every=2", "shuffle=true"]
-    alone = _cli(*args, "--out", tmp_path / "alone")
+    alone = launch(*args, "--out", tmp_path / "alone")
     assert alone.wait(timeout=300) == 0
-    first = _cli(*args, "--out", tmp_path / "run")
+    first = launch(*args, "--out", tmp_path / "run")
     _stopped_holder(first, tmp_path / "run")
     try:
         started = time.time()
@@ -208,7 +209,7 @@ def test_every_rank_learns_the_run_directory_is_taken(data_dir, tmp_path):
     run = tmp_path / "run"
     with DirLock(run, "train"):
         started = time.time()
-        proc = _cli(*train_argv(data_dir, *SMALL), "--out", run, nproc=2)
+        proc = launch(*train_argv(data_dir, *SMALL), "--out", run, nproc=2)
         out = proc.communicate(timeout=300)[0]
     assert proc.returncode != 0 and time.time() - started < 120, out
     errors = [line for line in out.splitlines() if line.startswith("gpt2repro: error:")]

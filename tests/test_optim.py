@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import SMALL, events, losses, run_to_end, small_cfg, stop_after, train_argv
 
 from gpt2repro import checkpoint
 from gpt2repro import train as tr
@@ -14,7 +15,6 @@ from gpt2repro.model import GPT
 from gpt2repro.optim import HIDDEN_MATRICES, build_optimizer, lr_at, set_lr
 from gpt2repro.plan import resolve
 from gpt2repro.presets import train_config
-from test_train import SMALL, _run_to_end, _stop_after, events, losses, small_cfg, train_argv
 
 
 def muon_cfg(*extra):
@@ -134,10 +134,11 @@ def test_target_val_loss_stops_and_logs(data_dir, tmp_path):
     assert checkpoint.latest(tmp_path).name == f"step_{summary['step']:08d}"
 
 
+@pytest.mark.slow
 def test_muon_stop_and_resume_is_bit_identical(data_dir, tmp_path, monkeypatch):
     cfg = ["max_steps=6", "ckpt_every=100", "shuffle=true"]
     tr.train(muon_cfg(*cfg), data_dir, tmp_path / "straight")
-    _stop_after(monkeypatch, 3)
+    stop_after(monkeypatch, 3)
     tr.train(muon_cfg(*cfg), data_dir, tmp_path / "resumed")
     monkeypatch.undo()
     tr.train(muon_cfg(*cfg), data_dir, tmp_path / "resumed")
@@ -145,11 +146,12 @@ def test_muon_stop_and_resume_is_bit_identical(data_dir, tmp_path, monkeypatch):
     assert sorted(losses(tmp_path / "straight")) == list(range(6))
 
 
+@pytest.mark.slow
 def test_muon_under_ddp_equals_one_process(data_dir, tmp_path):
     base = train_argv(data_dir, *SMALL, "optimizer=muon", "muon_lr=0.02")
     base += ["max_steps=3", "shuffle=true"]
-    _run_to_end([*base, "--out", str(tmp_path / "one")])
-    _run_to_end([*base, "--out", str(tmp_path / "two")], nproc=2)
+    run_to_end([*base, "--out", str(tmp_path / "one")])
+    run_to_end([*base, "--out", str(tmp_path / "two")], nproc=2)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(two) == [0, 1, 2]
     for step in one:
@@ -164,6 +166,7 @@ def test_tokens_to_reach_interpolates_the_validation_curve():
     assert tokens_to_reach(curve, 6.0) == 100.0 and tokens_to_reach(curve, 3.0) is None
 
 
+@pytest.mark.slow
 def test_bench_learn_sweeps_both_optimizers_and_plots(data_dir, tmp_path):
     from gpt2repro.bench.learn import LR_FACTORS, bench_learn
 
@@ -189,6 +192,7 @@ def test_bench_learn_sweeps_both_optimizers_and_plots(data_dir, tmp_path):
     assert (tmp_path / "l.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_a_muon_trained_model_exports_to_transformers_with_equal_logits(data_dir, tmp_path):
     """Muon changes how the weights are found, not what they are: the export loads in transformers
     and gives our logits."""
@@ -231,6 +235,7 @@ def test_a_forced_bf16_newton_schulz_warns_where_bf16_is_emulated(data_dir, tmp_
     assert "warning" not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_resumed_run_takes_its_configs_hyperparameters_not_the_checkpoints(data_dir, tmp_path):
     """torch's load_state_dict restores the saved group values; a run resumed with other LRs,
     decays or betas must use the new ones, and may not switch optimizer under its saved state."""

@@ -3,17 +3,13 @@
 import dataclasses
 import json
 import math
-import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers import SMALL, events, free_port, launch, losses, run_to_end, small_cfg, stop_after, train_argv
 
-from conftest import ROOT
 from gpt2repro import checkpoint
 from gpt2repro import train as tr
 from gpt2repro.config import ConfigError, apply_overrides
@@ -24,38 +20,8 @@ from gpt2repro.model import GPT
 from gpt2repro.plan import grad_accum_steps, resolve
 from gpt2repro.presets import train_config
 
-SMALL = [
-    "model.n_layer=2",
-    "model.n_head=2",
-    "model.n_embd=64",
-    "model.block_size=64",
-    "micro_batch_size=4",
-    "seq_len=32",
-    "total_batch_size=256",
-    "max_lr=3e-3",
-    "warmup_steps=2",
-    "hellaswag_every=0",
-    "sample_every=0",
-    "val_every=0",
-    "dtype=fp32",
-    "log_every=0",
-]
 
-
-def small_cfg(*overrides):
-    return train_config("cpu-tiny", SMALL + list(overrides))
-
-
-def events(run_dir, kind):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["event"] == kind]
-
-
-def losses(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if r["event"] == "train"}
-
-
+@pytest.mark.slow
 def test_loss_falls_well_below_its_start(data_dir, tmp_path):
     summary = tr.train(small_cfg("max_steps=60", "val_every=30", "val_steps=2"), data_dir, tmp_path)
     seen = losses(tmp_path)
@@ -63,6 +29,7 @@ def test_loss_falls_well_below_its_start(data_dir, tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["max_steps"] == 60
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("limit", ["max_steps=4", "time_limit=0.001"])
 def test_the_final_evaluation_is_of_the_saved_weights(data_dir, tmp_path, limit):
     """Both ways a run ends report the val loss of the weights in the checkpoint they save."""
@@ -156,30 +123,6 @@ def test_weight_decay_groups():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
-@pytest.mark.parametrize(
-    "overrides,message",
-    [
-        (["bogus=1"], "unknown config key 'bogus'; valid keys: total_batch_size"),
-        (["model.bogus=1"], "unknown config key 'model.bogus'"),
-        (["max_steps=ten"], "max_steps='ten': expected int"),
-        (["shuffle=maybe"], "shuffle='maybe': expected true or false"),
-        (["dtype=fp8"], "dtype='fp8' is not one of auto, fp32, bf16, fp16"),
-        (["max_steps"], "override 'max_steps' is not key=value"),
-        (["seq_len=4096"], "seq_len=4096 exceeds model.block_size"),
-        (["optimizer=sgd"], "optimizer='sgd' is not one of adamw, muon"),
-        (["optimizer=muon", "fsdp=true"], "optimizer=muon with fsdp=true is not supported"),
-        (["schedule=wsd", "wsd_decay_fraction=0"], "wsd_decay_fraction=0.0: expected a number in \\(0, 1\\]"),
-        (["target_val_loss=3", "val_every=0"], "target_val_loss needs validation"),
-        (["muon_lr=-1"], "muon_lr=-1.0: expected a number >= 0"),
-        (["muon_ns_dtype=fp16"], "muon_ns_dtype='fp16' is not one of auto, bf16, fp32"),
-        (["muon_split_qkv=maybe"], "muon_split_qkv='maybe': expected true or false"),
-    ],
-)
-def test_bad_overrides_are_one_line_errors(overrides, message):
-    with pytest.raises(ConfigError, match=message):
-        train_config("gpt2-124m-10B", overrides)
-
-
 def test_unknown_preset_and_indivisible_batch():
     with pytest.raises(ConfigError, match="unknown training preset 'gpt5'; choose one of: gpt2-124m-10B"):
         train_config("gpt5")
@@ -188,21 +131,11 @@ def test_unknown_preset_and_indivisible_batch():
         grad_accum_steps(cfg, 1)
 
 
-def _stop_after(monkeypatch, n):
-    """Make the loop see a stop request after its n-th step, as a SIGTERM would."""
-    calls = {"n": 0}
-
-    def fake(self, stop):
-        calls["n"] += 1
-        return tr.StopReason.SIGNAL if calls["n"] == n else None
-
-    monkeypatch.setattr(tr.Trainer, "should_stop", fake)
-
-
+@pytest.mark.slow
 def test_stop_and_resume_is_bit_identical(data_dir, tmp_path, monkeypatch):
     cfg = ["max_steps=8", "ckpt_every=100", "shuffle=true", "val_every=3", "val_steps=2"]
     tr.train(small_cfg(*cfg), data_dir, tmp_path / "straight")
-    _stop_after(monkeypatch, 4)
+    stop_after(monkeypatch, 4)
     tr.train(small_cfg(*cfg), data_dir, tmp_path / "resumed")
     assert checkpoint.latest(tmp_path / "resumed").name == "step_00000004"
     assert max(losses(tmp_path / "resumed")) == 3
@@ -213,6 +146,7 @@ def test_stop_and_resume_is_bit_identical(data_dir, tmp_path, monkeypatch):
     assert resumed == straight  # exactly equal floats
 
 
+@pytest.mark.slow
 def test_crash_then_resume_from_last_checkpoint(data_dir, tmp_path, monkeypatch):
     cfg = ["max_steps=6", "ckpt_every=2", "keep_last=2"]
     tr.train(small_cfg(*cfg), data_dir, tmp_path / "straight")
@@ -288,6 +222,7 @@ def test_incompatible_resume_is_refused(data_dir, tmp_path):
         tr.train(small_cfg("max_steps=4"), other, tmp_path)
 
 
+@pytest.mark.slow
 def test_a_fresh_run_never_shadows_an_earlier_one(data_dir, tmp_path):
     tr.train(small_cfg("max_steps=4", "ckpt_every=1"), data_dir, tmp_path)
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
@@ -311,6 +246,7 @@ def test_corrupted_checkpoint_is_named(data_dir, tmp_path):
         checkpoint.load_model(tmp_path / "nowhere")
 
 
+@pytest.mark.slow
 def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(data_dir, tmp_path, capsys):
     cfg = ["max_steps=6", "ckpt_every=1", "keep_last=3", "shuffle=true"]
     tr.train(small_cfg(*cfg), data_dir, tmp_path / "straight")
@@ -367,30 +303,10 @@ def test_verify_data_checks_the_shards_against_the_manifest(data_dir, tmp_path):
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
-def _cli(*args, nproc=None, launcher=(), **popen):
-    """`python -m gpt2repro ARGS`, under torchrun with `nproc` processes (and `launcher` options)."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *launcher]
-    prefix = torchrun if nproc else [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        prefix + ["-m", "gpt2repro", *args],
-        cwd=ROOT,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        **popen,
-    )
-
-
-def train_argv(data_dir, *extra) -> list[str]:
-    """`gpt2repro train` of the cpu-tiny preset on data_dir, for a subprocess."""
-    return ["train", "--preset", "cpu-tiny", "--data", str(data_dir), *map(str, extra)]
-
-
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resumes(data_dir, tmp_path):
     args = [*train_argv(data_dir, "--out", tmp_path), *SMALL, "max_steps=400", "log_every=1"]
-    proc = _cli(*args)
+    proc = launch(*args)
     for line in proc.stdout:
         if line.startswith("step      2"):
             proc.send_signal(signal.SIGTERM)
@@ -400,19 +316,13 @@ def test_sigterm_checkpoints_and_resumes(data_dir, tmp_path):
     assert "stopping at step" in out and "(signal)" in out
     done = json.loads((checkpoint.latest(tmp_path) / "state.json").read_text())["step"]
     assert 3 <= done < 400
-    proc = _cli(*args[:-2], "max_steps=" + str(done + 2), "--resume")
+    proc = launch(*args[:-2], "max_steps=" + str(done + 2), "--resume")
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0 and f"resumed from step_{done:08d}" in out, out
     assert sorted(losses(tmp_path))[-1] == done + 1
 
 
-def _run_to_end(args, nproc=None):
-    proc = _cli(*args, nproc=nproc)
-    out = proc.communicate(timeout=600)[0]
-    assert proc.returncode == 0, out[-3000:]
-    return out
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_process_gloo_matches_one_process(data_dir, tmp_path, mode):
     common = [
@@ -424,13 +334,13 @@ def test_two_process_gloo_matches_one_process(data_dir, tmp_path, mode):
         "hellaswag_every=3",
         "hellaswag_limit=7",  # odd: the ranks get different numbers of examples
     ]
-    _run_to_end([*common, "--out", str(tmp_path / "one")])
+    run_to_end([*common, "--out", str(tmp_path / "one")])
     # with activation checkpointing too: it may not change the losses
     extra = {
         "ddp": ["fsdp=false", "activation_checkpointing=every_2"],
         "fsdp": ["fsdp=true", "activation_checkpointing=full"],
     }
-    _run_to_end([*common, "--out", str(tmp_path / "two"), *extra[mode]], nproc=2)
+    run_to_end([*common, "--out", str(tmp_path / "two"), *extra[mode]], nproc=2)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == [0, 1, 2, 3]
     for step in one:
@@ -445,6 +355,7 @@ def test_two_process_gloo_matches_one_process(data_dir, tmp_path, mode):
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_compiled_training_with_val_hellaswag_and_sampling(data_dir, tmp_path, enc, optimizer):
     from conftest import shared_file
@@ -475,6 +386,7 @@ def test_compiled_training_with_val_hellaswag_and_sampling(data_dir, tmp_path, e
     assert all(math.isfinite(loss) for loss in losses(tmp_path).values())
 
 
+@pytest.mark.slow
 def test_plot_writes_a_png(data_dir, tmp_path):
     pytest.importorskip("matplotlib")
     from gpt2repro.plot import plot_run
@@ -495,27 +407,22 @@ def test_tensorboard_without_the_package_is_a_clear_error(data_dir, tmp_path):
         tr.train(small_cfg("max_steps=1", "tensorboard=true"), data_dir, tmp_path)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 CONSTANT_LR = ["min_lr_ratio=1", "shuffle=true", "ckpt_every=2"]  # the LR does not depend on max_steps
 
 
+@pytest.mark.slow
 def test_resume_on_another_number_of_ranks_continues_the_same_stream(data_dir, tmp_path):
     """2 ranks -> 1 rank -> 2 ranks takes the same windows, so the same losses, as one process."""
     base = train_argv(data_dir, *SMALL, *CONSTANT_LR)
-    _run_to_end([*base, "--out", str(tmp_path / "straight"), "max_steps=6"])
+    run_to_end([*base, "--out", str(tmp_path / "straight"), "max_steps=6"])
     elastic = ["--out", str(tmp_path / "elastic")]
-    _run_to_end([*base, *elastic, "max_steps=2"], nproc=2)
-    out = _run_to_end([*base, *elastic, "max_steps=4"])
+    run_to_end([*base, *elastic, "max_steps=2"], nproc=2)
+    out = run_to_end([*base, *elastic, "max_steps=4"])
     assert (
         "x1 | dtype fp32 | tf32 off | compile False | grad_accum 2 | steps 2..4 | resumed from step_00000002"
         in out
     )
-    out = _run_to_end([*base, *elastic, "max_steps=6"], nproc=2)
+    out = run_to_end([*base, *elastic, "max_steps=6"], nproc=2)
     assert (
         "x2 | dtype fp32 | tf32 off | compile False | grad_accum 1 | steps 4..6 | resumed from step_00000004"
         in out
@@ -526,14 +433,15 @@ def test_resume_on_another_number_of_ranks_continues_the_same_stream(data_dir, t
         assert elastic_losses[step] == pytest.approx(loss, rel=1e-5)  # summation order differs across ranks
 
 
+@pytest.mark.slow
 def test_two_node_launch_on_one_machine_matches_one_process(data_dir, tmp_path):
     """torchrun --nnodes 2 with c10d rendezvous on 127.0.0.1, one process per "node", gloo."""
     base = train_argv(data_dir, *SMALL, "max_steps=3", "shuffle=true")
-    _run_to_end([*base, "--out", str(tmp_path / "one")])
-    rdzv = ["--nnodes", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{_free_port()}"]
+    run_to_end([*base, "--out", str(tmp_path / "one")])
+    rdzv = ["--nnodes", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}"]
     rdzv += ["--rdzv_id", "gpt2repro-test"]
     nodes = [
-        _cli(*base, "--out", str(tmp_path / "two"), nproc=1, launcher=[*rdzv, "--node_rank", str(rank)])
+        launch(*base, "--out", str(tmp_path / "two"), nproc=1, launcher=[*rdzv, "--node_rank", str(rank)])
         for rank in (0, 1)
     ]
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
@@ -559,6 +467,7 @@ def _as_written_before_compile_was_a_bool(run, value: str) -> None:
         checkpoint.write_manifest(ckpt, {**state["sha256"], "state.json": sha256_file(ckpt / "state.json")})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["auto", "false", "true"])
 def test_runs_written_before_compile_became_a_bool_still_work(data_dir, tmp_path, capsys, value):
     from gpt2repro.cli import main
@@ -578,7 +487,7 @@ def test_runs_written_before_compile_became_a_bool_still_work(data_dir, tmp_path
         ["eval", "hellaswag", "--checkpoint", str(run), "--limit", "4"],
     ):
         assert main(argv) == 0, capsys.readouterr().err
-    not_model = [o for o in SMALL if not o.startswith("model.")]
+    not_model = [o for o in SMALL if not o.startswith("model.")]  # init_from brings the architecture
     init = tr.train(
         train_config("cpu-tiny", [*not_model, "max_steps=1", f"init_from={run}"]), data_dir, tmp_path / "ft"
     )
