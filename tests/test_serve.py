@@ -4,10 +4,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -16,8 +14,7 @@ import urllib.request
 
 import pytest
 import torch
-
-from conftest import ROOT
+from helpers import assert_one_line_error, launch
 
 pytest.importorskip("starlette", reason="the serve extra (starlette, uvicorn) is not installed")
 pytest.importorskip("uvicorn", reason="the serve extra (starlette, uvicorn) is not installed")
@@ -283,32 +280,26 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(model):
 
 
 def test_serve_without_the_extra_or_with_bad_numbers_is_one_line(monkeypatch, capsys, run_dir):
-    from gpt2repro.cli import main
-
-    assert main(["serve", "--checkpoint", str(run_dir), "--max-concurrency", "0"]) == 2
-    assert "--max-concurrency must be at least 1" in capsys.readouterr().err
+    argv = ["serve", "--checkpoint", run_dir]
+    assert_one_line_error(capsys, [*argv, "--max-concurrency", "0"], "--max-concurrency must be at least 1")
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
-    assert main(["serve", "--checkpoint", str(run_dir)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "pip install 'gpt2repro[serve]'" in err
+    assert_one_line_error(capsys, argv, "pip install 'gpt2repro[serve]'")
 
 
 @pytest.mark.slow
-def test_sigterm_lets_an_in_flight_stream_finish_then_exits(run_dir, tmp_path):
+def test_sigterm_lets_an_in_flight_stream_finish_then_exits(run_dir):
     """`gpt2repro serve` in a subprocess: SIGTERM during a stream; the stream still ends with
     [DONE], new connections are refused, the process exits 0."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    cmd = [sys.executable, "-m", "gpt2repro", "serve", "--checkpoint", str(run_dir), "--port", "0"]
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    proc = launch("serve", "--checkpoint", run_dir, "--port", "0")
     try:
         url = None
-        for line in proc.stderr:
+        for line in proc.stdout:
             found = re.search(r"running on (http://127\.0\.0\.1:\d+)", line)
             if found:
                 url = found.group(1)
                 break
         assert url, "the server did not say where it listens"
-        threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
+        threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
         body = {"model": run_dir.name, "prompt": "a", "max_tokens": 200, "stream": True}
         req = urllib.request.Request(
             url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
