@@ -84,3 +84,17 @@ def test_text_streams_whole_characters_and_holds_back_a_possible_stop_string(enc
     held = TextStream(enc.decode_single_token_bytes, stop=("Xylophone",))
     assert "".join(held.feed(t) for t in enc.encode("a X")) == "a "  # "X" may begin the stop
     assert held.finish() == "X" and not held.stopped
+
+
+def test_a_job_cancelled_while_it_waits_never_takes_a_slot(model):
+    engine = Engine(model, slots=1)
+    events, done = [], threading.Event()
+    gone = Job([464, 5822], 3, emit=lambda e: events.append(("gone", e)), temperature=0)
+    kept = Job([464, 5822], 3, emit=lambda e: (events.append(("kept", e)), e[0] == "done" and done.set()))
+    engine.submit(kept)
+    engine.submit(gone)
+    gone.cancelled = True  # its client left before a slot was free
+    engine.start()
+    assert done.wait(60)
+    engine.stop()
+    assert [who for who, _ in events] == ["kept"] * 4

@@ -116,7 +116,9 @@ class Engine:
                         break
                     admitted = []
                     while self.waiting and len(self.running) + len(admitted) < self.cache.slots:
-                        admitted.append(self.waiting.popleft())
+                        job = self.waiting.popleft()
+                        if not job.cancelled:  # its client left while it waited
+                            admitted.append(job)
                 for job in admitted:
                     try:
                         self._prefill(job)
@@ -132,7 +134,8 @@ class Engine:
                         job.emit(("error", f"generation failed: {e}"))
                     self.running, self.last = [], []
         for job in [*self.running, *self.waiting]:
-            job.emit(("error", "the server is shutting down"))
+            if not job.cancelled:
+                job.emit(("error", "the server is shutting down"))
 
     def _prefill(self, job: Job) -> None:
         slot = len(self.running)

@@ -117,7 +117,7 @@ class Generation:
             if self.params.echo and i not in echoed:
                 echoed.add(i)
                 text, infos = self.prompt_text(c) + text, c.prompt_infos + infos
-            logprobs = self.logprobs(c, infos, offsets[i])
+            logprobs = self.logprobs(infos, offsets[i])
             offsets[i] += sum(len(self.served.token_str(t.id)) for t in infos)
             if text or infos or last:
                 choice = {
@@ -158,7 +158,7 @@ class Generation:
         return {"id": f"{prefix}-{id(self):x}{self.created:x}", "object": kind, "created": self.created,
                 "model": self.served.model_id}  # fmt: skip
 
-    def logprobs(self, choice: Choice, infos: list[TokenInfo], offset: int) -> dict | None:
+    def logprobs(self, infos: list[TokenInfo], offset: int) -> dict | None:
         if self.params.logprobs is None:
             return None
         return logprobs_object(infos, self.served.token_str, offset)
@@ -171,7 +171,7 @@ class Generation:
         for i, c in enumerate(self.choices):
             echo = self.prompt_text(c)
             infos = (c.prompt_infos if self.params.echo else []) + c.infos
-            out.append({"text": echo + c.text, "index": i, "logprobs": self.logprobs(c, infos, 0),
+            out.append({"text": echo + c.text, "index": i, "logprobs": self.logprobs(infos, 0),
                         "finish_reason": c.finish})  # fmt: skip
         return {**self.head("text_completion"), "choices": out, "usage": self.usage()}
 
