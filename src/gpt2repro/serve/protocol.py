@@ -8,13 +8,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from ..errors import UserError
+
 MAX_N = 32  # choices per request: more would hold the engine's slots for one client
 MAX_STOP = 4  # stop strings, as OpenAI allows
 MAX_LOGPROBS = 20
 
 
-class APIError(Exception):
-    """A request refused, with OpenAI's error fields."""
+class APIError(UserError):
+    """A request refused, with OpenAI's error fields (a client's mistake, answered over HTTP)."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
