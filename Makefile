@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	# torch first, pinned: the CPU wheel on this machine's disk; the range in pyproject then installs nothing more.
 	$(BIN)/pip install $(TORCH)
-	$(BIN)/pip install -e '.[dev,hf,data,plot,eval]'
+	$(BIN)/pip install -e '.[dev,hf,data,plot,eval,serve]'
 	touch $@
 
 test: venv

@@ -1,4 +1,4 @@
-"""The `gpt2repro` command: prepare, train, eval, sample, chat, export, plot, bench, presets.
+"""The `gpt2repro` command: prepare, train, eval, sample, chat, serve, export, plot, bench, presets.
 
 Every known kind of bad input ends in one line on stderr, `gpt2repro: error: ...`, and exit code 2.
 Output piped into a reader that stops early (`| head`) ends quietly. Everything that needs torch
@@ -111,6 +111,22 @@ def cmd_chat(args) -> None:
     model = _load(args, pick_device(args.device)).to(torch_dtype(args.weight_dtype))
     sampling = dict(max_new_tokens=args.max_new_tokens, top_k=args.top_k, temperature=args.temperature)
     run(model, args.message, args.system, seed=args.seed, **sampling)
+
+
+def cmd_serve(args) -> None:
+    if args.max_concurrency < 1 or not 0 <= args.port < 65536:
+        raise UserError("--max-concurrency must be at least 1 and --port between 0 (any free one) and 65535")
+    if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
+        raise UserError("--max-tokens-limit must be at least 1")
+    from .distributed import pick_device
+    from .serve.run import model_name, serve, served_model, uvicorn_module
+
+    uvicorn_module()  # the missing extra named before the model loads
+    model = _load(args, pick_device(args.device))
+    served = served_model(model, model_name(args.checkpoint, args.hf), args.max_concurrency)
+    if args.api_key is None:
+        print("gpt2repro serve: no --api-key: anyone who can reach the port can use it", file=sys.stderr)
+    serve(served, args.host, args.port, args.api_key, args.max_tokens_limit)
 
 
 def cmd_export(args) -> None:
@@ -251,6 +267,7 @@ COMMANDS = {
     "train": cmd_train,
     "sample": cmd_sample,
     "chat": cmd_chat,
+    "serve": cmd_serve,
     "export": cmd_export,
     "eval": cmd_eval,
     "plot": cmd_plot,

@@ -112,6 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--weight-dtype", choices=DTYPE_NAMES, default="fp32", help="cast the weights themselves")
 
+    p = sub.add_parser(
+        "serve", help="an OpenAI-compatible HTTP API and a web chat page (needs the serve extra)"
+    )
+    _add_model_source(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: open)")
+    p.add_argument(
+        "--max-concurrency", type=int, default=8, help="sequences decoded together; more requests queue"
+    )
+    p.add_argument(
+        "--max-tokens-limit", type=int, default=None, help="the largest max_tokens a request may ask"
+    )
+
     p = sub.add_parser("export", help="export a checkpoint to a Hugging Face transformers directory")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)

@@ -36,6 +36,15 @@ from .names import BASELINES, TRAIN_MODES, WHAT
 from .reference import HFWrapper, RefGPT
 
 PEAK_SIZES = (1024, 2048)
+
+
+def _bench_serve(size: str, repeats: int, device: torch.device) -> list[dict]:
+    """Imported here: it needs the serve extra, which no other benchmark does."""
+    from .serving import bench_serve
+
+    return bench_serve(size, repeats, device)
+
+
 MEMORY_BATCH = 4  # sequences per step in `bench memory`: enough for activations to dominate
 
 
@@ -260,6 +269,7 @@ def run(
         "memory": lambda: bench_memory(size),
         "learn": lambda: bench_learn(**(learn or {})),
         "chat": lambda: bench_chat(repeats, device),
+        "serve": lambda: _bench_serve(size, repeats, device),
     }
     rows = runners[what]()
     print(table(rows))

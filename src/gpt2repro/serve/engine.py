@@ -1,0 +1,188 @@
+"""The batched generation engine behind `gpt2repro serve`: one thread owns the model and a KV cache
+with a slot per running sequence; each step it admits waiting jobs into free slots (prefilling each
+alone), then decodes one token for every running sequence in a single forward pass.
+
+Running sequences always fill slots 0..m-1 (a finished one's slot takes the last one's cache), so a
+step computes exactly the running rows. Every job samples with its own seeded generator from its own
+row's logits, so it draws what it would draw alone; only the batched matmuls may round differently
+from one-row ones (last-bit differences in the logits; greedy picks agree on the test model). Jobs
+past `slots` wait in order: the cache is allocated once and never grows."""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..generate import next_token
+from ..kvcache import KVCache
+from ..model import GPT
+
+
+@dataclass
+class TokenInfo:
+    """One token of a sequence and, when asked for, the model's log-probabilities at its position."""
+
+    id: int
+    logprob: float | None = None  # None for the first prompt token (nothing predicts it)
+    top: list[tuple[int, float]] | None = None  # the most likely tokens there, most likely first
+
+
+@dataclass
+class Job:
+    """One sequence to generate. `emit` is called from the engine's thread with ("prompt", [TokenInfo]),
+    ("token", TokenInfo), then ("done", "stop" | "length") or ("error", message); setting `cancelled`
+    (a client gone, a stop string seen) frees its slot at the next step."""
+
+    prompt: list[int]
+    max_tokens: int
+    emit: Callable[[tuple], None]
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_ids: frozenset[int] = frozenset()
+    logprobs: int | None = None  # top-N alternatives per generated token; None: no log-probabilities
+    echo_logprobs: bool = False  # log-probabilities of the prompt's tokens too
+    cancelled: bool = False
+    finish: str | None = None  # "stop" once a stop token is drawn
+    generated: int = 0
+    generator: torch.Generator | None = field(default=None, repr=False)
+
+
+def _infos(logits: torch.Tensor, ids: list[int], top: int) -> list[TokenInfo]:
+    """TokenInfo of `ids`, each scored by the matching row of `logits` (rows, vocab)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, torch.tensor(ids, device=logp.device)[:, None])[:, 0].tolist()
+    best = torch.topk(logp, top, dim=-1) if top else None
+    out = []
+    for r, (i, lp) in enumerate(zip(ids, chosen)):
+        alts = list(zip(best.indices[r].tolist(), best.values[r].tolist())) if best is not None else []
+        out.append(TokenInfo(i, lp, alts))
+    return out
+
+
+class Engine:
+    """The model, its cache and the loop that serves jobs; `submit` is safe from any thread."""
+
+    def __init__(self, model: GPT, slots: int = 8):
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        dtype = model.transformer.wte.weight.dtype
+        self.cache = KVCache.empty(model.config, slots, self.device, dtype)
+        self.running: list[Job] = []  # job i is in slot i
+        self.last: list[torch.Tensor] = []  # each running job's next-token logits (1, vocab)
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.wake = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="gpt2repro-engine", daemon=True)
+
+    @property
+    def block_size(self) -> int:
+        return self.model.config.block_size
+
+    def start(self) -> Engine:
+        self.thread.start()
+        return self
+
+    def submit(self, job: Job) -> None:
+        job.generator = torch.Generator(device=self.device).manual_seed(job.seed)
+        with self.wake:
+            if self.stopping:
+                job.emit(("error", "the server is shutting down"))
+                return
+            self.waiting.append(job)
+            self.wake.notify()
+
+    def stats(self) -> dict:
+        return {"running": len(self.running), "waiting": len(self.waiting), "slots": self.cache.slots}
+
+    def stop(self) -> None:
+        """Fail every job not yet finished, and end the loop."""
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        self.thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        with torch.no_grad():
+            while True:
+                with self.wake:
+                    while not self.stopping and not self.waiting and not self.running:
+                        self.wake.wait()
+                    if self.stopping:
+                        break
+                    admitted = []
+                    while self.waiting and len(self.running) + len(admitted) < self.cache.slots:
+                        job = self.waiting.popleft()
+                        if not job.cancelled:  # its client left while it waited
+                            admitted.append(job)
+                for job in admitted:
+                    try:
+                        self._prefill(job)
+                    except Exception as e:  # a bug must not hang its client: fail it, keep serving
+                        job.emit(("error", f"generation failed: {e}"))
+                try:
+                    self._sweep()
+                    if self.running:
+                        self._decode()
+                        self._sweep()
+                except Exception as e:
+                    for job in self.running:
+                        job.emit(("error", f"generation failed: {e}"))
+                    self.running, self.last = [], []
+        for job in [*self.running, *self.waiting]:
+            if not job.cancelled:
+                job.emit(("error", "the server is shutting down"))
+
+    def _prefill(self, job: Job) -> None:
+        slot = len(self.running)
+        self.cache.reset(slot)
+        ids = torch.tensor([job.prompt], device=self.device)
+        h = self.model.hidden(ids, self.cache.slot(slot))[0]
+        if job.echo_logprobs:
+            scored = _infos(self.model.logits(h[:-1]), job.prompt[1:], job.logprobs or 0)
+            job.emit(("prompt", [TokenInfo(job.prompt[0]), *scored]))
+        self.running.append(job)
+        self.last.append(self.model.logits(h[-1:]))
+
+    def _decode(self) -> None:
+        """Sample every running job's next token, then one forward pass for all of them."""
+        tokens = []
+        for job, logits in zip(self.running, self.last):
+            tok = int(next_token(logits, job.temperature, None, job.top_p, job.generator))
+            info = _infos(logits, [tok], job.logprobs)[0] if job.logprobs is not None else TokenInfo(tok)
+            job.generated += 1
+            job.emit(("token", info))
+            if tok in job.stop_ids:
+                job.cancelled, job.finish = True, "stop"
+            tokens.append(tok)
+        m = len(self.running)
+        active = KVCache(self.cache.k[:, :m], self.cache.v[:, :m], self.cache.lengths[:m])
+        if any(self._has_room(j) for j in self.running):  # (the finished rows ride along, then leave)
+            ids = torch.tensor(tokens, device=self.device)[:, None]
+            logits = self.model.logits(self.model.hidden(ids, active)[:, -1])
+            self.last = list(logits.split(1))
+
+    def _has_room(self, job: Job) -> bool:
+        return not job.cancelled and job.generated < job.max_tokens
+
+    def _sweep(self) -> None:
+        """Finish jobs that are done or cancelled, moving the last running slot into each freed one."""
+        i = 0
+        while i < len(self.running):
+            job = self.running[i]
+            if self._has_room(job) and len(job.prompt) + job.generated < self.block_size:
+                i += 1
+                continue
+            job.emit(("done", job.finish or "length"))
+            last = len(self.running) - 1
+            if i != last:
+                self.cache.k[:, i] = self.cache.k[:, last]
+                self.cache.v[:, i] = self.cache.v[:, last]
+                self.cache.lengths[i] = self.cache.lengths[last]
+                self.running[i], self.last[i] = self.running[last], self.last[last]
+            self.running.pop()
+            self.last.pop()

@@ -1,0 +1,238 @@
+"""What the OpenAI API accepts and how it refuses: each request's fields checked by name and type into
+`Params`, and every refusal an `APIError` that the app turns into OpenAI's error body,
+`{"error": {"message", "type", "param", "code"}}`, with a 4xx status. Imports neither torch nor the
+web framework."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from ..errors import UserError
+
+MAX_N = 32  # choices per request: more would hold the engine's slots for one client
+MAX_STOP = 4  # stop strings, as OpenAI allows
+MAX_LOGPROBS = 20
+
+
+class APIError(UserError):
+    """A request refused, with OpenAI's error fields (a client's mistake, answered over HTTP)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = {401: "authentication_error", 404: "not_found_error"}.get(self.status, "invalid_request_error")
+        if self.status >= 500:
+            kind = "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Params:
+    """A validated request: prompts as token ids (chat: the rendered conversation) and sampling."""
+
+    prompts: list[list[int]]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    stream: bool = False
+    include_usage: bool = False
+    echo: bool = False
+    logprobs: int | None = None
+
+
+_TYPES = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "a boolean",
+    list: "an array",
+    dict: "an object",
+}
+
+
+def parse_json(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def field(body: dict, name: str, kind: type, default=None, required: bool = False):
+    """body[name] if it has the right type (an int passes for a float, a bool for neither)."""
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise APIError(400, f"you must provide '{name}'", name, "missing_required_parameter")
+        return default
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise APIError(
+            400, f"'{name}' must be {_TYPES[kind]}, got {json.dumps(value)[:40]}", name, "invalid_type"
+        )
+    return value
+
+
+def check(ok: bool, message: str, param: str, code: str = "invalid_value") -> None:
+    if not ok:
+        raise APIError(400, message, param, code)
+
+
+def check_model(body: dict, model_id: str) -> None:
+    name = field(body, "model", str, required=True)
+    if name != model_id:
+        raise APIError(
+            404,
+            f"the model '{name}' does not exist; this server has '{model_id}'",
+            "model",
+            "model_not_found",
+        )
+
+
+def prompt_ids(prompt, encode, vocab_size: int) -> list[list[int]]:
+    """Prompts as token ids: text, token ids, or a list of either (one prompt each)."""
+    wrong = APIError(
+        400,
+        "'prompt' must be a string, an array of token ids, or an array of those",
+        "prompt",
+        "invalid_type",
+    )
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and _is_ids(prompt)):
+        prompts = [prompt]
+    elif (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(p, str) or (isinstance(p, list) and _is_ids(p)) for p in prompt)
+    ):
+        prompts = prompt
+    else:
+        raise wrong
+    out = [encode(p) if isinstance(p, str) else p for p in prompts]
+    for ids in out:
+        check(bool(ids), "a prompt is empty", "prompt")
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        check(bad is None, f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})", "prompt")
+    return out
+
+
+def _is_ids(x: list) -> bool:
+    return bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def sampling(
+    body: dict, prompts: list[list[int]], block_size: int, limit: int, default_max: int | None
+) -> Params:
+    """The sampling fields shared by completions and chat; max_tokens within the context and limit
+    (absent: `default_max`, or what the context has room for)."""
+    longest = max(len(p) for p in prompts)
+    room = block_size - longest
+    check(
+        room >= 0,
+        f"the prompt is {longest} tokens; this model's context is {block_size}",
+        "prompt",
+        "context_length_exceeded",
+    )
+    asked = field(body, "max_tokens", int, field(body, "max_completion_tokens", int))
+    max_tokens = (
+        min(room, limit, default_max if default_max is not None else room) if asked is None else asked
+    )
+    check(max_tokens >= 0, f"'max_tokens' must be at least 0, got {max_tokens}", "max_tokens")
+    check(
+        longest + max_tokens <= block_size,
+        f"this model's context is {block_size} tokens: {longest} in the prompt leave room for {room}, "
+        f"but max_tokens is {max_tokens}",
+        "max_tokens",
+        "context_length_exceeded",
+    )
+    check(
+        max_tokens <= limit, f"'max_tokens' is at most {limit} on this server, got {max_tokens}", "max_tokens"
+    )
+    temperature = field(body, "temperature", float, 1.0)
+    check(0 <= temperature <= 2, f"'temperature' must be between 0 and 2, got {temperature}", "temperature")
+    top_p = field(body, "top_p", float, 1.0)
+    check(0 < top_p <= 1, f"'top_p' must be above 0 and at most 1, got {top_p}", "top_p")
+    n = field(body, "n", int, 1)
+    check(1 <= n <= MAX_N, f"'n' must be between 1 and {MAX_N}, got {n}", "n")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop
+    ok = stop is None or (
+        isinstance(stop, list) and len(stop) <= MAX_STOP and all(isinstance(s, str) and s for s in stop)
+    )
+    check(ok, f"'stop' must be a string or up to {MAX_STOP} non-empty strings", "stop", "invalid_type")
+    options = field(body, "stream_options", dict, {})
+    return Params(
+        prompts,
+        max_tokens,
+        temperature,
+        top_p,
+        n,
+        tuple(stop or ()),
+        field(body, "seed", int),
+        field(body, "stream", bool, False),
+        bool(options.get("include_usage")),
+    )
+
+
+def completion_params(
+    body: dict, model_id: str, encode, vocab_size: int, block_size: int, limit: int
+) -> Params:
+    check_model(body, model_id)
+    if "prompt" not in body:
+        raise APIError(400, "you must provide 'prompt'", "prompt", "missing_required_parameter")
+    prompts = prompt_ids(body["prompt"], encode, vocab_size)
+    params = sampling(body, prompts, block_size, limit, default_max=16)  # OpenAI's default for completions
+    params.echo = field(body, "echo", bool, False)
+    params.logprobs = field(body, "logprobs", int)
+    check(
+        params.logprobs is None or 0 <= params.logprobs <= MAX_LOGPROBS,
+        f"'logprobs' must be between 0 and {MAX_LOGPROBS}",
+        "logprobs",
+    )
+    check(
+        params.max_tokens > 0 or params.echo,
+        "'max_tokens' must be at least 1 unless 'echo' is set",
+        "max_tokens",
+    )
+    return params
+
+
+def chat_messages(body: dict) -> list[dict]:
+    """The messages as role and text (content given as text parts is joined)."""
+    messages = field(body, "messages", list, required=True)
+    out = []
+    for i, m in enumerate(messages):
+        check(isinstance(m, dict), f"messages[{i}] must be an object", f"messages[{i}]", "invalid_type")
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            check(
+                len(parts) == len(content) and all(isinstance(p, str) for p in parts),
+                "only text content parts are supported",
+                f"messages[{i}].content",
+            )
+            content = "".join(parts)
+        check(
+            isinstance(content, str),
+            f"messages[{i}].content must be a string",
+            f"messages[{i}].content",
+            "invalid_type",
+        )
+        check(
+            isinstance(m.get("role"), str),
+            f"messages[{i}].role must be a string",
+            f"messages[{i}].role",
+            "invalid_type",
+        )
+        out.append({"role": m["role"], "content": content})
+    check(bool(out), "'messages' is empty", "messages")
+    return out

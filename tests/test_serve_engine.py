@@ -1,0 +1,100 @@
+"""The serving engine and the text of streamed tokens, without a web server: batched decoding gives
+each sequence what it gets alone, jobs past the slots wait, a stop string cuts the text."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from gpt2repro.generate import generate
+from gpt2repro.model import GPT
+from gpt2repro.serve.engine import Engine, Job
+from gpt2repro.serve.text import TextStream
+
+
+@pytest.fixture(scope="module")
+def model(tiny_config):
+    torch.manual_seed(0)
+    return GPT(tiny_config).eval()
+
+
+def run_jobs(engine: Engine, specs: list[dict], check=None) -> list[list[tuple]]:
+    """Submit jobs (before the engine starts, so all wait at once), start it, collect their events."""
+    events = [[] for _ in specs]
+    done = threading.Semaphore(0)
+
+    def emitter(i):
+        def emit(event):
+            if check:
+                check()
+            events[i].append(event)
+            if event[0] in ("done", "error"):
+                done.release()
+
+        return emit
+
+    for i, spec in enumerate(specs):
+        engine.submit(Job(emit=emitter(i), **spec))
+    assert engine.stats()["waiting"] == len(specs)
+    engine.start()
+    for _ in specs:
+        assert done.acquire(timeout=60)
+    engine.stop()
+    return events
+
+
+def test_batched_sequences_of_different_lengths_equal_each_alone_and_wait_for_a_slot(model):
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, 50257, (n,)).tolist() for n in (5, 9, 3, 7, 11)]
+    engine = Engine(model, slots=2)
+    seen = []
+    events = run_jobs(
+        engine,
+        [dict(prompt=p, max_tokens=4 + i, temperature=0) for i, p in enumerate(prompts)],
+        check=lambda: seen.append(len(engine.running)),
+    )
+    assert max(seen) == 2  # never more running than slots: the rest waited
+    for i, p in enumerate(prompts):
+        tokens = [e[1].id for e in events[i] if e[0] == "token"]
+        assert tokens == generate(model, torch.tensor([p]), 4 + i, temperature=0)[0, len(p) :].tolist()
+        assert events[i][-1] == ("done", "length")
+
+
+def test_a_seed_draws_the_same_sample_batched_or_alone_and_a_stop_token_ends_it(model):
+    spec = dict(prompt=[464, 5822, 286], max_tokens=12, temperature=1.0, top_p=0.95, seed=5)
+    alone = run_jobs(Engine(model, slots=1), [spec])[0]
+    crowd = run_jobs(Engine(model, slots=4), [dict(spec, seed=s) for s in (1, 5, 9)])
+    assert crowd[1] == alone
+    sampled = [e[1].id for e in alone if e[0] == "token"]
+    stopped = run_jobs(Engine(model, slots=1), [dict(spec, stop_ids=frozenset({sampled[3]}))])[0]
+    assert [e[1].id for e in stopped if e[0] == "token"] == sampled[: sampled.index(sampled[3]) + 1]
+    assert stopped[-1] == ("done", "stop")
+
+
+def test_text_streams_whole_characters_and_holds_back_a_possible_stop_string(enc):
+    ids = enc.encode("café, then END of it")
+    stream = TextStream(enc.decode_single_token_bytes, stop=("END",))
+    pieces = [stream.feed(t) for t in ids]
+    assert "".join(pieces) + stream.finish() == "café, then "
+    assert stream.stopped and all("\ufffd" not in p for p in pieces)
+    split = TextStream(lambda t: "é".encode()[t : t + 1])  # one character over two tokens
+    assert (split.feed(0), split.feed(1)) == ("", "é")
+    held = TextStream(enc.decode_single_token_bytes, stop=("Xylophone",))
+    assert "".join(held.feed(t) for t in enc.encode("a X")) == "a "  # "X" may begin the stop
+    assert held.finish() == "X" and not held.stopped
+
+
+def test_a_job_cancelled_while_it_waits_never_takes_a_slot(model):
+    engine = Engine(model, slots=1)
+    events, done = [], threading.Event()
+    gone = Job([464, 5822], 3, emit=lambda e: events.append(("gone", e)), temperature=0)
+    kept = Job([464, 5822], 3, emit=lambda e: (events.append(("kept", e)), e[0] == "done" and done.set()))
+    engine.submit(kept)
+    engine.submit(gone)
+    gone.cancelled = True  # its client left before a slot was free
+    engine.start()
+    assert done.wait(60)
+    engine.stop()
+    assert [who for who, _ in events] == ["kept"] * 4
