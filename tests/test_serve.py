@@ -361,3 +361,35 @@ def test_bench_serve_measures_batched_against_one_at_a_time():
     ]
     for r in rows:  # every request generated its 3 tokens
         assert r["gen tok/s"] == pytest.approx(3 * r["req/s"], rel=0.05)
+
+
+def test_a_chat_model_answers_through_its_own_template(chat_run_dir):
+    """The tiny chat model of conftest (taught to answer "Hi" with "Hello there."), served: the
+    messages go through chat.render, the reply stops at <|assistant_end|> (not part of it), the same
+    as `gpt2repro chat` gives alone; the page's /v1/models says it is a chat model."""
+    from gpt2repro import chat
+    from gpt2repro.checkpoint import load_model
+
+    model = load_model(chat_run_dir).eval()
+    messages = [{"role": "user", "content": "Hi"}]
+    prompt = torch.tensor([chat.render(messages, add_generation_prompt=True)])
+    alone = generate(model, prompt, 16, temperature=0)[0, prompt.size(1) :].tolist()
+    end = next(i for i, t in enumerate(alone) if t in chat.STOP_TOKENS)
+    served = served_model(model, "chat-model", 2)
+    try:
+        with ServerThread(create_app(served)) as s:
+            client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+            r = client.chat.completions.create(
+                model="chat-model", messages=messages, max_tokens=16, temperature=0
+            )
+            listed = post_get(s.url + "/v1/models")
+    finally:
+        served.engine.stop()
+    assert r.choices[0].message.content == chat.encoding().decode(alone[:end]) == "Hello there."
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == end + 1
+    assert listed["data"][0]["chat"] is True
+
+
+def post_get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=60) as r:
+        return json.loads(r.read())
