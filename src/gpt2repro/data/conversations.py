@@ -37,7 +37,7 @@ from ..fsio import AtomicFile, atomic_write_text, sha256_file
 from ..tokenizer import EOT_ID
 from .shards import ShardError, ShardWriter, mask_path, shard_name
 from .sink import open_manifest
-from .sources import PrepareError, Stream, fingerprint, iter_stream, open_inputs, units_cut
+from .sources import PrepareError, Stream, fingerprint, iter_stream, open_inputs, source_args, units_cut
 
 LAYOUTS = ("auto", "messages", "sharegpt", "instruction")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -354,10 +354,7 @@ def prepare_conversations(
     val_rows = DEFAULT_VAL_ROWS if val_tokens is None else math.ceil(val_tokens / seq_len)
     args = dict(
         chat=layout,
-        sources=sources if stream else [str(p) for p in paths],
-        name=stream.name if stream else None,
-        split=stream.split if stream else None,
-        revision=revision,
+        **source_args(sources, stream, paths, revision),
         seq_len=seq_len,
         skip_bad=skip_bad,
         shard_tokens=shard_tokens,

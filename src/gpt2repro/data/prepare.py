@@ -34,6 +34,7 @@ from .sources import (
     fingerprint,
     open_inputs,
     resume_units,
+    source_args,
     units_cut,
 )
 
@@ -67,10 +68,7 @@ def prepare(
     stream, paths, watched = open_inputs(sources, name, split)
     out = make_out_dir(out_dir)
     args = dict(
-        sources=sources if stream else [str(p) for p in paths],
-        name=stream.name if stream else None,
-        split=stream.split if stream else None,
-        revision=revision,
+        **source_args(sources, stream, paths, revision),
         text_field=text_field,
         shard_tokens=shard_tokens,
         val_tokens=val_tokens,

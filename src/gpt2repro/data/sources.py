@@ -325,6 +325,16 @@ def resume_units(
     return local_units(paths, field, (nxt.get("file", 0), nxt.get("part", 0))), nxt.get("skip", 0)
 
 
+def source_args(sources: list[str], stream: Stream | None, paths: list[Path], revision: str | None) -> dict:
+    """What a manifest records of where the input came from (a resume needs the same)."""
+    return dict(
+        sources=sources if stream else [str(p) for p in paths],
+        name=stream.name if stream else None,
+        split=stream.split if stream else None,
+        revision=revision,
+    )
+
+
 def units_cut() -> dict:
     """How the input is cut into units, recorded in the manifest: a resume point counts them, so a
     version cutting them another way cannot resume it."""
