@@ -14,6 +14,7 @@ from gpt2repro.data.conversations import data_seq_len, prepare_conversations, to
 from gpt2repro.data.loader import DataLoader
 from gpt2repro.data.prepare import PrepareError
 from gpt2repro.data.shards import ShardError, find_shards, read_mask, read_shard, verify_shards
+from gpt2repro.lock import DirLock
 
 S, SE, U, UE, A, AE = (chat.TOKEN_IDS[t] for t in chat.CHAT_TOKENS)
 EOT = 50256
@@ -149,8 +150,10 @@ def test_bad_records_are_one_line_errors_or_skipped_and_counted(capsys, tmp_path
 def test_cli_prepare_chat_errors(capsys, tmp_path):
     src = write_jsonl(tmp_path / "c.jsonl", RECORDS)
     base = ["prepare", "--chat", "--source", src, "--out", tmp_path / "o"]
-    assert_one_line_error(capsys, [*base, "--seq-len", "1"], "--seq-len must be at least 2")
-    assert_one_line_error(capsys, [*base, "--shard-tokens", "8", "--seq-len", "16"], "--shard-tokens must be")
+    assert_one_line_error(capsys, [*base, "--seq-len", "1"], "seq_len must be at least 2")
+    assert_one_line_error(capsys, [*base, "--shard-tokens", "8", "--seq-len", "16"], "shard_tokens must be")
+    with DirLock(tmp_path / "o", "prepare"):  # one writer per data directory, conversations too
+        assert_one_line_error(capsys, [*base, "--seq-len", "16"], "o is being written by gpt2repro prepare")
     txt = tmp_path / "t.txt"
     txt.write_text("hello")
     argv = ["prepare", "--chat", "--source", txt, "--out", tmp_path / "o2"]

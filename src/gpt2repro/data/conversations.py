@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..chat import ChatError, render_with_mask
 from ..fsio import AtomicFile, atomic_write_text, sha256_file
+from ..lock import DirLock
 from ..tokenizer import EOT_ID
 from .shards import ShardError, ShardWriter, mask_path, shard_name
 from .sink import open_manifest
@@ -308,9 +309,9 @@ def _check_args(
     layout: str, seq_len: int, shard_tokens: int, val_tokens: int | None, max_tokens: int | None
 ) -> None:
     if layout not in LAYOUTS:
-        raise PrepareError(f"--chat {layout!r}: expected one of {', '.join(LAYOUTS)}")
-    checks = [("--seq-len", seq_len, 2), ("--shard-tokens", shard_tokens, seq_len)]
-    checks += [("--val-tokens", val_tokens, 0), ("--max-tokens", max_tokens, seq_len)]
+        raise PrepareError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    checks = [("seq_len", seq_len, 2), ("shard_tokens", shard_tokens, seq_len)]
+    checks += [("val_tokens", val_tokens, 0), ("max_tokens", max_tokens, seq_len)]
     for option, value, low in checks:
         if value is not None and value < low:
             raise PrepareError(f"{option} must be at least {low}, got {value}")
@@ -361,26 +362,27 @@ def prepare_conversations(
         val_rows=val_rows,
         max_tokens=max_tokens,
     )
-    manifest = _manifest(out, args, stream.dataset if stream else "local", watched)
-    if manifest["complete"]:
-        print(
-            f"{out}: already complete ({manifest['total_tokens']:,} tokens in {len(manifest['shards']) // 2} shards)"
+    with DirLock(out, "prepare"):  # one writer per data directory
+        manifest = _manifest(out, args, stream.dataset if stream else "local", watched)
+        if manifest["complete"]:
+            print(
+                f"{out}: already complete ({manifest['total_tokens']:,} tokens in {len(manifest['shards']) // 2} shards)"
+            )
+            return manifest
+        counts = manifest["counts"]
+        skip = manifest["next"]["record"]
+        records = _stream_records(stream, revision, skip) if stream else _file_records(paths, skip)
+        sink = RowSink(
+            out, manifest, shard_tokens // seq_len, val_rows, max_tokens // seq_len if max_tokens else None
         )
-        return manifest
-    counts = manifest["counts"]
-    skip = manifest["next"]["record"]
-    records = _stream_records(stream, revision, skip) if stream else _file_records(paths, skip)
-    sink = RowSink(
-        out, manifest, shard_tokens // seq_len, val_rows, max_tokens // seq_len if max_tokens else None
-    )
-    with tqdm(initial=skip, unit="conv", disable=not progress, desc="prepare") as bar:
-        try:
-            _pack(records, layout, skip_bad, Packer(seq_len, counts), sink, bar)
-        except OSError as e:  # a full or read-only disk while writing: what is committed stays valid
-            raise PrepareError(
-                f"{out}: {e.strerror or e} while writing shards; the {len(manifest['shards']) // 2} shards "
-                "committed so far are kept: free space and rerun the same command to resume"
-            ) from None
+        with tqdm(initial=skip, unit="conv", disable=not progress, desc="prepare") as bar:
+            try:
+                _pack(records, layout, skip_bad, Packer(seq_len, counts), sink, bar)
+            except OSError as e:  # a full or read-only disk while writing: what is committed stays valid
+                raise PrepareError(
+                    f"{out}: {e.strerror or e} while writing shards; the {len(manifest['shards']) // 2} shards "
+                    "committed so far are kept: free space and rerun the same command to resume"
+                ) from None
     return manifest
 
 
