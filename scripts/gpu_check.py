@@ -254,7 +254,7 @@ def _train_cli(args, data: Path, out: Path, extra: list[str], nproc: int = 0) ->
     cmd = ["-m", "gpt2repro", "train", "--preset", preset, "--data", str(data), "--out", str(out)]
     cmd += [*overrides, *batch, *COMMON, f"device={args.device}", *extra]
     launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
         if nproc
         else [sys.executable]
     )

@@ -66,7 +66,10 @@ def train_argv(data_dir, *extra) -> list[str]:
 
 def command(*args, nproc=None, launcher=()) -> list[str]:
     """`python -m gpt2repro ARGS`, under torchrun with `nproc` processes (and `launcher` options)."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *launcher]
+    # --standalone: a free port of its own, so runs on one machine at once never meet (without it every
+    # run takes port 29500, and a second suite's ranks could join this one's)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    torchrun += [*launcher] if launcher else ["--standalone"]
     return [*(torchrun if nproc else [sys.executable]), "-m", "gpt2repro", *map(str, args)]
 
 

@@ -271,7 +271,15 @@ def test_ranks_that_find_different_checkpoints_all_stop_with_one_line(data_dir, 
     run_to_end([*args, "max_steps=2", "--out", str(tmp_path / "rank0")])
     script = tmp_path / "per_rank.py"
     script.write_text(RANK_DIRS)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+    ]
     env = {**__import__("os").environ, "RUN_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
         [*torchrun, *args, "max_steps=4"], capture_output=True, text=True, timeout=300, env=env
