@@ -10,7 +10,7 @@ $B bench train --size 4x256 --baseline all --repeats 5 --json "$OUT/train_tiny.j
 $B bench train --size 6x384 --mode bf16,compile-bf16,eager --baseline reference --repeats 5 --json "$OUT/train_small.json"
 $B bench train --size 124m --mode bf16,eager --baseline reference --repeats 3 --json "$OUT/train_124m.json"
 $B bench generate --size 6x384 --repeats 3 --json "$OUT/generate.json"
-$B bench chat --repeats 5 --json "$OUT/chat.json"
+$B bench chat --repeats 15 --json "$OUT/chat.json"
 $B bench hellaswag --size 6x384 --repeats 3 --json "$OUT/hellaswag.json"
 $B bench prepare --repeats 9 --json "$OUT/prepare.json"
 $B bench memory --size 124m --json "$OUT/memory_124m.json"

@@ -224,3 +224,12 @@ def test_to_messages_maps_sharegpt_roles_and_dolly_context():
         {"role": "user", "content": "h"},
     ]
     assert to_messages({"instruction": "I", "context": "C", "response": "R"})[0]["content"] == "I\n\nC"
+
+
+def test_one_writer_per_conversation_directory(tmp_path):
+    from gpt2repro.lock import DirLock, LockError
+
+    src = write_jsonl(tmp_path / "c.jsonl", RECORDS)
+    with DirLock(tmp_path / "out", "prepare"), pytest.raises(LockError, match="is being written by"):
+        prepare_conversations([str(src)], tmp_path / "out", seq_len=16, progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()

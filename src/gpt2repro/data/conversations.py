@@ -15,8 +15,10 @@ whole rows plus one padding token (the loader reads B*T+1 tokens a batch); besid
 `train_000001.mask` holds one byte per token, 1 where the token is learned. The first rows, at least
 `val_tokens` of them, are the `val` split: held-out conversations.
 
-A bad record stops the preparation with one line naming file and line, or with `skip_bad` is left
-out and counted by kind. The manifest records, after every shard, the record to resume from.
+A bad record (not JSON, none of the layouts, unknown role, missing content, empty, an assistant
+turn first) stops the preparation with one line naming the file and line, or with `skip_bad` is
+left out and counted by kind in the manifest. After every shard the manifest records the record to
+resume from and the counts so far, so an interrupted preparation resumes to the same bytes.
 """
 
 from __future__ import annotations
@@ -33,12 +35,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..chat import ChatError, render_with_mask
-from ..fsio import AtomicFile, atomic_write_text, sha256_file
+from ..fsio import AtomicFile, WriteError, sha256_file
 from ..lock import DirLock
 from ..tokenizer import EOT_ID
 from .shards import ShardError, ShardWriter, mask_path, shard_name
-from .sink import open_manifest
-from .sources import PrepareError, Stream, fingerprint, iter_stream, open_inputs, source_args, units_cut
+from .sink import finished, make_out_dir, open_manifest, write_manifest
+from .sources import PrepareError, Stream, fingerprint, iter_stream, open_inputs, source_args
 
 LAYOUTS = ("auto", "messages", "sharegpt", "instruction")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -260,7 +262,7 @@ class RowSink:
             self.rows += self.in_shard
             self.shard, self.in_shard = None, 0
         self.manifest.update(next=resume, counts=counts, complete=final)
-        atomic_write_text(self.out / "manifest.json", json.dumps(self.manifest, indent=2))
+        write_manifest(self.out, self.manifest)
 
     def discard(self) -> None:
         if self.shard is not None:
@@ -320,11 +322,8 @@ def _check_args(
 def _manifest(out: Path, args: dict, source: str, watched: list[Path]) -> dict:
     """`prepare`'s manifest (a resume only with the same arguments and unchanged inputs), with the
     conversation counts and the record to resume from."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PrepareError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
-    manifest = open_manifest(out, args, source, [fingerprint(p) for p in watched], units_cut())
+    units = {"records": "a resume point counts records: JSON lines, Parquet rows, rows of a stream"}
+    manifest = open_manifest(out, args, source, [fingerprint(p) for p in watched], units)
     manifest.setdefault("counts", {**dict.fromkeys(COUNTS, 0), "bad_kinds": {}, "first_bad": []})
     manifest.update(format="conversations", seq_len=args["seq_len"])
     manifest["next"].setdefault("record", 0)
@@ -351,7 +350,7 @@ def prepare_conversations(
     save_to_disk directory); the val split defaults to 128 rows of held-out conversations."""
     _check_args(layout, seq_len, shard_tokens, val_tokens, max_tokens)
     stream, paths, watched = open_inputs(sources, name, split)
-    out = Path(out_dir)
+    out = make_out_dir(out_dir)
     val_rows = DEFAULT_VAL_ROWS if val_tokens is None else math.ceil(val_tokens / seq_len)
     args = dict(
         chat=layout,
@@ -364,24 +363,22 @@ def prepare_conversations(
     )
     with DirLock(out, "prepare"):  # one writer per data directory
         manifest = _manifest(out, args, stream.dataset if stream else "local", watched)
-        if manifest["complete"]:
-            print(
-                f"{out}: already complete ({manifest['total_tokens']:,} tokens in {len(manifest['shards']) // 2} shards)"
-            )
+        if finished(out, manifest):
             return manifest
-        counts = manifest["counts"]
         skip = manifest["next"]["record"]
         records = _stream_records(stream, revision, skip) if stream else _file_records(paths, skip)
-        sink = RowSink(
-            out, manifest, shard_tokens // seq_len, val_rows, max_tokens // seq_len if max_tokens else None
-        )
+        max_rows = max_tokens // seq_len if max_tokens else None
+        sink = RowSink(out, manifest, shard_tokens // seq_len, val_rows, max_rows)
         with tqdm(initial=skip, unit="conv", disable=not progress, desc="prepare") as bar:
             try:
-                _pack(records, layout, skip_bad, Packer(seq_len, counts), sink, bar)
-            except OSError as e:  # a full or read-only disk while writing: what is committed stays valid
+                _pack(records, layout, skip_bad, Packer(seq_len, manifest["counts"]), sink, bar)
+            except (OSError, WriteError) as e:  # a full or read-only disk: what is committed stays
+                why = (
+                    str(e) if isinstance(e, WriteError) else f"{out}: {e.strerror or e} while writing shards"
+                )
                 raise PrepareError(
-                    f"{out}: {e.strerror or e} while writing shards; the {len(manifest['shards']) // 2} shards "
-                    "committed so far are kept: free space and rerun the same command to resume"
+                    f"{why}; the {len(manifest['shards']) // 2} shards committed so far are kept: free space "
+                    "and rerun the same command to resume"
                 ) from None
     return manifest
 
