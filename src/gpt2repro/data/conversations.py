@@ -39,7 +39,7 @@ from ..fsio import AtomicFile, WriteError, sha256_file
 from ..lock import DirLock
 from ..tokenizer import EOT_ID
 from .shards import ShardError, ShardWriter, mask_path, shard_name
-from .sink import finished, make_out_dir, open_manifest, write_manifest
+from .sink import finished, make_out_dir, open_manifest, refused_write, write_manifest
 from .sources import PrepareError, Stream, fingerprint, iter_stream, open_inputs, source_args
 
 LAYOUTS = ("auto", "messages", "sharegpt", "instruction")
@@ -373,13 +373,7 @@ def prepare_conversations(
             try:
                 _pack(records, layout, skip_bad, Packer(seq_len, manifest["counts"]), sink, bar)
             except (OSError, WriteError) as e:  # a full or read-only disk: what is committed stays
-                why = (
-                    str(e) if isinstance(e, WriteError) else f"{out}: {e.strerror or e} while writing shards"
-                )
-                raise PrepareError(
-                    f"{why}; the {len(manifest['shards']) // 2} shards committed so far are kept: free space "
-                    "and rerun the same command to resume"
-                ) from None
+                raise refused_write(e, out, len(manifest["shards"]) // 2) from None
     return manifest
 
 

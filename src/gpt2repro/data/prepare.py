@@ -25,7 +25,7 @@ from ..fsio import WriteError
 from ..lock import DirLock
 from ..tokenizer import EOT_ID, get_tokenizer
 from .hubshards import HF_SHARDS, fetch_shards, is_hub_shards
-from .sink import ShardSink, finished, make_out_dir, open_manifest
+from .sink import ShardSink, finished, make_out_dir, open_manifest, refused_write
 from .sources import (
     FINEWEB_TOKENS,
     PrepareError,
@@ -113,13 +113,7 @@ def _write_shards(
         try:
             _fill(sink, encoded, bar, n_files)
         except (OSError, WriteError) as e:
-            why = (
-                str(e) if isinstance(e, WriteError) else f"{sink.out}: {e.strerror or e} while writing shards"
-            )
-            raise PrepareError(
-                f"{why}; the {len(sink.manifest['shards'])} shards committed so far are kept: free space "
-                "and rerun the same command to resume"
-            ) from None
+            raise refused_write(e, sink.out, len(sink.manifest["shards"])) from None
 
 
 def _check_counts(

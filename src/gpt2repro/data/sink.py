@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__, assets
-from ..fsio import atomic_write_text, sha256_file
+from ..fsio import WriteError, atomic_write_text, sha256_file
 from .shards import ShardWriter, shard_name
 from .sources import PrepareError
 
@@ -176,3 +176,11 @@ class ShardSink:
 
     def _write_manifest(self) -> None:
         write_manifest(self.out, self.manifest)
+
+
+def refused_write(e: OSError | WriteError, out: Path, committed: int) -> PrepareError:
+    """A full or read-only disk while writing shards, as one line: what is committed stays valid."""
+    why = str(e) if isinstance(e, WriteError) else f"{out}: {e.strerror or e} while writing shards"
+    return PrepareError(
+        f"{why}; the {committed} shards committed so far are kept: free space and rerun the same command to resume"
+    )
