@@ -194,7 +194,8 @@ def test_two_prepares_and_a_killed_one(tmp_path, capsys, enc):
 
 
 @pytest.mark.slow
-def test_every_rank_learns_the_run_directory_is_taken(data_dir, tmp_path):
+def test_every_rank_learns_the_run_directory_is_taken(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONUNBUFFERED", "1")  # as CI has it: the two ranks' lines must not run together
     run = tmp_path / "run"
     with DirLock(run, "train"):
         started = time.time()

@@ -290,7 +290,10 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         return 130
     except UserError as e:
-        print(f"gpt2repro: error: {e}", file=sys.stderr)
+        # one write: with unbuffered stderr, print() writes the newline apart, and ranks sharing
+        # a terminal or pipe would run their lines together
+        sys.stderr.write(f"gpt2repro: error: {e}\n")
+        sys.stderr.flush()
         return 2
     return 0
 
