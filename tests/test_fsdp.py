@@ -68,8 +68,10 @@ def test_blocks_compile_one_by_one_without_graph_breaks_or_recompiles(tmp_path):
 
 
 def test_fsdp_compiled_per_block_trains_as_fsdp_eager(data_dir, tmp_path):
+    shared_file("hellaswag_val.jsonl.gz")
     common = [*train_argv(data_dir, *SMALL), "max_steps=3", "fsdp=true", "activation_checkpointing=full"]
-    common += ["val_every=2", "val_steps=1"]
+    common += ["val_every=2", "val_steps=1", "hellaswag_every=3", "hellaswag_limit=4"]
+    common += ["sample_every=3", "sample_count=1", "sample_tokens=4"]
     for run, compile_model in (("eager", "false"), ("compiled", "true")):
         run_to_end([*common, f"compile={compile_model}", "--out", str(tmp_path / run)], nproc=2)
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
@@ -78,6 +80,13 @@ def test_fsdp_compiled_per_block_trains_as_fsdp_eager(data_dir, tmp_path):
         assert compiled[step] == pytest.approx(eager[step], rel=1e-5)
     val = [[r["loss"] for r in events(tmp_path / run, "val")] for run in ("eager", "compiled")]
     assert len(val[0]) == 3 and val[1] == pytest.approx(val[0], rel=1e-5)
+    # HellaSwag and sampling run the compiled blocks eagerly: other lengths, a KV cache
+    hellaswag = [
+        [r["acc_norm"] for r in events(tmp_path / run, "hellaswag")] for run in ("eager", "compiled")
+    ]
+    assert len(hellaswag[0]) == 2 and hellaswag[1] == hellaswag[0]
+    samples = [(tmp_path / run / "samples.txt").read_text() for run in ("eager", "compiled")]
+    assert "Hello, I'm a language model," in samples[1] and samples[1] == samples[0]
 
 
 def test_bf16_fsdp_trains_like_one_bf16_process_and_evaluates_in_the_loop(data_dir, tmp_path):
