@@ -61,8 +61,9 @@ def test_bf16_gathers_bf16_weights_and_keeps_fp32_shards_and_gradients(tmp_path)
 
 def test_blocks_compile_one_by_one_without_graph_breaks_or_recompiles(tmp_path):
     for report in probe("compile", tmp_path):
-        graphs = report["graphs"]
-        assert graphs[0] > 0 and graphs == [graphs[0]] * 3, graphs  # compiled in step 0, never again
+        # one graph, compiled in step 0, serves both blocks in every later step (the build's first
+        # forward pass runs eagerly: a 1-token graph would make the training shapes dynamic)
+        assert report["graphs"] == [1, 1, 1]
         assert report["breaks"] == 0
         assert report["blocks_compiled"] == [True, True] and not report["root_compiled"]
 

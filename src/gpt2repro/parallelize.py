@@ -75,8 +75,9 @@ def build_sharded(
         wte = raw.transformer.wte.weight.full_tensor()  # one parameter gathered, not the model
         copy_shards(raw, raw.weights_from(pretrained, wte))
     # FSDP2 sets up its root at the first forward pass; do it now, or in-loop evaluation, which may
-    # call the blocks first, would make each block a root of its own
-    with torch.no_grad():
+    # call the blocks first, would make each block a root of its own (eagerly: a 1-token graph
+    # would only make the compiler treat the training shapes as dynamic)
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         raw(torch.zeros(1, 1, dtype=torch.long, device=info.device))
     raw.reshard()  # the root keeps its parameters gathered after forward; the optimizer needs shards
     return raw
