@@ -78,11 +78,13 @@ def memory(info) -> dict:
     """Peak resident memory added by building a 466 MB model up to its initialised shards (the
     build's first forward pass, FSDP gathering one block at a time, comes after), the model's
     bytes, its largest parameter's, and the devices its parameters were on when FSDP sharded them."""
-    import torch.distributed.fsdp as fsdp
-
     from gpt2repro import parallelize
 
-    seen, fully_shard, init_like_gpt = {"sharded_on": set()}, fsdp.fully_shard, parallelize.init_like_gpt
+    seen, fully_shard, init_like_gpt = (
+        {"sharded_on": set()},
+        parallelize.fully_shard,
+        parallelize.init_like_gpt,
+    )
 
     def sharding(module, **kw):
         seen["sharded_on"].update(p.device.type for p in module.parameters())
@@ -92,10 +94,8 @@ def memory(info) -> dict:
         init_like_gpt(*args)
         seen["initialised"] = peak_rss_bytes()
 
-    fsdp.fully_shard, parallelize.init_like_gpt = sharding, initialising
+    parallelize.fully_shard, parallelize.init_like_gpt = sharding, initialising
     cfg = config("model.n_layer=16", "model.n_head=12", "model.n_embd=768", "model.vocab_size=4096")
-    import torch.distributed.tensor  # noqa: F401  (what building imports, imported before measuring)
-
     before = rss_bytes()
     raw, _ = built(cfg, info)
     sizes = [p.numel() * p.element_size() for p in raw.parameters()]

@@ -12,9 +12,10 @@ each rank keeps its own shard.
 
 Training in bf16, FSDP gathers the weights in bf16 and reduces gradients in fp32
 (`MixedPrecisionPolicy`); the sharded weights, gradients and optimizer state stay fp32. The loop's
-autocast stays on as well: it decides which ops run in bf16 (matmuls, attention) and which in fp32
-(layer norms, the loss), the same on every path; the policy decides what is communicated and held
-unsharded."""
+autocast stays on as well (torchtitan drops it under FSDP): it decides which ops run in bf16
+(matmuls, attention) and which in fp32 (layer norms, the loss), the same on every path; the policy
+decides what is communicated and held unsharded. The policy also casts each block's input to bf16,
+so the residual stream is bf16 where one bf16 process keeps it fp32: losses close, not equal."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import distribute_tensor
 
 from .config import TrainConfig
 from .distributed import DistInfo, wrap_model
@@ -42,11 +45,9 @@ def build_model(
     return raw, raw
 
 
-def mixed_precision(dtype: str):
+def mixed_precision(dtype: str) -> MixedPrecisionPolicy:
     """FSDP's policy for the autocast dtype: bf16 weights gathered, fp32 gradients reduced; for
-    fp32, none (fp16 with FSDP is refused by the config)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
+    fp32 the empty policy, FSDP's default: nothing cast (fp16 with FSDP is refused by the config)."""
     if dtype != "bf16":
         return MixedPrecisionPolicy()
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -57,8 +58,6 @@ def build_sharded(
 ) -> GPT:
     """The FSDP model: built on meta, compiled per block, sharded, then materialised and initialised
     shard by shard (or from `pretrained`, whole weights copied into the shards)."""
-    from torch.distributed.fsdp import fully_shard
-
     with torch.device("meta"):
         raw = GPT(cfg.model)
     twins = leaf_twins(raw)  # taken before sharding turns the parameters into DTensors
@@ -122,8 +121,6 @@ def _draw(raw: nn.Module, name: str, twin: nn.Module, init: Callable[[], None]) 
 def _copy_shard(param: torch.Tensor, full: torch.Tensor) -> None:
     """This rank's part of `full` into the DTensor `param` (no communication: every rank holds the
     same `full`)."""
-    from torch.distributed.tensor import distribute_tensor
-
     local = param.to_local()
     piece = distribute_tensor(full.to(local.device), param.device_mesh, param.placements, src_data_rank=None)
     local.copy_(piece.to_local())
