@@ -270,7 +270,7 @@ class Trainer:
         if not (hellaswag_due or sample_due):
             return out
         # both call the raw model's parts directly, past FSDP's hooks; eagerly: FSDP's blocks are
-        # compiled for training's shapes (a KV cache or HellaSwag's lengths would recompile them)
+        # compiled for training (a KV cache does not fit their full graph; HellaSwag's lengths vary)
         with full_parameters(self.raw), torch.compiler.set_stance("force_eager"):
             if hellaswag_due:
                 out["hellaswag_acc_norm"] = self.eval_hellaswag(step)
