@@ -100,22 +100,11 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 
 
 def wrap_model(raw: GPT, cfg: TrainConfig, info: DistInfo, compile_model: bool) -> torch.nn.Module:
-    """Activation checkpointing as configured, DDP or FSDP2 for several ranks, then torch.compile;
-    the raw module stays usable for eval."""
+    """Activation checkpointing as configured, DDP for several ranks, then whole-model torch.compile;
+    the raw module stays usable for eval. (FSDP runs are built sharded: `parallelize`.)"""
     raw.recompute_interval = cfg.recompute_interval
     model: torch.nn.Module = raw
-    if cfg.fsdp and info.distributed:
-        from torch.distributed.fsdp import fully_shard
-
-        for block in raw.transformer.h:
-            fully_shard(block)
-        fully_shard(raw)
-        # FSDP2 sets up its root at the first forward pass; do it now, or in-loop evaluation, which
-        # may call the blocks first, would make each block a root of its own
-        with torch.no_grad():
-            raw(torch.zeros(1, 1, dtype=torch.long, device=info.device))
-        raw.reshard()  # the root keeps its parameters gathered after forward; the optimizer needs shards
-    elif info.distributed:
+    if info.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         # gradients live in DDP's communication buckets: no copy in or out of them per step

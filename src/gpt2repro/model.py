@@ -135,16 +135,21 @@ class GPT(nn.Module):
         copied rows plus its own initialisation (N(0, 0.02)): predicted about as likely as an average
         token at first, so the first steps see no huge loss, and told apart from the other new rows.
         Padded rows keep their initialisation."""
+        load_state_strict(self, self.weights_from(other, self.transformer.wte.weight))
+
+    def weights_from(self, other: GPT, wte: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The state `copy_weights_from` loads, given this model's initial token embedding `wte`
+        (whole: a sharded model gathers it first)."""
         state = other.state_dict()
-        wte = self.transformer.wte.weight.detach().clone()
+        wte = wte.detach().clone()
         vocab = self.config.vocab_size
-        source = state["transformer.wte.weight"]
+        source = state["transformer.wte.weight"].to(wte.device)
         shared = min(vocab, other.config.vocab_size, source.size(0))
         wte[:shared] = source[:shared]
         if shared < vocab:
             wte[shared:vocab] += source[:shared].mean(0)
         state["transformer.wte.weight"] = state["lm_head.weight"] = wte
-        load_state_strict(self, state)
+        return state
 
     def num_params(self) -> int:
         """Unique parameters (the tied lm_head counted once), as published for GPT-2."""

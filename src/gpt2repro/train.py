@@ -29,15 +29,14 @@ from .distributed import (
     set_grad_sync,
     setup,
     teardown,
-    wrap_model,
 )
 from .evals import hellaswag
 from .fsio import WriteError, atomic_write_text
 from .generate import prompt_tokens, sample_text
 from .metrics import MetricsLogger
 from .mfu import Peak, synchronize
-from .model import GPT
 from .optim import build_optimizer, configure, lr_at, set_lr
+from .parallelize import build_model
 from .plan import Plan, resolve
 from .precision import autocast, enable_tf32, slow_dtype_warning, tf32_enabled
 
@@ -87,10 +86,7 @@ class Trainer:
         self.hellaswag = (examples, [hellaswag.render(e, cfg.hellaswag_style) for e in examples])
         if cfg.sample_every:  # a prompt that cannot be sampled fails now, not after the first steps
             prompt_tokens(cfg.sample_prompt, cfg.model.block_size)
-        self.raw = GPT(cfg.model).to(self.device)
-        if plan.pretrained is not None:
-            self.raw.copy_weights_from(plan.pretrained)
-        self.model = wrap_model(self.raw, cfg, info, plan.compile)
+        self.raw, self.model = build_model(cfg, info, plan.dtype, plan.compile, plan.pretrained)
         self.optimizers = build_optimizer(self.raw, cfg, self.device)
         # fp16's narrow range: the loss is scaled so gradients do not underflow, steps with inf skipped
         self.scaler = torch.amp.GradScaler(self.device.type) if plan.dtype == "fp16" else None
@@ -273,7 +269,9 @@ class Trainer:
         sample_due = cfg.sample_every and step > 0 and _due(step, last, cfg.sample_every)
         if not (hellaswag_due or sample_due):
             return out
-        with full_parameters(self.raw):  # both call the raw model's parts directly, past FSDP's hooks
+        # both call the raw model's parts directly, past FSDP's hooks; eagerly: FSDP's blocks are
+        # compiled for training (a KV cache does not fit their full graph; HellaSwag's lengths vary)
+        with full_parameters(self.raw), torch.compiler.set_stance("force_eager"):
             if hellaswag_due:
                 out["hellaswag_acc_norm"] = self.eval_hellaswag(step)
             if sample_due:
