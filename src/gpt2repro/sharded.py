@@ -81,7 +81,7 @@ def save(
     and checkpoints beyond config.keep_last are removed. A failure on any rank stops every rank."""
     tensors, plain = split(get_model_state_dict(model), get_optimizer_state_dict(model, optimizers))
     final, what = step_dir(run_dir, step), f"checkpoint step {step}"
-    needed = int(all_reduce_sum([_local_bytes(tensors, info.is_main)])[0])
+    needed = int(all_reduce_sum([_local_bytes(tensors, info.is_main)], info.device)[0])
     error: Exception | None = None
     try:
         with _staging(final, what, needed, info.is_main) as tmp:
@@ -95,8 +95,10 @@ def save(
             publish(final, config.keep_last)
     except Exception as e:  # noqa: BLE001 - every rank must still reach the next collective
         error = e
-    if all_reduce_sum([float(error is not None)])[0]:
-        raise error or CheckpointError(f"{final}: rank 0 could not write the checkpoint (its error says why)")
+    if all_reduce_sum([float(error is not None)], info.device)[0]:
+        raise error or CheckpointError(
+            f"{final}: another rank could not write the checkpoint (its error says why)"
+        )
     return final
 
 
