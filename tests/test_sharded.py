@@ -16,6 +16,7 @@ from helpers import SMALL, assert_one_line_error, losses, run_main, run_to_end, 
 from gpt2repro import checkpoint, ckptdir
 from gpt2repro import train as tr
 from gpt2repro.checkpoint import CheckpointError
+from gpt2repro.fsio import sha256_file
 
 pytestmark = pytest.mark.slow  # every test starts from a 2-rank run under torchrun
 
@@ -112,6 +113,25 @@ def test_a_safetensors_file_the_manifest_does_not_list_is_refused(run):
     shutil.copy(ckpt / SHARDS[0], ckpt / "shard-00003-model-00001-of-00001.safetensors")
     with pytest.raises(CheckpointError, match="does not cover shard-00003"):
         checkpoint.verify(ckpt)
+
+
+def test_a_shard_missing_a_tensor_is_one_line(run, capsys):
+    """A shard rewritten without one weight and the manifest rehashed to match (as a tool that
+    'repairs' checksums would): the load names what is missing instead of a traceback."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    ckpt = checkpoint.step_dir(run, 2)
+    with safe_open(ckpt / SHARDS[0], framework="pt") as f:
+        metadata = f.metadata()
+        kept = {k: f.get_tensor(k) for k in f.keys() if k != "model.transformer.wpe.weight"}
+    save_file(kept, ckpt / SHARDS[0], metadata=metadata)
+    names = [p.name for p in ckpt.iterdir() if p.name != "manifest.json"]
+    checkpoint.write_manifest(ckpt, {name: sha256_file(ckpt / name) for name in names})
+    # DCP alone would load the other rank's half of wpe and leave the first half as initialised
+    with pytest.raises(CheckpointError, match="shards hold 2048 values of model.transformer.wpe.weight"):
+        checkpoint.load_model(run)
+    assert_one_line_error(capsys, ["sample", "--checkpoint", run, "-n", "1"], "transformer.wpe.weight")
 
 
 def test_verify_and_export_of_a_sharded_run(runs, tmp_path, capsys, enc):

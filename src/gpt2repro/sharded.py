@@ -33,6 +33,7 @@ import base64
 import contextlib
 import errno
 import json
+import math
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -234,11 +235,24 @@ def _read(ckpt: Path, tensors: dict[str, torch.Tensor]) -> None:
     with warnings.catch_warnings():  # one process: DCP warns that it loads without a process group
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         try:
-            dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(ckpt)))
+            reader = HuggingFaceStorageReader(str(ckpt))
+            _check_whole(reader, ckpt, tensors)
+            dcp.load(tensors, storage_reader=reader)
         except CheckpointException as e:
             raise _failure(e, ckpt, "loading the shards") from None
         except (OSError, SafetensorError, RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{ckpt}: cannot load the shards ({str(e).splitlines()[0]})") from None
+
+
+def _check_whole(reader: HuggingFaceStorageReader, ckpt: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Every tensor to load is whole in the shards (their headers say which chunks they hold): DCP
+    reads the chunks there are and would leave the rest of a tensor as it was."""
+    found = reader.read_metadata().state_dict_metadata
+    for name in tensors:
+        saved = found.get(name)
+        held = sum(math.prod(c.sizes) for c in getattr(saved, "chunks", ()))
+        if saved is None or held != math.prod(getattr(saved, "size", ())):
+            raise CheckpointError(f"{ckpt}: the shards hold {held} values of {name}, not all of it")
 
 
 def _failure(e: CheckpointException, path: Path, what: str, writing: bool = False) -> Exception:
