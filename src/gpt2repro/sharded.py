@@ -18,7 +18,11 @@ headers and reads slices through `safe_open`. DCP's planner unpickles (`torch.lo
 items, which these headers never declare: only tensors pass through DCP here; everything else is
 JSON. (DCP's ranks exchange their plans with gather_object, as this module does the temporary
 directory's name: objects the job's own processes made, never bytes from a file.) Resharding is
-DCP's: each rank reads from the saved chunks the regions overlapping its current shard.
+DCP's: each rank reads from the saved chunks the regions overlapping its current shard. What the
+Hugging Face storage cannot do is done here: it carries no non-tensor values (the writer would put
+a BYTE_IO item's bytes in front of the safetensors data), hence the JSON files; and its reader sizes
+each tensor from the chunks it finds, so a missing chunk would leave part of a tensor as it was:
+`_check_whole` refuses that before loading.
 
 Publication as `checkpoint`'s: rank 0 makes a hidden temporary directory, every rank writes its shard
 into it (the run directory must be on a file system all ranks share), DCP's closing collective
