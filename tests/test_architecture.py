@@ -21,7 +21,7 @@ LAYERS = [
         "data.prepare",
         "data.conversations",
     },
-    {"optim", "muon", "checkpoint", "distributed", "parallelize", "mfu"},
+    {"optim", "muon", "checkpoint", "ckptdir", "sharded", "distributed", "parallelize", "mfu"},
     {"evals.hellaswag", "generate", "hf", "chat_session", "evals.chat"},
     {"train", "plan", "checkpointer", "metrics", "sft"},
     {"evals.report", "evals.harness", "plot", "chat_cli", "serve.engine", "serve.protocol", "serve.text"}

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 import torch
-from helpers import SMALL, assert_one_line_error, losses
+from helpers import SMALL, assert_one_line_error, launch, losses
 from safetensors import SafetensorError
 
 from conftest import shared_file
@@ -185,6 +185,21 @@ def test_a_real_small_disk_ends_training_in_one_line(data_dir, small_disk, capsy
     argv = [*TRAIN, "--data", data_dir, "--out", run, "max_steps=4", "keep_last=3"]
     line, out = assert_one_line_error(capsys, argv, "step_00000004: cannot write checkpoint step 4: ")
     assert line.endswith("; last good checkpoint: step_00000002"), line
+    assert checkpoint.verify(checkpoint.latest(run))["step"] == 2 and _no_temporaries(run)
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_that_does_not_fit_stops_every_rank_in_one_line(data_dir, small_disk):
+    """FSDP on 2 ranks: rank 0 refuses the second checkpoint before any rank writes, and every rank
+    stops with one line (none is left waiting in a collective); the first one intact, no temporary."""
+    run = small_disk(60) / "run"
+    proc = launch(*TRAIN, "--data", data_dir, "--out", run, "fsdp=true", "max_steps=4", nproc=2)
+    out = proc.communicate(timeout=300)[0]
+    errors = [line for line in out.splitlines() if line.startswith("gpt2repro: error: ")]
+    assert proc.returncode != 0 and len(errors) == 2, out[-3000:]
+    refused = "step_00000004: cannot write checkpoint step 4: not enough free space ("
+    assert any(refused in e and e.endswith("; last good checkpoint: step_00000002") for e in errors), errors
+    assert any("step_00000004: rank 0 could not create the checkpoint" in e for e in errors), errors
     assert checkpoint.verify(checkpoint.latest(run))["step"] == 2 and _no_temporaries(run)
 
 

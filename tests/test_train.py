@@ -350,7 +350,7 @@ def test_two_process_gloo_matches_one_process(data_dir, tmp_path, mode):
     assert [r["n"] for r in hs_two] == [7, 7, 7] and [r["acc_norm"] for r in hs_two] == [
         r["acc_norm"] for r in hs_one
     ]
-    # the 2-rank checkpoint holds full (unsharded) weights that load anywhere
+    # the 2-rank checkpoint (under FSDP a shard per rank) loads whole in one process
     a = checkpoint.load_model(tmp_path / "one").state_dict()
     b = checkpoint.load_model(tmp_path / "two").state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import checkpoint
+from . import checkpoint, sharded
 from .checkpoint import CheckpointError, all_steps, latest
 from .config import TrainConfig
 from .data.loader import DataLoader
@@ -103,17 +103,22 @@ class Checkpointer:
     def save(
         self, step: int, model: torch.nn.Module, optimizers: list, loader: DataLoader, metrics: dict
     ) -> None:
-        """Checkpoint after `step` steps: every rank gathers (FSDP needs it), rank 0 writes."""
-        model_state, optim_state = checkpoint.gather(model, optimizers)
+        """Checkpoint after `step` steps. FSDP on several ranks: every rank writes its own shard
+        (`sharded`); otherwise every rank gathers (a no-op without FSDP), rank 0 writes."""
+        state = {
+            "loader": loader.state_dict(),
+            "world_size": self.info.world_size,
+            "metrics": {k: v for k, v in metrics.items() if k != "val_step"},
+        }
+        if self.cfg.fsdp and self.info.distributed:
+            path = sharded.save(self.run_dir, step, model, optimizers, state, self.cfg, self.info)
+        else:
+            model_state, optim_state = checkpoint.gather(model, optimizers)
+            if self.info.is_main:
+                path = checkpoint.save(
+                    self.run_dir, step, model_state, optim_state, state, self.cfg, self.cfg.keep_last
+                )
         if self.info.is_main:
-            state = {
-                "loader": loader.state_dict(),
-                "world_size": self.info.world_size,
-                "metrics": {k: v for k, v in metrics.items() if k != "val_step"},
-            }
-            path = checkpoint.save(
-                self.run_dir, step, model_state, optim_state, state, self.cfg, self.cfg.keep_last
-            )
             self.log(f"[gpt2repro] checkpoint {path}")
         self._barrier()
 

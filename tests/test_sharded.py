@@ -1,0 +1,168 @@
+"""FSDP runs on several ranks checkpoint through torch.distributed.checkpoint (`sharded`): a
+safetensors shard per rank and nothing gathered, nothing unpickled on load, every shard covered by
+the manifest, a resume on another number of ranks continuing the same losses, and `verify`,
+`export` and `load_model` reading it like any checkpoint."""
+
+import json
+import pickle
+import shutil
+import struct
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from helpers import SMALL, assert_one_line_error, losses, run_main, run_to_end, small_cfg, train_argv
+
+from gpt2repro import checkpoint, ckptdir
+from gpt2repro import train as tr
+from gpt2repro.checkpoint import CheckpointError
+from gpt2repro.fsio import sha256_file
+
+pytestmark = pytest.mark.slow  # every test starts from a 2-rank run under torchrun
+
+CONSTANT_LR = ["min_lr_ratio=1", "shuffle=true", "ckpt_every=2"]  # the LR does not depend on max_steps
+SHARDS = [f"shard-0000{rank}-model-00001-of-00001.safetensors" for rank in (1, 2)]
+
+
+@pytest.fixture(scope="module")
+def runs(data_dir, tmp_path_factory):
+    """Two FSDP ranks on gloo to step 2 (`run`, continued by the resume test; `pristine`, a copy)."""
+    root = tmp_path_factory.mktemp("sharded")
+    args = train_argv(data_dir, *SMALL, *CONSTANT_LR, "fsdp=true", "max_steps=2")
+    run_to_end([*args, "--out", root / "run"], nproc=2)
+    shutil.copytree(root / "run", root / "pristine")
+    return root
+
+
+@pytest.fixture
+def run(runs, tmp_path):
+    shutil.copytree(runs / "pristine", tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _chunks(path):
+    """{name: (shape, offset in the full tensor)} from a shard's safetensors header."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    offsets = json.loads(header.pop("__metadata__")["DCP_SHARDING_INFO"])
+    return {k: (v["shape"], offsets[k]["saved_offsets"]) for k, v in header.items()}
+
+
+def test_each_rank_writes_only_its_own_shard(runs):
+    ckpt = checkpoint.step_dir(runs / "pristine", 2)
+    names = sorted(p.name for p in ckpt.iterdir())
+    assert names == sorted([*SHARDS, "config.json", "manifest.json", "optimizer.json", "state.json"])
+    full = {f"model.{k}": v.shape for k, v in checkpoint.load_model(ckpt).state_dict().items()}
+    first, second = (_chunks(ckpt / name) for name in SHARDS)
+    for name, shape in full.items():
+        if name == "model.lm_head.weight":  # tied: stored once, as wte
+            assert name not in first and name not in second
+            continue
+        (rows_a, at_a), (rows_b, at_b) = first[name], second[name]
+        # each rank holds a part of the rows, together all of them, and nothing twice
+        assert at_a[0] == 0 and at_b[0] == rows_a[0] > 0 and rows_a[0] + rows_b[0] == shape[0], name
+    moments = [k for k in first if k.endswith((".exp_avg", ".exp_avg_sq"))]
+    assert len(moments) == 2 * (len(full) - 1) and set(moments) <= set(second)
+    steps = [k for k in {**first, **second} if k.endswith(".step")]
+    assert steps and all((k in first) != (k in second) for k in steps)  # replicated: written once
+    sizes = [(ckpt / name).stat().st_size for name in SHARDS]
+    assert max(sizes) < 0.55 * sum(sizes)
+    files = json.loads((ckpt / "manifest.json").read_text())["files"]
+    assert sorted(files) == sorted(set(names) - {"manifest.json"})
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the default-format sample
+def test_a_load_never_unpickles(runs, data_dir, tmp_path, monkeypatch):
+    """With pickle and torch.load refusing to run, DCP's default reader fails (its .metadata is a
+    pickle), while load_model and a one-process resume of the sharded checkpoint succeed."""
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise RuntimeError("unpickling refused by the test")
+
+    dcp.save({"x": torch.ones(3)}, checkpoint_id=tmp_path / "default", no_dist=True)
+    for module, name in [(pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")]:
+        monkeypatch.setattr(module, name, refuse)
+    with pytest.raises(BaseException):  # noqa: B017 - whichever way DCP reports it
+        dcp.load({"x": torch.zeros(3)}, checkpoint_id=tmp_path / "default", no_dist=True)
+    assert calls, "the patch must catch the default reader's unpickling"
+    calls.clear()
+    loaded = checkpoint.load_model(runs / "pristine")
+    shutil.copytree(runs / "pristine", tmp_path / "run")
+    tr.train(small_cfg(*CONSTANT_LR, "fsdp=true", "max_steps=3"), data_dir, tmp_path / "run")
+    assert calls == [] and sorted(losses(tmp_path / "run")) == [0, 1, 2]
+    assert loaded.transformer.wte.weight.shape[1] == 64
+
+
+def test_a_flipped_byte_in_a_shard_is_caught(run, capsys):
+    shard = checkpoint.step_dir(run, 2) / SHARDS[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{SHARDS[1]}: sha256 mismatch"):
+        checkpoint.verify(shard.parent)
+    with pytest.raises(CheckpointError, match="no checkpoint of .* verifies"):
+        checkpoint.load_model(run)
+    assert_one_line_error(capsys, ["verify", run], "1 of 1 checkpoints failed verification")
+
+
+def test_a_safetensors_file_the_manifest_does_not_list_is_refused(run):
+    """DCP's reader takes every *.safetensors file of the directory: a stray one must not load."""
+    ckpt = checkpoint.step_dir(run, 2)
+    shutil.copy(ckpt / SHARDS[0], ckpt / "shard-00003-model-00001-of-00001.safetensors")
+    with pytest.raises(CheckpointError, match="does not cover shard-00003"):
+        checkpoint.verify(ckpt)
+
+
+def test_a_shard_missing_a_tensor_is_one_line(run, capsys):
+    """A shard rewritten without one weight and the manifest rehashed to match (as a tool that
+    'repairs' checksums would): the load names what is missing instead of a traceback."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    ckpt = checkpoint.step_dir(run, 2)
+    with safe_open(ckpt / SHARDS[0], framework="pt") as f:
+        metadata = f.metadata()
+        kept = {k: f.get_tensor(k) for k in f.keys() if k != "model.transformer.wpe.weight"}
+    save_file(kept, ckpt / SHARDS[0], metadata=metadata)
+    names = [p.name for p in ckpt.iterdir() if p.name != "manifest.json"]
+    checkpoint.write_manifest(ckpt, {name: sha256_file(ckpt / name) for name in names})
+    # DCP alone would load the other rank's half of wpe and leave the first half as initialised
+    with pytest.raises(CheckpointError, match="shards hold 2048 values of model.transformer.wpe.weight"):
+        checkpoint.load_model(run)
+    assert_one_line_error(capsys, ["sample", "--checkpoint", run, "-n", "1"], "transformer.wpe.weight")
+
+
+def test_verify_and_export_of_a_sharded_run(runs, tmp_path, capsys, enc):
+    transformers = pytest.importorskip("transformers")
+    assert ckptdir.is_sharded(checkpoint.step_dir(runs / "pristine", 2))
+    code, out, _ = run_main(capsys, "verify", runs / "pristine")
+    assert code == 0 and "1 checkpoints verified" in out
+    code, _, err = run_main(capsys, "export", "--checkpoint", runs / "pristine", "--out", tmp_path / "hf")
+    assert code == 0, err
+    ours = checkpoint.load_model(runs / "pristine").eval()
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, 50257, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(idx).logits, ours(idx)[0][..., :50257], rtol=0, atol=1e-5)
+
+
+def test_resume_two_ranks_one_process_two_ranks_continues_the_same_losses(runs, data_dir):
+    """2 FSDP ranks (sharded) -> 1 process (reads the shards) -> 2 ranks -> 2 ranks from the
+    shards again: the losses of one uninterrupted process."""
+    base = train_argv(data_dir, *SMALL, *CONSTANT_LR, "fsdp=true")
+    run_to_end([*base, "--out", runs / "straight", "max_steps=8"])
+    elastic = ["--out", runs / "run"]
+    out = run_to_end([*base, *elastic, "max_steps=4"])
+    assert "x1 |" in out and "steps 2..4 | resumed from step_00000002" in out
+    out = run_to_end([*base, *elastic, "max_steps=6"], nproc=2)
+    assert "x2 |" in out and "steps 4..6 | resumed from step_00000004" in out
+    out = run_to_end([*base, *elastic, "max_steps=8"], nproc=2)
+    assert "x2 |" in out and "steps 6..8 | resumed from step_00000006" in out
+    ckpts = checkpoint.all_steps(runs / "run")
+    assert [ckptdir.is_sharded(c) for c in ckpts] == [False, True, True]  # keep_last=3: 4 (1 process), 6, 8
+    straight, elastic_losses = losses(runs / "straight"), losses(runs / "run")
+    assert sorted(elastic_losses) == list(range(8))
+    for step, loss in straight.items():
+        assert elastic_losses[step] == pytest.approx(loss, rel=1e-5)  # summation order differs across ranks
