@@ -7,11 +7,22 @@ import json
 import pickle
 import shutil
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from helpers import SMALL, assert_one_line_error, losses, run_main, run_to_end, small_cfg, train_argv
+from helpers import (
+    SMALL,
+    assert_one_line_error,
+    losses,
+    run_main,
+    run_to_end,
+    small_cfg,
+    subprocess_env,
+    train_argv,
+)
 
 from gpt2repro import checkpoint, ckptdir
 from gpt2repro import train as tr
@@ -166,3 +177,36 @@ def test_resume_two_ranks_one_process_two_ranks_continues_the_same_losses(runs, 
     assert sorted(elastic_losses) == list(range(8))
     for step, loss in straight.items():
         assert elastic_losses[step] == pytest.approx(loss, rel=1e-5)  # summation order differs across ranks
+
+
+NODE_WITHOUT_SHARED_DISK = """
+import os, sys
+from gpt2repro import sharded
+from gpt2repro.cli import main
+if os.environ["RANK"] == "1":  # its 'node' has the same path on a disk of its own
+    shared = sharded.HuggingFaceStorageWriter.__init__
+    def elsewhere(self, path, *args, **kwargs):
+        local = os.environ["NODE1_DISK"] + path
+        os.makedirs(local, exist_ok=True)
+        shared(self, local, *args, **kwargs)
+    sharded.HuggingFaceStorageWriter.__init__ = elsewhere
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_rank_that_wrote_its_shard_elsewhere_stops_the_save(data_dir, tmp_path):
+    """A run directory not shared by every rank: rank 0 sees only its own shard. Nothing is
+    published (before: a checkpoint without rank 1's half, verified by its manifest, unusable)."""
+    script = tmp_path / "node.py"
+    script.write_text(NODE_WITHOUT_SHARED_DISK)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = train_argv(data_dir, *SMALL, *CONSTANT_LR, "fsdp=true", "max_steps=2", "--out", tmp_path / "run")
+    env = subprocess_env(NODE1_DISK=str(tmp_path / "node1"))
+    out = subprocess.run(
+        [*torchrun, script, *map(str, args)], capture_output=True, text=True, timeout=300, env=env
+    )
+    errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("gpt2repro: error:")]
+    assert out.returncode != 0 and len(errors) == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "is the run directory on a file system every rank shares?" in errors[0] + errors[1]
+    assert checkpoint.all_steps(tmp_path / "run") == []
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name != "latest"]

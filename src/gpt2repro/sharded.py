@@ -95,6 +95,9 @@ def save(
             except CheckpointException as e:  # a BaseException: every rank gets it
                 raise _failure(e, final, what, writing=True) from None
             if info.is_main:
+                # a rank whose directory is not rank 0's wrote its shard elsewhere: refuse before publishing
+                hint = "; is the run directory on a file system every rank shares?"
+                _check_whole(HuggingFaceStorageReader(str(tmp)), final, _sizes(tensors), hint)
                 _write_rest(tmp, step, plain, state, config)
         if info.is_main:
             publish(final, config.keep_last)
@@ -240,23 +243,32 @@ def _read(ckpt: Path, tensors: dict[str, torch.Tensor]) -> None:
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         try:
             reader = HuggingFaceStorageReader(str(ckpt))
-            _check_whole(reader, ckpt, tensors)
+            _check_whole(reader, ckpt, _sizes(tensors))
             dcp.load(tensors, storage_reader=reader)
         except CheckpointException as e:
             raise _failure(e, ckpt, "loading the shards") from None
-        except (OSError, SafetensorError, RuntimeError, ValueError, KeyError) as e:
+        except (OSError, SafetensorError, RuntimeError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{ckpt}: cannot load the shards ({str(e).splitlines()[0]})") from None
 
 
-def _check_whole(reader: HuggingFaceStorageReader, ckpt: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Every tensor to load is whole in the shards (their headers say which chunks they hold): DCP
-    reads the chunks there are and would leave the rest of a tensor as it was."""
+def _sizes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """Each tensor's whole shape (a DTensor's global one)."""
+    return {name: tuple(t.shape) for name, t in tensors.items()}
+
+
+def _check_whole(
+    reader: HuggingFaceStorageReader, ckpt: Path, sizes: dict[str, tuple], hint: str = ""
+) -> None:
+    """Every tensor is in the shards whole, at the shape expected (their headers say which chunks
+    they hold): DCP reads the chunks there are and would leave the rest of a tensor as it was."""
     found = reader.read_metadata().state_dict_metadata
-    for name in tensors:
+    for name, size in sizes.items():
         saved = found.get(name)
         held = sum(math.prod(c.sizes) for c in getattr(saved, "chunks", ()))
-        if saved is None or held != math.prod(getattr(saved, "size", ())):
-            raise CheckpointError(f"{ckpt}: the shards hold {held} values of {name}, not all of it")
+        if saved is None or tuple(getattr(saved, "size", ())) != size or held != math.prod(size):
+            raise CheckpointError(
+                f"{ckpt}: the shards hold {held} values of {name}, not all {math.prod(size)} of it{hint}"
+            )
 
 
 def _failure(e: CheckpointException, path: Path, what: str, writing: bool = False) -> Exception:
