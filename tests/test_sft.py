@@ -223,3 +223,14 @@ def test_sft_errors(chat_data_dir, data_dir, tmp_path):
     cfg = train_config("cpu-tiny", [*CHAT_SMALL, "max_steps=1"])
     with pytest.raises(ShardError, match="holds conversations with loss masks: fine-tune a chat model"):
         tr.train(cfg, chat_data_dir, tmp_path / "d")
+
+
+def test_every_rank_samples_the_same_replies(chat_data_dir, tmp_path):
+    """Under FSDP each forward pass of a reply is a collective: ranks drawing replies of different
+    lengths would leave one waiting for ever, so no rank may sample differently."""
+    trainer = sft.SFTTrainer(
+        resolve(sft_cfg("sample_count=2", "sample_tokens=24"), CPU), chat_data_dir, tmp_path
+    )
+    first = trainer.samples()
+    trainer.info = DistInfo(1, 1, 2, torch.device("cpu"))
+    assert trainer.samples() == first

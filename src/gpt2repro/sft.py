@@ -88,7 +88,9 @@ class SFTTrainer(Trainer):
         cfg = self.cfg
         texts = []
         for prompt in (cfg.sample_prompt, *CHAT_PROMPTS)[: cfg.sample_count]:
-            session = ChatSession(self.raw, max_new_tokens=cfg.sample_tokens, seed=42 + self.info.rank)
+            # one seed on every rank: under FSDP each forward pass is a collective, so every rank must
+            # draw the same reply, of the same length (a rank that stopped first would leave the rest waiting)
+            session = ChatSession(self.raw, max_new_tokens=cfg.sample_tokens, seed=42)
             texts.append(f"[user] {prompt}\n[assistant] {session.reply(prompt)}")
         return texts
 
