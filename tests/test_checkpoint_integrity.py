@@ -7,9 +7,10 @@ import json
 import shutil
 
 import pytest
+import torch
 from helpers import losses, small_cfg
 
-from gpt2repro import checkpoint
+from gpt2repro import checkpoint, ckptdir
 from gpt2repro import train as tr
 from gpt2repro.cli import main
 from gpt2repro.data.loader import DataLoader
@@ -134,3 +135,23 @@ def test_the_loader_position_of_every_step_agrees_with_it(data_dir, world, accum
             assert checkpoint.loader_mismatch(state, step - 1) is not None
         for _ in range(accum):
             loader.next_batch()
+
+
+def test_a_resume_on_fewer_gpus_restores_the_cuda_generators_it_has(monkeypatch):
+    """Saved on 4 GPUs, resumed where 2 are visible: the 2 generators set, no IndexError traceback."""
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.setdefault(device, state))
+
+    def set_all(states):  # as torch does: one default generator per visible device
+        for i, state in enumerate(states):
+            if i >= 2:
+                raise IndexError("list index out of range")
+            restored[i] = state
+
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_all)
+    tensors, plain = ckptdir.rng_state()
+    cuda = [torch.full((8,), i, dtype=torch.uint8) for i in range(4)]
+    ckptdir.set_rng_state({**tensors, "cuda": cuda}, plain)
+    assert sorted(restored) == [0, 1] and all(torch.equal(restored[i], cuda[i]) for i in (0, 1))

@@ -55,7 +55,9 @@ def rng_state() -> tuple[dict, dict]:
 def set_rng_state(tensors: dict, plain: dict) -> None:
     torch.set_rng_state(tensors["torch"])
     if "cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(tensors["cuda"])
+        # a resume may see fewer GPUs than the save did (8 -> 4): the devices there are
+        for device, cuda_state in enumerate(tensors["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
     version, internal, gauss = plain["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = plain["numpy"]
