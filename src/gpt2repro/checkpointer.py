@@ -1,7 +1,7 @@
 """The run directory's checkpoints, owned for one run: its lock, where a run starts (the newest
 checkpoint every rank agrees on, or a fresh start that never shadows an earlier run), saving, and
-setting aside a checkpoint whose weights diverged. The Trainer keeps the loop; `checkpoint.py`
-keeps the format of one checkpoint directory."""
+setting aside a checkpoint whose weights diverged. The Trainer keeps the loop; the formats are
+`checkpoint` (gathered: one process, DDP) and `sharded` (FSDP's DCP shards), `ckptdir` what they share."""
 
 from __future__ import annotations
 

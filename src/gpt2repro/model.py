@@ -113,7 +113,7 @@ class GPT(nn.Module):
         self.lm_head = Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one tensor, one gradient
         # activation checkpointing: every n-th block is recomputed in backward (0: off). A training
-        # setting, not architecture (memory for time, never the result): `distributed.wrap_model` sets it.
+        # setting, not architecture (memory for time, never the result): set where the run's model is built (`parallelize`, `distributed.wrap_model`).
         self.recompute_interval = 0
         self.apply(self._init_weights)
 

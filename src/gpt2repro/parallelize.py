@@ -2,9 +2,9 @@
 
 Without FSDP: `GPT(cfg)` on the host, moved to the device, then `distributed.wrap_model` (DDP,
 whole-model torch.compile). With FSDP (`fsdp=true` under torchrun) no rank ever holds the whole
-model: it is built on the meta device, each block compiled on its own (before sharding, so FSDP's
-all-gathers stay outside the graphs) and sharded with `fully_shard`, and only then given memory
-(`to_empty`) and its initial weights. Those are bit for bit `torch.manual_seed(seed); GPT(cfg)`'s,
+model: it is built on the meta device, each block compiled on its own (as torchtitan does;
+FSDP2's hooks are excluded from Dynamo, so the all-gathers run between the graphs) and sharded
+with `fully_shard`, and only then given memory (`to_empty`) and its initial weights. Those are bit for bit `torch.manual_seed(seed); GPT(cfg)`'s,
 with the random stream left where that build leaves it: today's weights depend on the draws of the
 `nn.Linear`/`nn.Embedding` constructors before `GPT._init_weights` redraws them, so every leaf
 module's parameters are drawn again in that order, whole, on the host, one module at a time, and
