@@ -316,8 +316,10 @@ def check_ranks(rep: Report, args, data: Path, work: Path) -> None:
         "sample_count=1",
         "sample_tokens=4",
     ]
-    # compiled per block, and in bf16 (auto on a GPU) gathering bf16 weights, reducing fp32 gradients
-    header = _train_cli(args, data, work / "fsdp", [*steps, *evals, "compile=true"], nproc=ranks)
+    # compiled per block, and in bf16 (auto on a GPU) gathering bf16 weights, reducing fp32 gradients;
+    # a sharded checkpoint (a shard per rank) at steps 2 and 4
+    fsdp = [*steps, *evals, "compile=true", "ckpt_every=2"]
+    header = _train_cli(args, data, work / "fsdp", fsdp, nproc=ranks)
     ok, worst = _close(_losses(work / "fsdp"), _losses(work / "ddp"))
     dtype = header.split("| dtype ")[1].split(" ")[0] if "| dtype " in header else "?"
     rep.add(
@@ -325,6 +327,36 @@ def check_ranks(rep: Report, args, data: Path, work: Path) -> None:
         ok and (work / "fsdp" / "samples.txt").is_file(),
         f"worst relative difference {worst:.2e}; hellaswag/samples every 2",
     )
+    rep.run(SHARDED, lambda: check_sharded_resume(rep, args, data, work, ranks))
+
+
+SHARDED = "FSDP sharded checkpoint resumed on 1 process = FSDP"
+
+
+def check_sharded_resume(rep: Report, args, data: Path, work: Path, ranks: int) -> None:
+    """The FSDP run's step-2 checkpoint (a shard per rank) continued by one process with the same
+    global batch, DCP resharding on load; then `gpt2repro verify` of both runs."""
+    micro, seq = RUNS[args.size][2]
+    resumed = work / "fsdp-resumed"
+    shutil.copytree(work / "fsdp", resumed, ignore=shutil.ignore_patterns("step_00000004", "latest"))
+    shards = len(list((resumed / "checkpoints" / "step_00000002").glob("shard-*.safetensors")))
+    extra = ["fsdp=true", "max_steps=4", "ckpt_every=2", f"total_batch_size={micro * seq * ranks}"]
+    out = _train_cli(args, data, resumed, [*extra, "--resume"])
+    ok, worst = _close(_losses(resumed), _losses(work / "fsdp"))
+    verified = [_verify(run) for run in (work / "fsdp", resumed)]
+    rep.add(
+        SHARDED,
+        ok and shards == ranks and "resumed from step_00000002" in out and all(verified),
+        f"{shards} shards -> 1 process: worst relative difference {worst:.2e}; "
+        f"verify {'ok' if all(verified) else 'FAILED'}",
+    )
+
+
+def _verify(run: Path) -> bool:
+    """`gpt2repro verify RUN` passes (every checkpoint's files match its manifest)."""
+    cmd = [sys.executable, "-m", "gpt2repro", "verify", str(run)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    return proc.returncode == 0 and "checkpoints verified" in proc.stdout
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -364,5 +364,6 @@ def test_gpu_check_runs_every_check_on_cpu(data_dir):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
     assert len(rows) >= 12 and not any("| FAIL |" in r for r in rows), out.stdout
-    for check in ("compile graphs", "recompiles", "fused vs unfused loss", "fp16", "resume", "hellaswag"):
+    checks = ["compile graphs", "recompiles", "fused vs unfused loss", "fp16", "resume", "hellaswag"]
+    for check in [*checks, "FSDP x2", "FSDP sharded checkpoint resumed on 1 process"]:
         assert any(check in r for r in rows), check

@@ -210,3 +210,25 @@ def test_a_rank_that_wrote_its_shard_elsewhere_stops_the_save(data_dir, tmp_path
     assert "is the run directory on a file system every rank shares?" in errors[0] + errors[1]
     assert checkpoint.all_steps(tmp_path / "run") == []
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name != "latest"]
+
+
+def test_resume_two_ranks_on_three_reshards_uneven_shards(data_dir, tmp_path):
+    """2 FSDP ranks (sharded) -> 3 ranks reading those shards: the 3 ranks split dim 0 unevenly
+    (wpe's 64 rows, the MLP's 256: not multiples of 3) and continue one process's losses. A global
+    batch of 384 tokens is 6, 3 and 2 micro-batches of 2 x 32 on 1, 2 and 3 ranks."""
+    batch = ["micro_batch_size=2", "total_batch_size=384"]
+    base = train_argv(data_dir, *SMALL, *CONSTANT_LR, *batch, "fsdp=true")
+    run_to_end([*base, "--out", tmp_path / "straight", "max_steps=4"])
+    resharded = ["--out", tmp_path / "run"]
+    run_to_end([*base, *resharded, "max_steps=2"], nproc=2)
+    out = run_to_end([*base, *resharded, "max_steps=4"], nproc=3)
+    assert "x3 |" in out and "steps 2..4 | resumed from step_00000002" in out
+    ckpt = checkpoint.step_dir(tmp_path / "run", 4)
+    names = sorted(p.name for p in ckpt.glob("*.safetensors"))
+    assert names == [f"shard-0000{rank}-model-00001-of-00001.safetensors" for rank in (1, 2, 3)]
+    rows = [_chunks(ckpt / name)["model.transformer.wpe.weight"][0][0] for name in names]
+    assert sum(rows) == 64 and len(set(rows)) == 2  # uneven: 22, 22, 20
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "run")
+    assert sorted(resumed) == [0, 1, 2, 3]
+    for step, loss in straight.items():
+        assert resumed[step] == pytest.approx(loss, rel=1e-5)  # summation order differs across ranks
