@@ -223,7 +223,9 @@ class TrainConfig:
         "auto", "autocast dtype of forward/backward; auto: bf16 where native (fp16 on older GPUs), else fp32"
     )
     compile: bool = _key(True, "torch.compile the model (off in the CPU presets: short runs do not repay it)")
-    fsdp: bool = _key(False, "under torchrun, FSDP2 (fully_shard per block) instead of DDP")
+    fsdp: bool = _key(
+        False, "under torchrun, FSDP2 instead of DDP: built on meta, sharded per block, sharded checkpoints"
+    )
     activation_checkpointing: str = _key(
         "none", "recompute blocks in backward: none, full or every_N (every N-th block): memory for compute"
     )
