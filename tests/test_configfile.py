@@ -263,14 +263,17 @@ def test_version_is_the_packages(capsys):
 @pytest.mark.parametrize("buffered", [True, False])
 @pytest.mark.parametrize("argv", [["presets", "--keys"], ["presets", "cpu-tiny"], ["--help"]])
 def test_output_into_a_closed_pipe_ends_quietly(argv, buffered):
-    environ = {k: v for k, v in env().items() if not (buffered and k == "PYTHONUNBUFFERED")}
+    environ = {k: v for k, v in env().items() if k != "PYTHONUNBUFFERED"}
+    environ.update({} if buffered else {"PYTHONUNBUFFERED": "1"})
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first write, as `| head` is after its lines
     proc = subprocess.Popen(
         [sys.executable, "-m", "gpt2repro", *argv],
         env=environ,
-        stdout=subprocess.PIPE,
+        stdout=write,
         stderr=subprocess.PIPE,
     )
-    proc.stdout.close()  # the reader is gone before the first write, as `| head` is after its lines
+    os.close(write)
     err = proc.stderr.read().decode()
     # argparse drops what it cannot write itself; an unbuffered --help is then done, and exits 0
     codes = (0, 141) if argv == ["--help"] else (141,)

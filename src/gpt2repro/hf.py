@@ -44,8 +44,14 @@ def _hub_download(name: str) -> Path:
         raise HFError(
             f"loading {name!r} from the hub needs huggingface_hub: pip install 'gpt2repro[hf]'"
         ) from None
+    # read now, not at huggingface_hub's import: offline means no network call, only the local cache
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
     try:
-        return Path(snapshot_download(repo_id=name, allow_patterns=["config.json", "model.safetensors"]))
+        return Path(
+            snapshot_download(
+                repo_id=name, allow_patterns=["config.json", "model.safetensors"], local_files_only=offline
+            )
+        )
     except Exception as e:  # noqa: BLE001 - any hub failure means the same thing to the user
         raise HFError(
             f"could not fetch {name!r} from the Hugging Face hub (unreachable or offline: {type(e).__name__}); "
