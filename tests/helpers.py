@@ -64,6 +64,12 @@ def train_argv(data_dir, *extra) -> list[str]:
     return ["train", "--preset", "cpu-tiny", "--data", str(data_dir), *map(str, extra)]
 
 
+# For tests that read every rank's error line: torchrun checks its workers every 0.1 s and, once
+# one has failed, terminates the rest; a rank descheduled on a loaded machine could be killed before
+# writing its line. Checking every 5 s leaves each rank time to write it (the ranks fail together).
+EVERY_RANK_REPORTS = ["--standalone", "--monitor-interval", "5"]
+
+
 def command(*args, nproc=None, launcher=()) -> list[str]:
     """`python -m gpt2repro ARGS`, under torchrun with `nproc` processes (and `launcher` options)."""
     # --standalone: a free port of its own, so runs on one machine at once never meet (without it every

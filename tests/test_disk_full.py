@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 import torch
-from helpers import SMALL, assert_one_line_error, launch, losses
+from helpers import EVERY_RANK_REPORTS, SMALL, assert_one_line_error, launch, losses
 from safetensors import SafetensorError
 
 from conftest import shared_file
@@ -193,7 +193,17 @@ def test_a_sharded_checkpoint_that_does_not_fit_stops_every_rank_in_one_line(dat
     """FSDP on 2 ranks: rank 0 refuses the second checkpoint before any rank writes, and every rank
     stops with one line (none is left waiting in a collective); the first one intact, no temporary."""
     run = small_disk(60) / "run"
-    proc = launch(*TRAIN, "--data", data_dir, "--out", run, "fsdp=true", "max_steps=4", nproc=2)
+    proc = launch(
+        *TRAIN,
+        "--data",
+        data_dir,
+        "--out",
+        run,
+        "fsdp=true",
+        "max_steps=4",
+        nproc=2,
+        launcher=EVERY_RANK_REPORTS,
+    )
     out = proc.communicate(timeout=300)[0]
     errors = [line for line in out.splitlines() if line.startswith("gpt2repro: error: ")]
     assert proc.returncode != 0 and len(errors) == 2, out[-3000:]

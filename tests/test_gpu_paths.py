@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import SMALL, events, losses, run_to_end, small_cfg, train_argv
+from helpers import EVERY_RANK_REPORTS, SMALL, events, losses, run_to_end, small_cfg, train_argv
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ROOT, shared_file
@@ -275,7 +275,7 @@ def test_ranks_that_find_different_checkpoints_all_stop_with_one_line(data_dir, 
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
+        *EVERY_RANK_REPORTS,
         "--nproc_per_node",
         "2",
         str(script),

@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from helpers import SMALL, assert_one_line_error, launch, losses, small_cfg, train_argv
+from helpers import EVERY_RANK_REPORTS, SMALL, assert_one_line_error, launch, losses, small_cfg, train_argv
 
 from conftest import ROOT, shared_file
 from gpt2repro import checkpoint
@@ -199,7 +199,7 @@ def test_every_rank_learns_the_run_directory_is_taken(data_dir, tmp_path, monkey
     run = tmp_path / "run"
     with DirLock(run, "train"):
         started = time.time()
-        proc = launch(*train_argv(data_dir, *SMALL), "--out", run, nproc=2)
+        proc = launch(*train_argv(data_dir, *SMALL), "--out", run, nproc=2, launcher=EVERY_RANK_REPORTS)
         out = proc.communicate(timeout=300)[0]
     assert proc.returncode != 0 and time.time() - started < 120, out
     errors = [line for line in out.splitlines() if line.startswith("gpt2repro: error:")]

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from helpers import (
+    EVERY_RANK_REPORTS,
     SMALL,
     assert_one_line_error,
     losses,
@@ -199,7 +200,7 @@ def test_a_rank_that_wrote_its_shard_elsewhere_stops_the_save(data_dir, tmp_path
     published (before: a checkpoint without rank 1's half, verified by its manifest, unusable)."""
     script = tmp_path / "node.py"
     script.write_text(NODE_WITHOUT_SHARED_DISK)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", *EVERY_RANK_REPORTS, "--nproc_per_node", "2"]
     args = train_argv(data_dir, *SMALL, *CONSTANT_LR, "fsdp=true", "max_steps=2", "--out", tmp_path / "run")
     env = subprocess_env(NODE1_DISK=str(tmp_path / "node1"))
     out = subprocess.run(
