@@ -13,7 +13,7 @@ def model(tiny_config):
 
 @pytest.mark.parametrize("prompt_len,new", [(1, 20), (7, 33), (50, 12)])
 def test_kv_cache_greedy_equals_full_recompute(model, prompt_len, new):
-    idx = torch.randint(0, 50257, (3, prompt_len))
+    idx = torch.randint(0, 50257, (3, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
     cached = generate(model, idx, new, temperature=0, use_cache=True)
     full = generate(model, idx, new, temperature=0, use_cache=False)
     assert cached.shape == (3, prompt_len + new)

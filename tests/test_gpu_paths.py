@@ -330,6 +330,7 @@ def test_tf32_is_enabled_on_cuda_for_every_command(monkeypatch, run_dir):
 def test_kv_cache_prefill_uses_plain_causal_attention(monkeypatch):
     from gpt2repro.generate import generate
 
+    torch.manual_seed(0)  # the same model and prompt whatever ran before
     model = GPT(model_config("tiny", vocab_multiple=64)).eval()
     calls = []
     sdpa = F.scaled_dot_product_attention
