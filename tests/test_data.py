@@ -95,6 +95,18 @@ def test_one_and_two_workers_give_identical_shards(tmp_path, enc, unit_bytes):
     assert [s["sha256"] for s in m1["shards"]] == [s["sha256"] for s in m2["shards"]]
 
 
+def test_default_workers_are_the_cpus_this_process_may_use(tmp_path, enc, unit_bytes, monkeypatch):
+    """Pinned to one CPU (a container's share, `taskset`) on a host with more: one tokenizer."""
+    src = write_jsonl(tmp_path / "docs.jsonl", fineweb_rows(20))
+    monkeypatch.setattr(prep.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr(prep.os, "cpu_count", lambda: 64)
+    used = []
+    encoded = prep._encoded_units
+    monkeypatch.setattr(prep, "_encoded_units", lambda *a: used.append(a[-1]) or encoded(*a))
+    prep.prepare([str(src)], tmp_path / "out", shard_tokens=5000, progress=False)
+    assert used == [1]
+
+
 @contextlib.contextmanager
 def crash_on_commit(n: int, torn: bool = False):
     """Inside: the n-th shard commit dies as a kill would (leaving a torn file if `torn`)."""

@@ -51,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens in the val split (default: one shard; hf-shards: all)",
     )
     p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="tokenizer processes (default: the CPUs this process may use)",
+    )
     p.add_argument(
         "--max-shards", type=int, default=None, help="hf-shards: train shards to fetch (default: all)"
     )

@@ -82,7 +82,7 @@ def prepare(
         units, skip = resume_units(manifest["next"], stream, paths, revision, text_field)
         _write_shards(
             ShardSink(out, manifest, shard_tokens, val_tokens, max_tokens),
-            _encoded_units(units, skip, text_field, workers or os.cpu_count() or 1),
+            _encoded_units(units, skip, text_field, workers or usable_cpus()),
             max_tokens or (FINEWEB_TOKENS.get(stream.name) if stream else None),
             progress,
             len(paths),
@@ -195,6 +195,15 @@ def _collect(result) -> tuple[np.ndarray, np.ndarray]:
     toks = np.fromfile(path, dtype=np.uint16)
     os.unlink(path)
     return toks, lengths
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a container's or `taskset`'s share), not the host's count:
+    a 2-CPU job on a 64-core node forks 2 tokenizers, not 64."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def _encoded_units(
