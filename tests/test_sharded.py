@@ -233,3 +233,50 @@ def test_resume_two_ranks_on_three_reshards_uneven_shards(data_dir, tmp_path):
     assert sorted(resumed) == [0, 1, 2, 3]
     for step, loss in straight.items():
         assert resumed[step] == pytest.approx(loss, rel=1e-5)  # summation order differs across ranks
+
+
+HASHES_RECORDED = """
+import os, sys
+from gpt2repro import ckptdir
+from gpt2repro.cli import main
+real = ckptdir.sha256_file
+def recorded(path, *args, **kwargs):
+    with open(os.environ["HASH_LOG"] + os.environ["RANK"], "a") as log:
+        log.write(str(path) + "\\n")
+    return real(path, *args, **kwargs)
+ckptdir.sha256_file = recorded
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ranks_split_the_hashing_and_fall_back_together(runs, data_dir, tmp_path):
+    """Resuming, FSDP's ranks hash each shard once between them (not every shard on every rank); a
+    corrupted shard of the newest checkpoint, hashed by one rank only, sends both to the older one."""
+    run = tmp_path / "run"
+    shutil.copytree(runs / "pristine", run)
+    base = train_argv(data_dir, *SMALL, *CONSTANT_LR, "fsdp=true", "--out", run)
+    run_to_end([*base, "max_steps=4"], nproc=2)
+    shard = checkpoint.step_dir(run, 4) / SHARDS[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1  # the same size: only its hash can tell
+    shard.write_bytes(bytes(data))
+    script = tmp_path / "probe.py"
+    script.write_text(HASHES_RECORDED)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = subprocess_env(HASH_LOG=str(tmp_path / "hashed."))
+    out = subprocess.run(
+        [*torchrun, script, *map(str, [*base, "max_steps=6"])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "steps 2..6 | resumed from step_00000002" in out.stdout
+    assert f"{SHARDS[1]}: sha256 mismatch" in out.stdout and "using step_00000002 instead" in out.stdout
+    hashed = [(tmp_path / f"hashed.{rank}").read_text().splitlines() for rank in (0, 1)]
+    for step in (2, 4):
+        shards = [str(checkpoint.step_dir(run, step) / name) for name in SHARDS]
+        by_rank = [sorted(p for p in paths if p in shards) for paths in hashed]
+        assert sorted(by_rank[0] + by_rank[1]) == sorted(shards)  # each shard hashed once
+    assert losses(run).keys() == set(range(6))

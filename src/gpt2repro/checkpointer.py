@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, sharded
+from . import checkpoint, ckptdir, sharded
 from .checkpoint import CheckpointError, all_steps, latest
 from .config import TrainConfig
 from .data.loader import DataLoader
@@ -57,12 +57,32 @@ class Checkpointer:
         return state["step"], ckpt.name
 
     def _find(self) -> tuple[Path, dict] | None:
-        """The checkpoint to resume from and its state, the same on every rank (nodes without shared
-        storage each look in their own directory): or all ranks stop, naming the ones that differ."""
+        """The checkpoint to resume from and its state, the same on every rank. FSDP's ranks share
+        one directory (sharded checkpoints need it), so they split the hashing of its large files
+        (for gpt3-2.7b ~33 GB, once instead of once per rank); a corrupted file found by any rank
+        sends every rank to the next older checkpoint together."""
+        split = self.cfg.fsdp and self.info.distributed
+        refused: dict[Path, str] = {}
+        while True:
+            found = self._agreed(deep=not split, refused=refused)
+            if found is None or not split:
+                return found
+            problem = ckptdir.verify_share(found[0], self.info.rank, self.info.world_size)
+            if not all_reduce_sum([float(problem is not None)], self.info.device)[0]:
+                return found
+            problems: list[str | None] = [None] * self.info.world_size
+            dist.all_gather_object(problems, problem)  # whichever rank found it, rank 0 says which file
+            refused[found[0]] = next(p for p in problems if p)
+
+    def _agreed(self, deep: bool, refused: dict[Path, str]) -> tuple[Path, dict] | None:
+        """The newest checkpoint that verifies (not `deep`: its large files' sizes checked only),
+        the same on every rank (nodes without shared storage each look in their own directory): or
+        all ranks stop, naming the ones that differ."""
         quiet = self.log if self.info.is_main else (lambda message: None)
         found, problem = None, None
         try:
-            found = checkpoint.latest_verified(self.run_dir, quiet) if self.cfg.resume != "never" else None
+            if self.cfg.resume != "never":
+                found = checkpoint.latest_verified(self.run_dir, quiet, deep, refused)
         except CheckpointError as e:  # every rank must still reach the agreement
             problem = e
         key = (

@@ -111,19 +111,24 @@ def latest(run_dir: str | os.PathLike, log: Callable[[str], None] = print) -> Pa
 
 
 def latest_verified(
-    run_dir: str | os.PathLike, log: Callable[[str], None] = print
+    run_dir: str | os.PathLike,
+    log: Callable[[str], None] = print,
+    deep: bool = True,
+    refused: dict[Path, str] | None = None,
 ) -> tuple[Path, dict] | None:
     """The checkpoint to resume from and its verified state.json: the one `latest` points at if it
-    verifies, else the newest that does (saying so through `log`); None when there is none yet."""
+    verifies, else the newest that does (saying so through `log`); None when there is none yet.
+    `deep`: see `verify`; `refused`: checkpoints found corrupted already, with why."""
     root = Path(run_dir) / "checkpoints"
     pointed = _pointer_target(root)
     candidates = all_steps(run_dir)[::-1]
     if pointed is not None:
         candidates = [pointed] + [c for c in candidates if c != pointed]
-    problems = []
-    for ckpt in candidates:
+    refused = refused or {}
+    problems = [refused[c] for c in candidates if c in refused]
+    for ckpt in (c for c in candidates if c not in refused):
         try:
-            state = verify(ckpt, log)
+            state = verify(ckpt, log, deep)
         except CheckpointError as e:
             problems.append(str(e))
             continue
@@ -152,8 +157,37 @@ def _check_file(path: Path, sha: str, size: int | None = None) -> None:
         raise CheckpointError(f"{path}: sha256 mismatch (corrupted checkpoint)")
 
 
-def _verify_manifest(ckpt: Path) -> None:
-    """Every file the manifest lists (all the checkpoint's files) matches it, and it matches itself."""
+def _verify_manifest(ckpt: Path, deep: bool = True) -> None:
+    """Every file the manifest lists (all the checkpoint's files) matches it, and it matches itself;
+    not `deep`: the large files only exist at their sizes (`verify_share` hashes them later)."""
+    files = _manifest_files(ckpt)
+    large = _large(files)
+    for name, (sha, size) in files.items():
+        if deep or name not in large:
+            _check_file(ckpt / name, sha, size)
+        elif not (ckpt / name).is_file() or (ckpt / name).stat().st_size != size:
+            raise CheckpointError(f"{ckpt / name}: missing or of the wrong size (corrupted checkpoint)")
+
+
+def _large(files: dict) -> list[str]:
+    """The files ranks split the hashing of: all but the JSON ones (every rank reads those)."""
+    return [name for name in sorted(files) if not name.endswith(".json")]
+
+
+def verify_share(ckpt: Path, rank: int, world: int) -> str | None:
+    """Hash this rank's share of a checkpoint's large files (ranks sharing one directory split the
+    reading; `verify(deep=False)` checked only their sizes): what does not match, or None."""
+    try:
+        files = _manifest_files(ckpt)
+        for name in _large(files)[rank::world]:
+            _check_file(ckpt / name, *files[name])
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def _manifest_files(ckpt: Path) -> dict[str, tuple[str, int]]:
+    """{file name: (sha256, bytes)} of a manifest that matches itself and covers every file."""
     path = ckpt / MANIFEST
     manifest = read_json(path)
     files = manifest.get("files")
@@ -165,14 +199,15 @@ def _verify_manifest(ckpt: Path) -> None:
     unlisted += sorted(p.name for p in ckpt.glob("*.safetensors") if p.name not in files)
     if unlisted:
         raise CheckpointError(f"{path}: does not cover {', '.join(unlisted)} (corrupted manifest)")
+    listed = {}
     for name, entry in files.items():
         try:
-            sha, size = entry["sha256"], entry["bytes"]
+            listed[name] = (entry["sha256"], entry["bytes"])
         except (KeyError, TypeError):
             raise CheckpointError(f"{path}: its entry for {name!r} is malformed") from None
         if Path(name).name != name:
             raise CheckpointError(f"{path}: names {name!r}, not a file of this checkpoint")
-        _check_file(ckpt / name, sha, size)
+    return listed
 
 
 def loader_mismatch(loader: dict, step: int) -> str | None:
@@ -205,15 +240,16 @@ def _check_consistent(ckpt: Path, state: dict) -> None:
         raise CheckpointError(f"{where}: the loader position {problem}")
 
 
-def verify(ckpt: Path, log: Callable[[str], None] | None = None) -> dict:
+def verify(ckpt: Path, log: Callable[[str], None] | None = None, deep: bool = True) -> dict:
     """state.json of a complete checkpoint whose files match its manifest and whose step agrees with
     its directory and loader position. A checkpoint of an older version (no manifest) is checked
-    against the sha256s in its state.json, which it does not cover: `log` gets a notice saying so."""
+    against the sha256s in its state.json, which it does not cover: `log` gets a notice saying so.
+    `deep=False`: the large files' sizes checked, not their hashes (`verify_share` splits those)."""
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt}: no such checkpoint directory")
     legacy = not (ckpt / MANIFEST).is_file()
     if not legacy:
-        _verify_manifest(ckpt)
+        _verify_manifest(ckpt, deep)
     state = read_json(ckpt / "state.json")
     if legacy and state.get("manifest"):
         raise CheckpointError(f"{ckpt / MANIFEST}: missing (corrupted checkpoint)")
