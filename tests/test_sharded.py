@@ -280,3 +280,19 @@ def test_ranks_split_the_hashing_and_fall_back_together(runs, data_dir, tmp_path
         by_rank = [sorted(p for p in paths if p in shards) for paths in hashed]
         assert sorted(by_rank[0] + by_rank[1]) == sorted(shards)  # each shard hashed once
     assert losses(run).keys() == set(range(6))
+
+
+def test_a_ddp_run_resumes_from_fsdp_shards(runs, data_dir, tmp_path):
+    """fsdp=true on 2 ranks (sharded) -> fsdp=false on 2 ranks (DDP: every rank reads whole tensors
+    from the shards): the losses of one uninterrupted process; DDP then writes the gathered format."""
+    run = tmp_path / "run"
+    shutil.copytree(runs / "pristine", run)
+    base = train_argv(data_dir, *SMALL, *CONSTANT_LR)
+    run_to_end([*base, "--out", tmp_path / "straight", "max_steps=4"])
+    out = run_to_end([*base, "fsdp=false", "--out", run, "max_steps=4"], nproc=2)
+    assert "x2 |" in out and "steps 2..4 | resumed from step_00000002" in out
+    assert not ckptdir.is_sharded(checkpoint.step_dir(run, 4))
+    straight, resumed = losses(tmp_path / "straight"), losses(run)
+    assert sorted(resumed) == list(range(4))
+    for step, loss in straight.items():
+        assert resumed[step] == pytest.approx(loss, rel=1e-5)
