@@ -17,7 +17,7 @@ from . import checkpoint, ckptdir, sharded
 from .checkpoint import CheckpointError, all_steps, latest
 from .config import TrainConfig
 from .data.loader import DataLoader
-from .distributed import DisagreementError, DistInfo, agree, all_reduce_sum
+from .distributed import DisagreementError, DistInfo, agree, all_reduce_sum, stop_together
 from .errors import UserError
 from .fsio import free_bytes, human_bytes, remove_leftovers
 from .lock import DirLock, LockError
@@ -209,8 +209,11 @@ def run_lock(run_dir: Path, info: DistInfo) -> Iterator[None]:
             lock.acquire()
         except Exception as e:  # noqa: BLE001 - whatever it is, the other ranks must hear of it
             error = e
-    if all_reduce_sum([float(error is not None)], info.device)[0]:
-        raise error or LockError(f"{run_dir}: rank 0 could not lock the run directory (its error says why)")
+    stop_together(
+        error,
+        info.device,
+        LockError(f"{run_dir}: rank 0 could not lock the run directory (its error says why)"),
+    )
     try:
         if info.is_main:
             remove_leftovers(run_dir, "config.json")

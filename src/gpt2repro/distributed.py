@@ -99,6 +99,13 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def stop_together(error: Exception | None, device: torch.device, elsewhere: Exception) -> None:
+    """Every rank raises when any rank failed: its own error, or `elsewhere` (saying another rank
+    failed). One all-reduce that every rank reaches, so none is left waiting in a later collective."""
+    if all_reduce_sum([float(error is not None)], device)[0]:
+        raise error or elsewhere
+
+
 def wrap_model(raw: GPT, cfg: TrainConfig, info: DistInfo, compile_model: bool) -> torch.nn.Module:
     """Activation checkpointing as configured, DDP for several ranks, then whole-model torch.compile;
     the raw module stays usable for eval. (FSDP runs are built sharded: `parallelize`.)"""

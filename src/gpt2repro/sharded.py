@@ -68,7 +68,7 @@ from .ckptdir import (
     write_manifest,
 )
 from .config import TrainConfig
-from .distributed import DistInfo, all_reduce_sum
+from .distributed import DistInfo, all_reduce_sum, stop_together
 from .fsio import REASONS, AtomicDir, WriteError, describe, sha256_file, write_error
 from .model import GPT, WeightsMismatch, load_state_strict
 
@@ -103,10 +103,11 @@ def save(
             publish(final, config.keep_last)
     except Exception as e:  # noqa: BLE001 - every rank must still reach the next collective
         error = e
-    if all_reduce_sum([float(error is not None)], info.device)[0]:
-        raise error or CheckpointError(
-            f"{final}: another rank could not write the checkpoint (its error says why)"
-        )
+    stop_together(
+        error,
+        info.device,
+        CheckpointError(f"{final}: another rank could not write the checkpoint (its error says why)"),
+    )
     return final
 
 
