@@ -70,13 +70,15 @@ def train_argv(data_dir, *extra) -> list[str]:
 EVERY_RANK_REPORTS = ["--standalone", "--monitor-interval", "5"]
 
 
-def command(*args, nproc=None, launcher=()) -> list[str]:
-    """`python -m gpt2repro ARGS`, under torchrun with `nproc` processes (and `launcher` options)."""
+def command(*args, nproc=None, launcher=(), script=None) -> list[str]:
+    """`python -m gpt2repro ARGS` (or `python SCRIPT ARGS`), under torchrun with `nproc` processes
+    (and `launcher` options)."""
     # --standalone: a free port of its own, so runs on one machine at once never meet (without it every
     # run takes port 29500, and a second suite's ranks could join this one's)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
     torchrun += [*launcher] if launcher else ["--standalone"]
-    return [*(torchrun if nproc else [sys.executable]), "-m", "gpt2repro", *map(str, args)]
+    program = [str(script)] if script else ["-m", "gpt2repro"]
+    return [*(torchrun if nproc else [sys.executable]), *program, *map(str, args)]
 
 
 def subprocess_env(**extra) -> dict:
@@ -94,6 +96,20 @@ def launch(*args, nproc=None, launcher=(), **popen) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         **popen,
     )
+
+
+def run_script(script, *args, nproc=2, launcher=(), **env) -> subprocess.CompletedProcess:
+    """`script` (a probe, or the CLI after patching something) with ARGS under torchrun, `env` added;
+    it may fail: its exit code and output."""
+    cmd = command(*args, nproc=nproc, launcher=launcher, script=script)
+    return subprocess.run(
+        cmd, cwd=ROOT, env=subprocess_env(**env), capture_output=True, text=True, timeout=300
+    )
+
+
+def error_lines(out: subprocess.CompletedProcess) -> list[str]:
+    """The one-line errors of every process in a run's output."""
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("gpt2repro: error:")]
 
 
 def run_to_end(args, nproc=None) -> str:

@@ -4,11 +4,9 @@ bf16 weights gathered with fp32 gradients reduced, and the blocks compiled one b
 (`fsdp_probe.py` does the measuring inside torchrun; the training runs go through the CLI.)"""
 
 import json
-import subprocess
-import sys
 
 import pytest
-from helpers import SMALL, events, losses, run_to_end, subprocess_env, train_argv
+from helpers import SMALL, events, losses, run_script, run_to_end, train_argv
 
 from conftest import ROOT, shared_file
 
@@ -17,11 +15,7 @@ pytestmark = pytest.mark.slow
 
 def probe(mode: str, tmp_path, **env) -> list[dict]:
     """Each rank's report of `fsdp_probe.py MODE` under torchrun with 2 processes."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["tests/fsdp_probe.py", mode, str(tmp_path)]
-    out = subprocess.run(
-        cmd, cwd=ROOT, env=subprocess_env(**env), capture_output=True, text=True, timeout=300
-    )
+    out = run_script(ROOT / "tests" / "fsdp_probe.py", mode, tmp_path, **env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 

@@ -11,7 +11,17 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import EVERY_RANK_REPORTS, SMALL, events, losses, run_to_end, small_cfg, train_argv
+from helpers import (
+    EVERY_RANK_REPORTS,
+    SMALL,
+    error_lines,
+    events,
+    losses,
+    run_script,
+    run_to_end,
+    small_cfg,
+    train_argv,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ROOT, shared_file
@@ -271,20 +281,8 @@ def test_ranks_that_find_different_checkpoints_all_stop_with_one_line(data_dir, 
     run_to_end([*args, "max_steps=2", "--out", str(tmp_path / "rank0")])
     script = tmp_path / "per_rank.py"
     script.write_text(RANK_DIRS)
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        *EVERY_RANK_REPORTS,
-        "--nproc_per_node",
-        "2",
-        str(script),
-    ]
-    env = {**__import__("os").environ, "RUN_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(
-        [*torchrun, *args, "max_steps=4"], capture_output=True, text=True, timeout=300, env=env
-    )
-    errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("gpt2repro: error:")]
+    out = run_script(script, *args, "max_steps=4", launcher=EVERY_RANK_REPORTS, RUN_ROOT=str(tmp_path))
+    errors = error_lines(out)
     assert out.returncode != 0 and len(errors) == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert all("ranks disagree on the checkpoint to resume from" in e for e in errors)
     assert "rank 0: step 2" in errors[0] and "rank 1: no checkpoint (fresh start)" in errors[0]

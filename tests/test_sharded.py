@@ -7,8 +7,6 @@ import json
 import pickle
 import shutil
 import struct
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,11 +15,12 @@ from helpers import (
     EVERY_RANK_REPORTS,
     SMALL,
     assert_one_line_error,
+    error_lines,
     losses,
     run_main,
+    run_script,
     run_to_end,
     small_cfg,
-    subprocess_env,
     train_argv,
 )
 
@@ -200,13 +199,9 @@ def test_a_rank_that_wrote_its_shard_elsewhere_stops_the_save(data_dir, tmp_path
     published (before: a checkpoint without rank 1's half, verified by its manifest, unusable)."""
     script = tmp_path / "node.py"
     script.write_text(NODE_WITHOUT_SHARED_DISK)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", *EVERY_RANK_REPORTS, "--nproc_per_node", "2"]
     args = train_argv(data_dir, *SMALL, *CONSTANT_LR, "fsdp=true", "max_steps=2", "--out", tmp_path / "run")
-    env = subprocess_env(NODE1_DISK=str(tmp_path / "node1"))
-    out = subprocess.run(
-        [*torchrun, script, *map(str, args)], capture_output=True, text=True, timeout=300, env=env
-    )
-    errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("gpt2repro: error:")]
+    out = run_script(script, *args, launcher=EVERY_RANK_REPORTS, NODE1_DISK=str(tmp_path / "node1"))
+    errors = error_lines(out)
     assert out.returncode != 0 and len(errors) == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert "is the run directory on a file system every rank shares?" in errors[0] + errors[1]
     assert checkpoint.all_steps(tmp_path / "run") == []
@@ -262,15 +257,7 @@ def test_ranks_split_the_hashing_and_fall_back_together(runs, data_dir, tmp_path
     shard.write_bytes(bytes(data))
     script = tmp_path / "probe.py"
     script.write_text(HASHES_RECORDED)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    env = subprocess_env(HASH_LOG=str(tmp_path / "hashed."))
-    out = subprocess.run(
-        [*torchrun, script, *map(str, [*base, "max_steps=6"])],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    out = run_script(script, *base, "max_steps=6", HASH_LOG=str(tmp_path / "hashed."))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "steps 2..6 | resumed from step_00000002" in out.stdout
     assert f"{SHARDS[1]}: sha256 mismatch" in out.stdout and "using step_00000002 instead" in out.stdout
