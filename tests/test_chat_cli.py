@@ -11,12 +11,13 @@ from helpers import assert_one_line_error
 
 from conftest import ROOT, shared_file
 from gpt2repro import chat
-from gpt2repro.chat_session import ChatSession, Utf8Stream
+from gpt2repro.chat_session import ChatSession
 from gpt2repro.checkpoint import load_model
 from gpt2repro.cli import main
 from gpt2repro.config import model_config
 from gpt2repro.generate import GenerateError
 from gpt2repro.model import GPT
+from gpt2repro.serve.text import TextStream
 
 
 def test_message_answers_once_and_reports_the_timings(chat_run_dir, capsys):
@@ -97,8 +98,8 @@ def test_old_turns_are_dropped_with_a_notice_when_the_context_fills(chat_run_dir
 
 def test_streamed_text_holds_back_split_characters(enc):
     text = "naïve 日本語 😀🚀 done"
-    stream = Utf8Stream()
-    pieces = [stream.push(t) for t in enc.encode_ordinary(text)]
+    stream = TextStream(enc.decode_single_token_bytes)  # what `gpt2repro chat` writes
+    pieces = [stream.feed(t) for t in enc.encode_ordinary(text)] + [stream.finish()]
     assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
     assert "" in pieces  # a token ending mid-character printed nothing yet
 

@@ -12,10 +12,12 @@ import statistics
 import sys
 from collections.abc import Callable
 
+from . import chat
 from .chat import ChatError
-from .chat_session import ChatSession, Utf8Stream, require_chat_model
+from .chat_session import ChatSession, require_chat_model
 from .generate import GenerateError
 from .model import GPT
+from .serve.text import TextStream
 
 COMMANDS = "/reset starts over, /exit leaves"
 
@@ -26,10 +28,11 @@ def _say(text: str) -> None:
 
 def stream_reply(session: ChatSession, text: str, write: Callable[[str], None]) -> None:
     """Send `text` and write the reply as it comes, whole characters at a time."""
-    stream = Utf8Stream()
+    stream = TextStream(chat.encoding().decode_single_token_bytes)  # as the server streams text
     try:
         for token in session.send(text):
-            write(stream.push(token))
+            write(stream.feed(token))
+        write(stream.finish())
     except KeyboardInterrupt:  # the reply stops here; the conversation goes on
         _say("\n[reply stopped]")
 

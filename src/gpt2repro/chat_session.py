@@ -34,26 +34,6 @@ def require_chat_model(model: GPT, what: str = "this model") -> None:
         )
 
 
-class Utf8Stream:
-    """Token ids in, text out as soon as it is whole: a character split over two tokens is held
-    back until its last byte arrives."""
-
-    def __init__(self):
-        self.pending = b""
-
-    def push(self, token: int) -> str:
-        self.pending += chat.encoding().decode_single_token_bytes(token)
-        for cut in range(len(self.pending), max(len(self.pending) - 4, -1), -1):
-            try:
-                text = self.pending[:cut].decode("utf-8")
-            except UnicodeDecodeError:
-                continue
-            self.pending = self.pending[cut:]
-            return text
-        text, self.pending = self.pending.decode("utf-8", errors="replace"), b""  # not UTF-8 at all
-        return text
-
-
 class ChatSession:
     """One conversation: its messages, the tokens in the cache and the position, sampling settings."""
 
