@@ -217,6 +217,13 @@ class TrainConfig:
     )
     overwrite: bool = _key(False, "a fresh run (resume=never) may delete an earlier run's checkpoints")
     time_limit: float = _key(0.0, "seconds; > 0 stops with a checkpoint once spent (0: no limit)")
+    schedule_clock: str = _key(
+        "steps",
+        "steps, or time: schedule progress = max(step / max_steps, training seconds / time_budget)",
+    )
+    time_budget: float = _key(
+        0.0, "schedule_clock=time: training seconds (evaluation and checkpoints excluded) the schedule spans"
+    )
     # systems
     device: str = _key("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     dtype: str = _key(
@@ -265,6 +272,8 @@ class TrainConfig:
                 "dtype=fp16 with fsdp=true is not supported: the gradient scaler would see only this rank's "
                 "shard of the gradients; use bf16 (or fp32)"
             )
+        if self.schedule_clock == "time" and not self.time_budget:
+            raise ConfigError("schedule_clock=time needs time_budget > 0 (seconds)", "time_budget")
         if self.target_val_loss and not self.val_every:
             raise ConfigError("target_val_loss needs validation: set val_every > 0", "target_val_loss")
         if self.val_every and not self.val_steps:
@@ -318,6 +327,7 @@ CHOICES = {
     "hellaswag_style": ("completion", "harness"),
     "optimizer": ("adamw", "muon"),
     "schedule": ("cosine", "wsd"),
+    "schedule_clock": ("steps", "time"),
     "muon_ns_dtype": ("auto", "bf16", "fp32"),
 }
 RANGES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
@@ -350,5 +360,6 @@ RANGES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     "sample_tokens": (int, lambda v: v >= 0, "an integer >= 0"),
     "ckpt_every": COUNT,
     "time_limit": (float, lambda v: 0 <= v < math.inf, "seconds >= 0 (0 = no limit)"),
+    "time_budget": (float, lambda v: 0 <= v < math.inf, "seconds >= 0"),
     "log_every": COUNT,
 }

@@ -35,7 +35,7 @@ from .fsio import WriteError, atomic_write_text
 from .generate import prompt_tokens, sample_text
 from .metrics import MetricsLogger
 from .mfu import Peak, synchronize
-from .optim import build_optimizer, configure, lr_at, set_lr
+from .optim import build_optimizer, configure, lr_at, schedule_position, set_lr
 from .parallelize import build_model
 from .plan import Plan, resolve
 from .precision import autocast, enable_tf32, slow_dtype_warning, tf32_enabled
@@ -45,6 +45,7 @@ class StopReason(enum.Enum):
     SIGNAL = "signal"  # preempted: checkpoint at once, no evaluation
     TIME_LIMIT = "time limit"
     TARGET = "target val loss reached"
+    SCHEDULE_END = "time budget spent: the schedule is complete"
 
 
 class StopFlag:
@@ -95,6 +96,10 @@ class Trainer:
         # worse than guessing uniformly by far: the weights blew up (a finite loss can say so too)
         self.divergence_loss = 2 * math.log(cfg.model.vocab_size)
         self.start_step, self.started = 0, time.time()
+        # the schedule's clock: seconds spent in train_step (evaluation and checkpoints excluded),
+        # kept in every checkpoint; `evaluated`: whether the resumed step's evaluation already ran
+        self.train_seconds, self.evaluated = 0.0, True
+        self.last_seconds = 0.0  # the last step's duration: will the next one fit in time_budget?
         self.peak = Peak(self.device, plan.dtype, info.world_size)  # for MFU
         self.flops_per_step = self.raw.flops_per_token(cfg.seq_len) * cfg.total_batch_size
 
@@ -130,43 +135,57 @@ class Trainer:
         cfg = self.cfg
         self.start_step = start = self.resume()
         self.logger = MetricsLogger(self.run_dir, cfg, self.info.is_main)
-        stop, reason, metrics = StopFlag(), None, {}
+        stop, metrics = StopFlag(), {}
+        reason = self._schedule_end()
+        # a resumed step was evaluated before its checkpoint, unless a signal saved it at once
+        redo = start > 0 and not self.evaluated
         self.started = time.time()
         try:
             for step in range(start, cfg.max_steps + 1):
                 last = step == cfg.max_steps or reason is not None
-                # a resumed step was evaluated before its checkpoint; a preempted run saves at once
-                if (step > start or step == 0) and reason is not StopReason.SIGNAL:
+                self.evaluated = (step > start or step == 0 or redo) and reason is not StopReason.SIGNAL
+                if self.evaluated:
                     metrics.update(self.evaluate(step, last))
                     if reason is None and self._reached_target(step, metrics):
                         reason, last = StopReason.TARGET, True
-                if step > start and (last or _due(step, False, cfg.ckpt_every)):
-                    self.save(step, metrics)
+                if (step > start or redo and last) and (last or _due(step, False, cfg.ckpt_every)):
+                    self.save(step, metrics)  # (a resumed step saved again: now with its evaluation)
                 if last:
                     break
                 stats = self.train_step(step)
                 metrics.update(loss=stats["loss"], lr=stats["lr"], grad_norm=stats["grad_norm"])
                 console = cfg.log_every > 0 and (step % cfg.log_every == 0 or step + 1 == cfg.max_steps)
                 self.logger.train_step(step, stats, self.train_loader.epoch, console)
-                reason = self.should_stop(stop)
+                reason = self.should_stop(stop) or self._schedule_end()
         finally:
             stop.restore()
             self.logger.close()
-        if reason is not None:
+        if reason in (StopReason.SIGNAL, StopReason.TIME_LIMIT):
             self.logger.print(
                 f"[gpt2repro] stopping at step {step} ({reason.value}); checkpoint written, "
                 "resume with the same command"
             )
-        return {"step": step, **metrics}
+        elif reason is not None:
+            self.logger.print(f"[gpt2repro] finished at step {step} ({reason.value})")
+        return {"step": step, "train_seconds": self.train_seconds, **metrics}
+
+    def _schedule_end(self) -> StopReason | None:
+        """schedule_clock=time: the schedule ends once one more step as long as the last would run
+        past time_budget, so the run ends inside it (every rank agrees: `_agreed_seconds`)."""
+        cfg = self.cfg
+        if cfg.schedule_clock == "time" and self.train_seconds + self.last_seconds >= cfg.time_budget:
+            return StopReason.SCHEDULE_END
+        return None
 
     def _reached_target(self, step: int, metrics: dict) -> bool:
         """Whether this step's validation reached target_val_loss (logged once, as it ends the run)."""
         target, val = self.cfg.target_val_loss, metrics.get("val_loss")
         if not target or val is None or val > target or metrics.get("val_step") != step:
             return False
-        tokens, seconds = step * self.cfg.total_batch_size, time.time() - self.started
+        tokens, seconds = step * self.cfg.total_batch_size, self.train_seconds
         self.logger.print(
-            f"[gpt2repro] target val loss {target} reached at step {step}: {tokens:,} tokens, {seconds:.1f}s"
+            f"[gpt2repro] target val loss {target} reached at step {step}: {tokens:,} tokens, "
+            f"{seconds:.1f}s of training (evaluation excluded)"
         )
         self.logger.log("target", step, val_loss=val, tokens=tokens, seconds=seconds)
         return True
@@ -175,7 +194,9 @@ class Trainer:
         """Restore the checkpoint to resume from, if any (the Checkpointer decides which); the step
         to start at. Writes the resolved config.json and prints what is about to run."""
         cfg, info, plan = self.cfg, self.info, self.plan
-        start, name = self.checkpoints.restore(self.raw, self.optimizers, self.train_loader)
+        start, name, state = self.checkpoints.restore(self.raw, self.optimizers, self.train_loader)
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.evaluated = bool(state.get("evaluated", True))  # (checkpoints before this key: evaluated)
         configure(self.optimizers, cfg, self.device)  # this config's hyperparameters, not the saved ones
         if not info.is_main:
             return start
@@ -230,7 +251,7 @@ class Trainer:
         loss = self.forward_backward()
         if not math.isfinite(loss) or loss > self.divergence_loss:
             self._diverged(step, f"loss is {loss}", blame_checkpoint=True)
-        lr = lr_at(step, self.cfg)
+        lr = lr_at(schedule_position(step, self.train_seconds, self.cfg), self.cfg)
         set_lr(self.optimizers, lr)
         norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
@@ -245,11 +266,23 @@ class Trainer:
                 opt.step()
         synchronize(self.device)  # only for honest timing
         dt = time.time() - t0
+        self.last_seconds = self._agreed_seconds(dt)
+        self.train_seconds += self.last_seconds
         tok_s = self.cfg.total_batch_size / dt
         mfu = self.peak.mfu(self.flops_per_step, dt)
         done = step + 1 - self.start_step
         eta = (time.time() - self.started) / done * (self.cfg.max_steps - step - 1)
-        return dict(loss=loss, lr=lr, grad_norm=norm, dt=dt, tok_per_s=tok_s, mfu=mfu, eta_s=eta)
+        if self.cfg.schedule_clock == "time":
+            eta = min(eta, self.cfg.time_budget - self.train_seconds)
+        stats = dict(loss=loss, lr=lr, grad_norm=norm, dt=dt, tok_per_s=tok_s, mfu=mfu, eta_s=eta)
+        return {**stats, "train_seconds": self.train_seconds}
+
+    def _agreed_seconds(self, dt: float) -> float:
+        """A step's duration for the schedule's clock: the ranks' mean under schedule_clock=time,
+        so every rank takes the same LR and stops at the same step."""
+        if self.cfg.schedule_clock != "time" or not self.info.distributed:
+            return dt
+        return all_reduce_sum([dt], self.device)[0] / self.info.world_size
 
     def _diverged(self, step: int, what: str, blame_checkpoint: bool) -> None:
         """Stop before the update. When the weights at the start of `step` produced the divergence,
@@ -335,7 +368,8 @@ class Trainer:
         return StopReason.TIME_LIMIT if flags[1] else None
 
     def save(self, step: int, metrics: dict) -> None:
-        self.checkpoints.save(step, self.raw, self.optimizers, self.train_loader, metrics)
+        clock = {"train_seconds": self.train_seconds, "evaluated": self.evaluated}
+        self.checkpoints.save(step, self.raw, self.optimizers, self.train_loader, metrics, clock)
 
 
 def train(
