@@ -397,6 +397,18 @@ def test_plot_writes_a_png(data_dir, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
 
+def test_the_fineweb_val_loss_is_drawn_only_beside_fineweb_runs(run_dir):
+    """GPT-2's 3.29 is a FineWeb-EDU val loss: a Tiny Shakespeare run gets no such line."""
+    from gpt2repro.plot import GPT2_124M_VAL_LOSS, loss_references, read_metrics
+
+    events = read_metrics(run_dir)
+    assert any("tinyshakespeare" in s for s in events["data"][0]["sources"])
+    assert loss_references(events) == []
+    for source in ("hf-shards:kjj0/finewebedu10B-gpt2", "HuggingFaceFW/fineweb-edu"):
+        lines = loss_references({"data": [{"step": 0, "sources": [source]}]})
+        assert [v for v, _ in lines] == [GPT2_124M_VAL_LOSS] and "FineWeb-EDU" in lines[0][1]
+
+
 def test_tensorboard_without_the_package_is_a_clear_error(data_dir, tmp_path):
     try:
         import tensorboard  # noqa: F401

@@ -21,7 +21,7 @@ import torch
 from .checkpointer import Checkpointer, TrainingError, run_lock
 from .config import TrainConfig
 from .data.loader import DataLoader
-from .data.shards import ShardError, verify_shards
+from .data.shards import ShardError, manifest_sources, verify_shards
 from .distributed import (
     all_reduce_mean,
     all_reduce_sum,
@@ -74,6 +74,7 @@ class Trainer:
     def __init__(self, plan: Plan, data_dir: Path, run_dir: Path):
         cfg, info = plan.cfg, plan.info
         self.plan, self.cfg, self.info, self.run_dir, self.device = plan, cfg, info, run_dir, info.device
+        self.data_sources = manifest_sources(data_dir)  # logged: the plot's reference lines depend on it
         enable_tf32(self.device)
         torch.manual_seed(cfg.seed)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -135,6 +136,7 @@ class Trainer:
         cfg = self.cfg
         self.start_step = start = self.resume()
         self.logger = MetricsLogger(self.run_dir, cfg, self.info.is_main)
+        self.logger.log("data", start, sources=self.data_sources)
         stop, metrics = StopFlag(), {}
         reason = self._schedule_end()
         # a resumed step was evaluated before its checkpoint, unless a signal saved it at once
