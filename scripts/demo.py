@@ -126,9 +126,9 @@ def main() -> None:
     print("== 5/5 done")
     metrics = read_metrics(out / "run")  # also right when this run only resumed a finished one
     val, hs = metrics.get("val", [{}])[-1], metrics.get("hellaswag", [{}])[-1]
-    train = metrics.get("train", [{}])[-1]
+    last = metrics.get("train", [{}])[-1]
     print(
-        f"   steps trained: {summary['step']} (last LR {train.get('lr', float('nan')):.3e}, "
+        f"   steps trained: {summary['step']} (last LR {last.get('lr', float('nan')):.3e}, "
         f"{summary.get('train_seconds', 0):.0f}s of training)  last val loss: {val.get('loss', float('nan')):.4f}  "
         f"HellaSwag acc_norm (first 500): {hs.get('acc_norm', float('nan')):.4f}"
     )
