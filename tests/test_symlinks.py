@@ -144,7 +144,9 @@ def test_a_directory_replaced_over_a_link_leaves_the_target_alone(tmp_path, vict
     with AtomicDir(step, replace=True) as tmp:
         (tmp / "a").write_text("new")
     assert not step.is_symlink() and (step / "a").read_text() == "new"
-    assert victim.read_bytes() == SECRET and sorted(p.name for p in victim.parent.iterdir()) == ["precious.txt"]
+    assert victim.read_bytes() == SECRET and sorted(p.name for p in victim.parent.iterdir()) == [
+        "precious.txt"
+    ]
     assert sorted(p.name for p in step.parent.iterdir()) == ["step_00000002"]
 
 

@@ -46,6 +46,7 @@ from .ckptdir import (
     CheckpointError,
     all_steps,
     fingerprint,
+    is_checkpoint,
     is_sharded,
     latest,
     latest_verified,
@@ -57,6 +58,7 @@ from .ckptdir import (
     stderr,
     step_dir,
     verify,
+    verify_each,
     verify_run,
     write_manifest,
 )
@@ -83,6 +85,8 @@ __all__ = [
     "tensor_bytes",
     "verify",
     "verify_run",
+    "verify_each",
+    "is_checkpoint",
     "write_manifest",
 ]
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -275,14 +275,23 @@ def stderr(message: str) -> None:
 
 def verify_run(run_dir: str | os.PathLike) -> tuple[int, list[str]]:
     """(checkpoints checked, problems found) over every checkpoint of a run."""
-    steps = all_steps(run_dir)
+    return verify_each(all_steps(run_dir))
+
+
+def verify_each(ckpts: list[Path]) -> tuple[int, list[str]]:
+    """(checkpoints checked, problems found) over `ckpts`."""
     problems = []
-    for ckpt in steps:
+    for ckpt in ckpts:
         try:
             verify(ckpt)
         except CheckpointError as e:
             problems.append(str(e))
-    return len(steps), problems
+    return len(ckpts), problems
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` is one checkpoint directory (either format), not a run or a data directory."""
+    return (path / "model.safetensors").is_file() or (path / "state.json").is_file() or is_sharded(path)
 
 
 def quarantine(run_dir: str | os.PathLike, step: int) -> Path | None:

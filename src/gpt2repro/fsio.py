@@ -160,7 +160,9 @@ def not_regular(path: Path, what: str, exc: OSError | None = None) -> WriteError
     project creates a regular file (None for another OSError)."""
     if exc is not None and exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
         return None
-    kind = "a symbolic link" if path.is_symlink() else "a directory" if path.is_dir() else "not a regular file"
+    kind = (
+        "a symbolic link" if path.is_symlink() else "a directory" if path.is_dir() else "not a regular file"
+    )
     return WriteError(
         f"{path}: cannot write {what}: it is {kind}, and nothing is written through one; "
         "remove it (or write elsewhere)"

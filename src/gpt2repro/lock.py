@@ -119,7 +119,13 @@ class DirLock:
         return self
 
     def _not_a_file(self) -> LockError:
-        kind = "a symbolic link" if self.path.is_symlink() else "a directory" if self.path.is_dir() else "a special file"
+        kind = (
+            "a symbolic link"
+            if self.path.is_symlink()
+            else "a directory"
+            if self.path.is_dir()
+            else "a special file"
+        )
         return LockError(
             f"{self.path}: the lock file is {kind}, not a regular file; nothing is written through it: "
             "remove it if no other program uses it, or write elsewhere"

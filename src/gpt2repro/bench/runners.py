@@ -117,7 +117,10 @@ def bench_prepare(repeats: int) -> list[dict]:
             for workers in counts:
                 t0 = time.perf_counter()
                 out = Path(tempfile.mkdtemp(dir=d))
-                tokens = prepare([str(src)], out, workers=workers, progress=False)["total_tokens"]
+                # val_tokens=0: a default val split (one 100M shard) would hold all and leave no train split
+                tokens = prepare([str(src)], out, val_tokens=0, workers=workers, progress=False)[
+                    "total_tokens"
+                ]
                 if i:
                     times[workers].append(time.perf_counter() - t0)
         for workers in counts:
