@@ -11,21 +11,14 @@ import re
 import shutil
 
 import pytest
-from helpers import SMALL, assert_one_line_error, run_main
+from helpers import HELLASWAG_ROW, SMALL, assert_one_line_error, run_main
 
 from conftest import CHAT_SMALL, GREETING, shared_file
 
 TINY = shared_file("tiny-gpt2")
 BOM = b"\xef\xbb\xbf"
 HI = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
-ROW = {
-    "ctx": "A man is sitting on a roof. he",
-    "ctx_a": "A man is sitting on a roof.",
-    "ctx_b": "he",
-    "activity_label": "Roof shingle removal",
-    "endings": ["is using wrap.", "starts pulling up.", "is holding a rubik's cube.", "starts to climb."],
-    "label": 3,
-}
+ROW = HELLASWAG_ROW
 DEEP = "[" * 100_000 + "]" * 100_000
 
 

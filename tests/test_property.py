@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import HELLASWAG_ROW
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -127,20 +128,10 @@ def test_any_value_as_a_documents_text_is_prepared_or_refused_in_one_line(enc, v
             _one_line(e, path.parent)
 
 
-GOOD_ROW = {
-    "ctx": "A man is sitting on a roof. he",
-    "ctx_a": "A man is sitting on a roof.",
-    "ctx_b": "he",
-    "activity_label": "Roof shingle removal",
-    "endings": ["is using wrap.", "starts pulling up.", "is holding a rubik's cube.", "starts to climb."],
-    "label": 3,
-}
-
-
 @CHECKS
-@given(field=st.sampled_from([*GOOD_ROW, "endings.2"]), value=JSON_VALUES)
+@given(field=st.sampled_from([*HELLASWAG_ROW, "endings.2"]), value=JSON_VALUES)
 def test_any_value_in_any_field_of_a_hellaswag_row_is_scored_or_refused_in_one_line(enc, field, value):
-    row = json.loads(json.dumps(GOOD_ROW))
+    row = json.loads(json.dumps(HELLASWAG_ROW))
     if field == "endings.2":
         row["endings"][2] = value
     else:

@@ -307,7 +307,7 @@ class AppendFile:
             self.fd = os.open(self.path, flags, 0o666)
         except OSError as e:
             raise write_error(e, self.path, what) or not_regular(self.path, what, e) or e from None
-        if not stat.S_ISREG(os.fstat(self.fd).st_mode):  # a FIFO, a device: not a log
+        if stat.S_ISFIFO(os.fstat(self.fd).st_mode):  # a FIFO planted there (a device node needs root)
             os.close(self.fd)
             raise not_regular(self.path, what)
 

@@ -93,5 +93,7 @@ def set_value(cfg: TrainConfig, key: str, value: Any) -> None:
         try:  # JSON's "\ud800": a lone surrogate, text no file or terminal can hold
             value.encode("utf-8")
         except UnicodeEncodeError:
-            raise ConfigError(f"{key}={shown(value)}: not valid Unicode text (a lone surrogate)", key) from None
+            raise ConfigError(
+                f"{key}={shown(value)}: not valid Unicode text (a lone surrogate)", key
+            ) from None
     _assign(target, name, value)
