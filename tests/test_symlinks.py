@@ -5,6 +5,7 @@ one lock, an export onto a link goes into the directory it names, and the last c
 checkpoint set aside while its replacement was renamed in is never deleted."""
 
 import os
+import shutil
 
 import pytest
 from helpers import SMALL, assert_one_line_error, train_argv
@@ -195,3 +196,28 @@ def test_a_failed_rename_puts_the_old_copy_back(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004"]
     assert (step / "model.safetensors").read_bytes() == b"first copy"
+
+
+def test_pruning_and_overwrite_remove_planted_links_never_their_targets(tmp_path, victim, data_dir, capsys):
+    """A step directory or checkpoints/ that is a link: pruning (keep_last) and overwrite=true remove
+    the link (shutil.rmtree raised on it, a traceback) and leave the directory it names alone."""
+    from helpers import run_main
+
+    from gpt2repro.ckptdir import publish
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "step_00000001").symlink_to(victim.parent)
+    (checkpoints / "step_00000002").mkdir()
+    publish(checkpoints / "step_00000002", keep_last=1)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000002"]
+    assert victim.read_bytes() == SECRET
+    run = tmp_path / "again"
+    elsewhere = tmp_path / "elsewhere" / "checkpoints"
+    shutil.copytree(checkpoints, elsewhere)
+    run.mkdir()
+    (run / "checkpoints").symlink_to(elsewhere)
+    argv = [*train_argv(data_dir, "--out", run), *SMALL, "max_steps=1", "resume=never", "overwrite=true"]
+    assert run_main(capsys, *argv)[0] == 0
+    assert (elsewhere / "step_00000002").is_dir() and not (run / "checkpoints").is_symlink()
+    assert (run / "checkpoints" / "step_00000001").is_dir()

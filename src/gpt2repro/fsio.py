@@ -284,13 +284,13 @@ def remove_leftovers(directory: str | os.PathLike, name: str = "") -> None:
                 os.replace(path, original)
                 fsync_dir(directory)
             else:
-                _remove(path)
+                remove_path(path, ignore_errors=True)
 
 
-def _remove(path: Path) -> None:
-    """A file, a link (never what it points to) or a whole directory."""
+def remove_path(path: Path, ignore_errors: bool = False) -> None:
+    """A file, a link (never what it points to: shutil.rmtree refuses links) or a whole directory."""
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=ignore_errors)
     else:
         path.unlink(missing_ok=True)
 
@@ -373,7 +373,7 @@ class AtomicDir:
             raise
         fsync_dir(self.path.parent)
         if moved:
-            _remove(self.old)
+            remove_path(self.old)
         return self.path
 
     def discard(self) -> None:
