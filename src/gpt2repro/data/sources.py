@@ -166,9 +166,10 @@ def _unreadable(path: str | Path, e: Exception) -> PrepareError:
 def documents(unit: Unit, field: str) -> Iterator[str]:
     """The unit's documents, each checked to be text; unreadable input is a PrepareError naming the file."""
     try:
-        for text in _unit_texts(unit, field):
-            if not isinstance(text, str):
-                raise PrepareError(f"{unit.path}: a {field!r} value is {type(text).__name__}, not text")
+        for n, text in enumerate(_unit_texts(unit, field), 1):
+            if not isinstance(text, str):  # a parquet column or a streamed row: named by its place
+                where = f"{unit.path or 'the stream'} (part {unit.part + 1}, document {n})"
+                raise PrepareError(f"{where}: a {field!r} value is {type(text).__name__}, not text")
             yield text
     except PrepareError:
         raise
