@@ -195,17 +195,34 @@ def _unit_texts(unit: Unit, field: str) -> Iterator[str]:
         yield from unit.data[0]
 
 
+def _gzip_units(path: Path, file: int, start_part: int) -> Iterator[Unit]:
+    numbered = ((n, line) for n, line in _gzip_lines(path) if line.strip())
+    for part, batch in enumerate(_batched(numbered)):
+        if part >= start_part:
+            yield Unit("lines", str(path), file, part, tuple(zip(*batch)))
+
+
+def _gzip_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """A gzipped file's numbered lines; a stream cut short (a truncated download) names the line
+    after the last whole one (the units before it are tokenized and kept, as for any stop)."""
+    read = 0
+    try:
+        with jsonio.open_text(path) as f:
+            for read, line in enumerate(f, 1):
+                yield read, line
+    except EOFError:
+        raise PrepareError(
+            f"{path}:{read + 1}: the gzip stream ends early, after line {read} (a truncated download?)"
+        ) from None
+
+
 def _file_units(path: Path, file: int, field: str, start_part: int) -> Iterator[Unit]:
     name = path.name
     if jsonio.is_array_file(path):  # one JSON array of records: read whole by a worker
         if start_part == 0:
             yield Unit("array", str(path), file, 0)
     elif name.endswith((".jsonl.gz", ".json.gz")):  # no seeking in gzip: this process reads the lines
-        with jsonio.open_text(path) as f:
-            numbered = ((n, line) for n, line in enumerate(f, 1) if line.strip())
-            for part, batch in enumerate(_batched(numbered)):
-                if part >= start_part:
-                    yield Unit("lines", str(path), file, part, tuple(zip(*batch)))
+        yield from _gzip_units(path, file, start_part)
     elif name.endswith((".jsonl", ".json")):
         bounds = _jsonl_bounds(path.stat().st_size)
         for part in range(start_part, len(bounds) - 1):
