@@ -190,3 +190,14 @@ BAD_OVERRIDES = [
         "the prompt is 100 tokens; this model's block_size is 64",
     ),
 ]
+
+
+# A HellaSwag row (the official validation file's first, its endings shortened), for tests that break it field by field.
+HELLASWAG_ROW = {
+    "ctx": "A man is sitting on a roof. he",
+    "ctx_a": "A man is sitting on a roof.",
+    "ctx_b": "he",
+    "activity_label": "Roof shingle removal",
+    "endings": ["is using wrap.", "starts pulling up.", "is holding a rubik's cube.", "starts to climb."],
+    "label": 3,
+}

@@ -9,7 +9,18 @@ from conftest import ROOT
 PKG = ROOT / "src" / "gpt2repro"
 # lowest first; the same list as docs/architecture.md
 LAYERS = [
-    {"__init__", "errors", "config", "overrides", "configfile", "presets", "precision", "fsio", "lock"},
+    {
+        "__init__",
+        "errors",
+        "config",
+        "overrides",
+        "configfile",
+        "presets",
+        "precision",
+        "fsio",
+        "lock",
+        "jsonio",
+    },
     {"assets"},
     {"model", "ops", "kvcache", "tokenizer", "chat"},
     {
@@ -20,6 +31,7 @@ LAYERS = [
         "data.hubshards",
         "data.prepare",
         "data.conversations",
+        "data.records",
     },
     {"optim", "muon", "checkpoint", "ckptdir", "sharded", "distributed", "parallelize", "mfu"},
     {"evals.hellaswag", "generate", "hf", "chat_session", "evals.chat"},

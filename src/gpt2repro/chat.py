@@ -24,6 +24,7 @@ import tiktoken
 
 from .config import CHAT_VOCAB_SIZE
 from .errors import UserError
+from .jsonio import shown
 from .tokenizer import EOT, EOT_ID, get_tokenizer
 
 SYSTEM_START, SYSTEM_END = "<|system_start|>", "<|system_end|>"
@@ -85,6 +86,13 @@ def encoding() -> tiktoken.Encoding:
     )
 
 
+def spelled_special(text: str) -> str | None:
+    """The first special token (<|endoftext|>, a chat token) that `text` spells, if any. Every
+    prompt refuses such text, so typed text is never read as a token nor silently as look-alike
+    characters: chat messages here, `sample --prompt` and `sample_prompt` in generate.prompt_tokens."""
+    return next((s for s in SPECIAL_TEXT if s in text), None)
+
+
 def check(messages: Sequence[dict]) -> None:
     """Raise ChatError unless `messages` is a conversation: dicts with a known `role` and text
     `content`, a system message only first, a user message before any reply."""
@@ -97,14 +105,15 @@ def check(messages: Sequence[dict]) -> None:
                 "not a message",
             )
         role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a list or an object is no role either
             raise ChatError(
-                f"message {i}: unknown role {role!r} (expected system, user or assistant)", "unknown role"
+                f"message {i}: unknown role {shown(role)} (expected system, user or assistant)",
+                "unknown role",
             )
         if not isinstance(content, str):
             what = "missing content" if content is None else f"content is {type(content).__name__}, not text"
             raise ChatError(f"message {i} ({role}): {what}", "missing content")
-        spelled = next((s for s in SPECIAL_TEXT if s in content), None)
+        spelled = spelled_special(content)
         if spelled:
             raise ChatError(
                 f"message {i} ({role}): the text contains the special token {spelled}", "special token text"

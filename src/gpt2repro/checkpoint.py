@@ -38,6 +38,7 @@ from .ckptdir import (
     CheckpointError,
     all_steps,
     fingerprint,
+    is_checkpoint,
     is_sharded,
     latest,
     latest_verified,
@@ -49,6 +50,7 @@ from .ckptdir import (
     stderr,
     step_dir,
     verify,
+    verify_each,
     verify_run,
     write_manifest,
 )
@@ -75,6 +77,8 @@ __all__ = [
     "tensor_bytes",
     "verify",
     "verify_run",
+    "verify_each",
+    "is_checkpoint",
     "write_manifest",
 ]
 

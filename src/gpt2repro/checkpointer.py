@@ -6,7 +6,6 @@ setting aside a checkpoint whose weights diverged. The Trainer keeps the loop; t
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from .config import TrainConfig
 from .data.loader import DataLoader
 from .distributed import DisagreementError, DistInfo, agree, all_reduce_sum, stop_together
 from .errors import UserError
-from .fsio import free_bytes, human_bytes, remove_leftovers
+from .fsio import free_bytes, human_bytes, remove_leftovers, remove_path
 from .lock import DirLock, LockError
 
 # Resuming requires these to match the checkpoint: they change the model, which batches come next or
@@ -119,7 +118,7 @@ class Checkpointer:
                 "would shadow; resume it (resume=auto), use a new output directory, or pass overwrite=true to delete them"
             )
         if self.info.is_main:
-            shutil.rmtree(self.run_dir / "checkpoints")
+            remove_path(self.run_dir / "checkpoints")  # a link: the link goes, never its target
             for name in ("metrics.jsonl", "samples.txt"):
                 (self.run_dir / name).unlink(missing_ok=True)
             self.log(

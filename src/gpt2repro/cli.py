@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .cliargs import build_parser
-from .config import ConfigError
+from .config import RANGES, ConfigError
 from .errors import UserError
 from .presets import TRAIN_PRESETS
 
@@ -74,7 +74,7 @@ def _prepare_chat(args) -> None:
     print(
         f"{args.out}: {c['conversations']:,} conversations in {c['rows']:,} rows of {args.seq_len} tokens "
         f"({c['trained_tokens']:,} learned); truncated {c['truncated']:,}, too long {c['too_long']:,}, "
-        f"bad {c['bad']:,}"
+        f"no reply {c['no_reply']:,}, bad {c['bad']:,}"
     )
 
 
@@ -212,16 +212,23 @@ def cmd_verify(args) -> None:
     from .data.shards import ShardError, verify_shards
 
     path = Path(args.path)
-    if (path / "manifest.json").is_file():
+    run = path.parent if path.name == "checkpoints" else path
+    if checkpoint.is_checkpoint(path):  # RUN/checkpoints/step_N: it holds a manifest.json too
+        checked, problems = checkpoint.verify_each([path])
+        what, error = "1 checkpoint", checkpoint.CheckpointError
+    elif (path / "manifest.json").is_file():
         checked, problems = verify_shards(path)
         what, error = f"{checked} shards", ShardError
-    elif (path / "checkpoints").is_dir():
-        checked, problems = checkpoint.verify_run(path)
+    elif (run / "checkpoints").is_dir():
+        checked, problems = checkpoint.verify_run(run)
         what, error = f"{checked} checkpoints", checkpoint.CheckpointError
     else:
         raise UserError(
-            f"{path}: neither a prepared data directory (manifest.json) nor a run directory (checkpoints/)"
+            f"{path}: neither a prepared data directory (manifest.json), a run directory (checkpoints/) "
+            "nor a checkpoint (model.safetensors or shards)"
         )
+    if not checked:  # nothing verified is no pass
+        raise error(f"{path}: nothing to verify ({what} found)")
     for problem in problems:
         print(problem)
     if problems:
@@ -277,6 +284,14 @@ COMMANDS = {
 }
 
 
+def _check_seed(args) -> None:
+    """A --seed in the range of the seed key, for every command that takes one (torch refuses
+    others only once a model is loaded)."""
+    _, ok, expected = RANGES["seed"]
+    if getattr(args, "seed", None) is not None and not ok(args.seed):
+        raise ConfigError(f"--seed {args.seed}: expected {expected}")
+
+
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -286,6 +301,7 @@ def _main(argv: list[str] | None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        _check_seed(args)
         COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import UserError
+from .jsonio import shown
 
 
 class ConfigError(UserError, ValueError):
@@ -49,7 +50,7 @@ def _check(key: str, value: Any, typ: type, ok: Callable[[Any], bool], expected:
         else isinstance(value, typ)
     )
     if not right_type or not ok(value):
-        raise ConfigError(f"{key}={value!r}: expected {expected}", key)
+        raise ConfigError(f"{key}={shown(value)}: expected {expected}", key)
 
 
 def _key(default: Any, help: str) -> Any:
@@ -245,9 +246,13 @@ class TrainConfig:
         self.model.validate()
         for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
-                raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}", key)
+                raise ConfigError(
+                    f"{key}={shown(getattr(self, key))} is not one of {', '.join(allowed)}", key
+                )
         if not isinstance(self.device, str) or not DEVICE.fullmatch(self.device):
-            raise ConfigError(f"device={self.device!r}: expected auto, cpu, cuda, cuda:N or mps", "device")
+            raise ConfigError(
+                f"device={shown(self.device)}: expected auto, cpu, cuda, cuda:N or mps", "device"
+            )
         for key, (typ, ok, expected) in RANGES.items():
             _check(key, getattr(self, key), typ, ok, expected)
         for f in fields(self):

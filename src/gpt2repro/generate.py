@@ -74,11 +74,24 @@ def generate(
     return idx
 
 
-def prompt_tokens(prompt: str, block_size: int) -> list[int]:
-    """The prompt's tokens, if there are some and room after them to generate."""
+def encode_prompt(prompt: str) -> list[int]:
+    """A prompt as plain text; text spelling a special token is refused, as in chat messages (the
+    one rule of every prompt: README, "Special tokens in prompts")."""
+    from .chat import spelled_special
     from .tokenizer import get_tokenizer
 
-    ids = get_tokenizer().encode(prompt)
+    spelled = spelled_special(prompt)
+    if spelled:
+        raise GenerateError(
+            f"the prompt contains the special token {spelled}: prompts are plain text, and text that "
+            "spells a special token is refused rather than read as the token"
+        )
+    return get_tokenizer().encode_ordinary(prompt)
+
+
+def prompt_tokens(prompt: str, block_size: int) -> list[int]:
+    """The prompt's tokens, if there are some and room after them to generate."""
+    ids = encode_prompt(prompt)
     if not ids:
         raise GenerateError("the prompt is empty")
     if len(ids) >= block_size:
@@ -99,7 +112,7 @@ def sample_text(
     from .tokenizer import get_tokenizer
 
     enc = get_tokenizer()
-    prompt_ids = enc.encode(prompt)
+    prompt_ids = encode_prompt(prompt)
     block = model.config.block_size
     checks = [
         (bool(prompt_ids), "the prompt is empty"),

@@ -172,15 +172,16 @@ def export_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
     """Write config.json, model.safetensors (HF layout), generation_config.json and tokenizer files.
 
     The directory appears complete or not at all (`fsio.AtomicDir`), with normal permissions, written
-    under its lock (`lock.DirLock`): a second export to the same place stops at once."""
+    under its lock (`lock.DirLock`): a second export to the same place stops at once. An `out_dir`
+    that is a symbolic link is exported through: the files appear in the directory it points to."""
     with DirLock(out_dir, "export", beside=True):
-        return _export(model, Path(out_dir))
+        return _export(model, Path(os.path.realpath(out_dir)))
 
 
 def export_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """`export_hf` of a checkpoint of ours, locking the output before the weights are read."""
     with DirLock(out_dir, "export", beside=True):
-        return _export(checkpoint.load_model(source), Path(out_dir))
+        return _export(checkpoint.load_model(source), Path(os.path.realpath(out_dir)))
 
 
 def _export(model: GPT, out: Path) -> Path:

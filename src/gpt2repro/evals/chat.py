@@ -88,6 +88,12 @@ def evaluate(model: GPT, data_dir, limit: int = 100, max_new_tokens: int = 64, b
         raise ChatEvalError(
             f"--limit, --max-new-tokens and --batch-size must be at least 1 (got {limit}, {max_new_tokens}, {batch_size})"
         )
+    seq_len, block = _seq_len(data_dir), model.config.block_size
+    if seq_len > block:  # checked before any row is read, not by the model half way
+        raise ChatEvalError(
+            f"{data_dir} holds rows of {seq_len} tokens; this model reads at most {block} "
+            f"(model.block_size): prepare the conversations again with --seq-len {block}"
+        )
     model.eval()
     loss, learned, rows = assistant_loss(model, data_dir, batch_size)
     ended, tried = adherence(model, data_dir, limit, max_new_tokens)
