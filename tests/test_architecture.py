@@ -11,7 +11,7 @@ PKG = ROOT / "src" / "gpt2repro"
 LAYERS = [
     {"__init__", "errors", "config", "overrides", "configfile", "presets", "precision", "fsio", "lock"},
     {"assets"},
-    {"model", "ops", "kvcache", "tokenizer", "chat"},
+    {"model", "ops", "kvcache", "tokenizer", "chat", "sampling", "tokentext"},
     {
         "data.shards",
         "data.loader",
@@ -24,8 +24,8 @@ LAYERS = [
     {"optim", "muon", "checkpoint", "ckptdir", "sharded", "distributed", "parallelize", "mfu"},
     {"evals.hellaswag", "generate", "hf", "chat_session", "evals.chat"},
     {"train", "plan", "checkpointer", "metrics", "sft"},
-    {"evals.report", "evals.harness", "plot", "chat_cli", "serve.engine", "serve.protocol", "serve.text"}
-    | {"serve.generation", "serve.app", "serve.run"},
+    {"evals.report", "evals.harness", "plot", "chat_cli", "serve.engine", "serve.protocol"}
+    | {"serve.generation", "serve.guard", "serve.metrics", "serve.app", "serve.run"},
     {
         "bench.names",
         "bench.reference",

@@ -10,8 +10,9 @@ import torch
 
 from gpt2repro.generate import generate
 from gpt2repro.model import GPT
+from gpt2repro.sampling import Sampling
 from gpt2repro.serve.engine import Engine, Job
-from gpt2repro.serve.text import TextStream
+from gpt2repro.tokentext import TextStream
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_batched_sequences_of_different_lengths_equal_each_alone_and_wait_for_a_
     seen = []
     events = run_jobs(
         engine,
-        [dict(prompt=p, max_tokens=4 + i, temperature=0) for i, p in enumerate(prompts)],
+        [dict(prompt=p, max_tokens=4 + i, sampling=Sampling(0)) for i, p in enumerate(prompts)],
         check=lambda: seen.append(len(engine.running)),
     )
     assert max(seen) == 2  # never more running than slots: the rest waited
@@ -62,15 +63,13 @@ def test_batched_sequences_of_different_lengths_equal_each_alone_and_wait_for_a_
         assert events[i][-1] == ("done", "length")
 
 
-def test_a_seed_draws_the_same_sample_batched_or_alone_and_a_stop_token_ends_it(model):
-    spec = dict(prompt=[464, 5822, 286], max_tokens=12, temperature=1.0, top_p=0.95, seed=5)
+def test_a_seed_draws_the_same_sample_batched_or_alone(model):
+    spec = dict(prompt=[464, 5822, 286], max_tokens=12, sampling=Sampling(1.0, None, 0.95, 5))
     alone = run_jobs(Engine(model, slots=1), [spec])[0]
-    crowd = run_jobs(Engine(model, slots=4), [dict(spec, seed=s) for s in (1, 5, 9)])
+    crowd = run_jobs(
+        Engine(model, slots=4), [dict(spec, sampling=Sampling(1.0, None, 0.95, s)) for s in (1, 5, 9)]
+    )
     assert crowd[1] == alone
-    sampled = [e[1].id for e in alone if e[0] == "token"]
-    stopped = run_jobs(Engine(model, slots=1), [dict(spec, stop_ids=frozenset({sampled[3]}))])[0]
-    assert [e[1].id for e in stopped if e[0] == "token"] == sampled[: sampled.index(sampled[3]) + 1]
-    assert stopped[-1] == ("done", "stop")
 
 
 def test_text_streams_whole_characters_and_holds_back_a_possible_stop_string(enc):
@@ -89,7 +88,7 @@ def test_text_streams_whole_characters_and_holds_back_a_possible_stop_string(enc
 def test_a_job_cancelled_while_it_waits_never_takes_a_slot(model):
     engine = Engine(model, slots=1)
     events, done = [], threading.Event()
-    gone = Job([464, 5822], 3, emit=lambda e: events.append(("gone", e)), temperature=0)
+    gone = Job([464, 5822], 3, emit=lambda e: events.append(("gone", e)), sampling=Sampling(0))
     kept = Job([464, 5822], 3, emit=lambda e: (events.append(("kept", e)), e[0] == "done" and done.set()))
     engine.submit(kept)
     engine.submit(gone)
@@ -97,4 +96,4 @@ def test_a_job_cancelled_while_it_waits_never_takes_a_slot(model):
     engine.start()
     assert done.wait(60)
     engine.stop()
-    assert [who for who, _ in events] == ["kept"] * 4
+    assert [who for who, _ in events] == ["kept"] * 5  # start, 3 tokens, done
