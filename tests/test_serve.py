@@ -394,3 +394,16 @@ def test_a_chat_model_answers_through_its_own_template(chat_run_dir):
 def post_get(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=60) as r:
         return json.loads(r.read())
+
+
+@pytest.mark.slow
+def test_bench_serve_reports_each_turns_first_token_latency_with_and_without_prefix_caching():
+    from gpt2repro.bench.serving import TURNS, bench_serve_turns
+
+    rows = bench_serve_turns("4x256", 1, torch.device("cpu"))
+    assert [(r["server"], r["turn"]) for r in rows] == [
+        (server, t) for server in ("prefix cache", "no prefix cache") for t in range(1, TURNS + 1)
+    ]
+    prompts = [r["prompt tokens"] for r in rows[:TURNS]]
+    assert prompts == sorted(set(prompts)) and prompts == [r["prompt tokens"] for r in rows[TURNS:]]
+    assert all(r["first token ms"] > 0 for r in rows)

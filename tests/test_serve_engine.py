@@ -97,3 +97,34 @@ def test_a_job_cancelled_while_it_waits_never_takes_a_slot(model):
     assert done.wait(60)
     engine.stop()
     assert [who for who, _ in events] == ["kept"] * 5  # start, 3 tokens, done
+
+
+def test_a_prompt_that_begins_with_a_slots_cached_tokens_runs_only_the_rest(model):
+    """A second turn re-sends the first turn's prompt and reply: with prefix caching it finds them in
+    the slot the first left and runs only its new tokens, and draws what a fresh engine draws."""
+    first = [464, 5822, 286, 262]
+    turn = run_jobs(Engine(model, slots=2), [dict(prompt=first, max_tokens=5, sampling=Sampling(0))])[0]
+    reply = [e[1].id for e in turn if e[0] == "token"]
+    second = [*first, *reply, 13, 198, 40]
+    results = {}
+    for on in (True, False):
+        engine, ran = Engine(model, slots=2, prefix_cache=on), []
+        hidden = model.hidden
+
+        def counted(idx, cache=None, hidden=hidden, ran=ran):
+            ran.append(idx.size(1))
+            return hidden(idx, cache)
+
+        model.hidden = counted
+        try:
+            events = run_jobs(engine, [dict(prompt=first, max_tokens=5, sampling=Sampling(0))])
+            engine.thread = threading.Thread(target=engine._loop, daemon=True)  # start it again
+            engine.stopping, ran[:] = False, []
+            events = run_jobs(engine, [dict(prompt=second, max_tokens=6, sampling=Sampling(0))])[0]
+        finally:
+            model.hidden = hidden
+        results[on] = ([e[1].id for e in events if e[0] == "token"], events[0], ran[0])
+    cached, fresh = results[True], results[False]
+    assert cached[1] == ("start", len(first) + len(reply) - 1)  # all the first sequence's cache holds
+    assert cached[2] == len(second) - cached[1][1] and fresh[1] == ("start", 0) and fresh[2] == len(second)
+    assert cached[0] == fresh[0]

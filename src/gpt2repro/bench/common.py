@@ -61,6 +61,8 @@ def table(rows: list[dict]) -> str:
     keys = [k for k, v in rows[0].items() if not isinstance(v, dict)]
 
     def fmt(v):
+        if v is None:  # a column another kind of row has
+            return ""
         if isinstance(v, float):
             return f"{v:,.4g}" if abs(v) < 1000 else f"{v:,.0f}"
         return str(v)
