@@ -70,7 +70,13 @@ def test_the_held_back_text_costs_linear_time_in_long_stop_strings(enc):
     assert stream.finish() and not stream.stopped
 
 
-def test_the_server_echoes_offsets_and_tokens_of_multibyte_text(run_dir, fast, enc):
+def _post(url: str, body: dict) -> bytes:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return r.read()
+
+
+def test_the_server_gives_offsets_and_tokens_of_multibyte_text_and_cuts_them_at_a_stop(run_dir, fast):
     pytest.importorskip("starlette", reason="the serve extra is not installed")
     from gpt2repro.checkpoint import load_model
     from gpt2repro.serve.app import create_app
@@ -78,13 +84,16 @@ def test_the_server_echoes_offsets_and_tokens_of_multibyte_text(run_dir, fast, e
 
     served = served_model(load_model(run_dir).eval(), "m", 2)
     text = TEXTS[0]
-    body = {"model": "m", "prompt": text, "echo": True, "logprobs": 0, "max_tokens": 0}
+    echo = {"model": "m", "prompt": text, "echo": True, "logprobs": 0, "max_tokens": 0}
+    greedy = {"model": "m", "prompt": "ROMEO:", "max_tokens": 16, "temperature": 0, "logprobs": 0}
     try:
         with ServerThread(create_app(served)) as s:
-            req = urllib.request.Request(s.url + "/v1/completions", json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"})  # fmt: skip
-            with urllib.request.urlopen(req, timeout=60) as r:
-                choice = json.loads(r.read())["choices"][0]
+            url = s.url + "/v1/completions"
+            choice = json.loads(_post(url, echo))["choices"][0]
+            full = json.loads(_post(url, greedy))["choices"][0]["text"]
+            stop = full[len(full) // 2 : len(full) // 2 + 2]
+            cut = json.loads(_post(url, {**greedy, "stop": [stop]}))["choices"][0]
+            lines = _post(url, {**greedy, "stop": [stop], "stream": True}).decode().splitlines()
     finally:
         served.engine.stop()
     mapped = fast(text, return_offsets_mapping=True)["offset_mapping"]
@@ -94,3 +103,11 @@ def test_the_server_echoes_offsets_and_tokens_of_multibyte_text(run_dir, fast, e
         choice["logprobs"]["tokens"]
     )
     assert torch.tensor(choice["logprobs"]["token_logprobs"][1:]).isfinite().all()
+    assert cut["text"] == full[: full.index(stop)] and cut["finish_reason"] == "stop"
+    assert "".join(cut["logprobs"]["tokens"]) == cut["text"]  # no token past the stop string
+    assert cut["logprobs"]["text_offset"] == [
+        sum(map(len, cut["logprobs"]["tokens"][:i])) for i in range(len(cut["logprobs"]["tokens"]))
+    ]
+    chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    streamed = [t for c in chunks for ch in c["choices"] if ch["logprobs"] for t in ch["logprobs"]["tokens"]]
+    assert streamed == cut["logprobs"]["tokens"]
