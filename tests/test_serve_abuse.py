@@ -241,3 +241,18 @@ def test_tokenize_detokenize_and_metrics(server, enc):
     assert samples[("gpt2repro_time_to_first_token_seconds_count", ())] >= 1
     assert samples[("gpt2repro_time_per_output_token_seconds_count", ())] >= 2
     assert ("gpt2repro_queue_length", ()) in samples and ("gpt2repro_running_slots", ()) in samples
+
+
+def test_the_host_names_a_server_answers_follow_its_address():
+    from gpt2repro.serve.guard import LOOPBACK_NAMES, allowed_hosts, hostname
+
+    assert allowed_hosts("127.0.0.1") == LOOPBACK_NAMES and allowed_hosts("localhost") == LOOPBACK_NAMES
+    assert allowed_hosts("192.168.1.5") == {"192.168.1.5"}
+    assert allowed_hosts("0.0.0.0") is None and allowed_hosts("127.0.0.1", ["*"]) is None
+    assert allowed_hosts("0.0.0.0", ["Box.Example."]) == LOOPBACK_NAMES | {"box.example"}
+    assert [hostname(h) for h in ("[::1]:8000", "::1", "LocalHost:80", "a.example.")] == [
+        "::1",
+        "::1",
+        "localhost",
+        "a.example",
+    ]

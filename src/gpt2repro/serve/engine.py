@@ -104,7 +104,8 @@ class Engine:
             self.wake.notify()
 
     def stats(self) -> dict:
-        waiting = sum(len(q) for q in list(self.waiting.values()))
+        with self.wake:
+            waiting = sum(len(q) for q in self.waiting.values())
         return {"running": len(self.running), "waiting": waiting, "slots": self.cache.slots}
 
     def stop(self) -> None:
