@@ -46,6 +46,7 @@ class Choice:
     tokens: int = 0
     finish: str | None = None
     last_token: float | None = None  # when its latest token came (time.perf_counter)
+    echo: list[Piece] | None = None  # the prompt's pieces, once built
 
 
 class Generation:
@@ -178,12 +179,14 @@ class Generation:
         return logprobs_object(pieces, self.served.token_str)
 
     def prompt_pieces(self, choice: Choice) -> list[Piece]:
-        """The echoed prompt's tokens: their text, offsets and (with logprobs) the engine's infos."""
-        pieces = pieces_of(choice.job.prompt, self.served.token_bytes)
-        infos = choice.prompt_infos or [TokenInfo(t) for t in choice.job.prompt]
-        for p, info in zip(pieces, infos):
-            p.payload = info
-        return pieces
+        """The echoed prompt's tokens: their text, offsets and (with logprobs) the engine's infos (which
+        come before the choice's first token)."""
+        if choice.echo is None:
+            choice.echo = pieces_of(choice.job.prompt, self.served.token_bytes)
+            infos = choice.prompt_infos or [TokenInfo(t) for t in choice.job.prompt]
+            for p, info in zip(choice.echo, infos):
+                p.payload = info
+        return choice.echo
 
     @staticmethod
     def _shifted(pieces: list[Piece], by: int) -> list[Piece]:
