@@ -22,7 +22,7 @@ LAYERS = [
         "jsonio",
     },
     {"assets"},
-    {"model", "ops", "kvcache", "tokenizer", "chat"},
+    {"model", "ops", "kvcache", "tokenizer", "chat", "sampling", "tokentext"},
     {
         "data.shards",
         "data.loader",
@@ -36,8 +36,8 @@ LAYERS = [
     {"optim", "muon", "checkpoint", "ckptdir", "sharded", "distributed", "parallelize", "mfu"},
     {"evals.hellaswag", "generate", "hf", "chat_session", "evals.chat"},
     {"train", "plan", "checkpointer", "metrics", "sft"},
-    {"evals.report", "evals.harness", "plot", "chat_cli", "serve.engine", "serve.protocol", "serve.text"}
-    | {"serve.generation", "serve.app", "serve.run"},
+    {"evals.report", "evals.harness", "plot", "chat_cli", "serve.engine", "serve.protocol"}
+    | {"serve.generation", "serve.guard", "serve.metrics", "serve.app", "serve.run"},
     {
         "bench.names",
         "bench.reference",

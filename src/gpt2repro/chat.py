@@ -11,8 +11,11 @@ each message between the start and end tokens of its role:
 
 Message text is encoded as ordinary text, exactly as transformers' tokenizer encodes the text between
 special tokens, so `render` and the template agree token for token. Text that spells a special token
-is refused: transformers would read it as that token, and a user could close a turn by typing it.
-A server (issue #24) calls `render(messages, add_generation_prompt=True)` and stops at `STOP_TOKENS`.
+is refused in what a user or system supplies: transformers would read it as that token, and a user
+could close a turn by typing it. A reply is where the model spoke: the terminal chat keeps its token
+ids, and the server (which gets replies back as text) reads a reply's text with `replies_as_text`,
+ordinary tokens whatever it spells, so a model that spelled `<|endoftext|>` never blocks the
+conversation. Where a reply ends is `sampling.ends_reply`, the same for every entry point.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ ASSISTANT_START, ASSISTANT_END = "<|assistant_start|>", "<|assistant_end|>"
 CHAT_TOKENS = (SYSTEM_START, SYSTEM_END, USER_START, USER_END, ASSISTANT_START, ASSISTANT_END)
 TOKEN_IDS = {token: EOT_ID + 1 + i for i, token in enumerate(CHAT_TOKENS)}
 ASSISTANT_START_ID, ASSISTANT_END_ID = TOKEN_IDS[ASSISTANT_START], TOKEN_IDS[ASSISTANT_END]
-STOP_TOKENS = frozenset({ASSISTANT_END_ID})  # a reply ends here (generation_config.json says so too)
 ROLES = {
     "system": (SYSTEM_START, SYSTEM_END),
     "user": (USER_START, USER_END),
@@ -93,9 +95,10 @@ def spelled_special(text: str) -> str | None:
     return next((s for s in SPECIAL_TEXT if s in text), None)
 
 
-def check(messages: Sequence[dict]) -> None:
+def check(messages: Sequence[dict], replies_as_text: bool = False) -> None:
     """Raise ChatError unless `messages` is a conversation: dicts with a known `role` and text
-    `content`, a system message only first, a user message before any reply."""
+    `content`, a system message only first, a user message before any reply; special-token text only
+    in replies, and there only with `replies_as_text`."""
     if not messages:
         raise ChatError("empty conversation (no messages)", "empty conversation")
     for i, message in enumerate(messages):
@@ -114,7 +117,7 @@ def check(messages: Sequence[dict]) -> None:
             what = "missing content" if content is None else f"content is {type(content).__name__}, not text"
             raise ChatError(f"message {i} ({role}): {what}", "missing content")
         spelled = spelled_special(content)
-        if spelled:
+        if spelled and not (replies_as_text and role == "assistant"):
             raise ChatError(
                 f"message {i} ({role}): the text contains the special token {spelled}", "special token text"
             )
@@ -125,11 +128,11 @@ def check(messages: Sequence[dict]) -> None:
 
 
 def render_with_mask(
-    messages: Sequence[dict], add_generation_prompt: bool = False
+    messages: Sequence[dict], add_generation_prompt: bool = False, replies_as_text: bool = False
 ) -> tuple[list[int], list[int]]:
     """The conversation's token ids and, aligned with them, 1 where training learns the token: the
     assistant's text and its end token; not the user's or system's, nor the tokens opening a turn."""
-    check(messages)
+    check(messages, replies_as_text)
     enc = get_tokenizer()
     ids, mask = [EOT_ID], [0]
     for message in messages:
@@ -144,10 +147,12 @@ def render_with_mask(
     return ids, mask
 
 
-def render(messages: Sequence[dict], add_generation_prompt: bool = False) -> list[int]:
+def render(
+    messages: Sequence[dict], add_generation_prompt: bool = False, replies_as_text: bool = False
+) -> list[int]:
     """The token ids of a conversation; with `add_generation_prompt`, opened for the assistant's reply
     (what transformers' `apply_chat_template` gives with the exported template)."""
-    return render_with_mask(messages, add_generation_prompt)[0]
+    return render_with_mask(messages, add_generation_prompt, replies_as_text)[0]
 
 
 def render_text(messages: Sequence[dict], add_generation_prompt: bool = False) -> str:

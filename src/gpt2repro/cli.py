@@ -98,7 +98,7 @@ def cmd_sample(args) -> None:
     device = pick_device(args.device)
     model = _load(args, device).to(torch_dtype(args.weight_dtype))
     for text in sample_text(
-        model, args.prompt, args.n, args.max_new_tokens, args.temperature, args.top_k, args.seed
+        model, args.prompt, args.n, args.max_new_tokens, args.temperature, args.top_k, args.seed, args.top_p
     ):
         print(f"> {text}")
 
@@ -109,7 +109,9 @@ def cmd_chat(args) -> None:
     from .precision import torch_dtype
 
     model = _load(args, pick_device(args.device)).to(torch_dtype(args.weight_dtype))
-    sampling = dict(max_new_tokens=args.max_new_tokens, top_k=args.top_k, temperature=args.temperature)
+    sampling = dict(
+        max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature
+    )
     run(model, args.message, args.system, seed=args.seed, **sampling)
 
 
@@ -123,10 +125,14 @@ def cmd_serve(args) -> None:
 
     uvicorn_module()  # the missing extra named before the model loads
     model = _load(args, pick_device(args.device))
-    served = served_model(model, model_name(args.checkpoint, args.hf), args.max_concurrency)
+    served = served_model(
+        model, model_name(args.checkpoint, args.hf), args.max_concurrency, not args.no_prefix_cache
+    )
     if args.api_key is None:
         print("gpt2repro serve: no --api-key: anyone who can reach the port can use it", file=sys.stderr)
-    serve(served, args.host, args.port, args.api_key, args.max_tokens_limit)
+    serve(
+        served, args.host, args.port, args.api_key, args.max_tokens_limit, args.allowed_host, args.cors_origin
+    )
 
 
 def cmd_export(args) -> None:

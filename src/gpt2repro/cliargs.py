@@ -93,10 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample text from a model")
     _add_model_source(p)
     p.add_argument("--prompt", default="Hello, I'm a language model,")
-    p.add_argument("-n", type=int, default=4)
+    p.add_argument("-n", type=int, default=4, help="samples; sample i is drawn with seed + i")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=50, help="0: no limit")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument(
         "--weight-dtype",
@@ -112,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--message", default=None, help="answer this once and exit (scripts)")
     p.add_argument("--system", default=None, help="a system message opening the conversation")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply at most")
-    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-k", type=int, default=50, help="0: no limit")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
     p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--weight-dtype", choices=DTYPE_NAMES, default="fp32", help="cast the weights themselves")
@@ -129,6 +131,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-tokens-limit", type=int, default=None, help="the largest max_tokens a request may ask"
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=None,
+        help="a Host name to answer besides the bound address (repeatable; '*': any). Default: the bound "
+        "address, with localhost names for a loopback one; any for 0.0.0.0",
+    )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=None,
+        help="an origin (scheme://host:port) whose web pages may call the API (repeatable; default: none)",
+    )
+    p.add_argument(
+        "--no-prefix-cache", action="store_true", help="re-run every prompt whole (no reuse of cached tokens)"
     )
 
     p = sub.add_parser("export", help="export a checkpoint to a Hugging Face transformers directory")

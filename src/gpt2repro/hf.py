@@ -211,12 +211,14 @@ def _export(model: GPT, out: Path) -> Path:
 
 
 def generation_config(config: GPTConfig) -> dict:
-    """A chat model's replies stop at the end of the assistant's turn (or at <|endoftext|>)."""
-    if not config.chat:
-        return {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "do_sample": True}
+    """Generation ends where every entry point of ours ends a reply (`sampling.ends_reply`): at
+    <|endoftext|> and, for a chat model, at any chat token."""
+    from .sampling import end_ids
+
+    ends = end_ids(config.vocab_size)
     return {
         "bos_token_id": EOT_ID,
-        "eos_token_id": [chat.ASSISTANT_END_ID, EOT_ID],
+        "eos_token_id": ends if len(ends) > 1 else ends[0],
         "pad_token_id": EOT_ID,
         "do_sample": True,
     }

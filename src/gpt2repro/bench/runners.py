@@ -41,9 +41,9 @@ PEAK_SIZES = (1024, 2048)
 
 def _bench_serve(size: str, repeats: int, device: torch.device) -> list[dict]:
     """Imported here: it needs the serve extra, which no other benchmark does."""
-    from .serving import bench_serve
+    from .serving import bench_serve, bench_serve_turns
 
-    return bench_serve(size, repeats, device)
+    return bench_serve(size, repeats, device) + bench_serve_turns(size, repeats, device)
 
 
 MEMORY_BATCH = 4  # sequences per step in `bench memory`: enough for activations to dominate

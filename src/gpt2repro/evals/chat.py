@@ -76,7 +76,7 @@ def adherence(model: GPT, data_dir, limit: int, max_new_tokens: int) -> tuple[in
         prompt = conversation[: conversation.index(chat.ASSISTANT_START_ID) + 1]
         if len(prompt) >= model.config.block_size:
             continue
-        ended += greedy_reply(model, prompt, max_new_tokens)[1]
+        ended += greedy_reply(model, prompt, max_new_tokens)[1] == chat.ASSISTANT_END_ID  # not any end
         tried += 1
     return ended, tried
 
