@@ -22,7 +22,8 @@ LAYERS = [
         "data.conversations",
     },
     {"optim", "muon", "checkpoint", "ckptdir", "sharded", "distributed", "parallelize", "mfu"},
-    {"evals.hellaswag", "generate", "hf", "chat_session", "evals.chat"},
+    {"evals.hellaswag", "generate", "hf", "chat_session", "evals.chat"}
+    | {"evals.packing", "evals.core_data", "evals.core"},
     {"train", "plan", "checkpointer", "metrics", "sft"},
     {"evals.report", "evals.harness", "plot", "chat_cli", "serve.engine", "serve.protocol", "serve.text"}
     | {"serve.generation", "serve.app", "serve.run"},
