@@ -285,4 +285,7 @@ def fetch_core_bundle(allow_download: bool = True) -> Path:
                 record_bundle(out, url, zip_sha256=digest)
         except zipfile.BadZipFile:
             raise AssetError(f"{url}: not a zip archive") from None
+        except FileExistsError:  # another process (a rank) published it first
+            if not (target / BUNDLE_MANIFEST).is_file():
+                raise
     return target

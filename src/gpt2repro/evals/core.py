@@ -28,12 +28,11 @@ from .. import precision
 from ..distributed import all_reduce_sum
 from ..model import GPT
 from ..tokenizer import get_tokenizer
-from .core_data import CoreError, Task
+from .core_data import GPT2_CORE, CoreError, Task
 from .packing import Tree, score_trees
 
 FEWSHOT_SEED = 1234
-# nanochat's measurements of OpenAI's GPT-2 (its "time to GPT-2" leaderboard's targets)
-GPT2_CORE = {"124M": 0.1139, "355M": 0.1849, "774M": 0.2146, "1.5B": 0.2565}
+__all__ = ["GPT2_CORE", "CoreError", "evaluate", "evaluate_task", "prepare"]
 
 
 @dataclass

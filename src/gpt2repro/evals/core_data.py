@@ -23,6 +23,8 @@ from ..errors import UserError
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 SHUFFLE_SEED = 1337
+# nanochat's measurements of OpenAI's GPT-2 (its "time to GPT-2" leaderboard's targets)
+GPT2_CORE = {"124M": 0.1139, "355M": 0.1849, "774M": 0.2146, "1.5B": 0.2565}
 # each task type's fields: the name, and whether it is a list of strings
 FIELDS = {
     "multiple_choice": {"query": False, "choices": True, "gold": None},
