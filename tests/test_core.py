@@ -345,7 +345,12 @@ def test_two_ranks_give_the_single_process_results(models, bundle_dir, tmp_path)
         out = tmp_path / f"{nproc}.json"
         argv = [*common, "--json", str(out), "--predictions", str(tmp_path / f"{nproc}.jsonl")]
         proc = subprocess.run(
-            command(*argv, nproc=nproc), capture_output=True, text=True, timeout=600, cwd=ROOT, env=subprocess_env()
+            command(*argv, nproc=nproc),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=ROOT,
+            env=subprocess_env(),
         )
         assert proc.returncode == 0, proc.stderr
         outs[nproc] = json.loads(out.read_text())

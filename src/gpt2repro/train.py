@@ -31,7 +31,6 @@ from .distributed import (
     teardown,
 )
 from .evals import core, hellaswag
-from .evals.core_data import load_bundle
 from .fsio import WriteError, atomic_write_text
 from .generate import prompt_tokens, sample_text
 from .metrics import MetricsLogger
@@ -85,7 +84,11 @@ class Trainer:
         self.val_loader = self._loader(data_dir, "val") if cfg.val_every else None
         examples = hellaswag.load_examples(limit=cfg.hellaswag_limit or None) if cfg.hellaswag_every else []
         self.hellaswag = (examples, [hellaswag.render(e, cfg.hellaswag_style) for e in examples])
-        self.core = self._core_tasks() if cfg.core_every else None
+        self.core = (
+            core.Suite.load(cfg.core_bundle, cfg.core_max_per_task, cfg.model.block_size, info)
+            if cfg.core_every
+            else None
+        )
         if cfg.sample_every:  # a prompt that cannot be sampled fails now, not after the first steps
             prompt_tokens(cfg.sample_prompt, cfg.model.block_size)
         self.raw, self.model = build_model(cfg, info, plan.dtype, plan.compile, plan.pretrained)
@@ -99,19 +102,6 @@ class Trainer:
         self.start_step, self.started = 0, time.time()
         self.peak = Peak(self.device, plan.dtype, info.world_size)  # for MFU
         self.flops_per_step = self.raw.flops_per_token(cfg.seq_len) * cfg.total_batch_size
-
-    def _core_tasks(self) -> tuple[list, dict[str, list]]:
-        """The CORE tasks, and this rank's share of each one's items tokenized once for the run."""
-        cfg, info = self.cfg, self.info
-        bundle = load_bundle(cfg.core_bundle or None, None, cfg.core_max_per_task)
-        if info.is_main:
-            for note in bundle.notes:
-                print(f"[gpt2repro] CORE: {note}")
-        prepared = {
-            t.label: [core.prepare(t, i, cfg.model.block_size) for i in range(info.rank, len(t.items), info.world_size)]
-            for t in bundle.tasks
-        }
-        return bundle.tasks, prepared
 
     def _verify_data(self, data_dir: Path) -> None:
         """Every rank hashes its share of the shards; any problem on any rank stops all of them."""
@@ -341,26 +331,12 @@ class Trainer:
         return result["acc_norm"]
 
     def eval_core(self, step: int) -> float:
-        """CORE over this run's tasks in the training's autocast dtype, sharded over the ranks."""
-        tasks, prepared = self.core
-        info, results = self.info, {}
-        for t in tasks:
-            results[t.label] = core.evaluate_task(
-                self.raw,
-                t,
-                self.device,
-                info.rank,
-                info.world_size,
-                dtype=self.plan.dtype,
-                lockstep=self.cfg.fsdp,
-                prepared=prepared[t.label],
-            )
-        score = core.core_metric(results)
-        n = sum(r["n"] for r in results.values())
-        reference = ", ".join(f"{size} {v:.4f}" for size, v in core.GPT2_CORE.items())
-        self.logger.print(f"step {step:6d} | CORE {score:.4f} ({len(tasks)} tasks, {n} items; GPT-2 {reference})")
-        self.logger.log("core", step, core=score, n=n, centered={k: r["centered"] for k, r in results.items()})
-        return score
+        """CORE over the run's tasks in the training's autocast dtype, sharded over the ranks."""
+        result = self.core.evaluate(self.raw, self.device, self.plan.dtype, lockstep=self.cfg.fsdp)
+        self.logger.print(f"step {step:6d} | {core.summary(result)}")
+        centered = {k: r["centered"] for k, r in result["tasks"].items()}
+        self.logger.log("core", step, core=result["core"], n=result["n"], centered=centered)
+        return result["core"]
 
     def should_stop(self, stop: StopFlag) -> StopReason | None:
         """A reason to stop now, agreed by all ranks (any rank's signal stops every rank)."""

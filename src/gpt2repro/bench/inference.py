@@ -178,6 +178,8 @@ def bench_core(size: str, repeats: int, device: torch.device, n_items: int = 16)
 
     n = sum(len(t.items) for t in tasks)
     reference = one_at_a_time("fp32")
+    if batched("fp32") != reference:
+        raise RuntimeError("batched and one-at-a-time CORE verdicts differ")
     rows = []
     for method, run in (("batched", batched), ("one-at-a-time", one_at_a_time)):
         for dtype in bench_dtypes():

@@ -25,14 +25,13 @@ from dataclasses import dataclass
 import torch
 
 from .. import precision
-from ..distributed import all_reduce_sum
+from ..distributed import DistInfo, all_reduce_sum
 from ..model import GPT
 from ..tokenizer import get_tokenizer
-from .core_data import GPT2_CORE, CoreError, Task
+from .core_data import GPT2_CORE, CoreError, Task, load_bundle
 from .packing import Tree, score_trees
 
 FEWSHOT_SEED = 1234
-__all__ = ["GPT2_CORE", "CoreError", "evaluate", "evaluate_task", "prepare"]
 
 
 @dataclass
@@ -184,3 +183,47 @@ def evaluate(model: GPT, tasks: list[Task], **kw) -> dict:
     per task and CORE."""
     results = {t.label: evaluate_task(model, t, **kw) for t in tasks}
     return {"tasks": results, "core": core_metric(results)}
+
+
+def summary(result: dict) -> str:
+    """One line: CORE, what it covered, GPT-2's four scores."""
+    reference = ", ".join(f"{size} {v:.4f}" for size, v in GPT2_CORE.items())
+    return f"CORE {result['core']:.4f} ({len(result['tasks'])} tasks, {result['n']} items; GPT-2 {reference})"
+
+
+class Suite:
+    """The training loop's CORE: the tasks, and this rank's share of their items tokenized once."""
+
+    def __init__(self, tasks: list[Task], block_size: int, rank: int = 0, world_size: int = 1):
+        self.tasks, self.rank, self.world_size = tasks, rank, world_size
+        enc = get_tokenizer()
+        self.prepared = {
+            t.label: [prepare(t, i, block_size, enc) for i in range(rank, len(t.items), world_size)]
+            for t in tasks
+        }
+
+    @classmethod
+    def load(cls, bundle: str, max_per_task: int, block_size: int, info: DistInfo) -> Suite:
+        """The bundle's tasks (its path, or '' for the cached download); the main rank prints its notes."""
+        loaded = load_bundle(bundle or None, None, max_per_task)
+        if info.is_main:
+            for note in loaded.notes:
+                print(f"[gpt2repro] CORE: {note}")
+        return cls(loaded.tasks, block_size, info.rank, info.world_size)
+
+    def evaluate(self, model: GPT, device: torch.device, dtype: str, lockstep: bool = False) -> dict:
+        """{tasks, core, n} over the ranks (each calls this with its share)."""
+        results = {
+            t.label: evaluate_task(
+                model,
+                t,
+                device,
+                self.rank,
+                self.world_size,
+                dtype=dtype,
+                lockstep=lockstep,
+                prepared=self.prepared[t.label],
+            )
+            for t in self.tasks
+        }
+        return {"tasks": results, "core": core_metric(results), "n": sum(r["n"] for r in results.values())}

@@ -173,7 +173,7 @@ def load_bundle(
         name = f"eval_data/{entry['dataset_uri']}"
         _items(task, _read(root, name, manifest), str(root / name))
         _subsample(task, max_per_task, str(root / name))
-    if max_per_task:
+    if any(len(t.items) < t.total for t in chosen):
         notes.append(
             f"at most {max_per_task} items per task (nanochat's shuffle, seed {SHUFFLE_SEED}): not the full metric"
         )
