@@ -83,6 +83,20 @@ def lm_rows(n):
     return rows
 
 
+def learnable_rows(n):
+    """A line's first words; the choices are the rest of the line and letters drawn at random (a
+    model trained on Tiny Shakespeare soon tells them apart: CORE rises within a few steps)."""
+    rng = random.Random(1)
+    rows = []
+    for line in shakespeare_lines()[200 : 200 + n]:
+        words = line.split()
+        junk = " ".join("".join(rng.choice("qxzjkvw") for _ in range(len(w))) for w in words[3:])
+        gold = rng.randrange(2)
+        choices = [junk, " ".join(words[3:])] if gold else [" ".join(words[3:]), junk]
+        rows.append({"query": " ".join(words[:3]), "choices": choices, "gold": gold})
+    return rows
+
+
 TASKS = [  # label, type, shots, delimiter, baseline, rows
     ("hs0", "multiple_choice", 0, " ", 25.0, lambda: hellaswag_rows(6)),
     ("hs3", "multiple_choice", 3, " ", 25.0, lambda: hellaswag_rows(8)),
@@ -357,3 +371,67 @@ def test_two_ranks_give_the_single_process_results(models, bundle_dir, tmp_path)
     assert outs[None]["tasks"] == outs[2]["tasks"] and outs[None]["core"] == outs[2]["core"]
     rows = [json.loads(line) for line in (tmp_path / "2.jsonl").read_text().splitlines()]
     assert len(rows) == sum(r["n"] for r in outs[2]["tasks"].values())
+
+
+def learnable_bundle(root):
+    return write_bundle(root, [("learn", "multiple_choice", 0, " ", 50.0, lambda: learnable_rows(12))])
+
+
+def slow_core(monkeypatch, seconds: float) -> None:
+    """Every CORE evaluation takes `seconds` longer, as a real one would."""
+    import time
+
+    evaluate = core.Suite.evaluate
+    monkeypatch.setattr(core.Suite, "evaluate", lambda *a, **k: (time.sleep(seconds), evaluate(*a, **k))[1])
+
+
+def check_target(run, target, free_dt):
+    """The run stopped at the first step whose CORE reached `target` and saved it; the recorded time
+    is the steps' training time (the train events' dt), none of the evaluations'."""
+    from helpers import events
+
+    from gpt2repro import checkpoint
+
+    cores = {e["step"]: e["core"] for e in events(run, "core")}
+    (hit,) = events(run, "target")
+    k = hit["step"]
+    assert hit["core"] == cores[k] >= target and all(cores[s] < target for s in cores if s < k)
+    assert max(cores) == k > 0 and checkpoint.latest(run).name == f"step_{k:08d}"
+    dts = {e["step"]: e["dt"] for e in events(run, "train")}
+    assert sorted(dts) == list(range(k))
+    assert sum(dts.values()) <= hit["seconds"] < sum(dts.values()) + free_dt
+    return k
+
+
+def test_target_core_stops_at_the_step_reached_timing_training_only(data_dir, tmp_path, monkeypatch):
+    from helpers import small_cfg
+
+    from gpt2repro import train as tr
+
+    slow_core(monkeypatch, 0.5)
+    bundle = learnable_bundle(tmp_path / "bundle")
+    cfg = small_cfg(
+        "max_steps=12", "core_every=1", f"core_bundle={bundle}", "target_core=0.5", "ckpt_every=100"
+    )
+    summary = tr.train(cfg, data_dir, tmp_path / "run")
+    k = check_target(tmp_path / "run", 0.5, free_dt=0.5)
+    assert summary["step"] == k and summary["core"] >= 0.5
+
+
+def test_time_to_target_core_is_kept_across_a_resume(data_dir, tmp_path, monkeypatch):
+    """Preempted after the first step, resumed: the time to the target counts both processes'
+    training steps (the clock is in the checkpoint), and still no evaluation."""
+    from helpers import small_cfg, stop_after
+
+    from gpt2repro import train as tr
+
+    slow_core(monkeypatch, 0.5)
+    bundle = learnable_bundle(tmp_path / "bundle")
+    cfg = small_cfg(
+        "max_steps=12", "core_every=1", f"core_bundle={bundle}", "target_core=0.5", "ckpt_every=100"
+    )
+    with monkeypatch.context() as m:
+        stop_after(m, 1)
+        assert tr.train(cfg, data_dir, tmp_path / "run")["step"] == 1
+    tr.train(cfg, data_dir, tmp_path / "run")
+    assert check_target(tmp_path / "run", 0.5, free_dt=0.5) > 1

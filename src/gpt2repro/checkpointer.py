@@ -35,13 +35,15 @@ class Checkpointer:
     def __init__(self, run_dir: Path, cfg: TrainConfig, info: DistInfo, log: Callable[[str], None]):
         self.run_dir, self.cfg, self.info, self.log = run_dir, cfg, info, log
 
-    def restore(self, model: torch.nn.Module, optimizers: list, loader: DataLoader) -> tuple[int, str | None]:
+    def restore(
+        self, model: torch.nn.Module, optimizers: list, loader: DataLoader
+    ) -> tuple[int, str | None, dict]:
         """Load the checkpoint to resume from into model, optimizers, RNG and loader (every rank);
-        (the step to start at, that checkpoint's name). With none, a fresh start at step 0."""
+        (the step to start at, that checkpoint's name, its state). With none, a fresh start at step 0."""
         found = self._find()
         if found is None:
             self._start_fresh()
-            return 0, None
+            return 0, None, {}
         ckpt, state = found
         saved = checkpoint.read_config(ckpt)
         diffs = [k for k in RESUME_KEYS if getattr(saved, k) != getattr(self.cfg, k)]
@@ -54,7 +56,12 @@ class Checkpointer:
             loader.load_state_dict(state["loader"])
         except ValueError as e:
             raise TrainingError(f"cannot resume {ckpt}: {e}") from None
-        return state["step"], ckpt.name
+        if state["step"] > self.cfg.max_steps:  # before config.json is rewritten with the new value
+            raise TrainingError(
+                f"cannot resume {ckpt} at step {state['step']} with max_steps={self.cfg.max_steps}: "
+                f"set max_steps >= {state['step']}, or use a new run directory"
+            )
+        return state["step"], ckpt.name, state
 
     def _find(self) -> tuple[Path, dict] | None:
         """The checkpoint to resume from and its state, the same on every rank. FSDP's ranks share
@@ -121,14 +128,22 @@ class Checkpointer:
         self._barrier()
 
     def save(
-        self, step: int, model: torch.nn.Module, optimizers: list, loader: DataLoader, metrics: dict
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizers: list,
+        loader: DataLoader,
+        metrics: dict,
+        clock: dict,
     ) -> None:
         """Checkpoint after `step` steps. FSDP on several ranks: every rank writes its own shard
-        (`sharded`); otherwise every rank gathers (a no-op without FSDP), rank 0 writes."""
+        (`sharded`); otherwise every rank gathers (a no-op without FSDP), rank 0 writes. `clock`:
+        the loop's own state (training seconds, whether this step was evaluated)."""
         state = {
             "loader": loader.state_dict(),
             "world_size": self.info.world_size,
             "metrics": {k: v for k, v in metrics.items() if k != "val_step"},
+            **clock,
         }
         if self.cfg.fsdp and self.info.distributed:
             path = sharded.save(self.run_dir, step, model, optimizers, state, self.cfg, self.info)

@@ -227,6 +227,13 @@ class TrainConfig:
     )
     overwrite: bool = _key(False, "a fresh run (resume=never) may delete an earlier run's checkpoints")
     time_limit: float = _key(0.0, "seconds; > 0 stops with a checkpoint once spent (0: no limit)")
+    schedule_clock: str = _key(
+        "steps",
+        "steps, or time: schedule progress = max(step / max_steps, training seconds / time_budget)",
+    )
+    time_budget: float = _key(
+        0.0, "schedule_clock=time: training seconds (evaluation and checkpoints excluded) the schedule spans"
+    )
     # systems
     device: str = _key("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     dtype: str = _key(
@@ -275,6 +282,8 @@ class TrainConfig:
                 "dtype=fp16 with fsdp=true is not supported: the gradient scaler would see only this rank's "
                 "shard of the gradients; use bf16 (or fp32)"
             )
+        if self.schedule_clock == "time" and not self.time_budget:
+            raise ConfigError("schedule_clock=time needs time_budget > 0 (seconds)", "time_budget")
         if self.target_val_loss and not self.val_every:
             raise ConfigError("target_val_loss needs validation: set val_every > 0", "target_val_loss")
         if self.target_core and not self.core_every:
@@ -290,6 +299,18 @@ class TrainConfig:
                 "sample_every",
             )
         return self
+
+    def target_reached(self, step: int, metrics: dict) -> str | None:
+        """Which of `step`'s measurements (val_loss, core) reached its target, if one did."""
+        if (
+            self.target_val_loss
+            and metrics.get("val_step") == step
+            and metrics["val_loss"] <= self.target_val_loss
+        ):
+            return "val_loss"
+        if self.target_core and metrics.get("core_step") == step and metrics["core"] >= self.target_core:
+            return "core"
+        return None
 
     @property
     def muon_peak_lr(self) -> float:
@@ -330,6 +351,7 @@ CHOICES = {
     "hellaswag_style": ("completion", "harness"),
     "optimizer": ("adamw", "muon"),
     "schedule": ("cosine", "wsd"),
+    "schedule_clock": ("steps", "time"),
     "muon_ns_dtype": ("auto", "bf16", "fp32"),
 }
 RANGES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
@@ -366,5 +388,6 @@ RANGES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     "sample_tokens": (int, lambda v: v >= 0, "an integer >= 0"),
     "ckpt_every": COUNT,
     "time_limit": (float, lambda v: 0 <= v < math.inf, "seconds >= 0 (0 = no limit)"),
+    "time_budget": (float, lambda v: 0 <= v < math.inf, "seconds >= 0"),
     "log_every": COUNT,
 }

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import precision
+from ..config import TrainConfig
 from ..distributed import DistInfo, all_reduce_sum
 from ..model import GPT
 from ..tokenizer import get_tokenizer
@@ -195,7 +196,7 @@ class Suite:
     """The training loop's CORE: the tasks, and this rank's share of their items tokenized once."""
 
     def __init__(self, tasks: list[Task], block_size: int, rank: int = 0, world_size: int = 1):
-        self.tasks, self.rank, self.world_size = tasks, rank, world_size
+        self.tasks, self.rank, self.world_size, self.lockstep = tasks, rank, world_size, False
         enc = get_tokenizer()
         self.prepared = {
             t.label: [prepare(t, i, block_size, enc) for i in range(rank, len(t.items), world_size)]
@@ -203,13 +204,24 @@ class Suite:
         }
 
     @classmethod
-    def load(cls, bundle: str, max_per_task: int, block_size: int, info: DistInfo) -> Suite:
-        """The bundle's tasks (its path, or '' for the cached download); the main rank prints its notes."""
-        loaded = load_bundle(bundle or None, None, max_per_task)
+    def for_run(cls, cfg: TrainConfig, info: DistInfo) -> Suite:
+        """A training run's tasks (core_bundle, core_max_per_task); the main rank prints the notes."""
+        loaded = load_bundle(cfg.core_bundle or None, None, cfg.core_max_per_task)
         if info.is_main:
             for note in loaded.notes:
                 print(f"[gpt2repro] CORE: {note}")
-        return cls(loaded.tasks, block_size, info.rank, info.world_size)
+        suite = cls(loaded.tasks, cfg.model.block_size, info.rank, info.world_size)
+        suite.lockstep = cfg.fsdp  # FSDP: every forward pass is a collective
+        return suite
+
+    def run(self, step: int, model: GPT, device: torch.device, dtype: str, logger) -> dict:
+        """Evaluate at `step`, print the summary line and log a `core` event (a MetricsLogger);
+        {core, core_step}."""
+        result = self.evaluate(model, device, dtype, self.lockstep)
+        logger.print(f"step {step:6d} | {summary(result)}")
+        centered = {k: r["centered"] for k, r in result["tasks"].items()}
+        logger.log("core", step, core=result["core"], n=result["n"], centered=centered)
+        return {"core": result["core"], "core_step": step}
 
     def evaluate(self, model: GPT, device: torch.device, dtype: str, lockstep: bool = False) -> dict:
         """{tasks, core, n} over the ranks (each calls this with its share)."""
