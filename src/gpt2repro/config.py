@@ -207,7 +207,7 @@ class TrainConfig:
     )
     core_every: int = _key(0, "the CORE metric every N steps (0: never; needs the eval bundle)")
     core_max_per_task: int = _key(
-        500, "CORE items per task in the loop, nanochat's seeded subsample (0: all ~92k, not cheap)"
+        500, "CORE items per task in the loop, nanochat's seeded subsample (0: all ~91k, not cheap)"
     )
     core_bundle: str = _key("", "the CORE eval bundle directory ('': downloaded once into the cache)")
     target_core: float = _key(
