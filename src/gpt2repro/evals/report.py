@@ -167,6 +167,10 @@ def run_core(
     order = {t.label: i for i, t in enumerate(bundle.tasks)}
     details.sort(key=lambda d: (order[d["task"]], d["index"]))
     lines = "".join(json.dumps(d) + "\n" for d in details) if predictions else ""
+    for t in bundle.tasks:  # what each number was measured on, for the JSON
+        results["tasks"][t.label].update(
+            type=t.task_type, shots=t.num_fewshot, baseline=t.baseline, items=t.total
+        )
     results = {**results, "bundle": str(bundle.path), "notes": bundle.notes}
     write_outputs(
         [(json_out, json.dumps(results, indent=2), "the results"), (predictions, lines, "the predictions")]
