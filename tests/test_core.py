@@ -418,6 +418,11 @@ def test_target_core_stops_at_the_step_reached_timing_training_only(data_dir, tm
     summary = tr.train(cfg, data_dir, tmp_path / "run")
     k = check_target(tmp_path / "run", 0.5, free_dt=0.5)
     assert summary["step"] == k and summary["core"] >= 0.5
+    pytest.importorskip("matplotlib")
+    from gpt2repro.plot import plot_run
+
+    png = plot_run(tmp_path / "run").read_bytes()
+    assert int.from_bytes(png[16:20], "big") == 2100  # a third panel (7 inches at 100 dpi): CORE
 
 
 def test_time_to_target_core_is_kept_across_a_resume(data_dir, tmp_path, monkeypatch):
