@@ -134,8 +134,8 @@ def bench_hellaswag(size: str, repeats: int, device: torch.device, n_examples: i
 
 def core_bench_tasks(n_items: int) -> list:
     """CORE-shaped tasks from local data: HellaSwag validation rows as multiple choice, 0-shot and
-    10-shot (CORE's hellaswag_zeroshot and hellaswag), Tiny Shakespeare lines' last words as
-    language modeling (LAMBADA's shape, 0-shot)."""
+    10-shot (CORE's hellaswag_zeroshot and hellaswag; fewer shots below 11 items), Tiny Shakespeare
+    lines' last words as language modeling (LAMBADA's shape, 0-shot)."""
     from .. import assets
     from ..evals.core_data import Task
 
@@ -150,7 +150,7 @@ def core_bench_tasks(n_items: int) -> list:
     lines_of = list(range(1, n_items + 1))
     return [
         Task("hellaswag_zeroshot", "multiple_choice", 0, " ", 25.0, mc[:n_items], lines_of),
-        Task("hellaswag", "multiple_choice", 10, " ", 25.0, mc[:n_items], lines_of),
+        Task("hellaswag", "multiple_choice", min(10, n_items - 1), " ", 25.0, mc[:n_items], lines_of),
         Task("lambada_like", "language_modeling", 0, " ", 0.0, lm, lines_of),
     ]
 
