@@ -119,6 +119,9 @@ def test_demo_script_end_to_end(tmp_path):
     assert (tmp_path / "run" / "curves.png").is_file()
     assert (tmp_path / "hf" / "model.safetensors").is_file()
     assert "Hello, I'm a language model," in (tmp_path / "run" / "samples.txt").read_text()
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())  # the schedule fits the budget
+    assert cfg["schedule_clock"] == "time" and cfg["time_budget"] == 0.7 * 600 and cfg["time_limit"] == 0
+    assert "last LR" in result.stdout
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)  # a finished demo
     assert again.returncode == 0 and "already complete" in again.stdout
     summary = [line for line in result.stdout.splitlines() if "last val loss" in line]

@@ -32,6 +32,8 @@ from conftest import ROOT
 from gpt2repro.presets import train_config
 from gpt2repro.train import train
 
+pytestmark = pytest.mark.serial  # alone: timing bounds, or the machine's exact fingerprint
+
 GOLDEN = ROOT / "tests" / "golden_losses.json"
 COMMON = [
     "max_steps=12",

@@ -24,6 +24,8 @@ from gpt2repro.generate import generate  # noqa: E402
 from gpt2repro.serve.app import create_app  # noqa: E402
 from gpt2repro.serve.run import ServerThread, served_model  # noqa: E402
 
+pytestmark = pytest.mark.serial  # alone: timing bounds, or the machine's exact fingerprint
+
 MODEL = "test-model"
 SLOTS = 8
 

@@ -13,6 +13,8 @@ from gpt2repro.model import GPT
 from gpt2repro.serve.engine import Engine, Job
 from gpt2repro.serve.text import TextStream
 
+pytestmark = pytest.mark.serial  # alone: timing bounds, or the machine's exact fingerprint
+
 
 @pytest.fixture(scope="module")
 def model(tiny_config):
