@@ -34,7 +34,8 @@ LAYERS = [
         "data.records",
     },
     {"optim", "muon", "checkpoint", "ckptdir", "sharded", "distributed", "parallelize", "mfu"},
-    {"evals.hellaswag", "generate", "hf", "chat_session", "evals.chat"},
+    {"evals.hellaswag", "generate", "hf", "chat_session", "evals.chat"}
+    | {"evals.packing", "evals.core_data", "evals.core"},
     {"train", "plan", "checkpointer", "metrics", "sft"},
     {"evals.report", "evals.harness", "plot", "chat_cli", "serve.engine", "serve.protocol"}
     | {"serve.generation", "serve.guard", "serve.metrics", "serve.app", "serve.run"},

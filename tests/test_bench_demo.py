@@ -60,6 +60,18 @@ def test_bench_hellaswag_checks_predictions_agree(monkeypatch):
 
 
 @pytest.mark.slow
+def test_bench_core_checks_verdicts_agree():
+    shared_file("hellaswag_val.jsonl.gz")
+    rows = bench.bench_core("4x256", repeats=1, device=torch.device("cpu"), n_items=4)
+    assert [(r["method"], r["dtype"]) for r in rows] == [
+        (method, d) for method in ("batched", "one-at-a-time") for d in bench.bench_dtypes()
+    ]
+    first = {r["method"]: r for r in rows if r["dtype"] == "fp32"}
+    assert first["batched"]["same_verdicts"] == 1.0 == first["one-at-a-time"]["same_verdicts"]
+    assert all(r["items"] == 12 for r in rows)
+
+
+@pytest.mark.slow
 def test_bench_prepare_compares_workers():
     shared_file("tinyshakespeare.txt")
     rows = bench.bench_prepare(repeats=1)

@@ -149,7 +149,13 @@ def cmd_eval(args) -> None:
     info = setup(args.device)
     try:
         report.check_output_paths(args.json_out, getattr(args, "predictions", None))
+        bundle = _core_bundle(args) if args.task == "core" else None  # its errors before the model loads
         model = _load(args, info.device)
+        if bundle is not None:
+            report.run_core(
+                model, bundle, info, args.batch_size, args.autocast_dtype, args.json_out, args.predictions
+            )
+            return
         if args.task == "chat":
             report.run_chat(model, args.data, args.limit, args.max_new_tokens, args.batch_size, args.json_out)
             return
@@ -183,6 +189,15 @@ def cmd_eval(args) -> None:
         )
     finally:
         teardown()
+
+
+def _core_bundle(args):
+    from .evals.core_data import CoreError, load_bundle
+
+    if args.batch_size < 1:
+        raise CoreError(f"--batch-size must be at least 1, got {args.batch_size}")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    return load_bundle(args.bundle, tasks, args.max_per_task)
 
 
 def cmd_plot(args) -> None:

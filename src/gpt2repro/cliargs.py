@@ -173,6 +173,23 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--predictions", default=None, help="write per-example predictions (jsonl) here")
     h.add_argument("--verbose", action="store_true", help="print a few worked examples")
 
+    h = ev.add_parser("core", help="the CORE metric (DCLM's 22 tasks, nanochat's scoring) of a base model")
+    _add_model_source(h)
+    h.add_argument(
+        "--bundle",
+        default=None,
+        help="an eval bundle directory (core.yaml, eval_meta_data.csv, eval_data/); default: downloaded "
+        "once into the cache",
+    )
+    h.add_argument("--tasks", default=None, help="comma-separated task labels (default: all of core.yaml)")
+    h.add_argument(
+        "--max-per-task", type=int, default=0, help="items per task, nanochat's seeded subsample (0: all)"
+    )
+    h.add_argument("--batch-size", type=int, default=16, help="items per forward pass")
+    h.add_argument("--autocast-dtype", choices=DTYPE_NAMES, default="fp32")
+    h.add_argument("--json", dest="json_out", default=None, help="write the results here")
+    h.add_argument("--predictions", default=None, help="write per-item verdicts (jsonl) here")
+
     h = ev.add_parser("harness", help="any lm-evaluation-harness task (needs the eval extra)")
     _add_model_source(h)
     h.add_argument(

@@ -206,6 +206,16 @@ class TrainConfig:
     hellaswag_style: str = _key(
         "completion", "completion (build-nanogpt's scoring) or harness (lm-evaluation-harness's)"
     )
+    core_every: int = _key(0, "the CORE metric every N steps (0: never; needs the eval bundle)")
+    core_max_per_task: int = _key(
+        500, "CORE items per task in the loop, nanochat's seeded subsample (0: all ~91k, not cheap)"
+    )
+    core_bundle: str = _key("", "the CORE eval bundle directory ('': downloaded once into the cache)")
+    target_core: float = _key(
+        0.0,
+        "> 0: stop when CORE reaches it (GPT-2 1.5B: 0.2565), logging the training time to it "
+        "(evaluation excluded)",
+    )
     sample_every: int = _key(250, "samples every N steps (0: never)")
     sample_prompt: str = _key("Hello, I'm a language model,", "the prompt of the in-loop samples")
     sample_count: int = _key(4, "samples per sampling")
@@ -281,6 +291,8 @@ class TrainConfig:
             raise ConfigError("schedule_clock=time needs time_budget > 0 (seconds)", "time_budget")
         if self.target_val_loss and not self.val_every:
             raise ConfigError("target_val_loss needs validation: set val_every > 0", "target_val_loss")
+        if self.target_core and not self.core_every:
+            raise ConfigError("target_core needs the CORE metric: set core_every > 0", "target_core")
         if self.val_every and not self.val_steps:
             raise ConfigError(
                 "val_steps=0 with val_every>0 would report a loss of nothing; set val_every=0 instead",
@@ -292,6 +304,18 @@ class TrainConfig:
                 "sample_every",
             )
         return self
+
+    def target_reached(self, step: int, metrics: dict) -> str | None:
+        """Which of `step`'s measurements (val_loss, core) reached its target, if one did."""
+        if (
+            self.target_val_loss
+            and metrics.get("val_step") == step
+            and metrics["val_loss"] <= self.target_val_loss
+        ):
+            return "val_loss"
+        if self.target_core and metrics.get("core_step") == step and metrics["core"] >= self.target_core:
+            return "core"
+        return None
 
     @property
     def muon_peak_lr(self) -> float:
@@ -359,6 +383,10 @@ RANGES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     "val_steps": (int, lambda v: v >= 0, "an integer >= 0"),
     "hellaswag_every": COUNT,
     "hellaswag_limit": (int, lambda v: v >= 0, "an integer >= 0 (0 = all examples)"),
+    "core_every": COUNT,
+    "core_max_per_task": (int, lambda v: v >= 0, "an integer >= 0 (0 = all items)"),
+    "core_bundle": (str, lambda v: True, "a directory ('' = the cached download)"),
+    "target_core": (float, lambda v: 0 <= v <= 1, "a CORE score in [0, 1] (0 = none)"),
     "sample_every": COUNT,
     "sample_prompt": (str, lambda v: True, "a string"),
     "sample_count": (int, lambda v: v >= 0, "an integer >= 0"),

@@ -30,7 +30,7 @@ from .distributed import (
     setup,
     teardown,
 )
-from .evals import hellaswag
+from .evals import core, hellaswag
 from .fsio import WriteError, atomic_write_text
 from .generate import prompt_tokens, sample_text
 from .metrics import MetricsLogger
@@ -44,7 +44,7 @@ from .precision import autocast, enable_tf32, slow_dtype_warning, tf32_enabled
 class StopReason(enum.Enum):
     SIGNAL = "signal"  # preempted: checkpoint at once, no evaluation
     TIME_LIMIT = "time limit"
-    TARGET = "target val loss reached"
+    TARGET = "target reached"
     SCHEDULE_END = "time budget spent: the schedule is complete"
 
 
@@ -86,6 +86,7 @@ class Trainer:
         self.val_loader = self._loader(data_dir, "val") if cfg.val_every else None
         examples = hellaswag.load_examples(limit=cfg.hellaswag_limit or None) if cfg.hellaswag_every else []
         self.hellaswag = (examples, [hellaswag.render(e, cfg.hellaswag_style) for e in examples])
+        self.core = core.Suite.for_run(cfg, info) if cfg.core_every else None  # CORE, tokenized once
         if cfg.sample_every:  # a prompt that cannot be sampled fails now, not after the first steps
             prompt_tokens(cfg.sample_prompt, cfg.model.block_size)
         self.raw, self.model = build_model(cfg, info, plan.dtype, plan.compile, plan.pretrained)
@@ -180,16 +181,16 @@ class Trainer:
         return None
 
     def _reached_target(self, step: int, metrics: dict) -> bool:
-        """Whether this step's validation reached target_val_loss (logged once, as it ends the run)."""
-        target, val = self.cfg.target_val_loss, metrics.get("val_loss")
-        if not target or val is None or val > target or metrics.get("val_step") != step:
+        """Whether this step reached target_val_loss or target_core (logged once, as it ends the run)."""
+        key = self.cfg.target_reached(step, metrics)
+        if key is None:
             return False
         tokens, seconds = step * self.cfg.total_batch_size, self.train_seconds
         self.logger.print(
-            f"[gpt2repro] target val loss {target} reached at step {step}: {tokens:,} tokens, "
+            f"[gpt2repro] target {key} {getattr(self.cfg, 'target_' + key)} reached at step {step}: {tokens:,} tokens, "
             f"{seconds:.1f}s of training (evaluation excluded)"
         )
-        self.logger.log("target", step, val_loss=val, tokens=tokens, seconds=seconds)
+        self.logger.log("target", step, **{key: metrics[key]}, tokens=tokens, seconds=seconds)
         return True
 
     def resume(self) -> int:
@@ -302,13 +303,16 @@ class Trainer:
             self.logger.log("val", step, loss=out["val_loss"])
         hellaswag_due = self.hellaswag[0] and _due(step, last, cfg.hellaswag_every)
         sample_due = cfg.sample_every and step > 0 and _due(step, last, cfg.sample_every)
-        if not (hellaswag_due or sample_due):
+        core_due = self.core is not None and _due(step, last, cfg.core_every)
+        if not (hellaswag_due or sample_due or core_due):
             return out
-        # both call the raw model's parts directly, past FSDP's hooks; eagerly: FSDP's blocks are
+        # each calls the raw model's parts directly, past FSDP's hooks; eagerly: FSDP's blocks are
         # compiled for training (a KV cache does not fit their full graph; HellaSwag's lengths vary)
         with full_parameters(self.raw), torch.compiler.set_stance("force_eager"):
             if hellaswag_due:
                 out["hellaswag_acc_norm"] = self.eval_hellaswag(step)
+            if core_due:
+                out.update(self.core.run(step, self.raw, self.device, self.plan.dtype, self.logger))
             if sample_due:
                 self.logger.sample(step, self.samples())
         return out

@@ -31,7 +31,7 @@ from ..model import GPT
 from ..precision import autocast, enable_tf32, torch_dtype
 from .chat import bench_chat
 from .common import BenchError, bench_dtypes, machine_info, size_config, table
-from .inference import bench_generate, bench_hellaswag
+from .inference import bench_core, bench_generate, bench_hellaswag
 from .learn import bench_learn
 from .names import BASELINES, TRAIN_MODES, WHAT
 from .reference import HFWrapper, RefGPT
@@ -269,6 +269,7 @@ def run(
         "train": lambda: bench_train(size, mode, baseline, repeats, device),
         "generate": lambda: bench_generate(size, repeats, device),
         "hellaswag": lambda: bench_hellaswag(size, repeats, device),
+        "core": lambda: bench_core(size, repeats, device),
         "prepare": lambda: bench_prepare(repeats),
         "memory": lambda: bench_memory(size),
         "learn": lambda: bench_learn(**(learn or {})),
