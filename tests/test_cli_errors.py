@@ -119,9 +119,10 @@ def test_a_bom_jsonl_is_read(capsys, tmp_path):
 SAMPLE_CASES = [
     (["--prompt", "word" + " word" * 299], "the prompt is 300 tokens; this model's block_size is 256"),
     (["--prompt", ""], "the prompt is empty"),
-    (["-n", "0"], "n must be at least 1, got 0"),
-    (["--top-k", "0"], "top_k must be at least 1, got 0"),
-    (["--max-new-tokens", "-10"], "max_new_tokens must be at least 1, got -10"),
+    (["-n", "0"], "n and max_new_tokens must be at least 1, got 0 and 32"),
+    (["--top-k", "-2"], "top_k must be at least 0 (0: no limit), got -2"),
+    (["--top-p", "0"], "top_p must be above 0 and at most 1, got 0"),
+    (["--max-new-tokens", "-10"], "n and max_new_tokens must be at least 1, got 4 and -10"),
     (["--temperature", "-1"], "temperature must be a finite number >= 0, got -1.0"),
     (["--temperature", "inf"], "temperature must be a finite number >= 0, got inf"),
 ]
