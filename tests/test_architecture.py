@@ -33,7 +33,7 @@ LAYERS = [
         "data.conversations",
         "data.records",
     },
-    {"optim", "muon", "checkpoint", "ckptdir", "sharded", "distributed", "parallelize", "mfu"},
+    {"optim", "clock", "muon", "checkpoint", "ckptdir", "sharded", "distributed", "parallelize", "mfu"},
     {"evals.hellaswag", "generate", "hf", "chat_session", "evals.chat"}
     | {"evals.packing", "evals.core_data", "evals.core"},
     {"train", "plan", "checkpointer", "metrics", "sft"},

@@ -516,8 +516,27 @@ def test_lr_schedule_on_the_time_clock():
     assert schedule_position(20, 5.0, cfg) == 20  # the steps are further: they count
     assert schedule_position(20, 25.0, cfg) == 50  # half the budget spent: halfway, whatever the step
     assert lr_at(schedule_position(3, 50.0, cfg), cfg) == pytest.approx(cfg.max_lr * cfg.min_lr_ratio)
-    with pytest.raises(ConfigError, match="schedule_clock=time needs time_budget > 0"):
-        train_config("cpu-tiny", ["schedule_clock=time"]).validate()
+    for alone in ("schedule_clock=time", "time_budget=60"):  # either without the other would be ignored
+        with pytest.raises(ConfigError, match="schedule_clock=time and time_budget > 0"):
+            train_config("cpu-tiny", [alone]).validate()
+    # the clock moves the schedule by fractions of a step: warmup never passes max_lr
+    lrs = [lr_at(schedule_position(0, t / 10, cfg), cfg) for t in range(100)]
+    assert max(lrs) == cfg.max_lr  # reached, never passed
+
+
+def test_the_training_clock_counts_training_only():
+    from gpt2repro.clock import TrainingClock
+
+    cfg = train_config("cpu-tiny", ["schedule_clock=time", "time_budget=10"])
+    clock = TrainingClock(cfg, DistInfo(0, 0, 1, torch.device("cpu")), torch.device("cpu"))
+    clock.tick(30.0, compiling=True)  # the step that compiled the model: not training time
+    clock.tick(4.0, compiling=False)
+    assert clock.state() == {"train_seconds": 4.0, "last_seconds": 4.0} and not clock.spent()
+    clock.tick(3.0, compiling=False)
+    assert clock.spent() and clock.left() == 3.0  # another 3 s step would pass the budget
+    again = TrainingClock(cfg, DistInfo(0, 0, 1, torch.device("cpu")), torch.device("cpu"))
+    again.load(clock.state())
+    assert again.spent()
 
 
 class _HostClock:
@@ -561,6 +580,9 @@ def test_a_host_that_slows_down_still_finishes_the_schedule_inside_its_budget(
     assert summary["train_seconds"] <= budget  # inside the budget
     min_lr, max_lr = cfg.max_lr * cfg.min_lr_ratio, cfg.max_lr
     assert steps[-1]["lr"] < min_lr + 0.05 * (max_lr - min_lr)  # the decay ran to (nearly) its end
+    finished = checkpoint.latest(tmp_path).name
+    tr.train(cfg, data_dir, tmp_path)  # run again: the schedule is complete, nothing more is trained
+    assert len(events(tmp_path, "train")) == len(steps) and checkpoint.latest(tmp_path).name == finished
     lrs = [r["lr"] for r in steps]
     peak = lrs.index(max(lrs))
     assert 0 < peak < len(lrs) - 1 and lrs[:peak] == sorted(lrs[:peak])

@@ -287,8 +287,8 @@ class TrainConfig:
                 "dtype=fp16 with fsdp=true is not supported: the gradient scaler would see only this rank's "
                 "shard of the gradients; use bf16 (or fp32)"
             )
-        if self.schedule_clock == "time" and not self.time_budget:
-            raise ConfigError("schedule_clock=time needs time_budget > 0 (seconds)", "time_budget")
+        if (self.schedule_clock == "time") != bool(self.time_budget):
+            raise ConfigError("schedule_clock=time and time_budget > 0 (seconds) go together", "time_budget")
         if self.target_val_loss and not self.val_every:
             raise ConfigError("target_val_loss needs validation: set val_every > 0", "target_val_loss")
         if self.target_core and not self.core_every:

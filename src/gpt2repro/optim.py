@@ -87,8 +87,8 @@ def lr_at(step: float, cfg: TrainConfig) -> float:
     wsd_decay_fraction of the steps: `wsd`) from max_lr down to min_lr_ratio * max_lr. `step` may
     be fractional (`schedule_position`)."""
     min_lr = cfg.max_lr * cfg.min_lr_ratio
-    if step < cfg.warmup_steps:
-        return cfg.max_lr * (step + 1) / cfg.warmup_steps
+    if step < cfg.warmup_steps:  # (a fractional step past warmup_steps - 1 would overshoot: capped)
+        return cfg.max_lr * min(1.0, (step + 1) / cfg.warmup_steps)
     if step >= cfg.max_steps:
         return min_lr
     if cfg.schedule == "wsd":

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .checkpointer import Checkpointer, TrainingError, run_lock
+from .clock import TrainingClock
 from .config import TrainConfig
 from .data.loader import DataLoader
 from .data.shards import ShardError, manifest_sources, verify_shards
@@ -35,7 +36,7 @@ from .fsio import WriteError, atomic_write_text
 from .generate import prompt_tokens, sample_text
 from .metrics import MetricsLogger
 from .mfu import Peak, synchronize
-from .optim import build_optimizer, configure, lr_at, schedule_position, set_lr
+from .optim import build_optimizer, configure, lr_at, set_lr
 from .parallelize import build_model
 from .plan import Plan, resolve
 from .precision import autocast, enable_tf32, slow_dtype_warning, tf32_enabled
@@ -100,8 +101,10 @@ class Trainer:
         self.start_step, self.started = 0, time.time()
         # the schedule's clock: seconds spent in train_step (evaluation and checkpoints excluded),
         # kept in every checkpoint; `evaluated`: whether the resumed step's evaluation already ran
-        self.train_seconds, self.evaluated = 0.0, True
-        self.last_seconds = 0.0  # the last step's duration: will the next one fit in time_budget?
+        self.clock, self.evaluated = (
+            TrainingClock(cfg, info, self.device),
+            True,
+        )  # evaluated: the resumed step
         self.peak = Peak(self.device, plan.dtype, info.world_size)  # for MFU
         self.flops_per_step = self.raw.flops_per_token(cfg.seq_len) * cfg.total_batch_size
 
@@ -170,22 +173,17 @@ class Trainer:
             )
         elif reason is not None:
             self.logger.print(f"[gpt2repro] finished at step {step} ({reason.value})")
-        return {"step": step, "train_seconds": self.train_seconds, **metrics}
+        return {"step": step, "train_seconds": self.clock.train_seconds, **metrics}
 
     def _schedule_end(self) -> StopReason | None:
-        """schedule_clock=time: the schedule ends once one more step as long as the last would run
-        past time_budget, so the run ends inside it (every rank agrees: `_agreed_seconds`)."""
-        cfg = self.cfg
-        if cfg.schedule_clock == "time" and self.train_seconds + self.last_seconds >= cfg.time_budget:
-            return StopReason.SCHEDULE_END
-        return None
+        return StopReason.SCHEDULE_END if self.clock.spent() else None
 
     def _reached_target(self, step: int, metrics: dict) -> bool:
         """Whether this step reached target_val_loss or target_core (logged once, as it ends the run)."""
         key = self.cfg.target_reached(step, metrics)
         if key is None:
             return False
-        tokens, seconds = step * self.cfg.total_batch_size, self.train_seconds
+        tokens, seconds = step * self.cfg.total_batch_size, self.clock.train_seconds
         self.logger.print(
             f"[gpt2repro] target {key} {getattr(self.cfg, 'target_' + key)} reached at step {step}: {tokens:,} tokens, "
             f"{seconds:.1f}s of training (evaluation excluded)"
@@ -198,7 +196,7 @@ class Trainer:
         to start at. Writes the resolved config.json and prints what is about to run."""
         cfg, info, plan = self.cfg, self.info, self.plan
         start, name, state = self.checkpoints.restore(self.raw, self.optimizers, self.train_loader)
-        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.clock.load(state)
         self.evaluated = bool(state.get("evaluated", True))  # (checkpoints before this key: evaluated)
         configure(self.optimizers, cfg, self.device)  # this config's hyperparameters, not the saved ones
         if not info.is_main:
@@ -254,7 +252,7 @@ class Trainer:
         loss = self.forward_backward()
         if not math.isfinite(loss) or loss > self.divergence_loss:
             self._diverged(step, f"loss is {loss}", blame_checkpoint=True)
-        lr = lr_at(schedule_position(step, self.train_seconds, self.cfg), self.cfg)
+        lr = lr_at(self.clock.position(step), self.cfg)
         set_lr(self.optimizers, lr)
         norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
@@ -269,23 +267,13 @@ class Trainer:
                 opt.step()
         synchronize(self.device)  # only for honest timing
         dt = time.time() - t0
-        self.last_seconds = self._agreed_seconds(dt)
-        self.train_seconds += self.last_seconds
+        self.clock.tick(dt, compiling=self.plan.compile and step == self.start_step)
         tok_s = self.cfg.total_batch_size / dt
         mfu = self.peak.mfu(self.flops_per_step, dt)
-        done = step + 1 - self.start_step
-        eta = (time.time() - self.started) / done * (self.cfg.max_steps - step - 1)
-        if self.cfg.schedule_clock == "time":
-            eta = min(eta, self.cfg.time_budget - self.train_seconds)
+        eta = (time.time() - self.started) / (step + 1 - self.start_step) * (self.cfg.max_steps - step - 1)
+        eta = eta if self.clock.left() is None else min(eta, self.clock.left())
         stats = dict(loss=loss, lr=lr, grad_norm=norm, dt=dt, tok_per_s=tok_s, mfu=mfu, eta_s=eta)
-        return {**stats, "train_seconds": self.train_seconds}
-
-    def _agreed_seconds(self, dt: float) -> float:
-        """A step's duration for the schedule's clock: the ranks' mean under schedule_clock=time,
-        so every rank takes the same LR and stops at the same step."""
-        if self.cfg.schedule_clock != "time" or not self.info.distributed:
-            return dt
-        return all_reduce_sum([dt], self.device)[0] / self.info.world_size
+        return {**stats, "train_seconds": self.clock.train_seconds}
 
     def _diverged(self, step: int, what: str, blame_checkpoint: bool) -> None:
         """Stop before the update. When the weights at the start of `step` produced the divergence,
@@ -374,7 +362,7 @@ class Trainer:
         return StopReason.TIME_LIMIT if flags[1] else None
 
     def save(self, step: int, metrics: dict) -> None:
-        clock = {"train_seconds": self.train_seconds, "evaluated": self.evaluated}
+        clock = {**self.clock.state(), "evaluated": self.evaluated}
         self.checkpoints.save(step, self.raw, self.optimizers, self.train_loader, metrics, clock)
 
 
