@@ -244,12 +244,17 @@ def test_tokenize_detokenize_and_metrics(server, enc):
 
 
 def test_the_host_names_a_server_answers_follow_its_address():
-    from gpt2repro.serve.guard import LOOPBACK_NAMES, allowed_hosts, hostname
+    from gpt2repro.serve.guard import ANY_ADDRESS, LOOPBACK_NAMES, _answers, allowed_hosts, hostname
 
     assert allowed_hosts("127.0.0.1") == LOOPBACK_NAMES and allowed_hosts("localhost") == LOOPBACK_NAMES
     assert allowed_hosts("192.168.1.5") == {"192.168.1.5"}
-    assert allowed_hosts("0.0.0.0") is None and allowed_hosts("127.0.0.1", ["*"]) is None
-    assert allowed_hosts("0.0.0.0", ["Box.Example."]) == LOOPBACK_NAMES | {"box.example"}
+    assert allowed_hosts("127.0.0.1", ["*"]) is None
+    own = {socket.gethostname().lower(), socket.getfqdn().lower()}
+    assert allowed_hosts("0.0.0.0") == LOOPBACK_NAMES | own | {ANY_ADDRESS}
+    assert allowed_hosts("0.0.0.0", ["Box.Example."]) == LOOPBACK_NAMES | own | {ANY_ADDRESS, "box.example"}
+    # bound to every interface: IP addresses and this machine's names, not a rebound DNS name
+    every = allowed_hosts("0.0.0.0")
+    assert _answers(every, "10.1.2.3") and _answers(every, "::1") and not _answers(every, "evil.example")
     assert [hostname(h) for h in ("[::1]:8000", "::1", "LocalHost:80", "a.example.")] == [
         "::1",
         "::1",

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 
 from starlette.datastructures import Headers
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 WILDCARDS = frozenset({"", "0.0.0.0", "::"})
+ANY_ADDRESS = "<any IP address>"  # in a set of allowed hosts: every IP literal (no DNS name rebinds it)
 PREFLIGHT_HEADERS = "Authorization, Content-Type"
 
 
@@ -30,19 +32,30 @@ def hostname(host: str) -> str:
 
 def allowed_hosts(bound: str, extra: list[str] | None = None) -> frozenset[str] | None:
     """The Host names a server bound to `bound` answers (None: any). A loopback address answers its
-    loopback names; a wildcard address (every interface) any name unless `extra` lists them; `*` in
-    `extra` allows any."""
+    loopback names; a wildcard address (every interface) any IP address, the loopback names and this
+    machine's own names, plus `extra` (a DNS name of an attacker's, rebound to this machine, is not
+    among them); `*` in `extra` allows any."""
     extra = [hostname(h) if h != "*" else h for h in extra or []]
     if "*" in extra:
         return None
     name = hostname(bound)
     if name in WILDCARDS:
-        return frozenset(extra) | LOOPBACK_NAMES if extra else None
+        own = {socket.gethostname().lower(), socket.getfqdn().lower()}
+        return frozenset({*extra, *own, ANY_ADDRESS}) | LOOPBACK_NAMES
     try:
         loopback = name == "localhost" or ipaddress.ip_address(name).is_loopback
     except ValueError:
         loopback = False
     return frozenset({name, *extra}) | (LOOPBACK_NAMES if loopback else frozenset())
+
+
+def _answers(hosts: frozenset[str], name: str) -> bool:
+    if name in hosts:
+        return True
+    try:
+        return ANY_ADDRESS in hosts and bool(ipaddress.ip_address(name))
+    except ValueError:
+        return False
 
 
 def _error(status: int, message: str, code: str) -> tuple[int, bytes]:
@@ -61,7 +74,7 @@ class Guard:
     def refusal(self, scope) -> tuple[int, bytes] | None:
         headers = Headers(scope=scope)
         host = headers.get("host", "")
-        if self.hosts is not None and hostname(host) not in self.hosts:
+        if self.hosts is not None and not _answers(self.hosts, hostname(host)):
             return _error(
                 403, f"this server does not answer to the host {host!r} (see --allowed-host)", "invalid_host"
             )
