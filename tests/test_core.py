@@ -331,6 +331,44 @@ def test_malformed_item_names_file_and_line(tmp_path, row, message):
         core_data.load_bundle(root)
 
 
+def test_hostile_bundle_files_are_one_line(tmp_path):
+    """Nesting too deep for Python's parser, bytes that are not UTF-8, a baseline of 100% (centered
+    accuracy would divide by zero): each one line naming the file, never a traceback."""
+    root = write_bundle(tmp_path / "deep", TASKS[:1])
+    with open(root / "eval_data" / "fx" / "hs0.jsonl", "a") as f:
+        f.write("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(core_data.CoreError, match="hs0.jsonl:5: not valid JSON"):
+        core_data.load_bundle(root)
+    root = write_bundle(tmp_path / "latin", TASKS[:1])
+    (root / "eval_data" / "fx" / "hs0.jsonl").write_bytes(b'{"query": "caf\xe9"}\n')
+    with pytest.raises(core_data.CoreError, match="hs0.jsonl: not UTF-8 text"):
+        core_data.load_bundle(root)
+    certain = [("hs0", "multiple_choice", 0, " ", 100.0, lambda: hellaswag_rows(4))]
+    with pytest.raises(core_data.CoreError, match="a random baseline must be in"):
+        core_data.load_bundle(write_bundle(tmp_path / "certain", certain))
+
+
+def test_an_item_that_cannot_be_scored_stops_every_rank(monkeypatch):
+    """A rank whose share holds no bad item still raises (after the one all-reduce every rank
+    reaches), instead of going on into a collective the failing rank never joins."""
+    from gpt2repro import distributed
+    from gpt2repro.evals import core
+
+    task = core_data.Task("t", "language_modeling", 0, " ", 0.0)
+    task.items = [{"context": "a", "continuation": "b"}] * 2
+    calls = []
+
+    def prepare(task, index, block_size, enc):
+        if index == 0:  # rank 0's item
+            raise core_data.CoreError("item 0 does not fit")
+
+    monkeypatch.setattr(core, "prepare", prepare)
+    monkeypatch.setattr(distributed, "all_reduce_sum", lambda v, d: calls.append(v) or [1.0])  # rank 0 failed
+    with pytest.raises(core_data.CoreError, match="another rank names it"):
+        core.prepare_share([task], 64, rank=1, world_size=2)  # rank 1 holds item 1, which is fine
+    assert calls == [[0.0]]
+
+
 def test_cli_prints_the_table_with_gpt2_references(models, bundle_dir, tmp_path, capsys):
     out, preds = tmp_path / "core.json", tmp_path / "preds.jsonl"
     argv = ["eval", "core", "--hf", str(models[2]), "--bundle", str(bundle_dir), "--device", "cpu"]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import jsonio
 from ..errors import UserError
 from ..fsio import AtomicFile, sha256_file
 
@@ -157,8 +158,8 @@ def read_mask(shard: str | os.PathLike, count: int) -> np.ndarray:
 def manifest_sources(data_dir: str | Path) -> list[str]:
     """What a data directory was prepared from, as its manifest records it ([] without one)."""
     try:
-        args = json.loads((Path(data_dir) / "manifest.json").read_text()).get("args", {})
+        args = jsonio.loads((Path(data_dir) / "manifest.json").read_bytes()).get("args", {})
         found = args.get("sources") or [args.get("source")]
-    except (OSError, ValueError, AttributeError):
-        return []
+    except (OSError, jsonio.NotJSON, AttributeError):
+        return []  # (verify_data, or the loader, names what is wrong with the directory)
     return [str(s) for s in found if s] if isinstance(found, list) else []

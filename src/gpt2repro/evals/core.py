@@ -26,7 +26,7 @@ import torch
 
 from .. import precision
 from ..config import TrainConfig
-from ..distributed import DistInfo, all_reduce_sum
+from ..distributed import DistInfo, all_reduce_sum, stop_together
 from ..model import GPT
 from ..tokenizer import get_tokenizer
 from .core_data import GPT2_CORE, CoreError, Task, load_bundle
@@ -149,8 +149,7 @@ def evaluate_task(
     rank. `details` gets a record per item of this rank."""
     mine = list(range(rank, len(task.items), world_size))
     if prepared is None:
-        enc = get_tokenizer()
-        prepared = [prepare(task, i, model.config.block_size, enc) for i in mine]
+        prepared = prepare_share([task], model.config.block_size, rank, world_size, device)[task.label]
     most = math.ceil(math.ceil(len(task.items) / world_size) / batch_size) if lockstep else 0
     was_training = model.training
     model.eval()
@@ -192,16 +191,31 @@ def summary(result: dict) -> str:
     return f"CORE {result['core']:.4f} ({len(result['tasks'])} tasks, {result['n']} items; GPT-2 {reference})"
 
 
+def prepare_share(
+    tasks: list[Task], block_size: int, rank: int, world_size: int, device: torch.device | str = "cpu"
+) -> dict[str, list[Prepared]]:
+    """This rank's items of each task, tokenized (item i on rank i % world_size). An item that cannot
+    be scored stops every rank, its own error on the rank that holds it: none is left waiting."""
+    enc, error, share = get_tokenizer(), None, {}
+    try:
+        for t in tasks:
+            share[t.label] = [prepare(t, i, block_size, enc) for i in range(rank, len(t.items), world_size)]
+    except CoreError as e:
+        error = e
+    stop_together(
+        error, torch.device(device), CoreError("a CORE item cannot be scored (another rank names it)")
+    )
+    return share
+
+
 class Suite:
     """The training loop's CORE: the tasks, and this rank's share of their items tokenized once."""
 
-    def __init__(self, tasks: list[Task], block_size: int, rank: int = 0, world_size: int = 1):
-        self.tasks, self.rank, self.world_size, self.lockstep = tasks, rank, world_size, False
-        enc = get_tokenizer()
-        self.prepared = {
-            t.label: [prepare(t, i, block_size, enc) for i in range(rank, len(t.items), world_size)]
-            for t in tasks
-        }
+    def __init__(self, tasks: list[Task], block_size: int, info: DistInfo | None = None):
+        self.tasks, self.lockstep = tasks, False
+        self.rank, self.world_size = (info.rank, info.world_size) if info else (0, 1)
+        device = info.device if info else "cpu"
+        self.prepared = prepare_share(tasks, block_size, self.rank, self.world_size, device)
 
     @classmethod
     def for_run(cls, cfg: TrainConfig, info: DistInfo) -> Suite:
@@ -210,7 +224,7 @@ class Suite:
         if info.is_main:
             for note in loaded.notes:
                 print(f"[gpt2repro] CORE: {note}")
-        suite = cls(loaded.tasks, cfg.model.block_size, info.rank, info.world_size)
+        suite = cls(loaded.tasks, cfg.model.block_size, info)
         suite.lockstep = cfg.fsdp  # FSDP: every forward pass is a collective
         return suite
 

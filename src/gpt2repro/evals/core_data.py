@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import assets
+from .. import assets, jsonio
 from ..errors import UserError
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -73,7 +72,10 @@ def _manifest(root: Path, notes: list[str]) -> dict[str, str]:
 
 
 def _read(root: Path, name: str, manifest: dict[str, str]) -> str:
-    return assets.verify_bundle_file(root, name, manifest).read_text(encoding="utf-8")
+    try:
+        return assets.verify_bundle_file(root, name, manifest).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CoreError(f"{root / name}: not UTF-8 text") from None
 
 
 def _task_entry(entry, where: str, baselines: dict[str, float]) -> Task:
@@ -95,6 +97,8 @@ def _task_entry(entry, where: str, baselines: dict[str, float]) -> Task:
         )
     if label not in baselines:
         raise CoreError(f"{where}: task {label} has no row in eval_meta_data.csv")
+    if not 0 <= baselines[label] < 100:  # centered accuracy divides by 100 - baseline
+        raise CoreError(f"eval_meta_data.csv: task {label}: a random baseline must be in [0, 100) percent")
     return Task(label, kind, shots, delimiter, baselines[label])
 
 
@@ -104,9 +108,9 @@ def _items(task: Task, text: str, where: str) -> None:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CoreError(f"{where}:{lineno}: not valid JSON ({e.msg})") from None
+            row = jsonio.loads(line)
+        except jsonio.NotJSON as e:
+            raise CoreError(f"{where}:{lineno}: {e.problem}") from None
         _check_item(row, task.task_type, f"{where}:{lineno}")
         task.items.append(row)
         task.lines.append(lineno)
@@ -126,7 +130,7 @@ def _check_item(row, kind: str, where: str) -> None:
             ok = isinstance(value, str)
         if not ok:
             what = "an index into the options" if is_list is None else "strings" if is_list else "a string"
-            raise CoreError(f"{where}: field {name!r} must be {what}, got {value!r}")
+            raise CoreError(f"{where}: field {name!r} must be {what}, got {jsonio.shown(value)}")
 
 
 def load_bundle(
