@@ -23,12 +23,12 @@ $(VENV)/.installed: pyproject.toml
 # alone (timing bounds, the golden losses' exact machine fingerprint). Each pass must pass.
 PYTEST  := $(BIN)/python -m pytest -q
 test: venv
-	$(PYTEST) -n 2 -m "not serial"
+	$(PYTEST) -n 2 --dist worksteal -m "not serial"
 	$(PYTEST) -m serial
 
 # the developers' quick loop: everything but the multi-process, subprocess-heavy and long tests
 test-fast: venv
-	$(PYTEST) -n 2 -m "not slow and not serial"
+	$(PYTEST) -n 2 --dist worksteal -m "not slow and not serial"
 	$(PYTEST) -m "serial and not slow"
 
 lint: venv

@@ -98,8 +98,9 @@ def bench_train_steps(
     return rows
 
 
-def bench_prepare(repeats: int) -> list[dict]:
-    """Tokenization throughput with all cores vs one, on the same documents (WikiText-2 lines as documents)."""
+def bench_prepare(repeats: int, copies: int = 16) -> list[dict]:
+    """Tokenization throughput with all cores vs one, on the same documents (WikiText-2 lines as
+    documents, `copies` times over)."""
     mirror = assets.mirror_dir()
     sources = [mirror / "wikitext-2" / "valid.txt", mirror / "wikitext-2" / "test.txt"] if mirror else []
     if not sources or not all(p.is_file() for p in sources):
@@ -110,7 +111,7 @@ def bench_prepare(repeats: int) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "docs.jsonl"
-        src.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs * 16))
+        src.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs * copies))
         counts = tuple(dict.fromkeys((os.cpu_count() or 1, 1)))
         times: dict[int, list[float]] = {w: [] for w in counts}
         tokens = 0
