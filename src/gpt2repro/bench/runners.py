@@ -130,7 +130,7 @@ def bench_prepare(repeats: int, copies: int = 16) -> list[dict]:
             rows.append(
                 {
                     "workers": workers,
-                    "documents": len(docs) * 16,
+                    "documents": len(docs) * copies,
                     "tokens": tokens,
                     "s": dt,
                     "tok_per_s": tokens / dt,
