@@ -22,7 +22,7 @@ LAYERS = [
         "data.conversations",
     },
     {"optim", "muon", "checkpoint", "ckptdir", "sharded", "distributed", "parallelize", "mfu"},
-    {"evals.hellaswag", "generate", "hf", "chat_session", "evals.chat"},
+    {"evals.hellaswag", "generate", "hf", "gguf_export", "chat_session", "evals.chat"},
     {"train", "plan", "checkpointer", "metrics", "sft"},
     {"evals.report", "evals.harness", "plot", "chat_cli", "serve.engine", "serve.protocol", "serve.text"}
     | {"serve.generation", "serve.app", "serve.run"},
@@ -35,6 +35,7 @@ LAYERS = [
         "bench.chat",
         "bench.runners",
         "bench.serving",
+        "bench.llamacpp",
     },
     {"cli", "cliargs", "__main__"},
 ]
