@@ -95,10 +95,11 @@ def test_a_chat_model_exports_llama_cpps_gpt2_layout(chat_run_dir, tmp_path, cap
 def test_a_base_model_in_f16_and_q8_0(run_dir, tmp_path, capsys, outtype, matrix_type):
     reader = _export(capsys, run_dir, tmp_path / f"{outtype}.gguf", "--outtype", outtype)
     types = {t.name: t.tensor_type.name for t in reader.tensors}
-    assert {v for k, v in types.items() if k.endswith(("qkv.weight", "up.weight", "embd.weight"))} == {
+    assert {v for k, v in types.items() if k.endswith(("qkv.weight", "up.weight", "token_embd.weight"))} == {
         matrix_type
     }
     assert {v for k, v in types.items() if k.endswith((".bias", "norm.weight"))} == {"F32"}
+    assert types["position_embd.weight"] == {"f16": "F16", "q8_0": "F32"}[outtype]  # as llama.cpp quantizes
     file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
     assert _value(reader, "general.file_type") == file_type
     assert len(_value(reader, "tokenizer.ggml.tokens")) == 50257

@@ -133,7 +133,8 @@ def _tensors(model: GPT, outtype: str, gguf) -> list[tuple[str, np.ndarray, obje
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise HFError(f"{key}: no GGUF name for this weight in llama.cpp's gpt2 architecture")
-        out.append((name, *_encode(data.numpy(), outtype, gguf)))
+        kind = "f32" if name.startswith("position_embd") and outtype == "q8_0" else outtype
+        out.append((name, *_encode(data.numpy(), kind, gguf)))  # llama.cpp never quantizes positions
     return out
 
 
