@@ -142,3 +142,11 @@ def test_a_gguf_export_to_a_real_small_disk(run_dir, small_disk, capsys):  # noq
     argv = ["export", "--checkpoint", run_dir, "--format", "gguf", "--out", disk / "m.gguf"]
     assert_one_line_error(capsys, argv, "m.gguf: cannot write the GGUF export: not enough free space (")
     assert list(disk.iterdir()) == []
+
+
+def test_the_llama_cpp_baseline_errors(capsys, monkeypatch):
+    train = ["bench", "train", "--size", "4x256", "--baseline", "llama.cpp"]
+    assert_one_line_error(capsys, train, "--baseline llama.cpp is a decoding baseline")
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    generate = ["bench", "generate", "--size", "4x256", "--baseline", "llama.cpp", "--device", "cpu"]
+    assert_one_line_error(capsys, generate, "needs llama-cpp-python: pip install 'gpt2repro[gguf-check]'")

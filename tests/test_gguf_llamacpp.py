@@ -176,3 +176,18 @@ def test_a_chat_model_answers_through_llama_cpps_chat_completion(chat_run_dir, t
     assert llm.input_ids[: len(prompt)].tolist() == prompt
     assert reply["choices"][0]["message"]["content"] == ours.strip()
     assert reply["choices"][0]["finish_reason"] == "stop"  # at <|assistant_end|>, the end of the turn
+
+
+def test_bench_generate_against_llama_cpp_runs_both_engines(monkeypatch, capsys):
+    """`bench generate --baseline llama.cpp`, shrunk: both engines, both weight types, both rates."""
+    from gpt2repro.bench import common, llamacpp, runners
+
+    monkeypatch.setitem(common.SIZES, "2x64", (2, 64, 2, 1, 256))
+    monkeypatch.setattr(llamacpp, "PROMPT_TOKENS", 16)
+    monkeypatch.setattr(llamacpp, "NEW_TOKENS", 64)
+    rows = runners.run("generate", size="2x64", baseline="llama.cpp", repeats=1, device="cpu")["results"]
+    engines = [(r["engine"].split()[0], r["weights"]) for r in rows]
+    expected = [("gpt2repro", "fp32"), ("llama.cpp", "f32"), ("gpt2repro", "bf16"), ("llama.cpp", "f16")]
+    assert engines == expected[: len(engines)] and len(engines) in (2, 4)
+    assert all(r["prompt_tok_per_s"] > 0 and r["decode_tok_per_s"] > 0 for r in rows)
+    assert "decode_tok_per_s" in capsys.readouterr().out  # the table
