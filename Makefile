@@ -19,12 +19,17 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -e '.[dev,hf,data,plot,eval,serve]'
 	touch $@
 
+# Two passes: two pytest workers (one per core, pytest-xdist) for all but the `serial` tests, then those
+# alone (timing bounds, the golden losses' exact machine fingerprint). Each pass must pass.
+PYTEST  := $(BIN)/python -m pytest -q
 test: venv
-	$(BIN)/python -m pytest -q
+	$(PYTEST) -n 2 -m "not serial"
+	$(PYTEST) -m serial
 
 # the developers' quick loop: everything but the multi-process, subprocess-heavy and long tests
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -n 2 -m "not slow and not serial"
+	$(PYTEST) -m "serial and not slow"
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks scripts

@@ -158,7 +158,12 @@ def main() -> None:
     parser.add_argument("--base", default="runs/demo/run", help="the pretrained run (make demo's)")
     parser.add_argument("--base-seconds", type=float, default=480, help="its training budget if absent")
     parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps")
-    parser.add_argument("--seconds", type=float, default=300, help="fine-tuning time budget")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=300,
+        help="fine-tuning time budget (training seconds; the schedule fits it)",
+    )
     parser.add_argument("--limit", type=int, default=40, help="held-out conversations for adherence")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="a reply must end within this")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for the sft preset")
@@ -183,7 +188,7 @@ def main() -> None:
         [f"init_from={base}", f"seq_len={seq_len}", "micro_batch_size=8", f"total_batch_size={8 * seq_len}"]
         + [f"max_steps={args.steps}", "max_lr=1e-3", "warmup_steps=10", "val_every=25", "val_steps=2"]
         + ["sample_every=100", "sample_tokens=48", "ckpt_every=50", "dtype=auto", "compile=false"]
-        + ["log_every=25", f"time_limit={args.seconds}", *args.overrides],
+        + ["log_every=25", "schedule_clock=time", f"time_budget={args.seconds}", *args.overrides],
     )
     print("== 2/5 before fine-tuning: the base model with the chat tokens added")
     before = before_sft(base, cfg, out / "data", args.limit, args.max_new_tokens)

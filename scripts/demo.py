@@ -2,9 +2,11 @@
 """`make demo`: the whole pipeline at small scale on CPU, with the code path of the 124M run.
 
 Prepares Tiny Shakespeare + WikiText-2 into llm.c shards, trains the `cpu-demo` preset (gradient
-accumulation, bf16 autocast where the CPU has it natively, torch.compile) for a bounded time with validation, HellaSwag on the
-first 500 examples and samples in the loop, then plots the curves and exports a transformers
-directory. Re-running resumes where it stopped."""
+accumulation, bf16 autocast where the CPU has it natively, torch.compile) for a bounded time with
+validation, HellaSwag on the first 500 examples and samples in the loop, then plots the curves and
+exports a transformers directory. The schedule runs on the time clock (`schedule_clock=time`): if the
+host slows down mid-run, warmup and the cosine decay still end inside the budget, in fewer steps.
+Re-running resumes where it stopped."""
 
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from gpt2repro.precision import autocast, resolve_dtype
 from gpt2repro.presets import train_config
 from gpt2repro.train import train
 
-# Share of the budget for optimizer steps; the rest is compilation, validation, HellaSwag and samples.
+# Share of the budget for optimizer steps (the schedule's time_budget); the rest is compilation,
+# validation, HellaSwag and samples.
 BUDGET_SHARE = 0.7
 MIN_STEPS = 20
 
@@ -60,8 +63,9 @@ def step_seconds(cfg) -> float:
 
 
 def schedule_steps(cfg, run_dir: Path, seconds: float) -> int:
-    """The preset's steps, or as many as fit in the budget on this host, so that warmup and the whole
-    cosine decay run before the time limit; fixed at the run's start (its config.json keeps it)."""
+    """The preset's steps, or as many as fit in the budget at this host's speed now; fixed at the
+    run's start (its config.json keeps it). It sets the evaluation intervals; the time clock ends the
+    schedule earlier if the host slows down."""
     saved = run_dir / "config.json"
     if saved.is_file():  # resuming: the schedule the run started with
         return json.loads(saved.read_text())["max_steps"]
@@ -103,7 +107,8 @@ def main() -> None:
     print(f"   {m['total_tokens']:,} tokens from {m['documents']} documents in {len(m['shards'])} shards")
 
     print(f"== 2/5 train: {args.preset} preset (grad accumulation, autocast dtype auto, compile)")
-    overrides = ["compile=true", "hellaswag_limit=500", f"time_limit={args.seconds}", *args.overrides]
+    clock = ["schedule_clock=time", f"time_budget={BUDGET_SHARE * args.seconds:.0f}"]
+    overrides = ["compile=true", "hellaswag_limit=500", *clock, *args.overrides]
     cfg = train_config(args.preset, overrides)
     if not any(o.startswith("max_steps=") for o in args.overrides):
         steps = schedule_steps(cfg, out / "run", args.seconds)
@@ -121,8 +126,10 @@ def main() -> None:
     print("== 5/5 done")
     metrics = read_metrics(out / "run")  # also right when this run only resumed a finished one
     val, hs = metrics.get("val", [{}])[-1], metrics.get("hellaswag", [{}])[-1]
+    last = metrics.get("train", [{}])[-1]
     print(
-        f"   steps trained: {summary['step']}  last val loss: {val.get('loss', float('nan')):.4f}  "
+        f"   steps trained: {summary['step']} (last LR {last.get('lr', float('nan')):.3e}, "
+        f"{summary.get('train_seconds', 0):.0f}s of training)  last val loss: {val.get('loss', float('nan')):.4f}  "
         f"HellaSwag acc_norm (first 500): {hs.get('acc_norm', float('nan')):.4f}"
     )
     print(f"   run (config, checkpoints, metrics.jsonl, samples.txt): {out / 'run'}")

@@ -56,11 +56,14 @@ class Report:
         print(f"| {check} | {status} | {detail} |", flush=True)
 
     def run(self, check: str, fn) -> None:
-        """A check that raises is a failure with its one-line reason, and the others still run."""
+        """A check that raises is a failure with its one-line reason, and the others still run. Each
+        check's time goes to stderr (where this script's own minutes go)."""
+        t0 = time.perf_counter()
         try:
             fn()
         except Exception as e:  # noqa: BLE001 (report, do not stop)
             self.add(check, False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        print(f"[gpu_check] {check}: {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
 
     @property
     def failed(self) -> bool:

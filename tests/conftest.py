@@ -14,7 +14,10 @@ SHARED = Path(os.environ.get("GPT2REPRO_ASSETS") or ROOT.parent / "shared" / "da
 if SHARED.is_dir():
     os.environ["GPT2REPRO_ASSETS"] = str(SHARED)
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# make test runs two pytest workers on the 2 cores (pytest-xdist), one thread each; the `serial` pass
+# runs alone with both
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+torch.set_num_threads(1 if WORKER else min(2, os.cpu_count() or 1))
 
 
 def shared_file(name: str) -> Path:

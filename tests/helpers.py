@@ -161,6 +161,8 @@ BAD_OVERRIDES = [
     (["dtype=fp16", "fsdp=true"], "dtype=fp16 with fsdp=true is not supported"),
     (["schedule=wsd", "wsd_decay_fraction=0"], "wsd_decay_fraction=0.0: expected a number in (0, 1]"),
     (["target_val_loss=3", "val_every=0"], "target_val_loss needs validation"),
+    (["target_core=0.2565"], "target_core needs the CORE metric: set core_every > 0"),
+    (["core_every=1", "target_core=1.5"], "target_core=1.5: expected a CORE score in [0, 1]"),
     (["muon_lr=-1"], "muon_lr=-1.0: expected a number >= 0"),
     (["muon_ns_dtype=fp16"], "muon_ns_dtype='fp16' is not one of auto, bf16, fp32"),
     (["muon_split_qkv=maybe"], "muon_split_qkv='maybe': expected true or false"),
@@ -190,3 +192,14 @@ BAD_OVERRIDES = [
         "the prompt is 100 tokens; this model's block_size is 64",
     ),
 ]
+
+
+# A HellaSwag row (the official validation file's first, its endings shortened), for tests that break it field by field.
+HELLASWAG_ROW = {
+    "ctx": "A man is sitting on a roof. he",
+    "ctx_a": "A man is sitting on a roof.",
+    "ctx_b": "he",
+    "activity_label": "Roof shingle removal",
+    "endings": ["is using wrap.", "starts pulling up.", "is holding a rubik's cube.", "starts to climb."],
+    "label": 3,
+}

@@ -9,9 +9,20 @@ from conftest import ROOT
 PKG = ROOT / "src" / "gpt2repro"
 # lowest first; the same list as docs/architecture.md
 LAYERS = [
-    {"__init__", "errors", "config", "overrides", "configfile", "presets", "precision", "fsio", "lock"},
+    {
+        "__init__",
+        "errors",
+        "config",
+        "overrides",
+        "configfile",
+        "presets",
+        "precision",
+        "fsio",
+        "lock",
+        "jsonio",
+    },
     {"assets"},
-    {"model", "ops", "kvcache", "tokenizer", "chat"},
+    {"model", "ops", "kvcache", "tokenizer", "chat", "sampling", "tokentext"},
     {
         "data.shards",
         "data.loader",
@@ -20,12 +31,14 @@ LAYERS = [
         "data.hubshards",
         "data.prepare",
         "data.conversations",
+        "data.records",
     },
     {"optim", "muon", "checkpoint", "ckptdir", "sharded", "distributed", "parallelize", "mfu"},
-    {"evals.hellaswag", "generate", "hf", "gguf_export", "chat_session", "evals.chat"},
+    {"evals.hellaswag", "generate", "hf", "gguf_export", "chat_session", "evals.chat"}
+    | {"evals.packing", "evals.core_data", "evals.core"},
     {"train", "plan", "checkpointer", "metrics", "sft"},
-    {"evals.report", "evals.harness", "plot", "chat_cli", "serve.engine", "serve.protocol", "serve.text"}
-    | {"serve.generation", "serve.app", "serve.run"},
+    {"evals.report", "evals.harness", "plot", "chat_cli", "serve.engine", "serve.protocol"}
+    | {"serve.generation", "serve.guard", "serve.metrics", "serve.app", "serve.run"},
     {
         "bench.names",
         "bench.reference",

@@ -60,6 +60,18 @@ def test_bench_hellaswag_checks_predictions_agree(monkeypatch):
 
 
 @pytest.mark.slow
+def test_bench_core_checks_verdicts_agree():
+    shared_file("hellaswag_val.jsonl.gz")
+    rows = bench.bench_core("4x256", repeats=1, device=torch.device("cpu"), n_items=4)
+    assert [(r["method"], r["dtype"]) for r in rows] == [
+        (method, d) for method in ("batched", "one-at-a-time") for d in bench.bench_dtypes()
+    ]
+    first = {r["method"]: r for r in rows if r["dtype"] == "fp32"}
+    assert first["batched"]["same_verdicts"] == 1.0 == first["one-at-a-time"]["same_verdicts"]
+    assert all(r["items"] == 12 for r in rows)
+
+
+@pytest.mark.slow
 def test_bench_prepare_compares_workers():
     shared_file("tinyshakespeare.txt")
     rows = bench.bench_prepare(repeats=1)
@@ -107,6 +119,9 @@ def test_demo_script_end_to_end(tmp_path):
     assert (tmp_path / "run" / "curves.png").is_file()
     assert (tmp_path / "hf" / "model.safetensors").is_file()
     assert "Hello, I'm a language model," in (tmp_path / "run" / "samples.txt").read_text()
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())  # the schedule fits the budget
+    assert cfg["schedule_clock"] == "time" and cfg["time_budget"] == 0.7 * 600 and cfg["time_limit"] == 0
+    assert "last LR" in result.stdout
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)  # a finished demo
     assert again.returncode == 0 and "already complete" in again.stdout
     summary = [line for line in result.stdout.splitlines() if "last val loss" in line]

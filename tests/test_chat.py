@@ -12,6 +12,7 @@ from gpt2repro.config import CHAT_VOCAB_SIZE, ConfigError, GPTConfig, model_conf
 from gpt2repro.hf import load_hf
 from gpt2repro.model import GPT
 from gpt2repro.presets import train_config
+from gpt2repro.sampling import ends_reply
 
 S, SE, U, UE, A, AE = (chat.TOKEN_IDS[t] for t in chat.CHAT_TOKENS)
 EOT = 50256
@@ -36,7 +37,8 @@ CONVERSATIONS = [
 
 def test_chat_tokens_take_the_rows_after_gpt2s_vocabulary():
     assert [S, SE, U, UE, A, AE] == list(range(50257, 50263))
-    assert CHAT_VOCAB_SIZE == 50263 and chat.STOP_TOKENS == {AE}
+    assert CHAT_VOCAB_SIZE == 50263
+    assert [ends_reply(t) for t in (50255, 50256, AE)] == [False, True, True]  # a reply ends at any non-text
     cfg = model_config("tiny", vocab_multiple=64)
     assert cfg.padded_vocab_size == dataclasses.replace(cfg, vocab_size=CHAT_VOCAB_SIZE).padded_vocab_size
 
@@ -190,7 +192,7 @@ def test_the_export_stops_at_the_end_of_the_assistants_turn(chat_export, chat_ru
     from gpt2repro.hf import load_hf
 
     gen = json.loads((chat_export / "generation_config.json").read_text())
-    assert gen["eos_token_id"][0] == AE
+    assert gen["eos_token_id"] == list(range(50256, CHAT_VOCAB_SIZE))  # every token that is not text
     session = ChatSession(load_model(chat_run_dir), temperature=0, max_new_tokens=20)
     ours = list(session.send("Hi"))
     assert session.turns[-1]["stopped"] and chat.decode(ours) == "Hello there."

@@ -17,7 +17,9 @@ from gpt2repro.cli import main
 from gpt2repro.config import model_config
 from gpt2repro.generate import GenerateError
 from gpt2repro.model import GPT
-from gpt2repro.serve.text import TextStream
+from gpt2repro.tokentext import TextStream
+
+pytestmark = pytest.mark.serial  # alone: timing bounds, or the machine's exact fingerprint
 
 
 def test_message_answers_once_and_reports_the_timings(chat_run_dir, capsys):
@@ -38,7 +40,7 @@ def test_chat_errors(chat_run_dir, run_dir, capsys):
         capsys, [*base, "--message", "a <|user_end|>"], "contains the special token <|user_end|>"
     )
     assert_one_line_error(capsys, [*base, "--message", "word " * 200], "this model's context is 128")
-    assert_one_line_error(capsys, [*base, "--message", "Hi", "--top-k", "0"], "top_k >= 1")
+    assert_one_line_error(capsys, [*base, "--message", "Hi", "--top-k", "-1"], "top_k must be at least 0")
     assert_one_line_error(capsys, [*base, "--message", "Hi", "--system", "<|endoftext|>"], "special token")
 
 

@@ -142,7 +142,7 @@ BAD_FILES = [
     ("c.json", '{"max_stepz": 1}', "c.json: unknown config key 'max_stepz'"),
     ("c.json", '{"model": {"n_layer": "4"}}', "c.json: model.n_layer='4': expected an integer"),
     ("c.json", "[1, 2]", "c.json: expected an object of config keys, not list"),
-    ("c.json", '{\n"max_steps": 3,\n}', "c.json:3: not valid JSON: "),
+    ("c.json", '{\n"max_steps": 3,\n}', "c.json:3: not valid JSON (Expecting property name"),
     ("c.yaml", "max_steps: 3", "c.yaml: a config file is .toml or .json"),
 ]
 

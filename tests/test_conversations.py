@@ -158,7 +158,12 @@ def test_cli_prepare_chat_errors(capsys, tmp_path):
     txt.write_text("hello")
     argv = ["prepare", "--chat", "--source", txt, "--out", tmp_path / "o2"]
     assert_one_line_error(capsys, argv, "t.txt: unsupported file type for conversations")
-    code = __import__("gpt2repro.cli", fromlist=["main"]).main([*map(str, base), "--seq-len", "16"])
+    # all 4 rows would be held out (128 by default): refused, saying how, with nothing written
+    assert_one_line_error(capsys, [*base, "--seq-len", "16"], "went to the val split")
+    assert [p.name for p in (tmp_path / "o").iterdir()] == []
+    code = __import__("gpt2repro.cli", fromlist=["main"]).main(
+        [*map(str, base), "--seq-len", "16", "--val-tokens", "16"]
+    )
     assert code == 0 and "4 conversations in 4 rows of 16 tokens" in capsys.readouterr().out
 
 

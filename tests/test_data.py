@@ -103,7 +103,7 @@ def test_default_workers_are_the_cpus_this_process_may_use(tmp_path, enc, unit_b
     used = []
     encoded = prep._encoded_units
     monkeypatch.setattr(prep, "_encoded_units", lambda *a: used.append(a[-1]) or encoded(*a))
-    prep.prepare([str(src)], tmp_path / "out", shard_tokens=5000, progress=False)
+    prep.prepare([str(src)], tmp_path / "out", shard_tokens=5000, val_tokens=1000, progress=False)
     assert used == [1]
 
 

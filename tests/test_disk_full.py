@@ -272,25 +272,36 @@ def test_a_full_disk_while_writing_eval_outputs(tmp_path, capsys, monkeypatch):
     assert list(out.iterdir()) == []
 
 
-def test_a_full_disk_while_logging_metrics_and_samples(data_dir, tmp_path, capsys):
+def _full_disk_for(monkeypatch, name: str) -> None:
+    """Every write to files called `name` fails with ENOSPC: they are opened as /dev/full (a symbolic
+    link to it would be refused: nothing is written through a link)."""
+    real_open = os.open
+
+    def opening(path, flags, *args):
+        if os.fspath(path).endswith(name):
+            return real_open("/dev/full", os.O_WRONLY)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", opening)
+
+
+def test_a_full_disk_while_logging_metrics_and_samples(data_dir, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     _ok(capsys, [*TRAIN, "--data", data_dir, "--out", run, "max_steps=2"])
     kept = (run / "metrics.jsonl").read_text()
-    (run / "metrics.jsonl").rename(run / "kept.jsonl")
-    (run / "metrics.jsonl").symlink_to("/dev/full")  # every write: ENOSPC
     fragment = "metrics.jsonl: cannot write metrics: no space left on device ("
-    line, out = assert_one_line_error(
-        capsys, [*TRAIN, "--data", data_dir, "--out", run, "max_steps=4"], fragment
-    )
+    with monkeypatch.context() as patch:
+        _full_disk_for(patch, "metrics.jsonl")
+        line, out = assert_one_line_error(
+            capsys, [*TRAIN, "--data", data_dir, "--out", run, "max_steps=4"], fragment
+        )
     assert line.endswith("; last good checkpoint: step_00000002"), line
-    (run / "metrics.jsonl").unlink()
-    (run / "kept.jsonl").rename(run / "metrics.jsonl")
-    (run / "samples.txt").unlink()
-    (run / "samples.txt").symlink_to("/dev/full")
     argv = [*TRAIN, "--data", data_dir, "--out", run, "max_steps=4", "sample_every=1", "sample_tokens=4"]
-    line, out = assert_one_line_error(
-        capsys, argv, "samples.txt: cannot write samples: no space left on device ("
-    )
+    with monkeypatch.context() as patch:
+        _full_disk_for(patch, "samples.txt")
+        line, out = assert_one_line_error(
+            capsys, argv, "samples.txt: cannot write samples: no space left on device ("
+        )
     assert line.endswith("; last good checkpoint: step_00000002"), line
     assert (run / "metrics.jsonl").read_text().startswith(kept)
 

@@ -179,8 +179,8 @@ def test_batched_equals_one_at_a_time_on_real_examples(enc):
 
     shared_file("hellaswag_val.jsonl.gz")
     model = load_hf(shared_file("tiny-gpt2")).eval()
-    examples = hs.load_examples(limit=200)
-    assert len(examples) == 200
+    examples = hs.load_examples(limit=48)  # contexts and endings of many lengths: padding is exercised
+    assert len(examples) == 48
     for style in hs.STYLES:
         batched, single = [], []
         hs.evaluate(model, examples, style, batch_size=32, details=batched)

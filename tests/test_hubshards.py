@@ -262,3 +262,28 @@ def test_the_hub_offline_or_unreachable_is_one_line(tmp_path, monkeypatch, capsy
     monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens: refused at once
     assert_one_line_error(capsys, argv, "127.0.0.1 unreachable")
     assert files(tmp_path / "o") == []
+
+
+def test_each_linked_shard_is_on_disk_before_a_manifest_lists_it(repo, tmp_path, monkeypatch):
+    """huggingface_hub never fsyncs its blobs, and a link shares them: the shard's data is flushed
+    (fsync of its inode) before the manifest that lists it is published."""
+    import os
+
+    real_fsync, synced = os.fsync, set()
+
+    def recording_fsync(fd):
+        synced.add(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    def checked_write(out, manifest):
+        for entry in manifest["shards"]:
+            assert (out / entry["file"]).stat().st_ino in synced, f"{entry['file']} listed before its fsync"
+        real_write(out, manifest)
+
+    real_write = hubshards.write_manifest
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(hubshards, "write_manifest", checked_write)
+    m = fetch(repo, tmp_path / "out")
+    assert len(m["shards"]) == 4 and m["complete"]
+    linked = (tmp_path / "out" / m["shards"][1]["file"]).stat()
+    assert linked.st_nlink == 2 and linked.st_ino in synced  # a link to the source, not a copy

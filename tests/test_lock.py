@@ -152,8 +152,9 @@ def test_two_trainers_in_one_directory(data_dir, tmp_path, capsys):
         first.send_signal(signal.SIGCONT)
     out = first.communicate(timeout=300)[0]
     assert first.returncode == 0, out
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 8 and losses(tmp_path / "run") == losses(tmp_path / "alone")
+    lines, alone_lines = ((tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("run", "alone"))
+    assert len(lines) == len(alone_lines) == 9  # the data's sources and 8 steps: the refused one wrote none
+    assert losses(tmp_path / "run") == losses(tmp_path / "alone")
     for name in ("step_00000004", "step_00000006", "step_00000008"):
         ours, theirs = (tmp_path / d / "checkpoints" / name / "model.safetensors" for d in ("run", "alone"))
         assert ours.read_bytes() == theirs.read_bytes()

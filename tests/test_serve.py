@@ -24,8 +24,11 @@ from gpt2repro.generate import generate  # noqa: E402
 from gpt2repro.serve.app import create_app  # noqa: E402
 from gpt2repro.serve.run import ServerThread, served_model  # noqa: E402
 
+pytestmark = pytest.mark.serial  # alone: timing bounds, or the machine's exact fingerprint
+
 MODEL = "test-model"
 SLOTS = 8
+JSON_TYPE = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +189,9 @@ def test_an_oversized_body_is_a_413_before_it_is_all_read(server, chunked):
     conn = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=30)
     try:
         parts = (body[i : i + 65536] for i in range(0, len(body), 65536))
-        conn.request("POST", "/v1/completions", parts if chunked else body, encode_chunked=chunked)
+        conn.request(
+            "POST", "/v1/completions", parts if chunked else body, encode_chunked=chunked, headers=JSON_TYPE
+        )
     except (BrokenPipeError, ConnectionResetError):
         pass  # the server answered and closed before taking it all
     r = conn.getresponse()
@@ -318,19 +323,16 @@ def test_sigterm_lets_an_in_flight_stream_finish_then_exits(run_dir):
 
 
 def test_chat_completions_through_a_chat_format_streamed_and_not(model, enc):
-    """A stand-in chat format (messages' text in turn; a reply ends at a token the model greedily
-    draws) in place of a chat model's template: the messages reach the model, the end token stops the
-    reply and is not part of it."""
+    """A stand-in chat format (messages' text in turn) in place of a chat model's template: the
+    messages reach the model, streamed and whole replies agree."""
     from gpt2repro.serve.run import ChatFormat
 
     render = lambda messages: enc.encode("".join(f"{m['role']}: {m['content']}\n" for m in messages))  # noqa: E731
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who art thou?"}]
     prompt = torch.tensor([render(messages)])
-    alone = generate(model, prompt, 30, temperature=0)[0, prompt.size(1) :].tolist()
-    end = alone[4]
-    expected = alone[: alone.index(end)]
+    expected = generate(model, prompt, 30, temperature=0)[0, prompt.size(1) :].tolist()
     served = served_model(model, "chat-model", 4)
-    served.chat = ChatFormat(render, frozenset({end}), enc.decode_single_token_bytes)
+    served.chat = ChatFormat(render, enc.decode_single_token_bytes)
     try:
         with ServerThread(create_app(served)) as s:
             client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
@@ -345,8 +347,8 @@ def test_chat_completions_through_a_chat_format_streamed_and_not(model, enc):
     finally:
         served.engine.stop()
     assert r.choices[0].message.content == enc.decode(expected)
-    assert r.choices[0].finish_reason == "stop"
-    assert r.usage.prompt_tokens == prompt.size(1) and r.usage.completion_tokens == len(expected) + 1
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == prompt.size(1) and r.usage.completion_tokens == len(expected)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == r.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
@@ -369,12 +371,13 @@ def test_a_chat_model_answers_through_its_own_template(chat_run_dir):
     as `gpt2repro chat` gives alone; the page's /v1/models says it is a chat model."""
     from gpt2repro import chat
     from gpt2repro.checkpoint import load_model
+    from gpt2repro.sampling import ends_reply
 
     model = load_model(chat_run_dir).eval()
     messages = [{"role": "user", "content": "Hi"}]
     prompt = torch.tensor([chat.render(messages, add_generation_prompt=True)])
     alone = generate(model, prompt, 16, temperature=0)[0, prompt.size(1) :].tolist()
-    end = next(i for i, t in enumerate(alone) if t in chat.STOP_TOKENS)
+    end = next(i for i, t in enumerate(alone) if ends_reply(t))
     served = served_model(model, "chat-model", 2)
     try:
         with ServerThread(create_app(served)) as s:
@@ -393,3 +396,16 @@ def test_a_chat_model_answers_through_its_own_template(chat_run_dir):
 def post_get(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=60) as r:
         return json.loads(r.read())
+
+
+@pytest.mark.slow
+def test_bench_serve_reports_each_turns_first_token_latency_with_and_without_prefix_caching():
+    from gpt2repro.bench.serving import TURNS, bench_serve_turns
+
+    rows = bench_serve_turns("4x256", 1, torch.device("cpu"))
+    assert [(r["server"], r["turn"]) for r in rows] == [
+        (server, t) for server in ("prefix cache", "no prefix cache") for t in range(1, TURNS + 1)
+    ]
+    prompts = [r["prompt tokens"] for r in rows[:TURNS]]
+    assert prompts == sorted(set(prompts)) and prompts == [r["prompt tokens"] for r in rows[TURNS:]]
+    assert all(r["first token ms"] > 0 for r in rows)

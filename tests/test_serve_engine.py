@@ -10,8 +10,11 @@ import torch
 
 from gpt2repro.generate import generate
 from gpt2repro.model import GPT
+from gpt2repro.sampling import Sampling
 from gpt2repro.serve.engine import Engine, Job
-from gpt2repro.serve.text import TextStream
+from gpt2repro.tokentext import TextStream
+
+pytestmark = pytest.mark.serial  # alone: timing bounds, or the machine's exact fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +55,7 @@ def test_batched_sequences_of_different_lengths_equal_each_alone_and_wait_for_a_
     seen = []
     events = run_jobs(
         engine,
-        [dict(prompt=p, max_tokens=4 + i, temperature=0) for i, p in enumerate(prompts)],
+        [dict(prompt=p, max_tokens=4 + i, sampling=Sampling(0)) for i, p in enumerate(prompts)],
         check=lambda: seen.append(len(engine.running)),
     )
     assert max(seen) == 2  # never more running than slots: the rest waited
@@ -62,15 +65,13 @@ def test_batched_sequences_of_different_lengths_equal_each_alone_and_wait_for_a_
         assert events[i][-1] == ("done", "length")
 
 
-def test_a_seed_draws_the_same_sample_batched_or_alone_and_a_stop_token_ends_it(model):
-    spec = dict(prompt=[464, 5822, 286], max_tokens=12, temperature=1.0, top_p=0.95, seed=5)
+def test_a_seed_draws_the_same_sample_batched_or_alone(model):
+    spec = dict(prompt=[464, 5822, 286], max_tokens=12, sampling=Sampling(1.0, None, 0.95, 5))
     alone = run_jobs(Engine(model, slots=1), [spec])[0]
-    crowd = run_jobs(Engine(model, slots=4), [dict(spec, seed=s) for s in (1, 5, 9)])
+    crowd = run_jobs(
+        Engine(model, slots=4), [dict(spec, sampling=Sampling(1.0, None, 0.95, s)) for s in (1, 5, 9)]
+    )
     assert crowd[1] == alone
-    sampled = [e[1].id for e in alone if e[0] == "token"]
-    stopped = run_jobs(Engine(model, slots=1), [dict(spec, stop_ids=frozenset({sampled[3]}))])[0]
-    assert [e[1].id for e in stopped if e[0] == "token"] == sampled[: sampled.index(sampled[3]) + 1]
-    assert stopped[-1] == ("done", "stop")
 
 
 def test_text_streams_whole_characters_and_holds_back_a_possible_stop_string(enc):
@@ -89,7 +90,7 @@ def test_text_streams_whole_characters_and_holds_back_a_possible_stop_string(enc
 def test_a_job_cancelled_while_it_waits_never_takes_a_slot(model):
     engine = Engine(model, slots=1)
     events, done = [], threading.Event()
-    gone = Job([464, 5822], 3, emit=lambda e: events.append(("gone", e)), temperature=0)
+    gone = Job([464, 5822], 3, emit=lambda e: events.append(("gone", e)), sampling=Sampling(0))
     kept = Job([464, 5822], 3, emit=lambda e: (events.append(("kept", e)), e[0] == "done" and done.set()))
     engine.submit(kept)
     engine.submit(gone)
@@ -97,4 +98,35 @@ def test_a_job_cancelled_while_it_waits_never_takes_a_slot(model):
     engine.start()
     assert done.wait(60)
     engine.stop()
-    assert [who for who, _ in events] == ["kept"] * 4
+    assert [who for who, _ in events] == ["kept"] * 5  # start, 3 tokens, done
+
+
+def test_a_prompt_that_begins_with_a_slots_cached_tokens_runs_only_the_rest(model):
+    """A second turn re-sends the first turn's prompt and reply: with prefix caching it finds them in
+    the slot the first left and runs only its new tokens, and draws what a fresh engine draws."""
+    first = [464, 5822, 286, 262]
+    turn = run_jobs(Engine(model, slots=2), [dict(prompt=first, max_tokens=5, sampling=Sampling(0))])[0]
+    reply = [e[1].id for e in turn if e[0] == "token"]
+    second = [*first, *reply, 13, 198, 40]
+    results = {}
+    for on in (True, False):
+        engine, ran = Engine(model, slots=2, prefix_cache=on), []
+        hidden = model.hidden
+
+        def counted(idx, cache=None, hidden=hidden, ran=ran):
+            ran.append(idx.size(1))
+            return hidden(idx, cache)
+
+        model.hidden = counted
+        try:
+            events = run_jobs(engine, [dict(prompt=first, max_tokens=5, sampling=Sampling(0))])
+            engine.thread = threading.Thread(target=engine._loop, daemon=True)  # start it again
+            engine.stopping, ran[:] = False, []
+            events = run_jobs(engine, [dict(prompt=second, max_tokens=6, sampling=Sampling(0))])[0]
+        finally:
+            model.hidden = hidden
+        results[on] = ([e[1].id for e in events if e[0] == "token"], events[0], ran[0])
+    cached, fresh = results[True], results[False]
+    assert cached[1] == ("start", len(first) + len(reply) - 1)  # all the first sequence's cache holds
+    assert cached[2] == len(second) - cached[1][1] and fresh[1] == ("start", 0) and fresh[2] == len(second)
+    assert cached[0] == fresh[0]

@@ -16,6 +16,8 @@ from gpt2repro.generate import generate  # noqa: E402
 from gpt2repro.serve.app import create_app  # noqa: E402
 from gpt2repro.serve.run import ChatFormat, ServerThread, served_model  # noqa: E402
 
+pytestmark = pytest.mark.serial  # alone: timing bounds, or the machine's exact fingerprint
+
 FLAGS = "--headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking"
 FLAGS += " --disable-component-update --disable-sync"
 
@@ -90,7 +92,7 @@ def test_the_chat_page_streams_replies_keeps_the_system_prompt_and_resets(browse
         return enc.encode("".join(f"{m['role']}: {m['content']}\n" for m in messages))
 
     served = served_model(model, "chat-model", 2)
-    served.chat = ChatFormat(render, frozenset(), enc.decode_single_token_bytes)
+    served.chat = ChatFormat(render, enc.decode_single_token_bytes)
     try:
         with ServerThread(create_app(served, max_tokens_limit=24)) as s:
             browser.get(s.url + "/")

@@ -397,6 +397,18 @@ def test_plot_writes_a_png(data_dir, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
 
+def test_the_fineweb_val_loss_is_drawn_only_beside_fineweb_runs(run_dir):
+    """GPT-2's 3.29 is a FineWeb-EDU val loss: a Tiny Shakespeare run gets no such line."""
+    from gpt2repro.plot import GPT2_124M_VAL_LOSS, loss_references, read_metrics
+
+    events = read_metrics(run_dir)
+    assert any("tinyshakespeare" in s for s in events["data"][0]["sources"])
+    assert loss_references(events) == []
+    for source in ("hf-shards:kjj0/finewebedu10B-gpt2", "HuggingFaceFW/fineweb-edu"):
+        lines = loss_references({"data": [{"step": 0, "sources": [source]}]})
+        assert [v for v, _ in lines] == [GPT2_124M_VAL_LOSS] and "FineWeb-EDU" in lines[0][1]
+
+
 def test_tensorboard_without_the_package_is_a_clear_error(data_dir, tmp_path):
     try:
         import tensorboard  # noqa: F401
@@ -493,3 +505,87 @@ def test_runs_written_before_compile_became_a_bool_still_work(data_dir, tmp_path
         train_config("cpu-tiny", [*not_model, "max_steps=1", f"init_from={run}"]), data_dir, tmp_path / "ft"
     )
     assert init["step"] == 1
+
+
+def test_lr_schedule_on_the_time_clock():
+    from gpt2repro.optim import lr_at, schedule_position
+
+    cfg = train_config(
+        "cpu-tiny", ["max_steps=100", "warmup_steps=10", "schedule_clock=time", "time_budget=50"]
+    )
+    assert schedule_position(20, 5.0, cfg) == 20  # the steps are further: they count
+    assert schedule_position(20, 25.0, cfg) == 50  # half the budget spent: halfway, whatever the step
+    assert lr_at(schedule_position(3, 50.0, cfg), cfg) == pytest.approx(cfg.max_lr * cfg.min_lr_ratio)
+    with pytest.raises(ConfigError, match="schedule_clock=time needs time_budget > 0"):
+        train_config("cpu-tiny", ["schedule_clock=time"]).validate()
+
+
+class _HostClock:
+    """time.time() for the trainer: each optimizer step takes 0.05 s, then `slow` s from step
+    `after` on (the host slowed down); deterministic whatever the real machine is doing."""
+
+    def __init__(self, monkeypatch, after: int, slow: float):
+        self.now, self.steps, real = 1e9, 0, tr.Trainer.forward_backward
+
+        def forward_backward(trainer):
+            self.steps += 1
+            self.now += slow if self.steps > after else 0.05
+            return real(trainer)
+
+        monkeypatch.setattr(tr, "time", self)
+        monkeypatch.setattr(tr.Trainer, "forward_backward", forward_backward)
+
+    def time(self) -> float:
+        return self.now
+
+
+@pytest.mark.slow
+def test_a_host_that_slows_down_still_finishes_the_schedule_inside_its_budget(
+    data_dir, tmp_path, monkeypatch
+):
+    """schedule_clock=time: steps 4x slower from step 3 on (the schedule planned 400 steps for a
+    fast host) still run warmup and the whole cosine decay, ending inside the budget of training
+    seconds; a SIGTERM half-way resumes the same clock from the checkpoint."""
+    budget = 5.0
+    cfg = small_cfg("max_steps=400", "warmup_steps=20", "schedule_clock=time", f"time_budget={budget}")
+    _HostClock(monkeypatch, after=3, slow=0.2)
+    stop_after(monkeypatch, 6)
+    tr.train(cfg, data_dir, tmp_path)
+    saved = json.loads((checkpoint.latest(tmp_path) / "state.json").read_text())
+    assert saved["step"] == 6 and saved["train_seconds"] == pytest.approx(3 * 0.05 + 3 * 0.2)
+    summary = tr.train(cfg, data_dir, tmp_path)
+    steps = events(tmp_path, "train")
+    assert [r["step"] for r in steps] == list(range(summary["step"]))
+    assert summary["step"] == 3 + int((budget - 3 * 0.05) / 0.2)  # the last step that fits
+    assert steps[6]["train_seconds"] == pytest.approx(saved["train_seconds"] + 0.2)  # the clock went on
+    assert summary["train_seconds"] <= budget  # inside the budget
+    min_lr, max_lr = cfg.max_lr * cfg.min_lr_ratio, cfg.max_lr
+    assert steps[-1]["lr"] < min_lr + 0.05 * (max_lr - min_lr)  # the decay ran to (nearly) its end
+    lrs = [r["lr"] for r in steps]
+    peak = lrs.index(max(lrs))
+    assert 0 < peak < len(lrs) - 1 and lrs[:peak] == sorted(lrs[:peak])
+    assert lrs[peak:] == sorted(lrs[peak:], reverse=True)
+
+
+def test_resuming_with_fewer_max_steps_than_the_checkpoint_is_one_line(data_dir, tmp_path):
+    tr.train(small_cfg("max_steps=4"), data_dir, tmp_path)
+    before = (tmp_path / "config.json").read_text()
+    with pytest.raises(tr.TrainingError, match="at step 4 with max_steps=2: set max_steps >= 4"):
+        tr.train(small_cfg("max_steps=2"), data_dir, tmp_path)
+    assert (tmp_path / "config.json").read_text() == before  # nothing rewritten
+
+
+@pytest.mark.slow
+def test_the_evaluation_due_at_a_signalled_step_runs_on_resume(data_dir, tmp_path, monkeypatch):
+    """A SIGTERM saves step 4 at once, without its evaluation; the resume evaluates it (val loss and
+    the target_val_loss check), then trains on, as an uninterrupted run does."""
+    cfg = small_cfg("max_steps=6", "val_every=2", "val_steps=1", "target_val_loss=1")
+    tr.train(cfg, data_dir, tmp_path / "straight")
+    stop_after(monkeypatch, 4)
+    tr.train(cfg, data_dir, tmp_path / "resumed")
+    assert [r["step"] for r in events(tmp_path / "resumed", "val")] == [0, 2]
+    monkeypatch.undo()
+    tr.train(cfg, data_dir, tmp_path / "resumed")
+    straight, resumed = events(tmp_path / "straight", "val"), events(tmp_path / "resumed", "val")
+    assert [r["step"] for r in resumed] == [0, 2, 4, 6]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]

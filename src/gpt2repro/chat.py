@@ -11,8 +11,11 @@ each message between the start and end tokens of its role:
 
 Message text is encoded as ordinary text, exactly as transformers' tokenizer encodes the text between
 special tokens, so `render` and the template agree token for token. Text that spells a special token
-is refused: transformers would read it as that token, and a user could close a turn by typing it.
-A server (issue #24) calls `render(messages, add_generation_prompt=True)` and stops at `STOP_TOKENS`.
+is refused in what a user or system supplies: transformers would read it as that token, and a user
+could close a turn by typing it. A reply is where the model spoke: the terminal chat keeps its token
+ids, and the server (which gets replies back as text) reads a reply's text with `replies_as_text`,
+ordinary tokens whatever it spells, so a model that spelled `<|endoftext|>` never blocks the
+conversation. Where a reply ends is `sampling.ends_reply`, the same for every entry point.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import tiktoken
 
 from .config import CHAT_VOCAB_SIZE
 from .errors import UserError
+from .jsonio import shown
 from .tokenizer import EOT, EOT_ID, get_tokenizer
 
 SYSTEM_START, SYSTEM_END = "<|system_start|>", "<|system_end|>"
@@ -32,7 +36,6 @@ ASSISTANT_START, ASSISTANT_END = "<|assistant_start|>", "<|assistant_end|>"
 CHAT_TOKENS = (SYSTEM_START, SYSTEM_END, USER_START, USER_END, ASSISTANT_START, ASSISTANT_END)
 TOKEN_IDS = {token: EOT_ID + 1 + i for i, token in enumerate(CHAT_TOKENS)}
 ASSISTANT_START_ID, ASSISTANT_END_ID = TOKEN_IDS[ASSISTANT_START], TOKEN_IDS[ASSISTANT_END]
-STOP_TOKENS = frozenset({ASSISTANT_END_ID})  # a reply ends here (generation_config.json says so too)
 ROLES = {
     "system": (SYSTEM_START, SYSTEM_END),
     "user": (USER_START, USER_END),
@@ -85,9 +88,17 @@ def encoding() -> tiktoken.Encoding:
     )
 
 
-def check(messages: Sequence[dict]) -> None:
+def spelled_special(text: str) -> str | None:
+    """The first special token (<|endoftext|>, a chat token) that `text` spells, if any. Every
+    prompt refuses such text, so typed text is never read as a token nor silently as look-alike
+    characters: chat messages here, `sample --prompt` and `sample_prompt` in generate.prompt_tokens."""
+    return next((s for s in SPECIAL_TEXT if s in text), None)
+
+
+def check(messages: Sequence[dict], replies_as_text: bool = False) -> None:
     """Raise ChatError unless `messages` is a conversation: dicts with a known `role` and text
-    `content`, a system message only first, a user message before any reply."""
+    `content`, a system message only first, a user message before any reply; special-token text only
+    in replies, and there only with `replies_as_text`."""
     if not messages:
         raise ChatError("empty conversation (no messages)", "empty conversation")
     for i, message in enumerate(messages):
@@ -97,15 +108,16 @@ def check(messages: Sequence[dict]) -> None:
                 "not a message",
             )
         role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a list or an object is no role either
             raise ChatError(
-                f"message {i}: unknown role {role!r} (expected system, user or assistant)", "unknown role"
+                f"message {i}: unknown role {shown(role)} (expected system, user or assistant)",
+                "unknown role",
             )
         if not isinstance(content, str):
             what = "missing content" if content is None else f"content is {type(content).__name__}, not text"
             raise ChatError(f"message {i} ({role}): {what}", "missing content")
-        spelled = next((s for s in SPECIAL_TEXT if s in content), None)
-        if spelled:
+        spelled = spelled_special(content)
+        if spelled and not (replies_as_text and role == "assistant"):
             raise ChatError(
                 f"message {i} ({role}): the text contains the special token {spelled}", "special token text"
             )
@@ -116,11 +128,11 @@ def check(messages: Sequence[dict]) -> None:
 
 
 def render_with_mask(
-    messages: Sequence[dict], add_generation_prompt: bool = False
+    messages: Sequence[dict], add_generation_prompt: bool = False, replies_as_text: bool = False
 ) -> tuple[list[int], list[int]]:
     """The conversation's token ids and, aligned with them, 1 where training learns the token: the
     assistant's text and its end token; not the user's or system's, nor the tokens opening a turn."""
-    check(messages)
+    check(messages, replies_as_text)
     enc = get_tokenizer()
     ids, mask = [EOT_ID], [0]
     for message in messages:
@@ -135,10 +147,12 @@ def render_with_mask(
     return ids, mask
 
 
-def render(messages: Sequence[dict], add_generation_prompt: bool = False) -> list[int]:
+def render(
+    messages: Sequence[dict], add_generation_prompt: bool = False, replies_as_text: bool = False
+) -> list[int]:
     """The token ids of a conversation; with `add_generation_prompt`, opened for the assistant's reply
     (what transformers' `apply_chat_template` gives with the exported template)."""
-    return render_with_mask(messages, add_generation_prompt)[0]
+    return render_with_mask(messages, add_generation_prompt, replies_as_text)[0]
 
 
 def render_text(messages: Sequence[dict], add_generation_prompt: bool = False) -> str:

@@ -3,7 +3,7 @@
 Replies stream to stdout as they are sampled; everything else (the banner, notices when old turns
 are dropped, the timings at the end) goes to stderr, so `--message TEXT` prints the reply alone.
 `/reset` starts the conversation again (the system message stays), `/exit` or end of input leaves;
-Ctrl-C stops a reply early. The conversation lives in the KV cache (`chat_session.ChatSession`).
+Ctrl-C stops a reply early (what was shown is kept), or cancels the turn before its reply began. The conversation lives in the KV cache (`chat_session.ChatSession`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from .chat import ChatError
 from .chat_session import ChatSession, require_chat_model
 from .generate import GenerateError
 from .model import GPT
-from .serve.text import TextStream
+from .tokentext import TextStream
 
 COMMANDS = "/reset starts over, /exit leaves"
 
@@ -29,12 +29,14 @@ def _say(text: str) -> None:
 def stream_reply(session: ChatSession, text: str, write: Callable[[str], None]) -> None:
     """Send `text` and write the reply as it comes, whole characters at a time."""
     stream = TextStream(chat.encoding().decode_single_token_bytes)  # as the server streams text
+    reply, turns = session.send(text), len(session.turns)
     try:
-        for token in session.send(text):
+        for token in reply:
             write(stream.feed(token))
         write(stream.finish())
-    except KeyboardInterrupt:  # the reply stops here; the conversation goes on
-        _say("\n[reply stopped]")
+    except KeyboardInterrupt:  # the reply stops here (kept), or the turn never happened
+        reply.close()
+        _say("\n[reply stopped]" if len(session.turns) > turns else "\n[turn cancelled]")
 
 
 def timings(session: ChatSession) -> str:

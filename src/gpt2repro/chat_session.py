@@ -4,12 +4,16 @@
 token so far stay in the cache, so a new turn runs only its own tokens through the model (the user
 turn and the tokens opening the reply), never the history again: `forward_tokens` counts what ran.
 When the history and a new turn no longer fit the context (with room left for a reply), the oldest
-turns are dropped and the rest is encoded afresh, and `on_notice` says so. A reply ends at the end
-of the assistant's turn (`chat.STOP_TOKENS`), at `max_new_tokens`, or when the context is full; the
-turn is then closed with its end token either way, so the history stays a well-formed conversation.
+turns are dropped and the rest is encoded afresh, and `on_notice` says so. A reply ends where
+`sampling.ends_reply` says (any token that is not text), at `max_new_tokens`, or when the context is
+full; the turn is then closed with its end token either way, so the history stays a well-formed
+conversation.
 
-One sequence with a position counter: a server holding many (issue #24) keeps one session (cache and
-position) per conversation; `chat.render` and `chat.STOP_TOKENS` are the format it needs.
+Each message is kept as the token ids it was given to the model: the model's replies as it sampled
+them, never re-encoded from their text, so only what the user types is checked (a reply that spells
+`<|endoftext|>` out of ordinary tokens is just text). A turn is all or nothing: interrupted (Ctrl-C)
+before its reply's first token, it leaves the conversation as it was; interrupted later, the reply
+so far is kept and closed.
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ from collections.abc import Callable, Iterator
 import torch
 
 from . import chat
-from .generate import GenerateError, next_token
 from .kvcache import KVCache
 from .model import GPT
+from .sampling import GenerateError, Sampling, draw, ends_reply
 from .tokenizer import EOT_ID, get_tokenizer
 
 
@@ -34,8 +38,13 @@ def require_chat_model(model: GPT, what: str = "this model") -> None:
         )
 
 
+def _opened(message: dict) -> list[int]:
+    """A message's tokens (start, text, end), then the tokens opening the assistant's reply."""
+    return chat.render([message], add_generation_prompt=True)[1:]  # without the leading <|endoftext|>
+
+
 class ChatSession:
-    """One conversation: its messages, the tokens in the cache and the position, sampling settings."""
+    """One conversation: its messages and their tokens, the tokens in the cache, sampling settings."""
 
     def __init__(
         self,
@@ -47,18 +56,17 @@ class ChatSession:
         seed: int = 42,
         reuse_cache: bool = True,
         on_notice: Callable[[str], None] = lambda message: None,
+        top_p: float = 1.0,
     ):
         require_chat_model(model)
-        if max_new_tokens < 1 or (top_k is not None and top_k < 1) or not 0 <= temperature < float("inf"):
-            raise GenerateError(
-                f"sampling needs max_new_tokens >= 1, top_k >= 1 and a finite temperature >= 0 "
-                f"(got {max_new_tokens}, {top_k}, {temperature})"
-            )
+        if max_new_tokens < 1:
+            raise GenerateError(f"sampling needs max_new_tokens >= 1 (got {max_new_tokens})")
+        self.sampling = Sampling(temperature, top_k, top_p, seed).check()
         self.model, self.system, self.on_notice = model, system, on_notice  # no dropout: any mode
-        self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
+        self.max_new_tokens = max_new_tokens
         self.reuse_cache = reuse_cache  # False re-encodes the whole history every turn (a benchmark)
         self.device = next(model.parameters()).device
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.generator = self.sampling.generator(self.device)
         self.cache = KVCache.empty(model.config, 1, self.device, model.transformer.wte.weight.dtype)
         self.forward_tokens = 0
         self.turns: list[dict] = []  # per reply: prompt tokens run, first-token latency, decode time
@@ -71,38 +79,37 @@ class ChatSession:
     def reset(self) -> None:
         """Forget the conversation (the system message stays)."""
         self.messages = [{"role": "system", "content": self.system}] if self.system is not None else []
-        chat.check(self.messages or [{"role": "user", "content": ""}])
-        self.ids: list[int] = []  # every token of the conversation, in order
+        if self.messages:
+            chat.check(self.messages)
+        self.spans = [chat.render(self.messages)[1:]] if self.messages else []  # each message's tokens
+        self.ids: list[int] = []  # every token given to the model, in order
         self.cached = 0  # how many of them the cache holds
 
-    def _turn_ids(self, text: str, messages: list[dict], ids: list[int]) -> list[int]:
-        """The tokens a new user turn adds to a history, the reply's opening included."""
-        message = {"role": "user", "content": text}
-        chat.check([*messages, message])
-        if not ids:
-            return chat.render([*messages, message], add_generation_prompt=True)
-        return chat.render([message], add_generation_prompt=True)[1:]  # without the leading <|endoftext|>
+    def _history(self, spans: list[list[int]]) -> list[int]:
+        return [EOT_ID, *(t for span in spans for t in span)]
 
     def _fit(self, text: str) -> list[int]:
         """The new turn's tokens, after dropping the oldest turns if the context needs the room
         (the system message stays). A message too long even alone changes nothing."""
+        message = {"role": "user", "content": text}
+        chat.check([message])  # what the user typed; the history is the model's own tokens
+        new = _opened(message)
         reserve = min(self.max_new_tokens, self.context // 2)
         first = int(self.system is not None)
-        messages, ids, cached = self.messages, self.ids, self.cached
-        new = self._turn_ids(text, messages, ids)
+        messages, spans, cached = self.messages, self.spans, self.cached
+        ids = self.ids or self._history(spans)
         dropped = 0
         while len(ids) + len(new) + reserve > self.context and len(messages) > first:
-            turns = messages[first:]
-            cut = next((i for i in range(1, len(turns)) if turns[i]["role"] == "user"), len(turns))
-            messages = messages[:first] + turns[cut:]
-            ids, cached = (chat.render(messages) if messages else []), 0
-            new, dropped = self._turn_ids(text, messages, ids), dropped + 1
-        if len(ids) + len(new) >= self.context:
+            roles = [m["role"] for m in messages[first:]]
+            cut = first + next((i for i in range(1, len(roles)) if roles[i] == "user"), len(roles))
+            messages, spans = messages[:first] + messages[cut:], spans[:first] + spans[cut:]
+            ids, cached, dropped = self._history(spans), 0, dropped + 1
+        needed = len(ids) + len(new)
+        if needed >= self.context:
             raise GenerateError(
-                f"the message needs {len(ids) + len(new)} tokens with the conversation; this model's "
-                f"context is {self.context}"
+                f"the message needs {needed} tokens with the conversation; this model's context is {self.context}"
             )
-        self.messages, self.ids, self.cached = messages, ids, cached
+        self.messages, self.spans, self.ids, self.cached = messages, spans, ids, cached
         if dropped:
             self.on_notice(
                 f"[the conversation outgrew the {self.context}-token context: dropped its {dropped} oldest "
@@ -122,23 +129,35 @@ class ChatSession:
         return self.model.logits(h[:, -1])
 
     def send(self, text: str) -> Iterator[int]:
-        """The user says `text`: yields the reply's token ids as they are sampled (not the end token).
-        Any other special token the model samples also ends the reply (and is not kept)."""
+        """The user says `text`: yields the reply's token ids as they are sampled (not the token that
+        ends it). Interrupted before the first one, the conversation is left as it was."""
         started = time.perf_counter()
-        new = self._fit(text)
-        self.messages.append({"role": "user", "content": text})
-        self.ids += new
-        self.cached = self.cached if self.reuse_cache else 0
-        turn = dict(prompt_tokens=len(self.ids) - self.cached, reply_tokens=0, decode_steps=0, stopped=False)
-        logits = self._run()
+        before = (self.messages, self.spans, list(self.ids), self.cached)
+        try:
+            new = self._fit(text)
+            self.ids += new
+            self.cached = min(self.cached, len(self.ids)) if self.reuse_cache else 0
+            turn = dict(
+                prompt_tokens=len(self.ids) - self.cached, reply_tokens=0, decode_steps=0, stopped=False
+            )
+            logits = self._run()
+        except BaseException:  # Ctrl-C while the prompt ran (or too long a message): nothing changed
+            self.messages, self.spans, self.ids, self.cached = before
+            self.cached = min(self.cached, len(self.ids))
+            raise
+        self.messages = [*self.messages, {"role": "user", "content": text}]
+        self.spans = [*self.spans, new[:-1]]  # the user's turn; the reply's opening token goes with it
+        yield from self._reply(logits, turn, started, opening=new[-1:])
+
+    def _reply(self, logits: torch.Tensor, turn: dict, started: float, opening: list[int]) -> Iterator[int]:
         reply: list[int] = []
         first = None
         try:
             while len(reply) < self.max_new_tokens:
-                token = int(next_token(logits, self.temperature, self.top_k, None, self.generator))
+                token = int(draw(logits, self.sampling, self.generator))
                 first = first or time.perf_counter()
-                if token >= EOT_ID:  # the end of the turn (or a special token out of place)
-                    turn["stopped"] = token in chat.STOP_TOKENS
+                if ends_reply(token):  # the end of the turn (or another token that is not text)
+                    turn["stopped"] = True
                     break
                 reply.append(token)
                 self.ids.append(token)
@@ -150,11 +169,14 @@ class ChatSession:
                     logits = self._run()
                     turn["decode_steps"] += 1
         finally:
-            self._close(reply, turn, started, first)
+            self._close(opening, reply, turn, started, first)
 
-    def _close(self, reply: list[int], turn: dict, started: float, first: float | None) -> None:
-        """End the turn with its end token (sampled or not), keep the message, record the timings."""
+    def _close(
+        self, opening: list[int], reply: list[int], turn: dict, started: float, first: float | None
+    ) -> None:
+        """End the turn with its end token (sampled or not), keep the reply's tokens, record the timings."""
         self.ids.append(chat.ASSISTANT_END_ID)
+        self.spans.append([*opening, *reply, chat.ASSISTANT_END_ID])
         self.messages.append({"role": "assistant", "content": get_tokenizer().decode(reply)})
         now = time.perf_counter()
         first = first or now
@@ -167,19 +189,20 @@ class ChatSession:
 
 
 @torch.no_grad()
-def greedy_reply(model: GPT, prompt: list[int], max_new_tokens: int) -> tuple[list[int], bool]:
-    """The greedy reply to rendered prompt ids (opened for the assistant): its tokens, and whether
-    it ended with the end-of-turn token among its first `max_new_tokens` tokens."""
+def greedy_reply(model: GPT, prompt: list[int], max_new_tokens: int) -> tuple[list[int], int | None]:
+    """The greedy reply to rendered prompt ids (opened for the assistant): its tokens, and the token
+    that ended it (`sampling.ends_reply`) among its first `max_new_tokens` tokens, if one did."""
     device = next(model.parameters()).device
+    greedy = Sampling(temperature=0)
     cache = KVCache.empty(model.config, 1, device, model.transformer.wte.weight.dtype)
     logits = model.logits(model.hidden(torch.tensor([prompt], device=device), cache)[:, -1])
     reply: list[int] = []
     for _ in range(max_new_tokens):
-        token = int(logits.argmax(-1))
-        if token >= EOT_ID:
-            return reply, token in chat.STOP_TOKENS
+        token = int(draw(logits, greedy, None))
+        if ends_reply(token):
+            return reply, token
         reply.append(token)
         if len(prompt) + len(reply) >= model.config.block_size:
             break
         logits = model.logits(model.hidden(torch.tensor([[token]], device=device), cache)[:, -1])
-    return reply, False
+    return reply, None

@@ -30,15 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
-from . import sharded
 from .ckptdir import (
     FULL_FILES,
     MANIFEST,
@@ -46,6 +38,7 @@ from .ckptdir import (
     CheckpointError,
     all_steps,
     fingerprint,
+    is_checkpoint,
     is_sharded,
     latest,
     latest_verified,
@@ -57,6 +50,7 @@ from .ckptdir import (
     stderr,
     step_dir,
     verify,
+    verify_each,
     verify_run,
     write_manifest,
 )
@@ -83,15 +77,25 @@ __all__ = [
     "tensor_bytes",
     "verify",
     "verify_run",
+    "verify_each",
+    "is_checkpoint",
     "write_manifest",
 ]
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def gather(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> tuple[dict, dict]:
     """Full (unsharded) model and optimizer state on CPU. Under FSDP every rank must call this."""
-    return get_model_state_dict(model, options=FULL), get_optimizer_state_dict(
-        model, optimizers, options=FULL
+    # torch.distributed.checkpoint is imported where it is used: reading a checkpoint (eval, sample,
+    # export, serve) never pays its second of import
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=full), get_optimizer_state_dict(
+        model, optimizers, options=full
     )
 
 
@@ -173,6 +177,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> G
     ckpt = resolve(path)
     model = GPT(read_config(ckpt).model)
     if is_sharded(ckpt):
+        from . import sharded
+
         sharded.load_weights(ckpt, model)
         return model.to(device)
     try:
@@ -187,8 +193,16 @@ def load_training(
 ) -> dict:
     """Restore model, optimizer and RNG in place (all ranks); returns state.json's contents.
     `state`: what `verify` (or `latest_verified`) already returned, so the files are hashed once."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
     state = state if state is not None else verify(ckpt)
     if is_sharded(ckpt):
+        from . import sharded
+
         sharded.load_training(ckpt, model, optimizers, state)
         return state
     try:

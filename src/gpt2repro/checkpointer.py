@@ -6,7 +6,6 @@ setting aside a checkpoint whose weights diverged. The Trainer keeps the loop; t
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from .config import TrainConfig
 from .data.loader import DataLoader
 from .distributed import DisagreementError, DistInfo, agree, all_reduce_sum, stop_together
 from .errors import UserError
-from .fsio import free_bytes, human_bytes, remove_leftovers
+from .fsio import free_bytes, human_bytes, remove_leftovers, remove_path
 from .lock import DirLock, LockError
 
 # Resuming requires these to match the checkpoint: they change the model, which batches come next or
@@ -35,13 +34,15 @@ class Checkpointer:
     def __init__(self, run_dir: Path, cfg: TrainConfig, info: DistInfo, log: Callable[[str], None]):
         self.run_dir, self.cfg, self.info, self.log = run_dir, cfg, info, log
 
-    def restore(self, model: torch.nn.Module, optimizers: list, loader: DataLoader) -> tuple[int, str | None]:
+    def restore(
+        self, model: torch.nn.Module, optimizers: list, loader: DataLoader
+    ) -> tuple[int, str | None, dict]:
         """Load the checkpoint to resume from into model, optimizers, RNG and loader (every rank);
-        (the step to start at, that checkpoint's name). With none, a fresh start at step 0."""
+        (the step to start at, that checkpoint's name, its state). With none, a fresh start at step 0."""
         found = self._find()
         if found is None:
             self._start_fresh()
-            return 0, None
+            return 0, None, {}
         ckpt, state = found
         saved = checkpoint.read_config(ckpt)
         diffs = [k for k in RESUME_KEYS if getattr(saved, k) != getattr(self.cfg, k)]
@@ -54,7 +55,12 @@ class Checkpointer:
             loader.load_state_dict(state["loader"])
         except ValueError as e:
             raise TrainingError(f"cannot resume {ckpt}: {e}") from None
-        return state["step"], ckpt.name
+        if state["step"] > self.cfg.max_steps:  # before config.json is rewritten with the new value
+            raise TrainingError(
+                f"cannot resume {ckpt} at step {state['step']} with max_steps={self.cfg.max_steps}: "
+                f"set max_steps >= {state['step']}, or use a new run directory"
+            )
+        return state["step"], ckpt.name, state
 
     def _find(self) -> tuple[Path, dict] | None:
         """The checkpoint to resume from and its state, the same on every rank. FSDP's ranks share
@@ -112,7 +118,7 @@ class Checkpointer:
                 "would shadow; resume it (resume=auto), use a new output directory, or pass overwrite=true to delete them"
             )
         if self.info.is_main:
-            shutil.rmtree(self.run_dir / "checkpoints")
+            remove_path(self.run_dir / "checkpoints")  # a link: the link goes, never its target
             for name in ("metrics.jsonl", "samples.txt"):
                 (self.run_dir / name).unlink(missing_ok=True)
             self.log(
@@ -121,14 +127,22 @@ class Checkpointer:
         self._barrier()
 
     def save(
-        self, step: int, model: torch.nn.Module, optimizers: list, loader: DataLoader, metrics: dict
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizers: list,
+        loader: DataLoader,
+        metrics: dict,
+        clock: dict,
     ) -> None:
         """Checkpoint after `step` steps. FSDP on several ranks: every rank writes its own shard
-        (`sharded`); otherwise every rank gathers (a no-op without FSDP), rank 0 writes."""
+        (`sharded`); otherwise every rank gathers (a no-op without FSDP), rank 0 writes. `clock`:
+        the loop's own state (training seconds, whether this step was evaluated)."""
         state = {
             "loader": loader.state_dict(),
             "world_size": self.info.world_size,
             "metrics": {k: v for k, v in metrics.items() if k != "val_step"},
+            **clock,
         }
         if self.cfg.fsdp and self.info.distributed:
             path = sharded.save(self.run_dir, step, model, optimizers, state, self.cfg, self.info)

@@ -10,7 +10,6 @@ import json
 import os
 import random
 import re
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .fsio import atomic_write_text, fsync_dir, sha256_file
+from .fsio import atomic_write_text, fsync_dir, remove_path, sha256_file
 
 TIED = "lm_head.weight"  # the same tensor as transformer.wte.weight: stored once
 FULL_FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "config.json")
@@ -73,7 +72,7 @@ def publish(final: Path, keep_last: int) -> None:
     """Point `latest` at a checkpoint just renamed into place; remove the ones beyond keep_last."""
     atomic_write_text(final.parent / "latest", final.name + "\n", what="the latest-checkpoint pointer")
     for old in all_steps(final.parent.parent)[:-keep_last]:
-        shutil.rmtree(old)
+        remove_path(old)  # a step that is a planted link: the link goes, never its target
 
 
 def _manifest_hash(files: dict) -> str:
@@ -275,14 +274,23 @@ def stderr(message: str) -> None:
 
 def verify_run(run_dir: str | os.PathLike) -> tuple[int, list[str]]:
     """(checkpoints checked, problems found) over every checkpoint of a run."""
-    steps = all_steps(run_dir)
+    return verify_each(all_steps(run_dir))
+
+
+def verify_each(ckpts: list[Path]) -> tuple[int, list[str]]:
+    """(checkpoints checked, problems found) over `ckpts`."""
     problems = []
-    for ckpt in steps:
+    for ckpt in ckpts:
         try:
             verify(ckpt)
         except CheckpointError as e:
             problems.append(str(e))
-    return len(steps), problems
+    return len(ckpts), problems
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` is one checkpoint directory (either format), not a run or a data directory."""
+    return (path / "model.safetensors").is_file() or (path / "state.json").is_file() or is_sharded(path)
 
 
 def quarantine(run_dir: str | os.PathLike, step: int) -> Path | None:

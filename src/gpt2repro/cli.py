@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .cliargs import build_parser
-from .config import ConfigError
+from .config import RANGES, ConfigError
 from .errors import UserError
 from .presets import TRAIN_PRESETS
 
@@ -74,7 +74,7 @@ def _prepare_chat(args) -> None:
     print(
         f"{args.out}: {c['conversations']:,} conversations in {c['rows']:,} rows of {args.seq_len} tokens "
         f"({c['trained_tokens']:,} learned); truncated {c['truncated']:,}, too long {c['too_long']:,}, "
-        f"bad {c['bad']:,}"
+        f"no reply {c['no_reply']:,}, bad {c['bad']:,}"
     )
 
 
@@ -98,7 +98,7 @@ def cmd_sample(args) -> None:
     device = pick_device(args.device)
     model = _load(args, device).to(torch_dtype(args.weight_dtype))
     for text in sample_text(
-        model, args.prompt, args.n, args.max_new_tokens, args.temperature, args.top_k, args.seed
+        model, args.prompt, args.n, args.max_new_tokens, args.temperature, args.top_k, args.seed, args.top_p
     ):
         print(f"> {text}")
 
@@ -109,7 +109,9 @@ def cmd_chat(args) -> None:
     from .precision import torch_dtype
 
     model = _load(args, pick_device(args.device)).to(torch_dtype(args.weight_dtype))
-    sampling = dict(max_new_tokens=args.max_new_tokens, top_k=args.top_k, temperature=args.temperature)
+    sampling = dict(
+        max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature
+    )
     run(model, args.message, args.system, seed=args.seed, **sampling)
 
 
@@ -123,10 +125,14 @@ def cmd_serve(args) -> None:
 
     uvicorn_module()  # the missing extra named before the model loads
     model = _load(args, pick_device(args.device))
-    served = served_model(model, model_name(args.checkpoint, args.hf), args.max_concurrency)
+    served = served_model(
+        model, model_name(args.checkpoint, args.hf), args.max_concurrency, not args.no_prefix_cache
+    )
     if args.api_key is None:
         print("gpt2repro serve: no --api-key: anyone who can reach the port can use it", file=sys.stderr)
-    serve(served, args.host, args.port, args.api_key, args.max_tokens_limit)
+    serve(
+        served, args.host, args.port, args.api_key, args.max_tokens_limit, args.allowed_host, args.cors_origin
+    )
 
 
 def cmd_export(args) -> None:
@@ -152,7 +158,13 @@ def cmd_eval(args) -> None:
     info = setup(args.device)
     try:
         report.check_output_paths(args.json_out, getattr(args, "predictions", None))
+        bundle = _core_bundle(args) if args.task == "core" else None  # its errors before the model loads
         model = _load(args, info.device)
+        if bundle is not None:
+            report.run_core(
+                model, bundle, info, args.batch_size, args.autocast_dtype, args.json_out, args.predictions
+            )
+            return
         if args.task == "chat":
             report.run_chat(model, args.data, args.limit, args.max_new_tokens, args.batch_size, args.json_out)
             return
@@ -188,6 +200,15 @@ def cmd_eval(args) -> None:
         teardown()
 
 
+def _core_bundle(args):
+    from .evals.core_data import CoreError, load_bundle
+
+    if args.batch_size < 1:
+        raise CoreError(f"--batch-size must be at least 1, got {args.batch_size}")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    return load_bundle(args.bundle, tasks, args.max_per_task)
+
+
 def cmd_plot(args) -> None:
     from .plot import plot_run
 
@@ -221,16 +242,23 @@ def cmd_verify(args) -> None:
     from .data.shards import ShardError, verify_shards
 
     path = Path(args.path)
-    if (path / "manifest.json").is_file():
+    run = path.parent if path.name == "checkpoints" else path
+    if checkpoint.is_checkpoint(path):  # RUN/checkpoints/step_N: it holds a manifest.json too
+        checked, problems = checkpoint.verify_each([path])
+        what, error = "1 checkpoint", checkpoint.CheckpointError
+    elif (path / "manifest.json").is_file():
         checked, problems = verify_shards(path)
         what, error = f"{checked} shards", ShardError
-    elif (path / "checkpoints").is_dir():
-        checked, problems = checkpoint.verify_run(path)
+    elif (run / "checkpoints").is_dir():
+        checked, problems = checkpoint.verify_run(run)
         what, error = f"{checked} checkpoints", checkpoint.CheckpointError
     else:
         raise UserError(
-            f"{path}: neither a prepared data directory (manifest.json) nor a run directory (checkpoints/)"
+            f"{path}: neither a prepared data directory (manifest.json), a run directory (checkpoints/) "
+            "nor a checkpoint (model.safetensors or shards)"
         )
+    if not checked:  # nothing verified is no pass
+        raise error(f"{path}: nothing to verify ({what} found)")
     for problem in problems:
         print(problem)
     if problems:
@@ -286,6 +314,14 @@ COMMANDS = {
 }
 
 
+def _check_seed(args) -> None:
+    """A --seed in the range of the seed key, for every command that takes one (torch refuses
+    others only once a model is loaded)."""
+    _, ok, expected = RANGES["seed"]
+    if getattr(args, "seed", None) is not None and not ok(args.seed):
+        raise ConfigError(f"--seed {args.seed}: expected {expected}")
+
+
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -295,6 +331,7 @@ def _main(argv: list[str] | None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        _check_seed(args)
         COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130

@@ -93,10 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample text from a model")
     _add_model_source(p)
     p.add_argument("--prompt", default="Hello, I'm a language model,")
-    p.add_argument("-n", type=int, default=4)
+    p.add_argument("-n", type=int, default=4, help="samples; sample i is drawn with seed + i")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=50, help="0: no limit")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument(
         "--weight-dtype",
@@ -112,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--message", default=None, help="answer this once and exit (scripts)")
     p.add_argument("--system", default=None, help="a system message opening the conversation")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply at most")
-    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-k", type=int, default=50, help="0: no limit")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
     p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--weight-dtype", choices=DTYPE_NAMES, default="fp32", help="cast the weights themselves")
@@ -129,6 +131,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-tokens-limit", type=int, default=None, help="the largest max_tokens a request may ask"
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=None,
+        help="a Host name to answer besides the bound address (repeatable; '*': any). Default: the bound "
+        "address, with localhost names for a loopback one; any for 0.0.0.0",
+    )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=None,
+        help="an origin (scheme://host:port) whose web pages may call the API (repeatable; default: none)",
+    )
+    p.add_argument(
+        "--no-prefix-cache", action="store_true", help="re-run every prompt whole (no reuse of cached tokens)"
     )
 
     p = sub.add_parser(
@@ -165,6 +183,23 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--json", dest="json_out", default=None, help="write the results here")
     h.add_argument("--predictions", default=None, help="write per-example predictions (jsonl) here")
     h.add_argument("--verbose", action="store_true", help="print a few worked examples")
+
+    h = ev.add_parser("core", help="the CORE metric (DCLM's 22 tasks, nanochat's scoring) of a base model")
+    _add_model_source(h)
+    h.add_argument(
+        "--bundle",
+        default=None,
+        help="an eval bundle directory (core.yaml, eval_meta_data.csv, eval_data/); default: downloaded "
+        "once into the cache",
+    )
+    h.add_argument("--tasks", default=None, help="comma-separated task labels (default: all of core.yaml)")
+    h.add_argument(
+        "--max-per-task", type=int, default=0, help="items per task, nanochat's seeded subsample (0: all)"
+    )
+    h.add_argument("--batch-size", type=int, default=16, help="items per forward pass")
+    h.add_argument("--autocast-dtype", choices=DTYPE_NAMES, default="fp32")
+    h.add_argument("--json", dest="json_out", default=None, help="write the results here")
+    h.add_argument("--predictions", default=None, help="write per-item verdicts (jsonl) here")
 
     h = ev.add_parser("harness", help="any lm-evaluation-harness task (needs the eval extra)")
     _add_model_source(h)

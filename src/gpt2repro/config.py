@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import UserError
+from .jsonio import shown
 
 
 class ConfigError(UserError, ValueError):
@@ -49,7 +50,7 @@ def _check(key: str, value: Any, typ: type, ok: Callable[[Any], bool], expected:
         else isinstance(value, typ)
     )
     if not right_type or not ok(value):
-        raise ConfigError(f"{key}={value!r}: expected {expected}", key)
+        raise ConfigError(f"{key}={shown(value)}: expected {expected}", key)
 
 
 def _key(default: Any, help: str) -> Any:
@@ -205,6 +206,16 @@ class TrainConfig:
     hellaswag_style: str = _key(
         "completion", "completion (build-nanogpt's scoring) or harness (lm-evaluation-harness's)"
     )
+    core_every: int = _key(0, "the CORE metric every N steps (0: never; needs the eval bundle)")
+    core_max_per_task: int = _key(
+        500, "CORE items per task in the loop, nanochat's seeded subsample (0: all ~91k, not cheap)"
+    )
+    core_bundle: str = _key("", "the CORE eval bundle directory ('': downloaded once into the cache)")
+    target_core: float = _key(
+        0.0,
+        "> 0: stop when CORE reaches it (GPT-2 1.5B: 0.2565), logging the training time to it "
+        "(evaluation excluded)",
+    )
     sample_every: int = _key(250, "samples every N steps (0: never)")
     sample_prompt: str = _key("Hello, I'm a language model,", "the prompt of the in-loop samples")
     sample_count: int = _key(4, "samples per sampling")
@@ -217,6 +228,13 @@ class TrainConfig:
     )
     overwrite: bool = _key(False, "a fresh run (resume=never) may delete an earlier run's checkpoints")
     time_limit: float = _key(0.0, "seconds; > 0 stops with a checkpoint once spent (0: no limit)")
+    schedule_clock: str = _key(
+        "steps",
+        "steps, or time: schedule progress = max(step / max_steps, training seconds / time_budget)",
+    )
+    time_budget: float = _key(
+        0.0, "schedule_clock=time: training seconds (evaluation and checkpoints excluded) the schedule spans"
+    )
     # systems
     device: str = _key("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     dtype: str = _key(
@@ -238,9 +256,13 @@ class TrainConfig:
         self.model.validate()
         for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
-                raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}", key)
+                raise ConfigError(
+                    f"{key}={shown(getattr(self, key))} is not one of {', '.join(allowed)}", key
+                )
         if not isinstance(self.device, str) or not DEVICE.fullmatch(self.device):
-            raise ConfigError(f"device={self.device!r}: expected auto, cpu, cuda, cuda:N or mps", "device")
+            raise ConfigError(
+                f"device={shown(self.device)}: expected auto, cpu, cuda, cuda:N or mps", "device"
+            )
         for key, (typ, ok, expected) in RANGES.items():
             _check(key, getattr(self, key), typ, ok, expected)
         for f in fields(self):
@@ -265,8 +287,12 @@ class TrainConfig:
                 "dtype=fp16 with fsdp=true is not supported: the gradient scaler would see only this rank's "
                 "shard of the gradients; use bf16 (or fp32)"
             )
+        if self.schedule_clock == "time" and not self.time_budget:
+            raise ConfigError("schedule_clock=time needs time_budget > 0 (seconds)", "time_budget")
         if self.target_val_loss and not self.val_every:
             raise ConfigError("target_val_loss needs validation: set val_every > 0", "target_val_loss")
+        if self.target_core and not self.core_every:
+            raise ConfigError("target_core needs the CORE metric: set core_every > 0", "target_core")
         if self.val_every and not self.val_steps:
             raise ConfigError(
                 "val_steps=0 with val_every>0 would report a loss of nothing; set val_every=0 instead",
@@ -278,6 +304,18 @@ class TrainConfig:
                 "sample_every",
             )
         return self
+
+    def target_reached(self, step: int, metrics: dict) -> str | None:
+        """Which of `step`'s measurements (val_loss, core) reached its target, if one did."""
+        if (
+            self.target_val_loss
+            and metrics.get("val_step") == step
+            and metrics["val_loss"] <= self.target_val_loss
+        ):
+            return "val_loss"
+        if self.target_core and metrics.get("core_step") == step and metrics["core"] >= self.target_core:
+            return "core"
+        return None
 
     @property
     def muon_peak_lr(self) -> float:
@@ -318,6 +356,7 @@ CHOICES = {
     "hellaswag_style": ("completion", "harness"),
     "optimizer": ("adamw", "muon"),
     "schedule": ("cosine", "wsd"),
+    "schedule_clock": ("steps", "time"),
     "muon_ns_dtype": ("auto", "bf16", "fp32"),
 }
 RANGES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
@@ -344,11 +383,16 @@ RANGES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     "val_steps": (int, lambda v: v >= 0, "an integer >= 0"),
     "hellaswag_every": COUNT,
     "hellaswag_limit": (int, lambda v: v >= 0, "an integer >= 0 (0 = all examples)"),
+    "core_every": COUNT,
+    "core_max_per_task": (int, lambda v: v >= 0, "an integer >= 0 (0 = all items)"),
+    "core_bundle": (str, lambda v: True, "a directory ('' = the cached download)"),
+    "target_core": (float, lambda v: 0 <= v <= 1, "a CORE score in [0, 1] (0 = none)"),
     "sample_every": COUNT,
     "sample_prompt": (str, lambda v: True, "a string"),
     "sample_count": (int, lambda v: v >= 0, "an integer >= 0"),
     "sample_tokens": (int, lambda v: v >= 0, "an integer >= 0"),
     "ckpt_every": COUNT,
     "time_limit": (float, lambda v: 0 <= v < math.inf, "seconds >= 0 (0 = no limit)"),
+    "time_budget": (float, lambda v: 0 <= v < math.inf, "seconds >= 0"),
     "log_every": COUNT,
 }

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import jsonio
 from .config import CHOICES, ConfigError, TrainConfig
 from .overrides import config_keys
 
@@ -47,11 +48,14 @@ def _parse(path: Path, text: str) -> tuple[Any, dict[str, int]]:
             return tomllib.loads(text), _toml_lines(text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        except RecursionError:  # arrays nested thousands deep
+            raise ConfigError(f"{path}: not valid TOML: nested too deeply to read") from None
     if suffix == ".json":
         try:
-            return json.loads(text), {}
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+            return jsonio.loads(text), {}
+        except jsonio.NotJSON as e:
+            where = f"{path}:{e.lineno}" if e.lineno else str(path)
+            raise ConfigError(f"{where}: {e.problem}") from None
     raise ConfigError(f"{path}: a config file is .toml or .json (a run writes RUN/config.json)")
 
 
@@ -59,7 +63,7 @@ def read_config_file(path: str | Path) -> tuple[dict[str, Any], Callable[[str], 
     """The file's keys, flat (`model.n_layer`), and `where(key)`: 'FILE:LINE' for TOML, else 'FILE'."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is no key
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except IsADirectoryError:
@@ -78,7 +82,9 @@ def read_config_file(path: str | Path) -> tuple[dict[str, Any], Callable[[str], 
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if key == "model" and not isinstance(value, dict):
-            raise ConfigError(f"{where(key)}: model={value!r}: expected a table of architecture keys", key)
+            raise ConfigError(
+                f"{where(key)}: model={jsonio.shown(value)}: expected a table of architecture keys", key
+            )
         if isinstance(value, dict):  # [model], or a table that names no key (refused by key)
             flat.update({f"{key}.{k}": v for k, v in value.items()})
         else:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError, TrainConfig
+from .config import DEVICE, ConfigError, TrainConfig
 from .errors import UserError
 from .model import GPT
 
@@ -39,12 +39,15 @@ def pick_device(preference: str = "auto") -> torch.device:
     """cuda > mps > cpu unless a device is named."""
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if preference != "auto":
-        try:
-            device = torch.device(preference)
-        except RuntimeError:
-            raise ConfigError(f"device={preference!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+        if not isinstance(preference, str) or not DEVICE.fullmatch(preference):  # xpu, a typo: not ours
+            raise ConfigError(f"device={preference!r}: expected auto, cpu, cuda, cuda:N or mps")
+        device = torch.device(preference)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device={preference} requested but CUDA is not available")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device={preference}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
         if device.type == "mps" and not mps:
             raise ConfigError(f"device={preference} requested but MPS is not available")
         return device

@@ -7,7 +7,13 @@ the umask), not mkstemp's private 0600, so shared data sets and checkpoints are 
 When the file system refuses a write (no space, a read-only or vanished directory, no permission)
 the temporaries are removed and a `WriteError` names the path, what was being written, the space
 free and, where known beforehand, the space needed. Temporary names are unique per writer; the
-leftovers of a killed writer are removed by the next holder of the directory's lock (`lock.py`)."""
+leftovers of a killed writer are removed by the next holder of the directory's lock (`lock.py`),
+except a directory set aside while its replacement was renamed in, which is put back when it is
+the only copy left.
+
+Nothing is ever written through a symbolic link planted where the project writes: temporaries are
+created with O_EXCL|O_NOFOLLOW, renames replace a link itself (never its target), appended logs are
+opened with O_NOFOLLOW and must be regular files."""
 
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -35,6 +42,7 @@ REASONS = {
     errno.ENOENT: "the output directory vanished",
 }
 FULL_MARGIN = 1 << 20  # less free than this after a failed write: the disk filled up
+NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC  # never through a link
 
 
 class WriteError(UserError, RuntimeError):
@@ -55,6 +63,15 @@ def default_permissions(path: str | os.PathLike) -> None:
     umask = os.umask(0o022)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a file's data to disk (through a read-only descriptor: Linux allows it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -138,6 +155,20 @@ def write_error(exc: BaseException, path: str | os.PathLike, what: str) -> Write
     return WriteError(describe(path, what, REASONS[code])) if code is not None else None
 
 
+def not_regular(path: Path, what: str, exc: OSError | None = None) -> WriteError | None:
+    """The WriteError for a path that is a symbolic link, a directory or a special file where the
+    project creates a regular file (None for another OSError)."""
+    if exc is not None and exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+        return None
+    kind = (
+        "a symbolic link" if path.is_symlink() else "a directory" if path.is_dir() else "not a regular file"
+    )
+    return WriteError(
+        f"{path}: cannot write {what}: it is {kind}, and nothing is written through one; "
+        "remove it (or write elsewhere)"
+    )
+
+
 def fail_cleanly(
     exc: BaseException, path: Path, what: str, cleanup: Callable[[], None], needed: int = 0
 ) -> None:
@@ -160,8 +191,7 @@ class AtomicFile:
         self.tmp = self.path.parent / f".{self.path.name}.{secrets.token_hex(6)}.tmp"
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-            self.file: BinaryIO = os.fdopen(os.open(self.tmp, flags, 0o666), "wb")
+            self.file: BinaryIO = os.fdopen(os.open(self.tmp, NEW_FILE, 0o666), "wb")
         except OSError as e:
             raise write_error(e, self.path, what) or e from None
 
@@ -173,6 +203,8 @@ class AtomicFile:
             os.replace(self.tmp, self.path)
         except BaseException as e:
             fail_cleanly(e, self.path, self.what, self.discard)
+            if isinstance(e, OSError) and (refused := not_regular(self.path, self.what, e)):
+                raise refused from None
             raise
         fsync_dir(self.path.parent)
         return self.path
@@ -205,7 +237,9 @@ def atomic_write_text(path: str | os.PathLike, text: str, what: str = "a file") 
 
 def publish_copy(src: str | os.PathLike, path: str | os.PathLike, what: str = "a file") -> Path:
     """Put `src`'s bytes at `path` atomically: a hard link where the file system allows one (a
-    downloaded 200 MB shard is not stored twice), else a copy. `src` must never change in place."""
+    downloaded 200 MB shard is not stored twice), else a copy. `src` must never change in place.
+    A link's data is fsynced before it is renamed in: whoever wrote `src` (huggingface_hub's
+    download) may never have, and a manifest published next would list bytes still in memory."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
@@ -215,6 +249,7 @@ def publish_copy(src: str | os.PathLike, path: str | os.PathLike, what: str = "a
             shutil.copyfileobj(f, out.file, 1 << 20)
         return path
     try:
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         fail_cleanly(e, path, what, lambda: tmp.unlink(missing_ok=True))
@@ -229,24 +264,35 @@ def fsync_tree(root: Path) -> None:
         if path.is_dir():
             fsync_dir(path)
         else:
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+            fsync_file(path)
     fsync_dir(root)
 
 
 def remove_leftovers(directory: str | os.PathLike, name: str = "") -> None:
     """Remove the temporaries (`.NAME.….tmp`, `.NAME.….old`) a killed writer left in `directory`;
-    only the holder of the directory's lock may call this, so no live writer loses its files."""
+    only the holder of the directory's lock may call this, so no live writer loses its files. A
+    `.NAME.….old` whose NAME is missing is the only copy left (a writer killed between setting it
+    aside and renaming its replacement in): it is put back, not deleted."""
     directory = Path(directory)
     if not directory.is_dir():
         return
     prefix = f".{name}." if name else "."
-    for path in directory.iterdir():
+    for path in sorted(directory.iterdir(), key=lambda p: not p.name.endswith(".old")):
         if path.name.startswith(prefix) and path.name.endswith((".tmp", ".old")):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
+            original = directory / path.name[1:].rsplit(".", 2)[0]
+            if path.name.endswith(".old") and not os.path.lexists(original):
+                os.replace(path, original)
+                fsync_dir(directory)
             else:
-                path.unlink(missing_ok=True)
+                remove_path(path, ignore_errors=True)
+
+
+def remove_path(path: Path, ignore_errors: bool = False) -> None:
+    """A file, a link (never what it points to: shutil.rmtree refuses links) or a whole directory."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+    else:
+        path.unlink(missing_ok=True)
 
 
 class AppendFile:
@@ -256,17 +302,21 @@ class AppendFile:
 
     def __init__(self, path: str | os.PathLike, what: str):
         self.path, self.what = Path(path), what
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            self.fd = os.open(self.path, flags, 0o666)
         except OSError as e:
-            raise write_error(e, self.path, what) or e from None
+            raise write_error(e, self.path, what) or not_regular(self.path, what, e) or e from None
+        if stat.S_ISFIFO(os.fstat(self.fd).st_mode):  # a FIFO planted there (a device node needs root)
+            os.close(self.fd)
+            raise not_regular(self.path, what)
 
     def write(self, text: str) -> None:
         data = memoryview(text.encode("utf-8"))
-        stat = os.fstat(self.fd)
-        if stat.st_nlink == 0:  # deleted, with its directory perhaps: the lines would go nowhere
+        st = os.fstat(self.fd)
+        if st.st_nlink == 0:  # deleted, with its directory perhaps: the lines would go nowhere
             raise WriteError(describe(self.path, self.what, REASONS[errno.ENOENT]))
-        size = stat.st_size
+        size = st.st_size
         try:
             while data:
                 data = data[os.write(self.fd, data) :]
@@ -277,6 +327,13 @@ class AppendFile:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def _occupied(path: Path) -> bool:
+    """Whether a directory cannot simply be renamed onto `path`: a link, a file, a non-empty directory."""
+    if path.is_symlink():
+        return True
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
 class AtomicDir:
@@ -303,18 +360,20 @@ class AtomicDir:
         moved = False
         try:
             fsync_tree(self.tmp)
-            if self.path.exists() and any(self.path.iterdir()):
+            if _occupied(self.path):
                 if not self.replace:
                     raise FileExistsError(f"{self.path}: exists and is not empty")
-                os.replace(self.path, self.old)
+                os.replace(self.path, self.old)  # a link is moved itself, its target untouched
                 moved = True
             os.replace(self.tmp, self.path)  # onto an absent or empty directory
         except BaseException as e:
+            if moved and not os.path.lexists(self.path):  # never leave the old copy as a leftover
+                os.replace(self.old, self.path)
             fail_cleanly(e, self.path, self.what, self.discard, self.needed)
             raise
         fsync_dir(self.path.parent)
         if moved:
-            shutil.rmtree(self.old)
+            remove_path(self.old)
         return self.path
 
     def discard(self) -> None:

@@ -1,44 +1,20 @@
-"""Autoregressive sampling with a preallocated KV cache.
+"""Autoregressive sampling with a preallocated KV cache, through the one sampler (`sampling`).
 
 Generation stops when the sequence reaches the model's block_size (the returned tensor is then
 shorter than prompt + max_new_tokens); it never silently crops context, so cached and recomputed
-decoding always see the same tokens."""
+decoding always see the same tokens. `sample_tokens` (the `sample` command and the in-loop samples)
+draws row i with seed + i, as the server draws choice i, and ends each row at its first token that is
+not text (`sampling.ends_reply`)."""
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
-from .errors import UserError
 from .kvcache import KVCache
 from .model import GPT
+from .sampling import GenerateError, Sampling, draw, draw_rows, ends_reply, filter_logits
 
-
-class GenerateError(UserError, ValueError):
-    """Sampling arguments that cannot work (empty or too long a prompt, a bad count); one line."""
-
-
-def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """Set everything outside the top-k / nucleus (top-p) to -inf. logits: (B, V)."""
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def next_token(logits: torch.Tensor, temperature: float, top_k, top_p, generator) -> torch.Tensor:
-    if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
-    probs = F.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)
+__all__ = ["GenerateError", "filter_logits", "generate", "prompt_tokens", "sample_text", "sample_tokens"]
 
 
 @torch.no_grad()
@@ -51,13 +27,19 @@ def generate(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    generators: list[torch.Generator] | None = None,
+    until_end: bool = False,
 ) -> torch.Tensor:
-    """Extend idx (B, T) by up to max_new_tokens; temperature=0 is greedy decoding."""
+    """Extend idx (B, T) by up to max_new_tokens; temperature=0 is greedy decoding. With `generators`,
+    row i is drawn with generators[i] alone; with `until_end`, decoding stops once every row has drawn
+    a token that ends a reply (the rows are not cut: see `sample_tokens`)."""
     was_training = model.training
     model.eval()
     steps = min(max_new_tokens, model.config.block_size - idx.size(1))
     if steps < 0:
         raise ValueError(f"prompt of {idx.size(1)} tokens exceeds block_size={model.config.block_size}")
+    sampling = Sampling(temperature, top_k, 1.0 if top_p is None else top_p)
+    ended = torch.zeros(idx.size(0), dtype=torch.bool)
     cache = None
     if use_cache:
         dtype = model.transformer.wte.weight.dtype
@@ -66,24 +48,58 @@ def generate(
     for i in range(steps):
         if not use_cache:
             logits = model.logits(model.hidden(idx)[:, -1])
-        tok = next_token(logits, temperature, top_k, top_p, generator)
+        tok = draw_rows(logits, sampling, generators) if generators else draw(logits, sampling, generator)
         idx = torch.cat([idx, tok], dim=1)
+        if until_end:
+            ended |= torch.tensor([ends_reply(t) for t in tok[:, 0].tolist()])
+            if bool(ended.all()):
+                break
         if use_cache and i + 1 < steps:
             logits = model.logits(model.hidden(tok, cache)[:, -1])
     model.train(was_training)
     return idx
 
 
-def prompt_tokens(prompt: str, block_size: int) -> list[int]:
-    """The prompt's tokens, if there are some and room after them to generate."""
+def encode_prompt(prompt: str) -> list[int]:
+    """A prompt as plain text; text spelling a special token is refused, as in chat messages (the
+    one rule of every prompt: README, "Special tokens in prompts")."""
+    from .chat import spelled_special
     from .tokenizer import get_tokenizer
 
-    ids = get_tokenizer().encode(prompt)
+    spelled = spelled_special(prompt)
+    if spelled:
+        raise GenerateError(
+            f"the prompt contains the special token {spelled}: prompts are plain text, and text that "
+            "spells a special token is refused rather than read as the token"
+        )
+    return get_tokenizer().encode_ordinary(prompt)
+
+
+def prompt_tokens(prompt: str, block_size: int) -> list[int]:
+    """The prompt's tokens, if there are some and room after them to generate."""
+    ids = encode_prompt(prompt)
     if not ids:
         raise GenerateError("the prompt is empty")
     if len(ids) >= block_size:
         raise GenerateError(f"the prompt is {len(ids)} tokens; this model's block_size is {block_size}")
     return ids
+
+
+def sample_tokens(
+    model: GPT, prompt_ids: list[int], n: int, max_new_tokens: int, sampling: Sampling
+) -> list[list[int]]:
+    """n continuations of `prompt_ids` (row i drawn with seed + i), each ending before its first token
+    that is not text."""
+    sampling.check()
+    if n < 1 or max_new_tokens < 1:
+        raise GenerateError(f"n and max_new_tokens must be at least 1, got {n} and {max_new_tokens}")
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt_ids] * n, dtype=torch.long, device=device)
+    gens = [sampling.generator(device, i) for i in range(n)]
+    out = generate(model, idx, max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p,
+                   generators=gens, until_end=True)  # fmt: skip
+    rows = [row[len(prompt_ids) :].tolist() for row in out]
+    return [row[: next((j for j, t in enumerate(row) if ends_reply(t)), len(row))] for row in rows]
 
 
 def sample_text(
@@ -94,29 +110,13 @@ def sample_text(
     temperature: float = 1.0,
     top_k: int | None = 50,
     seed: int = 42,
+    top_p: float = 1.0,
 ) -> list[str]:
-    """n samples continuing `prompt`, reproducible for a seed (the original's top-50 sampling)."""
+    """n samples continuing `prompt` (the prompt included), reproducible for a seed (the original's
+    top-50 sampling by default)."""
     from .tokenizer import get_tokenizer
 
     enc = get_tokenizer()
-    prompt_ids = enc.encode(prompt)
-    block = model.config.block_size
-    checks = [
-        (bool(prompt_ids), "the prompt is empty"),
-        (
-            len(prompt_ids) < block,
-            f"the prompt is {len(prompt_ids)} tokens; this model's block_size is {block}",
-        ),
-        (n >= 1, f"n must be at least 1, got {n}"),
-        (max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {max_new_tokens}"),
-        (top_k is None or top_k >= 1, f"top_k must be at least 1, got {top_k}"),
-        (0 <= temperature < math.inf, f"temperature must be a finite number >= 0, got {temperature}"),
-    ]
-    for ok, problem in checks:
-        if not ok:
-            raise GenerateError(problem)
-    device = next(model.parameters()).device
-    idx = torch.tensor([prompt_ids] * n, dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    out = generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
-    return [enc.decode(row.tolist()) for row in out]
+    prompt_ids = prompt_tokens(prompt, model.config.block_size)
+    rows = sample_tokens(model, prompt_ids, n, max_new_tokens, Sampling(temperature, top_k, top_p, seed))
+    return [enc.decode(prompt_ids + row) for row in rows]

@@ -172,9 +172,10 @@ def export_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
     """Write config.json, model.safetensors (HF layout), generation_config.json and tokenizer files.
 
     The directory appears complete or not at all (`fsio.AtomicDir`), with normal permissions, written
-    under its lock (`lock.DirLock`): a second export to the same place stops at once."""
+    under its lock (`lock.DirLock`): a second export to the same place stops at once. An `out_dir`
+    that is a symbolic link is exported through: the files appear in the directory it points to."""
     with DirLock(out_dir, "export", beside=True):
-        return _export(model, Path(out_dir))
+        return _export(model, Path(os.path.realpath(out_dir)))
 
 
 def load_source(source: str | os.PathLike, hf: bool = False) -> GPT:
@@ -186,7 +187,7 @@ def load_source(source: str | os.PathLike, hf: bool = False) -> GPT:
 def export_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, hf: bool = False) -> Path:
     """`export_hf` of a checkpoint of ours (`load_source`), locking the output before the weights are read."""
     with DirLock(out_dir, "export", beside=True):
-        return _export(load_source(source, hf), Path(out_dir))
+        return _export(load_source(source, hf), Path(os.path.realpath(out_dir)))
 
 
 def _export(model: GPT, out: Path) -> Path:
@@ -216,12 +217,14 @@ def _export(model: GPT, out: Path) -> Path:
 
 
 def generation_config(config: GPTConfig) -> dict:
-    """A chat model's replies stop at the end of the assistant's turn (or at <|endoftext|>)."""
-    if not config.chat:
-        return {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "do_sample": True}
+    """Generation ends where every entry point of ours ends a reply (`sampling.ends_reply`): at
+    <|endoftext|> and, for a chat model, at any chat token."""
+    from .sampling import end_ids
+
+    ends = end_ids(config.vocab_size)
     return {
         "bos_token_id": EOT_ID,
-        "eos_token_id": [chat.ASSISTANT_END_ID, EOT_ID],
+        "eos_token_id": ends if len(ends) > 1 else ends[0],
         "pad_token_id": EOT_ID,
         "do_sample": True,
     }

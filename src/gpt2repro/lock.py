@@ -6,15 +6,22 @@ The OS drops the lock when the holder dies, so kill -9 never leaves a stale lock
 removed on release, may be left behind, and means nothing while unlocked. Forked children (the
 tokenizer pool, compile workers) close their copy, so a holder killed while they run frees it too.
 Readers (`eval`, `sample`, `verify`, `plot`) never take it. On network file systems the lock is only
-as good as the server's lock manager (see the README)."""
+as good as the server's lock manager (see the README).
+
+The lock is taken on the directory's resolved path, so two writers naming one directory through
+different paths (a symbolic link, `..`) exclude each other. The lock file itself is never followed
+when it is a symbolic link (O_NOFOLLOW) and must be a regular file: a link planted in a shared
+directory cannot make a writer overwrite the file it points to."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -23,6 +30,8 @@ from .errors import UserError
 from .fsio import write_error
 
 LOCK_NAME = ".gpt2repro.lock"
+# never through a final symbolic link; O_NONBLOCK: a FIFO planted there does not block the open
+LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _HELD: set[int] = set()  # lock file descriptors of this process, closed in forked children
 
 
@@ -58,9 +67,8 @@ class DirLock:
 
     def __init__(self, directory: str | os.PathLike, command: str, beside: bool = False):
         self.directory, self.command = Path(directory), command
-        self.path = (
-            self.directory.parent / f".{self.directory.name}.lock" if beside else self.directory / LOCK_NAME
-        )
+        real = Path(os.path.realpath(directory))  # one lock per directory, whatever the path to it
+        self.path = real.parent / f".{real.name}.lock" if beside else real / LOCK_NAME
         self.fd: int | None = None
 
     def acquire(self) -> DirLock:
@@ -71,8 +79,13 @@ class DirLock:
         while True:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                fd = os.open(self.path, LOCK_FLAGS, 0o666)
+                if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device planted there
+                    os.close(fd)
+                    raise OSError(errno.ENXIO, "not a regular file")
             except OSError as e:
+                if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                    raise self._not_a_file() from None
                 raise write_error(e, self.path, f"the {self.command} lock") or e from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -105,9 +118,22 @@ class DirLock:
             os.pwrite(fd, json.dumps(info).encode(), 0)
         return self
 
+    def _not_a_file(self) -> LockError:
+        kind = (
+            "a symbolic link"
+            if self.path.is_symlink()
+            else "a directory"
+            if self.path.is_dir()
+            else "a special file"
+        )
+        return LockError(
+            f"{self.path}: the lock file is {kind}, not a regular file; nothing is written through it: "
+            "remove it if no other program uses it, or write elsewhere"
+        )
+
     def _still_mine(self, fd: int) -> bool:
         try:
-            on_disk = os.stat(self.path)
+            on_disk = os.lstat(self.path)
         except FileNotFoundError:
             return False
         mine = os.fstat(fd)

@@ -73,9 +73,19 @@ def build_optimizer(
     return optimizers
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def schedule_position(step: int, train_seconds: float, cfg: TrainConfig) -> float:
+    """Where the schedule is, in steps: `step`; with schedule_clock=time, the step that the share of
+    time_budget spent corresponds to when that is further (a host that slows down moves the schedule
+    on by the clock, so warmup and decay still end inside the budget)."""
+    if cfg.schedule_clock == "time":
+        return max(float(step), train_seconds / cfg.time_budget * cfg.max_steps)
+    return step
+
+
+def lr_at(step: float, cfg: TrainConfig) -> float:
     """Linear warmup over warmup_steps, then cosine (or stable, then a linear decay over the last
-    wsd_decay_fraction of the steps: `wsd`) from max_lr down to min_lr_ratio * max_lr."""
+    wsd_decay_fraction of the steps: `wsd`) from max_lr down to min_lr_ratio * max_lr. `step` may
+    be fractional (`schedule_position`)."""
     min_lr = cfg.max_lr * cfg.min_lr_ratio
     if step < cfg.warmup_steps:
         return cfg.max_lr * (step + 1) / cfg.warmup_steps

@@ -7,6 +7,7 @@ import dataclasses
 from typing import Any
 
 from .config import CHAT_VOCAB_SIZE, GPT2_VOCAB_SIZE, ConfigError, GPTConfig, TrainConfig
+from .jsonio import shown
 
 
 def _coerce(key: str, raw: str, current: Any) -> Any:
@@ -87,5 +88,12 @@ def set_value(cfg: TrainConfig, key: str, value: Any) -> None:
     elif typ is int and type(value) is float and value.is_integer():
         value = int(value)
     if type(value) is not typ:  # exactly: a bool is not an int here
-        raise ConfigError(f"{key}={value!r}: expected {EXPECTED[typ]}", key)
+        raise ConfigError(f"{key}={shown(value)}: expected {EXPECTED[typ]}", key)
+    if typ is str and not value.isascii():
+        try:  # JSON's "\ud800": a lone surrogate, text no file or terminal can hold
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(
+                f"{key}={shown(value)}: not valid Unicode text (a lone surrogate)", key
+            ) from None
     _assign(target, name, value)

@@ -1,5 +1,7 @@
-"""`gpt2repro plot RUN_DIR`: train/val loss and HellaSwag curves from metrics.jsonl, with the
-reference lines of the original run (OpenAI GPT-2 124M val loss on FineWeb-EDU, HellaSwag scores)."""
+"""`gpt2repro plot RUN_DIR`: train/val loss, HellaSwag and (when measured) CORE curves from
+metrics.jsonl, with the reference lines of the original run: HellaSwag scores always (the same
+benchmark), OpenAI GPT-2 124M's val loss only when the run's data came from FineWeb (a loss on other
+text is not comparable), and nanochat's CORE of each GPT-2 size."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import os
 from pathlib import Path
 
 from .errors import UserError
+from .evals.core_data import GPT2_CORE
 from .fsio import atomic_write
 
 GPT2_124M_VAL_LOSS = 3.2924
@@ -46,6 +49,15 @@ def read_metrics(run_dir: str | os.PathLike) -> dict[str, list[dict]]:
     return {k: list({r["step"]: r for r in rows}.values()) for k, rows in events.items()}
 
 
+def loss_references(events: dict[str, list[dict]]) -> list[tuple[float, str]]:
+    """The loss plot's reference lines: GPT-2 124M's val loss when the run's data was prepared from
+    FineWeb or FineWeb-EDU (its `data` events say what from), none on other text."""
+    sources = [s for r in events.get("data", []) for s in r.get("sources", []) if isinstance(s, str)]
+    if any("fineweb" in s.lower() for s in sources):
+        return [(GPT2_124M_VAL_LOSS, f"OpenAI GPT-2 (124M) val on FineWeb-EDU ({GPT2_124M_VAL_LOSS})")]
+    return []
+
+
 def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     import matplotlib
 
@@ -54,15 +66,16 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
 
     events = read_metrics(run_dir)
     out = Path(out) if out else Path(run_dir) / "curves.png"
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5))
+    core = events.get("core", [])
+    fig, axes = plt.subplots(1, 3 if core else 2, figsize=(21 if core else 14, 5))
+    ax1, ax2 = axes[:2]
     train, val = events.get("train", []), events.get("val", [])
     if train:
         ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", alpha=0.7)
     if val:
         ax1.plot([r["step"] for r in val], [r["loss"] for r in val], label="val loss", marker="o")
-    ax1.axhline(
-        GPT2_124M_VAL_LOSS, color="r", linestyle="--", label=f"OpenAI GPT-2 (124M) val ({GPT2_124M_VAL_LOSS})"
-    )
+    for value, label in loss_references(events):
+        ax1.axhline(value, color="r", linestyle="--", label=label)
     ax1.set_xlabel("step")
     ax1.set_ylabel("loss")
     ax1.set_title("loss")
@@ -71,17 +84,35 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     if hs:
         ax2.plot([r["step"] for r in hs], [r["acc_norm"] for r in hs], label="ours (acc_norm)", marker="o")
     ax2.axhline(
-        GPT2_124M_HELLASWAG, color="r", linestyle="--", label=f"OpenAI GPT-2 (124M) ({GPT2_124M_HELLASWAG})"
+        GPT2_124M_HELLASWAG,
+        color="r",
+        linestyle="--",
+        label=f"OpenAI GPT-2 (124M) HellaSwag ({GPT2_124M_HELLASWAG})",
     )
     ax2.axhline(
-        GPT3_124M_HELLASWAG, color="g", linestyle="--", label=f"OpenAI GPT-3 (124M) ({GPT3_124M_HELLASWAG})"
+        GPT3_124M_HELLASWAG,
+        color="g",
+        linestyle="--",
+        label=f"OpenAI GPT-3 (124M) HellaSwag ({GPT3_124M_HELLASWAG})",
     )
     ax2.set_xlabel("step")
     ax2.set_ylabel("accuracy")
     ax2.set_title("HellaSwag")
     ax2.legend()
+    if core:
+        _plot_core(axes[2], core)
     fig.tight_layout()
     # atomically: a reader (or a full disk) never sees half a picture
     atomic_write(out, lambda f: fig.savefig(f, format=out.suffix[1:] or "png", dpi=100), "the plot")
     plt.close(fig)
     return out
+
+
+def _plot_core(ax, rows: list[dict]) -> None:
+    ax.plot([r["step"] for r in rows], [r["core"] for r in rows], label="ours", marker="o")
+    for (size, score), color in zip(GPT2_CORE.items(), ("r", "m", "g", "k")):
+        ax.axhline(score, color=color, linestyle="--", label=f"OpenAI GPT-2 {size} ({score})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("CORE (mean centered accuracy)")
+    ax.set_title("CORE")
+    ax.legend()

@@ -15,6 +15,7 @@ from typing import Any
 
 from .config import ConfigError, TrainConfig, model_config
 from .configfile import read_config_file
+from .jsonio import shown
 from .overrides import apply_overrides, set_value
 
 
@@ -170,10 +171,13 @@ def preset_config(name: str) -> TrainConfig:
 def _base(preset: str | None, named: Any, where: Callable[[str], str]) -> TrainConfig:
     """The preset named by the caller or by the file (not two different ones), else the defaults."""
     if named is not None and not isinstance(named, str):
-        raise ConfigError(f"{where('preset')}: preset={named!r}: expected a preset name (a string)", "preset")
+        raise ConfigError(
+            f"{where('preset')}: preset={shown(named)}: expected a preset name (a string)", "preset"
+        )
     if named is not None and preset not in (None, named):
         raise ConfigError(
-            f"{where('preset')}: preset={named!r} but the preset given is {preset!r}; name it once", "preset"
+            f"{where('preset')}: preset={shown(named)} but the preset given is {preset!r}; name it once",
+            "preset",
         )
     name = preset if preset is not None else named
     if name is None:

@@ -21,7 +21,7 @@ import torch
 from .checkpointer import Checkpointer, TrainingError, run_lock
 from .config import TrainConfig
 from .data.loader import DataLoader
-from .data.shards import ShardError, verify_shards
+from .data.shards import ShardError, manifest_sources, verify_shards
 from .distributed import (
     all_reduce_mean,
     all_reduce_sum,
@@ -30,12 +30,12 @@ from .distributed import (
     setup,
     teardown,
 )
-from .evals import hellaswag
+from .evals import core, hellaswag
 from .fsio import WriteError, atomic_write_text
 from .generate import prompt_tokens, sample_text
 from .metrics import MetricsLogger
 from .mfu import Peak, synchronize
-from .optim import build_optimizer, configure, lr_at, set_lr
+from .optim import build_optimizer, configure, lr_at, schedule_position, set_lr
 from .parallelize import build_model
 from .plan import Plan, resolve
 from .precision import autocast, enable_tf32, slow_dtype_warning, tf32_enabled
@@ -44,7 +44,8 @@ from .precision import autocast, enable_tf32, slow_dtype_warning, tf32_enabled
 class StopReason(enum.Enum):
     SIGNAL = "signal"  # preempted: checkpoint at once, no evaluation
     TIME_LIMIT = "time limit"
-    TARGET = "target val loss reached"
+    TARGET = "target reached"
+    SCHEDULE_END = "time budget spent: the schedule is complete"
 
 
 class StopFlag:
@@ -73,6 +74,7 @@ class Trainer:
     def __init__(self, plan: Plan, data_dir: Path, run_dir: Path):
         cfg, info = plan.cfg, plan.info
         self.plan, self.cfg, self.info, self.run_dir, self.device = plan, cfg, info, run_dir, info.device
+        self.data_sources = manifest_sources(data_dir)  # logged: the plot's reference lines depend on it
         enable_tf32(self.device)
         torch.manual_seed(cfg.seed)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -84,6 +86,7 @@ class Trainer:
         self.val_loader = self._loader(data_dir, "val") if cfg.val_every else None
         examples = hellaswag.load_examples(limit=cfg.hellaswag_limit or None) if cfg.hellaswag_every else []
         self.hellaswag = (examples, [hellaswag.render(e, cfg.hellaswag_style) for e in examples])
+        self.core = core.Suite.for_run(cfg, info) if cfg.core_every else None  # CORE, tokenized once
         if cfg.sample_every:  # a prompt that cannot be sampled fails now, not after the first steps
             prompt_tokens(cfg.sample_prompt, cfg.model.block_size)
         self.raw, self.model = build_model(cfg, info, plan.dtype, plan.compile, plan.pretrained)
@@ -95,6 +98,10 @@ class Trainer:
         # worse than guessing uniformly by far: the weights blew up (a finite loss can say so too)
         self.divergence_loss = 2 * math.log(cfg.model.vocab_size)
         self.start_step, self.started = 0, time.time()
+        # the schedule's clock: seconds spent in train_step (evaluation and checkpoints excluded),
+        # kept in every checkpoint; `evaluated`: whether the resumed step's evaluation already ran
+        self.train_seconds, self.evaluated = 0.0, True
+        self.last_seconds = 0.0  # the last step's duration: will the next one fit in time_budget?
         self.peak = Peak(self.device, plan.dtype, info.world_size)  # for MFU
         self.flops_per_step = self.raw.flops_per_token(cfg.seq_len) * cfg.total_batch_size
 
@@ -130,52 +137,69 @@ class Trainer:
         cfg = self.cfg
         self.start_step = start = self.resume()
         self.logger = MetricsLogger(self.run_dir, cfg, self.info.is_main)
-        stop, reason, metrics = StopFlag(), None, {}
+        self.logger.log("data", start, sources=self.data_sources)
+        stop, metrics = StopFlag(), {}
+        reason = self._schedule_end()
+        # a resumed step was evaluated before its checkpoint, unless a signal saved it at once
+        redo = start > 0 and not self.evaluated
         self.started = time.time()
         try:
             for step in range(start, cfg.max_steps + 1):
                 last = step == cfg.max_steps or reason is not None
-                # a resumed step was evaluated before its checkpoint; a preempted run saves at once
-                if (step > start or step == 0) and reason is not StopReason.SIGNAL:
+                self.evaluated = (step > start or step == 0 or redo) and reason is not StopReason.SIGNAL
+                if self.evaluated:
                     metrics.update(self.evaluate(step, last))
                     if reason is None and self._reached_target(step, metrics):
                         reason, last = StopReason.TARGET, True
-                if step > start and (last or _due(step, False, cfg.ckpt_every)):
-                    self.save(step, metrics)
+                if (step > start or redo and last) and (last or _due(step, False, cfg.ckpt_every)):
+                    self.save(step, metrics)  # (a resumed step saved again: now with its evaluation)
                 if last:
                     break
                 stats = self.train_step(step)
                 metrics.update(loss=stats["loss"], lr=stats["lr"], grad_norm=stats["grad_norm"])
                 console = cfg.log_every > 0 and (step % cfg.log_every == 0 or step + 1 == cfg.max_steps)
                 self.logger.train_step(step, stats, self.train_loader.epoch, console)
-                reason = self.should_stop(stop)
+                reason = self.should_stop(stop) or self._schedule_end()
         finally:
             stop.restore()
             self.logger.close()
-        if reason is not None:
+        if reason in (StopReason.SIGNAL, StopReason.TIME_LIMIT):
             self.logger.print(
                 f"[gpt2repro] stopping at step {step} ({reason.value}); checkpoint written, "
                 "resume with the same command"
             )
-        return {"step": step, **metrics}
+        elif reason is not None:
+            self.logger.print(f"[gpt2repro] finished at step {step} ({reason.value})")
+        return {"step": step, "train_seconds": self.train_seconds, **metrics}
+
+    def _schedule_end(self) -> StopReason | None:
+        """schedule_clock=time: the schedule ends once one more step as long as the last would run
+        past time_budget, so the run ends inside it (every rank agrees: `_agreed_seconds`)."""
+        cfg = self.cfg
+        if cfg.schedule_clock == "time" and self.train_seconds + self.last_seconds >= cfg.time_budget:
+            return StopReason.SCHEDULE_END
+        return None
 
     def _reached_target(self, step: int, metrics: dict) -> bool:
-        """Whether this step's validation reached target_val_loss (logged once, as it ends the run)."""
-        target, val = self.cfg.target_val_loss, metrics.get("val_loss")
-        if not target or val is None or val > target or metrics.get("val_step") != step:
+        """Whether this step reached target_val_loss or target_core (logged once, as it ends the run)."""
+        key = self.cfg.target_reached(step, metrics)
+        if key is None:
             return False
-        tokens, seconds = step * self.cfg.total_batch_size, time.time() - self.started
+        tokens, seconds = step * self.cfg.total_batch_size, self.train_seconds
         self.logger.print(
-            f"[gpt2repro] target val loss {target} reached at step {step}: {tokens:,} tokens, {seconds:.1f}s"
+            f"[gpt2repro] target {key} {getattr(self.cfg, 'target_' + key)} reached at step {step}: {tokens:,} tokens, "
+            f"{seconds:.1f}s of training (evaluation excluded)"
         )
-        self.logger.log("target", step, val_loss=val, tokens=tokens, seconds=seconds)
+        self.logger.log("target", step, **{key: metrics[key]}, tokens=tokens, seconds=seconds)
         return True
 
     def resume(self) -> int:
         """Restore the checkpoint to resume from, if any (the Checkpointer decides which); the step
         to start at. Writes the resolved config.json and prints what is about to run."""
         cfg, info, plan = self.cfg, self.info, self.plan
-        start, name = self.checkpoints.restore(self.raw, self.optimizers, self.train_loader)
+        start, name, state = self.checkpoints.restore(self.raw, self.optimizers, self.train_loader)
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.evaluated = bool(state.get("evaluated", True))  # (checkpoints before this key: evaluated)
         configure(self.optimizers, cfg, self.device)  # this config's hyperparameters, not the saved ones
         if not info.is_main:
             return start
@@ -230,7 +254,7 @@ class Trainer:
         loss = self.forward_backward()
         if not math.isfinite(loss) or loss > self.divergence_loss:
             self._diverged(step, f"loss is {loss}", blame_checkpoint=True)
-        lr = lr_at(step, self.cfg)
+        lr = lr_at(schedule_position(step, self.train_seconds, self.cfg), self.cfg)
         set_lr(self.optimizers, lr)
         norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
@@ -245,11 +269,23 @@ class Trainer:
                 opt.step()
         synchronize(self.device)  # only for honest timing
         dt = time.time() - t0
+        self.last_seconds = self._agreed_seconds(dt)
+        self.train_seconds += self.last_seconds
         tok_s = self.cfg.total_batch_size / dt
         mfu = self.peak.mfu(self.flops_per_step, dt)
         done = step + 1 - self.start_step
         eta = (time.time() - self.started) / done * (self.cfg.max_steps - step - 1)
-        return dict(loss=loss, lr=lr, grad_norm=norm, dt=dt, tok_per_s=tok_s, mfu=mfu, eta_s=eta)
+        if self.cfg.schedule_clock == "time":
+            eta = min(eta, self.cfg.time_budget - self.train_seconds)
+        stats = dict(loss=loss, lr=lr, grad_norm=norm, dt=dt, tok_per_s=tok_s, mfu=mfu, eta_s=eta)
+        return {**stats, "train_seconds": self.train_seconds}
+
+    def _agreed_seconds(self, dt: float) -> float:
+        """A step's duration for the schedule's clock: the ranks' mean under schedule_clock=time,
+        so every rank takes the same LR and stops at the same step."""
+        if self.cfg.schedule_clock != "time" or not self.info.distributed:
+            return dt
+        return all_reduce_sum([dt], self.device)[0] / self.info.world_size
 
     def _diverged(self, step: int, what: str, blame_checkpoint: bool) -> None:
         """Stop before the update. When the weights at the start of `step` produced the divergence,
@@ -267,13 +303,16 @@ class Trainer:
             self.logger.log("val", step, loss=out["val_loss"])
         hellaswag_due = self.hellaswag[0] and _due(step, last, cfg.hellaswag_every)
         sample_due = cfg.sample_every and step > 0 and _due(step, last, cfg.sample_every)
-        if not (hellaswag_due or sample_due):
+        core_due = self.core is not None and _due(step, last, cfg.core_every)
+        if not (hellaswag_due or sample_due or core_due):
             return out
-        # both call the raw model's parts directly, past FSDP's hooks; eagerly: FSDP's blocks are
+        # each calls the raw model's parts directly, past FSDP's hooks; eagerly: FSDP's blocks are
         # compiled for training (a KV cache does not fit their full graph; HellaSwag's lengths vary)
         with full_parameters(self.raw), torch.compiler.set_stance("force_eager"):
             if hellaswag_due:
                 out["hellaswag_acc_norm"] = self.eval_hellaswag(step)
+            if core_due:
+                out.update(self.core.run(step, self.raw, self.device, self.plan.dtype, self.logger))
             if sample_due:
                 self.logger.sample(step, self.samples())
         return out
@@ -335,7 +374,8 @@ class Trainer:
         return StopReason.TIME_LIMIT if flags[1] else None
 
     def save(self, step: int, metrics: dict) -> None:
-        self.checkpoints.save(step, self.raw, self.optimizers, self.train_loader, metrics)
+        clock = {"train_seconds": self.train_seconds, "evaluated": self.evaluated}
+        self.checkpoints.save(step, self.raw, self.optimizers, self.train_loader, metrics, clock)
 
 
 def train(

@@ -58,9 +58,11 @@ def size_config(size: str) -> tuple[GPTConfig, int, int]:
 
 def table(rows: list[dict]) -> str:
     """Rows as aligned columns; nested results (dicts) are for the JSON only."""
-    keys = [k for k, v in rows[0].items() if not isinstance(v, dict)]
+    keys = list(dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, dict)))  # every kind
 
     def fmt(v):
+        if v is None:  # a column another kind of row has
+            return ""
         if isinstance(v, float):
             return f"{v:,.4g}" if abs(v) < 1000 else f"{v:,.0f}"
         return str(v)

@@ -13,7 +13,7 @@ from ..mfu import median_time
 from ..model import GPT
 from ..precision import torch_dtype
 from .common import bench_dtypes, size_config
-from .reference import hellaswag_one_at_a_time, hf_copy, original_generate
+from .reference import core_one_at_a_time, hellaswag_one_at_a_time, hf_copy, original_generate
 
 
 def bench_generate(size: str, repeats: int, device: torch.device, new_tokens: int = 256) -> list[dict]:
@@ -129,4 +129,74 @@ def bench_hellaswag(size: str, repeats: int, device: torch.device, n_examples: i
         r["speedup"] = r["examples_per_s"] / base["fp32"]
         r["speedup_same_dtype"] = r["examples_per_s"] / base[r["dtype"]]
         r["flop_ratio"] = flop_ratio if r["method"] == "batched" else 1.0
+    return rows
+
+
+def core_bench_tasks(n_items: int) -> list:
+    """CORE-shaped tasks from local data: HellaSwag validation rows as multiple choice, 0-shot and
+    10-shot (CORE's hellaswag_zeroshot and hellaswag; fewer shots below 11 items), Tiny Shakespeare
+    lines' last words as language modeling (LAMBADA's shape, 0-shot)."""
+    from .. import assets
+    from ..evals.core_data import Task
+
+    rows = hellaswag.load_examples(limit=n_items + 10)
+    mc = [{"query": r["ctx"], "choices": r["endings"], "gold": r["label"]} for r in rows]
+    lines = [ln.strip() for ln in assets.fetch("tinyshakespeare.txt").read_text().splitlines()]
+    lm = [
+        {"context": ln.rsplit(" ", 1)[0], "continuation": ln.rsplit(" ", 1)[1]}
+        for ln in lines
+        if len(ln.split()) >= 8
+    ][:n_items]
+    lines_of = list(range(1, n_items + 1))
+    return [
+        Task("hellaswag_zeroshot", "multiple_choice", 0, " ", 25.0, mc[:n_items], lines_of),
+        Task("hellaswag", "multiple_choice", min(10, n_items - 1), " ", 25.0, mc[:n_items], lines_of),
+        Task("lambada_like", "language_modeling", 0, " ", 0.0, lm, lines_of),
+    ]
+
+
+def bench_core(size: str, repeats: int, device: torch.device, n_items: int = 16) -> list[dict]:
+    """Our batched CORE scorer against nanochat's one-item-at-a-time loop, on the same model and
+    items (16 per task: 0- and 10-shot multiple choice, language modeling). The verdicts must agree."""
+    from ..evals import core
+
+    cfg, _, _ = size_config(size)
+    cfg.block_size = 1024  # GPT-2's context: the 10-shot prompts fill it
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device).eval()
+    tasks = core_bench_tasks(n_items)
+    prepared = {t.label: [core.prepare(t, i, cfg.block_size) for i in range(len(t.items))] for t in tasks}
+
+    def batched(dtype: str) -> list[bool]:
+        details: list[dict] = []
+        for t in tasks:
+            core.evaluate_task(model, t, device, dtype=dtype, details=details, prepared=prepared[t.label])
+        return [d["correct"] for d in details]
+
+    def one_at_a_time(dtype: str) -> list[bool]:
+        return [v for t in tasks for v in core_one_at_a_time(model, t, prepared[t.label], dtype, device)]
+
+    n = sum(len(t.items) for t in tasks)
+    reference = one_at_a_time("fp32")
+    if batched("fp32") != reference:
+        raise RuntimeError("batched and one-at-a-time CORE verdicts differ")
+    rows = []
+    for method, run in (("batched", batched), ("one-at-a-time", one_at_a_time)):
+        for dtype in bench_dtypes():
+            verdicts = run(dtype)  # also the warm-up
+            t = median_time(lambda r=run, d=dtype: r(d), repeats, warmup=0)
+            same = sum(a == b for a, b in zip(verdicts, reference)) / n
+            rows.append(
+                {
+                    "method": method,
+                    "dtype": dtype,
+                    "items": n,
+                    "s": t,
+                    "items_per_s": n / t,
+                    "same_verdicts": same,
+                }
+            )
+    base = {r["dtype"]: r["items_per_s"] for r in rows if r["method"] == "one-at-a-time"}
+    for r in rows:
+        r["speedup_same_dtype"] = r["items_per_s"] / base[r["dtype"]]
     return rows

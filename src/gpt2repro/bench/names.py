@@ -1,7 +1,7 @@
 """The names `gpt2repro bench` takes, in one table each: the CLI builds its choices from them without
 importing torch, and the runners look them up."""
 
-WHAT = ("peak", "train", "generate", "hellaswag", "prepare", "memory", "learn", "chat", "serve")
+WHAT = ("peak", "train", "generate", "hellaswag", "core", "prepare", "memory", "learn", "chat", "serve")
 SIZES = {  # name (layers x width, unlike the model presets' names): (n_layer, n_embd, n_head, B, T)
     "4x256": (4, 256, 4, 8, 256),
     "6x384": (6, 384, 6, 8, 256),

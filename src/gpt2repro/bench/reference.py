@@ -128,3 +128,27 @@ def hellaswag_one_at_a_time(model, examples: list[dict], dtype: str = "fp32", de
         avg = (losses * shift_mask).sum(1) / shift_mask.sum(1)
         preds.append(int(avg.argmin()))
     return preds
+
+
+@torch.no_grad()
+def core_one_at_a_time(model: GPT, task, prepared: list, dtype: str = "fp32", device="cpu") -> list[bool]:
+    """nanochat's CORE loop: one item per forward pass, its rows right-padded with BOS, the logits
+    of every position, the loss and argmax read at the scored ones. Each item's verdict."""
+    from ..evals.core import judge
+
+    verdicts = []
+    for p in prepared:
+        width = max(len(r) for r in p.rows)
+        idx = torch.full((len(p.rows), width), 50256, dtype=torch.long)
+        for i, row in enumerate(p.rows):
+            idx[i, : len(row)] = torch.tensor(row)
+        idx = idx.to(device)
+        with autocast(torch.device(device), dtype):
+            logits = model(idx)[0].float()
+        losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), idx[:, 1:].flatten(), reduction="none")
+        losses, hits = losses.view(len(p.rows), -1), logits[:, :-1].argmax(-1) == idx[:, 1:]
+        sums = [-losses[i, s - 1 : e - 1].sum().item() for i, (s, e) in enumerate(p.spans)]
+        counts = [e - s for s, e in p.spans]
+        hit = [bool(hits[i, s - 1 : e - 1].all()) for i, (s, e) in enumerate(p.spans)]
+        verdicts.append(judge(task, p, sums, counts, hit)["correct"])
+    return verdicts

@@ -25,12 +25,13 @@ from .. import assets
 from ..config import recompute_interval
 from ..data.prepare import prepare
 from ..distributed import pick_device
+from ..fsio import atomic_write_text
 from ..mfu import Peak, gemm_flops, median_time, synchronize
 from ..model import GPT
 from ..precision import autocast, enable_tf32, torch_dtype
 from .chat import bench_chat
 from .common import BenchError, bench_dtypes, machine_info, size_config, table
-from .inference import bench_generate, bench_hellaswag
+from .inference import bench_core, bench_generate, bench_hellaswag
 from .learn import bench_learn
 from .names import BASELINES, TRAIN_MODES, WHAT
 from .reference import HFWrapper, RefGPT
@@ -40,9 +41,9 @@ PEAK_SIZES = (1024, 2048)
 
 def _bench_serve(size: str, repeats: int, device: torch.device) -> list[dict]:
     """Imported here: it needs the serve extra, which no other benchmark does."""
-    from .serving import bench_serve
+    from .serving import bench_serve, bench_serve_turns
 
-    return bench_serve(size, repeats, device)
+    return bench_serve(size, repeats, device) + bench_serve_turns(size, repeats, device)
 
 
 def _bench_generate(size: str, baseline: str, repeats: int, device: torch.device) -> list[dict]:
@@ -128,7 +129,10 @@ def bench_prepare(repeats: int) -> list[dict]:
             for workers in counts:
                 t0 = time.perf_counter()
                 out = Path(tempfile.mkdtemp(dir=d))
-                tokens = prepare([str(src)], out, workers=workers, progress=False)["total_tokens"]
+                # val_tokens=0: a default val split (one 100M shard) would hold all and leave no train split
+                tokens = prepare([str(src)], out, val_tokens=0, workers=workers, progress=False)[
+                    "total_tokens"
+                ]
                 if i:
                     times[workers].append(time.perf_counter() - t0)
         for workers in counts:
@@ -278,6 +282,7 @@ def run(
         "train": lambda: bench_train(size, mode, baseline, repeats, device),
         "generate": lambda: _bench_generate(size, baseline, repeats, device),
         "hellaswag": lambda: bench_hellaswag(size, repeats, device),
+        "core": lambda: bench_core(size, repeats, device),
         "prepare": lambda: bench_prepare(repeats),
         "memory": lambda: bench_memory(size),
         "learn": lambda: bench_learn(**(learn or {})),
@@ -301,5 +306,5 @@ def run(
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=2))
+        atomic_write_text(json_out, json.dumps(result, indent=2), "the benchmark's results")
     return result

@@ -1,10 +1,13 @@
 """`bench serve`: requests/s and generated tokens/s of `gpt2repro serve` with 1, 4 and 16 concurrent
 clients, the batching engine (16 slots) against one-at-a-time serving (1 slot), the same prompts and
-greedy requests over HTTP on 127.0.0.1 (server and clients in this one process, as threads)."""
+greedy requests over HTTP on 127.0.0.1 (server and clients in this one process, as threads); then the
+first-token latency of each turn of an 8-turn conversation re-sent whole every turn (as clients and
+the web page do), with prefix caching and without."""
 
 from __future__ import annotations
 
 import json
+import statistics
 import threading
 import time
 import urllib.request
@@ -14,9 +17,11 @@ import torch
 from ..model import GPT
 from ..serve.app import create_app
 from ..serve.run import ServerThread, served_model
+from ..tokenizer import EOT_ID
 from .common import size_config
 
 CLIENTS = (1, 4, 16)
+TURNS, TURN_WORDS, TURN_REPLY = 8, 12, 12  # 8 turns of ~12 + 12 tokens (+4 of the template) fit 256
 
 
 def _post(url: str, body: dict) -> dict:
@@ -55,6 +60,8 @@ def bench_serve(
     cfg.block_size = 256
     torch.manual_seed(0)
     model = GPT(cfg).to(device).eval()
+    with torch.no_grad():  # <|endoftext|> never the argmax: every request generates all its tokens
+        model.transformer.wte.weight[EOT_ID:] = 0
     prompts = torch.randint(0, cfg.vocab_size, (requests, 16)).tolist()
     rows = []
     for slots, server in ((16, "batched (16 slots)"), (1, "one at a time")):
@@ -70,3 +77,63 @@ def bench_serve(
         finally:
             served.engine.stop()
     return rows
+
+
+def _chat_turn(url: str, messages: list[dict]) -> tuple[float, str, int]:
+    """Seconds to the first streamed token of a greedy reply, the reply, and its prompt's tokens."""
+    body = {"model": "bench", "messages": messages, "max_tokens": TURN_REPLY, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    req = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})  # fmt: skip
+    start, first, reply, prompt = time.perf_counter(), None, "", 0
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for line in r:
+            if not line.startswith(b"data: {"):
+                continue
+            first = first or time.perf_counter() - start
+            chunk = json.loads(line[6:])
+            reply += "".join(c["delta"].get("content", "") for c in chunk["choices"])
+            prompt = (chunk.get("usage") or {}).get("prompt_tokens", prompt)
+    return first, reply, prompt
+
+
+def _conversation(url: str) -> list[tuple[int, float]]:
+    """(prompt tokens, first-token seconds) of each turn, the whole conversation re-sent each time."""
+    messages, out = [], []
+    for i in range(TURNS):
+        messages.append({"role": "user", "content": f"{i}: " + " ".join(["word"] * TURN_WORDS)})
+        first, reply, prompt = _chat_turn(url, messages)
+        messages.append({"role": "assistant", "content": reply})
+        out.append((prompt, first))
+    return out
+
+
+def bench_serve_turns(size: str, repeats: int, device: torch.device) -> list[dict]:
+    """Per turn, with and without prefix caching: the prompt's tokens and the median first-token
+    latency over `repeats` conversations (interleaved between the two servers, after a warm-up), on a
+    chat model of `size` with 256 positions (random weights; the special tokens never the argmax, so
+    every reply has all its tokens)."""
+    cfg = size_config(size)[0].as_chat()
+    cfg.block_size = 256
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight[EOT_ID:] = 0
+    modes = {"prefix cache": True, "no prefix cache": False}
+    runs: dict[str, list] = {name: [] for name in modes}
+    servers = {name: served_model(model, "bench", 4, prefix_cache=on) for name, on in modes.items()}
+    try:
+        with (
+            ServerThread(create_app(servers["prefix cache"])) as a,
+            ServerThread(create_app(servers["no prefix cache"])) as b,
+        ):
+            urls = {"prefix cache": a.url, "no prefix cache": b.url}
+            for _ in range(repeats + 1):  # the first, a warm-up
+                for name, url in urls.items():
+                    runs[name].append(_conversation(url))
+    finally:
+        for served in servers.values():
+            served.engine.stop()
+    return [{"server": name, "turn": t + 1, "prompt tokens": runs[name][1][t][0],
+             "first token ms": round(1000 * statistics.median(r[t][1] for r in runs[name][1:]), 2)}
+            for name in modes for t in range(TURNS)]  # fmt: skip

@@ -23,8 +23,6 @@ resume from and the counts so far, so an interrupted preparation resumes to the 
 
 from __future__ import annotations
 
-import gzip
-import itertools
 import json
 import math
 import os
@@ -38,18 +36,18 @@ from ..chat import ChatError, render_with_mask
 from ..fsio import AtomicFile, WriteError, sha256_file
 from ..lock import DirLock
 from ..tokenizer import EOT_ID
+from .records import file_records, stream_records
 from .shards import ShardError, ShardWriter, mask_path, shard_name
-from .sink import finished, make_out_dir, open_manifest, refused_write, write_manifest
-from .sources import PrepareError, Stream, fingerprint, iter_stream, open_inputs, source_args
+from .sink import empty_split, finished, make_out_dir, open_manifest, refused_write, write_manifest
+from .sources import PrepareError, fingerprint, open_inputs, source_args
 
 LAYOUTS = ("auto", "messages", "sharegpt", "instruction")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 SHAREGPT_ROLES |= {"chatgpt": "assistant", "bard": "assistant", "model": "assistant", "system": "system"}
 INSTRUCTION_INPUTS = ("input", "context")  # Alpaca, Dolly
 INSTRUCTION_OUTPUTS = ("output", "response")
-CHAT_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 FIRST_BAD_KEPT = 5  # examples of skipped records kept in the manifest
-COUNTS = ("records", "conversations", "truncated", "too_long", "bad", "rows", "trained_tokens")
+COUNTS = ("records", "conversations", "truncated", "too_long", "no_reply", "bad", "rows", "trained_tokens")
 DEFAULT_VAL_ROWS = 128
 
 
@@ -85,11 +83,15 @@ def to_messages(row: object, layout: str = "auto") -> list[dict]:
     if kind == "messages":
         return turns
     return [
-        {"role": SHAREGPT_ROLES.get(t.get("from"), t.get("from")), "content": t.get("value")}
-        if isinstance(t, dict)
-        else t
+        {"role": _sharegpt_role(t.get("from")), "content": t.get("value")} if isinstance(t, dict) else t
         for t in turns
     ]
+
+
+def _sharegpt_role(name: object) -> object:
+    """The role a ShareGPT `from` names; anything else (a list, an object) as it is, for
+    `chat.check` to refuse by name."""
+    return SHAREGPT_ROLES.get(name, name) if isinstance(name, str) else name
 
 
 def _instruction(row: dict) -> list[dict]:
@@ -104,68 +106,6 @@ def _instruction(row: dict) -> list[dict]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
-def _json_records(path: Path, skip: int) -> Iterator[tuple[str, object]]:
-    """(file:line, record or the ChatError of a line that is not JSON) of a jsonl(.gz) file."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        lines = ((n, line) for n, line in enumerate(f, 1) if line.strip())
-        for n, line in itertools.islice(lines, skip, None):
-            try:
-                yield f"{path}:{n}", json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"{path}:{n}", ChatError(f"not valid JSON ({e.msg})", "not JSON")
-
-
-def _parquet_records(path: Path, skip: int) -> Iterator[tuple[str, object]]:
-    import pyarrow.parquet as pq
-
-    index = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        if index + batch.num_rows <= skip:
-            index += batch.num_rows
-            continue
-        for row in batch.to_pylist():
-            if index >= skip:
-                yield f"{path}: row {index + 1}", row
-            index += 1
-
-
-def _file_records(paths: list[Path], skip: int) -> Iterator[tuple[str, object]]:
-    """The records of local files in order, from the `skip`-th on (whole files skipped by count)."""
-    for path in paths:
-        if not path.name.endswith(CHAT_SUFFIXES):
-            raise PrepareError(
-                f"{path}: unsupported file type for conversations (use {', '.join(CHAT_SUFFIXES)})"
-            )
-        try:
-            if skip and skip >= (n := _count_records(path)):
-                skip -= n
-                continue
-            reader = _parquet_records if path.name.endswith(".parquet") else _json_records
-            yield from reader(path, skip)
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise PrepareError(
-                f"{path}: cannot read it as its extension says ({type(e).__name__}: {str(e).splitlines()[0]})"
-            ) from None
-        skip = 0
-
-
-def _count_records(path: Path) -> int:
-    if path.name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(path).metadata.num_rows
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())
-
-
-def _stream_records(stream: Stream, revision: str | None, skip: int) -> Iterator[tuple[str, object]]:
-    where = f"{stream.dataset} ({stream.name or 'default'}, {stream.split})"
-    for n, row in enumerate(iter_stream(stream, revision, None, skip), skip + 1):
-        yield f"{where}: row {n}", row
-
-
 class Packer:
     """Conversations into rows of `seq_len` tokens: whole conversations while they fit, then
     padding; a longer one truncated to a row of its own (or left out when none of its assistant
@@ -178,7 +118,12 @@ class Packer:
         self.placed = {"conversations": 0, "truncated": 0}  # of the row being filled: counted with it
 
     def add(self, ids: list[int], mask: list[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Place a conversation; yields the row it closes first, if any."""
+        """Place a conversation; yields the row it closes first, if any. One rule for what has
+        nothing to learn: left out and counted, as `no_reply` (no assistant turn at all) or
+        `too_long` (truncation cut off every assistant token)."""
+        if not any(mask):
+            self.counts["no_reply"] += 1
+            return
         truncated = len(ids) > self.seq_len
         if truncated:
             ids, mask = ids[: self.seq_len], mask[: self.seq_len]
@@ -301,10 +246,28 @@ def _pack(records: Iterator, layout: str, skip_bad: bool, packer: Packer, sink: 
             bar.update(1)
         if packer.pending and not sink.done:
             sink.write(*packer.flush())
+        _check_splits(sink, counts)
     except BaseException:
         sink.discard()
         raise
     sink.commit({"record": counts["records"]}, counts, final=True)
+
+
+def _check_splits(sink: RowSink, counts: dict) -> None:
+    """Refuse, before the manifest says complete, a preparation that leaves no train rows: none at
+    all (saying why each record was left out), or all of them held out for validation."""
+    rows, seq_len = sink.rows + sink.in_shard, sink.manifest["seq_len"]
+    if sink.manifest["complete"]:
+        return
+    if not rows:
+        left_out = ", ".join(f"{counts[k]:,} {k.replace('_', ' ')}" for k in ("bad", "too_long", "no_reply"))
+        raise PrepareError(
+            f"{sink.out}: nothing prepared: no conversation of the {counts['records']:,} records has a reply "
+            f"to learn that fits ({left_out}; --seq-len {seq_len})"
+        )
+    if rows <= sink.val_rows:
+        suggest = seq_len * max(1, rows // 10) if rows > 1 else 0
+        raise empty_split(sink.out, "rows", rows, f"{DEFAULT_VAL_ROWS} rows of --seq-len tokens", suggest)
 
 
 def _check_args(
@@ -325,6 +288,7 @@ def _manifest(out: Path, args: dict, source: str, watched: list[Path]) -> dict:
     units = {"records": "a resume point counts records: JSON lines, Parquet rows, rows of a stream"}
     manifest = open_manifest(out, args, source, [fingerprint(p) for p in watched], units)
     manifest.setdefault("counts", {**dict.fromkeys(COUNTS, 0), "bad_kinds": {}, "first_bad": []})
+    manifest["counts"].setdefault("no_reply", 0)  # an earlier version's interrupted preparation
     manifest.update(format="conversations", seq_len=args["seq_len"])
     manifest["next"].setdefault("record", 0)
     return manifest
@@ -366,7 +330,7 @@ def prepare_conversations(
         if finished(out, manifest):
             return manifest
         skip = manifest["next"]["record"]
-        records = _stream_records(stream, revision, skip) if stream else _file_records(paths, skip)
+        records = stream_records(stream, revision, skip) if stream else file_records(paths, skip)
         max_rows = max_tokens // seq_len if max_tokens else None
         sink = RowSink(out, manifest, shard_tokens // seq_len, val_rows, max_rows)
         with tqdm(initial=skip, unit="conv", disable=not progress, desc="prepare") as bar:

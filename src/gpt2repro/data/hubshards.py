@@ -111,7 +111,10 @@ def _locate(label: str, revision: str | None, commit: str | None) -> Remote:
     """The source's .bin files: a local directory's, or the hub data set's at `commit` (a rerun's),
     else at `revision`."""
     spec = label[len(HF_SHARDS) :]
-    root = Path(spec).expanduser()
+    try:
+        root = Path(spec).expanduser()
+    except RuntimeError:  # ~nosuchuser
+        raise PrepareError(f"{label}: {spec.split('/')[0]} names no user's home directory") from None
     if spec and root.is_dir():
         if revision:
             raise PrepareError(f"revision is for hub data sets; {spec} is a local directory")

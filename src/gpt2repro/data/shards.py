@@ -152,3 +152,13 @@ def read_mask(shard: str | os.PathLike, count: int) -> np.ndarray:
     if path.stat().st_size != count:
         raise ShardError(f"{path}: {path.stat().st_size} bytes, but its shard holds {count} tokens")
     return np.memmap(path, dtype=np.uint8, mode="r", shape=(count,))
+
+
+def manifest_sources(data_dir: str | Path) -> list[str]:
+    """What a data directory was prepared from, as its manifest records it ([] without one)."""
+    try:
+        args = json.loads((Path(data_dir) / "manifest.json").read_text()).get("args", {})
+        found = args.get("sources") or [args.get("source")]
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [str(s) for s in found if s] if isinstance(found, list) else []

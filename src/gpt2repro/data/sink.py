@@ -163,7 +163,13 @@ class ShardSink:
         self._write_manifest()
 
     def finish(self, next_doc: int, end: dict) -> None:
-        """The input ended (or max_tokens did): commit the partial shard, mark the set complete."""
+        """The input ended (or max_tokens did): commit the partial shard, mark the set complete;
+        unless no split but val got a token (nothing prepared is no success), said before the
+        manifest is complete, so the same directory can be prepared again."""
+        total = self.written + (self.shard.count if self.shard is not None else 0)
+        if total <= self.val_tokens and not self.manifest["complete"]:
+            self.discard()
+            raise empty_split(self.out, "tokens", total, "one shard of --shard-tokens", total // 10)
         if self.shard is not None:
             self.commit(next_doc, 0, end, final=True)
         elif not self.manifest["complete"]:
@@ -176,6 +182,18 @@ class ShardSink:
 
     def _write_manifest(self) -> None:
         write_manifest(self.out, self.manifest)
+
+
+def empty_split(out: Path, what: str, total: int, default: str, suggest: int) -> PrepareError:
+    """The error of a preparation that left the train split empty: nothing at all, or all `total`
+    of `what` held out for validation (--val-tokens, by default `default`); it says what to change
+    (`suggest`: a --val-tokens that leaves some to train on)."""
+    if not total:
+        return PrepareError(f"{out}: nothing prepared: the input holds no {what} to write")
+    return PrepareError(
+        f"{out}: all {total:,} {what} of the input went to the val split (--val-tokens, by default "
+        f"{default}), leaving nothing to train on: prepare again with --val-tokens {suggest}, or more data"
+    )
 
 
 def refused_write(e: OSError | WriteError, out: Path, committed: int) -> PrepareError:

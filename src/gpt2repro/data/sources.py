@@ -9,10 +9,8 @@ point is a unit plus documents into it; `units_cut()` records how the cut was ma
 from __future__ import annotations
 
 import glob
-import gzip
 import hashlib
 import itertools
-import json
 import os
 import socket
 import urllib.parse
@@ -20,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+from .. import jsonio
 from ..errors import UserError
 
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
@@ -81,7 +80,7 @@ class Unit(NamedTuple):
     collects tokens and writes shards. Units come in a fixed order; (file, part) names one, and the
     manifest's resume point is a unit plus a number of its documents to skip."""
 
-    kind: str  # jsonl: a byte range | parquet: a row group | txt: a file | lines, texts: a batch
+    kind: str  # jsonl: a byte range | parquet: a row group | txt, array: a file | lines, texts: a batch
     path: str
     file: int  # index of path among the sources
     part: int
@@ -96,14 +95,31 @@ def _batched(items: Iterator) -> Iterator[list]:
 def _parse_json(line: bytes | str, path: str, lineno: int | Callable[[], int], field: str) -> str:
     """`lineno` is a number or a function computing it: only needed for the error message."""
     try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        problem = f"not valid JSON ({e.msg})"
-    else:
-        if isinstance(row, dict) and isinstance(row.get(field), str):
-            return row[field]
-        problem = f"no string field {field!r}"
-    raise PrepareError(f"{path}:{lineno if isinstance(lineno, int) else lineno()}: {problem}")
+        return _text_of(jsonio.loads(line), field)
+    except (jsonio.NotJSON, PrepareError) as e:
+        raise PrepareError(f"{path}:{lineno if isinstance(lineno, int) else lineno()}: {e}") from None
+
+
+def _text_of(row: object, field: str) -> str:
+    if isinstance(row, dict) and isinstance(row.get(field), str):
+        return row[field]
+    if not isinstance(row, dict):
+        raise PrepareError(f"a record is {type(row).__name__}, not an object with a string field {field!r}")
+    got = "missing" if field not in row else f"{type(row[field]).__name__}, not text"
+    raise PrepareError(f"no string field {field!r} ({field!r} is {got})")
+
+
+def _array_texts(path: str, field: str) -> Iterator[str]:
+    """The documents of a `.json` file that is one array of records (its n-th record named in errors)."""
+    try:
+        records = jsonio.array_records(path)
+    except jsonio.NotJSON as e:
+        raise PrepareError(f"{path}{f':{e.lineno}' if e.lineno else ''}: {e}") from None
+    for n, row in enumerate(records, 1):
+        try:
+            yield _text_of(row, field)
+        except PrepareError as e:
+            raise PrepareError(f"{path}: record {n} of the array: {e}") from None
 
 
 def _jsonl_bounds(size: int) -> list[int]:
@@ -150,9 +166,10 @@ def _unreadable(path: str | Path, e: Exception) -> PrepareError:
 def documents(unit: Unit, field: str) -> Iterator[str]:
     """The unit's documents, each checked to be text; unreadable input is a PrepareError naming the file."""
     try:
-        for text in _unit_texts(unit, field):
-            if not isinstance(text, str):
-                raise PrepareError(f"{unit.path}: a {field!r} value is {type(text).__name__}, not text")
+        for n, text in enumerate(_unit_texts(unit, field), 1):
+            if not isinstance(text, str):  # a parquet column or a streamed row: named by its place
+                where = f"{unit.path or 'the stream'} (part {unit.part + 1}, document {n})"
+                raise PrepareError(f"{where}: a {field!r} value is {type(text).__name__}, not text")
             yield text
     except PrepareError:
         raise
@@ -169,6 +186,8 @@ def _unit_texts(unit: Unit, field: str) -> Iterator[str]:
         yield from pq.ParquetFile(unit.path).read_row_group(unit.part, columns=[field]).column(0).to_pylist()
     elif unit.kind == "txt":
         yield Path(unit.path).read_text(encoding="utf-8")
+    elif unit.kind == "array":
+        yield from _array_texts(unit.path, field)
     elif unit.kind == "lines":
         for lineno, line in zip(*unit.data):
             yield _parse_json(line, unit.path, lineno, field)
@@ -176,14 +195,34 @@ def _unit_texts(unit: Unit, field: str) -> Iterator[str]:
         yield from unit.data[0]
 
 
+def _gzip_units(path: Path, file: int, start_part: int) -> Iterator[Unit]:
+    numbered = ((n, line) for n, line in _gzip_lines(path) if line.strip())
+    for part, batch in enumerate(_batched(numbered)):
+        if part >= start_part:
+            yield Unit("lines", str(path), file, part, tuple(zip(*batch)))
+
+
+def _gzip_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """A gzipped file's numbered lines; a stream cut short (a truncated download) names the line
+    after the last whole one (the units before it are tokenized and kept, as for any stop)."""
+    read = 0
+    try:
+        with jsonio.open_text(path) as f:
+            for read, line in enumerate(f, 1):
+                yield read, line
+    except EOFError:
+        raise PrepareError(
+            f"{path}:{read + 1}: the gzip stream ends early, after line {read} (a truncated download?)"
+        ) from None
+
+
 def _file_units(path: Path, file: int, field: str, start_part: int) -> Iterator[Unit]:
     name = path.name
-    if name.endswith((".jsonl.gz", ".json.gz")):  # no seeking in gzip: this process reads the lines
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            numbered = ((n, line) for n, line in enumerate(f, 1) if line.strip())
-            for part, batch in enumerate(_batched(numbered)):
-                if part >= start_part:
-                    yield Unit("lines", str(path), file, part, tuple(zip(*batch)))
+    if jsonio.is_array_file(path):  # one JSON array of records: read whole by a worker
+        if start_part == 0:
+            yield Unit("array", str(path), file, 0)
+    elif name.endswith((".jsonl.gz", ".json.gz")):  # no seeking in gzip: this process reads the lines
+        yield from _gzip_units(path, file, start_part)
     elif name.endswith((".jsonl", ".json")):
         bounds = _jsonl_bounds(path.stat().st_size)
         for part in range(start_part, len(bounds) - 1):

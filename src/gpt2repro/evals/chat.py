@@ -76,7 +76,7 @@ def adherence(model: GPT, data_dir, limit: int, max_new_tokens: int) -> tuple[in
         prompt = conversation[: conversation.index(chat.ASSISTANT_START_ID) + 1]
         if len(prompt) >= model.config.block_size:
             continue
-        ended += greedy_reply(model, prompt, max_new_tokens)[1]
+        ended += greedy_reply(model, prompt, max_new_tokens)[1] == chat.ASSISTANT_END_ID  # not any end
         tried += 1
     return ended, tried
 
@@ -87,6 +87,12 @@ def evaluate(model: GPT, data_dir, limit: int = 100, max_new_tokens: int = 64, b
     if min(limit, max_new_tokens, batch_size) < 1:
         raise ChatEvalError(
             f"--limit, --max-new-tokens and --batch-size must be at least 1 (got {limit}, {max_new_tokens}, {batch_size})"
+        )
+    seq_len, block = _seq_len(data_dir), model.config.block_size
+    if seq_len > block:  # checked before any row is read, not by the model half way
+        raise ChatEvalError(
+            f"{data_dir} holds rows of {seq_len} tokens; this model reads at most {block} "
+            f"(model.block_size): prepare the conversations again with --seq-len {block}"
         )
     model.eval()
     loss, learned, rows = assistant_loss(model, data_dir, batch_size)

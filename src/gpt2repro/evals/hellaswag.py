@@ -14,8 +14,6 @@ applied only at the positions that predict ending tokens, instead of over the wh
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 import os
 import re
@@ -25,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from .. import assets, precision
+from .. import assets, jsonio, precision
 from ..distributed import all_reduce_sum
 from ..errors import UserError
 from ..model import GPT
@@ -33,6 +31,7 @@ from ..tokenizer import get_tokenizer
 
 STYLES = ("completion", "harness")
 FIELDS = ("ctx", "ctx_a", "ctx_b", "activity_label", "endings", "label")
+TEXT_FIELDS = ("ctx", "ctx_a", "ctx_b", "activity_label")
 
 
 class HellaSwagError(UserError, ValueError):
@@ -56,40 +55,51 @@ def load_examples(path: str | os.PathLike | None = None, limit: int | None = Non
     path = Path(path) if path is not None else assets.fetch("hellaswag_val.jsonl")
     if not path.is_file():
         raise HellaSwagError(f"{path}: no such file")
-    opener = gzip.open if path.suffix == ".gz" else open
-    examples = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if limit and len(examples) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise HellaSwagError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise HellaSwagError(f"{path}:{lineno}: expected a JSON object")
-            missing = [k for k in FIELDS if k not in row]
-            if missing:
-                raise HellaSwagError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
-            endings = row["endings"]
-            if (
-                not isinstance(endings, list)
-                or len(endings) != 4
-                or not all(isinstance(e, str) and e.strip() for e in endings)
-            ):
-                raise HellaSwagError(f"{path}:{lineno}: 'endings' must be a list of 4 non-empty strings")
-            if (
-                not isinstance(row["label"], int)
-                or isinstance(row["label"], bool)
-                or not 0 <= row["label"] <= 3
-            ):
-                raise HellaSwagError(f"{path}:{lineno}: 'label' must be an integer 0-3, got {row['label']!r}")
-            examples.append(row)
+    examples: list[dict] = []
+    lineno = 0
+    try:
+        with jsonio.open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if limit and len(examples) >= limit:
+                    break
+                if line.strip():
+                    examples.append(_example(line, f"{path}:{lineno}"))
+    except EOFError:  # a gzip stream cut short
+        raise HellaSwagError(
+            f"{path}:{lineno + 1}: the gzip stream ends early (a truncated download?)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise HellaSwagError(f"{path}: cannot read it as its extension says ({type(e).__name__})") from None
     if not examples:
         raise HellaSwagError(f"{path}: no examples")
     return examples
+
+
+def _example(line: str, where: str) -> dict:
+    """One validated row, or a one-line error naming `where` (file:line) and the field."""
+    try:
+        row = jsonio.loads(line)
+    except jsonio.NotJSON as e:
+        raise HellaSwagError(f"{where}: {e}") from None
+    if not isinstance(row, dict):
+        raise HellaSwagError(f"{where}: expected a JSON object")
+    missing = [k for k in FIELDS if k not in row]
+    if missing:
+        raise HellaSwagError(f"{where}: missing field(s) {', '.join(missing)}")
+    endings = row["endings"]
+    if (
+        not isinstance(endings, list)
+        or len(endings) != 4
+        or not all(isinstance(e, str) and e.strip() for e in endings)
+    ):
+        raise HellaSwagError(f"{where}: 'endings' must be a list of 4 non-empty strings")
+    label = row["label"]
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label <= 3:
+        raise HellaSwagError(f"{where}: 'label' must be an integer 0-3, got {jsonio.shown(row['label'])}")
+    wrong = next((k for k in TEXT_FIELDS if not isinstance(row[k], str)), None)
+    if wrong:
+        raise HellaSwagError(f"{where}: {wrong!r} must be text, got {type(row[wrong]).__name__}")
+    return row
 
 
 def preprocess(text: str) -> str:

@@ -111,3 +111,68 @@ def run_chat(
     if json_out:
         atomic_write_text(json_out, json.dumps(result, indent=2))
     return result
+
+
+def core_table(results: dict, tasks: list, notes: list[str]) -> str:
+    """Per task: accuracy, centered accuracy, items scored (of the file's); then CORE beside GPT-2's."""
+    from .core import GPT2_CORE
+
+    width = max(len(t.label) for t in tasks)
+    lines = [f"{'task':{width}}  {'type':17}  shots  accuracy  centered  examples"]
+    for t in tasks:
+        r = results["tasks"][t.label]
+        of = "" if r["n"] == t.total else f" of {t.total}"
+        lines.append(
+            f"{t.label:{width}}  {t.task_type:17}  {t.num_fewshot:5d}  {r['accuracy']:8.4f}  "
+            f"{r['centered']:8.4f}  {r['n']}{of}"
+        )
+    reference = "  ".join(f"{size} {score:.4f}" for size, score in GPT2_CORE.items())
+    lines.append(f"CORE {results['core']:.4f} over {len(tasks)} tasks  (GPT-2 {reference})")
+    return "\n".join(notes + lines)
+
+
+def run_core(
+    model: GPT,
+    bundle,
+    info: DistInfo,
+    batch_size: int = 16,
+    dtype: str = "fp32",
+    json_out: str | None = None,
+    predictions: str | None = None,
+) -> dict:
+    """`eval core`: every task sharded over the ranks; the main rank prints the table and writes the
+    results and every rank's per-item predictions."""
+    import torch.distributed as dist
+
+    from .core import evaluate
+
+    details: list[dict] = []
+    results = evaluate(
+        model,
+        bundle.tasks,
+        device=info.device,
+        rank=info.rank,
+        world_size=info.world_size,
+        batch_size=batch_size,
+        dtype=dtype,
+        details=details,
+    )
+    if predictions and info.distributed:
+        shares: list = [None] * info.world_size
+        dist.all_gather_object(shares, details)
+        details = [d for share in shares for d in share]
+    if not info.is_main:
+        return results
+    print(core_table(results, bundle.tasks, bundle.notes))
+    order = {t.label: i for i, t in enumerate(bundle.tasks)}
+    details.sort(key=lambda d: (order[d["task"]], d["index"]))
+    lines = "".join(json.dumps(d) + "\n" for d in details) if predictions else ""
+    for t in bundle.tasks:  # what each number was measured on, for the JSON
+        results["tasks"][t.label].update(
+            type=t.task_type, shots=t.num_fewshot, baseline=t.baseline, items=t.total
+        )
+    results = {**results, "bundle": str(bundle.path), "notes": bundle.notes}
+    write_outputs(
+        [(json_out, json.dumps(results, indent=2), "the results"), (predictions, lines, "the predictions")]
+    )
+    return results

@@ -1,7 +1,8 @@
 """One request's generation on the asyncio side: a job per choice (prompt x n) submitted to the
 engine, the engine's events brought onto the event loop, each choice's text and log-probabilities
-kept, and the OpenAI response bodies and stream chunks built from them. Leaving `events` early (a
-client gone, a stop string) cancels every job, which frees its slot."""
+kept (`tokentext`: whole characters, offsets, stop strings), and the OpenAI response bodies and
+stream chunks built from them. Leaving `events` early (a client gone, a stop string) cancels every
+job, which frees its slot."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from ..sampling import Sampling, ends_reply
+from ..tokentext import Piece, TextStream, logprobs_object, pieces_of
 from .engine import Engine, Job, TokenInfo
 from .protocol import APIError, Params
-from .text import TextStream, logprobs_object
 
 
 @dataclass
@@ -40,16 +42,17 @@ class Choice:
     job: Job
     stream: TextStream
     prompt_infos: list[TokenInfo] = field(default_factory=list)
-    infos: list[TokenInfo] = field(default_factory=list)
     text: str = ""
     tokens: int = 0
     finish: str | None = None
+    last_token: float | None = None  # when its latest token came (time.perf_counter)
+    echo: list[Piece] | None = None  # the prompt's pieces, once built
 
 
 class Generation:
-    def __init__(self, served: Served, params: Params, stop_ids: frozenset[int] = frozenset()):
-        self.served, self.params, self.stop_ids = served, params, stop_ids
-        self.created = int(time.time())
+    def __init__(self, served: Served, params: Params, metrics=None):
+        self.served, self.params, self.metrics = served, params, metrics
+        self.created, self.started = int(time.time()), time.perf_counter()
         self.queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         seed = params.seed if params.seed is not None else secrets.randbits(63)
@@ -61,13 +64,13 @@ class Generation:
                 def emit(event, i=i):
                     loop.call_soon_threadsafe(self.queue.put_nowait, (i, event))
 
-                echo_logprobs = params.echo and params.logprobs is not None
-                job = Job(ids, params.max_tokens, emit, params.temperature, params.top_p, (seed + i) % 2**64,
-                          stop_ids, params.logprobs, echo_logprobs)  # fmt: skip
+                sampling = Sampling(params.temperature, params.top_k, params.top_p, (seed + i) % 2**64)
+                job = Job(ids, params.max_tokens, emit, sampling, self, params.logprobs,
+                          params.echo and params.logprobs is not None)  # fmt: skip
                 self.choices.append(Choice(job, TextStream(served.token_bytes, params.stop)))
 
-    async def events(self) -> AsyncIterator[tuple[int, str, list[TokenInfo], bool]]:
-        """(choice, new text, new tokens' infos, whether it is the choice's last) as they come."""
+    async def events(self) -> AsyncIterator[tuple[int, str, list[Piece], bool]]:
+        """(choice, new text, the tokens released with it, whether it is the choice's last)."""
         for choice in self.choices:
             self.served.engine.submit(choice.job)
         left = len(self.choices)
@@ -80,25 +83,34 @@ class Generation:
                     raise APIError(status, payload, code="server_error")
                 if kind == "prompt":
                     choice.prompt_infos = payload
+                elif kind == "start" and self.metrics is not None:
+                    self.metrics.cached(payload)
                 elif kind == "token" and not choice.finish:
-                    yield i, self._token(choice, payload), [payload], False
+                    delta = self._token(choice, payload)
+                    yield i, delta, choice.stream.released(), False
                 elif kind == "done":
                     left -= 1
                     choice.finish = choice.finish or payload
                     tail = choice.stream.finish()
                     choice.text += tail
-                    yield i, tail, [], True
+                    yield i, tail, choice.stream.released(), True
         finally:
             for choice in self.choices:
                 choice.job.cancelled = True
+            if self.metrics is not None:
+                self.metrics.tokens(
+                    sum(len(p) for p in self.params.prompts), sum(c.tokens for c in self.choices)
+                )
 
     def _token(self, choice: Choice, info: TokenInfo) -> str:
-        choice.tokens += 1
-        if info.id in self.stop_ids:
+        now = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.token(now - (choice.last_token or self.started), first=choice.last_token is None)
+        choice.tokens, choice.last_token = choice.tokens + 1, now
+        if ends_reply(info.id):
             choice.finish = "stop"
             return ""
-        choice.infos.append(info)
-        delta = choice.stream.feed(info.id)
+        delta = choice.stream.feed(info.id, info)
         choice.text += delta
         if choice.stream.stopped:
             choice.job.cancelled, choice.finish = True, "stop"
@@ -111,21 +123,24 @@ class Generation:
     async def completion_chunks(self) -> AsyncIterator[dict]:
         """The stream of a completion: each choice's text as it comes (the prompt first with echo),
         its finish_reason in its last chunk, then the usage when asked for."""
-        offsets, echoed = [0] * len(self.choices), set()
-        async for i, text, infos, last in self.events():
+        echoed = set()
+        async for i, text, pieces, last in self.events():
             c = self.choices[i]
-            if self.params.echo and i not in echoed:
-                echoed.add(i)
-                text, infos = self.prompt_text(c) + text, c.prompt_infos + infos
-            logprobs = self.logprobs(infos, offsets[i])
-            offsets[i] += sum(len(self.served.token_str(t.id)) for t in infos)
-            if text or infos or last:
-                choice = {
-                    "text": text,
-                    "index": i,
-                    "logprobs": logprobs,
-                    "finish_reason": c.finish if last else None,
-                }
+            shift = 0
+            if self.params.echo:
+                prompt = self.prompt_pieces(c)
+                shift = sum(len(p.text) for p in prompt)
+                if i not in echoed:
+                    echoed.add(i)
+                    text, pieces = (
+                        "".join(p.text for p in prompt) + text,
+                        prompt + self._shifted(pieces, shift),
+                    )
+                else:
+                    pieces = self._shifted(pieces, shift)
+            if text or pieces or last:
+                choice = {"text": text, "index": i, "logprobs": self.logprobs(pieces),
+                          "finish_reason": c.finish if last else None}  # fmt: skip
                 yield {**self.head("text_completion"), "choices": [choice]}
         if self.params.include_usage:
             yield {**self.head("text_completion"), "choices": [], "usage": self.usage()}
@@ -158,20 +173,32 @@ class Generation:
         return {"id": f"{prefix}-{id(self):x}{self.created:x}", "object": kind, "created": self.created,
                 "model": self.served.model_id}  # fmt: skip
 
-    def logprobs(self, infos: list[TokenInfo], offset: int) -> dict | None:
+    def logprobs(self, pieces: list[Piece]) -> dict | None:
         if self.params.logprobs is None:
             return None
-        return logprobs_object(infos, self.served.token_str, offset)
+        return logprobs_object(pieces, self.served.token_str)
 
-    def prompt_text(self, choice: Choice) -> str:
-        return self.served.decode(choice.job.prompt) if self.params.echo else ""
+    def prompt_pieces(self, choice: Choice) -> list[Piece]:
+        """The echoed prompt's tokens: their text, offsets and (with logprobs) the engine's infos (which
+        come before the choice's first token)."""
+        if choice.echo is None:
+            choice.echo = pieces_of(choice.job.prompt, self.served.token_bytes)
+            infos = choice.prompt_infos or [TokenInfo(t) for t in choice.job.prompt]
+            for p, info in zip(choice.echo, infos):
+                p.payload = info
+        return choice.echo
+
+    @staticmethod
+    def _shifted(pieces: list[Piece], by: int) -> list[Piece]:
+        return [Piece(p.payload, p.offset + by, p.text) for p in pieces]
 
     def completion(self) -> dict:
         out = []
         for i, c in enumerate(self.choices):
-            echo = self.prompt_text(c)
-            infos = (c.prompt_infos if self.params.echo else []) + c.infos
-            out.append({"text": echo + c.text, "index": i, "logprobs": self.logprobs(infos, 0),
+            prompt = self.prompt_pieces(c) if self.params.echo else []
+            echo = "".join(p.text for p in prompt)
+            pieces = prompt + self._shifted(c.stream.pieces, len(echo))
+            out.append({"text": echo + c.text, "index": i, "logprobs": self.logprobs(pieces),
                         "finish_reason": c.finish})  # fmt: skip
         return {**self.head("text_completion"), "choices": out, "usage": self.usage()}
 

@@ -11,8 +11,11 @@ from dataclasses import dataclass
 from ..errors import UserError
 
 MAX_N = 32  # choices per request: more would hold the engine's slots for one client
+MAX_SEQUENCES = 64  # prompts x n per request: the work one request may queue
 MAX_STOP = 4  # stop strings, as OpenAI allows
+MAX_STOP_CHARS = 256  # per stop string: the held-back text is checked against each on every token
 MAX_LOGPROBS = 20
+MAX_DEPTH = 16  # nesting of arrays and objects in a body (the deepest valid one is 5)
 
 
 class APIError(UserError):
@@ -37,6 +40,7 @@ class Params:
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int | None = None
     n: int = 1
     stop: tuple[str, ...] = ()
     seed: int | None = None
@@ -57,13 +61,40 @@ _TYPES = {
 
 
 def parse_json(raw: bytes) -> dict:
+    """The body as a JSON object of at most MAX_DEPTH levels whose text is all valid Unicode."""
     try:
         body = json.loads(raw)
+    except RecursionError:
+        raise APIError(
+            400, f"the request body nests deeper than {MAX_DEPTH} levels", code="invalid_json"
+        ) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    _check_values(body)
     return body
+
+
+def _check_values(body: dict) -> None:
+    """Refuse nesting past MAX_DEPTH and text with lone surrogates (JSON's "\\ud800" escapes, which
+    no tokenizer or response can encode), walking the body without recursion."""
+    todo = [(body, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise APIError(
+                    400, f"the request body nests deeper than {MAX_DEPTH} levels", code="invalid_json"
+                )
+            items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            todo += [(v, depth + 1) for v in items]
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError(400, "the request body has text with a lone surrogate (not valid Unicode)",
+                               code="invalid_json") from None  # fmt: skip
 
 
 def field(body: dict, name: str, kind: type, default=None, required: bool = False):
@@ -130,23 +161,24 @@ def _is_ids(x: list) -> bool:
 
 
 def sampling(
-    body: dict, prompts: list[list[int]], block_size: int, limit: int, default_max: int | None
+    body: dict, prompts: list[list[int]], block_size: int, limit: int, default_max: int | None, least: int = 0
 ) -> Params:
     """The sampling fields shared by completions and chat; max_tokens within the context and limit
-    (absent: `default_max`, or what the context has room for)."""
+    (absent: `default_max`, or what the context has room for), at least `least` (chat: 1)."""
     longest = max(len(p) for p in prompts)
     room = block_size - longest
     check(
-        room >= 0,
-        f"the prompt is {longest} tokens; this model's context is {block_size}",
-        "prompt",
+        room >= least,
+        f"the prompt is {longest} tokens; this model's context is {block_size}"
+        + (", leaving no room for a reply" if least and room >= 0 else ""),
+        "messages" if least else "prompt",
         "context_length_exceeded",
     )
     asked = field(body, "max_tokens", int, field(body, "max_completion_tokens", int))
     max_tokens = (
         min(room, limit, default_max if default_max is not None else room) if asked is None else asked
     )
-    check(max_tokens >= 0, f"'max_tokens' must be at least 0, got {max_tokens}", "max_tokens")
+    check(max_tokens >= least, f"'max_tokens' must be at least {least}, got {max_tokens}", "max_tokens")
     check(
         longest + max_tokens <= block_size,
         f"this model's context is {block_size} tokens: {longest} in the prompt leave room for {room}, "
@@ -161,26 +193,31 @@ def sampling(
     check(0 <= temperature <= 2, f"'temperature' must be between 0 and 2, got {temperature}", "temperature")
     top_p = field(body, "top_p", float, 1.0)
     check(0 < top_p <= 1, f"'top_p' must be above 0 and at most 1, got {top_p}", "top_p")
+    top_k = field(body, "top_k", int, 0)
+    check(top_k >= -1, f"'top_k' must be -1 or 0 (no limit) or a positive count, got {top_k}", "top_k")
     n = field(body, "n", int, 1)
     check(1 <= n <= MAX_N, f"'n' must be between 1 and {MAX_N}, got {n}", "n")
+    check(len(prompts) * n <= MAX_SEQUENCES,
+          f"{len(prompts)} prompts x n={n} is {len(prompts) * n} sequences; at most {MAX_SEQUENCES} per request",
+          "n")  # fmt: skip
+    seed = field(body, "seed", int)
+    check(seed is None or -(2**63) <= seed < 2**64, "'seed' must fit in 64 bits", "seed")
+    options = field(body, "stream_options", dict, {})
+    return Params(prompts, max_tokens, temperature, top_p, top_k if top_k > 0 else None, n, _stop(body), seed,
+                  field(body, "stream", bool, False), bool(options.get("include_usage")))  # fmt: skip
+
+
+def _stop(body: dict) -> tuple[str, ...]:
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop
     ok = stop is None or (
-        isinstance(stop, list) and len(stop) <= MAX_STOP and all(isinstance(s, str) and s for s in stop)
+        isinstance(stop, list)
+        and len(stop) <= MAX_STOP
+        and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)
     )
-    check(ok, f"'stop' must be a string or up to {MAX_STOP} non-empty strings", "stop", "invalid_type")
-    options = field(body, "stream_options", dict, {})
-    return Params(
-        prompts,
-        max_tokens,
-        temperature,
-        top_p,
-        n,
-        tuple(stop or ()),
-        field(body, "seed", int),
-        field(body, "stream", bool, False),
-        bool(options.get("include_usage")),
-    )
+    message = f"'stop' must be a string or up to {MAX_STOP} strings, each of 1 to {MAX_STOP_CHARS} characters"
+    check(ok, message, "stop", "invalid_type")
+    return tuple(stop or ())
 
 
 def completion_params(

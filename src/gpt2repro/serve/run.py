@@ -28,10 +28,9 @@ class ServeError(UserError):
 
 @dataclass
 class ChatFormat:
-    """What the app needs of a chat template: a conversation's prompt ids and the ids ending a reply."""
+    """What the app needs of a chat template: a conversation's prompt ids, and each token's text."""
 
     render: Callable[[list[dict]], list[int]]
-    stop_ids: frozenset[int]
     token_bytes: Callable[[int], bytes]
 
 
@@ -42,15 +41,15 @@ def chat_format(config) -> ChatFormat | None:
     from .. import chat
 
     def render(messages: list[dict]) -> list[int]:
-        try:
-            return chat.render(messages, add_generation_prompt=True)
+        try:  # the replies come back as text: whatever they spell, they are ordinary tokens
+            return chat.render(messages, add_generation_prompt=True, replies_as_text=True)
         except chat.ChatError as e:
             raise APIError(400, str(e), "messages") from None
 
-    return ChatFormat(render, frozenset(chat.STOP_TOKENS), chat.encoding().decode_single_token_bytes)
+    return ChatFormat(render, chat.encoding().decode_single_token_bytes)
 
 
-def served_model(model: GPT, model_id: str, slots: int) -> Served:
+def served_model(model: GPT, model_id: str, slots: int, prefix_cache: bool = True) -> Served:
     enc = get_tokenizer()
     chat = chat_format(model.config)
     decode_one = chat.token_bytes if chat else enc.decode_single_token_bytes
@@ -62,7 +61,7 @@ def served_model(model: GPT, model_id: str, slots: int) -> Served:
             return b""
 
     return Served(
-        Engine(model, slots).start(), model_id, model.config.vocab_size, model.config.block_size,
+        Engine(model, slots, prefix_cache).start(), model_id, model.config.vocab_size, model.config.block_size,
         enc.encode_ordinary, token_bytes, chat,
     )  # fmt: skip
 
@@ -82,12 +81,22 @@ def uvicorn_module():
     return uvicorn
 
 
-def serve(served: Served, host: str, port: int, api_key: str | None, max_tokens_limit: int | None) -> None:
+def serve(
+    served: Served,
+    host: str,
+    port: int,
+    api_key: str | None,
+    max_tokens_limit: int | None,
+    allowed_hosts: list[str] | None = None,
+    cors_origins: list[str] | None = None,
+) -> None:
     """Serve until SIGTERM or Ctrl-C."""
     uvicorn = uvicorn_module()
     from .app import create_app
+    from .guard import allowed_hosts as hosts_for
 
-    app = create_app(served, api_key, max_tokens_limit)
+    hosts = hosts_for(host, allowed_hosts)
+    app = create_app(served, api_key, max_tokens_limit, hosts, frozenset(cors_origins or ()))
     config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=GRACE, log_level="info")
     server = uvicorn.Server(config)
     # uvicorn stops gracefully on SIGTERM, then raises it again for the handler it found: a no-op one
