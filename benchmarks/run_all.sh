@@ -10,6 +10,12 @@ $B bench train --size 4x256 --baseline all --repeats 5 --json "$OUT/train_tiny.j
 $B bench train --size 6x384 --mode bf16,compile-bf16,eager --baseline reference --repeats 5 --json "$OUT/train_small.json"
 $B bench train --size 124m --mode bf16,eager --baseline reference --repeats 3 --json "$OUT/train_124m.json"
 $B bench generate --size 6x384 --repeats 3 --json "$OUT/generate.json"
+# llama.cpp beside us needs llama-cpp-python (pip install '.[gguf-check]': builds llama.cpp from source)
+if .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
+    $B bench generate --size 124m --baseline llama.cpp --repeats 3 --json "$OUT/generate_llamacpp.json"
+else
+    echo "llama-cpp-python absent: skipping bench generate --baseline llama.cpp"
+fi
 $B bench chat --repeats 15 --json "$OUT/chat.json"
 $B bench hellaswag --size 6x384 --repeats 3 --json "$OUT/hellaswag.json"
 $B bench prepare --repeats 9 --json "$OUT/prepare.json"

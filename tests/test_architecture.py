@@ -34,7 +34,7 @@ LAYERS = [
         "data.records",
     },
     {"optim", "clock", "muon", "checkpoint", "ckptdir", "sharded", "distributed", "parallelize", "mfu"},
-    {"evals.hellaswag", "generate", "hf", "chat_session", "evals.chat"}
+    {"evals.hellaswag", "generate", "hf", "gguf_export", "chat_session", "evals.chat"}
     | {"evals.packing", "evals.core_data", "evals.core"},
     {"train", "plan", "checkpointer", "metrics", "sft"},
     {"evals.report", "evals.harness", "plot", "chat_cli", "serve.engine", "serve.protocol"}
@@ -48,6 +48,7 @@ LAYERS = [
         "bench.chat",
         "bench.runners",
         "bench.serving",
+        "bench.llamacpp",
     },
     {"cli", "cliargs", "__main__"},
 ]

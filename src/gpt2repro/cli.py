@@ -136,9 +136,18 @@ def cmd_serve(args) -> None:
 
 
 def cmd_export(args) -> None:
+    source, hf = (args.hf, True) if args.hf else (args.checkpoint, False)
+    if args.format == "gguf":
+        from .gguf_export import export_gguf_source
+
+        out = export_gguf_source(source, args.out, args.outtype or "f32", hf=hf)
+        print(f"exported to {out} (llama.cpp: llama-cli -m {out}; Ollama: FROM {out} in a Modelfile)")
+        return
+    if args.outtype is not None:
+        raise UserError("--outtype applies to --format gguf only")
     from .hf import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out)
+    out = export_checkpoint(source, args.out, hf=hf)
     print(f"exported to {out} (load with transformers.GPT2LMHeadModel.from_pretrained)")
 
 

@@ -149,9 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-prefix-cache", action="store_true", help="re-run every prompt whole (no reuse of cached tokens)"
     )
 
-    p = sub.add_parser("export", help="export a checkpoint to a Hugging Face transformers directory")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", required=True)
+    p = sub.add_parser(
+        "export", help="export a model to a transformers directory, or to one GGUF file (llama.cpp, Ollama)"
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="run directory or checkpoint directory of ours")
+    src.add_argument("--hf", help="Hugging Face GPT-2 directory, or hub name (gpt2 ... gpt2-xl)")
+    p.add_argument("--out", required=True, help="the directory (hf) or the .gguf file (gguf) to write")
+    p.add_argument("--format", choices=("hf", "gguf"), default="hf")
+    p.add_argument(
+        "--outtype",
+        choices=("f32", "f16", "q8_0"),
+        default=None,
+        help="gguf: the matrices' type (default f32, lossless; vectors stay f32)",
+    )
 
     p = sub.add_parser("eval", help="evaluate a model")
     ev = p.add_subparsers(dest="task", required=True)

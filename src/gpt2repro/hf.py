@@ -178,10 +178,16 @@ def export_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
         return _export(model, Path(os.path.realpath(out_dir)))
 
 
-def export_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """`export_hf` of a checkpoint of ours, locking the output before the weights are read."""
+def load_source(source: str | os.PathLike, hf: bool = False) -> GPT:
+    """The model an export reads: a run or checkpoint directory of ours, or with `hf` a Hugging Face
+    GPT-2 directory (or hub name)."""
+    return load_hf(source) if hf else checkpoint.load_model(source)
+
+
+def export_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, hf: bool = False) -> Path:
+    """`export_hf` of a checkpoint of ours (`load_source`), locking the output before the weights are read."""
     with DirLock(out_dir, "export", beside=True):
-        return _export(checkpoint.load_model(source), Path(os.path.realpath(out_dir)))
+        return _export(load_source(source, hf), Path(os.path.realpath(out_dir)))
 
 
 def _export(model: GPT, out: Path) -> Path:

@@ -9,4 +9,11 @@ SIZES = {  # name (layers x width, unlike the model presets' names): (n_layer, n
     "124m": (12, 768, 12, 1, 1024),
 }
 TRAIN_MODES = ("eager", "bf16", "compile", "compile-bf16")
-BASELINES = {"none": [], "reference": ["reference"], "hf": ["hf"], "all": ["reference", "hf"]}
+# llama.cpp: `generate` only, batch-1 prompt and decoding speed on our GGUF export (bench/llamacpp.py)
+BASELINES = {
+    "none": [],
+    "reference": ["reference"],
+    "hf": ["hf"],
+    "all": ["reference", "hf"],
+    "llama.cpp": ["llama.cpp"],
+}

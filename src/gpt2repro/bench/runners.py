@@ -46,6 +46,17 @@ def _bench_serve(size: str, repeats: int, device: torch.device) -> list[dict]:
     return bench_serve(size, repeats, device) + bench_serve_turns(size, repeats, device)
 
 
+def _bench_generate(size: str, baseline: str, repeats: int, device: torch.device) -> list[dict]:
+    """Against llama.cpp: its own table (bench/llamacpp.py, which needs llama-cpp-python, on CPU)."""
+    if baseline != "llama.cpp":
+        return bench_generate(size, repeats, device)
+    if device.type != "cpu":
+        raise BenchError("--baseline llama.cpp compares CPU decoding: run it with --device cpu")
+    from .llamacpp import bench_llamacpp
+
+    return bench_llamacpp(size, repeats)
+
+
 MEMORY_BATCH = 4  # sequences per step in `bench memory`: enough for activations to dominate
 
 
@@ -239,6 +250,8 @@ def bench_train(size: str, modes: str, baseline: str, repeats: int, device: torc
         raise BenchError(
             f"unknown train mode(s) {', '.join(unknown)}; choose from {', '.join(TRAIN_MODES)} or all"
         )
+    if baseline == "llama.cpp":
+        raise BenchError("--baseline llama.cpp is a decoding baseline: use it with `bench generate`")
     impls = ["ours", *BASELINES[baseline]]
     rows = bench_train_steps([(impl, mode) for impl in impls for mode in chosen], size, repeats, device)
     best = max(r["tok_per_s"] for r in rows if r["impl"] == "ours")
@@ -268,7 +281,7 @@ def run(
     runners = {
         "peak": lambda: bench_peak(repeats, device),
         "train": lambda: bench_train(size, mode, baseline, repeats, device),
-        "generate": lambda: bench_generate(size, repeats, device),
+        "generate": lambda: _bench_generate(size, baseline, repeats, device),
         "hellaswag": lambda: bench_hellaswag(size, repeats, device),
         "core": lambda: bench_core(size, repeats, device),
         "prepare": lambda: bench_prepare(repeats),

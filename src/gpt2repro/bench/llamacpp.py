@@ -1,0 +1,103 @@
+"""Batch-1 decoding against llama.cpp (through llama-cpp-python), the same weights side by side:
+ours in fp32 and bf16, llama.cpp on our GGUF export in f32 and f16, each with the same threads.
+
+Prompt processing and decoding are timed apart, the same way for both engines: a run that reads the
+prompt and picks one token, and a run that goes on for `new_tokens` more; decoding is the difference.
+Greedy, so both engines do the same work whatever the weights."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import statistics
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..generate import generate
+from ..gguf_export import export_gguf
+from ..mfu import median_time
+from ..model import GPT
+from ..precision import torch_dtype
+from .common import BenchError, bench_dtypes, size_config
+
+PROMPT_TOKENS = 128
+NEW_TOKENS = 128
+GGUF_TYPE = {"fp32": "f32", "bf16": "f16"}  # llama.cpp's CPU kernels have f16, our CPU path bf16
+
+
+def llama_cpp_module():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise BenchError(
+            "--baseline llama.cpp needs llama-cpp-python: pip install 'gpt2repro[gguf-check]' "
+            "(builds llama.cpp from source)"
+        ) from None
+    return llama_cpp
+
+
+def llama_greedy(llm, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy decoding in llama.cpp from an empty context (no cached prefix reused), through
+    llama-cpp-python's `generate`: the prompt in one batch, then one token per step, as our
+    `generate` does."""
+    llm.reset()
+    steps = llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0)
+    return list(itertools.islice(steps, new_tokens))
+
+
+def _rates(run: Callable[[int], object], repeats: int) -> tuple[float, float]:
+    """(prompt tokens/s, decoded tokens/s): the prompt and one token, then NEW_TOKENS more, timed
+    in alternation so a slow moment of the machine hits both."""
+    short, long = [], []
+    run(1)  # warm-up
+    for _ in range(repeats):
+        short.append(median_time(lambda: run(1), 1, warmup=0))
+        long.append(median_time(lambda: run(1 + NEW_TOKENS), 1, warmup=0))
+    prefill = statistics.median(short)
+    return PROMPT_TOKENS / prefill, NEW_TOKENS / (statistics.median(long) - prefill)
+
+
+def bench_llamacpp(size: str, repeats: int) -> list[dict]:
+    """Rows for ours (fp32, bf16 where native) and llama.cpp (f32, f16) on one random model of `size`."""
+    llama_cpp = llama_cpp_module()
+    cfg, _, _ = size_config(size)
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    threads = torch.get_num_threads()
+    prompt = torch.randint(0, cfg.vocab_size, (1, PROMPT_TOKENS))
+    ids = prompt[0].tolist()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype in bench_dtypes():
+            ours = model if dtype == "fp32" else copy.deepcopy(model).to(torch_dtype(dtype))
+            rate = _rates(lambda n, m=ours: generate(m, prompt, n, temperature=0), repeats)
+            rows.append(_row("gpt2repro", dtype, threads, rate))
+            path = export_gguf(model, Path(tmp) / f"{GGUF_TYPE[dtype]}.gguf", GGUF_TYPE[dtype])
+            llm = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=PROMPT_TOKENS + NEW_TOKENS + 8,
+                n_batch=PROMPT_TOKENS,
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+            )
+            rate = _rates(lambda n, llm=llm: llama_greedy(llm, ids, n), repeats)
+            rows.append(_row(f"llama.cpp {llama_cpp.__version__}", GGUF_TYPE[dtype], threads, rate))
+            llm.close()
+    return rows
+
+
+def _row(engine: str, weights: str, threads: int, rates: tuple[float, float]) -> dict:
+    return {
+        "engine": engine,
+        "weights": weights,
+        "threads": threads,
+        "batch": 1,
+        "prompt_tokens": PROMPT_TOKENS,
+        "prompt_tok_per_s": rates[0],
+        "new_tokens": NEW_TOKENS,
+        "decode_tok_per_s": rates[1],
+    }
