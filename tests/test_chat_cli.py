@@ -19,8 +19,6 @@ from gpt2repro.generate import GenerateError
 from gpt2repro.model import GPT
 from gpt2repro.tokentext import TextStream
 
-pytestmark = pytest.mark.serial  # alone: timing bounds, or the machine's exact fingerprint
-
 
 def test_message_answers_once_and_reports_the_timings(chat_run_dir, capsys):
     assert main(["chat", "--checkpoint", str(chat_run_dir), "--message", "Hi", "--temperature", "0"]) == 0

@@ -29,6 +29,7 @@ from gpt2repro.lock import DirLock
 lock = DirLock(sys.argv[1], "train").acquire()
 child = os.fork()  # a worker forked while the lock is held, as the tokenizer pool is
 if child == 0:
+    print("worker", flush=True)  # (its fork handlers have run: the lock's descriptor is closed here)
     time.sleep(60)
     os._exit(0)
 print(child, flush=True)
@@ -88,7 +89,8 @@ def test_a_holder_killed_with_its_workers_running_leaves_no_stale_lock(tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
     )
-    child = int(proc.stdout.readline())
+    lines = {proc.stdout.readline().strip() for _ in range(2)}  # the worker is running, and its pid
+    child = int((lines - {"worker"}).pop())
     try:
         with pytest.raises(LockError, match=f"pid {proc.pid} on"):
             DirLock(tmp_path, "train").acquire()

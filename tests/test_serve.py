@@ -24,7 +24,7 @@ from gpt2repro.generate import generate  # noqa: E402
 from gpt2repro.serve.app import create_app  # noqa: E402
 from gpt2repro.serve.run import ServerThread, served_model  # noqa: E402
 
-pytestmark = pytest.mark.serial  # alone: timing bounds, or the machine's exact fingerprint
+pytestmark = pytest.mark.serial  # alone: bench serve's timings and the server's timing bounds
 
 MODEL = "test-model"
 SLOTS = 8

@@ -23,6 +23,8 @@ from gpt2repro.serve.app import create_app  # noqa: E402
 from gpt2repro.serve.engine import Engine, Job  # noqa: E402
 from gpt2repro.serve.run import ServerThread, served_model  # noqa: E402
 
+pytestmark = pytest.mark.serial  # alone: its timing bounds are asserted
+
 ALLOWED = "http://allowed.example"
 
 

@@ -14,8 +14,6 @@ from gpt2repro.sampling import Sampling
 from gpt2repro.serve.engine import Engine, Job
 from gpt2repro.tokentext import TextStream
 
-pytestmark = pytest.mark.serial  # alone: timing bounds, or the machine's exact fingerprint
-
 
 @pytest.fixture(scope="module")
 def model(tiny_config):

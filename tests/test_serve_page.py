@@ -16,8 +16,6 @@ from gpt2repro.generate import generate  # noqa: E402
 from gpt2repro.serve.app import create_app  # noqa: E402
 from gpt2repro.serve.run import ChatFormat, ServerThread, served_model  # noqa: E402
 
-pytestmark = pytest.mark.serial  # alone: timing bounds, or the machine's exact fingerprint
-
 FLAGS = "--headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking"
 FLAGS += " --disable-component-update --disable-sync"
 
