@@ -29,10 +29,10 @@ from gpt2repro.lock import DirLock
 lock = DirLock(sys.argv[1], "train").acquire()
 child = os.fork()  # a worker forked while the lock is held, as the tokenizer pool is
 if child == 0:
-    print("worker", flush=True)  # (its fork handlers have run: the lock's descriptor is closed here)
+    os.write(1, b"worker\\n")  # its fork handlers have run: the lock's descriptor is closed here
     time.sleep(60)
     os._exit(0)
-print(child, flush=True)
+os.write(1, f"{child}\\n".encode())  # one write each: the two lines never interleave
 time.sleep(60)
 """
 
@@ -87,9 +87,18 @@ def test_a_file_system_without_locks_is_written_with_a_warning(tmp_path, monkeyp
 def test_a_holder_killed_with_its_workers_running_leaves_no_stale_lock(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
+        [sys.executable, "-c", HOLDER, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     lines = {proc.stdout.readline().strip() for _ in range(2)}  # the worker is running, and its pid
+    assert "worker" in lines and len(lines) == 2, (
+        lines,
+        proc.poll(),
+        proc.poll() is not None and proc.stderr.read(),
+    )
     child = int((lines - {"worker"}).pop())
     try:
         with pytest.raises(LockError, match=f"pid {proc.pid} on"):
