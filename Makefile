@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Two passes: two pytest workers (one per core, pytest-xdist) for all but the `serial` tests, then those
-# alone (timing bounds, the golden losses' exact machine fingerprint). Each pass must pass.
+# alone (the server's timing bounds). Each pass must pass.
 PYTEST  := $(BIN)/python -m pytest -q
 test: venv
 	$(PYTEST) -n 2 --dist worksteal -m "not serial"
