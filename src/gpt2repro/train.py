@@ -99,12 +99,8 @@ class Trainer:
         # worse than guessing uniformly by far: the weights blew up (a finite loss can say so too)
         self.divergence_loss = 2 * math.log(cfg.model.vocab_size)
         self.start_step, self.started = 0, time.time()
-        # the schedule's clock: seconds spent in train_step (evaluation and checkpoints excluded),
-        # kept in every checkpoint; `evaluated`: whether the resumed step's evaluation already ran
-        self.clock, self.evaluated = (
-            TrainingClock(cfg, info, self.device),
-            True,
-        )  # evaluated: the resumed step
+        self.clock = TrainingClock(cfg, info, self.device)  # seconds of training, kept in checkpoints
+        self.evaluated = True  # whether the step being saved (or resumed) has had its evaluation
         self.peak = Peak(self.device, plan.dtype, info.world_size)  # for MFU
         self.flops_per_step = self.raw.flops_per_token(cfg.seq_len) * cfg.total_batch_size
 
@@ -271,7 +267,8 @@ class Trainer:
         tok_s = self.cfg.total_batch_size / dt
         mfu = self.peak.mfu(self.flops_per_step, dt)
         eta = (time.time() - self.started) / (step + 1 - self.start_step) * (self.cfg.max_steps - step - 1)
-        eta = eta if self.clock.left() is None else min(eta, self.clock.left())
+        left = self.clock.left()
+        eta = eta if left is None else min(eta, left)
         stats = dict(loss=loss, lr=lr, grad_norm=norm, dt=dt, tok_per_s=tok_s, mfu=mfu, eta_s=eta)
         return {**stats, "train_seconds": self.clock.train_seconds}
 
