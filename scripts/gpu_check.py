@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gpt2repro import mfu, precision
+from gpt2repro import checkpoint, mfu, precision
 from gpt2repro.config import model_config
 from gpt2repro.data.loader import DataLoader
 from gpt2repro.data.shards import shard_name, write_shard
@@ -358,10 +358,9 @@ def check_sharded_resume(rep: Report, args, data: Path, work: Path, ranks: int) 
 
 
 def _verify(run: Path) -> bool:
-    """`gpt2repro verify RUN` passes (every checkpoint's files match its manifest)."""
-    cmd = [sys.executable, "-m", "gpt2repro", "verify", str(run)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    return proc.returncode == 0 and "checkpoints verified" in proc.stdout
+    """What `gpt2repro verify RUN` checks passes: every checkpoint's files match its manifest."""
+    checked, problems = checkpoint.verify_run(run)
+    return checked > 0 and not problems
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,8 @@ if SHARED.is_dir():
 # runs alone with both
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 torch.set_num_threads(1 if WORKER else min(2, os.cpu_count() or 1))
+if WORKER:  # and the processes a worker starts: a second thread would only contend with the other worker
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def shared_file(name: str) -> Path:

@@ -4,6 +4,8 @@ one table of bad config overrides."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import socket
@@ -113,10 +115,18 @@ def error_lines(out: subprocess.CompletedProcess) -> list[str]:
 
 
 def run_to_end(args, nproc=None) -> str:
-    """Run the command to its end; it must succeed. Its output."""
-    proc = launch(*args, nproc=nproc)
-    out = proc.communicate(timeout=600)[0]
-    assert proc.returncode == 0, out[-3000:]
+    """Run the command to its end; it must succeed. Its output (stdout and stderr). One process runs
+    here, through the same `main` (starting Python and torch again would cost seconds a run)."""
+    if nproc:
+        proc = launch(*args, nproc=nproc)
+        out = proc.communicate(timeout=600)[0]
+        code = proc.returncode
+    else:
+        stream = io.StringIO()
+        with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+            code = main([str(a) for a in args])
+        out = stream.getvalue()
+    assert code == 0, out[-3000:]
     return out
 
 

@@ -60,7 +60,7 @@ def test_a_fine_tune_repeats_from_its_config_json(capsys, data_dir, tmp_path):
     """config.json of an init_from run carries the weights' architecture; handed back, it runs the same."""
     tiny = shared_file("tiny-gpt2")
     small = ["micro_batch_size=2", "seq_len=32", "total_batch_size=128", "max_steps=2", "log_every=0"]
-    small += ["val_every=0", "sample_every=0", f"init_from={tiny}"]
+    small += ["val_every=0", "sample_every=0", "compile=false", f"init_from={tiny}"]
     printed(capsys, "train", "--preset", "finetune", "--data", data_dir, "--out", tmp_path / "a", *small)
     saved = json.loads((tmp_path / "a" / "config.json").read_text())
     assert saved["model"]["n_embd"] == 2  # the weights', not the preset's 768

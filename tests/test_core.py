@@ -480,3 +480,15 @@ def test_time_to_target_core_is_kept_across_a_resume(data_dir, tmp_path, monkeyp
         assert tr.train(cfg, data_dir, tmp_path / "run")["step"] == 1
     tr.train(cfg, data_dir, tmp_path / "run")
     assert check_target(tmp_path / "run", 0.5, free_dt=0.5) > 1
+
+
+def test_two_ranks_recording_one_bundle_do_not_list_each_others_temporaries(tmp_path):
+    """Ranks loading a bundle that has no manifest yet each record it; one rank's manifest, half
+    written under its temporary name, is not a file of the bundle for the other (which would list
+    it, and every later load would find it missing)."""
+    root = write_bundle(tmp_path / "b", TASKS[:1])
+    (root / f".{assets.BUNDLE_MANIFEST}.3f9a1c.tmp").write_text('{"source": ')  # the other rank's
+    files = assets.record_bundle(root, str(root))
+    assert sorted(files) == ["core.yaml", "eval_data/fx/hs0.jsonl", "eval_meta_data.csv"]
+    (root / f".{assets.BUNDLE_MANIFEST}.3f9a1c.tmp").unlink()  # it published
+    assert core_data.load_bundle(root)

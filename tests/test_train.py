@@ -323,10 +323,8 @@ def test_sigterm_checkpoints_and_resumes(data_dir, tmp_path):
     assert sorted(losses(tmp_path))[-1] == done + 1
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_process_gloo_matches_one_process(data_dir, tmp_path, mode):
-    common = [
+def _gloo_common(data_dir) -> list[str]:
+    return [
         *train_argv(data_dir, *SMALL),
         "max_steps=4",
         "shuffle=true",
@@ -335,23 +333,36 @@ def test_two_process_gloo_matches_one_process(data_dir, tmp_path, mode):
         "hellaswag_every=3",
         "hellaswag_limit=7",  # odd: the ranks get different numbers of examples
     ]
-    run_to_end([*common, "--out", str(tmp_path / "one")])
+
+
+@pytest.fixture(scope="module")
+def one_process_run(data_dir, tmp_path_factory):
+    """The one-process run both two-process modes are compared with."""
+    out = tmp_path_factory.mktemp("one")
+    run_to_end([*_gloo_common(data_dir), "--out", str(out)])
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_process_gloo_matches_one_process(data_dir, tmp_path, mode, one_process_run):
+    common, one_run = _gloo_common(data_dir), one_process_run
     # with activation checkpointing too: it may not change the losses
     extra = {
         "ddp": ["fsdp=false", "activation_checkpointing=every_2"],
         "fsdp": ["fsdp=true", "activation_checkpointing=full"],
     }
     run_to_end([*common, "--out", str(tmp_path / "two"), *extra[mode]], nproc=2)
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    one, two = losses(one_run), losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == [0, 1, 2, 3]
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5)
-    hs_one, hs_two = (events(tmp_path / run, "hellaswag") for run in ("one", "two"))
+    hs_one, hs_two = (events(run, "hellaswag") for run in (one_run, tmp_path / "two"))
     assert [r["n"] for r in hs_two] == [7, 7, 7] and [r["acc_norm"] for r in hs_two] == [
         r["acc_norm"] for r in hs_one
     ]
     # the 2-rank checkpoint (under FSDP a shard per rank) loads whole in one process
-    a = checkpoint.load_model(tmp_path / "one").state_dict()
+    a = checkpoint.load_model(one_run).state_dict()
     b = checkpoint.load_model(tmp_path / "two").state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
 

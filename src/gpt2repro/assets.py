@@ -188,11 +188,14 @@ BUNDLE_MANIFEST = "manifest.json"
 
 
 def bundle_files(root: Path) -> dict[str, str]:
-    """sha256 of every file under `root` (but the manifest), by its path relative to root."""
+    """sha256 of every file under `root` but the manifest and its temporaries (`.manifest.json.*`:
+    another rank may be recording the same directory), by its path relative to root."""
     return {
         p.relative_to(root).as_posix(): sha256_file(p)
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.relative_to(root).as_posix() != BUNDLE_MANIFEST
+        if p.is_file()
+        and p.relative_to(root).as_posix() != BUNDLE_MANIFEST
+        and not (p.parent == root and p.name.startswith(f".{BUNDLE_MANIFEST}."))
     }
 
 
