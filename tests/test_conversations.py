@@ -9,12 +9,12 @@ import pytest
 import torch
 from helpers import assert_one_line_error
 
-from gpt2repro import chat
 from gpt2repro.data.conversations import data_seq_len, prepare_conversations, to_messages
 from gpt2repro.data.loader import DataLoader
 from gpt2repro.data.prepare import PrepareError
 from gpt2repro.data.shards import ShardError, find_shards, read_mask, read_shard, verify_shards
-from gpt2repro.lock import DirLock
+from gpt2repro.files.lock import DirLock
+from gpt2repro.text import chat
 
 S, SE, U, UE, A, AE = (chat.TOKEN_IDS[t] for t in chat.CHAT_TOKENS)
 EOT = 50256
@@ -232,7 +232,7 @@ def test_to_messages_maps_sharegpt_roles_and_dolly_context():
 
 
 def test_one_writer_per_conversation_directory(tmp_path):
-    from gpt2repro.lock import DirLock, LockError
+    from gpt2repro.files.lock import DirLock, LockError
 
     src = write_jsonl(tmp_path / "c.jsonl", RECORDS)
     with DirLock(tmp_path / "out", "prepare"), pytest.raises(LockError, match="is being written by"):

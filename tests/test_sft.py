@@ -11,15 +11,16 @@ import torch.nn.functional as F
 from helpers import losses, run_to_end
 
 from conftest import CHAT_SMALL, shared_file
-from gpt2repro import checkpoint, sft
-from gpt2repro import train as tr
-from gpt2repro.config import ConfigError
+from gpt2repro.checkpoint import gathered
+from gpt2repro.config.presets import train_config
+from gpt2repro.config.schema import ConfigError
 from gpt2repro.data.shards import ShardError
-from gpt2repro.distributed import DistInfo
-from gpt2repro.hf import export_hf
-from gpt2repro.ops import _recomputed_cross_entropy, linear_cross_entropy
-from gpt2repro.plan import resolve
-from gpt2repro.presets import train_config
+from gpt2repro.interop.hf import export_hf
+from gpt2repro.model.ops import _recomputed_cross_entropy, linear_cross_entropy
+from gpt2repro.parallel.distributed import DistInfo
+from gpt2repro.training import sft
+from gpt2repro.training import train as tr
+from gpt2repro.training.plan import resolve
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"))
 
@@ -195,14 +196,14 @@ def test_sft_of_the_tiny_hf_checkpoint_validates_samples_and_resumes(chat_data_d
         whole,
     )
     assert losses(tmp_path / "run") == losses(whole)
-    assert checkpoint.load_model(tmp_path / "run").config.chat
+    assert gathered.load_model(tmp_path / "run").config.chat
 
 
 def test_sft_of_an_export_of_ours(run_dir, chat_data_dir, tmp_path):
-    exported = export_hf(checkpoint.load_model(run_dir), tmp_path / "export")
+    exported = export_hf(gathered.load_model(run_dir), tmp_path / "export")
     cfg = train_config("sft", [f"init_from={exported}", *CHAT_SMALL[4:]])
     trainer = sft.SFTTrainer(resolve(cfg, CPU), chat_data_dir, tmp_path / "r")
-    base = checkpoint.load_model(run_dir)
+    base = gathered.load_model(run_dir)
     assert trainer.cfg.model.chat and trainer.cfg.model.n_embd == base.config.n_embd
     torch.testing.assert_close(
         trainer.raw.transformer.wte.weight[:50257], base.transformer.wte.weight[:50257]

@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, ckptdir, sharded
-from .checkpoint import CheckpointError, all_steps, latest
-from .config import TrainConfig
-from .data.loader import DataLoader
-from .distributed import DisagreementError, DistInfo, agree, all_reduce_sum, stop_together
-from .errors import UserError
-from .fsio import free_bytes, human_bytes, remove_leftovers, remove_path
-from .lock import DirLock, LockError
+from ..config.schema import TrainConfig
+from ..data.loader import DataLoader
+from ..errors import UserError
+from ..files.fsio import free_bytes, human_bytes, remove_leftovers, remove_path
+from ..files.lock import DirLock, LockError
+from ..parallel.distributed import DisagreementError, DistInfo, agree, all_reduce_sum, stop_together
+from . import ckptdir, gathered, sharded
+from .ckptdir import CheckpointError, all_steps, latest
 
 # Resuming requires these to match the checkpoint: they change the model, which batches come next or
 # the optimizer state's layout.
@@ -44,13 +44,13 @@ class Checkpointer:
             self._start_fresh()
             return 0, None, {}
         ckpt, state = found
-        saved = checkpoint.read_config(ckpt)
+        saved = gathered.read_config(ckpt)
         diffs = [k for k in RESUME_KEYS if getattr(saved, k) != getattr(self.cfg, k)]
         if diffs:
             raise TrainingError(
                 f"cannot resume {ckpt}: config differs in {', '.join(diffs)}; use a new run directory"
             )
-        checkpoint.load_training(ckpt, model, optimizers, state)
+        gathered.load_training(ckpt, model, optimizers, state)
         try:
             loader.load_state_dict(state["loader"])
         except ValueError as e:
@@ -88,13 +88,11 @@ class Checkpointer:
         found, problem = None, None
         try:
             if self.cfg.resume != "never":
-                found = checkpoint.latest_verified(self.run_dir, quiet, deep, refused)
+                found = ckptdir.latest_verified(self.run_dir, quiet, deep, refused)
         except CheckpointError as e:  # every rank must still reach the agreement
             problem = e
         key = (
-            (-2 if problem else -1, 0)
-            if found is None
-            else (found[1]["step"], checkpoint.fingerprint(found[0]))
+            (-2 if problem else -1, 0) if found is None else (found[1]["step"], ckptdir.fingerprint(found[0]))
         )
         try:
             agree(self.info, key, "the checkpoint to resume from", _describe)
@@ -147,9 +145,9 @@ class Checkpointer:
         if self.cfg.fsdp and self.info.distributed:
             path = sharded.save(self.run_dir, step, model, optimizers, state, self.cfg, self.info)
         else:
-            model_state, optim_state = checkpoint.gather(model, optimizers)
+            model_state, optim_state = gathered.gather(model, optimizers)
             if self.info.is_main:
-                path = checkpoint.save(
+                path = gathered.save(
                     self.run_dir, step, model_state, optim_state, state, self.cfg, self.cfg.keep_last
                 )
         if self.info.is_main:
@@ -160,9 +158,9 @@ class Checkpointer:
         """A checkpoint holding weights that diverged is renamed, kept but never resumed from; a note
         for the error message (empty when there was none at that step)."""
         note = ""
-        if checkpoint.step_dir(self.run_dir, step).is_dir():
+        if ckptdir.step_dir(self.run_dir, step).is_dir():
             if self.info.is_main:
-                checkpoint.quarantine(self.run_dir, step)
+                ckptdir.quarantine(self.run_dir, step)
             note = f"; checkpoint step_{step:08d} held these weights and was renamed diverged_step_{step:08d}"
         self._barrier()
         return note

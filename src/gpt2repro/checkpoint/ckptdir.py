@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
-from .fsio import atomic_write_text, fsync_dir, remove_path, sha256_file
+from ..errors import UserError
+from ..files.fsio import atomic_write_text, fsync_dir, remove_path, sha256_file
 
 TIED = "lm_head.weight"  # the same tensor as transformer.wte.weight: stored once
 FULL_FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "config.json")

@@ -31,6 +31,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
+from ..config.schema import TrainConfig
+from ..files.fsio import REASONS, AtomicDir, WriteError, describe, sha256_file
+from ..model.gpt import GPT, WeightsMismatch, load_state_strict
 from .ckptdir import (
     FULL_FILES,
     MANIFEST,
@@ -54,9 +57,6 @@ from .ckptdir import (
     verify_run,
     write_manifest,
 )
-from .config import TrainConfig
-from .fsio import REASONS, AtomicDir, WriteError, describe, sha256_file
-from .model import GPT, WeightsMismatch, load_state_strict
 
 # what callers reach through this module: the directory-level functions live in ckptdir
 __all__ = [

@@ -56,6 +56,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
+from ..config.schema import TrainConfig
+from ..files.fsio import REASONS, AtomicDir, WriteError, describe, sha256_file, write_error
+from ..model.gpt import GPT, WeightsMismatch, load_state_strict
+from ..parallel.distributed import DistInfo, all_reduce_sum, stop_together
 from .ckptdir import (
     MANIFEST,
     TIED,
@@ -67,10 +71,6 @@ from .ckptdir import (
     step_dir,
     write_manifest,
 )
-from .config import TrainConfig
-from .distributed import DistInfo, all_reduce_sum, stop_together
-from .fsio import REASONS, AtomicDir, WriteError, describe, sha256_file, write_error
-from .model import GPT, WeightsMismatch, load_state_strict
 
 
 def save(

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import jsonio
-from .config import CHOICES, ConfigError, TrainConfig
+from ..files import jsonio
 from .overrides import config_keys
+from .schema import CHOICES, ConfigError, TrainConfig
 
 try:
     import tomllib

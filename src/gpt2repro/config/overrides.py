@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .config import CHAT_VOCAB_SIZE, GPT2_VOCAB_SIZE, ConfigError, GPTConfig, TrainConfig
-from .jsonio import shown
+from ..files.jsonio import shown
+from .schema import CHAT_VOCAB_SIZE, GPT2_VOCAB_SIZE, ConfigError, GPTConfig, TrainConfig
 
 
 def _coerce(key: str, raw: str, current: Any) -> Any:

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, TrainConfig, model_config
+from ..files.jsonio import shown
 from .configfile import read_config_file
-from .jsonio import shown
 from .overrides import apply_overrides, set_value
+from .schema import ConfigError, TrainConfig, model_config
 
 
 def _gpt3(size: str, lr: float, batch: int) -> TrainConfig:

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .errors import UserError
-from .jsonio import shown
+from ..errors import UserError
+from ..files.jsonio import shown
 
 
 class ConfigError(UserError, ValueError):

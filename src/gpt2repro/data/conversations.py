@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..chat import ChatError, render_with_mask
-from ..fsio import AtomicFile, WriteError, sha256_file
-from ..lock import DirLock
-from ..tokenizer import EOT_ID
+from ..files.fsio import AtomicFile, WriteError, sha256_file
+from ..files.lock import DirLock
+from ..text.chat import ChatError, render_with_mask
+from ..text.tokenizer import EOT_ID
 from .records import file_records, stream_records
 from .shards import ShardError, ShardWriter, mask_path, shard_name
 from .sink import empty_split, finished, make_out_dir, open_manifest, refused_write, write_manifest

@@ -12,14 +12,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import chat
-from ..chat_session import greedy_reply, require_chat_model
 from ..data.conversations import data_seq_len
 from ..data.loader import DataLoader
 from ..data.shards import ShardError, find_shards, read_shard
 from ..errors import UserError
-from ..model import GPT
-from ..tokenizer import EOT_ID
+from ..generation.chat_session import greedy_reply, require_chat_model
+from ..model.gpt import GPT
+from ..text import chat
+from ..text.tokenizer import EOT_ID
 
 OPENERS = (chat.TOKEN_IDS[chat.SYSTEM_START], chat.TOKEN_IDS[chat.USER_START])
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import UserError
+from ..errors import UserError
 from .fsio import AtomicDir, AtomicFile, atomic_write_text, sha256_file
 
 

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import UserError
+from ..errors import UserError
 
 # why a write failed, for the errors that mean the file system (not the data) is the problem
 REASONS = {

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 from .fsio import write_error
 
 LOCK_NAME = ".gpt2repro.lock"

@@ -12,12 +12,12 @@ import statistics
 import sys
 from collections.abc import Callable
 
-from . import chat
-from .chat import ChatError
+from ..model.gpt import GPT
+from ..text import chat
+from ..text.chat import ChatError
+from ..text.tokentext import TextStream
 from .chat_session import ChatSession, require_chat_model
 from .generate import GenerateError
-from .model import GPT
-from .tokentext import TextStream
 
 COMMANDS = "/reset starts over, /exit leaves"
 

@@ -23,11 +23,11 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from . import chat
-from .kvcache import KVCache
-from .model import GPT
+from ..model.gpt import GPT
+from ..model.kvcache import KVCache
+from ..text import chat
+from ..text.tokenizer import EOT_ID, get_tokenizer
 from .sampling import GenerateError, Sampling, draw, ends_reply
-from .tokenizer import EOT_ID, get_tokenizer
 
 
 def require_chat_model(model: GPT, what: str = "this model") -> None:

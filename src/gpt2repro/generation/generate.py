@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .kvcache import KVCache
-from .model import GPT
+from ..model.gpt import GPT
+from ..model.kvcache import KVCache
 from .sampling import GenerateError, Sampling, draw, draw_rows, ends_reply, filter_logits
 
 __all__ = ["GenerateError", "filter_logits", "generate", "prompt_tokens", "sample_text", "sample_tokens"]
@@ -63,8 +63,8 @@ def generate(
 def encode_prompt(prompt: str) -> list[int]:
     """A prompt as plain text; text spelling a special token is refused, as in chat messages (the
     one rule of every prompt: README, "Special tokens in prompts")."""
-    from .chat import spelled_special
-    from .tokenizer import get_tokenizer
+    from ..text.chat import spelled_special
+    from ..text.tokenizer import get_tokenizer
 
     spelled = spelled_special(prompt)
     if spelled:
@@ -114,7 +114,7 @@ def sample_text(
 ) -> list[str]:
     """n samples continuing `prompt` (the prompt included), reproducible for a seed (the original's
     top-50 sampling by default)."""
-    from .tokenizer import get_tokenizer
+    from ..text.tokenizer import get_tokenizer
 
     enc = get_tokenizer()
     prompt_ids = prompt_tokens(prompt, model.config.block_size)

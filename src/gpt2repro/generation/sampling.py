@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
-from .tokenizer import EOT_ID
+from ..errors import UserError
+from ..text.tokenizer import EOT_ID
 
 
 class GenerateError(UserError, ValueError):

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import chat
-from .errors import UserError
-from .fsio import AtomicFile, check_space, remove_leftovers
+from ..errors import UserError
+from ..files.fsio import AtomicFile, check_space, remove_leftovers
+from ..files.lock import DirLock
+from ..model.gpt import GPT
+from ..text import chat
+from ..text.tokenizer import EOT_ID, get_tokenizer, hf_vocab_and_merges
 from .hf import HFError, load_source
-from .lock import DirLock
-from .model import GPT
-from .tokenizer import EOT_ID, get_tokenizer, hf_vocab_and_merges
 
 OUTTYPES = ("f32", "f16", "q8_0")
 Q8_BLOCK = 32  # q8_0 quantizes rows in blocks of 32 values; a matrix whose rows are not stays f16

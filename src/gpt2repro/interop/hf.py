@@ -18,13 +18,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import chat, checkpoint
-from .config import ConfigError, GPTConfig
-from .errors import UserError
-from .fsio import AtomicDir, default_permissions, remove_leftovers
-from .lock import DirLock
-from .model import GPT, WeightsMismatch, load_state_strict
-from .tokenizer import EOT_ID, write_hf_tokenizer
+from ..checkpoint import gathered
+from ..config.schema import ConfigError, GPTConfig
+from ..errors import UserError
+from ..files.fsio import AtomicDir, default_permissions, remove_leftovers
+from ..files.lock import DirLock
+from ..model.gpt import GPT, WeightsMismatch, load_state_strict
+from ..text import chat
+from ..text.tokenizer import EOT_ID, write_hf_tokenizer
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -78,7 +79,7 @@ def load_pretrained(source: str | os.PathLike) -> GPT:
     GPT-2 directory (our exports included), or a hub name (`gpt2` ... `gpt2-xl`)."""
     path = Path(source)
     ours = path.name == "checkpoints" or (path / "checkpoints").is_dir() or (path / "state.json").is_file()
-    return checkpoint.load_model(path) if path.is_dir() and ours else load_hf(source)
+    return gathered.load_model(path) if path.is_dir() and ours else load_hf(source)
 
 
 def config_from_hf(hf: dict) -> GPTConfig:
@@ -181,7 +182,7 @@ def export_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
 def load_source(source: str | os.PathLike, hf: bool = False) -> GPT:
     """The model an export reads: a run or checkpoint directory of ours, or with `hf` a Hugging Face
     GPT-2 directory (or hub name)."""
-    return load_hf(source) if hf else checkpoint.load_model(source)
+    return load_hf(source) if hf else gathered.load_model(source)
 
 
 def export_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, hf: bool = False) -> Path:
@@ -219,7 +220,7 @@ def _export(model: GPT, out: Path) -> Path:
 def generation_config(config: GPTConfig) -> dict:
     """Generation ends where every entry point of ours ends a reply (`sampling.ends_reply`): at
     <|endoftext|> and, for a chat model, at any chat token."""
-    from .sampling import end_ids
+    from ..generation.sampling import end_ids
 
     ends = end_ids(config.vocab_size)
     return {

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from .config import GPTConfig
+from ..config.schema import GPTConfig
 from .kvcache import KVCache
 from .ops import Linear, linear_cross_entropy
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import GPTConfig
+from ..config.schema import GPTConfig
 
 
 class KVCache:

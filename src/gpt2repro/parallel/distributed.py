@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .config import DEVICE, ConfigError, TrainConfig
-from .errors import UserError
-from .model import GPT
+from ..config.schema import DEVICE, ConfigError, TrainConfig
+from ..errors import UserError
+from ..model.gpt import GPT
 
 
 @dataclass(frozen=True)

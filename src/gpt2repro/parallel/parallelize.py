@@ -27,9 +27,9 @@ import torch.nn as nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import distribute_tensor
 
-from .config import TrainConfig
+from ..config.schema import TrainConfig
+from ..model.gpt import GPT
 from .distributed import DistInfo, wrap_model
-from .model import GPT
 
 
 def build_model(

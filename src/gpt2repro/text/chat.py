@@ -25,9 +25,9 @@ from collections.abc import Sequence
 
 import tiktoken
 
-from .config import CHAT_VOCAB_SIZE
-from .errors import UserError
-from .jsonio import shown
+from ..config.schema import CHAT_VOCAB_SIZE
+from ..errors import UserError
+from ..files.jsonio import shown
 from .tokenizer import EOT, EOT_ID, get_tokenizer
 
 SYSTEM_START, SYSTEM_END = "<|system_start|>", "<|system_end|>"

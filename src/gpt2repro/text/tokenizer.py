@@ -11,7 +11,7 @@ from pathlib import Path
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
-from . import assets
+from ..files import assets
 
 EOT = "<|endoftext|>"
 EOT_ID = 50256

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .config import TrainConfig
-from .distributed import DistInfo, all_reduce_sum
+from ..config.schema import TrainConfig
+from ..parallel.distributed import DistInfo, all_reduce_sum
 from .optim import schedule_position
 
 

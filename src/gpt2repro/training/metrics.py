@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig
-from .fsio import AppendFile
+from ..config.schema import ConfigError, TrainConfig
+from ..files.fsio import AppendFile
 
 
 class MetricsLogger:

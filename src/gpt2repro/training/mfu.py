@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from .precision import slow_dtype_warning, torch_dtype
+from ..model.precision import slow_dtype_warning, torch_dtype
 
 T = 1e12
 # (model-name pattern, {dtype: dense FLOP/s}); "tf32" is what fp32 runs get where it exists.

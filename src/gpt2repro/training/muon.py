@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch.optim._muon import _adjust_lr
 
-from .precision import torch_dtype
+from ..model.precision import torch_dtype
 
 
 def newton_schulz(

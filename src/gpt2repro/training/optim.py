@@ -17,8 +17,8 @@ import math
 
 import torch
 
-from .config import TrainConfig
-from .precision import resolve_dtype
+from ..config.schema import TrainConfig
+from ..model.precision import resolve_dtype
 
 HIDDEN_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ConfigError, TrainConfig
-from .distributed import DistInfo
-from .hf import load_pretrained
-from .model import GPT
-from .precision import resolve_dtype
+from ..config.schema import ConfigError, TrainConfig
+from ..interop.hf import load_pretrained
+from ..model.gpt import GPT
+from ..model.precision import resolve_dtype
+from ..parallel.distributed import DistInfo
 
 
 @dataclass(frozen=True)

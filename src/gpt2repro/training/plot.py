@@ -9,9 +9,9 @@ import json
 import os
 from pathlib import Path
 
-from .errors import UserError
-from .evals.core_data import GPT2_CORE
-from .fsio import atomic_write
+from ..errors import UserError
+from ..evals.core_data import GPT2_CORE
+from ..files.fsio import atomic_write
 
 GPT2_124M_VAL_LOSS = 3.2924
 GPT2_124M_HELLASWAG = 0.2955

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from .chat_session import ChatSession
-from .config import ConfigError, TrainConfig
-from .data.conversations import data_seq_len
-from .distributed import all_reduce_sum
+from ..config.schema import ConfigError, TrainConfig
+from ..data.conversations import data_seq_len
+from ..generation.chat_session import ChatSession
+from ..model.precision import autocast
+from ..parallel.distributed import all_reduce_sum
 from .plan import Plan
-from .precision import autocast
 from .train import Trainer, TrainingError
 from .train import train as _train
 

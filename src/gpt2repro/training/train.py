@@ -18,12 +18,15 @@ from pathlib import Path
 
 import torch
 
-from .checkpointer import Checkpointer, TrainingError, run_lock
-from .clock import TrainingClock
-from .config import TrainConfig
-from .data.loader import DataLoader
-from .data.shards import ShardError, manifest_sources, verify_shards
-from .distributed import (
+from ..checkpoint.checkpointer import Checkpointer, TrainingError, run_lock
+from ..config.schema import TrainConfig
+from ..data.loader import DataLoader
+from ..data.shards import ShardError, manifest_sources, verify_shards
+from ..evals import core, hellaswag
+from ..files.fsio import WriteError, atomic_write_text
+from ..generation.generate import prompt_tokens, sample_text
+from ..model.precision import autocast, enable_tf32, slow_dtype_warning, tf32_enabled
+from ..parallel.distributed import (
     all_reduce_mean,
     all_reduce_sum,
     full_parameters,
@@ -31,15 +34,12 @@ from .distributed import (
     setup,
     teardown,
 )
-from .evals import core, hellaswag
-from .fsio import WriteError, atomic_write_text
-from .generate import prompt_tokens, sample_text
+from ..parallel.parallelize import build_model
+from .clock import TrainingClock
 from .metrics import MetricsLogger
 from .mfu import Peak, synchronize
 from .optim import build_optimizer, configure, lr_at, set_lr
-from .parallelize import build_model
 from .plan import Plan, resolve
-from .precision import autocast, enable_tf32, slow_dtype_warning, tf32_enabled
 
 
 class StopReason(enum.Enum):
