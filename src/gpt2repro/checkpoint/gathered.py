@@ -39,48 +39,16 @@ from .ckptdir import (
     MANIFEST,
     TIED,
     CheckpointError,
-    all_steps,
-    fingerprint,
-    is_checkpoint,
     is_sharded,
     latest,
-    latest_verified,
-    loader_mismatch,
     publish,
-    quarantine,
     rng_state,
     set_rng_state,
     stderr,
     step_dir,
     verify,
-    verify_each,
-    verify_run,
     write_manifest,
 )
-
-# what callers reach through this module: the directory-level functions live in ckptdir
-__all__ = [
-    "CheckpointError",
-    "all_steps",
-    "fingerprint",
-    "gather",
-    "latest",
-    "latest_verified",
-    "load_model",
-    "load_training",
-    "loader_mismatch",
-    "quarantine",
-    "read_config",
-    "resolve",
-    "save",
-    "step_dir",
-    "tensor_bytes",
-    "verify",
-    "verify_run",
-    "verify_each",
-    "is_checkpoint",
-    "write_manifest",
-]
 
 
 def gather(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> tuple[dict, dict]:
