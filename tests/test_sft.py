@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import losses, run_to_end
+from helpers import losses, run_to_end, small_cfg
 
 from conftest import CHAT_SMALL, shared_file
 from gpt2repro.checkpoint import gathered
@@ -117,6 +117,24 @@ def test_a_step_is_the_mean_over_every_learned_token_of_the_global_batch(chat_da
         torch.testing.assert_close(
             naive["transformer.wte.weight"], want["transformer.wte.weight"], rtol=1e-5, atol=1e-7
         )
+
+
+def test_a_steps_micro_batches_come_with_how_their_losses_make_the_step(chat_data_dir, data_dir, tmp_path):
+    """What forward_backward needs of a step is what micro_batches() returns, not state left on the
+    trainer: SFT's summed losses over the step's learned tokens, pretraining's means over accum."""
+    cfg = sft_cfg("micro_batch_size=2", "total_batch_size=256")
+    trainer = sft.SFTTrainer(resolve(cfg, CPU), chat_data_dir, tmp_path / "sft")
+    step = trainer.micro_batches()
+    learned = sum(int((y >= 0).sum()) for _, y in step.batches)
+    assert len(step.batches) == trainer.plan.accum == 2
+    assert step.reduction == "sum" and step.divisor == learned < 2 * 2 * 64
+    pretrain = tr.Trainer(resolve(small_cfg(), CPU), data_dir, tmp_path / "pretrain")
+    step = pretrain.micro_batches()
+    assert (step.reduction, step.divisor) == ("mean", pretrain.plan.accum)
+    assert len(list(step.batches)) == pretrain.plan.accum
+    for t in (trainer, pretrain):
+        t.forward_backward()
+        assert not {"divisor", "reduction"} & (set(vars(t)) | set(dir(type(t))))
 
 
 @pytest.mark.slow

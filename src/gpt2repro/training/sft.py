@@ -24,7 +24,7 @@ from ..generation.chat_session import ChatSession
 from ..model.precision import autocast
 from ..parallel.distributed import all_reduce_sum
 from .plan import Plan
-from .train import Trainer, TrainingError
+from .train import MicroBatches, Trainer, TrainingError
 from .train import train as _train
 
 # The in-loop samples answer sample_prompt and then these, sample_count in all.
@@ -55,18 +55,15 @@ class SFTTrainer(Trainer):
     def _loader(self, data_dir: Path, split: str, **kw):
         return super()._loader(data_dir, split, masks=True, **kw)
 
-    reduction = "sum"  # each micro-batch's summed loss, divided by the whole step's count
-
-    def micro_batches(self) -> list:
-        """The step's micro-batches, all read first: the divisor is the number of learned tokens
-        over all of them on all ranks, times the world size (gradient averaging over ranks divides
-        by it again)."""
+    def micro_batches(self) -> MicroBatches:
+        """The step's micro-batches, all read first: each one's summed loss is divided by the number
+        of learned tokens over all of them on all ranks, over the world size (gradient averaging
+        over ranks divides by it again)."""
         batches = [self.train_loader.next_batch() for _ in range(self.plan.accum)]
         (learned,) = all_reduce_sum([sum(int((y >= 0).sum()) for _, y in batches)], self.device)
         if not learned:
             raise TrainingError("a step without a single learned token: the data's masks are empty")
-        self.divisor = learned / self.info.world_size
-        return batches
+        return MicroBatches(batches, "sum", learned / self.info.world_size)
 
     @torch.no_grad()
     def validation_loss(self) -> float:

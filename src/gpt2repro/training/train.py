@@ -14,7 +14,9 @@ import enum
 import math
 import signal
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -40,6 +42,15 @@ from .metrics import MetricsLogger
 from .mfu import Peak, synchronize
 from .optim import build_optimizer, configure, lr_at, set_lr
 from .plan import Plan, resolve
+
+
+class MicroBatches(NamedTuple):
+    """A step's micro-batches and how their losses make the step's: each micro-batch's loss, reduced
+    over its tokens by `reduction` ("mean" or "sum"), divided by `divisor`, summed."""
+
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    reduction: str
+    divisor: float
 
 
 class StopReason(enum.Enum):
@@ -221,11 +232,12 @@ class Trainer:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
-        for micro, (x, y) in enumerate(self.micro_batches()):
+        step = self.micro_batches()
+        for micro, (x, y) in enumerate(step.batches):
             set_grad_sync(self.model, self.raw, self.cfg, self.info, micro == self.plan.accum - 1)
             with autocast(self.device, self.plan.dtype):
-                _, loss = self.model(x, y, reduction=self.reduction)
-            loss = loss / self.divisor
+                _, loss = self.model(x, y, reduction=step.reduction)
+            loss = loss / step.divisor
             loss_sum += loss.detach()
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if self.scaler is not None:
@@ -233,14 +245,11 @@ class Trainer:
                 self.scaler.unscale_(opt)
         return float(all_reduce_mean(loss_sum))
 
-    # each micro-batch's mean loss over accum: the step's mean (sft.SFTTrainer sums, then divides
-    # by the step's count of learned tokens)
-    reduction = "mean"
-
-    def micro_batches(self):
-        """The step's micro-batches, read one at a time (setting `divisor`)."""
-        self.divisor = self.plan.accum
-        return (self.train_loader.next_batch() for _ in range(self.plan.accum))
+    def micro_batches(self) -> MicroBatches:
+        """The step's micro-batches, read one at a time: each one's mean loss over accum is the
+        step's mean (sft.SFTTrainer sums, then divides by the step's count of learned tokens)."""
+        batches = (self.train_loader.next_batch() for _ in range(self.plan.accum))
+        return MicroBatches(batches, "mean", self.plan.accum)
 
     def train_step(self, step: int) -> dict:
         """One optimizer step; returns what is logged about it."""
