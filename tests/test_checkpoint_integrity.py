@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import losses, small_cfg
 
-from gpt2repro.checkpoint import ckptdir
+from gpt2repro.checkpoint import ckptdir, resume
 from gpt2repro.cli import main
 from gpt2repro.data.loader import DataLoader
 from gpt2repro.files.fsio import sha256_file
@@ -90,6 +90,32 @@ def test_tampering_is_caught_by_verify_and_by_resume(run, runs, data_dir, capsys
     assert f"step_00000003/{problem}" in out and "using step_00000002 instead" in out
     assert "resumed from step_00000002" in out
     assert losses(run) == losses(runs / "straight")
+
+
+def test_ranks_sharing_a_directory_split_the_hashing_of_its_large_files(run, monkeypatch):
+    """FSDP's ranks (`resume`): each hashes the JSON files it reads and a disjoint share of the rest,
+    sizes checked by all; a file one rank finds corrupted refuses the checkpoint on every rank."""
+    hashed = []
+    real = ckptdir.sha256_file
+    monkeypatch.setattr(ckptdir, "sha256_file", lambda path: hashed.append(path.name) or real(path))
+    ckpt = ckptdir.step_dir(run, 3)
+    check = resume._checker(True, refused := {})
+    assert check(ckpt, print)["step"] == 3 and sorted(hashed) == ["config.json", "state.json"]
+    shares = []
+    for rank in range(2):
+        hashed.clear()
+        assert resume._verify_share(ckpt, rank, 2) is None
+        shares.append(sorted(hashed))
+    assert shares == [["model.safetensors", "rng.pt"], ["optimizer.pt"]]  # each file once
+    with open(ckpt / "optimizer.pt", "r+b") as f:  # same size, other bytes: only its hash tells
+        f.write(b"\0" * 8)
+    assert check(ckpt, print)["step"] == 3 and resume._verify_share(ckpt, 0, 2) is None
+    refused[ckpt] = resume._verify_share(ckpt, 1, 2)
+    assert refused[ckpt] == f"{ckpt / 'optimizer.pt'}: sha256 mismatch (corrupted checkpoint)"
+    with pytest.raises(ckptdir.CheckpointError, match="optimizer.pt: sha256 mismatch"):
+        check(ckpt, print)
+    found, state = ckptdir.latest_verified(run, lambda message: None, check)
+    assert found.name == "step_00000002" and state["step"] == 2
 
 
 def _as_older_version(ckpt):

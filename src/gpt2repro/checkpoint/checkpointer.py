@@ -1,7 +1,7 @@
-"""The run directory's checkpoints, owned for one run: its lock, where a run starts (the newest
-checkpoint every rank agrees on, or a fresh start that never shadows an earlier run), saving, and
+"""The run directory's checkpoints, owned for one run: its lock, where a run starts (the checkpoint
+every rank agrees on, `resume`, or a fresh start that never shadows an earlier run), saving, and
 setting aside a checkpoint whose weights diverged. The Trainer keeps the loop; the formats are
-`checkpoint` (gathered: one process, DDP) and `sharded` (FSDP's DCP shards), `ckptdir` what they share."""
+`gathered` (one process, DDP) and `sharded` (FSDP's DCP shards), `ckptdir` what they share."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from ..data.loader import DataLoader
 from ..errors import UserError
 from ..files.fsio import free_bytes, human_bytes, remove_leftovers, remove_path
 from ..files.lock import DirLock, LockError
-from ..parallel.distributed import DisagreementError, DistInfo, agree, all_reduce_sum, stop_together
-from . import ckptdir, gathered, sharded
+from ..parallel.distributed import DisagreementError, DistInfo, stop_together
+from . import ckptdir, gathered, resume, sharded
 from .ckptdir import CheckpointError, all_steps, latest
 
 # Resuming requires these to match the checkpoint: they change the model, which batches come next or
@@ -63,44 +63,11 @@ class Checkpointer:
         return state["step"], ckpt.name, state
 
     def _find(self) -> tuple[Path, dict] | None:
-        """The checkpoint to resume from and its state, the same on every rank. FSDP's ranks share
-        one directory (sharded checkpoints need it), so they split the hashing of its large files
-        (for gpt3-2.7b ~33 GB, once instead of once per rank); a corrupted file found by any rank
-        sends every rank to the next older checkpoint together."""
-        split = self.cfg.fsdp and self.info.distributed
-        refused: dict[Path, str] = {}
-        while True:
-            found = self._agreed(deep=not split, refused=refused)
-            if found is None or not split:
-                return found
-            problem = ckptdir.verify_share(found[0], self.info.rank, self.info.world_size)
-            if not all_reduce_sum([float(problem is not None)], self.info.device)[0]:
-                return found
-            problems: list[str | None] = [None] * self.info.world_size
-            dist.all_gather_object(problems, problem)  # whichever rank found it, rank 0 says which file
-            refused[found[0]] = next(p for p in problems if p)
-
-    def _agreed(self, deep: bool, refused: dict[Path, str]) -> tuple[Path, dict] | None:
-        """The newest checkpoint that verifies (not `deep`: its large files' sizes checked only),
-        the same on every rank (nodes without shared storage each look in their own directory): or
-        all ranks stop, naming the ones that differ."""
-        quiet = self.log if self.info.is_main else (lambda message: None)
-        found, problem = None, None
+        """The checkpoint to resume from and its state, the same on every rank (`resume.find`)."""
         try:
-            if self.cfg.resume != "never":
-                found = ckptdir.latest_verified(self.run_dir, quiet, deep, refused)
-        except CheckpointError as e:  # every rank must still reach the agreement
-            problem = e
-        key = (
-            (-2 if problem else -1, 0) if found is None else (found[1]["step"], ckptdir.fingerprint(found[0]))
-        )
-        try:
-            agree(self.info, key, "the checkpoint to resume from", _describe)
+            return resume.find(self.run_dir, self.cfg, self.info, self.log)
         except DisagreementError as e:
             raise TrainingError(f"{self.run_dir}: {e}; give every rank the same run directory") from None
-        if problem is not None:
-            raise problem
-        return found
 
     def _start_fresh(self) -> None:
         """Step 0 in a directory that may hold an earlier run: refuse, or with overwrite=true
@@ -191,12 +158,6 @@ class Checkpointer:
     def _barrier(self) -> None:
         if self.info.distributed:
             dist.barrier()
-
-
-def _describe(key: tuple) -> str:
-    if key[0] < 0:
-        return "no checkpoint that verifies" if key[0] == -2 else "no checkpoint (fresh start)"
-    return f"step {key[0]} (state {key[1]:015x})"
 
 
 def _estimated_bytes(model: torch.nn.Module, optimizers: list) -> int:

@@ -112,22 +112,20 @@ def latest(run_dir: str | os.PathLike, log: Callable[[str], None] = print) -> Pa
 def latest_verified(
     run_dir: str | os.PathLike,
     log: Callable[[str], None] = print,
-    deep: bool = True,
-    refused: dict[Path, str] | None = None,
+    check: Callable[[Path, Callable[[str], None]], dict] | None = None,
 ) -> tuple[Path, dict] | None:
     """The checkpoint to resume from and its verified state.json: the one `latest` points at if it
     verifies, else the newest that does (saying so through `log`); None when there is none yet.
-    `deep`: see `verify`; `refused`: checkpoints found corrupted already, with why."""
+    `check`: how a checkpoint is verified (`verify` by default; `resume` splits the hashing)."""
     root = Path(run_dir) / "checkpoints"
     pointed = _pointer_target(root)
     candidates = all_steps(run_dir)[::-1]
     if pointed is not None:
         candidates = [pointed] + [c for c in candidates if c != pointed]
-    refused = refused or {}
-    problems = [refused[c] for c in candidates if c in refused]
-    for ckpt in (c for c in candidates if c not in refused):
+    problems = []
+    for ckpt in candidates:
         try:
-            state = verify(ckpt, log, deep)
+            state = (check or verify)(ckpt, log)
         except CheckpointError as e:
             problems.append(str(e))
             continue
@@ -149,7 +147,7 @@ def read_json(path: Path) -> dict:
     return content
 
 
-def _check_file(path: Path, sha: str, size: int | None = None, hashed: bool = True) -> None:
+def check_file(path: Path, sha: str, size: int | None = None, hashed: bool = True) -> None:
     """The file exists at its size and (`hashed`) with its sha256."""
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (corrupted checkpoint)")
@@ -157,33 +155,14 @@ def _check_file(path: Path, sha: str, size: int | None = None, hashed: bool = Tr
         raise CheckpointError(f"{path}: sha256 mismatch (corrupted checkpoint)")
 
 
-def _verify_manifest(ckpt: Path, deep: bool = True) -> None:
+def _verify_manifest(ckpt: Path, hashed: Callable[[str], bool] | None = None) -> None:
     """Every file the manifest lists (all the checkpoint's files) matches it, and it matches itself;
-    not `deep`: the large files only exist at their sizes (`verify_share` hashes them later)."""
-    files = _manifest_files(ckpt)
-    large = _large(files)
-    for name, (sha, size) in files.items():
-        _check_file(ckpt / name, sha, size, hashed=deep or name not in large)
+    the files `hashed` leaves out only exist at their sizes."""
+    for name, (sha, size) in manifest_files(ckpt).items():
+        check_file(ckpt / name, sha, size, hashed=hashed is None or hashed(name))
 
 
-def _large(files: dict) -> list[str]:
-    """The files ranks split the hashing of: all but the JSON ones (every rank reads those)."""
-    return [name for name in sorted(files) if not name.endswith(".json")]
-
-
-def verify_share(ckpt: Path, rank: int, world: int) -> str | None:
-    """Hash this rank's share of a checkpoint's large files (ranks sharing one directory split the
-    reading; `verify(deep=False)` checked only their sizes): what does not match, or None."""
-    try:
-        files = _manifest_files(ckpt)
-        for name in _large(files)[rank::world]:
-            _check_file(ckpt / name, *files[name])
-    except CheckpointError as e:
-        return str(e)
-    return None
-
-
-def _manifest_files(ckpt: Path) -> dict[str, tuple[str, int]]:
+def manifest_files(ckpt: Path) -> dict[str, tuple[str, int]]:
     """{file name: (sha256, bytes)} of a manifest that matches itself and covers every file."""
     path = ckpt / MANIFEST
     manifest = read_json(path)
@@ -237,22 +216,24 @@ def _check_consistent(ckpt: Path, state: dict) -> None:
         raise CheckpointError(f"{where}: the loader position {problem}")
 
 
-def verify(ckpt: Path, log: Callable[[str], None] | None = None, deep: bool = True) -> dict:
+def verify(
+    ckpt: Path, log: Callable[[str], None] | None = None, hashed: Callable[[str], bool] | None = None
+) -> dict:
     """state.json of a complete checkpoint whose files match its manifest and whose step agrees with
     its directory and loader position. A checkpoint of an older version (no manifest) is checked
     against the sha256s in its state.json, which it does not cover: `log` gets a notice saying so.
-    `deep=False`: the large files' sizes checked, not their hashes (`verify_share` splits those)."""
+    `hashed`: which of the manifest's files are hashed (the rest: their sizes); all by default."""
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt}: no such checkpoint directory")
     legacy = not (ckpt / MANIFEST).is_file()
     if not legacy:
-        _verify_manifest(ckpt, deep)
+        _verify_manifest(ckpt, hashed)
     state = read_json(ckpt / "state.json")
     if legacy and state.get("manifest"):
         raise CheckpointError(f"{ckpt / MANIFEST}: missing (corrupted checkpoint)")
     if legacy:
         for name, expected in state.get("sha256", {}).items():  # absent in the oldest versions
-            _check_file(ckpt / name, expected)
+            check_file(ckpt / name, expected)
     _check_consistent(ckpt, state)
     if legacy:
         (log or stderr)(
