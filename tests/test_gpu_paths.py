@@ -291,7 +291,7 @@ def test_ranks_that_find_different_checkpoints_all_stop_with_one_line(data_dir, 
     assert "rank 0: step 2" in errors[0] and "rank 1: no checkpoint (fresh start)" in errors[0]
     assert not (tmp_path / "rank1" / "checkpoints").exists()  # nobody started training
     assert (
-        "gpt2repro/train.py" not in out.stdout + out.stderr
+        "gpt2repro/training/train.py" not in out.stdout + out.stderr
     )  # no traceback of ours (torchrun prints its own)
 
 
