@@ -310,7 +310,7 @@ def test_every_user_error_class_derives_from_the_one_base_the_cli_catches():
         for name in re.findall(r"^class (\w+Error)\(", path.read_text(), re.M):
             module = ".".join(path.relative_to(ROOT / "src" / "gpt2repro").with_suffix("").parts)
             found[f"{module}.{name}"] = getattr(importlib.import_module(f"gpt2repro.{module}"), name)
-    assert len(found) >= 16 and "lock.LockError" in found and "fsio.WriteError" in found
+    assert len(found) >= 16 and "files.lock.LockError" in found and "files.fsio.WriteError" in found
     assert [name for name, cls in found.items() if not issubclass(cls, UserError)] == []
 
 
