@@ -324,7 +324,7 @@ def test_python_310_reads_toml_with_tomli(tmp_path):
     (tmp_path / "f.toml").write_text('preset = "cpu-tiny"\nmax_steps = 7\n')
     code = (
         "import sys\nsys.modules['tomllib'] = None\n"
-        "from gpt2repro import configfile\nfrom gpt2repro.config.presets import train_config\n"
+        "from gpt2repro.config import configfile\nfrom gpt2repro.config.presets import train_config\n"
         f"print(configfile.tomllib.__name__, train_config(None, [], {str(tmp_path / 'f.toml')!r}).max_steps)"
     )
     done = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, check=True)
