@@ -1,4 +1,4 @@
-"""What every checkpoint directory of a run shares, whichever format holds its tensors (`checkpoint`:
+"""What every checkpoint directory of a run shares, whichever format holds its tensors (`gathered`:
 one set of files; `sharded`: a file per FSDP rank): its name, the manifest covering every file and
 its verification, the `latest` pointer and its fallback to the newest checkpoint that verifies,
 pruning to the last K, and setting a diverged checkpoint aside."""

@@ -8,7 +8,7 @@ Layout of RUN_DIR/checkpoints/step_XXXXXXXX/:
                      (`optim.NAME.exp_avg`, …); the optimizer steps (replicated) on one rank only
   optimizer.json     the rest of the optimizer state: param_groups (hyperparameters, the names of
                      their parameters) and any non-tensor per-parameter value
-  config.json, state.json, manifest.json   as in `checkpoint`; state.json holds the RNG states (torch's
+  config.json, state.json, manifest.json   as in `gathered`; state.json holds the RNG states (torch's
                      as base64) and the sha256 of every other file
 Why nothing is unpickled, read from torch 2.13's hf_storage.py, filesystem.py, default_planner.py:
 `HuggingFaceStorageWriter(save_distributed=True)` writes each rank's tensors with safetensors, the
@@ -24,7 +24,7 @@ a BYTE_IO item's bytes in front of the safetensors data), hence the JSON files; 
 each tensor from the chunks it finds, so a missing chunk would leave part of a tensor as it was:
 `_check_whole` refuses that before loading.
 
-Publication as `checkpoint`'s: rank 0 makes a hidden temporary directory, every rank writes its shard
+Publication as `gathered`'s: rank 0 makes a hidden temporary directory, every rank writes its shard
 into it (the run directory must be on a file system all ranks share), DCP's closing collective
 tells rank 0 all shards are on disk; rank 0 writes the JSON files, hashes every file into the
 manifest and renames the directory into place, then moves `latest` and prunes. `ckptdir.verify`

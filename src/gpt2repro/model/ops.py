@@ -1,4 +1,4 @@
-"""Hand-written kernels the model uses, kept apart so `model.py` stays the architecture.
+"""Hand-written kernels the model uses, kept apart so `gpt.py` stays the architecture.
 
 - `Linear`: nn.Linear with a faster decoding path on multi-core CPUs.
 - `linear_cross_entropy`: the lm_head and the cross-entropy fused, chunk by chunk, so training never
