@@ -25,13 +25,14 @@ from pathlib import Path
 
 import torch
 
-from gpt2repro import assets, sft
-from gpt2repro.checkpoint import load_model
+from gpt2repro.checkpoint.gathered import load_model
 from gpt2repro.cli import main as cli
+from gpt2repro.config.presets import train_config
 from gpt2repro.data.conversations import prepare_conversations
 from gpt2repro.evals import chat as chat_eval
-from gpt2repro.model import GPT
-from gpt2repro.presets import train_config
+from gpt2repro.files import assets
+from gpt2repro.model.gpt import GPT
+from gpt2repro.training import sft
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADING = re.compile(r"^ (=(?: =)*) (.+?) =(?: =)* $")  # " = Title = ", " = = Section = = ", ...

@@ -18,16 +18,16 @@ from pathlib import Path
 
 import torch
 
-from gpt2repro import assets
-from gpt2repro.checkpoint import load_model
+from gpt2repro.checkpoint.gathered import load_model
+from gpt2repro.config.presets import train_config
 from gpt2repro.data.prepare import prepare
-from gpt2repro.hf import export_hf
-from gpt2repro.mfu import median_time
-from gpt2repro.model import GPT
-from gpt2repro.plot import plot_run, read_metrics
-from gpt2repro.precision import autocast, resolve_dtype
-from gpt2repro.presets import train_config
-from gpt2repro.train import train
+from gpt2repro.files import assets
+from gpt2repro.interop.hf import export_hf
+from gpt2repro.model.gpt import GPT
+from gpt2repro.model.precision import autocast, resolve_dtype
+from gpt2repro.training.mfu import median_time
+from gpt2repro.training.plot import plot_run, read_metrics
+from gpt2repro.training.train import train
 
 # Share of the budget for optimizer steps (the schedule's time_budget); the rest is compilation,
 # validation, HellaSwag and samples.

@@ -7,8 +7,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from gpt2repro.configfile import keys_table, to_toml
-from gpt2repro.presets import train_config
+from gpt2repro.config.configfile import keys_table, to_toml
+from gpt2repro.config.presets import train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 USER_PRESETS = ("gpt2-124m-10B", "gpt2-124m-40B", "gpt2-124m-muon", "finetune", "sft", "cpu-demo")

@@ -24,14 +24,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gpt2repro import checkpoint, mfu, precision
-from gpt2repro.config import model_config
+from gpt2repro.checkpoint import ckptdir
+from gpt2repro.config.schema import model_config
 from gpt2repro.data.loader import DataLoader
 from gpt2repro.data.shards import shard_name, write_shard
 from gpt2repro.evals import hellaswag
-from gpt2repro.generate import generate
-from gpt2repro.model import GPT
-from gpt2repro.ops import linear_cross_entropy
+from gpt2repro.generation.generate import generate
+from gpt2repro.model import precision
+from gpt2repro.model.gpt import GPT
+from gpt2repro.model.ops import linear_cross_entropy
+from gpt2repro.training import mfu
 
 # model preset, micro-batch, sequence length, steps of the throughput/learning loop, peak LR
 SIZES = {"124m": ("gpt2", 32, 1024, 50, 6e-4), "tiny": ("tiny", 4, 64, 40, 3e-3)}
@@ -359,7 +361,7 @@ def check_sharded_resume(rep: Report, args, data: Path, work: Path, ranks: int) 
 
 def _verify(run: Path) -> bool:
     """What `gpt2repro verify RUN` checks passes: every checkpoint's files match its manifest."""
-    checked, problems = checkpoint.verify_run(run)
+    checked, problems = ckptdir.verify_run(run)
     return checked > 0 and not problems
 
 

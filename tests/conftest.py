@@ -44,14 +44,14 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def enc():
     shared_file("gpt2.tiktoken")
-    from gpt2repro.tokenizer import get_tokenizer
+    from gpt2repro.text.tokenizer import get_tokenizer
 
     return get_tokenizer()
 
 
 @pytest.fixture(scope="session")
 def tiny_config():
-    from gpt2repro.config import model_config
+    from gpt2repro.config.schema import model_config
 
     return model_config("tiny", vocab_multiple=64)
 
@@ -73,7 +73,7 @@ def run_dir(data_dir, tmp_path_factory):
     """A finished 2-step run of a tiny model: a checkpoint to sample, export, evaluate and break."""
     from helpers import small_cfg
 
-    from gpt2repro.train import train
+    from gpt2repro.training.train import train
 
     run = tmp_path_factory.mktemp("run")
     cfg = small_cfg("model.block_size=256", "micro_batch_size=2", "total_batch_size=64", "max_steps=2")
@@ -120,9 +120,9 @@ CHAT_SMALL += ["hellaswag_every=0", "sample_every=0", "val_every=0", "warmup_ste
 @pytest.fixture(scope="session")
 def chat_run_dir(tmp_path_factory, enc):
     """A tiny chat model fine-tuned until it answers "Hi" with "Hello there." and ends its turn."""
-    from gpt2repro import sft
+    from gpt2repro.config.presets import train_config
     from gpt2repro.data.conversations import prepare_conversations
-    from gpt2repro.presets import train_config
+    from gpt2repro.training import sft
 
     root = tmp_path_factory.mktemp("chat-run")
     src = write_conversations(root / "greeting.jsonl", [{"messages": GREETING}] * 64)

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from gpt2repro.distributed import setup, teardown
-from gpt2repro.model import GPT
-from gpt2repro.parallelize import build_model
-from gpt2repro.precision import autocast
-from gpt2repro.presets import train_config
+from gpt2repro.config.presets import train_config
+from gpt2repro.model.gpt import GPT
+from gpt2repro.model.precision import autocast
+from gpt2repro.parallel.distributed import setup, teardown
+from gpt2repro.parallel.parallelize import build_model
 
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=64", "seq_len=32"]
 TINY += ["micro_batch_size=4", "total_batch_size=256", "fsdp=true", "seed=1234"]
@@ -78,7 +78,7 @@ def memory(info) -> dict:
     """Peak resident memory added by building a 466 MB model up to its initialised shards (the
     build's first forward pass, FSDP gathering one block at a time, comes after), the model's
     bytes, its largest parameter's, and the devices its parameters were on when FSDP sharded them."""
-    from gpt2repro import parallelize
+    from gpt2repro.parallel import parallelize
 
     seen, fully_shard, init_like_gpt = (
         {"sharded_on": set()},

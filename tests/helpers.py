@@ -14,7 +14,7 @@ import sys
 
 from conftest import ROOT
 from gpt2repro.cli import main
-from gpt2repro.presets import train_config
+from gpt2repro.config.presets import train_config
 
 # A training run small enough for a test: 2 layers of d=64, 256-token batches of 2 micro-steps.
 SMALL = [
@@ -50,7 +50,7 @@ def losses(run_dir):
 
 def stop_after(monkeypatch, n):
     """Make the loop see a stop request after its n-th step, as a SIGTERM would."""
-    from gpt2repro import train as tr
+    from gpt2repro.training import train as tr
 
     calls = {"n": 0}
 

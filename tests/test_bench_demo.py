@@ -30,7 +30,7 @@ def test_reference_model_computes_the_same_function():
     """The yardstick must do the same work: same weights give the same loss as ours."""
     import torch
 
-    from gpt2repro.model import GPT
+    from gpt2repro.model.gpt import GPT
 
     cfg, _, _ = bench.size_config("4x256")
     cfg.n_layer, cfg.vocab_multiple = (
@@ -80,7 +80,7 @@ def test_bench_prepare_compares_workers():
 
 @pytest.mark.slow
 def test_bench_prepare_without_a_mirror_uses_tiny_shakespeare(monkeypatch):
-    from gpt2repro import assets
+    from gpt2repro.files import assets
 
     path = shared_file("tinyshakespeare.txt")
     monkeypatch.setattr(assets, "mirror_dir", lambda: None)
@@ -167,8 +167,8 @@ def _demo_module():
 def test_demo_sizes_its_schedule_to_the_budget_on_this_host(tmp_path, monkeypatch):
     """A slow host gets fewer steps, so warmup and the whole decay finish before the time limit; a
     resumed demo keeps the schedule it started with; a fast host keeps the preset's steps."""
-    from gpt2repro.optim import lr_at
-    from gpt2repro.presets import train_config
+    from gpt2repro.config.presets import train_config
+    from gpt2repro.training.optim import lr_at
 
     demo = _demo_module()
     cfg = train_config("cpu-demo", ["model.n_layer=1", "model.n_embd=64", "model.n_head=1"])

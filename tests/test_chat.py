@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from conftest import shared_file
-from gpt2repro import chat
-from gpt2repro.config import CHAT_VOCAB_SIZE, ConfigError, GPTConfig, model_config
-from gpt2repro.hf import load_hf
-from gpt2repro.model import GPT
-from gpt2repro.presets import train_config
-from gpt2repro.sampling import ends_reply
+from gpt2repro.config.presets import train_config
+from gpt2repro.config.schema import CHAT_VOCAB_SIZE, ConfigError, GPTConfig, model_config
+from gpt2repro.generation.sampling import ends_reply
+from gpt2repro.interop.hf import load_hf
+from gpt2repro.model.gpt import GPT
+from gpt2repro.text import chat
 
 S, SE, U, UE, A, AE = (chat.TOKEN_IDS[t] for t in chat.CHAT_TOKENS)
 EOT = 50256
@@ -149,8 +149,8 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def chat_export(chat_run_dir, tmp_path_factory):
-    from gpt2repro.checkpoint import load_model
-    from gpt2repro.hf import export_hf
+    from gpt2repro.checkpoint.gathered import load_model
+    from gpt2repro.interop.hf import export_hf
 
     return export_hf(load_model(chat_run_dir), tmp_path_factory.mktemp("chat-export") / "hf")
 
@@ -187,9 +187,9 @@ def test_the_template_refuses_what_render_refuses(chat_export, messages, problem
 def test_the_export_stops_at_the_end_of_the_assistants_turn(chat_export, chat_run_dir):
     import json
 
-    from gpt2repro.chat_session import ChatSession
-    from gpt2repro.checkpoint import load_model
-    from gpt2repro.hf import load_hf
+    from gpt2repro.checkpoint.gathered import load_model
+    from gpt2repro.generation.chat_session import ChatSession
+    from gpt2repro.interop.hf import load_hf
 
     gen = json.loads((chat_export / "generation_config.json").read_text())
     assert gen["eos_token_id"] == list(range(50256, CHAT_VOCAB_SIZE))  # every token that is not text
@@ -215,7 +215,7 @@ def test_the_export_stops_at_the_end_of_the_assistants_turn(chat_export, chat_ru
 def test_a_base_export_has_no_chat_tokens(tmp_path):
     import json
 
-    from gpt2repro.hf import export_hf
+    from gpt2repro.interop.hf import export_hf
 
     out = export_hf(GPT(model_config("tiny")), tmp_path / "base")
     tok_cfg = json.loads((out / "tokenizer_config.json").read_text())

@@ -10,14 +10,14 @@ import pytest
 from helpers import assert_one_line_error
 
 from conftest import ROOT, shared_file
-from gpt2repro import chat
-from gpt2repro.chat_session import ChatSession
-from gpt2repro.checkpoint import load_model
+from gpt2repro.checkpoint.gathered import load_model
 from gpt2repro.cli import main
-from gpt2repro.config import model_config
-from gpt2repro.generate import GenerateError
-from gpt2repro.model import GPT
-from gpt2repro.tokentext import TextStream
+from gpt2repro.config.schema import model_config
+from gpt2repro.generation.chat_session import ChatSession
+from gpt2repro.generation.generate import GenerateError
+from gpt2repro.model.gpt import GPT
+from gpt2repro.text import chat
+from gpt2repro.text.tokentext import TextStream
 
 
 def test_message_answers_once_and_reports_the_timings(chat_run_dir, capsys):

@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from conftest import ROOT, shared_file
-from gpt2repro import chat
 from gpt2repro.bench import chat as bench_chat
 from gpt2repro.bench import runners as bench
+from gpt2repro.text import chat
 
 
 def test_bench_chat_encodes_only_new_turns_with_the_cache_kept(monkeypatch, capsys):

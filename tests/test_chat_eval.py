@@ -9,13 +9,13 @@ from helpers import assert_one_line_error
 from test_harness import local_hellaswag  # noqa: F401 - a fixture
 
 from conftest import shakespeare_dialogues
-from gpt2repro import chat
-from gpt2repro.checkpoint import load_model
+from gpt2repro.checkpoint.gathered import load_model
 from gpt2repro.cli import main
-from gpt2repro.config import model_config
+from gpt2repro.config.schema import model_config
 from gpt2repro.data.loader import DataLoader
 from gpt2repro.evals import chat as chat_eval
-from gpt2repro.model import GPT
+from gpt2repro.model.gpt import GPT
+from gpt2repro.text import chat
 
 
 def test_the_val_conversations_are_the_held_out_ones(chat_data_dir):

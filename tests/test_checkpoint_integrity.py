@@ -10,11 +10,11 @@ import pytest
 import torch
 from helpers import losses, small_cfg
 
-from gpt2repro import checkpoint, ckptdir
-from gpt2repro import train as tr
+from gpt2repro.checkpoint import ckptdir, resume
 from gpt2repro.cli import main
 from gpt2repro.data.loader import DataLoader
-from gpt2repro.fsio import sha256_file
+from gpt2repro.files.fsio import sha256_file
+from gpt2repro.training import train as tr
 
 CFG = ["ckpt_every=1", "keep_last=3", "shuffle=true"]
 FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "config.json", "state.json")
@@ -42,7 +42,7 @@ def _edit_state(ckpt, edit, rehash):
     edit(state)
     (ckpt / "state.json").write_text(json.dumps(state))
     if rehash:
-        checkpoint.write_manifest(ckpt, {name: sha256_file(ckpt / name) for name in FILES})
+        ckptdir.write_manifest(ckpt, {name: sha256_file(ckpt / name) for name in FILES})
 
 
 def _edit_manifest(ckpt, edit):
@@ -70,7 +70,7 @@ TAMPERING = {
         "manifest.json: its own sha256 does not match its content",
     ),
     "state.json unlisted": (
-        lambda c: checkpoint.write_manifest(c, {n: sha256_file(c / n) for n in FILES[:-1]}),
+        lambda c: ckptdir.write_manifest(c, {n: sha256_file(c / n) for n in FILES[:-1]}),
         "manifest.json: does not cover state.json",
     ),
     "manifest deleted": (lambda c: (c / "manifest.json").unlink(), "manifest.json: missing"),
@@ -80,7 +80,7 @@ TAMPERING = {
 @pytest.mark.parametrize("kind", TAMPERING)
 def test_tampering_is_caught_by_verify_and_by_resume(run, runs, data_dir, capsys, kind):
     tamper, problem = TAMPERING[kind]
-    tamper(checkpoint.step_dir(run, 3))
+    tamper(ckptdir.step_dir(run, 3))
     capsys.readouterr()
     assert main(["verify", str(run)]) == 2
     out, err = capsys.readouterr()
@@ -92,6 +92,32 @@ def test_tampering_is_caught_by_verify_and_by_resume(run, runs, data_dir, capsys
     assert losses(run) == losses(runs / "straight")
 
 
+def test_ranks_sharing_a_directory_split_the_hashing_of_its_large_files(run, monkeypatch):
+    """FSDP's ranks (`resume`): each hashes the JSON files it reads and a disjoint share of the rest,
+    sizes checked by all; a file one rank finds corrupted refuses the checkpoint on every rank."""
+    hashed = []
+    real = ckptdir.sha256_file
+    monkeypatch.setattr(ckptdir, "sha256_file", lambda path: hashed.append(path.name) or real(path))
+    ckpt = ckptdir.step_dir(run, 3)
+    check = resume._checker(True, refused := {})
+    assert check(ckpt, print)["step"] == 3 and sorted(hashed) == ["config.json", "state.json"]
+    shares = []
+    for rank in range(2):
+        hashed.clear()
+        assert resume._verify_share(ckpt, rank, 2) is None
+        shares.append(sorted(hashed))
+    assert shares == [["model.safetensors", "rng.pt"], ["optimizer.pt"]]  # each file once
+    with open(ckpt / "optimizer.pt", "r+b") as f:  # same size, other bytes: only its hash tells
+        f.write(b"\0" * 8)
+    assert check(ckpt, print)["step"] == 3 and resume._verify_share(ckpt, 0, 2) is None
+    refused[ckpt] = resume._verify_share(ckpt, 1, 2)
+    assert refused[ckpt] == f"{ckpt / 'optimizer.pt'}: sha256 mismatch (corrupted checkpoint)"
+    with pytest.raises(ckptdir.CheckpointError, match="optimizer.pt: sha256 mismatch"):
+        check(ckpt, print)
+    found, state = ckptdir.latest_verified(run, lambda message: None, check)
+    assert found.name == "step_00000002" and state["step"] == 2
+
+
 def _as_older_version(ckpt):
     """What the previous version wrote: no manifest, state.json not covered by any checksum."""
     (ckpt / "manifest.json").unlink()
@@ -101,13 +127,13 @@ def _as_older_version(ckpt):
 
 
 def test_checkpoints_of_older_versions_load_with_a_notice(run, runs, data_dir, capsys):
-    for ckpt in checkpoint.all_steps(run):
+    for ckpt in ckptdir.all_steps(run):
         _as_older_version(ckpt)
     capsys.readouterr()
     assert main(["verify", str(run)]) == 0
     out, err = capsys.readouterr()
     assert "3 checkpoints verified" in out and err.count("predates checkpoint manifests") == 3
-    older = checkpoint.step_dir(run, 3)
+    older = ckptdir.step_dir(run, 3)
     state = json.loads((older / "state.json").read_text())
     (older / "state.json").write_text(json.dumps({**state, "step": 1}))  # the issue's edit
     assert main(["verify", str(run)]) == 2
@@ -117,7 +143,7 @@ def test_checkpoints_of_older_versions_load_with_a_notice(run, runs, data_dir, c
     out = capsys.readouterr().out
     assert "step_00000003 predates checkpoint manifests" in out and "resumed from step_00000003" in out
     assert losses(run) == losses(runs / "straight")
-    assert (checkpoint.step_dir(run, 4) / "manifest.json").is_file()  # new ones have it
+    assert (ckptdir.step_dir(run, 4) / "manifest.json").is_file()  # new ones have it
 
 
 @pytest.mark.parametrize("world,accum", [(1, 3), (2, 2)])
@@ -129,10 +155,10 @@ def test_the_loader_position_of_every_step_agrees_with_it(data_dir, world, accum
     assert steps_per_epoch >= 2
     for step in range(3 * steps_per_epoch + 2):
         state = loader.state_dict()
-        assert checkpoint.loader_mismatch(state, step) is None, (step, state)
-        assert checkpoint.loader_mismatch(state, step + 1) is not None
+        assert ckptdir.loader_mismatch(state, step) is None, (step, state)
+        assert ckptdir.loader_mismatch(state, step + 1) is not None
         if step:
-            assert checkpoint.loader_mismatch(state, step - 1) is not None
+            assert ckptdir.loader_mismatch(state, step - 1) is not None
         for _ in range(accum):
             loader.next_batch()
 

@@ -10,7 +10,7 @@ import pytest
 from helpers import BAD_OVERRIDES, SMALL, assert_one_line_error, run_main, train_argv
 
 from conftest import shared_file
-from gpt2repro import checkpoint
+from gpt2repro.checkpoint import ckptdir
 from gpt2repro.cli import main
 
 
@@ -28,7 +28,7 @@ def test_train_run_directory_errors(capsys, data_dir, tmp_path):
     assert_one_line_error(capsys, [*base, "--data", tmp_path / "none"], "data directory does not exist")
     assert_one_line_error(capsys, [*base, "--data", data_dir, "--resume"], "no checkpoint to resume from")
     assert main([*map(str, base), "--data", str(data_dir), "ckpt_every=1"]) == 0
-    saved = checkpoint.latest(tmp_path / "run")
+    saved = ckptdir.latest(tmp_path / "run")
     before = (saved / "model.safetensors").read_bytes()
     fragment = "holds checkpoints of an earlier run (step_00000001)"
     assert_one_line_error(capsys, [*base, "--data", data_dir, "resume=never"], fragment)
@@ -162,7 +162,7 @@ def test_plot_errors(capsys, tmp_path):
 
 
 def test_plot_tolerates_a_torn_last_line(tmp_path):
-    from gpt2repro.plot import read_metrics
+    from gpt2repro.training.plot import read_metrics
 
     (tmp_path / "metrics.jsonl").write_text('{"event": "train", "step": 0, "loss": 1.0}\n{"event": "tr')
     assert read_metrics(tmp_path) == {"train": [{"event": "train", "step": 0, "loss": 1.0}]}

@@ -13,12 +13,13 @@ import pytest
 from helpers import SMALL, assert_one_line_error, events, losses
 
 from conftest import ROOT, shared_file
-from gpt2repro import __version__, precision
+from gpt2repro import __version__
 from gpt2repro.cli import main
-from gpt2repro.config import DTYPE_NAMES, ConfigError, GPTConfig, TrainConfig
-from gpt2repro.configfile import keys_table, to_toml, tomllib
-from gpt2repro.overrides import config_keys
-from gpt2repro.presets import TRAIN_PRESETS, train_config
+from gpt2repro.config.configfile import keys_table, to_toml, tomllib
+from gpt2repro.config.overrides import config_keys
+from gpt2repro.config.presets import TRAIN_PRESETS, train_config
+from gpt2repro.config.schema import DTYPE_NAMES, ConfigError, GPTConfig, TrainConfig
+from gpt2repro.model import precision
 
 USER_PRESETS = ("gpt2-124m-10B", "gpt2-124m-40B", "gpt2-124m-muon", "finetune", "sft", "cpu-demo")
 
@@ -309,7 +310,7 @@ def test_every_user_error_class_derives_from_the_one_base_the_cli_catches():
         for name in re.findall(r"^class (\w+Error)\(", path.read_text(), re.M):
             module = ".".join(path.relative_to(ROOT / "src" / "gpt2repro").with_suffix("").parts)
             found[f"{module}.{name}"] = getattr(importlib.import_module(f"gpt2repro.{module}"), name)
-    assert len(found) >= 16 and "lock.LockError" in found and "fsio.WriteError" in found
+    assert len(found) >= 16 and "files.lock.LockError" in found and "files.fsio.WriteError" in found
     assert [name for name, cls in found.items() if not issubclass(cls, UserError)] == []
 
 
@@ -323,7 +324,7 @@ def test_python_310_reads_toml_with_tomli(tmp_path):
     (tmp_path / "f.toml").write_text('preset = "cpu-tiny"\nmax_steps = 7\n')
     code = (
         "import sys\nsys.modules['tomllib'] = None\n"
-        "from gpt2repro import configfile\nfrom gpt2repro.presets import train_config\n"
+        "from gpt2repro.config import configfile\nfrom gpt2repro.config.presets import train_config\n"
         f"print(configfile.tomllib.__name__, train_config(None, [], {str(tmp_path / 'f.toml')!r}).max_steps)"
     )
     done = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, check=True)

@@ -9,12 +9,13 @@ import pytest
 import torch
 from helpers import assert_one_line_error
 
-from gpt2repro import chat
-from gpt2repro.data.conversations import data_seq_len, prepare_conversations, to_messages
+from gpt2repro.data.conversations import conversation_spans, data_seq_len, prepare_conversations, to_messages
 from gpt2repro.data.loader import DataLoader
 from gpt2repro.data.prepare import PrepareError
 from gpt2repro.data.shards import ShardError, find_shards, read_mask, read_shard, verify_shards
-from gpt2repro.lock import DirLock
+from gpt2repro.evals import chat as chat_eval
+from gpt2repro.files.lock import DirLock
+from gpt2repro.text import chat
 
 S, SE, U, UE, A, AE = (chat.TOKEN_IDS[t] for t in chat.CHAT_TOKENS)
 EOT = 50256
@@ -109,6 +110,35 @@ def test_packing_truncation_and_the_val_split(tmp_path, enc):
     assert len(train) == c["rows"] - 1 and (train[:, 0] == EOT).all()  # every row opens a conversation
     truncated = chat.render(long_reply["messages"])[:16]
     assert train[0].tolist() == truncated  # cut at the row's end, reply and all
+
+
+def test_the_manifest_records_where_each_conversation_lies(tmp_path, enc):
+    """The packer's [offset, length] of every conversation, stored with its shard: each is exactly
+    the conversation as rendered (truncated to its row), in input order, the ones left out absent,
+    in both splits; eval chat reads them rather than finding the boundaries again."""
+    short = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    reply_late = {"messages": [{"role": "user", "content": "x " * 40}, {"role": "assistant", "content": "y"}]}
+    long_reply = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "z " * 40}]}
+    records = [short, long_reply, reply_late, short, short] * 3
+    src = write_jsonl(tmp_path / "c.jsonl", records)
+    out = tmp_path / "out"
+    prepare_conversations([str(src)], out, seq_len=16, val_tokens=16, shard_tokens=32, progress=False)
+    want = [chat.render(r["messages"])[:16] for r in records if r is not reply_late]  # too long: left out
+    got = {}
+    for split in ("val", "train"):
+        got[split] = []
+        for shard, spans in conversation_spans(out, split):
+            tokens = np.asarray(read_shard(shard)).tolist()
+            got[split] += [tokens[offset : offset + length] for offset, length in spans]
+    assert got["val"] + got["train"] == want and len(got["val"]) == 1
+    assert chat_eval.conversations(out, "train") == got["train"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        entry.pop("conversations", None)  # as an earlier version wrote it
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="did not record where its conversations lie; prepare it again") as e:
+        chat_eval.conversations(out)
+    assert "\n" not in str(e.value)
 
 
 def rows_of_shard(shard, seq_len):
@@ -232,7 +262,7 @@ def test_to_messages_maps_sharegpt_roles_and_dolly_context():
 
 
 def test_one_writer_per_conversation_directory(tmp_path):
-    from gpt2repro.lock import DirLock, LockError
+    from gpt2repro.files.lock import DirLock, LockError
 
     src = write_jsonl(tmp_path / "c.jsonl", RECORDS)
     with DirLock(tmp_path / "out", "prepare"), pytest.raises(LockError, match="is being written by"):

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import shared_file
-from gpt2repro import assets
 from gpt2repro.cli import main
-from gpt2repro.config import model_config
+from gpt2repro.config.schema import model_config
 from gpt2repro.evals import core, core_data
-from gpt2repro.model import GPT
+from gpt2repro.files import assets
+from gpt2repro.model.gpt import GPT
 
 transformers = pytest.importorskip("transformers")
 jinja2 = pytest.importorskip("jinja2")
@@ -127,7 +127,7 @@ def write_bundle(root, tasks=TASKS, extra_rows=None):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A tiny model of ours with a 96-token context, and transformers' float64 copy of its export."""
-    from gpt2repro.hf import export_hf
+    from gpt2repro.interop.hf import export_hf
 
     torch.manual_seed(7)
     ours = GPT(model_config("tiny", block_size=BLOCK, vocab_multiple=64)).eval()
@@ -351,8 +351,8 @@ def test_hostile_bundle_files_are_one_line(tmp_path):
 def test_an_item_that_cannot_be_scored_stops_every_rank(monkeypatch):
     """A rank whose share holds no bad item still raises (after the one all-reduce every rank
     reaches), instead of going on into a collective the failing rank never joins."""
-    from gpt2repro import distributed
     from gpt2repro.evals import core
+    from gpt2repro.parallel import distributed
 
     task = core_data.Task("t", "language_modeling", 0, " ", 0.0)
     task.items = [{"context": "a", "continuation": "b"}] * 2
@@ -430,13 +430,13 @@ def check_target(run, target, free_dt):
     is the steps' training time (the train events' dt), none of the evaluations'."""
     from helpers import events
 
-    from gpt2repro import checkpoint
+    from gpt2repro.checkpoint import ckptdir
 
     cores = {e["step"]: e["core"] for e in events(run, "core")}
     (hit,) = events(run, "target")
     k = hit["step"]
     assert hit["core"] == cores[k] >= target and all(cores[s] < target for s in cores if s < k)
-    assert max(cores) == k > 0 and checkpoint.latest(run).name == f"step_{k:08d}"
+    assert max(cores) == k > 0 and ckptdir.latest(run).name == f"step_{k:08d}"
     dts = {e["step"]: e["dt"] for e in events(run, "train")}
     assert sorted(dts) == list(range(k))
     assert sum(dts.values()) <= hit["seconds"] < sum(dts.values()) + free_dt
@@ -446,7 +446,7 @@ def check_target(run, target, free_dt):
 def test_target_core_stops_at_the_step_reached_timing_training_only(data_dir, tmp_path, monkeypatch):
     from helpers import small_cfg
 
-    from gpt2repro import train as tr
+    from gpt2repro.training import train as tr
 
     slow_core(monkeypatch, 0.5)
     bundle = learnable_bundle(tmp_path / "bundle")
@@ -457,7 +457,7 @@ def test_target_core_stops_at_the_step_reached_timing_training_only(data_dir, tm
     k = check_target(tmp_path / "run", 0.5, free_dt=0.5)
     assert summary["step"] == k and summary["core"] >= 0.5
     pytest.importorskip("matplotlib")
-    from gpt2repro.plot import plot_run
+    from gpt2repro.training.plot import plot_run
 
     png = plot_run(tmp_path / "run").read_bytes()
     assert int.from_bytes(png[16:20], "big") == 2100  # a third panel (7 inches at 100 dpi): CORE
@@ -468,7 +468,7 @@ def test_time_to_target_core_is_kept_across_a_resume(data_dir, tmp_path, monkeyp
     training steps (the clock is in the checkpoint), and still no evaluation."""
     from helpers import small_cfg, stop_after
 
-    from gpt2repro import train as tr
+    from gpt2repro.training import train as tr
 
     slow_core(monkeypatch, 0.5)
     bundle = learnable_bundle(tmp_path / "bundle")

@@ -83,7 +83,7 @@ def test_round_trip_equals_tiktoken_with_eot(tmp_path, enc, unit_bytes):
     assert [s["split"] for s in m["shards"][:2]] == ["val", "train"]
     assert m["shards"][0]["tokens"] == 700 and m["shards"][1]["tokens"] == 1000
     assert m["shards"][0]["file"] == "val_000000.bin" and m["shards"][1]["file"] == "train_000001.bin"
-    from gpt2repro.fsio import sha256_file
+    from gpt2repro.files.fsio import sha256_file
 
     assert all(sha256_file(tmp_path / "out" / s["file"]) == s["sha256"] for s in m["shards"])
 

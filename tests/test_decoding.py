@@ -12,14 +12,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gpt2repro import chat
-from gpt2repro.chat_session import ChatSession, greedy_reply
-from gpt2repro.config import model_config
-from gpt2repro.generate import sample_text, sample_tokens
-from gpt2repro.hf import generation_config
-from gpt2repro.model import GPT
-from gpt2repro.sampling import Sampling
-from gpt2repro.tokenizer import EOT_ID
+from gpt2repro.config.schema import model_config
+from gpt2repro.generation.chat_session import ChatSession, greedy_reply
+from gpt2repro.generation.generate import sample_text, sample_tokens
+from gpt2repro.generation.sampling import Sampling
+from gpt2repro.interop.hf import generation_config
+from gpt2repro.model.gpt import GPT
+from gpt2repro.text import chat
+from gpt2repro.text.tokenizer import EOT_ID
 
 pytest.importorskip("starlette", reason="the serve extra (starlette, uvicorn) is not installed")
 
@@ -78,7 +78,7 @@ def test_every_entry_point_ends_a_reply_at_the_first_token_that_is_not_text(enc)
     assert greedy_reply(chat_model, hi, 8) == (sure, EOT_ID)
     assert sample_tokens(chat_model, hi, 1, 8, Sampling(seed=3)) == [sure]
     sft_cfg = SimpleNamespace(sample_prompt="Hi", sample_count=1, sample_tokens=8)
-    from gpt2repro.sft import SFTTrainer
+    from gpt2repro.training.sft import SFTTrainer
 
     assert SFTTrainer.samples(SimpleNamespace(raw=chat_model, cfg=sft_cfg)) == [
         "[user] Hi\n[assistant] Sure."
@@ -90,7 +90,7 @@ def test_every_entry_point_ends_a_reply_at_the_first_token_that_is_not_text(enc)
     )
     base = Scripted([*enc.encode("Well"), *said])
     assert sample_text(base, "Well", n=2, max_new_tokens=8) == ["WellSure."] * 2
-    from gpt2repro.train import Trainer
+    from gpt2repro.training.train import Trainer
 
     loop_cfg = SimpleNamespace(sample_prompt="Well", sample_count=1, sample_tokens=8)
     assert Trainer.samples(SimpleNamespace(raw=base, cfg=loop_cfg, info=SimpleNamespace(rank=0))) == [
@@ -106,8 +106,8 @@ SETTINGS = dict(temperature=1.3, top_k=7, top_p=0.9)
 
 
 def test_sample_chat_serve_and_sft_samples_draw_the_same_tokens_for_a_seed(chat_run_dir):
-    from gpt2repro.checkpoint import load_model
-    from gpt2repro.sft import SFTTrainer
+    from gpt2repro.checkpoint.gathered import load_model
+    from gpt2repro.training.sft import SFTTrainer
 
     model = load_model(chat_run_dir).eval()
     prompt = chat.render([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
@@ -135,8 +135,8 @@ def test_sample_chat_serve_and_sft_samples_draw_the_same_tokens_for_a_seed(chat_
 
 
 def test_in_loop_samples_and_sample_equal_the_servers_choices_for_a_seed(run_dir):
-    from gpt2repro.checkpoint import load_model
-    from gpt2repro.train import Trainer
+    from gpt2repro.checkpoint.gathered import load_model
+    from gpt2repro.training.train import Trainer
 
     model = load_model(run_dir).eval()
     cfg = SimpleNamespace(sample_prompt="ROMEO:", sample_count=2, sample_tokens=10)
@@ -171,7 +171,7 @@ def test_the_models_own_reply_is_kept_as_its_tokens_and_never_blocks_the_convers
 
 
 def test_a_turn_interrupted_before_its_reply_leaves_the_conversation_as_it_was(chat_run_dir):
-    from gpt2repro.checkpoint import load_model
+    from gpt2repro.checkpoint.gathered import load_model
 
     model = load_model(chat_run_dir).eval()
     session = ChatSession(model, temperature=0, max_new_tokens=6)

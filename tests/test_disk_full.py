@@ -18,10 +18,11 @@ from helpers import EVERY_RANK_REPORTS, SMALL, assert_one_line_error, launch, lo
 from safetensors import SafetensorError
 
 from conftest import shared_file
-from gpt2repro import checkpoint, checkpointer, fsio
-from gpt2repro import hf as hf_mod
+from gpt2repro.checkpoint import checkpointer, ckptdir, gathered
 from gpt2repro.cli import main
-from gpt2repro.fsio import AppendFile, AtomicDir, AtomicFile, WriteError
+from gpt2repro.files import fsio
+from gpt2repro.files.fsio import AppendFile, AtomicDir, AtomicFile, WriteError
+from gpt2repro.interop import hf as hf_mod
 
 TRAIN = ["train", "--preset", "cpu-tiny", *SMALL, "ckpt_every=2"]
 
@@ -113,7 +114,7 @@ def test_torch_writer_on_a_real_full_disk(small_disk):
 
 
 def _ckpt_files(run):
-    return {p.name: p.read_bytes() for p in checkpoint.latest(run).iterdir()}
+    return {p.name: p.read_bytes() for p in ckptdir.latest(run).iterdir()}
 
 
 def _ok(capsys, argv):
@@ -123,12 +124,12 @@ def _ok(capsys, argv):
 
 
 def test_a_vanished_run_directory_is_not_quietly_made_again(tmp_path):
-    from gpt2repro.presets import train_config
+    from gpt2repro.config.presets import train_config
 
     with pytest.raises(
         WriteError, match="step_00000002: cannot write checkpoint step 2: the output directory vanished"
     ):
-        checkpoint.save(tmp_path / "deleted", 2, {}, {}, {}, train_config("cpu-tiny"), 3)
+        gathered.save(tmp_path / "deleted", 2, {}, {}, {}, train_config("cpu-tiny"), 3)
     assert not (tmp_path / "deleted").exists()
 
 
@@ -144,7 +145,7 @@ def test_a_full_disk_during_a_checkpoint(data_dir, tmp_path, capsys, monkeypatch
             f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    monkeypatch.setattr(gathered.torch, "save", disk_full)
     fragment = "step_00000004: cannot write checkpoint step 4: no space left on device ("
     line, out = assert_one_line_error(
         capsys, [*TRAIN, "--data", data_dir, "--out", run, "max_steps=4"], fragment
@@ -185,7 +186,7 @@ def test_a_real_small_disk_ends_training_in_one_line(data_dir, small_disk, capsy
     argv = [*TRAIN, "--data", data_dir, "--out", run, "max_steps=4", "keep_last=3"]
     line, out = assert_one_line_error(capsys, argv, "step_00000004: cannot write checkpoint step 4: ")
     assert line.endswith("; last good checkpoint: step_00000002"), line
-    assert checkpoint.verify(checkpoint.latest(run))["step"] == 2 and _no_temporaries(run)
+    assert ckptdir.verify(ckptdir.latest(run))["step"] == 2 and _no_temporaries(run)
 
 
 @pytest.mark.slow
@@ -210,7 +211,7 @@ def test_a_sharded_checkpoint_that_does_not_fit_stops_every_rank_in_one_line(dat
     refused = "step_00000004: cannot write checkpoint step 4: not enough free space ("
     assert any(refused in e and e.endswith("; last good checkpoint: step_00000002") for e in errors), errors
     assert any("step_00000004: rank 0 could not create the checkpoint" in e for e in errors), errors
-    assert checkpoint.verify(checkpoint.latest(run))["step"] == 2 and _no_temporaries(run)
+    assert ckptdir.verify(ckptdir.latest(run))["step"] == 2 and _no_temporaries(run)
 
 
 def _disk_full_safetensors(state, path, metadata=None):
@@ -310,7 +311,7 @@ def test_a_plot_is_replaced_whole_or_not_at_all(data_dir, run_dir, tmp_path, mon
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
 
-    from gpt2repro.plot import plot_run
+    from gpt2repro.training.plot import plot_run
 
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from conftest import shared_file
-from gpt2repro import checkpoint
-from gpt2repro.config import ConfigError, GPTConfig
+from gpt2repro.checkpoint import ckptdir, gathered
+from gpt2repro.config.presets import train_config
+from gpt2repro.config.schema import ConfigError, GPTConfig
 from gpt2repro.data import prepare as prep
 from gpt2repro.data.loader import DataLoader
 from gpt2repro.data.shards import ShardError, read_shard, write_shard
-from gpt2repro.distributed import pick_device
-from gpt2repro.hf import HFError, load_hf
-from gpt2repro.presets import train_config
+from gpt2repro.interop.hf import HFError, load_hf
+from gpt2repro.parallel.distributed import pick_device
 
 
 @pytest.fixture
@@ -68,21 +68,21 @@ def test_checkpoint_errors(run_dir, tmp_path, capsys):
     shutil.copytree(run_dir, broken)
     good = (broken / "checkpoints" / "latest").read_text()
     (broken / "checkpoints" / "latest").write_text("step_00000099\n")
-    loaded = checkpoint.load_model(broken).transformer.wte.weight  # the newest that verifies...
+    loaded = gathered.load_model(broken).transformer.wte.weight  # the newest that verifies...
     assert torch.equal(
-        loaded, checkpoint.load_model(broken / "checkpoints" / good.strip()).transformer.wte.weight
+        loaded, gathered.load_model(broken / "checkpoints" / good.strip()).transformer.wte.weight
     )
     assert (
         f"step_00000099: no such checkpoint directory; using {good.strip()} instead"
         in capsys.readouterr().err
     )
     (broken / "checkpoints" / "latest").write_text(good)
-    ckpt = checkpoint.latest(broken)
+    ckpt = ckptdir.latest(broken)
     (ckpt / "optimizer.pt").write_bytes(b"\x00" * 10)
     with pytest.raises(
-        checkpoint.CheckpointError, match="no checkpoint of .* verifies .*optimizer.pt: sha256 mismatch"
+        ckptdir.CheckpointError, match="no checkpoint of .* verifies .*optimizer.pt: sha256 mismatch"
     ):
-        checkpoint.load_model(broken)  # ...and says so when none does
+        gathered.load_model(broken)  # ...and says so when none does
     state_file = ckpt / "state.json"  # a checkpoint of an older version, without sha256s
     state_file.write_text(
         json.dumps(
@@ -91,14 +91,14 @@ def test_checkpoint_errors(run_dir, tmp_path, capsys):
     )
     (ckpt / "manifest.json").unlink()
     capsys.readouterr()
-    model = checkpoint.load_model(broken)
+    model = gathered.load_model(broken)
     assert "predates checkpoint manifests" in capsys.readouterr().err  # loads, with a notice
     opt = torch.optim.AdamW(model.parameters())
-    with pytest.raises(checkpoint.CheckpointError, match="incomplete or corrupted checkpoint"):
-        checkpoint.load_training(ckpt, model, opt)
+    with pytest.raises(ckptdir.CheckpointError, match="incomplete or corrupted checkpoint"):
+        gathered.load_training(ckpt, model, opt)
     (ckpt / "config.json").write_text("{}")
-    with pytest.raises(checkpoint.CheckpointError, match="config.json: unreadable config"):
-        checkpoint.load_model(broken)
+    with pytest.raises(ckptdir.CheckpointError, match="config.json: unreadable config"):
+        gathered.load_model(broken)
 
 
 def test_prepare_argument_and_column_errors(tmp_path, enc):
@@ -137,9 +137,9 @@ def test_config_and_device_errors():
 
 
 def test_hellaswag_ending_longer_than_block_size(enc):
-    from gpt2repro.config import model_config
+    from gpt2repro.config.schema import model_config
     from gpt2repro.evals import hellaswag as hs
-    from gpt2repro.model import GPT
+    from gpt2repro.model.gpt import GPT
 
     model = GPT(model_config("tiny", block_size=8))
     ex = {

@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import shared_file
-from gpt2repro import checkpoint
-from gpt2repro import train as tr
-from gpt2repro.config import ConfigError
-from gpt2repro.distributed import DistInfo
-from gpt2repro.hf import export_hf
-from gpt2repro.plan import resolve
-from gpt2repro.presets import train_config
+from gpt2repro.checkpoint import ckptdir, gathered
+from gpt2repro.config.presets import train_config
+from gpt2repro.config.schema import ConfigError
+from gpt2repro.interop.hf import export_hf
+from gpt2repro.parallel.distributed import DistInfo
+from gpt2repro.training import train as tr
+from gpt2repro.training.plan import resolve
 
 transformers = pytest.importorskip("transformers")
 CPU = DistInfo(0, 0, 1, torch.device("cpu"))
@@ -60,9 +60,9 @@ def test_finetune_the_shared_tiny_hf_checkpoint(data_dir, tmp_path):
     assert saved["model"]["n_embd"] == 2 and saved["init_from"] == str(tiny)
     # it resumes like any run (from its checkpoint, not from init_from again)
     tr.train(finetune_cfg(tiny, "max_steps=4", "ckpt_every=1"), data_dir, tmp_path / "run")
-    assert checkpoint.latest(tmp_path / "run").name == "step_00000004"
-    out = export_hf(checkpoint.load_model(tmp_path / "run"), tmp_path / "hf")
-    ours = checkpoint.load_model(tmp_path / "run").eval()
+    assert ckptdir.latest(tmp_path / "run").name == "step_00000004"
+    out = export_hf(gathered.load_model(tmp_path / "run"), tmp_path / "hf")
+    ours = gathered.load_model(tmp_path / "run").eval()
     idx = torch.randint(0, 50257, (2, 20))
     with torch.no_grad():
         theirs = transformers.GPT2LMHeadModel.from_pretrained(out).eval()(idx).logits
@@ -71,7 +71,7 @@ def test_finetune_the_shared_tiny_hf_checkpoint(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_finetune_a_model_exported_by_us_and_a_run_of_ours(data_dir, run_dir, tmp_path):
-    exported = export_hf(checkpoint.load_model(run_dir), tmp_path / "export")
+    exported = export_hf(gathered.load_model(run_dir), tmp_path / "export")
     step_zero_matches_transformers(exported, exported, data_dir, tmp_path / "from-export")
     step_zero_matches_transformers(run_dir, exported, data_dir, tmp_path / "from-run")
 

@@ -7,10 +7,10 @@ import os
 import pytest
 
 from conftest import current_umask
-from gpt2repro.config import model_config
-from gpt2repro.fsio import AtomicDir, publish_copy, remove_leftovers
-from gpt2repro.hf import export_hf
-from gpt2repro.model import GPT
+from gpt2repro.config.schema import model_config
+from gpt2repro.files.fsio import AtomicDir, publish_copy, remove_leftovers
+from gpt2repro.interop.hf import export_hf
+from gpt2repro.model.gpt import GPT
 
 
 def _modes(root):
@@ -58,9 +58,9 @@ def test_export_has_normal_permissions(tmp_path):
 
 
 def test_checkpoint_has_normal_permissions(run_dir):
-    from gpt2repro import checkpoint
+    from gpt2repro.checkpoint import ckptdir
 
-    ckpt = checkpoint.latest(run_dir)
+    ckpt = ckptdir.latest(run_dir)
     modes = _modes(ckpt)
     assert modes.pop(ckpt.name) == 0o777 & ~current_umask()
     assert set(modes.values()) == {0o666 & ~current_umask()}

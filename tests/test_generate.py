@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from gpt2repro.generate import filter_logits, generate, sample_text
-from gpt2repro.model import GPT
+from gpt2repro.generation.generate import filter_logits, generate, sample_text
+from gpt2repro.model.gpt import GPT
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def test_kv_cache_greedy_equals_full_recompute(model, prompt_len, new):
 
 
 def test_cached_logits_match_full_forward(model):
-    from gpt2repro.kvcache import KVCache
+    from gpt2repro.model.kvcache import KVCache
 
     idx = torch.randint(0, 50257, (2, 24))
     cache = KVCache.empty(model.config, 2, "cpu", torch.float32)
@@ -78,7 +78,7 @@ def test_a_cache_holds_sequences_of_different_lengths_in_reusable_slots(model):
     """A server's batch: slots prefilled one at a time to different lengths, then decoded together,
     give each sequence what it gets alone; a reset slot takes a new sequence; a chat's next turn
     continues its slot without encoding the history again."""
-    from gpt2repro.kvcache import KVCache
+    from gpt2repro.model.kvcache import KVCache
 
     torch.manual_seed(1)
     a, b = torch.randint(0, 50257, (1, 7)), torch.randint(0, 50257, (1, 12))

@@ -14,9 +14,10 @@ import pytest
 from helpers import assert_one_line_error, run_main
 from test_disk_full import small_disk  # noqa: F401 - the fixture
 
-from gpt2repro import chat, checkpoint
-from gpt2repro.lock import DirLock
-from gpt2repro.tokenizer import EOT_ID
+from gpt2repro.checkpoint import gathered
+from gpt2repro.files.lock import DirLock
+from gpt2repro.text import chat
+from gpt2repro.text.tokenizer import EOT_ID
 
 LAYER_TENSORS = [
     f"{name}.{part}"
@@ -38,7 +39,7 @@ def _value(reader, key):
 
 
 def test_a_chat_model_exports_llama_cpps_gpt2_layout(chat_run_dir, tmp_path, capsys):
-    model = checkpoint.load_model(chat_run_dir)
+    model = gathered.load_model(chat_run_dir)
     cfg = model.config
     reader = _export(capsys, chat_run_dir, tmp_path / "chat.gguf")
     assert _value(reader, "general.architecture") == "gpt2"

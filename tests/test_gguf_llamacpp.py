@@ -14,11 +14,12 @@ import pytest
 import torch
 from helpers import run_main
 
-from gpt2repro import chat, checkpoint
-from gpt2repro.config import GPTConfig
-from gpt2repro.generate import generate
-from gpt2repro.gguf_export import export_gguf
-from gpt2repro.model import GPT
+from gpt2repro.checkpoint import gathered
+from gpt2repro.config.schema import GPTConfig
+from gpt2repro.generation.generate import generate
+from gpt2repro.interop.gguf_export import export_gguf
+from gpt2repro.model.gpt import GPT
+from gpt2repro.text import chat
 
 llama_cpp = pytest.importorskip(
     "llama_cpp",
@@ -39,7 +40,7 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def exported(run_dir, tmp_path_factory):
     """The tiny run's model (trained as `make demo` trains) and its GGUF exports, by outtype."""
-    model = checkpoint.load_model(run_dir).eval()
+    model = gathered.load_model(run_dir).eval()
     out = tmp_path_factory.mktemp("gguf")
     return model, {t: export_gguf(model, out / f"{t}.gguf", t) for t in ("f32", "f16", "q8_0")}
 
@@ -59,7 +60,7 @@ def test_llama_cpp_tokenizes_as_tiktoken(exported, enc):
 
 
 def test_llama_cpp_tokenizes_a_chat_prompt_as_our_template(chat_run_dir, tmp_path):
-    path = export_gguf(checkpoint.load_model(chat_run_dir), tmp_path / "chat.gguf")
+    path = export_gguf(gathered.load_model(chat_run_dir), tmp_path / "chat.gguf")
     llm = _llama(path, vocab_only=True)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": TEXTS[3]}]
     text = chat.render_text(messages, add_generation_prompt=True)
@@ -161,7 +162,7 @@ def test_llama_cpp_decodes_a_random_model_greedily_as_we_do(tmp_path, outtype):
 
 
 def test_a_chat_model_answers_through_llama_cpps_chat_completion(chat_run_dir, tmp_path, capsys):
-    path = export_gguf(checkpoint.load_model(chat_run_dir), tmp_path / "chat.gguf", "f16")
+    path = export_gguf(gathered.load_model(chat_run_dir), tmp_path / "chat.gguf", "f16")
     messages = [{"role": "user", "content": "Hi"}]
     code, ours, err = run_main(
         capsys, "chat", "--checkpoint", chat_run_dir, "--message", "Hi", "--temperature", "0"

@@ -29,8 +29,8 @@ import torch
 from helpers import losses, run_to_end, train_argv
 
 from conftest import ROOT
-from gpt2repro.presets import train_config
-from gpt2repro.train import train
+from gpt2repro.config.presets import train_config
+from gpt2repro.training.train import train
 
 GOLDEN = ROOT / "tests" / "golden_losses.json"
 COMMON = [

@@ -25,11 +25,12 @@ from helpers import (
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ROOT, shared_file
-from gpt2repro import mfu, precision
-from gpt2repro import train as tr
-from gpt2repro.config import model_config
-from gpt2repro.model import GPT
-from gpt2repro.ops import linear_cross_entropy
+from gpt2repro.config.schema import model_config
+from gpt2repro.model import precision
+from gpt2repro.model.gpt import GPT
+from gpt2repro.model.ops import linear_cross_entropy
+from gpt2repro.training import mfu
+from gpt2repro.training import train as tr
 
 
 def _forward_loss(model):
@@ -206,8 +207,10 @@ def test_torch_floor_is_the_tested_version_and_adamw_never_imports_muon():
     assert f"torch {floor}" in (ROOT / "README.md").read_text()  # the README says what was tested
     installed = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
     assert installed >= tuple(int(p) for p in floor.split(".")[:2])
-    # gpt2repro.muon needs torch.optim._muon (torch 2.9+): only Muon runs may import it
-    code = "import sys, gpt2repro.train, gpt2repro.cli; print('gpt2repro.muon' in sys.modules)"
+    # gpt2repro.training.muon needs torch.optim._muon (torch 2.9+): only Muon runs may import it
+    code = (
+        "import sys, gpt2repro.training.train, gpt2repro.cli; print('gpt2repro.training.muon' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -288,14 +291,14 @@ def test_ranks_that_find_different_checkpoints_all_stop_with_one_line(data_dir, 
     assert "rank 0: step 2" in errors[0] and "rank 1: no checkpoint (fresh start)" in errors[0]
     assert not (tmp_path / "rank1" / "checkpoints").exists()  # nobody started training
     assert (
-        "gpt2repro/train.py" not in out.stdout + out.stderr
+        "gpt2repro/training/train.py" not in out.stdout + out.stderr
     )  # no traceback of ours (torchrun prints its own)
 
 
 def test_ddp_keeps_gradients_in_its_buckets(tmp_path):
     import torch.distributed as dist
 
-    from gpt2repro.distributed import DistInfo, wrap_model
+    from gpt2repro.parallel.distributed import DistInfo, wrap_model
 
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
@@ -326,7 +329,7 @@ def test_tf32_is_enabled_on_cuda_for_every_command(monkeypatch, run_dir):
 
 
 def test_kv_cache_prefill_uses_plain_causal_attention(monkeypatch):
-    from gpt2repro.generate import generate
+    from gpt2repro.generation.generate import generate
 
     torch.manual_seed(0)  # the same model and prompt whatever ran before
     model = GPT(model_config("tiny", vocab_multiple=64)).eval()

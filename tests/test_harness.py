@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import shared_file
-from gpt2repro import checkpoint
+from gpt2repro.checkpoint import gathered
 from gpt2repro.cli import main
 from gpt2repro.evals import harness
 from gpt2repro.evals import hellaswag as hs
@@ -48,7 +48,7 @@ def test_harness_hellaswag_equals_our_harness_style(run_dir, local_hellaswag, tm
     argv = ["eval", "harness", "--checkpoint", run_dir, "--tasks", "hellaswag_local", "--limit", limit]
     assert main([str(a) for a in [*argv, "--include-path", local_hellaswag, "--json", out]]) == 0
     theirs = json.loads(out.read_text())["hellaswag_local"]
-    model = checkpoint.load_model(run_dir)
+    model = gathered.load_model(run_dir)
     ours = hs.evaluate(model, hs.load_examples(limit=limit), "harness")
     assert ours["n"] == limit
     assert (theirs["acc"], theirs["acc_norm"]) == (ours["acc"], ours["acc_norm"])
@@ -58,7 +58,7 @@ def test_harness_hellaswag_equals_our_harness_style(run_dir, local_hellaswag, tm
 def test_loglikelihoods_match_a_direct_computation(run_dir):
     """Scored sums equal log-softmax of a plain forward pass, for a long context cut to block_size too."""
     shared_file("gpt2.tiktoken")
-    model = checkpoint.load_model(run_dir).eval()
+    model = gathered.load_model(run_dir).eval()
     block = model.config.block_size
     pairs = [([5, 6, 7], [8, 9]), (list(range(1, block + 20)), [42, 43, 44])]
     got = harness.score_tokens(model, pairs, batch_size=2, device=torch.device("cpu"), dtype="fp32")

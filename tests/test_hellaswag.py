@@ -13,7 +13,7 @@ from helpers import command, subprocess_env
 
 from conftest import ROOT, shared_file
 from gpt2repro.evals import hellaswag as hs
-from gpt2repro.model import GPT
+from gpt2repro.model.gpt import GPT
 
 FIXTURE = [
     {
@@ -175,7 +175,7 @@ def test_preprocess_and_harness_pair(enc):
 
 @pytest.mark.slow
 def test_batched_equals_one_at_a_time_on_real_examples(enc):
-    from gpt2repro.hf import load_hf
+    from gpt2repro.interop.hf import load_hf
 
     shared_file("hellaswag_val.jsonl.gz")
     model = load_hf(shared_file("tiny-gpt2")).eval()
@@ -198,7 +198,7 @@ def test_official_file_has_10042_rows():
 
 
 def test_long_rows_are_left_truncated_to_block_size(tiny_config, enc):
-    from gpt2repro.config import model_config
+    from gpt2repro.config.schema import model_config
 
     torch.manual_seed(0)
     short = GPT(model_config("tiny", block_size=16)).eval()
@@ -294,7 +294,7 @@ def test_two_rank_gloo_equals_single_process(tmp_path):
     reason="needs real GPT-2 124M weights: set GPT2REPRO_GPT2_DIR to a local HF gpt2 directory (the hub is unreachable here)",
 )
 def test_real_gpt2_scores_the_published_number():
-    from gpt2repro.hf import load_hf
+    from gpt2repro.interop.hf import load_hf
 
     model = load_hf(os.environ["GPT2REPRO_GPT2_DIR"]).eval()
     result = hs.evaluate(model, hs.load_examples(), "completion", batch_size=32)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import shared_file
-from gpt2repro.config import model_config
-from gpt2repro.hf import HFError, export_hf, load_hf
-from gpt2repro.model import GPT
+from gpt2repro.config.schema import model_config
+from gpt2repro.interop.hf import HFError, export_hf, load_hf
+from gpt2repro.model.gpt import GPT
 
 transformers = pytest.importorskip("transformers")
 

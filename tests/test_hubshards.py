@@ -13,9 +13,9 @@ from gpt2repro.cli import main
 from gpt2repro.data import hubshards
 from gpt2repro.data import prepare as prep
 from gpt2repro.data.shards import MAGIC, find_shards, read_shard, verify_shards
-from gpt2repro.fsio import sha256_file
-from gpt2repro.tokenizer import EOT_ID
-from gpt2repro.train import train
+from gpt2repro.files.fsio import sha256_file
+from gpt2repro.text.tokenizer import EOT_ID
+from gpt2repro.training.train import train
 
 TOKENS = {"val": 3000, "train": 5000}  # per shard
 

@@ -16,16 +16,16 @@ import pytest
 from helpers import EVERY_RANK_REPORTS, SMALL, assert_one_line_error, launch, losses, small_cfg, train_argv
 
 from conftest import ROOT, shared_file
-from gpt2repro import checkpoint
-from gpt2repro import train as tr
+from gpt2repro.checkpoint import ckptdir, gathered
 from gpt2repro.cli import main
 from gpt2repro.data import prepare as prep
-from gpt2repro.hf import export_hf
-from gpt2repro.lock import LOCK_NAME, DirLock, LockError
+from gpt2repro.files.lock import LOCK_NAME, DirLock, LockError
+from gpt2repro.interop.hf import export_hf
+from gpt2repro.training import train as tr
 
 HOLDER = """
 import os, sys, time
-from gpt2repro.lock import DirLock
+from gpt2repro.files.lock import DirLock
 lock = DirLock(sys.argv[1], "train").acquire()
 child = os.fork()  # a worker forked while the lock is held, as the tokenizer pool is
 if child == 0:
@@ -117,14 +117,14 @@ def test_a_holder_killed_with_its_workers_running_leaves_no_stale_lock(tmp_path)
 def test_train_prepare_and_export_refuse_a_held_directory(data_dir, run_dir, tmp_path, capsys, enc):
     run = tmp_path / "run"
     tr.train(small_cfg("max_steps=2"), data_dir, run)
-    before = {p.name: p.read_bytes() for p in checkpoint.latest(run).iterdir()}
+    before = {p.name: p.read_bytes() for p in ckptdir.latest(run).iterdir()}
     with DirLock(run, "train"):
         for extra in ([], ["resume=never", "overwrite=true"]):  # overwrite deletes only under the lock
             argv = [*train_argv(data_dir, "--out", run), *SMALL, "max_steps=4", *extra]
             assert_one_line_error(
                 capsys, argv, f"{run} is being written by gpt2repro train (pid {os.getpid()}"
             )
-    assert {p.name: p.read_bytes() for p in checkpoint.latest(run).iterdir()} == before
+    assert {p.name: p.read_bytes() for p in ckptdir.latest(run).iterdir()} == before
     assert sorted(losses(run)) == [0, 1]
     src = shared_file("tinyshakespeare.txt")
     with DirLock(tmp_path / "data", "prepare"):
@@ -135,7 +135,7 @@ def test_train_prepare_and_export_refuse_a_held_directory(data_dir, run_dir, tmp
         argv = ["export", "--checkpoint", run_dir, "--out", tmp_path / "hf"]
         assert_one_line_error(capsys, argv, "hf is being written by gpt2repro export")
         with pytest.raises(LockError):
-            export_hf(checkpoint.load_model(run_dir), tmp_path / "hf")
+            export_hf(gathered.load_model(run_dir), tmp_path / "hf")
         # readers do not block
         assert main(["verify", str(run)]) == 0 and main(["sample", "--checkpoint", str(run), "-n", "1"]) == 0
     assert not (tmp_path / "hf").exists() and not (tmp_path / ".hf.lock").exists()

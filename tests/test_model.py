@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2repro.config import GPTConfig, model_config
-from gpt2repro.model import GPT
+from gpt2repro.config.schema import GPTConfig, model_config
+from gpt2repro.model.gpt import GPT
 
 
 def test_gpt2_124m_parameter_count_is_the_published_one():
@@ -64,7 +64,7 @@ def test_sequence_longer_than_block_size_is_a_clear_error(tiny_config):
 
 
 def test_bad_model_config_is_rejected():
-    from gpt2repro.config import ConfigError
+    from gpt2repro.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match="not divisible"):
         GPT(GPTConfig(n_embd=100, n_head=3))
@@ -74,7 +74,7 @@ def test_bad_model_config_is_rejected():
 
 @pytest.mark.parametrize("chunk", [7, 64, 4096])
 def test_fused_linear_cross_entropy_matches_float64_reference(chunk):
-    from gpt2repro.ops import linear_cross_entropy
+    from gpt2repro.model.ops import linear_cross_entropy
 
     torch.manual_seed(0)
     h = torch.randn(150, 16, dtype=torch.float64, requires_grad=True)
@@ -95,7 +95,7 @@ def test_fused_linear_cross_entropy_matches_float64_reference(chunk):
 @pytest.mark.parametrize("chunk", [7, 4096])
 def test_fused_loss_reuses_cpu_scratch_without_corrupting_saved_gradients(chunk):
     """A second call overwrites the scratch memory; the first call's gradients were copied out."""
-    from gpt2repro.ops import _CPU_SCRATCH, linear_cross_entropy
+    from gpt2repro.model.ops import _CPU_SCRATCH, linear_cross_entropy
 
     torch.manual_seed(0)
     w = torch.randn(70, 16, dtype=torch.float64, requires_grad=True)
@@ -144,7 +144,7 @@ def test_decode_linear_path_matches_float64(shape, bias):
     """The few-rows fp32 path (a batched matmul over groups of output features) computes x W^T + b."""
     from unittest import mock
 
-    from gpt2repro.model import Linear
+    from gpt2repro.model.gpt import Linear
 
     torch.manual_seed(0)
     layer = Linear(64, 96, bias=bias)

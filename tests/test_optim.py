@@ -8,13 +8,13 @@ import pytest
 import torch
 from helpers import SMALL, events, losses, run_to_end, small_cfg, stop_after, train_argv
 
-from gpt2repro import checkpoint
-from gpt2repro import train as tr
-from gpt2repro.config import MUON_LR_RATIO, ConfigError, model_config
-from gpt2repro.model import GPT
-from gpt2repro.optim import HIDDEN_MATRICES, build_optimizer, lr_at, set_lr
-from gpt2repro.plan import resolve
-from gpt2repro.presets import train_config
+from gpt2repro.checkpoint import ckptdir, gathered
+from gpt2repro.config.presets import train_config
+from gpt2repro.config.schema import MUON_LR_RATIO, ConfigError, model_config
+from gpt2repro.model.gpt import GPT
+from gpt2repro.training import train as tr
+from gpt2repro.training.optim import HIDDEN_MATRICES, build_optimizer, lr_at, set_lr
+from gpt2repro.training.plan import resolve
 
 
 def muon_cfg(*extra):
@@ -131,7 +131,7 @@ def test_target_val_loss_stops_and_logs(data_dir, tmp_path):
     assert target["val_loss"] <= 10.5 and target["tokens"] == target["step"] * 256 and target["seconds"] > 0
     assert summary["step"] == target["step"] < 50  # stopped at the step it was found at, and saved it
     assert summary["val_loss"] == target["val_loss"]
-    assert checkpoint.latest(tmp_path).name == f"step_{summary['step']:08d}"
+    assert ckptdir.latest(tmp_path).name == f"step_{summary['step']:08d}"
 
 
 @pytest.mark.slow
@@ -197,16 +197,16 @@ def test_a_muon_trained_model_exports_to_transformers_with_equal_logits(data_dir
     """Muon changes how the weights are found, not what they are: the export loads in transformers
     and gives our logits."""
     transformers = pytest.importorskip("transformers")
-    from gpt2repro.hf import export_hf
+    from gpt2repro.interop.hf import export_hf
 
     tr.train(muon_cfg("max_steps=3", "ckpt_every=3"), data_dir, tmp_path / "run")
-    model = checkpoint.load_model(tmp_path / "run").eval()
+    model = gathered.load_model(tmp_path / "run").eval()
     out = export_hf(model, tmp_path / "hf")
     theirs = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     idx = torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(theirs(idx).logits, model(idx)[0], rtol=0, atol=1e-5)
-    ckpt = checkpoint.latest(tmp_path / "run")
+    ckpt = ckptdir.latest(tmp_path / "run")
     assert json.loads((ckpt / "config.json").read_text())["optimizer"] == "muon"
 
 
@@ -226,7 +226,7 @@ def test_muon_presets_are_the_originals_with_the_recipe():
 
 
 def test_a_forced_bf16_newton_schulz_warns_where_bf16_is_emulated(data_dir, tmp_path, capsys, monkeypatch):
-    from gpt2repro import precision
+    from gpt2repro.model import precision
 
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
     tr.train(muon_cfg("max_steps=1", "muon_ns_dtype=bf16"), data_dir, tmp_path / "bf16")
@@ -239,7 +239,7 @@ def test_a_forced_bf16_newton_schulz_warns_where_bf16_is_emulated(data_dir, tmp_
 def test_a_resumed_run_takes_its_configs_hyperparameters_not_the_checkpoints(data_dir, tmp_path):
     """torch's load_state_dict restores the saved group values; a run resumed with other LRs,
     decays or betas must use the new ones, and may not switch optimizer under its saved state."""
-    from gpt2repro.distributed import DistInfo
+    from gpt2repro.parallel.distributed import DistInfo
 
     tr.train(muon_cfg("max_steps=2", "ckpt_every=2", "muon_split_qkv=false"), data_dir, tmp_path)
     changed = [

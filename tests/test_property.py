@@ -15,13 +15,13 @@ from helpers import HELLASWAG_ROW
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from gpt2repro.configfile import to_toml
+from gpt2repro.config.configfile import to_toml
+from gpt2repro.config.overrides import config_keys
+from gpt2repro.config.presets import train_config
 from gpt2repro.data.conversations import prepare_conversations
 from gpt2repro.data.prepare import prepare
 from gpt2repro.errors import UserError
 from gpt2repro.evals import hellaswag
-from gpt2repro.overrides import config_keys
-from gpt2repro.presets import train_config
 
 CHECKS = settings(
     max_examples=80, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]

@@ -20,7 +20,7 @@ pytest.importorskip("starlette", reason="the serve extra (starlette, uvicorn) is
 pytest.importorskip("uvicorn", reason="the serve extra (starlette, uvicorn) is not installed")
 openai = pytest.importorskip("openai", reason="the dev extra's openai client is not installed")
 
-from gpt2repro.generate import generate  # noqa: E402
+from gpt2repro.generation.generate import generate  # noqa: E402
 from gpt2repro.serve.app import create_app  # noqa: E402
 from gpt2repro.serve.run import ServerThread, served_model  # noqa: E402
 
@@ -33,7 +33,7 @@ JSON_TYPE = {"Content-Type": "application/json"}
 
 @pytest.fixture(scope="module")
 def model(run_dir):
-    from gpt2repro.checkpoint import load_model
+    from gpt2repro.checkpoint.gathered import load_model
 
     return load_model(run_dir).eval()
 
@@ -369,9 +369,9 @@ def test_a_chat_model_answers_through_its_own_template(chat_run_dir):
     """The tiny chat model of conftest (taught to answer "Hi" with "Hello there."), served: the
     messages go through chat.render, the reply stops at <|assistant_end|> (not part of it), the same
     as `gpt2repro chat` gives alone; the page's /v1/models says it is a chat model."""
-    from gpt2repro import chat
-    from gpt2repro.checkpoint import load_model
-    from gpt2repro.sampling import ends_reply
+    from gpt2repro.checkpoint.gathered import load_model
+    from gpt2repro.generation.sampling import ends_reply
+    from gpt2repro.text import chat
 
     model = load_model(chat_run_dir).eval()
     messages = [{"role": "user", "content": "Hi"}]

@@ -17,11 +17,11 @@ import pytest
 pytest.importorskip("starlette", reason="the serve extra (starlette, uvicorn) is not installed")
 pytest.importorskip("prometheus_client", reason="the serve extra's prometheus-client is not installed")
 
-from gpt2repro import chat  # noqa: E402
-from gpt2repro.sampling import Sampling  # noqa: E402
+from gpt2repro.generation.sampling import Sampling  # noqa: E402
 from gpt2repro.serve.app import create_app  # noqa: E402
 from gpt2repro.serve.engine import Engine, Job  # noqa: E402
 from gpt2repro.serve.run import ServerThread, served_model  # noqa: E402
+from gpt2repro.text import chat  # noqa: E402
 
 pytestmark = pytest.mark.serial  # alone: its timing bounds are asserted
 
@@ -30,7 +30,7 @@ ALLOWED = "http://allowed.example"
 
 @pytest.fixture(scope="module")
 def model(run_dir):
-    from gpt2repro.checkpoint import load_model
+    from gpt2repro.checkpoint.gathered import load_model
 
     return load_model(run_dir).eval()
 
@@ -60,7 +60,7 @@ def request(server, method: str, path: str, body=b"", headers: dict | None = Non
 
 
 def test_chat_requests_that_leave_no_room_for_a_reply_are_400s(chat_run_dir):
-    from gpt2repro.checkpoint import load_model
+    from gpt2repro.checkpoint.gathered import load_model
 
     served = served_model(load_model(chat_run_dir).eval(), "c", 1)
     words = " ".join(["hello"] * 124)  # a token each: with the 4 of the template, the whole context

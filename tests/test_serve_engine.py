@@ -8,11 +8,11 @@ import threading
 import pytest
 import torch
 
-from gpt2repro.generate import generate
-from gpt2repro.model import GPT
-from gpt2repro.sampling import Sampling
+from gpt2repro.generation.generate import generate
+from gpt2repro.generation.sampling import Sampling
+from gpt2repro.model.gpt import GPT
 from gpt2repro.serve.engine import Engine, Job
-from gpt2repro.tokentext import TextStream
+from gpt2repro.text.tokentext import TextStream
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("uvicorn", reason="the serve extra (starlette, uvicorn) is not installed")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (the dev extra) is not installed")
 
-from gpt2repro.generate import generate  # noqa: E402
+from gpt2repro.generation.generate import generate  # noqa: E402
 from gpt2repro.serve.app import create_app  # noqa: E402
 from gpt2repro.serve.run import ChatFormat, ServerThread, served_model  # noqa: E402
 
@@ -22,7 +22,7 @@ FLAGS += " --disable-component-update --disable-sync"
 
 @pytest.fixture(scope="module")
 def model(run_dir):
-    from gpt2repro.checkpoint import load_model
+    from gpt2repro.checkpoint.gathered import load_model
 
     return load_model(run_dir).eval()
 

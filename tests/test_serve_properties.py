@@ -45,7 +45,7 @@ FIELDS = {
 
 @pytest.fixture(scope="module")
 def server(run_dir):
-    from gpt2repro.checkpoint import load_model
+    from gpt2repro.checkpoint.gathered import load_model
 
     served = served_model(load_model(run_dir).eval(), "m", 4)
     with ServerThread(create_app(served, max_tokens_limit=4)) as s:

@@ -8,18 +8,19 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import losses, run_to_end
+from helpers import losses, run_to_end, small_cfg
 
 from conftest import CHAT_SMALL, shared_file
-from gpt2repro import checkpoint, sft
-from gpt2repro import train as tr
-from gpt2repro.config import ConfigError
+from gpt2repro.checkpoint import gathered
+from gpt2repro.config.presets import train_config
+from gpt2repro.config.schema import ConfigError
 from gpt2repro.data.shards import ShardError
-from gpt2repro.distributed import DistInfo
-from gpt2repro.hf import export_hf
-from gpt2repro.ops import _recomputed_cross_entropy, linear_cross_entropy
-from gpt2repro.plan import resolve
-from gpt2repro.presets import train_config
+from gpt2repro.interop.hf import export_hf
+from gpt2repro.model.ops import _recomputed_cross_entropy, linear_cross_entropy
+from gpt2repro.parallel.distributed import DistInfo
+from gpt2repro.training import sft
+from gpt2repro.training import train as tr
+from gpt2repro.training.plan import resolve
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"))
 
@@ -118,6 +119,24 @@ def test_a_step_is_the_mean_over_every_learned_token_of_the_global_batch(chat_da
         )
 
 
+def test_a_steps_micro_batches_come_with_how_their_losses_make_the_step(chat_data_dir, data_dir, tmp_path):
+    """What forward_backward needs of a step is what micro_batches() returns, not state left on the
+    trainer: SFT's summed losses over the step's learned tokens, pretraining's means over accum."""
+    cfg = sft_cfg("micro_batch_size=2", "total_batch_size=256")
+    trainer = sft.SFTTrainer(resolve(cfg, CPU), chat_data_dir, tmp_path / "sft")
+    step = trainer.micro_batches()
+    learned = sum(int((y >= 0).sum()) for _, y in step.batches)
+    assert len(step.batches) == trainer.plan.accum == 2
+    assert step.reduction == "sum" and step.divisor == learned < 2 * 2 * 64
+    pretrain = tr.Trainer(resolve(small_cfg(), CPU), data_dir, tmp_path / "pretrain")
+    step = pretrain.micro_batches()
+    assert (step.reduction, step.divisor) == ("mean", pretrain.plan.accum)
+    assert len(list(step.batches)) == pretrain.plan.accum
+    for t in (trainer, pretrain):
+        t.forward_backward()
+        assert not {"divisor", "reduction"} & (set(vars(t)) | set(dir(type(t))))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fsdp=false", "fsdp=true"])
 def test_two_ranks_take_the_step_of_one_process(chat_data_dir, tmp_path, mode):
@@ -195,14 +214,14 @@ def test_sft_of_the_tiny_hf_checkpoint_validates_samples_and_resumes(chat_data_d
         whole,
     )
     assert losses(tmp_path / "run") == losses(whole)
-    assert checkpoint.load_model(tmp_path / "run").config.chat
+    assert gathered.load_model(tmp_path / "run").config.chat
 
 
 def test_sft_of_an_export_of_ours(run_dir, chat_data_dir, tmp_path):
-    exported = export_hf(checkpoint.load_model(run_dir), tmp_path / "export")
+    exported = export_hf(gathered.load_model(run_dir), tmp_path / "export")
     cfg = train_config("sft", [f"init_from={exported}", *CHAT_SMALL[4:], "compile=false"])
     trainer = sft.SFTTrainer(resolve(cfg, CPU), chat_data_dir, tmp_path / "r")
-    base = checkpoint.load_model(run_dir)
+    base = gathered.load_model(run_dir)
     assert trainer.cfg.model.chat and trainer.cfg.model.n_embd == base.config.n_embd
     torch.testing.assert_close(
         trainer.raw.transformer.wte.weight[:50257], base.transformer.wte.weight[:50257]

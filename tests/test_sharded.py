@@ -24,10 +24,10 @@ from helpers import (
     train_argv,
 )
 
-from gpt2repro import checkpoint, ckptdir
-from gpt2repro import train as tr
-from gpt2repro.checkpoint import CheckpointError
-from gpt2repro.fsio import sha256_file
+from gpt2repro.checkpoint import ckptdir, gathered
+from gpt2repro.checkpoint.ckptdir import CheckpointError
+from gpt2repro.files.fsio import sha256_file
+from gpt2repro.training import train as tr
 
 pytestmark = pytest.mark.slow  # every test starts from a 2-rank run under torchrun
 
@@ -60,10 +60,10 @@ def _chunks(path):
 
 
 def test_each_rank_writes_only_its_own_shard(runs):
-    ckpt = checkpoint.step_dir(runs / "pristine", 2)
+    ckpt = ckptdir.step_dir(runs / "pristine", 2)
     names = sorted(p.name for p in ckpt.iterdir())
     assert names == sorted([*SHARDS, "config.json", "manifest.json", "optimizer.json", "state.json"])
-    full = {f"model.{k}": v.shape for k, v in checkpoint.load_model(ckpt).state_dict().items()}
+    full = {f"model.{k}": v.shape for k, v in gathered.load_model(ckpt).state_dict().items()}
     first, second = (_chunks(ckpt / name) for name in SHARDS)
     for name, shape in full.items():
         if name == "model.lm_head.weight":  # tied: stored once, as wte
@@ -99,7 +99,7 @@ def test_a_load_never_unpickles(runs, data_dir, tmp_path, monkeypatch):
         dcp.load({"x": torch.zeros(3)}, checkpoint_id=tmp_path / "default", no_dist=True)
     assert calls, "the patch must catch the default reader's unpickling"
     calls.clear()
-    loaded = checkpoint.load_model(runs / "pristine")
+    loaded = gathered.load_model(runs / "pristine")
     shutil.copytree(runs / "pristine", tmp_path / "run")
     tr.train(small_cfg(*CONSTANT_LR, "fsdp=true", "max_steps=3"), data_dir, tmp_path / "run")
     assert calls == [] and sorted(losses(tmp_path / "run")) == [0, 1, 2]
@@ -107,23 +107,23 @@ def test_a_load_never_unpickles(runs, data_dir, tmp_path, monkeypatch):
 
 
 def test_a_flipped_byte_in_a_shard_is_caught(run, capsys):
-    shard = checkpoint.step_dir(run, 2) / SHARDS[1]
+    shard = ckptdir.step_dir(run, 2) / SHARDS[1]
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 1
     shard.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=f"{SHARDS[1]}: sha256 mismatch"):
-        checkpoint.verify(shard.parent)
+        ckptdir.verify(shard.parent)
     with pytest.raises(CheckpointError, match="no checkpoint of .* verifies"):
-        checkpoint.load_model(run)
+        gathered.load_model(run)
     assert_one_line_error(capsys, ["verify", run], "1 of 1 checkpoints failed verification")
 
 
 def test_a_safetensors_file_the_manifest_does_not_list_is_refused(run):
     """DCP's reader takes every *.safetensors file of the directory: a stray one must not load."""
-    ckpt = checkpoint.step_dir(run, 2)
+    ckpt = ckptdir.step_dir(run, 2)
     shutil.copy(ckpt / SHARDS[0], ckpt / "shard-00003-model-00001-of-00001.safetensors")
     with pytest.raises(CheckpointError, match="does not cover shard-00003"):
-        checkpoint.verify(ckpt)
+        ckptdir.verify(ckpt)
 
 
 def test_a_shard_missing_a_tensor_is_one_line(run, capsys):
@@ -132,27 +132,27 @@ def test_a_shard_missing_a_tensor_is_one_line(run, capsys):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    ckpt = checkpoint.step_dir(run, 2)
+    ckpt = ckptdir.step_dir(run, 2)
     with safe_open(ckpt / SHARDS[0], framework="pt") as f:
         metadata = f.metadata()
         kept = {k: f.get_tensor(k) for k in f.keys() if k != "model.transformer.wpe.weight"}
     save_file(kept, ckpt / SHARDS[0], metadata=metadata)
     names = [p.name for p in ckpt.iterdir() if p.name != "manifest.json"]
-    checkpoint.write_manifest(ckpt, {name: sha256_file(ckpt / name) for name in names})
+    ckptdir.write_manifest(ckpt, {name: sha256_file(ckpt / name) for name in names})
     # DCP alone would load the other rank's half of wpe and leave the first half as initialised
     with pytest.raises(CheckpointError, match="shards hold 2048 values of model.transformer.wpe.weight"):
-        checkpoint.load_model(run)
+        gathered.load_model(run)
     assert_one_line_error(capsys, ["sample", "--checkpoint", run, "-n", "1"], "transformer.wpe.weight")
 
 
 def test_verify_and_export_of_a_sharded_run(runs, tmp_path, capsys, enc):
     transformers = pytest.importorskip("transformers")
-    assert ckptdir.is_sharded(checkpoint.step_dir(runs / "pristine", 2))
+    assert ckptdir.is_sharded(ckptdir.step_dir(runs / "pristine", 2))
     code, out, _ = run_main(capsys, "verify", runs / "pristine")
     assert code == 0 and "1 checkpoints verified" in out
     code, _, err = run_main(capsys, "export", "--checkpoint", runs / "pristine", "--out", tmp_path / "hf")
     assert code == 0, err
-    ours = checkpoint.load_model(runs / "pristine").eval()
+    ours = gathered.load_model(runs / "pristine").eval()
     theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     idx = torch.randint(0, 50257, (2, 30))
     with torch.no_grad():
@@ -171,7 +171,7 @@ def test_resume_two_ranks_one_process_two_ranks_continues_the_same_losses(runs, 
     assert "x2 |" in out and "steps 4..6 | resumed from step_00000004" in out
     out = run_to_end([*base, *elastic, "max_steps=8"], nproc=2)
     assert "x2 |" in out and "steps 6..8 | resumed from step_00000006" in out
-    ckpts = checkpoint.all_steps(runs / "run")
+    ckpts = ckptdir.all_steps(runs / "run")
     assert [ckptdir.is_sharded(c) for c in ckpts] == [False, True, True]  # keep_last=3: 4 (1 process), 6, 8
     straight, elastic_losses = losses(runs / "straight"), losses(runs / "run")
     assert sorted(elastic_losses) == list(range(8))
@@ -181,7 +181,7 @@ def test_resume_two_ranks_one_process_two_ranks_continues_the_same_losses(runs, 
 
 NODE_WITHOUT_SHARED_DISK = """
 import os, sys
-from gpt2repro import sharded
+from gpt2repro.checkpoint import sharded
 from gpt2repro.cli import main
 if os.environ["RANK"] == "1":  # its 'node' has the same path on a disk of its own
     shared = sharded.HuggingFaceStorageWriter.__init__
@@ -204,7 +204,7 @@ def test_a_rank_that_wrote_its_shard_elsewhere_stops_the_save(data_dir, tmp_path
     errors = error_lines(out)
     assert out.returncode != 0 and len(errors) == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert "is the run directory on a file system every rank shares?" in errors[0] + errors[1]
-    assert checkpoint.all_steps(tmp_path / "run") == []
+    assert ckptdir.all_steps(tmp_path / "run") == []
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name != "latest"]
 
 
@@ -219,7 +219,7 @@ def test_resume_two_ranks_on_three_reshards_uneven_shards(data_dir, tmp_path):
     run_to_end([*base, *resharded, "max_steps=2"], nproc=2)
     out = run_to_end([*base, *resharded, "max_steps=4"], nproc=3)
     assert "x3 |" in out and "steps 2..4 | resumed from step_00000002" in out
-    ckpt = checkpoint.step_dir(tmp_path / "run", 4)
+    ckpt = ckptdir.step_dir(tmp_path / "run", 4)
     names = sorted(p.name for p in ckpt.glob("*.safetensors"))
     assert names == [f"shard-0000{rank}-model-00001-of-00001.safetensors" for rank in (1, 2, 3)]
     rows = [_chunks(ckpt / name)["model.transformer.wpe.weight"][0][0] for name in names]
@@ -232,7 +232,7 @@ def test_resume_two_ranks_on_three_reshards_uneven_shards(data_dir, tmp_path):
 
 HASHES_RECORDED = """
 import os, sys
-from gpt2repro import ckptdir
+from gpt2repro.checkpoint import ckptdir
 from gpt2repro.cli import main
 real = ckptdir.sha256_file
 def recorded(path, *args, **kwargs):
@@ -251,7 +251,7 @@ def test_ranks_split_the_hashing_and_fall_back_together(runs, data_dir, tmp_path
     shutil.copytree(runs / "pristine", run)
     base = train_argv(data_dir, *SMALL, *CONSTANT_LR, "fsdp=true", "--out", run)
     run_to_end([*base, "max_steps=4"], nproc=2)
-    shard = checkpoint.step_dir(run, 4) / SHARDS[1]
+    shard = ckptdir.step_dir(run, 4) / SHARDS[1]
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 1  # the same size: only its hash can tell
     shard.write_bytes(bytes(data))
@@ -263,7 +263,7 @@ def test_ranks_split_the_hashing_and_fall_back_together(runs, data_dir, tmp_path
     assert f"{SHARDS[1]}: sha256 mismatch" in out.stdout and "using step_00000002 instead" in out.stdout
     hashed = [(tmp_path / f"hashed.{rank}").read_text().splitlines() for rank in (0, 1)]
     for step in (2, 4):
-        shards = [str(checkpoint.step_dir(run, step) / name) for name in SHARDS]
+        shards = [str(ckptdir.step_dir(run, step) / name) for name in SHARDS]
         by_rank = [sorted(p for p in paths if p in shards) for paths in hashed]
         assert sorted(by_rank[0] + by_rank[1]) == sorted(shards)  # each shard hashed once
     assert losses(run).keys() == set(range(6))
@@ -278,7 +278,7 @@ def test_a_ddp_run_resumes_from_fsdp_shards(runs, data_dir, tmp_path):
     run_to_end([*base, "--out", tmp_path / "straight", "max_steps=4"])
     out = run_to_end([*base, "fsdp=false", "--out", run, "max_steps=4"], nproc=2)
     assert "x2 |" in out and "steps 2..4 | resumed from step_00000002" in out
-    assert not ckptdir.is_sharded(checkpoint.step_dir(run, 4))
+    assert not ckptdir.is_sharded(ckptdir.step_dir(run, 4))
     straight, resumed = losses(tmp_path / "straight"), losses(run)
     assert sorted(resumed) == list(range(4))
     for step, loss in straight.items():

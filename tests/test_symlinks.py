@@ -11,9 +11,9 @@ import pytest
 from helpers import SMALL, assert_one_line_error, train_argv
 
 from conftest import shared_file
-from gpt2repro import fsio
-from gpt2repro.fsio import AppendFile, AtomicDir, WriteError, atomic_write_text, remove_leftovers
-from gpt2repro.lock import LOCK_NAME, DirLock, LockError
+from gpt2repro.files import fsio
+from gpt2repro.files.fsio import AppendFile, AtomicDir, WriteError, atomic_write_text, remove_leftovers
+from gpt2repro.files.lock import LOCK_NAME, DirLock, LockError
 
 SECRET = b"the victim's file: must keep these bytes\n"
 
@@ -203,7 +203,7 @@ def test_pruning_and_overwrite_remove_planted_links_never_their_targets(tmp_path
     the link (shutil.rmtree raised on it, a traceback) and leave the directory it names alone."""
     from helpers import run_main
 
-    from gpt2repro.ckptdir import publish
+    from gpt2repro.checkpoint.ckptdir import publish
 
     checkpoints = tmp_path / "run" / "checkpoints"
     checkpoints.mkdir(parents=True)

@@ -8,8 +8,8 @@ import pytest
 import tiktoken
 
 from conftest import current_umask, shared_file
-from gpt2repro import assets
-from gpt2repro.tokenizer import GPT2_PATTERN, get_tokenizer
+from gpt2repro.files import assets
+from gpt2repro.text.tokenizer import GPT2_PATTERN, get_tokenizer
 
 TEXTS = [
     "Hello, I'm a language model,",

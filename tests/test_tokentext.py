@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 import torch
 
-from gpt2repro.tokentext import TextStream, pieces_of
+from gpt2repro.text.tokentext import TextStream, pieces_of
 
 transformers = pytest.importorskip("transformers")
 
@@ -19,7 +19,7 @@ TEXTS = ["I ❤️ 日本 🙂 ok", "naïve café, e\u0301 o\u0308 — ✓", "�
 
 @pytest.fixture(scope="module")
 def fast(tmp_path_factory):
-    from gpt2repro.tokenizer import write_hf_tokenizer
+    from gpt2repro.text.tokenizer import write_hf_tokenizer
 
     out = tmp_path_factory.mktemp("tok")
     write_hf_tokenizer(out)
@@ -78,7 +78,7 @@ def _post(url: str, body: dict) -> bytes:
 
 def test_the_server_gives_offsets_and_tokens_of_multibyte_text_and_cuts_them_at_a_stop(run_dir, fast):
     pytest.importorskip("starlette", reason="the serve extra is not installed")
-    from gpt2repro.checkpoint import load_model
+    from gpt2repro.checkpoint.gathered import load_model
     from gpt2repro.serve.app import create_app
     from gpt2repro.serve.run import ServerThread, served_model
 

@@ -10,16 +10,16 @@ import pytest
 import torch
 from helpers import SMALL, events, free_port, launch, losses, run_to_end, small_cfg, stop_after, train_argv
 
-from gpt2repro import checkpoint
-from gpt2repro import train as tr
-from gpt2repro.config import ConfigError
+from gpt2repro.checkpoint import ckptdir, gathered
+from gpt2repro.config.overrides import apply_overrides
+from gpt2repro.config.presets import train_config
+from gpt2repro.config.schema import ConfigError
 from gpt2repro.data.shards import ShardError
-from gpt2repro.distributed import DistInfo
-from gpt2repro.fsio import WriteError
-from gpt2repro.model import GPT
-from gpt2repro.overrides import apply_overrides
-from gpt2repro.plan import grad_accum_steps, resolve
-from gpt2repro.presets import train_config
+from gpt2repro.files.fsio import WriteError
+from gpt2repro.model.gpt import GPT
+from gpt2repro.parallel.distributed import DistInfo
+from gpt2repro.training import train as tr
+from gpt2repro.training.plan import grad_accum_steps, resolve
 
 
 @pytest.mark.slow
@@ -37,11 +37,11 @@ def test_the_final_evaluation_is_of_the_saved_weights(data_dir, tmp_path, limit)
     from gpt2repro.data.loader import DataLoader
 
     summary = tr.train(small_cfg("max_steps=4", "val_every=3", "val_steps=2", limit), data_dir, tmp_path)
-    final = checkpoint.latest(tmp_path)
+    final = ckptdir.latest(tmp_path)
     assert (
         final.name == f"step_{summary['step']:08d}" and events(tmp_path, "val")[-1]["step"] == summary["step"]
     )
-    model = checkpoint.load_model(tmp_path).eval()
+    model = gathered.load_model(tmp_path).eval()
     loader = DataLoader(data_dir, "val", 4, 32)
     with torch.no_grad():
         fresh = sum(model(*loader.next_batch())[1].item() for _ in range(2)) / 2
@@ -103,7 +103,7 @@ def test_presets_resolve_the_original_accumulation():
 
 
 def test_lr_schedule():
-    from gpt2repro.optim import lr_at
+    from gpt2repro.training.optim import lr_at
 
     cfg = train_config("gpt2-124m-10B")
     assert lr_at(0, cfg) == pytest.approx(6e-4 / 715)
@@ -113,7 +113,7 @@ def test_lr_schedule():
 
 
 def test_weight_decay_groups():
-    from gpt2repro.optim import build_optimizer
+    from gpt2repro.training.optim import build_optimizer
 
     cfg = small_cfg()
     model = GPT(cfg.model)
@@ -138,7 +138,7 @@ def test_stop_and_resume_is_bit_identical(data_dir, tmp_path, monkeypatch):
     tr.train(small_cfg(*cfg), data_dir, tmp_path / "straight")
     stop_after(monkeypatch, 4)
     tr.train(small_cfg(*cfg), data_dir, tmp_path / "resumed")
-    assert checkpoint.latest(tmp_path / "resumed").name == "step_00000004"
+    assert ckptdir.latest(tmp_path / "resumed").name == "step_00000004"
     assert max(losses(tmp_path / "resumed")) == 3
     monkeypatch.undo()
     tr.train(small_cfg(*cfg), data_dir, tmp_path / "resumed")
@@ -179,14 +179,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, m
     monkeypatch.setattr(tr.Trainer, "forward_backward", poisoned)
     with pytest.raises(tr.TrainingError, match="loss is nan at step 3; stopping .*step_00000002"):
         tr.train(small_cfg("max_steps=6", "ckpt_every=2"), data_dir, tmp_path)
-    good = checkpoint.latest(tmp_path)
+    good = ckptdir.latest(tmp_path)
     assert good.name == "step_00000002"
-    assert all(torch.isfinite(p).all() for p in checkpoint.load_model(tmp_path).parameters())
+    assert all(torch.isfinite(p).all() for p in gathered.load_model(tmp_path).parameters())
 
 
 def test_failed_checkpoint_write_leaves_the_previous_one(data_dir, tmp_path, monkeypatch):
     tr.train(small_cfg("max_steps=2", "ckpt_every=2"), data_dir, tmp_path)
-    before = checkpoint.load_model(tmp_path).state_dict()
+    before = gathered.load_model(tmp_path).state_dict()
     real_save = torch.save
 
     def disk_full(obj, path, *a, **k):
@@ -194,17 +194,17 @@ def test_failed_checkpoint_write_leaves_the_previous_one(data_dir, tmp_path, mon
             f.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    monkeypatch.setattr(gathered.torch, "save", disk_full)
     with pytest.raises(
         WriteError,
         match=r"step_00000004: cannot write checkpoint step 4: no space left on device \(.* free, at least "
         r".* needed\); last good checkpoint: step_00000002$",
     ):
         tr.train(small_cfg("max_steps=4", "ckpt_every=2"), data_dir, tmp_path)
-    monkeypatch.setattr(checkpoint.torch, "save", real_save)
-    assert checkpoint.latest(tmp_path).name == "step_00000002"
+    monkeypatch.setattr(gathered.torch, "save", real_save)
+    assert ckptdir.latest(tmp_path).name == "step_00000002"
     assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")] == []
-    after = checkpoint.load_model(tmp_path).state_dict()
+    after = gathered.load_model(tmp_path).state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
@@ -233,18 +233,18 @@ def test_a_fresh_run_never_shadows_an_earlier_one(data_dir, tmp_path):
         tr.train(small_cfg("max_steps=2", "resume=never"), data_dir, tmp_path)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
     tr.train(small_cfg("max_steps=2", "resume=never", "overwrite=true"), data_dir, tmp_path)
-    assert checkpoint.latest(tmp_path).name == "step_00000002"
-    assert [p.name for p in checkpoint.all_steps(tmp_path)] == ["step_00000002"]
+    assert ckptdir.latest(tmp_path).name == "step_00000002"
+    assert [p.name for p in ckptdir.all_steps(tmp_path)] == ["step_00000002"]
     assert sorted(losses(tmp_path)) == [0, 1]  # the old run's metrics went with its checkpoints
 
 
 def test_corrupted_checkpoint_is_named(data_dir, tmp_path):
     tr.train(small_cfg("max_steps=1"), data_dir, tmp_path)
-    (checkpoint.latest(tmp_path) / "model.safetensors").write_bytes(b"\x00" * 64)
-    with pytest.raises(checkpoint.CheckpointError, match="model.safetensors: sha256 mismatch"):
-        checkpoint.load_model(tmp_path)
-    with pytest.raises(checkpoint.CheckpointError, match="not a checkpoint"):
-        checkpoint.load_model(tmp_path / "nowhere")
+    (ckptdir.latest(tmp_path) / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ckptdir.CheckpointError, match="model.safetensors: sha256 mismatch"):
+        gathered.load_model(tmp_path)
+    with pytest.raises(ckptdir.CheckpointError, match="not a checkpoint"):
+        gathered.load_model(tmp_path / "nowhere")
 
 
 @pytest.mark.slow
@@ -253,7 +253,7 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(data_dir, tmp_
     tr.train(small_cfg(*cfg), data_dir, tmp_path / "straight")
     run = tmp_path / "run"
     tr.train(small_cfg(*cfg[1:], "max_steps=4"), data_dir, run)
-    weights = checkpoint.step_dir(run, 4) / "model.safetensors"
+    weights = ckptdir.step_dir(run, 4) / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-100] ^= 0xFF  # one flipped bit pattern in the tensor data: loads fine, but wrong
     weights.write_bytes(bytes(data))
@@ -264,18 +264,18 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(data_dir, tmp_
     assert "resumed from step_00000003" in out
     assert losses(run) == losses(tmp_path / "straight")
     (run / "checkpoints" / "latest").unlink()  # a missing pointer: the newest that verifies
-    assert checkpoint.latest(run).name == "step_00000006"
+    assert ckptdir.latest(run).name == "step_00000006"
     (run / "checkpoints" / "latest").write_text("../../elsewhere\n")
     with pytest.raises(
-        checkpoint.CheckpointError, match="names '../../elsewhere', not a step_NNNNNNNN directory"
+        ckptdir.CheckpointError, match="names '../../elsewhere', not a step_NNNNNNNN directory"
     ):
-        checkpoint.latest(run)
+        ckptdir.latest(run)
 
 
 def test_diverged_weights_are_never_called_good(data_dir, tmp_path, monkeypatch):
     with pytest.raises(tr.TrainingError, match="diverged_step_00000001 .last good checkpoint: none"):
         tr.train(small_cfg("max_lr=1e9", "ckpt_every=1", "max_steps=6"), data_dir, tmp_path / "blowup")
-    assert checkpoint.latest(tmp_path / "blowup") is None
+    assert ckptdir.latest(tmp_path / "blowup") is None
     assert (tmp_path / "blowup" / "checkpoints" / "diverged_step_00000001").is_dir()  # kept, never resumed
     real, calls = tr.Trainer.forward_backward, {"n": 0}
 
@@ -288,7 +288,7 @@ def test_diverged_weights_are_never_called_good(data_dir, tmp_path, monkeypatch)
         tr.TrainingError, match="loss is 1000000.0 at step 3.*last good checkpoint: .*step_00000002"
     ):
         tr.train(small_cfg("ckpt_every=1", "max_steps=6"), data_dir, tmp_path / "late")
-    assert checkpoint.latest(tmp_path / "late").name == "step_00000002"
+    assert ckptdir.latest(tmp_path / "late").name == "step_00000002"
 
 
 def test_verify_data_checks_the_shards_against_the_manifest(data_dir, tmp_path):
@@ -315,7 +315,7 @@ def test_sigterm_checkpoints_and_resumes(data_dir, tmp_path):
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, out
     assert "stopping at step" in out and "(signal)" in out
-    done = json.loads((checkpoint.latest(tmp_path) / "state.json").read_text())["step"]
+    done = json.loads((ckptdir.latest(tmp_path) / "state.json").read_text())["step"]
     assert 3 <= done < 400
     proc = launch(*args[:-2], "max_steps=" + str(done + 2), "--resume")
     out = proc.communicate(timeout=120)[0]
@@ -362,8 +362,8 @@ def test_two_process_gloo_matches_one_process(data_dir, tmp_path, mode, one_proc
         r["acc_norm"] for r in hs_one
     ]
     # the 2-rank checkpoint (under FSDP a shard per rank) loads whole in one process
-    a = checkpoint.load_model(one_run).state_dict()
-    b = checkpoint.load_model(tmp_path / "two").state_dict()
+    a = gathered.load_model(one_run).state_dict()
+    b = gathered.load_model(tmp_path / "two").state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
 
 
@@ -401,7 +401,7 @@ def test_compiled_training_with_val_hellaswag_and_sampling(data_dir, tmp_path, e
 @pytest.mark.slow
 def test_plot_writes_a_png(data_dir, tmp_path):
     pytest.importorskip("matplotlib")
-    from gpt2repro.plot import plot_run
+    from gpt2repro.training.plot import plot_run
 
     tr.train(small_cfg("max_steps=3", "val_every=1", "val_steps=1"), data_dir, tmp_path)
     out = plot_run(tmp_path)
@@ -410,7 +410,7 @@ def test_plot_writes_a_png(data_dir, tmp_path):
 
 def test_the_fineweb_val_loss_is_drawn_only_beside_fineweb_runs(run_dir):
     """GPT-2's 3.29 is a FineWeb-EDU val loss: a Tiny Shakespeare run gets no such line."""
-    from gpt2repro.plot import GPT2_124M_VAL_LOSS, loss_references, read_metrics
+    from gpt2repro.training.plot import GPT2_124M_VAL_LOSS, loss_references, read_metrics
 
     events = read_metrics(run_dir)
     assert any("tinyshakespeare" in s for s in events["data"][0]["sources"])
@@ -479,16 +479,16 @@ def test_two_node_launch_on_one_machine_matches_one_process(data_dir, tmp_path):
 def _as_written_before_compile_was_a_bool(run, value: str) -> None:
     """Rewrite a run as the code before this change wrote it: "compile" a string in its config.json
     and its checkpoints' (their sha256s and manifests as that code recorded them)."""
-    from gpt2repro.fsio import sha256_file
+    from gpt2repro.files.fsio import sha256_file
 
-    for path in [run / "config.json", *(d / "config.json" for d in checkpoint.all_steps(run))]:
+    for path in [run / "config.json", *(d / "config.json" for d in ckptdir.all_steps(run))]:
         saved = json.loads(path.read_text())
         path.write_text(json.dumps({**saved, "compile": value}, indent=2, sort_keys=True))
-    for ckpt in checkpoint.all_steps(run):
+    for ckpt in ckptdir.all_steps(run):
         state = json.loads((ckpt / "state.json").read_text())
         state["sha256"]["config.json"] = sha256_file(ckpt / "config.json")
         (ckpt / "state.json").write_text(json.dumps(state))
-        checkpoint.write_manifest(ckpt, {**state["sha256"], "state.json": sha256_file(ckpt / "state.json")})
+        ckptdir.write_manifest(ckpt, {**state["sha256"], "state.json": sha256_file(ckpt / "state.json")})
 
 
 @pytest.mark.slow
@@ -499,8 +499,8 @@ def test_runs_written_before_compile_became_a_bool_still_work(data_dir, tmp_path
     run = tmp_path / "run"
     tr.train(small_cfg("max_steps=2"), data_dir, run)
     _as_written_before_compile_was_a_bool(run, value)
-    assert checkpoint.read_config(checkpoint.latest(run)).compile is (value != "false")
-    assert checkpoint.verify(checkpoint.latest(run))["step"] == 2
+    assert gathered.read_config(ckptdir.latest(run)).compile is (value != "false")
+    assert ckptdir.verify(ckptdir.latest(run))["step"] == 2
     tr.train(small_cfg("max_steps=3"), data_dir, run)  # resume
     assert sorted(losses(run)) == [0, 1, 2]
     _as_written_before_compile_was_a_bool(run, value)
@@ -519,7 +519,7 @@ def test_runs_written_before_compile_became_a_bool_still_work(data_dir, tmp_path
 
 
 def test_lr_schedule_on_the_time_clock():
-    from gpt2repro.optim import lr_at, schedule_position
+    from gpt2repro.training.optim import lr_at, schedule_position
 
     cfg = train_config(
         "cpu-tiny", ["max_steps=100", "warmup_steps=10", "schedule_clock=time", "time_budget=50"]
@@ -536,7 +536,7 @@ def test_lr_schedule_on_the_time_clock():
 
 
 def test_the_training_clock_counts_training_only():
-    from gpt2repro.clock import TrainingClock
+    from gpt2repro.training.clock import TrainingClock
 
     cfg = train_config("cpu-tiny", ["schedule_clock=time", "time_budget=10"])
     clock = TrainingClock(cfg, DistInfo(0, 0, 1, torch.device("cpu")), torch.device("cpu"))
@@ -581,7 +581,7 @@ def test_a_host_that_slows_down_still_finishes_the_schedule_inside_its_budget(
     _HostClock(monkeypatch, after=3, slow=0.2)
     stop_after(monkeypatch, 6)
     tr.train(cfg, data_dir, tmp_path)
-    saved = json.loads((checkpoint.latest(tmp_path) / "state.json").read_text())
+    saved = json.loads((ckptdir.latest(tmp_path) / "state.json").read_text())
     assert saved["step"] == 6 and saved["train_seconds"] == pytest.approx(3 * 0.05 + 3 * 0.2)
     summary = tr.train(cfg, data_dir, tmp_path)
     steps = events(tmp_path, "train")
@@ -591,9 +591,9 @@ def test_a_host_that_slows_down_still_finishes_the_schedule_inside_its_budget(
     assert summary["train_seconds"] <= budget  # inside the budget
     min_lr, max_lr = cfg.max_lr * cfg.min_lr_ratio, cfg.max_lr
     assert steps[-1]["lr"] < min_lr + 0.05 * (max_lr - min_lr)  # the decay ran to (nearly) its end
-    finished = checkpoint.latest(tmp_path).name
+    finished = ckptdir.latest(tmp_path).name
     tr.train(cfg, data_dir, tmp_path)  # run again: the schedule is complete, nothing more is trained
-    assert len(events(tmp_path, "train")) == len(steps) and checkpoint.latest(tmp_path).name == finished
+    assert len(events(tmp_path, "train")) == len(steps) and ckptdir.latest(tmp_path).name == finished
     lrs = [r["lr"] for r in steps]
     peak = lrs.index(max(lrs))
     assert 0 < peak < len(lrs) - 1 and lrs[:peak] == sorted(lrs[:peak])

@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 from .cliargs import build_parser
-from .config import RANGES, ConfigError
+from .config.presets import TRAIN_PRESETS
+from .config.schema import RANGES, ConfigError
 from .errors import UserError
-from .presets import TRAIN_PRESETS
 
 SIGPIPE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
 
@@ -31,9 +31,9 @@ def _stdout_closed() -> bool:
 
 
 def _load(args, device):
-    from .checkpoint import load_model
-    from .hf import load_hf
-    from .precision import enable_tf32
+    from .checkpoint.gathered import load_model
+    from .interop.hf import load_hf
+    from .model.precision import enable_tf32
 
     enable_tf32(device)
 
@@ -79,21 +79,21 @@ def _prepare_chat(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from .presets import train_config
+    from .config.presets import train_config
 
     overrides = args.overrides + (["resume=require"] if args.resume else [])
     cfg = train_config(args.preset, overrides, args.config)
     if cfg.model.chat:  # conversations, the masked loss
-        from .sft import train
+        from .training.sft import train
     else:
-        from .train import train
+        from .training.train import train
     train(cfg, args.data, args.out)
 
 
 def cmd_sample(args) -> None:
-    from .distributed import pick_device
-    from .generate import sample_text
-    from .precision import torch_dtype
+    from .generation.generate import sample_text
+    from .model.precision import torch_dtype
+    from .parallel.distributed import pick_device
 
     device = pick_device(args.device)
     model = _load(args, device).to(torch_dtype(args.weight_dtype))
@@ -104,9 +104,9 @@ def cmd_sample(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    from .chat_cli import run
-    from .distributed import pick_device
-    from .precision import torch_dtype
+    from .generation.chat_cli import run
+    from .model.precision import torch_dtype
+    from .parallel.distributed import pick_device
 
     model = _load(args, pick_device(args.device)).to(torch_dtype(args.weight_dtype))
     sampling = dict(
@@ -120,7 +120,7 @@ def cmd_serve(args) -> None:
         raise UserError("--max-concurrency must be at least 1 and --port between 0 (any free one) and 65535")
     if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
         raise UserError("--max-tokens-limit must be at least 1")
-    from .distributed import pick_device
+    from .parallel.distributed import pick_device
     from .serve.run import model_name, serve, served_model, uvicorn_module
 
     uvicorn_module()  # the missing extra named before the model loads
@@ -138,22 +138,22 @@ def cmd_serve(args) -> None:
 def cmd_export(args) -> None:
     source, hf = (args.hf, True) if args.hf else (args.checkpoint, False)
     if args.format == "gguf":
-        from .gguf_export import export_gguf_source
+        from .interop.gguf_export import export_gguf_source
 
         out = export_gguf_source(source, args.out, args.outtype or "f32", hf=hf)
         print(f"exported to {out} (llama.cpp: llama-cli -m {out}; Ollama: FROM {out} in a Modelfile)")
         return
     if args.outtype is not None:
         raise UserError("--outtype applies to --format gguf only")
-    from .hf import export_checkpoint
+    from .interop.hf import export_checkpoint
 
     out = export_checkpoint(source, args.out, hf=hf)
     print(f"exported to {out} (load with transformers.GPT2LMHeadModel.from_pretrained)")
 
 
 def cmd_eval(args) -> None:
-    from .distributed import setup, teardown
     from .evals import report
+    from .parallel.distributed import setup, teardown
 
     info = setup(args.device)
     try:
@@ -210,7 +210,7 @@ def _core_bundle(args):
 
 
 def cmd_plot(args) -> None:
-    from .plot import plot_run
+    from .training.plot import plot_run
 
     print(f"wrote {plot_run(args.run_dir, args.out)}")
 
@@ -238,20 +238,20 @@ def cmd_bench(args) -> None:
 
 
 def cmd_verify(args) -> None:
-    from . import checkpoint
+    from .checkpoint import ckptdir
     from .data.shards import ShardError, verify_shards
 
     path = Path(args.path)
     run = path.parent if path.name == "checkpoints" else path
-    if checkpoint.is_checkpoint(path):  # RUN/checkpoints/step_N: it holds a manifest.json too
-        checked, problems = checkpoint.verify_each([path])
-        what, error = "1 checkpoint", checkpoint.CheckpointError
+    if ckptdir.is_checkpoint(path):  # RUN/checkpoints/step_N: it holds a manifest.json too
+        checked, problems = ckptdir.verify_each([path])
+        what, error = "1 checkpoint", ckptdir.CheckpointError
     elif (path / "manifest.json").is_file():
         checked, problems = verify_shards(path)
         what, error = f"{checked} shards", ShardError
     elif (run / "checkpoints").is_dir():
-        checked, problems = checkpoint.verify_run(run)
-        what, error = f"{checked} checkpoints", checkpoint.CheckpointError
+        checked, problems = ckptdir.verify_run(run)
+        what, error = f"{checked} checkpoints", ckptdir.CheckpointError
     else:
         raise UserError(
             f"{path}: neither a prepared data directory (manifest.json), a run directory (checkpoints/) "
@@ -267,8 +267,8 @@ def cmd_verify(args) -> None:
 
 
 def cmd_presets(args) -> None:
-    from .configfile import keys_table, to_toml
-    from .presets import train_config
+    from .config.configfile import keys_table, to_toml
+    from .config.presets import train_config
 
     if args.name and "=" in args.name:  # `presets --config F key=value`: no name, an override
         args.name, args.overrides = None, [args.name, *args.overrides]
@@ -286,7 +286,7 @@ def cmd_presets(args) -> None:
 
 
 def _list_presets() -> None:
-    from .presets import train_config
+    from .config.presets import train_config
 
     for name in TRAIN_PRESETS:
         c = train_config(name)

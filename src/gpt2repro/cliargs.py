@@ -7,8 +7,8 @@ import argparse
 
 from . import __version__
 from .bench.names import BASELINES, SIZES, TRAIN_MODES, WHAT
-from .config import DTYPE_NAMES
-from .presets import TRAIN_PRESETS
+from .config.presets import TRAIN_PRESETS
+from .config.schema import DTYPE_NAMES
 
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:

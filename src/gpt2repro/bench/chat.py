@@ -12,11 +12,11 @@ import statistics
 
 import torch
 
-from .. import chat
-from ..chat_session import ChatSession
-from ..config import model_config
-from ..model import GPT
-from ..tokenizer import EOT_ID
+from ..config.schema import model_config
+from ..generation.chat_session import ChatSession
+from ..model.gpt import GPT
+from ..text import chat
+from ..text.tokenizer import EOT_ID
 
 TURNS, USER, REPLY = 4, 24, 32  # 4 turns of 24 + 32 tokens fill ~240 of the 256 positions
 

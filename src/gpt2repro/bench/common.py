@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import GPTConfig
+from ..config.schema import GPTConfig
 from ..errors import UserError
-from ..precision import cpu_has_fast_bf16
+from ..model.precision import cpu_has_fast_bf16
 from .names import SIZES
 
 

@@ -8,10 +8,10 @@ import copy
 import torch
 
 from ..evals import hellaswag
-from ..generate import generate
-from ..mfu import median_time
-from ..model import GPT
-from ..precision import torch_dtype
+from ..generation.generate import generate
+from ..model.gpt import GPT
+from ..model.precision import torch_dtype
+from ..training.mfu import median_time
 from .common import bench_dtypes, size_config
 from .reference import core_one_at_a_time, hellaswag_one_at_a_time, hf_copy, original_generate
 
@@ -136,8 +136,8 @@ def core_bench_tasks(n_items: int) -> list:
     """CORE-shaped tasks from local data: HellaSwag validation rows as multiple choice, 0-shot and
     10-shot (CORE's hellaswag_zeroshot and hellaswag; fewer shots below 11 items), Tiny Shakespeare
     lines' last words as language modeling (LAMBADA's shape, 0-shot)."""
-    from .. import assets
     from ..evals.core_data import Task
+    from ..files import assets
 
     rows = hellaswag.load_examples(limit=n_items + 10)
     mc = [{"query": r["ctx"], "choices": r["endings"], "gold": r["label"]} for r in rows]

@@ -12,11 +12,11 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from .. import assets
+from ..config.presets import train_config
 from ..data.prepare import prepare
-from ..plot import read_metrics
-from ..presets import train_config
-from ..train import train
+from ..files import assets
+from ..training.plot import read_metrics
+from ..training.train import train
 
 LR_FACTORS = (0.5, 1.0, 2.0)
 

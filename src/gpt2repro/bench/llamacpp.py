@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from ..generate import generate
-from ..gguf_export import export_gguf
-from ..mfu import median_time
-from ..model import GPT
-from ..precision import torch_dtype
+from ..generation.generate import generate
+from ..interop.gguf_export import export_gguf
+from ..model.gpt import GPT
+from ..model.precision import torch_dtype
+from ..training.mfu import median_time
 from .common import BenchError, bench_dtypes, size_config
 
 PROMPT_TOKENS = 128

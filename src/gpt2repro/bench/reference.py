@@ -11,11 +11,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import GPTConfig
+from ..config.schema import GPTConfig
 from ..evals.hellaswag import render
-from ..hf import export_hf
-from ..model import GPT
-from ..precision import autocast
+from ..interop.hf import export_hf
+from ..model.gpt import GPT
+from ..model.precision import autocast
 
 
 class RefBlock(nn.Module):

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 
-from .. import assets
-from ..config import recompute_interval
+from ..config.schema import recompute_interval
 from ..data.prepare import prepare
-from ..distributed import pick_device
-from ..fsio import atomic_write_text
-from ..mfu import Peak, gemm_flops, median_time, synchronize
-from ..model import GPT
-from ..precision import autocast, enable_tf32, torch_dtype
+from ..files import assets
+from ..files.fsio import atomic_write_text
+from ..model.gpt import GPT
+from ..model.precision import autocast, enable_tf32, torch_dtype
+from ..parallel.distributed import pick_device
+from ..training.mfu import Peak, gemm_flops, median_time, synchronize
 from .chat import bench_chat
 from .common import BenchError, bench_dtypes, machine_info, size_config, table
 from .inference import bench_core, bench_generate, bench_hellaswag

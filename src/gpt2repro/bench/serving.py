@@ -14,10 +14,10 @@ import urllib.request
 
 import torch
 
-from ..model import GPT
+from ..model.gpt import GPT
 from ..serve.app import create_app
 from ..serve.run import ServerThread, served_model
-from ..tokenizer import EOT_ID
+from ..text.tokenizer import EOT_ID
 from .common import size_config
 
 CLIENTS = (1, 4, 16)

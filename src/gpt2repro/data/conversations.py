@@ -12,8 +12,10 @@ conversation, so a conversation never continues across rows, and real tokens nev
 context (it only comes after them). A conversation longer than `seq_len` is truncated to it (counted
 as truncated), or, when that leaves no assistant token, left out (counted as too long). A shard is
 whole rows plus one padding token (the loader reads B*T+1 tokens a batch); beside `train_000001.bin`,
-`train_000001.mask` holds one byte per token, 1 where the token is learned. The first rows, at least
-`val_tokens` of them, are the `val` split: held-out conversations.
+`train_000001.mask` holds one byte per token, 1 where the token is learned, and the shard's entry in
+the manifest lists where each of its conversations lies (`conversations`: [offset, length] in
+tokens), so nothing after the packer has to find them again. The first rows, at least `val_tokens`
+of them, are the `val` split: held-out conversations.
 
 A bad record (not JSON, none of the layouts, unknown role, missing content, empty, an assistant
 turn first) stops the preparation with one line naming the file and line, or with `skip_bad` is
@@ -32,10 +34,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..chat import ChatError, render_with_mask
-from ..fsio import AtomicFile, WriteError, sha256_file
-from ..lock import DirLock
-from ..tokenizer import EOT_ID
+from ..files.fsio import AtomicFile, WriteError, sha256_file
+from ..files.lock import DirLock
+from ..text.chat import ChatError, render_with_mask
+from ..text.tokenizer import EOT_ID
 from .records import file_records, stream_records
 from .shards import ShardError, ShardWriter, mask_path, shard_name
 from .sink import empty_split, finished, make_out_dir, open_manifest, refused_write, write_manifest
@@ -115,9 +117,10 @@ class Packer:
         self.seq_len, self.counts = seq_len, counts
         self.ids: list[int] = []
         self.mask: list[int] = []
+        self.spans: list[list[int]] = []  # [offset, length] of each conversation of the row
         self.placed = {"conversations": 0, "truncated": 0}  # of the row being filled: counted with it
 
-    def add(self, ids: list[int], mask: list[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def add(self, ids: list[int], mask: list[int]) -> Iterator[tuple[np.ndarray, np.ndarray, list]]:
         """Place a conversation; yields the row it closes first, if any. One rule for what has
         nothing to learn: left out and counted, as `no_reply` (no assistant turn at all) or
         `too_long` (truncation cut off every assistant token)."""
@@ -134,11 +137,12 @@ class Packer:
             yield self.flush()
         self.placed["truncated"] += truncated
         self.placed["conversations"] += 1
+        self.spans.append([len(self.ids), len(ids)])
         self.ids += ids
         self.mask += mask
 
-    def flush(self) -> tuple[np.ndarray, np.ndarray]:
-        """The row being filled, padded; its counts join the totals."""
+    def flush(self) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
+        """The row being filled, padded, and where its conversations lie; its counts join the totals."""
         pad = self.seq_len - len(self.ids)
         row = np.array(self.ids + [EOT_ID] * pad, dtype=np.uint16)
         mask = np.array(self.mask + [0] * pad, dtype=np.uint8)
@@ -146,8 +150,9 @@ class Packer:
             self.counts[key] += n
         self.counts["rows"] += 1
         self.counts["trained_tokens"] += int(mask[1:].sum())
-        self.ids, self.mask, self.placed = [], [], dict.fromkeys(self.placed, 0)
-        return row, mask
+        spans, self.ids, self.mask, self.spans = self.spans, [], [], []
+        self.placed = dict.fromkeys(self.placed, 0)
+        return row, mask, spans
 
     @property
     def pending(self) -> bool:
@@ -164,6 +169,7 @@ class RowSink:
         self.rows = manifest["counts"]["rows"]  # rows committed
         self.shard: tuple[ShardWriter, AtomicFile] | None = None
         self.split, self.target, self.in_shard = "", 0, 0
+        self.spans: list[list[int]] = []  # the shard's conversations: [offset, length] in tokens
 
     @property
     def done(self) -> bool:
@@ -178,13 +184,15 @@ class RowSink:
         )
         self.target = min(size, self.max_rows - self.rows) if self.max_rows else size
         path = self.out / shard_name(self.split, len(self.manifest["shards"]) // 2)
-        self.shard, self.in_shard = (ShardWriter(path), AtomicFile(mask_path(path))), 0
+        self.shard, self.in_shard, self.spans = (ShardWriter(path), AtomicFile(mask_path(path))), 0, []
 
-    def write(self, row: np.ndarray, mask: np.ndarray) -> bool:
-        """Append a row; whether that filled the shard (the caller then commits it)."""
+    def write(self, row: np.ndarray, mask: np.ndarray, spans: list[list[int]]) -> bool:
+        """Append a row and its conversations' spans; whether that filled the shard (the caller then
+        commits it)."""
         if self.shard is None:
             self._open()
         tokens, masks = self.shard
+        self.spans += [[self.in_shard * len(row) + offset, length] for offset, length in spans]
         tokens.write(row)
         masks.file.write(mask.tobytes())
         self.in_shard += 1
@@ -200,7 +208,8 @@ class RowSink:
             path, mpath = tokens.commit(), masks.commit()
             entry = {"split": self.split, "tokens": tokens.count}
             self.manifest["shards"] += [
-                {"file": path.name, **entry, "sha256": sha256_file(path), "mask": mpath.name},
+                {"file": path.name, **entry, "sha256": sha256_file(path), "mask": mpath.name}
+                | {"conversations": self.spans},
                 {"file": mpath.name, **entry, "sha256": sha256_file(mpath)},
             ]
             self.manifest["total_tokens"] += tokens.count
@@ -239,8 +248,8 @@ def _pack(records: Iterator, layout: str, skip_bad: bool, packer: Packer, sink: 
             except ChatError as e:
                 _bad(counts, where, e, skip_bad)
             else:
-                for row, row_mask in packer.add(ids, mask):
-                    if sink.write(row, row_mask):
+                for row in packer.add(ids, mask):
+                    if sink.write(*row):
                         sink.commit({"record": counts["records"]}, json.loads(json.dumps(counts)))
             counts["records"] += 1
             bar.update(1)
@@ -352,3 +361,22 @@ def data_seq_len(data_dir: str | os.PathLike) -> int | None:
     if not isinstance(manifest.get("seq_len"), int):
         raise ShardError(f"{Path(data_dir) / 'manifest.json'}: conversation data without a seq_len")
     return manifest["seq_len"]
+
+
+def conversation_spans(data_dir: str | os.PathLike, split: str) -> list[tuple[Path, list[list[int]]]]:
+    """Each shard of a split of conversation data with its conversations' [offset, length] in
+    tokens, as the packer placed them. Data prepared before they were recorded is refused."""
+    path = Path(data_dir) / "manifest.json"
+    try:
+        entries = [e for e in json.loads(path.read_text())["shards"] if "mask" in e and e["split"] == split]
+        spans = [(Path(data_dir) / e["file"], e.get("conversations")) for e in entries]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ShardError(
+            f"{path}: no readable manifest of conversation shards ({type(e).__name__})"
+        ) from None
+    if any(s is None for _, s in spans):
+        raise ShardError(
+            f"{path}: prepared by an earlier version that did not record where its conversations lie; "
+            "prepare it again (`gpt2repro prepare --chat`, a new output directory)"
+        )
+    return spans

@@ -22,9 +22,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..fsio import publish_copy, sha256_file
-from ..lock import DirLock
-from ..tokenizer import EOT_ID, N_VOCAB
+from ..files.fsio import publish_copy, sha256_file
+from ..files.lock import DirLock
+from ..text.tokenizer import EOT_ID, N_VOCAB
 from .shards import HEADER_BYTES, read_shard, shard_name, write_shard
 from .sink import drop_unlisted, finished, make_out_dir, read_manifest, write_manifest
 from .sources import PrepareError, brief, hub_unreachable

@@ -21,9 +21,9 @@ from collections.abc import Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..fsio import WriteError
-from ..lock import DirLock
-from ..tokenizer import EOT_ID, get_tokenizer
+from ..files.fsio import WriteError
+from ..files.lock import DirLock
+from ..text.tokenizer import EOT_ID, get_tokenizer
 from .hubshards import HF_SHARDS, fetch_shards, is_hub_shards
 from .sink import ShardSink, finished, make_out_dir, open_manifest, refused_write
 from .sources import (

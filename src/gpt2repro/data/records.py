@@ -11,8 +11,8 @@ import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
-from .. import jsonio
-from ..chat import ChatError
+from ..files import jsonio
+from ..text.chat import ChatError
 from .sources import PrepareError, Stream, brief, iter_stream
 
 CHAT_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import jsonio
 from ..errors import UserError
-from ..fsio import AtomicFile, sha256_file
+from ..files import jsonio
+from ..files.fsio import AtomicFile, sha256_file
 
 MAGIC = 20240520
 VERSION = 1

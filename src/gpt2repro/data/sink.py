@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__, assets
-from ..fsio import WriteError, atomic_write_text, sha256_file
+from .. import __version__
+from ..files import assets
+from ..files.fsio import WriteError, atomic_write_text, sha256_file
 from .shards import ShardWriter, shard_name
 from .sources import PrepareError
 

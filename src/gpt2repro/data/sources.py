@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-from .. import jsonio
 from ..errors import UserError
+from ..files import jsonio
 
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
 FINEWEB_TOKENS = {

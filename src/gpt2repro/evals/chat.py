@@ -12,16 +12,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import chat
-from ..chat_session import greedy_reply, require_chat_model
-from ..data.conversations import data_seq_len
+from ..data.conversations import conversation_spans, data_seq_len
 from ..data.loader import DataLoader
 from ..data.shards import ShardError, find_shards, read_shard
 from ..errors import UserError
-from ..model import GPT
-from ..tokenizer import EOT_ID
-
-OPENERS = (chat.TOKEN_IDS[chat.SYSTEM_START], chat.TOKEN_IDS[chat.USER_START])
+from ..generation.chat_session import greedy_reply, require_chat_model
+from ..model.gpt import GPT
+from ..text import chat
 
 
 def _seq_len(data_dir) -> int:
@@ -32,18 +29,12 @@ def _seq_len(data_dir) -> int:
 
 
 def conversations(data_dir, split: str = "val") -> list[list[int]]:
-    """The conversations of a split, as token ids: each starts at an <|endoftext|> that opens a
-    turn (padding is <|endoftext|> followed by padding or the row's end)."""
-    seq_len = _seq_len(data_dir)
+    """The conversations of a split, as token ids, where the packer recorded them in the manifest."""
+    _seq_len(data_dir)
     out = []
-    for shard in find_shards(data_dir, split):
-        for row in np.asarray(read_shard(shard))[:-1].reshape(-1, seq_len).tolist():
-            starts = [i for i in range(len(row) - 1) if row[i] == EOT_ID and row[i + 1] in OPENERS]
-            for start, end in zip(starts, [*starts[1:], len(row)]):
-                conversation = row[start:end]
-                while conversation[-1] == EOT_ID:  # the row's padding
-                    conversation.pop()
-                out.append(conversation)
+    for shard, spans in conversation_spans(data_dir, split):
+        tokens = read_shard(shard)
+        out += [np.asarray(tokens[offset : offset + length]).tolist() for offset, length in spans]
     return out
 
 

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import precision
-from ..config import TrainConfig
-from ..distributed import DistInfo, all_reduce_sum, stop_together
-from ..model import GPT
-from ..tokenizer import get_tokenizer
+from ..config.schema import TrainConfig
+from ..model import precision
+from ..model.gpt import GPT
+from ..parallel.distributed import DistInfo, all_reduce_sum, stop_together
+from ..text.tokenizer import get_tokenizer
 from .core_data import GPT2_CORE, CoreError, Task, load_bundle
 from .packing import Tree, score_trees
 

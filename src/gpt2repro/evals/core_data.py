@@ -17,8 +17,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import assets, jsonio
 from ..errors import UserError
+from ..files import assets, jsonio
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 SHUFFLE_SEED = 1337

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from .. import chat
 from ..errors import UserError
-from ..generate import generate
-from ..model import GPT
-from ..precision import autocast
-from ..tokenizer import EOT_ID, get_tokenizer
+from ..generation.generate import generate
+from ..model.gpt import GPT
+from ..model.precision import autocast
+from ..text import chat
+from ..text.tokenizer import EOT_ID, get_tokenizer
 from .hellaswag import harness_pair
 
 

@@ -23,11 +23,12 @@ from typing import NamedTuple
 
 import torch
 
-from .. import assets, jsonio, precision
-from ..distributed import all_reduce_sum
 from ..errors import UserError
-from ..model import GPT
-from ..tokenizer import get_tokenizer
+from ..files import assets, jsonio
+from ..model import precision
+from ..model.gpt import GPT
+from ..parallel.distributed import all_reduce_sum
+from ..text.tokenizer import get_tokenizer
 
 STYLES = ("completion", "harness")
 FIELDS = ("ctx", "ctx_a", "ctx_b", "activity_label", "endings", "label")

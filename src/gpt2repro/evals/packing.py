@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..model import GPT
+from ..model.gpt import GPT
 
 LM_HEAD_ROWS = 512  # scored positions per lm_head chunk: bounded memory for any batch or model size
 

@@ -8,9 +8,9 @@ import json
 import os
 from pathlib import Path
 
-from ..distributed import DistInfo
-from ..fsio import WriteError, atomic_write_text
-from ..model import GPT
+from ..files.fsio import WriteError, atomic_write_text
+from ..model.gpt import GPT
+from ..parallel.distributed import DistInfo
 from .chat import evaluate as evaluate_chat
 from .chat import summary as chat_summary
 from .harness import run_harness

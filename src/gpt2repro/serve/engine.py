@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kvcache import KVCache
-from ..model import GPT
-from ..sampling import Sampling, draw, ends_reply
+from ..generation.sampling import Sampling, draw, ends_reply
+from ..model.gpt import GPT
+from ..model.kvcache import KVCache
 
 
 @dataclass

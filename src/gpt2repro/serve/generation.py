@@ -12,8 +12,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from ..sampling import Sampling, ends_reply
-from ..tokentext import Piece, TextStream, logprobs_object, pieces_of
+from ..generation.sampling import Sampling, ends_reply
+from ..text.tokentext import Piece, TextStream, logprobs_object, pieces_of
 from .engine import Engine, Job, TokenInfo
 from .protocol import APIError, Params
 

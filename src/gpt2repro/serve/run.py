@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..model import GPT
-from ..tokenizer import get_tokenizer
+from ..model.gpt import GPT
+from ..text.tokenizer import get_tokenizer
 from .engine import Engine
 from .generation import Served
 from .protocol import APIError
@@ -38,7 +38,7 @@ def chat_format(config) -> ChatFormat | None:
     """The chat format of a chat model (`chat.py`, issue #23); None for a base model."""
     if not getattr(config, "chat", False):
         return None
-    from .. import chat
+    from ..text import chat
 
     def render(messages: list[dict]) -> list[int]:
         try:  # the replies come back as text: whatever they spell, they are ordinary tokens

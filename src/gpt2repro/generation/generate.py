@@ -1,0 +1,122 @@
+"""Autoregressive sampling with a preallocated KV cache, through the one sampler (`sampling`).
+
+Generation stops when the sequence reaches the model's block_size (the returned tensor is then
+shorter than prompt + max_new_tokens); it never silently crops context, so cached and recomputed
+decoding always see the same tokens. `sample_tokens` (the `sample` command and the in-loop samples)
+draws row i with seed + i, as the server draws choice i, and ends each row at its first token that is
+not text (`sampling.ends_reply`)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.gpt import GPT
+from ..model.kvcache import KVCache
+from .sampling import GenerateError, Sampling, draw, draw_rows, ends_reply, filter_logits
+
+__all__ = ["GenerateError", "filter_logits", "generate", "prompt_tokens", "sample_text", "sample_tokens"]
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    generators: list[torch.Generator] | None = None,
+    until_end: bool = False,
+) -> torch.Tensor:
+    """Extend idx (B, T) by up to max_new_tokens; temperature=0 is greedy decoding. With `generators`,
+    row i is drawn with generators[i] alone; with `until_end`, decoding stops once every row has drawn
+    a token that ends a reply (the rows are not cut: see `sample_tokens`)."""
+    was_training = model.training
+    model.eval()
+    steps = min(max_new_tokens, model.config.block_size - idx.size(1))
+    if steps < 0:
+        raise ValueError(f"prompt of {idx.size(1)} tokens exceeds block_size={model.config.block_size}")
+    sampling = Sampling(temperature, top_k, 1.0 if top_p is None else top_p)
+    ended = torch.zeros(idx.size(0), dtype=torch.bool)
+    cache = None
+    if use_cache:
+        dtype = model.transformer.wte.weight.dtype
+        cache = KVCache.empty(model.config, idx.size(0), idx.device, dtype)
+        logits = model.logits(model.hidden(idx, cache)[:, -1])
+    for i in range(steps):
+        if not use_cache:
+            logits = model.logits(model.hidden(idx)[:, -1])
+        tok = draw_rows(logits, sampling, generators) if generators else draw(logits, sampling, generator)
+        idx = torch.cat([idx, tok], dim=1)
+        if until_end:
+            ended |= torch.tensor([ends_reply(t) for t in tok[:, 0].tolist()])
+            if bool(ended.all()):
+                break
+        if use_cache and i + 1 < steps:
+            logits = model.logits(model.hidden(tok, cache)[:, -1])
+    model.train(was_training)
+    return idx
+
+
+def encode_prompt(prompt: str) -> list[int]:
+    """A prompt as plain text; text spelling a special token is refused, as in chat messages (the
+    one rule of every prompt: README, "Special tokens in prompts")."""
+    from ..text.chat import spelled_special
+    from ..text.tokenizer import get_tokenizer
+
+    spelled = spelled_special(prompt)
+    if spelled:
+        raise GenerateError(
+            f"the prompt contains the special token {spelled}: prompts are plain text, and text that "
+            "spells a special token is refused rather than read as the token"
+        )
+    return get_tokenizer().encode_ordinary(prompt)
+
+
+def prompt_tokens(prompt: str, block_size: int) -> list[int]:
+    """The prompt's tokens, if there are some and room after them to generate."""
+    ids = encode_prompt(prompt)
+    if not ids:
+        raise GenerateError("the prompt is empty")
+    if len(ids) >= block_size:
+        raise GenerateError(f"the prompt is {len(ids)} tokens; this model's block_size is {block_size}")
+    return ids
+
+
+def sample_tokens(
+    model: GPT, prompt_ids: list[int], n: int, max_new_tokens: int, sampling: Sampling
+) -> list[list[int]]:
+    """n continuations of `prompt_ids` (row i drawn with seed + i), each ending before its first token
+    that is not text."""
+    sampling.check()
+    if n < 1 or max_new_tokens < 1:
+        raise GenerateError(f"n and max_new_tokens must be at least 1, got {n} and {max_new_tokens}")
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt_ids] * n, dtype=torch.long, device=device)
+    gens = [sampling.generator(device, i) for i in range(n)]
+    out = generate(model, idx, max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p,
+                   generators=gens, until_end=True)  # fmt: skip
+    rows = [row[len(prompt_ids) :].tolist() for row in out]
+    return [row[: next((j for j, t in enumerate(row) if ends_reply(t)), len(row))] for row in rows]
+
+
+def sample_text(
+    model: GPT,
+    prompt: str,
+    n: int = 4,
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    top_k: int | None = 50,
+    seed: int = 42,
+    top_p: float = 1.0,
+) -> list[str]:
+    """n samples continuing `prompt` (the prompt included), reproducible for a seed (the original's
+    top-50 sampling by default)."""
+    from ..text.tokenizer import get_tokenizer
+
+    enc = get_tokenizer()
+    prompt_ids = prompt_tokens(prompt, model.config.block_size)
+    rows = sample_tokens(model, prompt_ids, n, max_new_tokens, Sampling(temperature, top_k, top_p, seed))
+    return [enc.decode(prompt_ids + row) for row in rows]

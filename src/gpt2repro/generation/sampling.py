@@ -1,0 +1,89 @@
+"""How every entry point draws a token, and where a reply ends: one sampler and one rule for `sample`,
+the in-loop samples, `chat` and its `ChatSession`, the SFT samples, `eval chat`'s greedy replies, the
+server's engine and the exported `generation_config.json`.
+
+The sampler: logits divided by `temperature` (0: the most likely token), then only the `top_k` most
+likely tokens (None or 0: all), then the smallest set whose probability reaches `top_p` (the token
+that crosses it included), drawn with a generator seeded by `seed` (choice or row i of a request:
+`seed + i`). The rule: a reply (or a continuation) ends at the first token that is not text, i.e.
+`<|endoftext|>` or any chat token (every id from 50256 up); that token is not part of the reply.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from ..text.tokenizer import EOT_ID
+
+
+class GenerateError(UserError, ValueError):
+    """Sampling arguments that cannot work (empty or too long a prompt, a bad count); one line."""
+
+
+def ends_reply(token: int) -> bool:
+    """Whether `token` ends a reply: it is not text (<|endoftext|> or a chat token)."""
+    return token >= EOT_ID
+
+
+def end_ids(vocab_size: int) -> list[int]:
+    """Every id of a vocabulary that ends a reply (what generation_config.json lists as eos)."""
+    return list(range(EOT_ID, vocab_size))
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The settings of one sampler, the same meaning everywhere (see the module's docstring)."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    seed: int = 42
+
+    def check(self) -> Sampling:
+        """self, or a GenerateError naming the setting that cannot work."""
+        problems = [
+            (0 <= self.temperature < math.inf, f"temperature must be a finite number >= 0, got {self.temperature}"),
+            (self.top_k is None or self.top_k >= 0, f"top_k must be at least 0 (0: no limit), got {self.top_k}"),
+            (0 < self.top_p <= 1, f"top_p must be above 0 and at most 1, got {self.top_p}"),
+            (-(2**63) <= self.seed < 2**64, f"the seed must fit in 64 bits, got {self.seed}"),
+        ]  # fmt: skip
+        for ok, problem in problems:
+            if not ok:
+                raise GenerateError(problem)
+        return self
+
+    def generator(self, device, index: int = 0) -> torch.Generator:
+        """The generator of row or choice `index`: seeded with seed + index."""
+        return torch.Generator(device=device).manual_seed((self.seed + index) % 2**64)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Set everything outside the top-k / nucleus (top-p) to -inf. logits: (B, V)."""
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def draw(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """The next token of each row of `logits` (B, V): (B, 1)."""
+    if sampling.temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    scaled = filter_logits(logits.float() / sampling.temperature, sampling.top_k, sampling.top_p)
+    return torch.multinomial(F.softmax(scaled, dim=-1), 1, generator=generator)
+
+
+def draw_rows(logits: torch.Tensor, sampling: Sampling, generators: list[torch.Generator]) -> torch.Tensor:
+    """Row i drawn with generators[i] alone, as that row would be drawn in a batch of one: (B, 1)."""
+    return torch.cat([draw(logits[i : i + 1], sampling, g) for i, g in enumerate(generators)])

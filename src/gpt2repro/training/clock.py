@@ -1,0 +1,53 @@
+"""The training clock: how long a run has trained, evaluation, checkpoints and compilation excluded.
+
+It measures the time to a target (`target_val_loss`, `target_core`: "time to GPT-2" counts training
+only) and, with `schedule_clock=time`, drives the LR schedule: progress is max(step / max_steps,
+training seconds / time_budget), so a host that slows down mid-run still finishes warmup and decay
+inside the budget. Its state goes into every checkpoint, so a resumed run continues the same clock."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config.schema import TrainConfig
+from ..parallel.distributed import DistInfo, all_reduce_sum
+from .optim import schedule_position
+
+
+class TrainingClock:
+    def __init__(self, cfg: TrainConfig, info: DistInfo, device: torch.device):
+        self.cfg, self.info, self.device = cfg, info, device
+        self.train_seconds = 0.0
+        self.last_seconds = 0.0  # the last step's: will one more fit in time_budget?
+
+    def state(self) -> dict:
+        return {"train_seconds": self.train_seconds, "last_seconds": self.last_seconds}
+
+    def load(self, state: dict) -> None:
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.last_seconds = float(state.get("last_seconds", 0.0))
+
+    def tick(self, seconds: float, compiling: bool) -> None:
+        """Count one optimizer step's seconds, unless it compiled the model (compilation is not
+        training). Under schedule_clock=time, the ranks' mean: every rank takes the same LR and
+        stops at the same step (each rank takes the same branch: no collective is left waiting)."""
+        if compiling:
+            return
+        if self.cfg.schedule_clock == "time" and self.info.distributed:
+            seconds = all_reduce_sum([seconds], self.device)[0] / self.info.world_size
+        self.last_seconds = seconds
+        self.train_seconds += seconds
+
+    def position(self, step: int) -> float:
+        """Where the LR schedule is, in (possibly fractional) steps."""
+        return schedule_position(step, self.train_seconds, self.cfg)
+
+    def spent(self) -> bool:
+        """schedule_clock=time: one more step as long as the last would pass time_budget, so the
+        run ends inside it."""
+        cfg = self.cfg
+        return cfg.schedule_clock == "time" and self.train_seconds + self.last_seconds >= cfg.time_budget
+
+    def left(self) -> float | None:
+        """Seconds of the budget left (None on the step clock)."""
+        return self.cfg.time_budget - self.train_seconds if self.cfg.schedule_clock == "time" else None

@@ -1,0 +1,76 @@
+"""Where a run's numbers go: metrics.jsonl (one JSON object per event), samples.txt, the console,
+and optionally TensorBoard and Weights & Biases. Only the main rank writes; the others get a logger
+that does nothing, so the training loop never asks which rank it is on to log."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config.schema import ConfigError, TrainConfig
+from ..files.fsio import AppendFile
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, cfg: TrainConfig, enabled: bool):
+        self.enabled = enabled
+        # whole lines, cut off again when the disk refuses them (a WriteError names the file)
+        self.metrics = AppendFile(run_dir / "metrics.jsonl", "metrics") if enabled else None
+        self.samples = AppendFile(run_dir / "samples.txt", "samples") if enabled else None
+        self.tb = self.wandb = None
+        if enabled and cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError(
+                    "tensorboard=true needs the tensorboard package: pip install tensorboard"
+                ) from None
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+        if enabled and cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError("wandb=true needs the wandb package: pip install wandb") from None
+            self.wandb = wandb.init(project="gpt2repro", dir=str(run_dir), config=cfg.to_dict())
+
+    def print(self, line: str) -> None:
+        if self.enabled:
+            print(line, flush=True)
+
+    def log(self, event: str, step: int, **values) -> None:
+        if not self.enabled:
+            return
+        self.metrics.write(json.dumps({"event": event, "step": step, **values}) + "\n")
+        numbers = {f"{event}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}
+        if self.tb is not None:
+            for k, v in numbers.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=step)
+
+    def train_step(self, step: int, stats: dict, epoch: int, console: bool) -> None:
+        """One optimizer step: always to metrics.jsonl, to the console when `console`."""
+        self.log("train", step, **stats, epoch=epoch)
+        if console:
+            mfu = f" | mfu {100 * stats['mfu']:.1f}%" if stats["mfu"] is not None else ""
+            self.print(
+                f"step {step:6d} | loss {stats['loss']:.6f} | lr {stats['lr']:.4e} | norm {stats['grad_norm']:.4f} | "
+                f"dt {1000 * stats['dt']:.0f}ms | tok/s {stats['tok_per_s']:,.0f}{mfu} | eta {stats['eta_s'] / 60:.1f}min"
+            )
+
+    def sample(self, step: int, texts: list[str]) -> None:
+        if not self.enabled:
+            return
+        for text in texts:
+            self.samples.write(f"step {step}: {text!r}\n")
+            print(f"  sample: {text!r}")
+        self.log("sample", step, texts=texts)
+
+    def close(self) -> None:
+        for f in (self.metrics, self.samples):
+            if f is not None:
+                f.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
