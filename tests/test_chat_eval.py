@@ -93,3 +93,22 @@ def test_harness_applies_our_chat_template(chat_run_dir, run_dir, monkeypatch, l
             str(tasks),
             apply_chat_template=True,
         )
+
+
+def test_data_prepared_before_spans_were_recorded_is_refused_before_any_row_is_read(
+    chat_run_dir, tmp_path, monkeypatch
+):
+    import shutil
+
+    data = shutil.copytree(chat_run_dir.parent / "data", tmp_path / "data")
+    manifest = json.loads((data / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        entry.pop("spans", None)  # as an earlier version wrote it
+    (data / "manifest.json").write_text(json.dumps(manifest))
+
+    def no_loss_pass(*args):
+        raise AssertionError("the loss pass ran before the data was refused")
+
+    monkeypatch.setattr(chat_eval, "assistant_loss", no_loss_pass)
+    with pytest.raises(chat_eval.ShardError, match="did not record where its conversations lie"):
+        chat_eval.evaluate(load_model(chat_run_dir), data, limit=1, max_new_tokens=2)

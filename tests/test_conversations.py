@@ -9,10 +9,17 @@ import pytest
 import torch
 from helpers import assert_one_line_error
 
-from gpt2repro.data.conversations import conversation_spans, data_seq_len, prepare_conversations, to_messages
+from gpt2repro.data.conversations import data_seq_len, prepare_conversations, to_messages
 from gpt2repro.data.loader import DataLoader
 from gpt2repro.data.prepare import PrepareError
-from gpt2repro.data.shards import ShardError, find_shards, read_mask, read_shard, verify_shards
+from gpt2repro.data.shards import (
+    ShardError,
+    conversation_spans,
+    find_shards,
+    read_mask,
+    read_shard,
+    verify_shards,
+)
 from gpt2repro.evals import chat as chat_eval
 from gpt2repro.files.lock import DirLock
 from gpt2repro.text import chat
@@ -74,7 +81,7 @@ def test_every_layout_gives_exact_tokens_and_masks(tmp_path, enc):
     c = m["counts"]
     assert (c["records"], c["conversations"], c["rows"], c["bad"]) == (4, 4, 4, 0)
     assert c["trained_tokens"] == int(masks[:, 1:].sum())
-    assert data_seq_len(out) == 16 and verify_shards(out) == (2, [])  # the shard and its mask
+    assert data_seq_len(out) == 16 and verify_shards(out) == (3, [])  # the shard, its mask and spans
 
 
 def test_named_layouts_and_the_parquet_and_saved_dataset_sources(tmp_path, enc):
@@ -112,10 +119,11 @@ def test_packing_truncation_and_the_val_split(tmp_path, enc):
     assert train[0].tolist() == truncated  # cut at the row's end, reply and all
 
 
-def test_the_manifest_records_where_each_conversation_lies(tmp_path, enc):
-    """The packer's [offset, length] of every conversation, stored with its shard: each is exactly
-    the conversation as rendered (truncated to its row), in input order, the ones left out absent,
-    in both splits; eval chat reads them rather than finding the boundaries again."""
+def test_the_packer_records_where_each_conversation_lies(tmp_path, enc):
+    """The packer's [offset, length] of every conversation, in a file beside its shard (listed with
+    its sha256): each is exactly the conversation as rendered (truncated to its row), in input order,
+    the ones left out absent, in both splits; eval chat reads them rather than finding the
+    boundaries again. Nothing per conversation goes into the manifest every reader parses."""
     short = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
     reply_late = {"messages": [{"role": "user", "content": "x " * 40}, {"role": "assistant", "content": "y"}]}
     long_reply = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "z " * 40}]}
@@ -133,12 +141,41 @@ def test_the_manifest_records_where_each_conversation_lies(tmp_path, enc):
     assert got["val"] + got["train"] == want and len(got["val"]) == 1
     assert chat_eval.conversations(out, "train") == got["train"]
     manifest = json.loads((out / "manifest.json").read_text())
+    assert all(isinstance(v, (str, int)) for e in manifest["shards"] for v in e.values())
+    assert verify_shards(out) == (3 * len(find_shards(out, "train")) + 3, [])  # spans files verified too
+    spans_file = out / manifest["shards"][0]["spans"]
+    spans_file.write_bytes(spans_file.read_bytes()[:-1] + b"\xff")
+    _one_line_shard_error(lambda: chat_eval.conversations(out, "val"), "spans: sha256 mismatch")
     for entry in manifest["shards"]:
-        entry.pop("conversations", None)  # as an earlier version wrote it
+        entry.pop("spans", None)  # as an earlier version wrote it
     (out / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ShardError, match="did not record where its conversations lie; prepare it again") as e:
-        chat_eval.conversations(out)
+    _one_line_shard_error(lambda: chat_eval.conversations(out), "did not record where its conversations lie")
+
+
+def _one_line_shard_error(call, fragment):
+    with pytest.raises(ShardError, match=fragment) as e:
+        call()
     assert "\n" not in str(e.value)
+
+
+def test_spans_outside_their_shard_are_one_line(tmp_path, enc):
+    """A spans file that passes its checksum (rewritten with the manifest) but points past its shard."""
+    from gpt2repro.files.fsio import sha256_file
+
+    src = write_jsonl(
+        tmp_path / "c.jsonl",
+        [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}] * 4,
+    )
+    out = tmp_path / "out"
+    prepare_conversations([str(src)], out, seq_len=16, val_tokens=16, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = next(e for e in manifest["shards"] if e["split"] == "val" and "spans" in e)
+    spans_file = out / entry["spans"]
+    for data in (np.array([[0, 10_000]], dtype="<u4").tobytes(), b"\x01\x02\x03\x04"):
+        spans_file.write_bytes(data)
+        next(e for e in manifest["shards"] if e["file"] == entry["spans"])["sha256"] = sha256_file(spans_file)
+        (out / "manifest.json").write_text(json.dumps(manifest))
+        _one_line_shard_error(lambda: chat_eval.conversations(out, "val"), "not \\[offset, length\\] pairs")
 
 
 def rows_of_shard(shard, seq_len):
@@ -217,7 +254,8 @@ def test_an_interrupted_preparation_resumes_to_the_same_bytes(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         prepare_conversations([str(src)], tmp_path / "resumed", **kw)
     monkeypatch.setattr(conversations.RowSink, "commit", real_commit)
-    assert len(json.loads((tmp_path / "resumed" / "manifest.json").read_text())["shards"]) == 4
+    manifest = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
+    assert sum("mask" in e for e in manifest["shards"]) == 2  # two shards committed (with masks and spans)
     resumed = prepare_conversations([str(src)], tmp_path / "resumed", **kw)
     assert resumed["counts"] == whole["counts"] and resumed["shards"] == whole["shards"]
     for entry in whole["shards"]:

@@ -12,9 +12,10 @@ conversation, so a conversation never continues across rows, and real tokens nev
 context (it only comes after them). A conversation longer than `seq_len` is truncated to it (counted
 as truncated), or, when that leaves no assistant token, left out (counted as too long). A shard is
 whole rows plus one padding token (the loader reads B*T+1 tokens a batch); beside `train_000001.bin`,
-`train_000001.mask` holds one byte per token, 1 where the token is learned, and the shard's entry in
-the manifest lists where each of its conversations lies (`conversations`: [offset, length] in
-tokens), so nothing after the packer has to find them again. The first rows, at least `val_tokens`
+`train_000001.mask` holds one byte per token, 1 where the token is learned, and
+`train_000001.spans` where each of its conversations lies ([offset, length] in tokens, little-endian
+uint32 pairs; a file, not manifest entries, so a million conversations do not weigh on every reader
+of the manifest), so nothing after the packer has to find them again. The first rows, at least `val_tokens`
 of them, are the `val` split: held-out conversations.
 
 A bad record (not JSON, none of the layouts, unknown role, missing content, empty, an assistant
@@ -39,7 +40,7 @@ from ..files.lock import DirLock
 from ..text.chat import ChatError, render_with_mask
 from ..text.tokenizer import EOT_ID
 from .records import file_records, stream_records
-from .shards import ShardError, ShardWriter, mask_path, shard_name
+from .shards import SPANS_DTYPE, ShardError, ShardWriter, mask_path, shard_name, spans_path
 from .sink import empty_split, finished, make_out_dir, open_manifest, refused_write, write_manifest
 from .sources import PrepareError, fingerprint, open_inputs, source_args
 
@@ -183,7 +184,7 @@ class RowSink:
             else self.rows_per_shard
         )
         self.target = min(size, self.max_rows - self.rows) if self.max_rows else size
-        path = self.out / shard_name(self.split, len(self.manifest["shards"]) // 2)
+        path = self.out / shard_name(self.split, shards_written(self.manifest))
         self.shard, self.in_shard, self.spans = (ShardWriter(path), AtomicFile(mask_path(path))), 0, []
 
     def write(self, row: np.ndarray, mask: np.ndarray, spans: list[list[int]]) -> bool:
@@ -205,12 +206,14 @@ class RowSink:
             tokens, masks = self.shard
             tokens.write(np.array([EOT_ID], dtype=np.uint16))
             masks.file.write(b"\0")
-            path, mpath = tokens.commit(), masks.commit()
+            spans = AtomicFile(spans_path(tokens.out.path), "the conversations' spans")
+            spans.file.write(np.asarray(self.spans, dtype=SPANS_DTYPE).tobytes())
+            path, mpath, spath = tokens.commit(), masks.commit(), spans.commit()
             entry = {"split": self.split, "tokens": tokens.count}
             self.manifest["shards"] += [
                 {"file": path.name, **entry, "sha256": sha256_file(path), "mask": mpath.name}
-                | {"conversations": self.spans},
-                {"file": mpath.name, **entry, "sha256": sha256_file(mpath)},
+                | {"spans": spath.name},
+                *({"file": p.name, **entry, "sha256": sha256_file(p)} for p in (mpath, spath)),
             ]
             self.manifest["total_tokens"] += tokens.count
             self.rows += self.in_shard
@@ -346,7 +349,7 @@ def prepare_conversations(
             try:
                 _pack(records, layout, skip_bad, Packer(seq_len, manifest["counts"]), sink, bar)
             except (OSError, WriteError) as e:  # a full or read-only disk: what is committed stays
-                raise refused_write(e, out, len(manifest["shards"]) // 2) from None
+                raise refused_write(e, out, shards_written(manifest)) from None
     return manifest
 
 
@@ -363,20 +366,6 @@ def data_seq_len(data_dir: str | os.PathLike) -> int | None:
     return manifest["seq_len"]
 
 
-def conversation_spans(data_dir: str | os.PathLike, split: str) -> list[tuple[Path, list[list[int]]]]:
-    """Each shard of a split of conversation data with its conversations' [offset, length] in
-    tokens, as the packer placed them. Data prepared before they were recorded is refused."""
-    path = Path(data_dir) / "manifest.json"
-    try:
-        entries = [e for e in json.loads(path.read_text())["shards"] if "mask" in e and e["split"] == split]
-        spans = [(Path(data_dir) / e["file"], e.get("conversations")) for e in entries]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ShardError(
-            f"{path}: no readable manifest of conversation shards ({type(e).__name__})"
-        ) from None
-    if any(s is None for _, s in spans):
-        raise ShardError(
-            f"{path}: prepared by an earlier version that did not record where its conversations lie; "
-            "prepare it again (`gpt2repro prepare --chat`, a new output directory)"
-        )
-    return spans
+def shards_written(manifest: dict) -> int:
+    """Token shards committed (each is listed with its mask and spans files)."""
+    return sum("mask" in e for e in manifest["shards"])

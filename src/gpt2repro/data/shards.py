@@ -28,6 +28,9 @@ class ShardError(UserError, ValueError):
     """A shard file is missing, malformed or does not match its header; the message names it."""
 
 
+SPANS_DTYPE = np.dtype("<u4")  # [offset, length] pairs of a conversation shard's conversations
+
+
 class ShardWriter:
     """Streams tokens into a new shard at `path`; `commit()` fills in the header's count and moves
     the file into place atomically. Tokens go to disk as they arrive, so preparing a 100M-token shard
@@ -163,3 +166,50 @@ def manifest_sources(data_dir: str | Path) -> list[str]:
     except (OSError, jsonio.NotJSON, AttributeError):
         return []  # (verify_data, or the loader, names what is wrong with the directory)
     return [str(s) for s in found if s] if isinstance(found, list) else []
+
+
+def spans_path(shard: str | os.PathLike) -> Path:
+    """`train_000001.bin` -> `train_000001.spans`."""
+    return Path(shard).with_suffix(".spans")
+
+
+def conversation_spans(data_dir: str | os.PathLike, split: str) -> list[tuple[Path, np.ndarray]]:
+    """Each shard of a split of conversation data with its conversations' (offset, length) rows in
+    tokens, as the packer placed them. Data prepared before they were recorded is refused; a spans
+    file that does not match its shard is one line."""
+    path = Path(data_dir) / "manifest.json"
+    try:
+        listed = json.loads(path.read_text())["shards"]
+        sha = {e["file"]: e["sha256"] for e in listed}
+        entries = [
+            (e["file"], e["tokens"], e.get("spans")) for e in listed if "mask" in e and e["split"] == split
+        ]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ShardError(
+            f"{path}: no readable manifest of conversation shards ({type(e).__name__})"
+        ) from None
+    if any(spans is None for _, _, spans in entries):
+        raise ShardError(
+            f"{path}: prepared by an earlier version that did not record where its conversations lie; "
+            "prepare it again (`gpt2repro prepare --chat`, into a new output directory)"
+        )
+    return [
+        (Path(data_dir) / shard, _read_spans(Path(data_dir) / spans, sha.get(spans), tokens))
+        for shard, tokens, spans in entries
+    ]
+
+
+def _read_spans(path: Path, sha256: str | None, tokens: int) -> np.ndarray:
+    try:
+        if sha256_file(path) != sha256:
+            raise ShardError(f"{path}: sha256 mismatch (corrupted or changed since prepare)")
+        spans = np.fromfile(path, dtype=SPANS_DTYPE).astype(np.int64)
+    except OSError as e:
+        raise ShardError(f"{path}: cannot read the conversations' spans ({e.strerror or e})") from None
+    bad = ShardError(f"{path}: not [offset, length] pairs inside its shard of {tokens} tokens")
+    if spans.size % 2 or not isinstance(tokens, int):
+        raise bad
+    spans = spans.reshape(-1, 2)
+    if (spans[:, 1] < 1).any() or (spans.sum(axis=1) > tokens).any():
+        raise bad
+    return spans

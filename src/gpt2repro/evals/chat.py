@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..data.conversations import conversation_spans, data_seq_len
+from ..data.conversations import data_seq_len
 from ..data.loader import DataLoader
-from ..data.shards import ShardError, find_shards, read_shard
+from ..data.shards import ShardError, conversation_spans, find_shards, read_shard
 from ..errors import UserError
 from ..generation.chat_session import greedy_reply, require_chat_model
 from ..model.gpt import GPT
@@ -29,8 +29,8 @@ def _seq_len(data_dir) -> int:
 
 
 def conversations(data_dir, split: str = "val") -> list[list[int]]:
-    """The conversations of a split, as token ids, where the packer recorded them in the manifest."""
-    _seq_len(data_dir)
+    """The conversations of a split, as token ids, where the packer recorded them (its spans files)."""
+    _seq_len(data_dir)  # refuses data that is not conversations
     out = []
     for shard, spans in conversation_spans(data_dir, split):
         tokens = read_shard(shard)
@@ -61,9 +61,7 @@ def assistant_loss(model: GPT, data_dir, batch_size: int) -> tuple[float, int, i
 def adherence(model: GPT, data_dir, limit: int, max_new_tokens: int) -> tuple[int, int]:
     """(replies that ended with the end-of-turn token within max_new_tokens, replies tried)."""
     ended = tried = 0
-    for conversation in conversations(data_dir)[:limit]:
-        if chat.ASSISTANT_START_ID not in conversation:
-            continue  # truncated before the assistant's turn
+    for conversation in conversations(data_dir)[:limit]:  # each has an assistant turn (the packer's rule)
         prompt = conversation[: conversation.index(chat.ASSISTANT_START_ID) + 1]
         if len(prompt) >= model.config.block_size:
             continue
@@ -85,6 +83,9 @@ def evaluate(model: GPT, data_dir, limit: int = 100, max_new_tokens: int = 64, b
             f"{data_dir} holds rows of {seq_len} tokens; this model reads at most {block} "
             f"(model.block_size): prepare the conversations again with --seq-len {block}"
         )
+    conversation_spans(
+        data_dir, "val"
+    )  # data prepared before they were recorded: refused before the loss pass
     model.eval()
     loss, learned, rows = assistant_loss(model, data_dir, batch_size)
     ended, tried = adherence(model, data_dir, limit, max_new_tokens)
