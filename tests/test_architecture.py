@@ -47,21 +47,24 @@ def _modules() -> dict[str, ast.Module]:
 
 
 def _imports(name: str, tree: ast.Module, known: set[str]) -> set[str]:
-    """Modules of the package that `name` imports, anywhere in its body."""
-    package = name.split(".")[:-1]
+    """Modules of the package that `name` imports, anywhere in its body: `from X import a` names
+    module X.a when there is one (else X), relative or absolute alike."""
+    is_package = name != "__init__" and (PKG / name.replace(".", "/")).is_dir()
+    package = name.split(".") if is_package else name.split(".")[:-1]
     out = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level:
             base = package[: len(package) - node.level + 1]
             prefix = ".".join(base + ([node.module] if node.module else []))
-            for alias in node.names:
-                full = f"{prefix}.{alias.name}" if prefix else alias.name
-                out.add(full if full in known else prefix or "__init__")
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            mod = node.module if isinstance(node, ast.ImportFrom) else None
-            for n in [mod] if mod else [a.name for a in node.names]:
-                if n.startswith("gpt2repro"):
-                    out.add(n.removeprefix("gpt2repro").lstrip(".") or "__init__")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "gpt2repro":
+            prefix = node.module.removeprefix("gpt2repro").lstrip(".")
+        else:
+            if isinstance(node, ast.Import):
+                out |= {a.name.removeprefix("gpt2repro").lstrip(".") or "__init__" for a in node.names}
+            continue
+        for alias in node.names:
+            full = f"{prefix}.{alias.name}" if prefix else alias.name
+            out.add(full if full in known else prefix or "__init__")
     return {m for m in out if m in known and m != name}
 
 
