@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2repro.config.schema import GPTConfig, model_config
+from gpt2repro.model import ops
 from gpt2repro.model.gpt import GPT
 
 
@@ -140,8 +141,10 @@ def test_training_loss_equals_unfused_cross_entropy(tiny_config):
 
 @pytest.mark.parametrize("shape", [(1, 1, 64), (8, 1, 64), (3, 5, 64), (64, 64)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_decode_linear_path_matches_float64(shape, bias):
-    """The few-rows fp32 path (a batched matmul over groups of output features) computes x W^T + b."""
+@pytest.mark.parametrize("split", [True, False])
+def test_decode_linear_path_matches_float64(shape, bias, split):
+    """The few-rows fp32 path (a batched matmul over groups of output features, where it is on)
+    computes x W^T + b."""
     from unittest import mock
 
     from gpt2repro.model.gpt import Linear
@@ -153,14 +156,28 @@ def test_decode_linear_path_matches_float64(shape, bias):
         x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double()
     )
     rows = x.numel() // 64
-    with torch.no_grad(), mock.patch("torch.bmm", wraps=torch.bmm) as bmm:
-        y = layer(x)
-    assert bmm.called == (rows <= Linear.MAX_ROWS and torch.get_num_threads() > 1)
+    with torch.no_grad(), mock.patch.object(Linear, "SPLIT", split):
+        with mock.patch("torch.bmm", wraps=torch.bmm) as bmm:
+            y = layer(x)
+    assert bmm.called == (split and rows <= Linear.MAX_ROWS and torch.get_num_threads() > 1)
     assert y.shape == (*shape[:-1], 96)
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
     y_grad = layer(x)  # with autograd recording: the ordinary nn.Linear path
     assert y_grad.requires_grad
     torch.testing.assert_close(y_grad.detach().double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(ops._cpu_vendor() != "GenuineIntel", reason="MKL threads its GEMV on Intel CPUs only")
+def test_decoding_linear_on_intel_is_mkls_own_matrix_vector_product():
+    """On Intel, MKL's one-row product already streams the weight on every core, and the grouped
+    split halves its bandwidth: a decoding step's Linear is then exactly F.linear (bit for bit)."""
+    from gpt2repro.model.gpt import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(768, 2304)
+    x = torch.randn(1, 1, 768)
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
 @pytest.mark.parametrize("every", [1, 2])

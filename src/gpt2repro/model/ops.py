@@ -16,17 +16,28 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
 class Linear(nn.Linear):
-    """nn.Linear, plus a faster path for decoding on a multi-core CPU.
+    """nn.Linear, plus a faster path for decoding on a multi-core non-Intel CPU.
 
     With a few rows of fp32 input (one new token per sequence), the matmul is bound by reading the
-    weight, and MKL's matrix-vector product runs on one core. Splitting the output features into one
-    group per thread and running the groups as a batched matmul uses every core (`gpt2repro bench
-    generate` measures it). Same result up to fp32 rounding order. Under torch.compile (and on any
+    weight. On Intel CPUs MKL's matrix-vector product streams it on every core; elsewhere (AMD EPYC,
+    measured) MKL runs it on one core. There, splitting the output features into one group per
+    thread and running the groups as a batched matmul uses every core; on Intel the same split
+    halves the bandwidth, so it stays off (`gpt2repro bench generate` measures both; see
+    benchmarks/RESULTS.md). Same result up to fp32 rounding order. Under torch.compile (and on any
     other device) it is exactly nn.Linear: the check for compiling comes first, so Dynamo never
     traces the thread query that would break its graph."""
 
     MAX_ROWS = 32
+    SPLIT = _cpu_vendor() != "GenuineIntel"  # whether the grouped path is taken at all
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() or not self._decode_path(x):
@@ -45,7 +56,8 @@ class Linear(nn.Linear):
         groups = torch.get_num_threads()
         out_features, in_features = self.weight.shape
         return not (
-            x.device.type != "cpu"
+            not self.SPLIT
+            or x.device.type != "cpu"
             or x.dtype != torch.float32
             or self.weight.dtype != torch.float32
             or torch.is_autocast_enabled("cpu")
