@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 import statistics
 import tempfile
 from collections.abc import Callable
@@ -48,20 +49,28 @@ def llama_greedy(llm, prompt: list[int], new_tokens: int) -> list[int]:
     return list(itertools.islice(steps, new_tokens))
 
 
-def _rates(run: Callable[[int], object], repeats: int) -> tuple[float, float]:
-    """(prompt tokens/s, decoded tokens/s): the prompt and one token, then NEW_TOKENS more, timed
-    in alternation so a slow moment of the machine hits both."""
-    short, long = [], []
-    run(1)  # warm-up
+def _rates(runs: dict[tuple[str, str], Callable[[int], object]], repeats: int) -> dict:
+    """(prompt tokens/s, decoded tokens/s) per engine: the prompt and one token, then NEW_TOKENS
+    more. Every repeat runs every engine in turn, so a slow moment of the shared machine hits all of
+    them rather than one engine's whole series."""
+    short: dict = {k: [] for k in runs}
+    long: dict = {k: [] for k in runs}
+    for run in runs.values():
+        run(1 + NEW_TOKENS)  # warm-up
     for _ in range(repeats):
-        short.append(median_time(lambda: run(1), 1, warmup=0))
-        long.append(median_time(lambda: run(1 + NEW_TOKENS), 1, warmup=0))
-    prefill = statistics.median(short)
-    return PROMPT_TOKENS / prefill, NEW_TOKENS / (statistics.median(long) - prefill)
+        for k, run in runs.items():
+            short[k].append(median_time(lambda r=run: r(1), 1, warmup=0))
+            long[k].append(median_time(lambda r=run: r(1 + NEW_TOKENS), 1, warmup=0))
+    rates = {}
+    for k in runs:
+        prefill = statistics.median(short[k])
+        rates[k] = PROMPT_TOKENS / prefill, NEW_TOKENS / (statistics.median(long[k]) - prefill)
+    return rates
 
 
 def bench_llamacpp(size: str, repeats: int) -> list[dict]:
-    """Rows for ours (fp32, bf16 where native) and llama.cpp (f32, f16) on one random model of `size`."""
+    """Rows for ours (fp32, bf16 where native) and llama.cpp (f32, f16) on one random model of `size`,
+    all four timed in alternation; each row notes the 1-minute load average after the runs."""
     llama_cpp = llama_cpp_module()
     cfg, _, _ = size_config(size)
     torch.manual_seed(0)
@@ -69,12 +78,12 @@ def bench_llamacpp(size: str, repeats: int) -> list[dict]:
     threads = torch.get_num_threads()
     prompt = torch.randint(0, cfg.vocab_size, (1, PROMPT_TOKENS))
     ids = prompt[0].tolist()
-    rows = []
+    engine = f"llama.cpp {llama_cpp.__version__}"
+    runs, closers = {}, []
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in bench_dtypes():
             ours = model if dtype == "fp32" else copy.deepcopy(model).to(torch_dtype(dtype))
-            rate = _rates(lambda n, m=ours: generate(m, prompt, n, temperature=0), repeats)
-            rows.append(_row("gpt2repro", dtype, threads, rate))
+            runs["gpt2repro", dtype] = lambda n, m=ours: generate(m, prompt, n, temperature=0)
             path = export_gguf(model, Path(tmp) / f"{GGUF_TYPE[dtype]}.gguf", GGUF_TYPE[dtype])
             llm = llama_cpp.Llama(
                 model_path=str(path),
@@ -84,13 +93,18 @@ def bench_llamacpp(size: str, repeats: int) -> list[dict]:
                 n_threads_batch=threads,
                 verbose=False,
             )
-            rate = _rates(lambda n, llm=llm: llama_greedy(llm, ids, n), repeats)
-            rows.append(_row(f"llama.cpp {llama_cpp.__version__}", GGUF_TYPE[dtype], threads, rate))
-            llm.close()
-    return rows
+            closers.append(llm.close)
+            runs[engine, GGUF_TYPE[dtype]] = lambda n, llm=llm: llama_greedy(llm, ids, n)
+        try:
+            rates = _rates(runs, repeats)
+        finally:
+            for close in closers:
+                close()
+    load = os.getloadavg()[0]
+    return [_row(name, weights, threads, rate, load) for (name, weights), rate in rates.items()]
 
 
-def _row(engine: str, weights: str, threads: int, rates: tuple[float, float]) -> dict:
+def _row(engine: str, weights: str, threads: int, rates: tuple[float, float], load: float) -> dict:
     return {
         "engine": engine,
         "weights": weights,
@@ -100,4 +114,5 @@ def _row(engine: str, weights: str, threads: int, rates: tuple[float, float]) ->
         "prompt_tok_per_s": rates[0],
         "new_tokens": NEW_TOKENS,
         "decode_tok_per_s": rates[1],
+        "load_1min": load,
     }
