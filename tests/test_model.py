@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2repro.config.schema import GPTConfig, model_config
@@ -165,6 +166,28 @@ def test_decode_linear_path_matches_float64(shape, bias, split):
     y_grad = layer(x)  # with autograd recording: the ordinary nn.Linear path
     assert y_grad.requires_grad
     torch.testing.assert_close(y_grad.detach().double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_one_row_bf16_linear_is_a_matrix_vector_product_rounded_once(bias):
+    """B=1 bf16 decoding runs torch.addmv (faster than the oneDNN matmul at one row), accumulating
+    in fp32: every output is the exact product rounded once to bf16 (within 2^-8 relative)."""
+    from unittest import mock
+
+    from gpt2repro.model import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(768, 2304, bias=bias).to(torch.bfloat16)
+    if bias:
+        nn.init.normal_(layer.bias)
+    x = torch.randn(1, 1, 768, dtype=torch.bfloat16)
+    exact = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
+    with torch.no_grad(), mock.patch("torch.addmv", wraps=torch.addmv) as addmv:
+        with mock.patch("torch.mv", wraps=torch.mv) as mv:
+            y = layer(x)
+    assert (addmv if bias else mv).called
+    assert y.dtype == torch.bfloat16 and y.shape == (1, 1, 2304)
+    assert ((y.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
 
 
 @pytest.mark.skipif(ops._cpu_vendor() != "GenuineIntel", reason="MKL threads its GEMV on Intel CPUs only")

@@ -25,22 +25,31 @@ def _cpu_vendor() -> str:
 
 
 class Linear(nn.Linear):
-    """nn.Linear, plus a faster path for decoding on a multi-core non-Intel CPU.
+    """nn.Linear, plus faster paths for decoding on a CPU, where a few rows of input (one new token
+    per sequence) make the matmul bound by reading the weight.
 
-    With a few rows of fp32 input (one new token per sequence), the matmul is bound by reading the
-    weight. On Intel CPUs MKL's matrix-vector product streams it on every core; elsewhere (AMD EPYC,
-    measured) MKL runs it on one core. There, splitting the output features into one group per
-    thread and running the groups as a batched matmul uses every core; on Intel the same split
-    halves the bandwidth, so it stays off (`gpt2repro bench generate` measures both; see
-    benchmarks/RESULTS.md). Same result up to fp32 rounding order. Under torch.compile (and on any
-    other device) it is exactly nn.Linear: the check for compiling comes first, so Dynamo never
-    traces the thread query that would break its graph."""
+    - bf16, one row: `torch.addmv`, whose bf16 matrix-vector kernel streams the weight 1.4x as fast
+      as the oneDNN matmul F.linear dispatches to (124M: 14 ms against 20 per token).
+    - fp32, up to MAX_ROWS rows, off Intel: MKL runs this product on one core there (AMD EPYC,
+      measured); splitting the output features into one group per thread and running the groups as
+      a batched matmul uses every core. On Intel, MKL's own product already streams the weight on
+      every core and the split halves its bandwidth, so it stays off.
+
+    `gpt2repro bench generate` measures them (benchmarks/RESULTS.md). Same result up to rounding
+    order. Under torch.compile, with autograd or autocast, and on any other device it is exactly
+    nn.Linear: the check for compiling comes first, so Dynamo never traces the thread query that
+    would break its graph."""
 
     MAX_ROWS = 32
-    SPLIT = _cpu_vendor() != "GenuineIntel"  # whether the grouped path is taken at all
+    SPLIT = _cpu_vendor() != "GenuineIntel"  # whether the grouped fp32 path is taken at all
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() or not self._decode_path(x):
+        path = None if torch.compiler.is_compiling() else self._decode_path(x)
+        if path == "mv":
+            row = x.reshape(-1)
+            y = torch.mv(self.weight, row) if self.bias is None else torch.addmv(self.bias, self.weight, row)
+            return y.view(*x.shape[:-1], -1)
+        if path != "split":
             return super().forward(x)
         groups = torch.get_num_threads()
         out_features, in_features = self.weight.shape
@@ -52,20 +61,22 @@ class Linear(nn.Linear):
             y = y + self.bias
         return y.reshape(*x.shape[:-1], out_features)
 
-    def _decode_path(self, x: torch.Tensor) -> bool:
-        groups = torch.get_num_threads()
-        out_features, in_features = self.weight.shape
-        return not (
-            not self.SPLIT
-            or x.device.type != "cpu"
-            or x.dtype != torch.float32
-            or self.weight.dtype != torch.float32
+    def _decode_path(self, x: torch.Tensor) -> str | None:
+        """ "mv", "split" or None (nn.Linear's own)."""
+        if (
+            x.device.type != "cpu"
+            or x.dtype != self.weight.dtype
             or torch.is_autocast_enabled("cpu")
-            or x.numel() // in_features > self.MAX_ROWS
-            or groups < 2
-            or out_features % groups
             or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-        )
+        ):
+            return None
+        out_features, in_features = self.weight.shape
+        rows = x.numel() // in_features
+        if x.dtype == torch.bfloat16:
+            return "mv" if rows == 1 else None
+        groups = torch.get_num_threads()
+        split = self.SPLIT and x.dtype == torch.float32 and rows <= self.MAX_ROWS
+        return "split" if split and groups > 1 and out_features % groups == 0 else None
 
 
 _CPU_SCRATCH: dict[tuple[str, torch.dtype], torch.Tensor] = {}
