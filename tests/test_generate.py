@@ -104,3 +104,28 @@ def test_a_cache_holds_sequences_of_different_lengths_in_reusable_slots(model):
     torch.testing.assert_close(turn, full, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="exceeds block_size"):
         model.hidden(torch.zeros(1, model.config.block_size, dtype=torch.long), cache.slot(1))
+
+
+@pytest.mark.parametrize("lengths", [(5, 5), (3, 9)])
+def test_a_decoding_step_is_op_for_op_the_blocks_forward(model, lengths):
+    """Block.decode, the lean path of a one-token step over the cache, gives bit for bit the logits
+    and cached keys/values of Block.forward, with slots at one length or at different ones."""
+    from unittest import mock
+
+    from gpt2repro.kvcache import KVCache
+    from gpt2repro.model import Block
+
+    torch.manual_seed(2)
+    prompts = [torch.randint(0, 50257, (1, n)) for n in lengths]
+    tok = torch.randint(0, 50257, (2, 1))
+    results = []
+    for lean in (True, False):
+        cache = KVCache.empty(model.config, 2, "cpu", torch.float32)
+        plain = mock.patch.object(Block, "decode", lambda self, x, c: self(x, c, None))
+        with torch.no_grad(), mock.MagicMock() if lean else plain:
+            for i, p in enumerate(prompts):
+                model.hidden(p, cache.slot(i))
+            logits = model.logits(model.hidden(tok, cache)[:, -1])
+        results.append((logits, cache.k, cache.v, cache.lengths))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

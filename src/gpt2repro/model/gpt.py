@@ -68,6 +68,20 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), cache, mask)
         return x + self.mlp(self.ln_2(x))
 
+    def decode(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """forward() for one new token per slot (x: (B, 1, C)) after its cached ones, op for op the
+        same arithmetic in a third of the ops and module calls: at batch 1 decoding is bound by
+        reading the weights, and each µs spent elsewhere shows (benchmarks/RESULTS.md)."""
+        attn, mlp = self.attn, self.mlp
+        B, _, C = x.shape
+        h = F.layer_norm(x, (C,), self.ln_1.weight, self.ln_1.bias, self.ln_1.eps)
+        q, k, v = attn.c_attn(h).view(B, 3, attn.n_head, 1, C // attn.n_head).unbind(1)
+        k, v, mask, causal = cache.insert(attn.layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        x = x + attn.c_proj(y.reshape(B, 1, C))
+        h = F.layer_norm(x, (C,), self.ln_2.weight, self.ln_2.bias, self.ln_2.eps)
+        return x + mlp.c_proj(F.gelu(mlp.c_fc(h), approximate="tanh"))
+
 
 class WeightsMismatch(ValueError):
     """A state dict does not fit the model; the message lists every missing, unexpected and
@@ -181,6 +195,8 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             if every and i % every == 0:  # recomputed in backward instead of keeping activations
                 x = torch.utils.checkpoint.checkpoint(block, x, None, mask, use_reentrant=False)
+            elif cache is not None and T == 1:  # a decoding step
+                x = block.decode(x, cache)
             else:
                 x = block(x, cache, mask)
         if cache is not None:
