@@ -65,6 +65,8 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if cache is not None and mask is None and x.size(1) == 1:  # a decoding step (hooks ran: FSDP)
+            return self.decode(x, cache)
         x = x + self.attn(self.ln_1(x), cache, mask)
         return x + self.mlp(self.ln_2(x))
 
@@ -195,8 +197,6 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             if every and i % every == 0:  # recomputed in backward instead of keeping activations
                 x = torch.utils.checkpoint.checkpoint(block, x, None, mask, use_reentrant=False)
-            elif cache is not None and T == 1:  # a decoding step
-                x = block.decode(x, cache)
             else:
                 x = block(x, cache, mask)
         if cache is not None:
