@@ -118,8 +118,8 @@ def test_a_decoding_step_is_op_for_op_the_blocks_forward(model, lengths):
     and cached keys/values of Block.forward, with slots at one length or at different ones."""
     from unittest import mock
 
-    from gpt2repro.kvcache import KVCache
-    from gpt2repro.model import Block
+    from gpt2repro.model.gpt import Block
+    from gpt2repro.model.kvcache import KVCache
 
     torch.manual_seed(2)
     prompts = [torch.randint(0, 50257, (1, n)) for n in lengths]

@@ -174,7 +174,7 @@ def test_one_row_bf16_linear_is_a_matrix_vector_product_rounded_once(bias):
     in fp32: every output is the exact product rounded once to bf16 (within 2^-8 relative)."""
     from unittest import mock
 
-    from gpt2repro.model import Linear
+    from gpt2repro.model.gpt import Linear
 
     torch.manual_seed(0)
     layer = Linear(768, 2304, bias=bias).to(torch.bfloat16)
