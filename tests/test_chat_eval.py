@@ -46,8 +46,9 @@ def test_adherence_and_loss_of_a_trained_and_an_untrained_model(chat_run_dir):
 def test_a_reply_that_runs_on_is_not_adherent(chat_run_dir):
     data = chat_run_dir.parent / "data"
     model = load_model(chat_run_dir)
-    assert chat_eval.adherence(model, data, 3, max_new_tokens=4) == (3, 3)  # 3 tokens, then the end
-    assert chat_eval.adherence(model, data, 3, max_new_tokens=3) == (0, 3)  # the end token would be 4th
+    held_out = chat_eval.conversations(data)[:3]
+    assert chat_eval.adherence(model, held_out, max_new_tokens=4) == (3, 3)  # 3 tokens, then the end
+    assert chat_eval.adherence(model, held_out, max_new_tokens=3) == (0, 3)  # the end would be 4th
 
 
 def test_cli_eval_chat(chat_run_dir, run_dir, data_dir, tmp_path, capsys):

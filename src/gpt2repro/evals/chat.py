@@ -58,10 +58,10 @@ def assistant_loss(model: GPT, data_dir, batch_size: int) -> tuple[float, int, i
     return total / max(learned, 1), learned, loader.steps_per_epoch * batch_size
 
 
-def adherence(model: GPT, data_dir, limit: int, max_new_tokens: int) -> tuple[int, int]:
+def adherence(model: GPT, held_out: list[list[int]], max_new_tokens: int) -> tuple[int, int]:
     """(replies that ended with the end-of-turn token within max_new_tokens, replies tried)."""
     ended = tried = 0
-    for conversation in conversations(data_dir)[:limit]:  # each has an assistant turn (the packer's rule)
+    for conversation in held_out:  # each has an assistant turn (the packer's rule)
         prompt = conversation[: conversation.index(chat.ASSISTANT_START_ID) + 1]
         if len(prompt) >= model.config.block_size:
             continue
@@ -83,12 +83,11 @@ def evaluate(model: GPT, data_dir, limit: int = 100, max_new_tokens: int = 64, b
             f"{data_dir} holds rows of {seq_len} tokens; this model reads at most {block} "
             f"(model.block_size): prepare the conversations again with --seq-len {block}"
         )
-    conversation_spans(
-        data_dir, "val"
-    )  # data prepared before they were recorded: refused before the loss pass
+    # read first: data too old to say where its conversations lie is refused before the loss pass
+    held_out = conversations(data_dir)[:limit]
     model.eval()
     loss, learned, rows = assistant_loss(model, data_dir, batch_size)
-    ended, tried = adherence(model, data_dir, limit, max_new_tokens)
+    ended, tried = adherence(model, held_out, max_new_tokens)
     return dict(
         loss=loss,
         learned_tokens=learned,
