@@ -9,11 +9,13 @@ SIZES = {  # name (layers x width, unlike the model presets' names): (n_layer, n
     "124m": (12, 768, 12, 1, 1024),
 }
 TRAIN_MODES = ("eager", "bf16", "compile", "compile-bf16")
-# llama.cpp: `generate` only, batch-1 prompt and decoding speed on our GGUF export (bench/llamacpp.py)
+# llama.cpp: `generate` only, batch-1 prompt and decoding speed on our GGUF export (bench/llamacpp.py);
+# allocator: `train` only (bench/runners.py, bench_allocator)
 BASELINES = {
     "none": [],
     "reference": ["reference"],
     "hf": ["hf"],
     "all": ["reference", "hf"],
     "llama.cpp": ["llama.cpp"],
+    "allocator": [],  # `train` on CPU: large tensors from glibc's heap (training's) against its default
 }

@@ -28,6 +28,7 @@ from ..files.fsio import atomic_write_text
 from ..model.gpt import GPT
 from ..model.precision import autocast, enable_tf32, torch_dtype
 from ..parallel.distributed import pick_device
+from ..training.heap import ENV, reuse_freed_memory
 from ..training.mfu import Peak, gemm_flops, median_time, synchronize
 from .chat import bench_chat
 from .common import BenchError, bench_dtypes, machine_info, size_config, table
@@ -225,6 +226,55 @@ def bench_memory(size: str) -> list[dict]:
     return rows
 
 
+def allocator_probe(size: str, modes: tuple[str, ...], heap: bool, steps: int) -> None:
+    """Our CPU train step in each mode in this (fresh) process, large tensors from glibc's heap
+    (`training.heap`, what training does) or, with heap=False, from glibc's default fresh mappings;
+    prints the median step time per mode as JSON."""
+    if heap and not reuse_freed_memory():
+        raise BenchError("this C library has no mallopt settings to compare (glibc only)")
+    device = torch.device("cpu")
+    times = {}
+    for mode in modes:
+        step, _ = train_step_runner("ours", size, mode, device)
+        times[mode] = median_time(step, steps, warmup=1)
+    print(json.dumps(times))
+
+
+def bench_allocator(size: str, modes: tuple[str, ...], repeats: int, device: torch.device) -> list[dict]:
+    """Our train step with large tensors from the heap against glibc's default, `repeats` rounds of
+    two fresh processes each (the setting holds for a process's life), alternating."""
+    if device.type != "cpu":
+        raise BenchError("--baseline allocator compares CPU memory allocation: run it with --device cpu")
+    seen: dict[tuple[str, bool], list[float]] = {}
+    for _ in range(repeats):
+        for heap in (False, True):
+            code = (
+                "from gpt2repro.bench.runners import allocator_probe; "
+                f"allocator_probe({size!r}, {modes!r}, {heap}, 3)"
+            )
+            env = {**os.environ, ENV: "1"}
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+            if out.returncode:
+                raise BenchError(f"the allocator probe failed: {out.stderr.strip().splitlines()[-1]}")
+            for mode, t in json.loads(out.stdout.splitlines()[-1]).items():
+                seen.setdefault((mode, heap), []).append(t)
+    cfg, B, T = size_config(size)
+    with torch.device("meta"):
+        flops_per_token = GPT(cfg).flops_per_token(T)
+    rows = []
+    for (mode, heap), times in seen.items():
+        dt = statistics.median(times)
+        dtype = "bf16" if mode.endswith("bf16") else "fp32"
+        mfu = Peak(device, dtype).mfu(flops_per_token * B * T / dt, 1.0)
+        allocator = "heap (training's)" if heap else "glibc default (mmap)"
+        rows.append({"size": size, "mode": mode, "allocator": allocator, "B": B, "T": T, "step_s": dt,
+                     "tok_per_s": B * T / dt, "mfu": mfu})  # fmt: skip
+    for r in rows:
+        heap_row = next(h for h in rows if h["mode"] == r["mode"] and h["allocator"].startswith("heap"))
+        r["vs_heap"] = heap_row["step_s"] / r["step_s"]
+    return rows
+
+
 def bench_peak(repeats: int, device: torch.device) -> list[dict]:
     return [
         {"dtype": name, "n": n, "gflop_per_s": gemm_flops(torch_dtype(name), n, repeats, device.type) / 1e9}
@@ -248,7 +298,11 @@ def bench_train(size: str, modes: str, baseline: str, repeats: int, device: torc
         )
     if baseline == "llama.cpp":
         raise BenchError("--baseline llama.cpp is a decoding baseline: use it with `bench generate`")
+    if baseline == "allocator":
+        return bench_allocator(size, chosen, repeats, device)
     impls = ["ours", *BASELINES[baseline]]
+    if device.type == "cpu":
+        reuse_freed_memory()  # as training does: this process measures the step training runs
     rows = bench_train_steps([(impl, mode) for impl in impls for mode in chosen], size, repeats, device)
     best = max(r["tok_per_s"] for r in rows if r["impl"] == "ours")
     for r in rows:

@@ -38,6 +38,7 @@ from ..parallel.distributed import (
 )
 from ..parallel.parallelize import build_model
 from .clock import TrainingClock
+from .heap import reuse_freed_memory
 from .metrics import MetricsLogger
 from .mfu import Peak, synchronize
 from .optim import build_optimizer, configure, lr_at, set_lr
@@ -88,6 +89,8 @@ class Trainer:
         self.plan, self.cfg, self.info, self.run_dir, self.device = plan, cfg, info, run_dir, info.device
         self.data_sources = manifest_sources(data_dir)  # logged: the plot's reference lines depend on it
         enable_tf32(self.device)
+        if self.device.type == "cpu":
+            reuse_freed_memory()
         torch.manual_seed(cfg.seed)
         run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.verify_data:

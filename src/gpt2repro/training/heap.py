@@ -1,0 +1,35 @@
+"""Large CPU tensors from the heap, so that memory freed by one step is reused by the next.
+
+glibc serves every allocation above its mmap threshold (at most 32 MB) with a fresh mapping and
+unmaps it when freed, so the next step touches new pages and the kernel faults every one of them in
+again. A CPU training step allocates several such tensors each step (the tied embedding's gradient,
+the lm_head's gradient, AdamW's and autocast's temporaries): on the hosts measured the faults were a
+fifth to a third of a cpu-demo step (benchmarks/RESULTS.md, "Training MFU"). With mmap off and the
+heap not trimmed below 2 GB free, a freed block stays mapped and is handed out again. Allocation only: the
+arithmetic, and so every loss, is unchanged.
+
+Only glibc (Linux) has these settings; elsewhere nothing changes. The process keeps its peak
+memory until it ends, which suits a training run; `GPT2REPRO_CPU_HEAP=0` leaves glibc's default."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
+_TRIM_ABOVE = 2**31 - 1  # bytes free at the heap's top before glibc returns them (its largest int)
+ENV = "GPT2REPRO_CPU_HEAP"
+
+
+def reuse_freed_memory() -> bool:
+    """Serve large allocations from the heap from now on (see above); whether that took effect."""
+    if os.environ.get(ENV, "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc: its allocator has no such settings
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_ABOVE))

@@ -1,0 +1,53 @@
+"""Large CPU allocations reuse freed memory after `reuse_freed_memory` (training/heap.py): the second
+of two same-sized allocations faults in (almost) no pages. Each case runs in a fresh process: the
+setting holds for a process's life, and pytest's workers train with it on."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+PROBE = """
+import ctypes, json, resource, sys
+from gpt2repro.training.heap import reuse_freed_memory
+took = reuse_freed_memory() if sys.argv[1] == "heap" else False
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+size = 64 << 20  # above glibc's largest mmap threshold (32 MB)
+def touch():
+    p = libc.malloc(size)
+    ctypes.memset(p, 1, size)
+    return p
+libc.free(touch())
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+p = touch()
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+libc.free(p)
+print(json.dumps({"took": took, "faults": faults, "pages": size // resource.getpagesize()}))
+"""
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+
+
+def _probe(mode: str, **env: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True,
+        env={**os.environ, **env},
+    )  # fmt: skip
+    return json.loads(out.stdout)
+
+
+def test_freed_memory_is_reused_without_faulting_pages_in_again():
+    default, heap = _probe("default"), _probe("heap", GPT2REPRO_CPU_HEAP="1")
+    assert heap["took"] is True
+    assert default["faults"] >= default["pages"] // 2  # glibc's default: a fresh mapping each time
+    assert heap["faults"] < default["pages"] // 100  # the freed block again, its pages still mapped
+
+
+def test_the_environment_variable_leaves_glibcs_default():
+    off = _probe("heap", GPT2REPRO_CPU_HEAP="0")
+    assert off["took"] is False
+    assert off["faults"] >= off["pages"] // 2
