@@ -135,3 +135,55 @@ def test_a_decoding_step_is_op_for_op_the_blocks_forward(model, lengths):
         results.append((logits, cache.k, cache.v, cache.lengths))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_compiled_steps_decode_as_the_eager_steps_in_one_graph_for_every_length(model):
+    """The one-token steps compiled whole (generation/compiled.py): the eager steps' logits and
+    cached keys/values to fp32 rounding at every step, the same greedy tokens, and one graph for all
+    cache lengths (no recompiling per token)."""
+    from torch._dynamo.utils import counters
+
+    from gpt2repro.generation.compiled import compiled_steps
+    from gpt2repro.model.kvcache import KVCache
+
+    torch.manual_seed(3)
+    prompt = torch.randint(0, 50257, (2, 9))
+    graphs = counters["stats"]["unique_graphs"]
+    step = compiled_steps(model)
+    caches, tokens = [], []
+    with torch.no_grad():
+        for compiled in (True, False):
+            cache = KVCache.empty(model.config, 2, "cpu", torch.float32)
+            logits = model.logits(model.hidden(prompt, cache)[:, -1])
+            seen = []
+            for _ in range(12):
+                tok = logits.argmax(-1, keepdim=True)
+                seen.append((tok, logits))
+                logits = step(tok, cache) if compiled else model.logits(model.hidden(tok, cache)[:, -1])
+            caches.append(cache)
+            tokens.append(seen)
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+    for (tok_c, logits_c), (tok_e, logits_e) in zip(*tokens):
+        assert torch.equal(tok_c, tok_e)
+        torch.testing.assert_close(logits_c, logits_e, rtol=1e-5, atol=1e-5)
+    assert torch.equal(caches[0].lengths, caches[1].lengths)
+    torch.testing.assert_close(caches[0].k, caches[1].k, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(caches[0].v, caches[1].v, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # generate's option: the same greedy tokens
+        assert torch.equal(
+            generate(model, prompt, 10, temperature=0, compiled=True),
+            generate(model, prompt, 10, temperature=0),
+        )
+
+
+def test_a_compiled_step_needs_every_slot_at_one_length(model):
+    from gpt2repro.generation.compiled import compiled_steps
+    from gpt2repro.model.kvcache import KVCache
+
+    cache = KVCache.empty(model.config, 2, "cpu", torch.float32)
+    cache.lengths[:] = torch.tensor([3, 4])
+    with pytest.raises(ValueError, match="every slot at one length"):
+        compiled_steps(model)(torch.zeros(2, 1, dtype=torch.long), cache)
+    cache.reset()
+    with pytest.raises(ValueError, match="every slot at one length"):  # nothing cached yet
+        compiled_steps(model)(torch.zeros(2, 1, dtype=torch.long), cache)

@@ -203,6 +203,54 @@ def test_decoding_linear_on_intel_is_mkls_own_matrix_vector_product():
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
+def test_decoding_layout_keeps_every_value_and_tie_and_stores_fp32_weights_transposed():
+    """An inference model's fp32 Linear weights: the same tensors and values, each now the transpose
+    of a contiguous (in, out) tensor; the lm_head still is the embedding. bf16 weights, and every
+    weight where the grouped split is on, keep nn.Linear's layout."""
+    from unittest import mock
+
+    torch.manual_seed(0)
+    model = GPT(model_config("tiny", n_layer=2)).eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = dict(model.named_parameters())
+    with mock.patch.object(ops.Linear, "SPLIT", False):
+        assert ops.decoding_layout(model) is model
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert len(linears) == 4 * 2 + 1
+    for name, p in model.named_parameters():
+        assert p is params[name] and torch.equal(p, before[name])
+        transposed = p.dim() == 2 and p.stride() == (1, p.size(0))
+        assert transposed == (name in linears or name == "transformer.wte.weight"), name
+    assert model.lm_head.weight is model.transformer.wte.weight
+    for dtype, split in ((torch.bfloat16, False), (torch.float32, True)):
+        other = GPT(model_config("tiny", n_layer=1)).to(dtype)
+        with mock.patch.object(ops.Linear, "SPLIT", split):
+            ops.decoding_layout(other)
+        assert all(p.is_contiguous() for p in other.parameters())
+
+
+def test_decoding_layout_decodes_the_same_greedy_tokens_and_logits_to_float_rounding():
+    """Prompt and one-token steps over the cache with the decoding layout: the logits of the usual
+    layout to fp32 rounding (they sum in another order), the same greedy tokens."""
+    from unittest import mock
+
+    from gpt2repro.generation.generate import generate
+
+    torch.manual_seed(0)
+    cfg = model_config("tiny", n_layer=4, n_embd=256, n_head=4, block_size=256)
+    usual = GPT(cfg).eval()
+    laid = GPT(cfg).eval()
+    laid.load_state_dict(usual.state_dict())
+    with mock.patch.object(ops.Linear, "SPLIT", False):
+        ops.decoding_layout(laid)
+    prompt = torch.randint(0, cfg.vocab_size, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(laid(prompt)[0], usual(prompt)[0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(
+            generate(laid, prompt, 64, temperature=0), generate(usual, prompt, 64, temperature=0)
+        )
+
+
 @pytest.mark.parametrize("every", [1, 2])
 def test_activation_checkpointing_gives_the_same_gradients_from_less_memory(every):
     """Recomputing blocks in backward keeps fewer activations, and changes no gradient."""

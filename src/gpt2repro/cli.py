@@ -92,11 +92,12 @@ def cmd_train(args) -> None:
 
 def cmd_sample(args) -> None:
     from .generation.generate import sample_text
+    from .model.ops import decoding_layout
     from .model.precision import torch_dtype
     from .parallel.distributed import pick_device
 
     device = pick_device(args.device)
-    model = _load(args, device).to(torch_dtype(args.weight_dtype))
+    model = decoding_layout(_load(args, device).to(torch_dtype(args.weight_dtype)))
     for text in sample_text(
         model, args.prompt, args.n, args.max_new_tokens, args.temperature, args.top_k, args.seed, args.top_p
     ):
@@ -105,10 +106,11 @@ def cmd_sample(args) -> None:
 
 def cmd_chat(args) -> None:
     from .generation.chat_cli import run
+    from .model.ops import decoding_layout
     from .model.precision import torch_dtype
     from .parallel.distributed import pick_device
 
-    model = _load(args, pick_device(args.device)).to(torch_dtype(args.weight_dtype))
+    model = decoding_layout(_load(args, pick_device(args.device)).to(torch_dtype(args.weight_dtype)))
     sampling = dict(
         max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature
     )

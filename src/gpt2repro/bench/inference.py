@@ -10,6 +10,7 @@ import torch
 from ..evals import hellaswag
 from ..generation.generate import generate
 from ..model.gpt import GPT
+from ..model.ops import decoding_layout
 from ..model.precision import torch_dtype
 from ..training.mfu import median_time
 from .common import bench_dtypes, size_config
@@ -25,7 +26,7 @@ def bench_generate(size: str, repeats: int, device: torch.device, new_tokens: in
     cfg.block_size = 512
     torch.manual_seed(0)
     model = GPT(cfg).to(device).eval()
-    ours = {d: model if d == "fp32" else copy.deepcopy(model).to(torch_dtype(d)) for d in bench_dtypes()}
+    ours = {d: decoding_layout(copy.deepcopy(model).to(torch_dtype(d))) for d in bench_dtypes()}  # as `sample`
     hf = {}
     try:
         hf["fp32"] = hf_copy(model)

@@ -1,5 +1,7 @@
 """Batch-1 decoding against llama.cpp (through llama-cpp-python), the same weights side by side:
-ours in fp32 and bf16, llama.cpp on our GGUF export in f32 and f16, each with the same threads.
+ours in fp32 (eager, and with the one-token steps compiled) and bf16, llama.cpp on our GGUF export
+in f32 and f16, each with the same threads. `greedy_as_ours`: an engine's greedy tokens are our eager
+engine's in its dtype class.
 
 Prompt processing and decoding are timed apart, the same way for both engines: a run that reads the
 prompt and picks one token, and a run that goes on for `new_tokens` more; decoding is the difference.
@@ -20,6 +22,7 @@ import torch
 from ..generation.generate import generate
 from ..interop.gguf_export import export_gguf
 from ..model.gpt import GPT
+from ..model.ops import decoding_layout
 from ..model.precision import torch_dtype
 from ..training.mfu import median_time
 from .common import BenchError, bench_dtypes, size_config
@@ -49,14 +52,21 @@ def llama_greedy(llm, prompt: list[int], new_tokens: int) -> list[int]:
     return list(itertools.islice(steps, new_tokens))
 
 
-def _rates(runs: dict[tuple[str, str], Callable[[int], object]], repeats: int) -> dict:
+def _greedy(model: GPT, prompt: torch.Tensor, compiled: bool) -> Callable[[int], list[int]]:
+    """Our greedy decoding of n new tokens, as `llama_greedy` returns them."""
+    return lambda n: generate(model, prompt, n, temperature=0, compiled=compiled)[
+        0, prompt.size(1) :
+    ].tolist()
+
+
+def _rates(runs: dict[tuple[str, str], Callable[[int], list[int]]], repeats: int) -> tuple[dict, dict]:
     """(prompt tokens/s, decoded tokens/s) per engine: the prompt and one token, then NEW_TOKENS
-    more. Every repeat runs every engine in turn, so a slow moment of the shared machine hits all of
-    them rather than one engine's whole series."""
+    more; and each engine's greedy tokens (from the warm-up, which also compiles). Every repeat runs
+    every engine in turn, so a slow moment of the shared machine hits all of them rather than one
+    engine's whole series."""
     short: dict = {k: [] for k in runs}
     long: dict = {k: [] for k in runs}
-    for run in runs.values():
-        run(1 + NEW_TOKENS)  # warm-up
+    tokens = {k: run(1 + NEW_TOKENS) for k, run in runs.items()}  # warm-up
     for _ in range(repeats):
         for k, run in runs.items():
             short[k].append(median_time(lambda r=run: r(1), 1, warmup=0))
@@ -65,7 +75,7 @@ def _rates(runs: dict[tuple[str, str], Callable[[int], object]], repeats: int) -
     for k in runs:
         prefill = statistics.median(short[k])
         rates[k] = PROMPT_TOKENS / prefill, NEW_TOKENS / (statistics.median(long[k]) - prefill)
-    return rates
+    return rates, tokens
 
 
 def bench_llamacpp(size: str, repeats: int) -> list[dict]:
@@ -82,8 +92,10 @@ def bench_llamacpp(size: str, repeats: int) -> list[dict]:
     runs, closers = {}, []
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in bench_dtypes():
-            ours = model if dtype == "fp32" else copy.deepcopy(model).to(torch_dtype(dtype))
-            runs["gpt2repro", dtype] = lambda n, m=ours: generate(m, prompt, n, temperature=0)
+            ours = decoding_layout(copy.deepcopy(model).to(torch_dtype(dtype)))  # as `sample` runs it
+            runs["gpt2repro", dtype] = _greedy(ours, prompt, compiled=False)
+            if dtype == "fp32":  # not bf16: its eager one-row kernel (addmv) beats its compiled graph
+                runs["gpt2repro, compiled steps", dtype] = _greedy(ours, prompt, compiled=True)
             path = export_gguf(model, Path(tmp) / f"{GGUF_TYPE[dtype]}.gguf", GGUF_TYPE[dtype])
             llm = llama_cpp.Llama(
                 model_path=str(path),
@@ -96,12 +108,19 @@ def bench_llamacpp(size: str, repeats: int) -> list[dict]:
             closers.append(llm.close)
             runs[engine, GGUF_TYPE[dtype]] = lambda n, llm=llm: llama_greedy(llm, ids, n)
         try:
-            rates = _rates(runs, repeats)
+            rates, tokens = _rates(runs, repeats)
         finally:
             for close in closers:
                 close()
     load = os.getloadavg()[0]
-    return [_row(name, weights, threads, rate, load) for (name, weights), rate in rates.items()]
+    eager = {GGUF_TYPE.get(w, w): tokens["gpt2repro", w] for w in bench_dtypes()}  # per dtype class
+    return [
+        {
+            **_row(name, weights, threads, rate, load),
+            "greedy_as_ours": tokens[name, weights] == eager[GGUF_TYPE.get(weights, weights)],
+        }
+        for (name, weights), rate in rates.items()
+    ]
 
 
 def _row(engine: str, weights: str, threads: int, rates: tuple[float, float], load: float) -> dict:

@@ -12,6 +12,7 @@ import torch
 
 from ..model.gpt import GPT
 from ..model.kvcache import KVCache
+from .compiled import compiled_steps
 from .sampling import GenerateError, Sampling, draw, draw_rows, ends_reply, filter_logits
 
 __all__ = ["GenerateError", "filter_logits", "generate", "prompt_tokens", "sample_text", "sample_tokens"]
@@ -29,10 +30,12 @@ def generate(
     use_cache: bool = True,
     generators: list[torch.Generator] | None = None,
     until_end: bool = False,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Extend idx (B, T) by up to max_new_tokens; temperature=0 is greedy decoding. With `generators`,
     row i is drawn with generators[i] alone; with `until_end`, decoding stops once every row has drawn
-    a token that ends a reply (the rows are not cut: see `sample_tokens`)."""
+    a token that ends a reply (the rows are not cut: see `sample_tokens`). `compiled`: the one-token
+    steps run compiled whole (`compiled.py`: faster per token, after compiling once)."""
     was_training = model.training
     model.eval()
     steps = min(max_new_tokens, model.config.block_size - idx.size(1))
@@ -41,6 +44,7 @@ def generate(
     sampling = Sampling(temperature, top_k, 1.0 if top_p is None else top_p)
     ended = torch.zeros(idx.size(0), dtype=torch.bool)
     cache = None
+    step = compiled_steps(model) if compiled and use_cache else None
     if use_cache:
         dtype = model.transformer.wte.weight.dtype
         cache = KVCache.empty(model.config, idx.size(0), idx.device, dtype)
@@ -55,7 +59,7 @@ def generate(
             if bool(ended.all()):
                 break
         if use_cache and i + 1 < steps:
-            logits = model.logits(model.hidden(tok, cache)[:, -1])
+            logits = step(tok, cache) if step else model.logits(model.hidden(tok, cache)[:, -1])
     model.train(was_training)
     return idx
 

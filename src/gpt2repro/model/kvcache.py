@@ -80,3 +80,20 @@ class KVCache:
 
     def advance(self) -> None:
         self.lengths += self._T
+
+    def aligned_length(self) -> int:
+        """The tokens cached per slot, when every slot has as many and at least one, with room for
+        one more (what a compiled decoding step needs: `generation/compiled.py`)."""
+        lengths = set(self.lengths.tolist())
+        start = lengths.pop() if len(lengths) == 1 else 0
+        if start == 0 or start >= self.k.size(3):
+            raise ValueError(f"a one-token step needs every slot at one length in 1..{self.k.size(3) - 1}")
+        return start
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store one new token's keys and values for every layer and slot, (n_layer, slots, n_head,
+        1, head_dim), after the aligned slots' cached ones, and move the lengths on."""
+        start = self.aligned_length()
+        self.k[:, :, :, start : start + 1] = k
+        self.v[:, :, :, start : start + 1] = v
+        self.lengths += 1

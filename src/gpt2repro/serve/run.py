@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..model.gpt import GPT
+from ..model.ops import decoding_layout
 from ..text.tokenizer import get_tokenizer
 from .engine import Engine
 from .generation import Served
@@ -61,7 +62,7 @@ def served_model(model: GPT, model_id: str, slots: int, prefix_cache: bool = Tru
             return b""
 
     return Served(
-        Engine(model, slots, prefix_cache).start(), model_id, model.config.vocab_size, model.config.block_size,
+        Engine(decoding_layout(model), slots, prefix_cache).start(), model_id, model.config.vocab_size, model.config.block_size,
         enc.encode_ordinary, token_bytes, chat,
     )  # fmt: skip
 
