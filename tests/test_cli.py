@@ -26,6 +26,22 @@ def test_sample_from_hf_directory_is_seeded(capsys):
     assert capsys.readouterr().out == a and a.startswith("> The cat")
 
 
+def test_sample_with_compiled_steps_prints_the_same_samples(capsys):
+    """`sample --compile` (the one-token steps compiled whole): the same seeded samples as eager."""
+    tiny = str(shared_file("tiny-gpt2"))
+    args = ["sample", "--hf", tiny, "--prompt", "The cat", "-n", "2", "--seed", "3", "--max-new-tokens", "24"]
+    assert main(args) == 0
+    eager = capsys.readouterr().out
+    from unittest import mock
+
+    from gpt2repro.generation import generate
+
+    with mock.patch.object(generate, "compiled_steps", wraps=generate.compiled_steps) as compiled:
+        assert main([*args, "--compile"]) == 0
+    assert compiled.call_count == 1
+    assert capsys.readouterr().out == eager and eager.count("> The cat") == 2
+
+
 def test_export_then_transformers_loads_it(run_dir, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     assert main(["export", "--checkpoint", str(run_dir), "--out", str(tmp_path / "hf")]) == 0

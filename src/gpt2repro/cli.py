@@ -99,8 +99,9 @@ def cmd_sample(args) -> None:
     device = pick_device(args.device)
     model = decoding_layout(_load(args, device).to(torch_dtype(args.weight_dtype)))
     for text in sample_text(
-        model, args.prompt, args.n, args.max_new_tokens, args.temperature, args.top_k, args.seed, args.top_p
-    ):
+        model, args.prompt, args.n, args.max_new_tokens, args.temperature, args.top_k, args.seed, args.top_p,
+        compiled=args.compile,
+    ):  # fmt: skip
         print(f"> {text}")
 
 

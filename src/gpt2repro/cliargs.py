@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="fp32",
         help="cast the weights themselves (faster decoding on GPUs and for batches)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile each one-token step whole: faster per token after compiling once (tens of "
+        "seconds), so for long samples (fp32 on CPU: benchmarks/RESULTS.md)",
+    )
 
     p = sub.add_parser(
         "chat", help="talk to a chat model (streamed replies, the conversation kept in the KV cache)"

@@ -26,7 +26,9 @@ def bench_generate(size: str, repeats: int, device: torch.device, new_tokens: in
     cfg.block_size = 512
     torch.manual_seed(0)
     model = GPT(cfg).to(device).eval()
-    ours = {d: decoding_layout(copy.deepcopy(model).to(torch_dtype(d))) for d in bench_dtypes()}  # as `sample`
+    ours = {
+        d: decoding_layout(copy.deepcopy(model).to(torch_dtype(d))) for d in bench_dtypes()
+    }  # as `sample`
     hf = {}
     try:
         hf["fp32"] = hf_copy(model)

@@ -90,10 +90,10 @@ def prompt_tokens(prompt: str, block_size: int) -> list[int]:
 
 
 def sample_tokens(
-    model: GPT, prompt_ids: list[int], n: int, max_new_tokens: int, sampling: Sampling
+    model: GPT, prompt_ids: list[int], n: int, max_new_tokens: int, sampling: Sampling, compiled: bool = False
 ) -> list[list[int]]:
     """n continuations of `prompt_ids` (row i drawn with seed + i), each ending before its first token
-    that is not text."""
+    that is not text; `compiled`: see `generate`."""
     sampling.check()
     if n < 1 or max_new_tokens < 1:
         raise GenerateError(f"n and max_new_tokens must be at least 1, got {n} and {max_new_tokens}")
@@ -101,7 +101,7 @@ def sample_tokens(
     idx = torch.tensor([prompt_ids] * n, dtype=torch.long, device=device)
     gens = [sampling.generator(device, i) for i in range(n)]
     out = generate(model, idx, max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p,
-                   generators=gens, until_end=True)  # fmt: skip
+                   generators=gens, until_end=True, compiled=compiled)  # fmt: skip
     rows = [row[len(prompt_ids) :].tolist() for row in out]
     return [row[: next((j for j, t in enumerate(row) if ends_reply(t)), len(row))] for row in rows]
 
@@ -115,12 +115,15 @@ def sample_text(
     top_k: int | None = 50,
     seed: int = 42,
     top_p: float = 1.0,
+    compiled: bool = False,
 ) -> list[str]:
     """n samples continuing `prompt` (the prompt included), reproducible for a seed (the original's
-    top-50 sampling by default)."""
+    top-50 sampling by default); `compiled`: see `generate`."""
     from ..text.tokenizer import get_tokenizer
 
     enc = get_tokenizer()
     prompt_ids = prompt_tokens(prompt, model.config.block_size)
-    rows = sample_tokens(model, prompt_ids, n, max_new_tokens, Sampling(temperature, top_k, top_p, seed))
+    rows = sample_tokens(
+        model, prompt_ids, n, max_new_tokens, Sampling(temperature, top_k, top_p, seed), compiled
+    )
     return [enc.decode(prompt_ids + row) for row in rows]
