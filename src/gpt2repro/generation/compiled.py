@@ -29,13 +29,17 @@ OPTIONS = {"cpp_wrapper": True}  # inductor: kernels called from C++, not from a
 
 def _attend(q, k_old, v_old, k_new, v_new) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over the cached keys and values (slots, heads, start, d) and the
-    new token's own (slots, heads, 1, d): the two parts share one softmax."""
+    new token's own (slots, heads, 1, d): the two parts share one softmax, taken in fp32 whatever
+    the weights' dtype (as SDPA accumulates)."""
     scale = q.size(-1) ** -0.5
-    s_old = (q @ k_old.transpose(-1, -2)) * scale
-    s_new = (q * k_new).sum(-1, keepdim=True) * scale
+    s_old = (q @ k_old.transpose(-1, -2)).float() * scale
+    s_new = (q.float() * k_new.float()).sum(-1, keepdim=True) * scale
     top = torch.maximum(s_old.amax(-1, keepdim=True), s_new)
     p_old, p_new = (s_old - top).exp(), (s_new - top).exp()
-    return (p_old @ v_old + p_new * v_new) / (p_old.sum(-1, keepdim=True) + p_new)
+    y = ((p_old.to(v_old.dtype) @ v_old).float() + p_new * v_new.float()) / (
+        p_old.sum(-1, keepdim=True) + p_new
+    )
+    return y.to(q.dtype)
 
 
 def _step(model: GPT, tok: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor):
