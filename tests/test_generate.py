@@ -148,9 +148,8 @@ def test_compiled_steps_decode_as_the_eager_steps_in_one_graph_for_every_length(
 
     torch.manual_seed(3)
     prompt = torch.randint(0, 50257, (2, 9))
-    graphs = counters["stats"]["unique_graphs"]
     step = compiled_steps(model)
-    caches, tokens = [], []
+    caches, tokens, graphs = [], [], []
     with torch.no_grad():
         for compiled in (True, False):
             cache = KVCache.empty(model.config, 2, "cpu", torch.float32)
@@ -160,9 +159,10 @@ def test_compiled_steps_decode_as_the_eager_steps_in_one_graph_for_every_length(
                 tok = logits.argmax(-1, keepdim=True)
                 seen.append((tok, logits))
                 logits = step(tok, cache) if compiled else model.logits(model.hidden(tok, cache)[:, -1])
+                graphs.append(counters["stats"]["unique_graphs"])  # after each step
             caches.append(cache)
             tokens.append(seen)
-    assert counters["stats"]["unique_graphs"] - graphs == 1
+    assert graphs[1:12] == [graphs[0]] * 11  # lengths 10..20 after the first step: no new graph
     for (tok_c, logits_c), (tok_e, logits_e) in zip(*tokens):
         assert torch.equal(tok_c, tok_e)
         torch.testing.assert_close(logits_c, logits_e, rtol=1e-5, atol=1e-5)
@@ -174,6 +174,22 @@ def test_compiled_steps_decode_as_the_eager_steps_in_one_graph_for_every_length(
             generate(model, prompt, 10, temperature=0, compiled=True),
             generate(model, prompt, 10, temperature=0),
         )
+
+
+def test_compiled_steps_refuse_what_they_cannot_do_in_one_line(model):
+    """Without the cache; with a C++ compiler that does not work (a one-line GenerateError naming
+    the cause, not inductor's traceback)."""
+    from gpt2repro.generation.sampling import GenerateError
+
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(GenerateError, match="need use_cache=True"):
+        generate(model, prompt, 4, temperature=0, compiled=True, use_cache=False)
+    odd = GPT(model.config.__class__(**{**vars(model.config), "n_embd": 48, "n_head": 3})).eval()
+    with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",)}):
+        with pytest.raises(
+            GenerateError, match="compiling the decoding step failed .*decode without compiling"
+        ):
+            generate(odd, prompt, 4, temperature=0, compiled=True)
 
 
 def test_a_compiled_step_needs_every_slot_at_one_length(model):

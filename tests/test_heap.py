@@ -4,6 +4,7 @@ setting holds for a process's life, and pytest's workers train with it on."""
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -29,7 +30,7 @@ libc.free(p)
 print(json.dumps({"took": took, "faults": faults, "pages": size // resource.getpagesize()}))
 """
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt's settings: glibc only")
 
 
 def _probe(mode: str, **env: str) -> dict:
@@ -51,3 +52,12 @@ def test_the_environment_variable_leaves_glibcs_default():
     off = _probe("heap", GPT2REPRO_CPU_HEAP="0")
     assert off["took"] is False
     assert off["faults"] >= off["pages"] // 2
+
+
+def test_a_setting_other_than_0_or_1_is_one_line(monkeypatch):
+    from gpt2repro.errors import UserError
+    from gpt2repro.training import heap
+
+    monkeypatch.setenv(heap.ENV, "off")
+    with pytest.raises(UserError, match="GPT2REPRO_CPU_HEAP='off': expected 1"):
+        heap.reuse_freed_memory()

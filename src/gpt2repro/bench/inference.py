@@ -26,9 +26,8 @@ def bench_generate(size: str, repeats: int, device: torch.device, new_tokens: in
     cfg.block_size = 512
     torch.manual_seed(0)
     model = GPT(cfg).to(device).eval()
-    ours = {
-        d: decoding_layout(copy.deepcopy(model).to(torch_dtype(d))) for d in bench_dtypes()
-    }  # as `sample`
+    plain = {d: copy.deepcopy(model).to(torch_dtype(d)) for d in bench_dtypes()}  # nn.Linear's layout
+    ours = {d: decoding_layout(copy.deepcopy(m)) for d, m in plain.items()}  # as `sample` runs it
     hf = {}
     try:
         hf["fp32"] = hf_copy(model)
@@ -38,7 +37,7 @@ def bench_generate(size: str, repeats: int, device: torch.device, new_tokens: in
 
     def runner(method: str, dtype: str, prompt: torch.Tensor):
         if method == "original":
-            return lambda: original_generate(ours[dtype], prompt, new_tokens)
+            return lambda: original_generate(plain[dtype], prompt, new_tokens)  # its code, its layout
         if method == "hf":
             return lambda: hf[dtype].generate(
                 prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0

@@ -49,6 +49,8 @@ def _bench_serve(size: str, repeats: int, device: torch.device) -> list[dict]:
 
 def _bench_generate(size: str, baseline: str, repeats: int, device: torch.device) -> list[dict]:
     """Against llama.cpp: its own table (bench/llamacpp.py, which needs llama-cpp-python, on CPU)."""
+    if baseline == "allocator":
+        raise BenchError("--baseline allocator compares training steps: use it with `bench train`")
     if baseline != "llama.cpp":
         return bench_generate(size, repeats, device)
     if device.type != "cpu":
@@ -255,7 +257,8 @@ def bench_allocator(size: str, modes: tuple[str, ...], repeats: int, device: tor
             env = {**os.environ, ENV: "1"}
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
             if out.returncode:
-                raise BenchError(f"the allocator probe failed: {out.stderr.strip().splitlines()[-1]}")
+                last = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]
+                raise BenchError(f"the allocator probe failed: {last}")
             for mode, t in json.loads(out.stdout.splitlines()[-1]).items():
                 seen.setdefault((mode, heap), []).append(t)
     cfg, B, T = size_config(size)

@@ -44,7 +44,9 @@ def generate(
     sampling = Sampling(temperature, top_k, 1.0 if top_p is None else top_p)
     ended = torch.zeros(idx.size(0), dtype=torch.bool)
     cache = None
-    step = compiled_steps(model) if compiled and use_cache else None
+    if compiled and not use_cache:
+        raise GenerateError("compiled decoding steps read the KV cache: they need use_cache=True")
+    step = compiled_steps(model) if compiled else None
     if use_cache:
         dtype = model.transformer.wte.weight.dtype
         cache = KVCache.empty(model.config, idx.size(0), idx.device, dtype)

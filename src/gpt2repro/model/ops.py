@@ -88,11 +88,14 @@ def decoding_layout(model: nn.Module) -> nn.Module:
     then takes its column-streaming one-row product, which reads the weights faster than the
     row-dot one it uses for nn.Linear's layout (124M at batch 1 on the Intel host: 17.9 -> 15.9 ms of
     matmuls per token; benchmarks/RESULTS.md); prompts' multi-row products are no slower. Tied
-    weights stay tied (the Parameter objects are kept).
+    weights stay tied (the Parameter objects are kept): the token embedding is transposed too, and
+    looking a token up reads one strided row, nothing next to a matmul.
 
     For sampling, chat and serving only: a model being trained keeps nn.Linear's layout, whose
     gradients and losses are the measured ones. Left as it is where the grouped split is taken (it
-    needs the usual layout), for bf16 weights (their one-row kernel is slower this way) and off the CPU."""
+    was measured on the usual layout only), for bf16 weights (their one-row kernel is slower this
+    way) and off the CPU. Saving the weights with safetensors directly needs `.contiguous()` (this
+    project's writers do it)."""
     if Linear.SPLIT:
         return model
     with torch.no_grad():

@@ -51,6 +51,9 @@ def chat_format(config) -> ChatFormat | None:
 
 
 def served_model(model: GPT, model_id: str, slots: int, prefix_cache: bool = True) -> Served:
+    """The model behind the API, its engine started. Its fp32 weights are laid out for decoding in
+    place (`ops.decoding_layout`: the same values, stored transposed; `.contiguous()` them before
+    writing them with anything but this project's writers)."""
     enc = get_tokenizer()
     chat = chat_format(model.config)
     decode_one = chat.token_bytes if chat else enc.decode_single_token_bytes

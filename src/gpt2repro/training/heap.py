@@ -14,8 +14,10 @@ memory until it ends, which suits a training run; `GPT2REPRO_CPU_HEAP=0` leaves 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
+import platform
+
+from ..errors import UserError
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
 _TRIM_ABOVE = 2**31 - 1  # bytes free at the heap's top before glibc returns them (its largest int)
@@ -24,12 +26,11 @@ ENV = "GPT2REPRO_CPU_HEAP"
 
 def reuse_freed_memory() -> bool:
     """Serve large allocations from the heap from now on (see above); whether that took effect."""
-    if os.environ.get(ENV, "1") == "0":
+    setting = os.environ.get(ENV, "1")
+    if setting not in ("0", "1"):
+        raise UserError(f"{ENV}={setting!r}: expected 1 (large tensors from the heap, the default) or 0")
+    if setting == "0" or platform.libc_ver()[0] != "glibc":  # elsewhere no such settings
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc: its allocator has no such settings
-        return False
+    mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_ABOVE))
