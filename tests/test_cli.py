@@ -74,7 +74,13 @@ def test_eval_hellaswag_cli_writes_json_and_predictions(tmp_path, capsys):
         str(tmp_path / "p.jsonl"),
         "--verbose",
     ]
-    assert main(argv) == 0
+    from unittest import mock
+
+    from gpt2repro.training import heap
+
+    with mock.patch.object(heap, "reuse_freed_memory", wraps=heap.reuse_freed_memory) as reuse:
+        assert main(argv) == 0
+    assert reuse.call_count == 1  # on a CPU, eval's large tensors come from the heap, as training's
     out = capsys.readouterr().out
     assert "hellaswag [completion] n=6" in out and "logprob=" in out
     results = json.loads((tmp_path / "r.json").read_text())

@@ -157,10 +157,13 @@ def cmd_export(args) -> None:
 def cmd_eval(args) -> None:
     from .evals import report
     from .parallel.distributed import setup, teardown
+    from .training.heap import reuse_freed_memory
 
     info = setup(args.device)
     try:
         report.check_output_paths(args.json_out, getattr(args, "predictions", None))
+        if info.device.type == "cpu":
+            reuse_freed_memory()  # the logits of every batch: no fresh pages each time (training/heap.py)
         bundle = _core_bundle(args) if args.task == "core" else None  # its errors before the model loads
         model = _load(args, info.device)
         if bundle is not None:

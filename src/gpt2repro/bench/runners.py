@@ -304,8 +304,6 @@ def bench_train(size: str, modes: str, baseline: str, repeats: int, device: torc
     if baseline == "allocator":
         return bench_allocator(size, chosen, repeats, device)
     impls = ["ours", *BASELINES[baseline]]
-    if device.type == "cpu":
-        reuse_freed_memory()  # as training does: this process measures the step training runs
     rows = bench_train_steps([(impl, mode) for impl in impls for mode in chosen], size, repeats, device)
     best = max(r["tok_per_s"] for r in rows if r["impl"] == "ours")
     for r in rows:
@@ -331,6 +329,8 @@ def run(
         raise BenchError(f"unknown benchmark {what!r}; choose one of {', '.join(WHAT)}")
     device = pick_device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     enable_tf32(device)
+    if device.type == "cpu" and what in ("train", "hellaswag", "core"):
+        reuse_freed_memory()  # as `train` and `eval` run: large tensors reused from the heap
     runners = {
         "peak": lambda: bench_peak(repeats, device),
         "train": lambda: bench_train(size, mode, baseline, repeats, device),

@@ -86,8 +86,8 @@ def decoding_layout(model: nn.Module) -> nn.Module:
     """Lay every fp32 Linear weight of an inference model out for decoding, in place: the same
     (out, in) tensor of the same values, stored as the transpose of a contiguous (in, out) one. MKL
     then takes its column-streaming one-row product, which reads the weights faster than the
-    row-dot one it uses for nn.Linear's layout (124M at batch 1 on the Intel host: 17.9 -> 15.9 ms of
-    matmuls per token; benchmarks/RESULTS.md); prompts' multi-row products are no slower. Tied
+    row-dot one it uses for nn.Linear's layout (measured on Intel: benchmarks/RESULTS.md); prompts'
+    multi-row products are no slower. Tied
     weights stay tied (the Parameter objects are kept): the token embedding is transposed too, and
     looking a token up reads one strided row, nothing next to a matmul.
 

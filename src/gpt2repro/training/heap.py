@@ -3,13 +3,14 @@
 glibc serves every allocation above its mmap threshold (at most 32 MB) with a fresh mapping and
 unmaps it when freed, so the next step touches new pages and the kernel faults every one of them in
 again. A CPU training step allocates several such tensors each step (the tied embedding's gradient,
-the lm_head's gradient, AdamW's and autocast's temporaries): on the hosts measured the faults were a
-fifth to a third of a cpu-demo step (benchmarks/RESULTS.md, "Training MFU"). With mmap off and the
-heap not trimmed below 2 GB free, a freed block stays mapped and is handed out again. Allocation only: the
-arithmetic, and so every loss, is unchanged.
+the lm_head's gradient, AdamW's and autocast's temporaries), an evaluation each batch's logits; the
+faults are a large part of such a step (benchmarks/RESULTS.md, "Training MFU"). With mmap off and
+the heap not trimmed below 2 GB free, a freed block stays mapped and is handed out again. Allocation
+only: the arithmetic, and so every loss and score, is unchanged. `train` and `eval` set it on a CPU.
 
 Only glibc (Linux) has these settings; elsewhere nothing changes. The process keeps its peak
-memory until it ends, which suits a training run; `GPT2REPRO_CPU_HEAP=0` leaves glibc's default."""
+memory until it ends, which suits a training or evaluation run; `GPT2REPRO_CPU_HEAP=0` leaves
+glibc's default."""
 
 from __future__ import annotations
 
