@@ -7,13 +7,16 @@ import os
 import platform
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
+import torch
 
 PROBE = """
 import ctypes, json, resource, sys
+import torch
 from gpt2repro.training.heap import reuse_freed_memory
-took = reuse_freed_memory() if sys.argv[1] == "heap" else False
+took = reuse_freed_memory(torch.device("cpu")) if sys.argv[1] == "heap" else False
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
 libc.free.argtypes = (ctypes.c_void_p,)
@@ -60,4 +63,14 @@ def test_a_setting_other_than_0_or_1_is_one_line(monkeypatch):
 
     monkeypatch.setenv(heap.ENV, "off")
     with pytest.raises(UserError, match="GPT2REPRO_CPU_HEAP='off': expected 1"):
-        heap.reuse_freed_memory()
+        heap.reuse_freed_memory(torch.device("cpu"))
+
+
+def test_a_process_computing_elsewhere_keeps_glibcs_default(monkeypatch):
+    """Only a CPU process: a GPU run's host memory is left as glibc manages it."""
+    from gpt2repro.training import heap
+
+    monkeypatch.setenv(heap.ENV, "1")
+    with mock.patch("ctypes.CDLL") as libc:
+        assert heap.reuse_freed_memory(torch.device("meta")) is False
+    libc.assert_not_called()

@@ -40,6 +40,14 @@ def _load(args, device):
     return load_model(args.checkpoint, device) if args.checkpoint else load_hf(args.hf).to(device)
 
 
+def _load_for_decoding(args, device):
+    """The model in `--weight-dtype`, its weights laid out for decoding (`ops.decoding_layout`)."""
+    from .model.ops import decoding_layout
+    from .model.precision import torch_dtype
+
+    return decoding_layout(_load(args, device).to(torch_dtype(args.weight_dtype)))
+
+
 def cmd_prepare(args) -> None:
     if args.chat:
         _prepare_chat(args)
@@ -92,12 +100,9 @@ def cmd_train(args) -> None:
 
 def cmd_sample(args) -> None:
     from .generation.generate import sample_text
-    from .model.ops import decoding_layout
-    from .model.precision import torch_dtype
     from .parallel.distributed import pick_device
 
-    device = pick_device(args.device)
-    model = decoding_layout(_load(args, device).to(torch_dtype(args.weight_dtype)))
+    model = _load_for_decoding(args, pick_device(args.device))
     for text in sample_text(
         model, args.prompt, args.n, args.max_new_tokens, args.temperature, args.top_k, args.seed, args.top_p,
         compiled=args.compile,
@@ -107,11 +112,9 @@ def cmd_sample(args) -> None:
 
 def cmd_chat(args) -> None:
     from .generation.chat_cli import run
-    from .model.ops import decoding_layout
-    from .model.precision import torch_dtype
     from .parallel.distributed import pick_device
 
-    model = decoding_layout(_load(args, pick_device(args.device)).to(torch_dtype(args.weight_dtype)))
+    model = _load_for_decoding(args, pick_device(args.device))
     sampling = dict(
         max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature
     )
@@ -162,8 +165,7 @@ def cmd_eval(args) -> None:
     info = setup(args.device)
     try:
         report.check_output_paths(args.json_out, getattr(args, "predictions", None))
-        if info.device.type == "cpu":
-            reuse_freed_memory()  # the logits of every batch: no fresh pages each time (training/heap.py)
+        reuse_freed_memory(info.device)  # each batch's logits: no fresh pages each time (training/heap.py)
         bundle = _core_bundle(args) if args.task == "core" else None  # its errors before the model loads
         model = _load(args, info.device)
         if bundle is not None:

@@ -103,13 +103,15 @@ def bench_train_steps(
     for _ in range(repeats):
         for (step, _), seen in zip(steps, times):
             seen.append(median_time(step, 1, warmup=0))
-    rows = []
-    for (_, info), seen in zip(steps, times):
-        dt = statistics.median(seen)
-        tok_s = info["B"] * info["T"] / dt
-        share = Peak(device, info.pop("dtype")).mfu(info.pop("flops_per_token") * tok_s, 1.0)
-        rows.append({**info, "step_s": dt, "tok_per_s": tok_s, "mfu": share})
-    return rows
+    return [_step_row(info, statistics.median(seen), device) for (_, info), seen in zip(steps, times)]
+
+
+def _step_row(info: dict, dt: float, device: torch.device) -> dict:
+    """A train step's row: `train_step_runner`'s info, its median time, tokens/s and MFU."""
+    info = dict(info)
+    tok_s = info["B"] * info["T"] / dt
+    share = Peak(device, info.pop("dtype")).mfu(info.pop("flops_per_token") * tok_s, 1.0)
+    return {**info, "step_s": dt, "tok_per_s": tok_s, "mfu": share}
 
 
 def bench_prepare(repeats: int, copies: int = 16) -> list[dict]:
@@ -232,14 +234,14 @@ def allocator_probe(size: str, modes: tuple[str, ...], heap: bool, steps: int) -
     """Our CPU train step in each mode in this (fresh) process, large tensors from glibc's heap
     (`training.heap`, what training does) or, with heap=False, from glibc's default fresh mappings;
     prints the median step time per mode as JSON."""
-    if heap and not reuse_freed_memory():
-        raise BenchError("this C library has no mallopt settings to compare (glibc only)")
     device = torch.device("cpu")
-    times = {}
+    if heap and not reuse_freed_memory(device):
+        raise BenchError("this C library has no mallopt settings to compare (glibc only)")
+    results = []
     for mode in modes:
-        step, _ = train_step_runner("ours", size, mode, device)
-        times[mode] = median_time(step, steps, warmup=1)
-    print(json.dumps(times))
+        step, info = train_step_runner("ours", size, mode, device)
+        results.append((median_time(step, steps, warmup=1), info))
+    print(json.dumps(results))
 
 
 def bench_allocator(size: str, modes: tuple[str, ...], repeats: int, device: torch.device) -> list[dict]:
@@ -248,6 +250,7 @@ def bench_allocator(size: str, modes: tuple[str, ...], repeats: int, device: tor
     if device.type != "cpu":
         raise BenchError("--baseline allocator compares CPU memory allocation: run it with --device cpu")
     seen: dict[tuple[str, bool], list[float]] = {}
+    infos: dict[str, dict] = {}
     for _ in range(repeats):
         for heap in (False, True):
             code = (
@@ -259,19 +262,13 @@ def bench_allocator(size: str, modes: tuple[str, ...], repeats: int, device: tor
             if out.returncode:
                 last = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]
                 raise BenchError(f"the allocator probe failed: {last}")
-            for mode, t in json.loads(out.stdout.splitlines()[-1]).items():
-                seen.setdefault((mode, heap), []).append(t)
-    cfg, B, T = size_config(size)
-    with torch.device("meta"):
-        flops_per_token = GPT(cfg).flops_per_token(T)
+            for t, info in json.loads(out.stdout.splitlines()[-1]):
+                seen.setdefault((info["mode"], heap), []).append(t)
+                infos[info["mode"]] = info
     rows = []
     for (mode, heap), times in seen.items():
-        dt = statistics.median(times)
-        dtype = "bf16" if mode.endswith("bf16") else "fp32"
-        mfu = Peak(device, dtype).mfu(flops_per_token * B * T / dt, 1.0)
         allocator = "heap (training's)" if heap else "glibc default (mmap)"
-        rows.append({"size": size, "mode": mode, "allocator": allocator, "B": B, "T": T, "step_s": dt,
-                     "tok_per_s": B * T / dt, "mfu": mfu})  # fmt: skip
+        rows.append({**_step_row(infos[mode], statistics.median(times), device), "allocator": allocator})
     for r in rows:
         heap_row = next(h for h in rows if h["mode"] == r["mode"] and h["allocator"].startswith("heap"))
         r["vs_heap"] = heap_row["step_s"] / r["step_s"]
@@ -329,8 +326,8 @@ def run(
         raise BenchError(f"unknown benchmark {what!r}; choose one of {', '.join(WHAT)}")
     device = pick_device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     enable_tf32(device)
-    if device.type == "cpu" and what in ("train", "hellaswag", "core"):
-        reuse_freed_memory()  # as `train` and `eval` run: large tensors reused from the heap
+    if what in ("train", "hellaswag", "core"):
+        reuse_freed_memory(device)  # as `train` and `eval` run: large tensors reused from the heap
     runners = {
         "peak": lambda: bench_peak(repeats, device),
         "train": lambda: bench_train(size, mode, baseline, repeats, device),

@@ -29,8 +29,8 @@ class Linear(nn.Linear):
     """nn.Linear, plus faster paths for decoding on a CPU, where a few rows of input (one new token
     per sequence) make the matmul bound by reading the weight.
 
-    - bf16, one row: `torch.addmv`, whose bf16 matrix-vector kernel streams the weight 1.4x as fast
-      as the oneDNN matmul F.linear dispatches to (124M: 14 ms against 20 per token).
+    - bf16, one row: `torch.addmv`, whose bf16 matrix-vector kernel streams the weight faster than
+      the oneDNN matmul F.linear dispatches to.
     - fp32, up to MAX_ROWS rows, off Intel: MKL runs this product on one core there (AMD EPYC,
       measured); splitting the output features into one group per thread and running the groups as
       a batched matmul uses every core. On Intel, MKL's own product already streams the weight on
@@ -87,9 +87,9 @@ def decoding_layout(model: nn.Module) -> nn.Module:
     (out, in) tensor of the same values, stored as the transpose of a contiguous (in, out) one. MKL
     then takes its column-streaming one-row product, which reads the weights faster than the
     row-dot one it uses for nn.Linear's layout (measured on Intel: benchmarks/RESULTS.md); prompts'
-    multi-row products are no slower. Tied
-    weights stay tied (the Parameter objects are kept): the token embedding is transposed too, and
-    looking a token up reads one strided row, nothing next to a matmul.
+    multi-row products are no slower. Tied weights stay tied (the Parameter objects are kept): the
+    token embedding is transposed too, and looking a token up reads one strided row, nothing next
+    to a matmul.
 
     For sampling, chat and serving only: a model being trained keeps nn.Linear's layout, whose
     gradients and losses are the measured ones. Left as it is where the grouped split is taken (it

@@ -17,20 +17,25 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
 _TRIM_ABOVE = 2**31 - 1  # bytes free at the heap's top before glibc returns them (its largest int)
 ENV = "GPT2REPRO_CPU_HEAP"
 
 
-def reuse_freed_memory() -> bool:
-    """Serve large allocations from the heap from now on (see above); whether that took effect."""
+def reuse_freed_memory(device: torch.device) -> bool:
+    """For a process computing on `device`: serve large allocations from the heap from now on if it
+    is the CPU (see above); whether that took effect."""
     setting = os.environ.get(ENV, "1")
     if setting not in ("0", "1"):
         raise UserError(f"{ENV}={setting!r}: expected 1 (large tensors from the heap, the default) or 0")
-    if setting == "0" or platform.libc_ver()[0] != "glibc":  # elsewhere no such settings
+    if setting == "0" or device.type != "cpu" or platform.libc_ver()[0] != "glibc":  # else no such settings
         return False
     mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int

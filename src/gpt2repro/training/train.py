@@ -89,8 +89,7 @@ class Trainer:
         self.plan, self.cfg, self.info, self.run_dir, self.device = plan, cfg, info, run_dir, info.device
         self.data_sources = manifest_sources(data_dir)  # logged: the plot's reference lines depend on it
         enable_tf32(self.device)
-        if self.device.type == "cpu":
-            reuse_freed_memory()
+        reuse_freed_memory(self.device)
         torch.manual_seed(cfg.seed)
         run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.verify_data:
