@@ -152,3 +152,30 @@ def test_chat_in_a_real_terminal(chat_run_dir, monkeypatch):
         assert "EXITED 0" in screen and "2 replies, 6 tokens: first token after" in screen
     finally:
         _tmux("kill-server", check=False)
+
+
+@pytest.mark.parametrize("command", ["chat", "sample"])
+def test_chat_and_sample_decode_with_the_weights_laid_out_for_it(command, chat_run_dir, capsys):
+    """The commands that decode store their fp32 weights transposed (`ops.decoding_layout`), where
+    the grouped split is off (as on Intel); the reply is the one of the usual layout."""
+    from unittest import mock
+
+    from gpt2repro.model import ops
+
+    laid, original = [], ops.decoding_layout
+
+    def recorded(model):
+        laid.append(original(model))
+        return laid[-1]
+
+    argv = [command, "--checkpoint", str(chat_run_dir), "--temperature", "0"]
+    argv += (
+        ["--message", "Hi"] if command == "chat" else ["--prompt", "Hi", "-n", "1", "--max-new-tokens", "3"]
+    )
+    with mock.patch.object(ops.Linear, "SPLIT", False), mock.patch.object(ops, "decoding_layout", recorded):
+        assert main(argv) == 0
+    (model,) = laid
+    head = model.lm_head.weight
+    assert head.stride() == (1, head.size(0)) and head is model.transformer.wte.weight
+    if command == "chat":
+        assert capsys.readouterr().out == "Hello there.\n"

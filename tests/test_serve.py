@@ -409,3 +409,20 @@ def test_bench_serve_reports_each_turns_first_token_latency_with_and_without_pre
     prompts = [r["prompt tokens"] for r in rows[:TURNS]]
     assert prompts == sorted(set(prompts)) and prompts == [r["prompt tokens"] for r in rows[TURNS:]]
     assert all(r["first token ms"] > 0 for r in rows)
+
+
+def test_the_served_model_decodes_with_its_weights_laid_out_for_it(run_dir):
+    """`served_model` stores the fp32 weights transposed (`ops.decoding_layout`) where the grouped
+    split is off (as on Intel); ties kept."""
+    from unittest import mock
+
+    from gpt2repro.checkpoint.gathered import load_model
+    from gpt2repro.model import ops
+
+    fresh = load_model(run_dir).eval()
+    assert fresh.lm_head.weight.is_contiguous()
+    with mock.patch.object(ops.Linear, "SPLIT", False):
+        served = served_model(fresh, MODEL, 1)
+    served.engine.stop()
+    head = fresh.lm_head.weight
+    assert head.stride() == (1, head.size(0)) and head is fresh.transformer.wte.weight
