@@ -42,7 +42,8 @@ from ..text.tokenizer import EOT_ID
 from .records import file_records, stream_records
 from .shards import SPANS_DTYPE, ShardError, ShardWriter, mask_path, shard_name, spans_path
 from .sink import empty_split, finished, make_out_dir, open_manifest, refused_write, write_manifest
-from .sources import PrepareError, fingerprint, open_inputs, source_args
+from .sources import PrepareError, fingerprint
+from .stream import open_inputs, source_args
 
 LAYOUTS = ("auto", "messages", "sharegpt", "instruction")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,12 +23,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..errors import UserError
+from ..files import hub
 from ..files.fsio import publish_copy, sha256_file
 from ..files.lock import DirLock
 from ..text.tokenizer import EOT_ID, N_VOCAB
 from .shards import HEADER_BYTES, read_shard, shard_name, write_shard
 from .sink import drop_unlisted, finished, make_out_dir, read_manifest, write_manifest
-from .sources import PrepareError, brief, hub_unreachable
+from .sources import PrepareError, brief
 
 HF_SHARDS = "hf-shards:"
 SHARD = re.compile(r"(?:^|_)(train|val)_(\d+)\.bin$")  # llm.c's names: fineweb_train_000001.bin
@@ -39,7 +42,7 @@ class Remote(NamedTuple):
     """Where the shards come from: a hub data set at one commit, or a local directory."""
 
     label: str  # hf-shards:SPEC, for messages
-    repo: str | None  # the hub data set; None for a local directory
+    listing: hub.RepoFiles | None  # the hub data set's files; None for a local directory
     root: Path | None  # the local directory
     commit: str | None  # the hub commit every file is downloaded at, recorded for a rerun
     files: list[str]  # its .bin files, relative to the repo or the directory
@@ -79,6 +82,15 @@ def fetch_shards(
         write_manifest(out, manifest)  # before any shard: every shard in `out` is then one it lists
         _fetch_all(out, remote, plan, manifest, val_tokens, progress)
     return manifest
+
+
+def resume_command(out: Path, args: dict) -> str:
+    """The command that resumes this preparation, for a give-up's message."""
+    words = ["gpt2repro", "prepare", "--source", args["source"], "--out", str(out)]
+    for key in ("max_shards", "val_tokens", "revision"):
+        if args.get(key) is not None:
+            words += [f"--{key.replace('_', '-')}", str(args[key])]
+    return shlex.join(words)
 
 
 def _open_manifest(out: Path, args: dict) -> dict:
@@ -123,21 +135,23 @@ def _locate(label: str, revision: str | None, commit: str | None) -> Remote:
     if not REPO_ID.match(spec):
         raise PrepareError(f"{label}: no such directory, and not a hub data set's name (OWNER/NAME)")
     try:
-        from huggingface_hub import HfApi
+        import huggingface_hub  # noqa: F401
     except ImportError:
         raise PrepareError(f"{HF_SHARDS} needs huggingface_hub: pip install 'gpt2repro[data]'") from None
-    why = hub_unreachable()
+    why = hub.unreachable()
     if why:
         raise PrepareError(
             f"cannot download {spec} from the Hugging Face hub ({why}); offline machines: download its "
             f".bin files elsewhere and pass {HF_SHARDS}/path/to/them"
         )
     try:
-        info = HfApi().dataset_info(spec, revision=commit or revision)
-    except Exception as e:  # noqa: BLE001 - no such data set, no access, no network: all one line
+        listing = hub.list_files(spec, "dataset", commit or revision)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - no such data set, no access: all one line
         raise PrepareError(f"{label}: cannot list the data set on the hub ({brief(e)})") from None
-    files = sorted(s.rfilename for s in info.siblings or [] if s.rfilename.endswith(".bin"))
-    return Remote(label, spec, None, info.sha, files)
+    files = sorted(f for f in listing.files if f.endswith(".bin"))
+    return Remote(label, listing, None, listing.commit, files)
 
 
 def _plan(remote: Remote, max_shards: int | None, val_tokens: int | None) -> list[Planned]:
@@ -173,6 +187,7 @@ def _fetch_all(
     out: Path, remote: Remote, plan: list[Planned], manifest: dict, val_tokens: int | None, progress: bool
 ) -> None:
     """Fetch the planned shards the manifest does not list yet, writing it after each one."""
+    resume = f"rerun the same command to resume ({resume_command(out, manifest['args'])})"
     listed = {s["file"] for s in manifest["shards"]}
     val_left = None
     if val_tokens is not None:
@@ -181,7 +196,7 @@ def _fetch_all(
         cap = val_left if item.split == "val" else None
         if item.file in listed or cap == 0:
             continue
-        entry, documents = _fetch(out, remote, item, cap)
+        entry, documents = _fetch(out, remote, item, cap, resume)
         if cap is not None:
             val_left -= entry["tokens"]
         manifest["shards"].append(entry)
@@ -192,10 +207,10 @@ def _fetch_all(
     write_manifest(out, manifest)
 
 
-def _fetch(out: Path, remote: Remote, item: Planned, cap: int | None) -> tuple[dict, int]:
+def _fetch(out: Path, remote: Remote, item: Planned, cap: int | None, resume: str) -> tuple[dict, int]:
     """Download (or find) one shard, check it and publish it in `out` under our name, cut to `cap`
     tokens if it has more: its manifest entry and the documents starting in it."""
-    src = _download(remote, item.source)
+    src = _download(out, remote, item, resume)
     tokens = read_shard(src)  # the header: magic, version, token count against the file's size
     path = out / item.file
     if cap is not None and cap < len(tokens):
@@ -206,6 +221,8 @@ def _fetch(out: Path, remote: Remote, item: Planned, cap: int | None) -> tuple[d
     else:
         sha, documents = _scan(src, tokens)
         publish_copy(src, path, "a token shard")
+    if remote.root is None:
+        src.unlink()  # the download, now linked in under our name (or cut)
     entry = {
         "file": item.file,
         "split": item.split,
@@ -216,17 +233,18 @@ def _fetch(out: Path, remote: Remote, item: Planned, cap: int | None) -> tuple[d
     return entry, documents
 
 
-def _download(remote: Remote, name: str) -> Path:
+def _download(out: Path, remote: Remote, item: Planned, resume: str) -> Path:
+    """The shard as the source holds it: the local file, or the hub's, downloaded into `out` (a
+    hidden file until it is published under our name)."""
     if remote.root is not None:
-        return remote.root / name
-    from huggingface_hub import hf_hub_download
-
+        return remote.root / item.source
     try:
-        return Path(hf_hub_download(remote.repo, name, repo_type="dataset", revision=remote.commit))
-    except Exception as e:  # noqa: BLE001 - the network, the hub or the cache's disk: all one line
+        return hub.fetch_file(remote.listing, item.source, out / f".{item.file}.download")
+    except UserError as e:
+        raise PrepareError(f"{remote.label}: {e}; the shards fetched so far are kept: {resume}") from None
+    except Exception as e:  # noqa: BLE001 - a 404, no access, the disk: all one line
         raise PrepareError(
-            f"{remote.label}: cannot download {name} ({brief(e)}); the shards fetched so far are kept: "
-            "rerun the same command to resume"
+            f"{remote.label}: cannot download {item.source} ({brief(e)}); the shards fetched so far are kept: {resume}"
         ) from None
 
 

@@ -32,11 +32,9 @@ from .sources import (
     Unit,
     documents,
     fingerprint,
-    open_inputs,
-    resume_units,
-    source_args,
     units_cut,
 )
+from .stream import open_inputs, resume_units, source_args
 
 SHARD_TOKENS = 100_000_000  # the original's shard size
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from ..files import jsonio
 from ..text.chat import ChatError
-from .sources import PrepareError, Stream, brief, iter_stream
+from .sources import PrepareError, brief
+from .stream import Stream, iter_stream
 
 CHAT_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 

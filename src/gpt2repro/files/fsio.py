@@ -239,8 +239,9 @@ def publish_copy(src: str | os.PathLike, path: str | os.PathLike, what: str = "a
     """Put `src`'s bytes at `path` atomically: a hard link where the file system allows one (a
     downloaded 200 MB shard is not stored twice), else a copy. `src` must never change in place.
     A link's data is fsynced before it is renamed in: whoever wrote `src` (huggingface_hub's
-    download) may never have, and a manifest published next would list bytes still in memory."""
-    path = Path(path)
+    download) may never have, and a manifest published next would list bytes still in memory. A
+    symbolic link (a snapshot of huggingface_hub's cache) is followed: its target is linked."""
+    path, src = Path(path), os.path.realpath(src)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
         os.link(src, tmp)

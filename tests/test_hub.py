@@ -1,0 +1,191 @@
+"""Every path to the Hugging Face hub, through a local hub that speaks its protocol and fails on
+purpose (tests/localhub.py), reached as a user reaches a mirror: `HF_ENDPOINT` on any port.
+`prepare --source hf-shards:` gives the hub's very bytes; each fault kind alone and a mix of them end
+with the output of a fault-free run; a persistent failure is one line within the retry cap."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+from helpers import run_main
+from localhub import KINDS, Faults, LocalHub, Repo
+from test_hubshards import documents, llmc_shard
+
+from gpt2repro.data import prepare as prep
+from gpt2repro.data.shards import read_shard
+from gpt2repro.files import hub as hubmod
+
+pytest.importorskip("huggingface_hub")
+REPO = "someone/edu-gpt2"
+FAST = {  # retries that wait milliseconds, and a stall detected in one second
+    "GPT2REPRO_DOWNLOAD_BACKOFF": "0.01",
+    "GPT2REPRO_DOWNLOAD_TIMEOUT": "1",
+    "GPT2REPRO_DOWNLOAD_RETRIES": "6",
+}
+
+
+@pytest.fixture(scope="module")
+def shard_files(tmp_path_factory) -> dict[str, bytes]:
+    """A val shard and three train shards as llm.c names them, 100k tokens (200 KB) each."""
+    d = tmp_path_factory.mktemp("llmc")
+    names = ["edu_val_000000.bin"] + [f"edu_train_{i:06d}.bin" for i in (1, 2, 3)]
+    files = {n: llmc_shard(d / n, documents(100_000, seed)).read_bytes() for seed, n in enumerate(names)}
+    return {**files, "README.md": b"GPT-2 tokens"}
+
+
+@pytest.fixture
+def hub(monkeypatch, shard_files):
+    with LocalHub() as h:
+        h.add(Repo(REPO, "dataset", shard_files))
+        monkeypatch.setenv("HF_ENDPOINT", h.url)
+        for key, value in FAST.items():
+            monkeypatch.setenv(key, value)
+        yield h
+
+
+def fetch(out, **kw):
+    return prep.prepare([f"hf-shards:{REPO}"], out, progress=False, **kw)
+
+
+def published(out) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if not p.name.startswith(".")}
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, shard_files) -> dict[str, bytes]:
+    """What a fault-free fetch through the local hub publishes."""
+    out = tmp_path_factory.mktemp("clean") / "data"
+    mp = pytest.MonkeyPatch()
+    with LocalHub() as h:
+        h.add(Repo(REPO, "dataset", shard_files))
+        mp.setenv("HF_ENDPOINT", h.url)
+        try:
+            fetch(out)
+        finally:
+            mp.undo()
+    return published(out)
+
+
+def test_hub_shards_through_a_mirror_on_any_port_are_the_hubs_bytes(hub, shard_files, tmp_path):
+    """The README's fastest route, at a mirror on a port that is not 443 (refused as unreachable
+    before), through the real huggingface_hub listing: the shards are the hub's files, byte for byte."""
+    assert not hub.url.endswith(":443")
+    m = fetch(tmp_path / "d", val_tokens=5000)
+    out = published(tmp_path / "d")
+    for i in (1, 2, 3):
+        assert out[f"train_{i:06d}.bin"] == shard_files[f"edu_train_{i:06d}.bin"]
+    np.testing.assert_array_equal(
+        read_shard(tmp_path / "d" / "val_000000.bin"),
+        np.frombuffer(shard_files["edu_val_000000.bin"][1024:], "<u2")[:5000],
+    )
+    assert m["complete"] and m["commit"] == hub.repos[("dataset", REPO)].sha
+    assert sorted(os.listdir(tmp_path / "d")) == [
+        "manifest.json",
+        *sorted(k for k in out if k != "manifest.json"),
+    ]
+    gets = [r for r in hub.requests("/resolve/") if r[0] == "GET"]
+    assert len(gets) == 4 and all(f"/resolve/{m['commit']}/" in r[1] for r in gets)  # one commit pinned
+
+
+def test_hub_reachability_is_checked_at_the_endpoints_own_port(hub, monkeypatch):
+    assert hubmod.unreachable() is None
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    assert f"127.0.0.1:{port} unreachable" in hubmod.unreachable()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_fault_alone_ends_with_the_fault_free_output(hub, kind, clean_run, tmp_path, capsys):
+    hub.faults = Faults(plan=[kind, kind], only=".bin", stall_seconds=2.5)
+    fetch(tmp_path / "d")
+    assert published(tmp_path / "d") == clean_run
+    assert hub.faults.injected[kind] == 2
+    retries = [line for line in capsys.readouterr().err.splitlines() if "; retry " in line]
+    assert len(retries) == 2 and all("edu_val_000000.bin" in line for line in retries), retries
+    if kind in ("reset", "stall", "short"):  # half the body had arrived: the rest is asked for, not all of it
+        ranged = [r[3] for r in hub.requests("edu_val_000000.bin") if r[3]]
+        assert ranged and all(r.startswith("bytes=") and r != "bytes=0-" for r in ranged), ranged
+
+
+def test_a_mix_of_faults_ends_with_the_fault_free_output(hub, shard_files, tmp_path):
+    """Every other request fails, cycling through every kind, over eleven files."""
+    many = {f"edu_train_{i:06d}.bin": shard_files[f"edu_train_{1 + i % 3:06d}.bin"] for i in range(1, 11)}
+    hub.add(Repo("someone/many", "dataset", {**many, "edu_val_000000.bin": shard_files["edu_val_000000.bin"]}))
+    clean = prep.prepare(["hf-shards:someone/many"], tmp_path / "clean", progress=False)
+    hub.faults = Faults(every=2, only=".bin", stall_seconds=2.5)
+    assert prep.prepare(["hf-shards:someone/many"], tmp_path / "d", progress=False) == clean
+    assert published(tmp_path / "d") == published(tmp_path / "clean")
+    assert set(hub.faults.injected) == set(KINDS)
+    for i in range(1, 11):
+        assert (tmp_path / "d" / f"train_{i:06d}.bin").read_bytes() == many[f"edu_train_{i:06d}.bin"]
+
+
+def test_a_persistent_failure_is_one_line_within_the_cap(hub, tmp_path, capsys):
+    hub.faults = Faults(always="503", only="edu_train_000002")
+    out = tmp_path / "d"
+    argv = ["prepare", "--source", f"hf-shards:{REPO}", "--out", str(out), "--max-shards", "3"]
+    code, _, err = run_main(capsys, *argv)
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("prepare:")]
+    assert code == 2 and "Traceback" not in err
+    *retries, last = lines
+    assert len(retries) == 5 and all("edu_train_000002.bin: HTTP 503; retry" in r for r in retries)
+    assert last.startswith(f"gpt2repro: error: hf-shards:{REPO}: edu_train_000002.bin: gave up after 6 tries")
+    assert "(last: HTTP 503)" in last and f"({' '.join(['gpt2repro', *argv])})" in last
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not manifest["complete"] and [s["file"] for s in manifest["shards"]] == [
+        "val_000000.bin",
+        "train_000001.bin",
+    ]  # kept; nothing marked complete that is not
+    # a Retry-After longer than the whole cap: given up at once, saying so
+    hub.faults = Faults(always="429", only="edu_train_000002", retry_after=3600)
+    code, _, err = run_main(capsys, *argv)
+    assert code == 2 and "gave up after 1 try in" in err and "the server asked to wait 3600 s" in err
+    hub.faults = Faults()
+    m = prep.prepare([f"hf-shards:{REPO}"], out, max_shards=3, progress=False)  # the rerun completes it
+    assert m["complete"] and len(m["shards"]) == 4
+
+
+def test_a_token_is_sent_to_a_gated_repo_and_never_shown_or_recorded(
+    hub, shard_files, tmp_path, monkeypatch, capsys
+):
+    secret = "hf_secretTOKEN1234567890"
+    hub.add(Repo("org/gated", "dataset", shard_files, token=secret))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hfhome"))  # no saved token either
+    argv = ["prepare", "--source", "hf-shards:org/gated", "--out", str(tmp_path / "d")]
+    code, _, err = run_main(capsys, *argv)
+    assert code == 2 and "cannot list the data set on the hub" in err and "401" in err
+    monkeypatch.setenv("HF_TOKEN", secret)
+    hub.faults = Faults(plan=["503"], only=".bin")  # a retry line too: the token in none of them
+    code, out, err = run_main(capsys, *argv)
+    assert code == 0, err
+    assert secret not in out + err
+    for p in (tmp_path / "d").rglob("*"):
+        assert (
+            secret.encode() not in p.read_bytes()[-4096:]
+            if p.suffix == ".bin"
+            else secret.encode() not in p.read_bytes()
+        )
+
+
+def test_a_snapshot_of_huggingface_hubs_cache_publishes_the_files_it_links_to(hub, shard_files, tmp_path):
+    """`hf-shards:DIR` on a snapshot downloaded with huggingface_hub: its files are symlinks into the
+    cache's blobs/ (before, os.link linked the symlink itself and the publish failed with ELOOP)."""
+    from huggingface_hub import snapshot_download
+
+    snap = snapshot_download(REPO, repo_type="dataset", endpoint=hub.url, cache_dir=tmp_path / "cache")
+    assert os.path.islink(os.path.join(snap, "edu_train_000001.bin"))
+    m = prep.prepare([f"hf-shards:{snap}"], tmp_path / "d", progress=False)
+    assert m["complete"]
+    for i in (1, 2, 3):
+        ours = tmp_path / "d" / f"train_{i:06d}.bin"
+        assert not ours.is_symlink() and ours.read_bytes() == shard_files[f"edu_train_{i:06d}.bin"]
+        assert (
+            ours.stat().st_ino == os.stat(os.path.join(snap, f"edu_train_{i:06d}.bin")).st_ino
+        )  # the blob, linked
