@@ -358,7 +358,7 @@ def test_fineweb_offline_fails_at_once(tmp_path, monkeypatch, enc):
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("HF_DATASETS_OFFLINE")
     monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens: refused at once
-    with pytest.raises(prep.PrepareError, match="127.0.0.1 unreachable"):
+    with pytest.raises(prep.PrepareError, match="127.0.0.1:9 unreachable"):
         prep.prepare(["fineweb-edu"], tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
 

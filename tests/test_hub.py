@@ -5,9 +5,15 @@ with the output of a fault-free run; a persistent failure is one line within the
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import random
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +21,7 @@ from helpers import run_main
 from localhub import KINDS, Faults, LocalHub, Repo
 from test_hubshards import documents, llmc_shard
 
+from conftest import shared_file
 from gpt2repro.data import prepare as prep
 from gpt2repro.data.shards import read_shard
 from gpt2repro.files import hub as hubmod
@@ -116,7 +123,9 @@ def test_each_fault_alone_ends_with_the_fault_free_output(hub, kind, clean_run, 
 def test_a_mix_of_faults_ends_with_the_fault_free_output(hub, shard_files, tmp_path):
     """Every other request fails, cycling through every kind, over eleven files."""
     many = {f"edu_train_{i:06d}.bin": shard_files[f"edu_train_{1 + i % 3:06d}.bin"] for i in range(1, 11)}
-    hub.add(Repo("someone/many", "dataset", {**many, "edu_val_000000.bin": shard_files["edu_val_000000.bin"]}))
+    hub.add(
+        Repo("someone/many", "dataset", {**many, "edu_val_000000.bin": shard_files["edu_val_000000.bin"]})
+    )
     clean = prep.prepare(["hf-shards:someone/many"], tmp_path / "clean", progress=False)
     hub.faults = Faults(every=2, only=".bin", stall_seconds=2.5)
     assert prep.prepare(["hf-shards:someone/many"], tmp_path / "d", progress=False) == clean
@@ -189,3 +198,76 @@ def test_a_snapshot_of_huggingface_hubs_cache_publishes_the_files_it_links_to(hu
         assert (
             ours.stat().st_ino == os.stat(os.path.join(snap, f"edu_train_{i:06d}.bin")).st_ino
         )  # the blob, linked
+
+
+def _prepare_cli(hub, source, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "gpt2repro", "prepare", "--source", source, "--out", str(out), *extra]
+
+
+def _env(hub, tmp_path) -> dict:
+    return {
+        **os.environ,
+        **FAST,
+        "HF_ENDPOINT": hub.url,
+        "HF_HOME": str(tmp_path / "hf"),
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def _killed_then_finished(argv, env, kills: int, seed: int, window: float) -> subprocess.CompletedProcess:
+    """Run `argv`, SIGKILL it at a random moment within `window` seconds `kills` times, then let it finish."""
+    rng = random.Random(seed)
+    for _ in range(kills):
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, window))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_hub_shards_killed_at_random_under_faults_resume_to_the_same_bytes(hub, clean_run, tmp_path):
+    """SIGKILL during downloads (a slow link), publishing and manifest writes, with every other
+    request failing; each rerun resumes (partial downloads by Range) and the end is the fault-free run's."""
+    hub.faults = Faults(every=2, only=".bin", mix=("429", "503", "reset", "short", "corrupt"), throttle=0.1)
+    out = tmp_path / "d"
+    done = _killed_then_finished(_prepare_cli(hub, f"hf-shards:{REPO}", out), _env(hub, tmp_path), 4, 0, 3.0)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert published(out) == clean_run
+    assert any(r[3] not in ("", "bytes=0-") for r in hub.requests(".bin"))  # a partial file was resumed
+
+
+@pytest.fixture(scope="module")
+def parquet_repo(tmp_path_factory) -> dict[str, bytes]:
+    """Tiny Shakespeare's paragraphs as a two-file parquet data set, as the hub stores one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paragraphs = shared_file("tinyshakespeare.txt").read_text().split("\n\n")
+    files = {}
+    for i, rows in enumerate((paragraphs[:3000], paragraphs[3000:6000])):
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"text": rows}), buf, row_group_size=200)
+        files[f"data/train-{i:05d}-of-00002.parquet"] = buf.getvalue()
+    return files
+
+
+@pytest.mark.slow
+def test_a_streamed_data_set_survives_faults_and_kills(hub, parquet_repo, tmp_path):
+    """`prepare --source hf:OWNER/NAME` streams through `datasets` from the local hub: with requests
+    failing (429, 5xx, resets, stalls, short bodies) and the command killed at random points (reading,
+    tokenizing, writing a shard), the rerun's shards and manifest are the fault-free run's."""
+    hub.add(Repo("someone/docs", "dataset", parquet_repo))
+    env, extra = _env(hub, tmp_path), ("--shard-tokens", "60000", "--val-tokens", "20000")
+    clean = subprocess.run(
+        _prepare_cli(hub, "hf:someone/docs", tmp_path / "clean", *extra), env=env, timeout=300
+    )
+    assert clean.returncode == 0
+    hub.faults = Faults(
+        every=2, only=".parquet", mix=("429", "500", "503", "reset", "stall", "short"), stall_seconds=2
+    )
+    argv = _prepare_cli(hub, "hf:someone/docs", tmp_path / "d", *extra)
+    done = _killed_then_finished(argv, env, 3, 1, 4.0)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert published(tmp_path / "d") == published(tmp_path / "clean")
+    assert len(hub.faults.injected) >= 4

@@ -1,9 +1,7 @@
 """`prepare --source hf-shards:…`: llm.c shards tokenized already, fetched from a directory laid out
-like kjj0/finewebedu10B-gpt2 (the hub itself is unreachable here: its code path runs against a
-stand-in for huggingface_hub, and fails in one line offline)."""
+like kjj0/finewebedu10B-gpt2 (the hub path, through a local hub that fails on purpose: test_hub.py)."""
 
 import json
-import types
 
 import numpy as np
 import pytest
@@ -101,11 +99,11 @@ def test_a_rerun_fetches_only_what_the_manifest_lacks(repo, tmp_path, monkeypatc
     full = fetch(repo, tmp_path / "full", max_shards=3, val_tokens=1000)
     real, calls = hubshards._download, []
 
-    def dying_download(remote, name):
-        calls.append(name)
+    def dying_download(out, remote, item, resume):
+        calls.append(item.source)
         if len(calls) == 3:
             raise KeyboardInterrupt  # killed while fetching the second train shard
-        return real(remote, name)
+        return real(out, remote, item, resume)
 
     monkeypatch.setattr(hubshards, "_download", dying_download)
     out = tmp_path / "out"
@@ -212,45 +210,6 @@ def test_options_and_sources_that_do_not_fit(repo, tmp_path, capsys):
     )
 
 
-def test_the_hub_path_pins_one_commit_and_fails_in_one_line(repo, tmp_path, monkeypatch, capsys):
-    """The hub path with huggingface_hub's two calls answered from `repo`: one commit for every file,
-    a failed download one line, the rerun fetching only what is missing."""
-    huggingface_hub = pytest.importorskip("huggingface_hub")
-    downloads, failing = [], {"finewebedu_train_000002.bin"}
-
-    def dataset_info(api, repo_id, revision=None):
-        assert repo_id == "kjj0/finewebedu10B-gpt2" and revision in (None, "c0ffee")
-        siblings = [types.SimpleNamespace(rfilename=p.name) for p in repo.iterdir()]
-        return types.SimpleNamespace(sha="c0ffee", siblings=siblings)
-
-    def hf_hub_download(repo_id, filename, repo_type=None, revision=None):
-        downloads.append((repo_id, filename, repo_type, revision))
-        if filename in failing:
-            raise OSError(28, "No space left on device")
-        return str(repo / filename)
-
-    monkeypatch.setattr(hubshards, "hub_unreachable", lambda: None)
-    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", dataset_info)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
-    local = fetch(repo, tmp_path / "local", max_shards=2, val_tokens=1000)
-    source, out = "hf-shards:kjj0/finewebedu10B-gpt2", tmp_path / "hub"
-    argv = ["prepare", "--source", source, "--out", out, "--max-shards", 2, "--val-tokens", 1000]
-    fragment = f"{source}: cannot download finewebedu_train_000002.bin (OSError: [Errno 28] No space"
-    assert_one_line_error(capsys, argv, fragment)
-    assert json.loads((out / "manifest.json").read_text())["commit"] == "c0ffee"
-    failing.clear()
-    m = prep.prepare([source], out, max_shards=2, val_tokens=1000, progress=False)
-    assert [s["sha256"] for s in m["shards"]] == [s["sha256"] for s in local["shards"]]
-    assert m["commit"] == "c0ffee" and local["commit"] is None
-    assert {(r, t, rev) for r, _, t, rev in downloads} == {("kjj0/finewebedu10B-gpt2", "dataset", "c0ffee")}
-    assert [d[1] for d in downloads] == [
-        "finewebedu_val_000000.bin",
-        "finewebedu_train_000001.bin",
-        "finewebedu_train_000002.bin",  # failed
-        "finewebedu_train_000002.bin",  # the rerun: only what the manifest lacked
-    ]
-
-
 def test_the_hub_offline_or_unreachable_is_one_line(tmp_path, monkeypatch, capsys):
     pytest.importorskip("huggingface_hub")
     argv = ["prepare", "--source", "hf-shards:kjj0/finewebedu10B-gpt2", "--out", tmp_path / "o"]
@@ -260,7 +219,7 @@ def test_the_hub_offline_or_unreachable_is_one_line(tmp_path, monkeypatch, capsy
     )
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens: refused at once
-    assert_one_line_error(capsys, argv, "127.0.0.1 unreachable")
+    assert_one_line_error(capsys, argv, "127.0.0.1:9 unreachable")
     assert files(tmp_path / "o") == []
 
 
