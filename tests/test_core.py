@@ -12,6 +12,7 @@ import zipfile
 import pytest
 import torch
 import torch.nn.functional as F
+from localhub import Faults, LocalHub
 
 from conftest import shared_file
 from gpt2repro.cli import main
@@ -298,15 +299,22 @@ def test_download_is_verified_unpacked_and_recorded(tmp_path, monkeypatch):
         for p in sorted(src.rglob("*")):
             if p.is_file():
                 z.write(p, p.relative_to(src.parent).as_posix())
-    monkeypatch.setattr(assets, "CORE_BUNDLE_URL", archive.as_uri())
-    monkeypatch.setattr(assets, "CORE_BUNDLE_SHA256", "0" * 64)
-    with pytest.raises(assets.AssetError, match="sha256 mismatch"):
-        assets.fetch_core_bundle()
-    assert not (assets.cache_dir() / "core_eval_bundle").exists()
-    monkeypatch.setattr(assets, "CORE_BUNDLE_SHA256", None)
-    root = assets.fetch_core_bundle()
+    hub = LocalHub()
+    with hub:  # a mirror of the bundle's URL that fails on purpose: a 503, a reset, then the bytes
+        url = hub.serve_file("mirror/eval_bundle.zip", archive.read_bytes())
+        monkeypatch.setenv("GPT2REPRO_MIRROR_URL", url.rsplit("/", 1)[0])
+        monkeypatch.setenv("GPT2REPRO_DOWNLOAD_BACKOFF", "0.01")
+        monkeypatch.setenv("GPT2REPRO_DOWNLOAD_RETRIES", "3")
+        monkeypatch.setattr(assets, "CORE_BUNDLE_SHA256", "0" * 64)
+        with pytest.raises(assets.AssetError, match="gave up after 3 tries .*its sha256 is"):
+            assets.fetch_core_bundle()
+        assert not (assets.cache_dir() / "core_eval_bundle").exists()
+        monkeypatch.setattr(assets, "CORE_BUNDLE_SHA256", None)
+        hub.faults = Faults(plan=["503", "reset"])
+        root = assets.fetch_core_bundle()
+    assert dict(hub.faults.injected) == {"503": 1, "reset": 1}
     manifest = json.loads((root / "manifest.json").read_text())
-    assert manifest["source"] == archive.as_uri() and set(manifest["files"]) == {
+    assert manifest["source"] == url and set(manifest["files"]) == {
         "core.yaml",
         "eval_meta_data.csv",
         "eval_data/fx/hs0.jsonl",

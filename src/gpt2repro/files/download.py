@@ -108,12 +108,17 @@ def transient(e: BaseException) -> tuple[str, float | None] | None:
             "ProtocolError",
             "IncompleteRead",
         }:
-            return f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}", None
+            return brief(err)[:200], None
         if isinstance(err, OSError) and "Consistency check failed" in str(
             err
         ):  # huggingface_hub's size check
             return "the file arrived short", None
     return None
+
+
+def brief(e: BaseException) -> str:
+    """An exception in a few words for a one-line error: its type and its message's first line."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def retry_after(headers) -> float | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ from safetensors.torch import load_file, save_file
 from ..checkpoint import gathered
 from ..config.schema import ConfigError, GPTConfig
 from ..errors import UserError
+from ..files import hub
+from ..files.download import brief
 from ..files.fsio import AtomicDir, default_permissions, remove_leftovers
 from ..files.lock import DirLock
 from ..model.gpt import GPT, WeightsMismatch, load_state_strict
@@ -28,6 +31,7 @@ from ..text import chat
 from ..text.tokenizer import EOT_ID, write_hf_tokenizer
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+HUB_SPEC = re.compile(r"^(?:[\w.-]+/[\w.-]+|gpt2(?:-medium|-large|-xl)?)(?:@[\w./-]+)?$")  # OWNER/NAME[@REV]
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 IGNORED_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in older HF checkpoints
 VOCAB_MULTIPLE = 64  # as our presets pad: 50257 -> 50304 rows
@@ -38,26 +42,36 @@ class HFError(UserError, RuntimeError):
     """A Hugging Face checkpoint could not be loaded or written; the message says what is wrong."""
 
 
-def _hub_download(name: str) -> Path:
+def _hub_download(spec: str) -> Path:
+    """The snapshot directory of a hub model (`OWNER/NAME[@REVISION]`, or `gpt2` … `gpt2-xl`) holding
+    its config.json and weights, fetched through huggingface_hub's cache with retries and checked
+    against the sha256s the hub lists; offline, only the cache is looked at."""
+    name, _, revision = spec.partition("@")
     try:
-        from huggingface_hub import snapshot_download
+        import huggingface_hub  # noqa: F401
     except ImportError:
         raise HFError(
             f"loading {name!r} from the hub needs huggingface_hub: pip install 'gpt2repro[hf]'"
         ) from None
-    # read now, not at huggingface_hub's import: offline means no network call, only the local cache
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
+    advice = "download it elsewhere and pass its local directory (config.json + model.safetensors) instead"
+    why = hub.unreachable()
     try:
-        return Path(
-            snapshot_download(
-                repo_id=name, allow_patterns=["config.json", "model.safetensors"], local_files_only=offline
-            )
-        )
-    except Exception as e:  # noqa: BLE001 - any hub failure means the same thing to the user
-        raise HFError(
-            f"could not fetch {name!r} from the Hugging Face hub (unreachable or offline: {type(e).__name__}); "
-            f"download it elsewhere and pass its local directory (config.json + model.safetensors) instead"
-        ) from None
+        if why and hub.offline():
+            config = hub.cached_offline(name, "config.json", revision or None)
+            return config.parent
+        if why:
+            raise HFError(f"could not fetch {name!r} from the Hugging Face hub ({why}); {advice}")
+        listing = hub.list_files(name, "model", revision or None)
+        weights = [w for w in ("model.safetensors", "pytorch_model.bin") if w in listing.files]
+        if not weights or "config.json" not in listing.files:
+            raise HFError(f"{spec}: no config.json with model.safetensors or pytorch_model.bin on the hub")
+        config = hub.cached_file(listing, "config.json")
+        hub.cached_file(listing, weights[0])
+        return config.parent
+    except UserError as e:
+        raise HFError(str(e) if isinstance(e, HFError) else f"{spec}: {e}; {advice}") from None
+    except Exception as e:  # noqa: BLE001 - no such repo, no access, a 404: all one line
+        raise HFError(f"could not fetch {name!r} from the Hugging Face hub ({brief(e)}); {advice}") from None
 
 
 def _read_state(directory: Path) -> dict[str, torch.Tensor]:
@@ -76,13 +90,15 @@ def _read_state(directory: Path) -> dict[str, torch.Tensor]:
 
 def load_pretrained(source: str | os.PathLike) -> GPT:
     """Weights to start from or evaluate: a run or checkpoint directory of ours, a Hugging Face
-    GPT-2 directory (our exports included), or a hub name (`gpt2` ... `gpt2-xl`)."""
+    GPT-2 directory (our exports included), or a hub model (`gpt2` ... `gpt2-xl`, OWNER/NAME[@REV])."""
     path = Path(source)
     ours = path.name == "checkpoints" or (path / "checkpoints").is_dir() or (path / "state.json").is_file()
     return gathered.load_model(path) if path.is_dir() and ours else load_hf(source)
 
 
 def config_from_hf(hf: dict) -> GPTConfig:
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise HFError(f"config.json: a {hf['model_type']!r} model, not GPT-2 (model_type 'gpt2')")
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
         raise HFError(f"unsupported activation_function {act!r}: GPT-2 uses the tanh GELU (gelu_new)")
@@ -104,11 +120,14 @@ def config_from_hf(hf: dict) -> GPTConfig:
 
 
 def load_hf(name_or_dir: str | os.PathLike) -> GPT:
-    """A GPT from a local HF GPT-2 directory, or a hub name (`gpt2` ... `gpt2-xl`) when not a directory."""
+    """A GPT from a local HF GPT-2 directory, or a hub model (`gpt2` ... `gpt2-xl`, OWNER/NAME[@REV])
+    when not a directory."""
     directory = Path(name_or_dir)
     if not directory.is_dir():
-        if str(name_or_dir) not in HUB_NAMES:
-            raise HFError(f"{name_or_dir}: not a directory and not a hub name ({', '.join(HUB_NAMES)})")
+        if not HUB_SPEC.match(str(name_or_dir)):
+            raise HFError(
+                f"{name_or_dir}: not a directory and not a hub name ({', '.join(HUB_NAMES)}, or OWNER/NAME[@REVISION])"
+            )
         directory = _hub_download(str(name_or_dir))
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
