@@ -157,9 +157,12 @@ class Page:
         self.b = browser
 
     def open(self, server: Server, **settings) -> Page:
-        """The page of `server` with an empty localStorage but `settings` (Max tokens 8 unless given)."""
+        """The page of `server` with an empty localStorage but `settings` (greedy, Max tokens 8
+        unless given; None: the page's default)."""
         self.b.get(server.url + "/")
-        settings = {"max_tokens": "8", **settings}
+        settings = {
+            k: v for k, v in {"max_tokens": "8", "temperature": "0", **settings}.items() if v is not None
+        }
         self.js(
             "localStorage.clear(); localStorage.setItem('gpt2repro.settings', arguments[0])",
             json.dumps(settings),
@@ -234,7 +237,7 @@ def user(text: str) -> dict:
 def test_the_completion_box_streams_with_the_settings_statistics_and_a_length_cut(page, base, model, enc):
     """A base model's page: the reply is the model's own greedy continuation, streamed piece by piece;
     its statistics count the tokens the server generated; a reply cut by Max tokens says so."""
-    page.open(base, temperature="0", max_tokens="40")
+    page.open(base, max_tokens="40")
     assert page.js("return document.body.dataset.ready") == "complete"
     assert not page.find("#chat").is_displayed() and not page.find("#sidebar").is_displayed()
     before = base.metric("gpt2repro_generation_tokens_total")
@@ -279,6 +282,22 @@ def test_settings_have_labels_are_kept_across_reloads_and_sent_as_the_apis_param
         "temperature": 0.5, "top_k": 7, "top_p": 0.9, "max_tokens": 12, "seed": 1234}  # fmt: skip
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
     assert page.finds("button[aria-label='Stop']")  # the Stop buttons are named
+
+
+def test_max_tokens_defaults_to_256_within_the_contexts_room_and_a_full_context_says_so(page, chat, enc):
+    """A reply can't fill the whole context: the default Max tokens is 256, asked for only as far as
+    the context (256 tokens here) has room after the prompt; a reply cut there says so."""
+    page.open(chat, max_tokens=None)
+    page.find("#settings summary").click()
+    assert page.by_label("Max tokens").get_attribute("value") == "256"
+    text = " ".join(["apple"] * 245)
+    page.js("$('message').value = arguments[0]", text)
+    page.send(Keys.ENTER)
+    room = 256 - len(enc.encode(f"user: {text}\n"))
+    assert 0 < room < 16 and chat.bodies()[-1]["max_tokens"] == room
+    stats = page.find(".msg.assistant .stats")
+    assert stats.get_attribute("data-finish") == "length" and int(stats.get_attribute("data-tokens")) == room
+    assert page.text(".msg.assistant .cut") == ["cut: the context is full"]
 
 
 def test_enter_sends_shift_enter_breaks_the_line_and_each_reply_has_statistics(page, chat):
