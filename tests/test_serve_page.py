@@ -431,6 +431,26 @@ def test_replies_render_markdown_safely_with_copy_buttons(page, chat, tmp_path):
     assert page.js("return window.pwned") is None
 
 
+MARKDOWN_CASES = {
+    "a\nb\n\nc": "<p>a<br>b</p><p>c</p>",
+    "```js\nlet x = '<b>'": '<div class="code"><div class="code-head"><span class="lang">js</span>'
+    '<button class="copy-code" type="button" aria-label="Copy code">Copy</button></div>'
+    "<pre><code data-lang=\"js\">let x = '&lt;b&gt;'</code></pre></div>",  # unclosed: streaming
+    "snake_case_name and 2 * 3 * 4": "<p>snake_case_name and 2 * 3 * 4</p>",
+    "**bold *and em***": "<p><strong>bold <em>and em</em></strong></p>",
+    "# Title\n> quoted\n\n---": "<h3>Title</h3><blockquote><p>quoted</p></blockquote><hr>",
+    "3. three\n4. four\n   more": '<ol start="3"><li>three</li><li>four<br>more</li></ol>',
+    "[x](data:text/html,hi) `<i>`": "<p>[x](data:text/html,hi) <code>&lt;i&gt;</code></p>",
+}
+
+
+def test_markdown_edge_cases(page, chat):
+    """markdown.js on its own: each source's elements, read back as HTML."""
+    page.open(chat)
+    script = "return arguments[0].map((t) => { const d = document.createElement('div'); d.append(Markdown.render(t)); return d.innerHTML; })"
+    assert dict(zip(MARKDOWN_CASES, page.js(script, list(MARKDOWN_CASES)))) == MARKDOWN_CASES
+
+
 def test_a_typed_hostile_message_shows_as_text_and_runs_nothing(page, chat):
     page.open(chat)
     page.send(HOSTILE)

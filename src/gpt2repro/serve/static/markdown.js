@@ -18,7 +18,7 @@ const Markdown = (() => {
   const INLINE = new RegExp(
     [
       /(`+)([^`]|[^`][\s\S]*?[^`])\1(?!`)/.source, // 1, 2: code span
-      /\*\*(?=\S)([\s\S]*?\S)\*\*/.source, // 3: strong
+      /\*\*(?=\S)([\s\S]*?\S)\*\*(?!\*)/.source, // 3: strong (**a *b*** closes after the em)
       /__(?=\S)([\s\S]*?\S)__/.source, // 4: strong
       /\*(?=[^\s*])([\s\S]*?[^\s*])\*/.source, // 5: em
       /(?<![\p{L}\p{N}_])_(?=[^\s_])([\s\S]*?[^\s_])_(?![\p{L}\p{N}_])/.source, // 6: em
