@@ -27,6 +27,12 @@ from .protocol import APIError
 
 MAX_BODY = 1 << 20  # bytes: a full context of token ids is ~10 KB; more is a mistake or abuse
 log = logging.getLogger("gpt2repro.serve")
+# The page's files run only the page's own scripts and styles, and talk only to this server: a second
+# line of defence behind the page's textContent-only rendering of model and user text.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
 
 
 class JSON(JSONResponse):
@@ -190,7 +196,7 @@ async def page(request: Request) -> Response:
     kind = next((v for k, v in kinds.items() if name.endswith(k)), None)
     if kind is None or "/" in name or not (files / name).is_file():
         raise HTTPException(404)
-    return Response((files / name).read_bytes(), media_type=f"{kind}; charset=utf-8")
+    return Response((files / name).read_bytes(), media_type=f"{kind}; charset=utf-8", headers=PAGE_HEADERS)
 
 
 async def _api_error(request: Request, exc: APIError) -> Response:
