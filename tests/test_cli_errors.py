@@ -210,7 +210,9 @@ def test_verify_command(capsys, run_dir, data_dir, tmp_path):
 
 def test_finetune_and_source_errors(capsys, data_dir, tmp_path, monkeypatch):
     base = ["train", "--preset", "finetune", "--data", data_dir, "--out", tmp_path / "ft", "max_steps=1"]
-    fragment = "nowhere: not a directory and not a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or OWNER/"
+    fragment = (
+        "nowhere: not a directory and not a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or OWNER/"
+    )
     assert_one_line_error(capsys, [*base, f"init_from={tmp_path / 'nowhere'}"], fragment)
     fragment = "model.n_embd cannot be set with init_from=gpt2: the architecture comes from the weights"
     assert_one_line_error(capsys, [*base, "model.n_embd=64"], fragment)

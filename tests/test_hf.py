@@ -116,7 +116,7 @@ def test_load_errors_name_the_problem(tmp_path, hf_dir):
 def test_hub_name_offline_says_how_to_use_a_local_directory(monkeypatch, tmp_path):
     """HF_HUB_OFFLINE set after huggingface_hub was imported (as a user's shell may export it for one
     command) still means no network call: only the (here empty) local cache is looked at."""
-    huggingface_hub = pytest.importorskip("huggingface_hub")
+    pytest.importorskip("huggingface_hub")
     import huggingface_hub.constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -10,11 +10,13 @@ from .bench.names import BASELINES, SIZES, TRAIN_MODES, WHAT
 from .config.presets import TRAIN_PRESETS
 from .config.schema import DTYPE_NAMES
 
+HF_HELP = "Hugging Face GPT-2 directory, or hub model: gpt2 ... gpt2-xl, OWNER/NAME[@REVISION]"
+
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="run directory or checkpoint directory of ours")
-    src.add_argument("--hf", help="Hugging Face GPT-2 directory, or hub model: gpt2 ... gpt2-xl, OWNER/NAME[@REVISION]")
+    src.add_argument("--hf", help=HF_HELP)
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
 
 
@@ -160,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="run directory or checkpoint directory of ours")
-    src.add_argument("--hf", help="Hugging Face GPT-2 directory, or hub model: gpt2 ... gpt2-xl, OWNER/NAME[@REVISION]")
+    src.add_argument("--hf", help=HF_HELP)
     p.add_argument("--out", required=True, help="the directory (hf) or the .gguf file (gguf) to write")
     p.add_argument("--format", choices=("hf", "gguf"), default="hf")
     p.add_argument(
