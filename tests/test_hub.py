@@ -367,6 +367,57 @@ def test_an_asset_comes_from_a_mirror_url_through_faults_and_is_verified(tmp_pat
         path.unlink()
         with pytest.raises(assets.AssetError, match="gpt2.tiktoken: gave up after 6 tries .*HTTP 500"):
             assets._from_url(assets.REGISTRY["gpt2.tiktoken"])
-    assert sorted(p.name for p in assets.cache_dir().iterdir()) == [".gpt2.tiktoken.part"] or not any(
-        assets.cache_dir().iterdir()
-    )
+    kept = sorted(p.name for p in assets.cache_dir().iterdir())
+    assert kept == [".gpt2.tiktoken.part", ".gpt2.tiktoken.part.lock"]  # the partial file kept to resume
+
+
+def test_a_stream_that_fails_midway_reopens_at_the_document_where_it_stopped(monkeypatch, capsys):
+    """The reopening `datasets`' own retries leave to us: the same documents, in order, once each."""
+    from gpt2repro.data import stream as streams
+
+    monkeypatch.setenv("GPT2REPRO_DOWNLOAD_BACKOFF", "0.01")
+    rows, opened, failures = [{"text": f"doc {i}"} for i in range(10)], [], iter([3, 7])
+    fail_at = next(failures)
+
+    class Fake:
+        def __init__(self, start=0):
+            self.start = start
+
+        def skip(self, n):
+            return Fake(self.start + n)
+
+        def __iter__(self):
+            nonlocal fail_at
+            opened.append(self.start)
+            for i in range(self.start, len(rows)):
+                if i == fail_at:
+                    fail_at = next(failures, None)
+                    raise ConnectionResetError(104, "Connection reset by peer")
+                yield rows[i]
+
+    monkeypatch.setattr(streams, "_open_stream", lambda stream, revision: Fake())
+    got = list(streams.iter_stream(streams.Stream("hub", "x/y", None, "train"), None, "text", 1))
+    assert got == [f"doc {i}" for i in range(1, 10)] and opened == [1, 3, 7]
+    assert capsys.readouterr().err.count("reopening there") == 2
+
+    def full_disk(stream, revision):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(streams, "_open_stream", full_disk)
+    with pytest.raises(prep.PrepareError, match="No space"):  # not transient: no retry, one line
+        list(streams.iter_stream(streams.Stream("hub", "x/y", None, "train"), None, "text", 0))
+
+
+def test_processes_downloading_one_file_take_turns(tmp_path, monkeypatch):
+    """Ranks fetching one asset at once: one downloads, the others find it published."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gpt2repro.files.download import download
+
+    data = os.urandom(300_000)
+    with LocalHub() as h:
+        url = h.serve_file("f.bin", data)
+        with ThreadPoolExecutor(4) as pool:
+            paths = list(pool.map(lambda _: download(url, tmp_path / "f.bin", size=len(data)), range(4)))
+        assert len([r for r in h.log if r[0] == "GET"]) == 1
+    assert all(p.read_bytes() == data for p in paths)

@@ -19,7 +19,8 @@ that stalls this long fails, 60 s).
 from __future__ import annotations
 
 import email.utils
-import hashlib
+import errno
+import fcntl
 import os
 import random
 import sys
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..errors import UserError
-from .fsio import fsync_dir, fsync_file
+from .fsio import fsync_dir, fsync_file, sha256_file
 
 T = TypeVar("T")
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -79,6 +80,17 @@ class RetryPolicy:
         return cls(**values)
 
 
+PERMANENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def permanent(err: BaseException) -> bool:
+    """A failure another try cannot mend: the disk (full, read-only, refused), a certificate or a proxy."""
+    names = {c.__name__ for c in type(err).__mro__}
+    return bool(
+        names & {"SSLError", "SSLCertVerificationError", "ProxyError", "InvalidURL", "MissingSchema"}
+    ) or (isinstance(err, OSError) and err.errno in PERMANENT_ERRNOS)
+
+
 def _chain(e: BaseException) -> list[BaseException]:
     seen: list[BaseException] = []
     while e is not None and e not in seen:
@@ -91,6 +103,8 @@ def transient(e: BaseException) -> tuple[str, float | None] | None:
     """(what went wrong, the server's Retry-After) when `e` is worth another try, else None: an HTTP
     status in RETRY_STATUS, a refused or reset connection, a stall, a short body, corrupted bytes."""
     for err in _chain(e):
+        if permanent(err):
+            return None
         response = getattr(err, "response", None)
         status = err.status if isinstance(err, HTTPStatus) else getattr(response, "status_code", None)
         if isinstance(status, int):
@@ -127,10 +141,13 @@ def retry_after(headers) -> float | None:
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        when = email.utils.parsedate_to_datetime(value) if value else None
-        return max(0.0, when.timestamp() - time.time()) if when else None
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError):
+            return None
+    return max(0.0, seconds) if seconds < 1e9 else None
 
 
 def say(line: str) -> None:
@@ -181,10 +198,16 @@ def download(
     dest = Path(dest)
     part = dest.parent / f"{'' if dest.name.startswith('.') else '.'}{dest.name}.part"
     policy = policy or RetryPolicy.from_env()
-    retrying(lambda: _fetch_once(url, part, size, sha256, headers or {}, policy.timeout), what or url, policy)
-    fsync_file(part)
-    os.replace(part, dest)
-    fsync_dir(dest.parent)
+    with open(f"{part}.lock", "a") as lock:  # one downloader per file (ranks fetching one asset)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _complete(dest, size, sha256):
+            return dest  # another process published it while this one waited
+        get = {**(headers or {}), "Accept-Encoding": "identity"}  # Range counts the file's own bytes
+        retrying(lambda: _fetch_once(url, part, size, sha256, get, policy.timeout), what or url, policy)
+        fsync_file(part)
+        os.replace(part, dest)
+        fsync_dir(dest.parent)
+    Path(f"{part}.lock").unlink(missing_ok=True)
     return dest
 
 
@@ -195,25 +218,33 @@ def _fetch_once(
     then the whole file checked. Raises HTTPStatus, a connection error or Corrupt."""
     import requests  # tiktoken's dependency too: always installed; drops Authorization on a redirect to another host
 
-    have = part.stat().st_size if part.exists() else 0
+    part.touch()
+    have = part.stat().st_size
     if size is not None and have > size:
         part.unlink()
         have = 0
     if size is None or have < size:
         ranged = {**headers, "Range": f"bytes={have}-"} if have else headers
         with requests.get(url, headers=ranged, stream=True, timeout=timeout) as r:
-            if r.status_code == 416 and have:  # the partial file is all there is (or more): check it below
-                pass
+            span = r.headers.get("Content-Range", "")
+            if r.status_code == 416 and have and span == f"bytes */{have}":
+                pass  # the partial file is the whole file: checked below
             elif r.status_code not in (200, 206):
                 raise HTTPStatus(r.status_code, url, retry_after(r.headers))
+            elif r.status_code == 206 and not span.startswith(f"bytes {have}-"):
+                part.unlink()
+                raise Corrupt(f"asked for bytes {have}- and got {span or 'no Content-Range'}")
             else:
-                resumed = r.status_code == 206 and r.headers.get("Content-Range", "").startswith(
-                    f"bytes {have}-"
-                )
-                with open(part, "ab" if resumed else "wb") as f:
+                with open(part, "ab" if r.status_code == 206 else "wb") as f:
                     for chunk in r.iter_content(1 << 16):  # small: a broken transfer keeps all but 64 KiB
                         f.write(chunk)
     _check(part, size, sha256)
+
+
+def _complete(path: Path, size: int | None, sha256: str | None) -> bool:
+    if not path.is_file() or (size is not None and path.stat().st_size != size):
+        return False
+    return sha256 is None or sha256_file(path) == sha256
 
 
 def _check(part: Path, size: int | None, sha256: str | None) -> None:
@@ -223,10 +254,7 @@ def _check(part: Path, size: int | None, sha256: str | None) -> None:
             part.unlink()
         raise Corrupt(f"{got} bytes arrived, the file has {size}")
     if sha256 is not None:
-        h = hashlib.sha256()
-        with open(part, "rb") as f:
-            while block := f.read(CHUNK):
-                h.update(block)
-        if h.hexdigest() != sha256:
+        got_sha = sha256_file(part)
+        if got_sha != sha256:
             part.unlink()
-            raise Corrupt(f"its sha256 is {h.hexdigest()[:12]}…, the file listed has {sha256[:12]}…")
+            raise Corrupt(f"its sha256 is {got_sha[:12]}…, the file listed has {sha256[:12]}…")

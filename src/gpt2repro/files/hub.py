@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import NamedTuple
 
@@ -43,6 +44,8 @@ def unreachable() -> str | None:
     if offline():
         return "offline mode is set (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
     url = urllib.parse.urlsplit(endpoint())
+    if urllib.request.getproxies().get(url.scheme) and not urllib.request.proxy_bypass(url.hostname or ""):
+        return None  # only the proxy is reachable: the requests themselves tell
     try:
         port = url.port or (80 if url.scheme == "http" else 443)
     except ValueError:

@@ -31,7 +31,9 @@ from ..text import chat
 from ..text.tokenizer import EOT_ID, write_hf_tokenizer
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-HUB_SPEC = re.compile(r"^(?:[\w.-]+/[\w.-]+|gpt2(?:-medium|-large|-xl)?)(?:@[\w./-]+)?$")  # OWNER/NAME[@REV]
+HUB_SPEC = re.compile(
+    r"^(?:\w[\w.-]*/[\w.-]+|gpt2(?:-medium|-large|-xl)?)(?:@[\w./-]+)?$"
+)  # OWNER/NAME[@REV]
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 IGNORED_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in older HF checkpoints
 VOCAB_MULTIPLE = 64  # as our presets pad: 50257 -> 50304 rows
