@@ -98,8 +98,9 @@ class Generation:
             for choice in self.choices:
                 choice.job.cancelled = True
             if self.metrics is not None:
+                # per sequence, the work done: as the cached tokens are counted (each job's "start")
                 self.metrics.tokens(
-                    sum(len(p) for p in self.params.prompts), sum(c.tokens for c in self.choices)
+                    sum(len(c.job.prompt) for c in self.choices), sum(c.tokens for c in self.choices)
                 )
 
     def _token(self, choice: Choice, info: TokenInfo) -> str:
