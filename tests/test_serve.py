@@ -172,6 +172,48 @@ BAD = [  # (path, body, status, param)
 ]
 
 
+def _openai_spelling(data: bytes) -> str:
+    """OpenAI's legacy logprobs: a token's text, or its bytes escaped when they are not text alone."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+
+def test_top_logprobs_keep_every_alternative_when_tokens_share_no_text_of_their_own(run_dir, enc):
+    """Lone UTF-8 byte tokens all decode to U+FFFD alone: keyed by that text, a less likely one
+    overwrote a more likely one. N alternatives give N entries, each with its own log-probability
+    (the model here favours the tokens that are parts of characters, so they crowd the top 5)."""
+    from gpt2repro.checkpoint.gathered import load_model
+
+    model = load_model(run_dir).eval()
+    parts = torch.tensor([_openai_spelling(enc.decode_single_token_bytes(t)).startswith("bytes:")
+                          for t in range(model.config.vocab_size)])  # fmt: skip
+    real = model.logits
+    model.logits = lambda h: real(h) + 6.0 * parts.to(h.dtype)
+    prompt = "日本語のテキスト"
+    served = served_model(model, MODEL, 1)
+    try:
+        with ServerThread(create_app(served)) as s:
+            client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=5)
+    finally:
+        served.engine.stop()
+    lp = r.choices[0].logprobs
+    ids = enc.encode(prompt)
+    spelled = [_openai_spelling(enc.decode_single_token_bytes(t)) for t in ids]
+    assert any(t.startswith("bytes:") for t in spelled)  # the case at hand: parts of characters
+    assert lp.tokens == spelled
+    with torch.no_grad():
+        own = torch.log_softmax(model.logits(model.hidden(torch.tensor([ids]))[0]).double(), -1)
+    for pos in range(1, len(ids)):
+        top = own[pos - 1].topk(5)
+        expected = {_openai_spelling(enc.decode_single_token_bytes(t)): v
+                    for t, v in zip(top.indices.tolist(), top.values.tolist())}  # fmt: skip
+        assert len(expected) == 5 and list(lp.top_logprobs[pos]) == list(expected)
+        assert list(lp.top_logprobs[pos].values()) == pytest.approx(list(expected.values()), abs=1e-4)
+
+
 @pytest.mark.parametrize("path,body,status,param", BAD, ids=[f"{i}" for i in range(len(BAD))])
 def test_bad_requests_get_openais_error_json(server, path, body, status, param):
     code, answer = post(server.url + path, body)

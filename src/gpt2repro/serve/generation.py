@@ -30,9 +30,6 @@ class Served:
     token_bytes: Callable[[int], bytes]
     chat: object | None = None  # run.ChatFormat for chat models
 
-    def token_str(self, token: int) -> str:
-        return self.token_bytes(token).decode("utf-8", errors="replace")
-
     def decode(self, ids: list[int]) -> str:
         return b"".join(self.token_bytes(t) for t in ids).decode("utf-8", errors="replace")
 
@@ -177,7 +174,7 @@ class Generation:
     def logprobs(self, pieces: list[Piece]) -> dict | None:
         if self.params.logprobs is None:
             return None
-        return logprobs_object(pieces, self.served.token_str)
+        return logprobs_object(pieces, self.served.token_bytes)
 
     def prompt_pieces(self, choice: Choice) -> list[Piece]:
         """The echoed prompt's tokens: their text, offsets and (with logprobs) the engine's infos (which
