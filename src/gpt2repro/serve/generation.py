@@ -61,7 +61,8 @@ class Generation:
                 def emit(event, i=i):
                     loop.call_soon_threadsafe(self.queue.put_nowait, (i, event))
 
-                sampling = Sampling(params.temperature, params.top_k, params.top_p, (seed + i) % 2**64)
+                sampling = Sampling(params.temperature, params.top_k, params.top_p, (seed + i) % 2**64,
+                                    params.logit_bias, params.presence_penalty, params.frequency_penalty)  # fmt: skip
                 job = Job(ids, params.max_tokens, emit, sampling, self, params.logprobs,
                           params.echo and params.logprobs is not None)  # fmt: skip
                 self.choices.append(Choice(job, TextStream(served.token_bytes, params.stop)))
