@@ -225,6 +225,11 @@ def test_long_rows_are_left_truncated_to_block_size(tiny_config, enc):
             json.dumps(dict(FIXTURE[0], endings=["a", "b", "c", " "])),
             "line 2: 'endings' must be a list of 4 non-empty strings",
         ),
+        (  # JSON's "\ud800" escape: a lone surrogate, no text a tokenizer can encode
+            json.dumps(dict(FIXTURE[0], endings=["ok.", "aw\ud800ay.", "c", "d"])),
+            "line 2: field endings\\[1\\] is not valid Unicode text",
+        ),
+        (json.dumps(dict(FIXTURE[0], ctx="\udfff then")), "line 2: field ctx is not valid Unicode text"),
     ],
 )
 def test_malformed_rows_name_the_line(tmp_path, line, message):
