@@ -259,7 +259,8 @@ class Trainer:
         loss = self.forward_backward()
         if not math.isfinite(loss) or loss > self.divergence_loss:
             self._diverged(step, f"loss is {loss}", blame_checkpoint=True)
-        lr = lr_at(self.clock.position(step), self.cfg)
+        compiling = self.plan.compile and step == self.start_step
+        lr = lr_at(self.clock.position(step, time.time() - t0, compiling), self.cfg)
         set_lr(self.optimizers, lr)
         norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
@@ -274,7 +275,7 @@ class Trainer:
                 opt.step()
         synchronize(self.device)  # only for honest timing
         dt = time.time() - t0
-        self.clock.tick(dt, compiling=self.plan.compile and step == self.start_step)
+        self.clock.tick(dt, compiling)
         tok_s = self.cfg.total_batch_size / dt
         mfu = self.peak.mfu(self.flops_per_step, dt)
         eta = (time.time() - self.started) / (step + 1 - self.start_step) * (self.cfg.max_steps - step - 1)
