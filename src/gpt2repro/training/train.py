@@ -217,6 +217,7 @@ class Trainer:
             f"compile {plan.compile} | grad_accum {plan.accum} | "
             f"steps {start}..{cfg.max_steps}" + (f" | resumed from {name}" if name else "")
         )
+        print(f"[gpt2repro] {self.peak.describe()}")
         dtypes = {
             "dtype": plan.dtype,
             **({"muon_ns_dtype": cfg.muon_ns_dtype} if cfg.optimizer == "muon" else {}),
@@ -281,7 +282,8 @@ class Trainer:
         eta = (time.time() - self.started) / (step + 1 - self.start_step) * (self.cfg.max_steps - step - 1)
         left = self.clock.left()
         eta = eta if left is None else min(eta, left)
-        stats = dict(loss=loss, lr=lr, grad_norm=norm, dt=dt, tok_per_s=tok_s, mfu=mfu, eta_s=eta)
+        stats = dict(loss=loss, lr=lr, grad_norm=norm, dt=dt, tok_per_s=tok_s, mfu=mfu, eta_s=eta,
+                     mfu_peak=self.peak.flops)  # fmt: skip
         return {**stats, "train_seconds": self.clock.train_seconds}
 
     def _diverged(self, step: int, what: str, blame_checkpoint: bool) -> None:
