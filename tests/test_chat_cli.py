@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 from helpers import assert_one_line_error
 
 from conftest import ROOT, shared_file
@@ -179,3 +180,38 @@ def test_chat_and_sample_decode_with_the_weights_laid_out_for_it(command, chat_r
     assert head.stride() == (1, head.size(0)) and head is model.transformer.wte.weight
     if command == "chat":
         assert capsys.readouterr().out == "Hello there.\n"
+
+
+def test_a_re_encode_interrupted_inside_any_layer_leaves_a_cache_the_next_turn_can_trust():
+    """Dropping old turns rewrites the cache from position 0: interrupted after layer 0 wrote its
+    keys and values, the next turn must not reuse them as if they were the old history's."""
+    torch.manual_seed(0)
+    model = GPT(model_config("tiny").as_chat()).eval()
+    notices = []
+    session = ChatSession(model, temperature=0, max_new_tokens=4, on_notice=notices.append)
+    while len(session.ids) < 100:
+        session.reply("words " * 5)
+    assert not notices and len(session.ids) <= 114  # "Hi" fits without dropping a turn
+
+    def interrupt(module: torch.nn.Module, args: tuple) -> None:
+        raise KeyboardInterrupt  # Ctrl-C (or out of memory) once layer 0 has rewritten its slot
+
+    stop = model.transformer.h[1].register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        list(session.send("words " * 30))  # needs old turns dropped: re-encoded from position 0
+    stop.remove()
+    assert notices  # the drop happened, then layer 1 was interrupted
+    seen = []
+    real = model.logits
+
+    def logits(h: torch.Tensor) -> torch.Tensor:
+        seen.append((list(session.ids), real(h)))
+        return seen[-1][1]
+
+    model.logits = logits
+    session.reply("Hi")
+    model.logits = real
+    ids, cached = seen[0]
+    with torch.no_grad():
+        fresh = real(model.hidden(torch.tensor([ids]))[:, -1])
+    torch.testing.assert_close(cached, fresh, rtol=0, atol=1e-5)

@@ -500,3 +500,24 @@ def test_two_ranks_recording_one_bundle_do_not_list_each_others_temporaries(tmp_
     assert sorted(files) == ["core.yaml", "eval_data/fx/hs0.jsonl", "eval_meta_data.csv"]
     (root / f".{assets.BUNDLE_MANIFEST}.3f9a1c.tmp").unlink()  # it published
     assert core_data.load_bundle(root)
+
+
+def test_a_bundle_without_tasks_is_one_line_before_any_evaluation_or_training_step(
+    models, data_dir, tmp_path, capsys
+):
+    """CORE is a mean over the tasks: none is a one-line error where the bundle is read, for `eval
+    core` and for a run with core_every before its first step (not a ZeroDivisionError later)."""
+    from helpers import SMALL, assert_one_line_error, events, train_argv
+
+    bundle = write_bundle(tmp_path / "bundle", tasks=TASKS[:1])
+    (bundle / "core.yaml").write_text("icl_tasks: []\n")
+    fragment = "core.yaml: icl_tasks is empty"
+    assert_one_line_error(capsys, ["eval", "core", "--hf", models[2], "--bundle", bundle], fragment)
+    run = tmp_path / "run"
+    argv = [
+        *train_argv(data_dir, *SMALL, "max_steps=4", "core_every=2", f"core_bundle={bundle}"),
+        "--out",
+        run,
+    ]
+    assert_one_line_error(capsys, argv, fragment)
+    assert not (run / "metrics.jsonl").exists() or not events(run, "train")

@@ -151,3 +151,43 @@ def test_the_llama_cpp_baseline_errors(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     generate = ["bench", "generate", "--size", "4x256", "--baseline", "llama.cpp", "--device", "cpu"]
     assert_one_line_error(capsys, generate, "needs llama-cpp-python: pip install 'gpt2repro[gguf-check]'")
+
+
+def test_a_refused_gguf_output_takes_no_lock_outside_the_directory_named(
+    run_dir, tmp_path, capsys, monkeypatch
+):
+    """/dev/null, or a link to a file elsewhere (there or not): refused before any lock, so nothing
+    is created, even for a moment, beside what the link or the device points at."""
+    taken = []
+    monkeypatch.setattr(DirLock, "acquire", lambda self: (taken.append(self.path), self)[1])
+    monkeypatch.setattr(DirLock, "release", lambda self: None)
+    named, elsewhere = tmp_path / "named", tmp_path / "elsewhere"
+    named.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "taken.gguf").write_bytes(b"theirs")
+    (named / "to_new.gguf").symlink_to(elsewhere / "new.gguf")
+    (named / "to_taken.gguf").symlink_to(elsewhere / "taken.gguf")
+    argv = ["export", "--checkpoint", run_dir, "--format", "gguf", "--out"]
+    assert_one_line_error(capsys, [*argv, "/dev/null"], "/dev/null: exists")
+    assert_one_line_error(capsys, [*argv, named / "to_new.gguf"], "to_new.gguf: is a symbolic link")
+    assert_one_line_error(capsys, [*argv, named / "to_taken.gguf"], "to_taken.gguf: is a symbolic link")
+    assert taken == [] and sorted(p.name for p in elsewhere.iterdir()) == ["taken.gguf"]
+    _export(capsys, run_dir, named / "mine.gguf")
+    assert taken == [named.resolve() / ".mine.gguf.lock"]  # beside the file, in the directory named
+
+
+def test_the_file_type_says_what_the_file_holds(tmp_path):
+    """q8_0 asked of a model whose rows are too short to quantize: every matrix stays f16, and the
+    header says so (MOSTLY_F16), not MOSTLY_Q8_0."""
+    import torch
+
+    from gpt2repro.config.schema import model_config
+    from gpt2repro.interop.gguf_export import export_gguf
+    from gpt2repro.model.gpt import GPT
+
+    torch.manual_seed(0)
+    model = GPT(model_config("tiny", n_embd=2, n_head=1, n_layer=1))
+    reader = gguf.GGUFReader(export_gguf(model, tmp_path / "narrow.gguf", "q8_0"))
+    assert {t.tensor_type.name for t in reader.tensors if t.name.endswith("qkv.weight")} == {"F16"}
+    assert not any(t.tensor_type.name == "Q8_0" for t in reader.tensors)
+    assert _value(reader, "general.file_type") == gguf.LlamaFileType.MOSTLY_F16

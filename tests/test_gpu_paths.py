@@ -262,6 +262,32 @@ def test_cpu_mfu_never_exceeds_100_percent_after_a_busy_start(data_dir, tmp_path
     assert len(printed) == 4 and max(printed) <= 100.0
 
 
+def test_a_busy_start_is_measured_against_the_hosts_best_peak(data_dir, tmp_path, monkeypatch, capsys):
+    """The host measured 1 TFLOP/s once, quiet; a run that starts busy (its GEMMs at 1 MFLOP/s) is
+    measured against that, not against its own lowered measurement raised by its first step (which
+    read 1.00), and says so. A faster measurement replaces the cached one."""
+    cfg = small_cfg("max_steps=3", "log_every=1")
+    monkeypatch.setattr(mfu, "gemm_flops", lambda *a, **k: 1e12)
+    mfu.device_peak_flops.cache_clear()
+    try:
+        assert mfu.Peak(torch.device("cpu"), "fp32").flops == 1e12  # a quiet moment, kept
+        monkeypatch.setattr(mfu, "gemm_flops", lambda *a, **k: 1e6)  # busy now
+        mfu.device_peak_flops.cache_clear()
+        tr.train(cfg, data_dir, tmp_path / "run")
+        mfu.device_peak_flops.cache_clear()
+        monkeypatch.setattr(mfu, "gemm_flops", lambda *a, **k: 2e12)  # quieter than ever
+        assert mfu.Peak(torch.device("cpu"), "fp32").flops == 2e12
+    finally:
+        mfu.device_peak_flops.cache_clear()
+    rows = events(tmp_path / "run", "train")
+    flops = GPT(cfg.model).flops_per_token(cfg.seq_len) * cfg.total_batch_size  # the step's FLOPs
+    assert [r["mfu"] for r in rows] == pytest.approx([flops / r["dt"] / 1e12 for r in rows], rel=1e-9)
+    assert all(r["mfu_peak"] == 1e12 for r in rows) and max(r["mfu"] for r in rows) < 0.5
+    out = capsys.readouterr().out
+    assert "MFU against 1,000.0 GFLOP/s (fp32): this host's best GEMM, measured" in out
+    assert "(0.0 GFLOP/s now)" in out
+
+
 def test_peak_is_raised_only_on_a_cpu():
     peak = mfu.Peak.__new__(mfu.Peak)
     peak.flops, peak.measured = 100.0, True

@@ -225,6 +225,11 @@ def test_long_rows_are_left_truncated_to_block_size(tiny_config, enc):
             json.dumps(dict(FIXTURE[0], endings=["a", "b", "c", " "])),
             "line 2: 'endings' must be a list of 4 non-empty strings",
         ),
+        (  # JSON's "\ud800" escape: a lone surrogate, no text a tokenizer can encode
+            json.dumps(dict(FIXTURE[0], endings=["ok.", "aw\ud800ay.", "c", "d"])),
+            "line 2: field endings\\[1\\] is not valid Unicode text",
+        ),
+        (json.dumps(dict(FIXTURE[0], ctx="\udfff then")), "line 2: field ctx is not valid Unicode text"),
     ],
 )
 def test_malformed_rows_name_the_line(tmp_path, line, message):
@@ -278,15 +283,26 @@ def test_two_rank_gloo_equals_single_process(tmp_path):
     tiny = shared_file("tiny-gpt2")
     shared_file("hellaswag_val.jsonl.gz")
     common = ["eval", "hellaswag", "--hf", str(tiny), "--limit", "41", "--style", "both", "--device", "cpu"]
-    one = run_cli(*common, "--json", str(tmp_path / "one.json"))
+    one = run_cli(*common, "--json", str(tmp_path / "one.json"), "--predictions", str(tmp_path / "p1.jsonl"))
     two = run_cli(
-        *common, "--json", str(tmp_path / "two.json"), "--predictions", str(tmp_path / "p.jsonl"), nproc=2
+        *common, "--json", str(tmp_path / "two.json"), "--predictions", str(tmp_path / "p2.jsonl"), nproc=2
     )
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
     r1, r2 = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
     assert r1 == r2 and r1["completion"]["n"] == 41
     assert "hellaswag [harness] n=41" in one.stdout
+    # every rank's predictions, in index order per style: the single process's file
+    p1, p2 = (
+        [json.loads(line) for line in (tmp_path / p).read_text().splitlines()]
+        for p in ("p1.jsonl", "p2.jsonl")
+    )
+    assert [(r["style"], r["index"]) for r in p2] == [
+        (s, i) for s in ("completion", "harness") for i in range(41)
+    ]
+    for a, b in zip(p1, p2):
+        assert {**a, "logprob_sums": 0, "norm_scores": 0} == {**b, "logprob_sums": 0, "norm_scores": 0}
+        assert a["logprob_sums"] == pytest.approx(b["logprob_sums"], rel=1e-5)
 
 
 @pytest.mark.skipif(

@@ -170,6 +170,70 @@ BAD = [  # (path, body, status, param)
     ("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
 ]
+A = {"model": MODEL, "prompt": "a", "max_tokens": 2}
+# OpenAI parameters: checked as OpenAI ranges them, or refused when they would change the output
+# and are not implemented (never ignored)
+BAD += [("/v1/completions", {**A, **extra}, 400, param) for extra, param in [
+    ({"logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"logit_bias": {"-1": 1}}, "logit_bias"),
+    ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+    ({"logit_bias": {"50257": 1}}, "logit_bias"),  # past the base model's vocabulary
+    ({"logit_bias": {"50": 100.5}}, "logit_bias"),
+    ({"logit_bias": {"50": "1"}}, "logit_bias"),
+    ({"logit_bias": [50]}, "logit_bias"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"best_of": 2}, "best_of"),
+    ({"suffix": " end"}, "suffix"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"repetition_penalty": 1.2}, "repetition_penalty"),
+]]  # fmt: skip
+BAD += [("/v1/completions", b'{"model": "%s", "prompt": "a", "logit_bias": {"50": %s}}' % (MODEL.encode(), v),
+         400, "logit_bias") for v in (b"1e999", b"-1e999", b"NaN")]  # fmt: skip
+
+
+def _openai_spelling(data: bytes) -> str:
+    """OpenAI's legacy logprobs: a token's text, or its bytes escaped when they are not text alone."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+
+def test_top_logprobs_keep_every_alternative_when_tokens_share_no_text_of_their_own(run_dir, enc):
+    """Lone UTF-8 byte tokens all decode to U+FFFD alone: keyed by that text, a less likely one
+    overwrote a more likely one. N alternatives give N entries, each with its own log-probability
+    (the model here favours the tokens that are parts of characters, so they crowd the top 5)."""
+    from gpt2repro.checkpoint.gathered import load_model
+
+    model = load_model(run_dir).eval()
+    parts = torch.tensor([_openai_spelling(enc.decode_single_token_bytes(t)).startswith("bytes:")
+                          for t in range(model.config.vocab_size)])  # fmt: skip
+    real = model.logits
+    model.logits = lambda h: real(h) + 6.0 * parts.to(h.dtype)
+    prompt = "日本語のテキスト"
+    served = served_model(model, MODEL, 1)
+    try:
+        with ServerThread(create_app(served)) as s:
+            client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=5)
+    finally:
+        served.engine.stop()
+    lp = r.choices[0].logprobs
+    ids = enc.encode(prompt)
+    spelled = [_openai_spelling(enc.decode_single_token_bytes(t)) for t in ids]
+    assert any(t.startswith("bytes:") for t in spelled)  # the case at hand: parts of characters
+    assert lp.tokens == spelled
+    with torch.no_grad():
+        own = torch.log_softmax(model.logits(model.hidden(torch.tensor([ids]))[0]).double(), -1)
+    for pos in range(1, len(ids)):
+        top = own[pos - 1].topk(5)
+        expected = {_openai_spelling(enc.decode_single_token_bytes(t)): v
+                    for t, v in zip(top.indices.tolist(), top.values.tolist())}  # fmt: skip
+        assert len(expected) == 5 and list(lp.top_logprobs[pos]) == list(expected)
+        assert list(lp.top_logprobs[pos].values()) == pytest.approx(list(expected.values()), abs=1e-4)
 
 
 @pytest.mark.parametrize("path,body,status,param", BAD, ids=[f"{i}" for i in range(len(BAD))])
@@ -178,6 +242,61 @@ def test_bad_requests_get_openais_error_json(server, path, body, status, param):
     assert code == status
     assert set(answer) == {"error"} and set(answer["error"]) == {"message", "type", "param", "code"}
     assert answer["error"]["param"] == param and answer["error"]["message"]
+
+
+def test_metadata_and_harmless_values_of_unsupported_parameters_are_accepted(server):
+    for extra in ({"user": "u1", "metadata": {"k": "v"}, "store": False}, {"best_of": 1, "suffix": None},
+                  {"response_format": {"type": "text"}, "tools": [], "logit_bias": {}}):  # fmt: skip
+        code, answer = post(server.url + "/v1/completions", {**A, **extra})
+        assert code == 200, answer
+
+
+def _reference(
+    model, ids: list[int], steps: int, logit_bias=None, presence_penalty=0.0, frequency_penalty=0.0
+):
+    """Greedy decoding with OpenAI's logit_bias and penalties, the model and the adjustments in float64,
+    every step recomputed from the whole sequence."""
+    import copy
+
+    from gpt2repro.generation.sampling import ends_reply
+
+    model64 = copy.deepcopy(model).double()
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model64(torch.tensor([ids + out]))[0][0, -1].double()
+            for token, bias in (logit_bias or {}).items():
+                logits[int(token)] += bias
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.numel()).double()
+            logits -= presence_penalty * (counts > 0).double() + frequency_penalty * counts
+            token = int(logits.argmax())
+            if ends_reply(token):
+                break
+            out.append(token)
+    return out
+
+
+def test_logit_bias_and_penalties_follow_openai_against_a_float64_reference(client, model, enc):
+    prompt = "First Citizen:"
+    ids = enc.encode(prompt)
+    plain = _reference(model, ids, 16)
+    cases = [
+        {"logit_bias": {str(plain[0]): -100, str(enc.encode(" and")[0]): 3.5}},
+        {"frequency_penalty": 2.0},
+        {"presence_penalty": 2.0},
+        {"presence_penalty": 1.0, "frequency_penalty": -0.5, "logit_bias": {"11": 1.5}},
+    ]
+    for extra in cases:
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, **extra)
+        expected = _reference(model, ids, 16, **extra)
+        assert expected != plain, extra  # each case changes the greedy text
+        assert r.choices[0].text == enc.decode(expected), extra
+    # applied per sequence in the batched engine: each of n choices as it is drawn alone
+    extra = {"frequency_penalty": 1.5, "presence_penalty": 0.5, "logit_bias": {"13": 4}}
+    batched = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, n=3, seed=7, **extra)
+    for i, choice in enumerate(sorted(batched.choices, key=lambda c: c.index)):
+        alone = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, seed=7 + i, **extra)
+        assert choice.text == alone.choices[0].text
 
 
 @pytest.mark.parametrize("chunked", [False, True])

@@ -263,3 +263,29 @@ def test_the_host_names_a_server_answers_follow_its_address():
         "localhost",
         "a.example",
     ]
+
+
+def _metric_samples(raw: bytes) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        s.name: s.value for family in text_string_to_metric_families(raw.decode()) for s in family.samples
+    }
+
+
+def test_prompt_and_cached_prompt_tokens_are_both_counted_per_sequence(model):
+    """The work done: n sequences of a prompt each run (or find cached) its tokens, so the cached
+    count can never pass the prompt count."""
+    served = served_model(model, "m", 4)
+    prompt = [464, 2068, 7586, 21831, 18045, 625, 262, 16931]  # 8 tokens
+    try:
+        with ServerThread(create_app(served)) as s:
+            for _ in range(3):
+                body = {"model": "m", "prompt": prompt, "max_tokens": 2, "n": 4, "temperature": 0}
+                assert request(s, "POST", "/v1/completions", body)[0] == 200
+            samples = _metric_samples(request(s, "GET", "/metrics")[2])
+    finally:
+        served.engine.stop()
+    # the first request's 4 sequences find empty slots, each later one all but the last token cached
+    assert samples["gpt2repro_prompt_tokens_total"] == 3 * 4 * 8
+    assert samples["gpt2repro_prompt_tokens_cached_total"] == 2 * 4 * 7

@@ -76,7 +76,19 @@ def _post(url: str, body: dict) -> bytes:
         return r.read()
 
 
-def test_the_server_gives_offsets_and_tokens_of_multibyte_text_and_cuts_them_at_a_stop(run_dir, fast):
+def _bytes_of(token: str) -> bytes:
+    return bytes.fromhex(token[6:].replace("\\x", "")) if token.startswith("bytes:") else token.encode()
+
+
+def _not_text(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+def test_the_server_gives_offsets_and_tokens_of_multibyte_text_and_cuts_them_at_a_stop(run_dir, fast, enc):
     pytest.importorskip("starlette", reason="the serve extra is not installed")
     from gpt2repro.checkpoint.gathered import load_model
     from gpt2repro.serve.app import create_app
@@ -99,9 +111,13 @@ def test_the_server_gives_offsets_and_tokens_of_multibyte_text_and_cuts_them_at_
     mapped = fast(text, return_offsets_mapping=True)["offset_mapping"]
     assert choice["text"] == text
     assert choice["logprobs"]["text_offset"] == [start for start, _ in mapped]
-    assert "".join(choice["logprobs"]["tokens"]) == text and "\ufffd" not in "".join(
-        choice["logprobs"]["tokens"]
-    )
+    # a token that is part of a character is spelled by its bytes (OpenAI's `bytes:\\xe6`); the rest are
+    # the text they complete: all of them, as bytes, join into the text
+    tokens = choice["logprobs"]["tokens"]
+    assert b"".join(map(_bytes_of, tokens)).decode() == text and "\ufffd" not in "".join(tokens)
+    assert [t.startswith("bytes:") for t in tokens] == [
+        _not_text(enc.decode_single_token_bytes(t)) for t in enc.encode_ordinary(text)
+    ]
     assert torch.tensor(choice["logprobs"]["token_logprobs"][1:]).isfinite().all()
     assert cut["text"] == full[: full.index(stop)] and cut["finish_reason"] == "stop"
     assert "".join(cut["logprobs"]["tokens"]) == cut["text"]  # no token past the stop string

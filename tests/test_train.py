@@ -540,13 +540,18 @@ def test_the_training_clock_counts_training_only():
 
     cfg = train_config("cpu-tiny", ["schedule_clock=time", "time_budget=10"])
     clock = TrainingClock(cfg, DistInfo(0, 0, 1, torch.device("cpu")), torch.device("cpu"))
-    clock.tick(30.0, compiling=True)  # the step that compiled the model: not training time
+    assert clock.position(0, 29.0, compiling=True) == 0  # the step that compiled the model: not training
+    clock.tick(30.0, compiling=True)  # time, and never the last step for its length
+    assert clock.position(1, 3.5) == 1
     clock.tick(4.0, compiling=False)
-    assert clock.state() == {"train_seconds": 4.0, "last_seconds": 4.0} and not clock.spent()
-    clock.tick(3.0, compiling=False)
-    assert clock.spent() and clock.left() == 3.0  # another 3 s step would pass the budget
+    assert clock.state() == {"train_seconds": 4.0, "last_seconds": 4.0, "final": False} and not clock.spent()
+    assert clock.position(2, 3.0) == cfg.max_steps  # another 3 s step would pass the budget: the last,
+    clock.tick(3.0, compiling=False)  # at the schedule's end
+    assert clock.spent() and clock.left() == 3.0
     again = TrainingClock(cfg, DistInfo(0, 0, 1, torch.device("cpu")), torch.device("cpu"))
     again.load(clock.state())
+    assert again.spent()
+    again.load({"train_seconds": 7.0, "last_seconds": 3.0})  # a checkpoint from before `final`
     assert again.spent()
 
 
@@ -598,6 +603,29 @@ def test_a_host_that_slows_down_still_finishes_the_schedule_inside_its_budget(
     peak = lrs.index(max(lrs))
     assert 0 < peak < len(lrs) - 1 and lrs[:peak] == sorted(lrs[:peak])
     assert lrs[peak:] == sorted(lrs[peak:], reverse=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("long_update", [None, 9])
+def test_the_step_the_clock_makes_the_last_runs_at_the_schedules_end(
+    data_dir, tmp_path, monkeypatch, long_update
+):
+    """schedule_clock=time: whichever step the clock ends the run at runs at the floor LR, the end of
+    the decay, even when a step's update (after its LR is set) takes far longer than its forward and
+    backward (`long_update`: the step whose update takes 0.6 s)."""
+    budget = 2.0
+    cfg = small_cfg("max_steps=400", "warmup_steps=2", "schedule_clock=time", f"time_budget={budget}")
+    host = _HostClock(monkeypatch, after=400, slow=0.0)  # 0.05 s per forward and backward
+
+    def synchronize(device):
+        host.now += 0.6 if host.steps == (long_update or -1) + 1 else 0.0
+
+    monkeypatch.setattr(tr, "synchronize", synchronize)
+    summary = tr.train(cfg, data_dir, tmp_path)
+    steps = events(tmp_path, "train")
+    assert 5 < len(steps) < 400 and summary["train_seconds"] <= budget  # the clock ended it, inside budget
+    assert steps[-1]["lr"] == pytest.approx(cfg.max_lr * cfg.min_lr_ratio, rel=1e-12)  # the floor
+    assert all(r["lr"] > cfg.max_lr * cfg.min_lr_ratio * 1.01 for r in steps[:-1])  # only the last
 
 
 def test_resuming_with_fewer_max_steps_than_the_checkpoint_is_one_line(data_dir, tmp_path):

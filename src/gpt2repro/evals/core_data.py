@@ -165,6 +165,8 @@ def load_bundle(
         raise CoreError(f"{root / 'eval_meta_data.csv'}: a random baseline is not a number ({e})") from None
     if not isinstance(entries, list):
         raise CoreError(f"{root / 'core.yaml'}: icl_tasks must be a list")
+    if not entries:
+        raise CoreError(f"{root / 'core.yaml'}: icl_tasks is empty (CORE is a mean over at least one task)")
     chosen = [_task_entry(e, str(root / "core.yaml"), baselines) for e in entries]
     if tasks:
         unknown = sorted(set(tasks) - {t.label for t in chosen})

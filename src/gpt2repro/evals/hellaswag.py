@@ -100,6 +100,11 @@ def _example(line: str, where: str) -> dict:
     wrong = next((k for k in TEXT_FIELDS if not isinstance(row[k], str)), None)
     if wrong:
         raise HellaSwagError(f"{where}: {wrong!r} must be text, got {type(row[wrong]).__name__}")
+    bad = next(filter(None, (jsonio.lone_surrogate(row[k], k) for k in (*TEXT_FIELDS, "endings"))), None)
+    if bad:
+        raise HellaSwagError(
+            f"{where}: field {bad} is not valid Unicode text (a lone surrogate, such as \\ud800)"
+        )
     return row
 
 

@@ -36,6 +36,17 @@ def write_outputs(outputs: list[tuple[str | None, str, str]]) -> None:
                 raise WriteError(f"{e}; the scores are printed above") from None
 
 
+def gathered(details: list[dict], info: DistInfo) -> list[dict]:
+    """Every rank's per-example records (each rank scores a share), so the main rank writes them all."""
+    if not info.distributed:
+        return details
+    import torch.distributed as dist
+
+    shares: list = [None] * info.world_size
+    dist.all_gather_object(shares, details)
+    return [d for share in shares for d in share]
+
+
 def worked_examples(examples: list[dict], details: list[dict], n: int = 3) -> str:
     lines = []
     for d in details[:n]:
@@ -66,13 +77,14 @@ def run_hellaswag(
         results[s] = evaluate(
             model, examples, s, info.device, info.rank, info.world_size, batch_size, dtype, details=details[s]
         )
+        details[s] = sorted(gathered(details[s], info), key=lambda d: d["index"])
     if not info.is_main:
         return results
     for s, r in results.items():
         print(f"hellaswag [{s}] n={r['n']} acc={r['acc']:.4f} acc_norm={r['acc_norm']:.4f}")
     if verbose:
         print(worked_examples(examples, details[styles[0]]))
-    rows = [{"style": s, **d} for s in styles for d in sorted(details[s], key=lambda d: d["index"])]
+    rows = [{"style": s, **d} for s in styles for d in details[s]]
     lines = "".join(json.dumps(r) + "\n" for r in rows) if predictions else ""
     write_outputs(
         [(json_out, json.dumps(results, indent=2), "the results"), (predictions, lines, "the predictions")]
@@ -142,8 +154,6 @@ def run_core(
 ) -> dict:
     """`eval core`: every task sharded over the ranks; the main rank prints the table and writes the
     results and every rank's per-item predictions."""
-    import torch.distributed as dist
-
     from .core import evaluate
 
     details: list[dict] = []
@@ -157,10 +167,7 @@ def run_core(
         dtype=dtype,
         details=details,
     )
-    if predictions and info.distributed:
-        shares: list = [None] * info.world_size
-        dist.all_gather_object(shares, details)
-        details = [d for share in shares for d in share]
+    details = gathered(details, info) if predictions else details
     if not info.is_main:
         return results
     print(core_table(results, bundle.tasks, bundle.notes))

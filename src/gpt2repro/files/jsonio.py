@@ -69,6 +69,24 @@ def array_records(path: str | Path) -> list:
     return value
 
 
+def lone_surrogate(value: Any, name: str) -> str | None:
+    """Where in `value` (the field `name`) a string holds a lone surrogate, JSON's "\\ud800" escape:
+    not valid Unicode, so no tokenizer or file can encode it (`endings[1]`); None when nowhere."""
+    todo = [(name, value)]
+    while todo:
+        where, value = todo.pop(0)
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return where
+        elif isinstance(value, list):
+            todo += [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+        elif isinstance(value, dict):
+            todo += [(f"{where}.{k}", v) for k, v in value.items()]
+    return None
+
+
 def shown(value: Any) -> str:
     """`repr(value)` for an error message: short, and never too deep to print."""
     return _SHOWN.repr(value)

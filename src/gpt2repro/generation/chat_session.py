@@ -133,6 +133,7 @@ class ChatSession:
         ends it). Interrupted before the first one, the conversation is left as it was."""
         started = time.perf_counter()
         before = (self.messages, self.spans, list(self.ids), self.cached)
+        start = self.cached  # the cache is rewritten from here on: any layer may hold new keys past it
         try:
             new = self._fit(text)
             self.ids += new
@@ -140,10 +141,11 @@ class ChatSession:
             turn = dict(
                 prompt_tokens=len(self.ids) - self.cached, reply_tokens=0, decode_steps=0, stopped=False
             )
+            start = self.cached
             logits = self._run()
         except BaseException:  # Ctrl-C while the prompt ran (or too long a message): nothing changed
-            self.messages, self.spans, self.ids, self.cached = before
-            self.cached = min(self.cached, len(self.ids))
+            self.messages, self.spans, self.ids, cached = before
+            self.cached = min(cached, start, len(self.ids))  # positions past `start` are recomputed
             raise
         self.messages = [*self.messages, {"role": "user", "content": text}]
         self.spans = [*self.spans, new[:-1]]  # the user's turn; the reply's opening token goes with it

@@ -2,7 +2,9 @@
 the in-loop samples, `chat` and its `ChatSession`, the SFT samples, `eval chat`'s greedy replies, the
 server's engine and the exported `generation_config.json`.
 
-The sampler: logits divided by `temperature` (0: the most likely token), then only the `top_k` most
+The sampler: OpenAI's adjustments first (`logit_bias` added to the logits of its token ids, then
+`presence_penalty` and `frequency_penalty` over the tokens drawn so far: logit -= presence x (count > 0)
++ frequency x count), then logits divided by `temperature` (0: the most likely token), then only the `top_k` most
 likely tokens (None or 0: all), then the smallest set whose probability reaches `top_p` (the token
 that crosses it included), drawn with a generator seeded by `seed` (choice or row i of a request:
 `seed + i`). The rule: a reply (or a continuation) ends at the first token that is not text, i.e.
@@ -12,6 +14,7 @@ that crosses it included), drawn with a generator seeded by `seed` (choice or ro
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +46,9 @@ class Sampling:
     top_k: int | None = None
     top_p: float = 1.0
     seed: int = 42
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), OpenAI's -100..100
+    presence_penalty: float = 0.0  # OpenAI's -2..2, per token already drawn
+    frequency_penalty: float = 0.0  # OpenAI's -2..2, per time a token was drawn
 
     def check(self) -> Sampling:
         """self, or a GenerateError naming the setting that cannot work."""
@@ -51,11 +57,33 @@ class Sampling:
             (self.top_k is None or self.top_k >= 0, f"top_k must be at least 0 (0: no limit), got {self.top_k}"),
             (0 < self.top_p <= 1, f"top_p must be above 0 and at most 1, got {self.top_p}"),
             (-(2**63) <= self.seed < 2**64, f"the seed must fit in 64 bits, got {self.seed}"),
+            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be between -2 and 2, got {self.presence_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be between -2 and 2, got {self.frequency_penalty}"),
+            *((t >= 0 and -100 <= b <= 100, f"logit_bias must map token ids >= 0 to -100..100, got {t}: {b}")
+              for t, b in self.logit_bias),
         ]  # fmt: skip
         for ok, problem in problems:
             if not ok:
                 raise GenerateError(problem)
         return self
+
+    def adjusted(self, logits: torch.Tensor, drawn: Sequence[int] = ()) -> torch.Tensor:
+        """`logits` (B, V) of one sequence whose tokens drawn so far are `drawn`, with the logit bias
+        (ids in range) and the penalties applied (OpenAI's order: before temperature)."""
+        if not self.logit_bias and not (drawn and (self.presence_penalty or self.frequency_penalty)):
+            return logits
+        logits = logits.float().clone()
+        width = logits.size(-1)
+        bias = [(t, b) for t, b in self.logit_bias if t < width]
+        if bias:
+            ids, values = zip(*bias)
+            logits[..., list(ids)] += torch.tensor(values, device=logits.device)
+        if drawn and (self.presence_penalty or self.frequency_penalty):
+            counts = torch.bincount(torch.tensor(drawn, device=logits.device), minlength=width)[
+                :width
+            ].float()
+            logits -= self.presence_penalty * (counts > 0).float() + self.frequency_penalty * counts
+        return logits
 
     def generator(self, device, index: int = 0) -> torch.Generator:
         """The generator of row or choice `index`: seeded with seed + index."""
@@ -76,8 +104,11 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
-def draw(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
-    """The next token of each row of `logits` (B, V): (B, 1)."""
+def draw(
+    logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None, drawn: Sequence[int] = ()
+) -> torch.Tensor:
+    """The next token of each row of `logits` (B, V), one sequence that has drawn `drawn`: (B, 1)."""
+    logits = sampling.adjusted(logits, drawn)
     if sampling.temperature == 0:
         return logits.argmax(-1, keepdim=True)
     scaled = filter_logits(logits.float() / sampling.temperature, sampling.top_k, sampling.top_p)

@@ -43,24 +43,38 @@ def export_gguf(model: GPT, out: str | os.PathLike, outtype: str = "f32") -> Pat
     """Write `model` to the GGUF file `out` (f32, f16 or q8_0 matrices; vectors stay f32): complete or
     absent (`fsio.AtomicFile`), under the export lock beside it, refused before writing when the disk
     cannot hold it."""
-    with DirLock(out, "export", beside=True):
+    with _locked(Path(out), outtype):
         return _write(model, Path(out), outtype)
 
 
 def export_gguf_source(source: str, out: str | os.PathLike, outtype: str = "f32", hf: bool = False) -> Path:
     """`export_gguf` of a run/checkpoint of ours (or, with `hf`, a Hugging Face GPT-2 directory),
     locking the output before the weights are read."""
-    with DirLock(out, "export", beside=True):
+    with _locked(Path(out), outtype):
         return _write(load_source(source, hf), Path(out), outtype)
 
 
-def _write(model: GPT, out: Path, outtype: str) -> Path:
+def _refuse(out: Path, outtype: str) -> None:
+    """A one-line error for an output that is not a new file in the directory named: checked before
+    the lock is taken (its lock would land beside a device, or where a link points), and again under it."""
     if outtype not in OUTTYPES:
         raise UserError(f"outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
+    if out.is_symlink():
+        raise HFError(f"{out}: is a symbolic link; name a new file in the directory to write into")
     if out.is_dir():
         raise HFError(f"{out}: is a directory; name the .gguf file to write")
     if out.exists():
         raise HFError(f"{out}: exists; choose a new file name")
+
+
+def _locked(out: Path, outtype: str) -> DirLock:
+    """The export lock beside `out`, in its directory (`out` itself is no link: refused first)."""
+    _refuse(out, outtype)
+    return DirLock(out, "export", beside=True)
+
+
+def _write(model: GPT, out: Path, outtype: str) -> Path:
+    _refuse(out, outtype)
     gguf = _gguf()
     remove_leftovers(out.parent, out.name)  # a killed earlier export's temporaries
     tensors = _tensors(model, outtype, gguf)
@@ -68,7 +82,7 @@ def _write(model: GPT, out: Path, outtype: str) -> Path:
     check_space(out, "the GGUF export", needed)
     with AtomicFile(out, "the GGUF export") as tmp:
         writer = gguf.GGUFWriter(tmp.tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2])
-        _metadata(writer, model, outtype, gguf)
+        _metadata(writer, model, _file_type(tensors), gguf)
         for name, array, raw_dtype in tensors:
             writer.add_tensor(name, array, raw_dtype=raw_dtype)
         try:
@@ -80,9 +94,16 @@ def _write(model: GPT, out: Path, outtype: str) -> Path:
     return out
 
 
-def _metadata(writer, model: GPT, outtype: str, gguf) -> None:
+def _file_type(tensors: list[tuple[str, np.ndarray, object]]) -> str:
+    """What the file holds (not what was asked): q8_0 only if some matrix was quantized (rows of a
+    multiple of 32), f16 if some matrix is f16, else all f32."""
+    if any(raw is not None for _, _, raw in tensors):
+        return "MOSTLY_Q8_0"
+    return "MOSTLY_F16" if any(a.dtype == np.float16 for _, a, _ in tensors) else "ALL_F32"
+
+
+def _metadata(writer, model: GPT, file_type: str, gguf) -> None:
     cfg = model.config
-    file_type = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}[outtype]
     writer.add_name("gpt2repro chat model" if cfg.chat else "gpt2repro model")
     writer.add_block_count(cfg.n_layer)
     writer.add_context_length(cfg.block_size)

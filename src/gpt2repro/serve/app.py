@@ -146,9 +146,8 @@ async def chat_completions(request: Request) -> Response:
     served: Served = request.app.state.served
     body = await _body(request)
     prompt = _chat_prompt(body, served)
-    params = protocol.sampling(body, [prompt], served.block_size, request.app.state.limit, None, least=1)
-    protocol.check(
-        not body.get("logprobs"), "chat log-probabilities are not supported; use /v1/completions", "logprobs"
+    params = protocol.sampling(
+        body, [prompt], served.block_size, request.app.state.limit, None, served.vocab_size, chat=True
     )
     gen = Generation(served, params, request.app.state.metrics)
     return await _answer(request, gen, gen.chat_chunks, gen.chat_completion)

@@ -53,8 +53,12 @@ class Job:
     echo_logprobs: bool = False  # log-probabilities of the prompt's tokens too
     cancelled: bool = False
     finish: str | None = None  # "stop" once a token that ends a reply is drawn
-    generated: int = 0
+    drawn: list[int] = field(default_factory=list)  # the tokens generated so far (what penalties count)
     generator: torch.Generator | None = field(default=None, repr=False)
+
+    @property
+    def generated(self) -> int:
+        return len(self.drawn)
 
 
 def _infos(logits: torch.Tensor, ids: list[int], top: int) -> list[TokenInfo]:
@@ -193,9 +197,9 @@ class Engine:
         """Sample every running job's next token, then one forward pass for all of them."""
         tokens = []
         for job, logits in zip(self.running, self.last):
-            tok = int(draw(logits, job.sampling, job.generator))
+            tok = int(draw(logits, job.sampling, job.generator, job.drawn))  # this sequence's own penalties
             info = _infos(logits, [tok], job.logprobs)[0] if job.logprobs is not None else TokenInfo(tok)
-            job.generated += 1
+            job.drawn.append(tok)
             job.emit(("token", info))
             if ends_reply(tok):
                 job.cancelled, job.finish = True, "stop"

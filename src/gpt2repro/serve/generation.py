@@ -30,9 +30,6 @@ class Served:
     token_bytes: Callable[[int], bytes]
     chat: object | None = None  # run.ChatFormat for chat models
 
-    def token_str(self, token: int) -> str:
-        return self.token_bytes(token).decode("utf-8", errors="replace")
-
     def decode(self, ids: list[int]) -> str:
         return b"".join(self.token_bytes(t) for t in ids).decode("utf-8", errors="replace")
 
@@ -64,7 +61,8 @@ class Generation:
                 def emit(event, i=i):
                     loop.call_soon_threadsafe(self.queue.put_nowait, (i, event))
 
-                sampling = Sampling(params.temperature, params.top_k, params.top_p, (seed + i) % 2**64)
+                sampling = Sampling(params.temperature, params.top_k, params.top_p, (seed + i) % 2**64,
+                                    params.logit_bias, params.presence_penalty, params.frequency_penalty)  # fmt: skip
                 job = Job(ids, params.max_tokens, emit, sampling, self, params.logprobs,
                           params.echo and params.logprobs is not None)  # fmt: skip
                 self.choices.append(Choice(job, TextStream(served.token_bytes, params.stop)))
@@ -98,8 +96,9 @@ class Generation:
             for choice in self.choices:
                 choice.job.cancelled = True
             if self.metrics is not None:
+                # per sequence, the work done: as the cached tokens are counted (each job's "start")
                 self.metrics.tokens(
-                    sum(len(p) for p in self.params.prompts), sum(c.tokens for c in self.choices)
+                    sum(len(c.job.prompt) for c in self.choices), sum(c.tokens for c in self.choices)
                 )
 
     def _token(self, choice: Choice, info: TokenInfo) -> str:
@@ -176,7 +175,7 @@ class Generation:
     def logprobs(self, pieces: list[Piece]) -> dict | None:
         if self.params.logprobs is None:
             return None
-        return logprobs_object(pieces, self.served.token_str)
+        return logprobs_object(pieces, self.served.token_bytes)
 
     def prompt_pieces(self, choice: Choice) -> list[Piece]:
         """The echoed prompt's tokens: their text, offsets and (with logprobs) the engine's infos (which

@@ -18,11 +18,13 @@ class Metrics:
             "gpt2repro_requests", "HTTP requests answered", ["route", "status"], registry=registry
         )
         self.prompt_tokens = Counter(
-            "gpt2repro_prompt_tokens", "prompt tokens of finished requests", registry=registry
+            "gpt2repro_prompt_tokens",
+            "prompt tokens of finished requests, per sequence (a prompt with n=4 counts 4 times)",
+            registry=registry,
         )
         self.cached_tokens = Counter(
             "gpt2repro_prompt_tokens_cached",
-            "prompt tokens found in a slot's cache (prefix caching)",
+            "prompt tokens found in a slot's cache (prefix caching), per sequence: at most the prompt tokens",
             registry=registry,
         )
         self.generated_tokens = Counter("gpt2repro_generation_tokens", "tokens generated", registry=registry)

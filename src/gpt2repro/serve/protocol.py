@@ -6,6 +6,8 @@ web framework."""
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 
 from ..errors import UserError
@@ -48,6 +50,55 @@ class Params:
     include_usage: bool = False
     echo: bool = False
     logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+def _no(value) -> bool:
+    return value is None
+
+
+def _empty(value) -> bool:
+    return value is None or value == [] or value == {}
+
+
+# Parameters of OpenAI's API (and vLLM's and llama.cpp's extensions) that would change the output and
+# are not implemented: refused, unless given the value that changes nothing. Metadata (`user`,
+# `metadata`, `store`, `service_tier`...) and unknown fields are ignored, as vLLM ignores them.
+UNSUPPORTED = {
+    "best_of": lambda v: v is None or v == 1,
+    "suffix": lambda v: v is None or v == "",
+    "response_format": lambda v: v is None or v == {"type": "text"},
+    "tools": _empty,
+    "tool_choice": lambda v: v is None or v == "none",
+    "functions": _empty,
+    "function_call": lambda v: v is None or v == "none",
+    "audio": _no,
+    "modalities": lambda v: v is None or v == ["text"],
+    "web_search_options": _no,
+    "repetition_penalty": lambda v: v is None or v == 1,
+    "min_p": lambda v: v is None or v == 0,
+    "typical_p": lambda v: v is None or v == 1,
+    "min_tokens": lambda v: v is None or v == 0,
+    "ignore_eos": lambda v: v is None or v is False,
+    "stop_token_ids": _empty,
+    "bad_words": _empty,
+    "allowed_token_ids": _no,
+    "guided_json": _no,
+    "guided_regex": _no,
+    "guided_choice": _no,
+    "guided_grammar": _no,
+    "structured_outputs": _no,
+    "grammar": _no,
+    "json_schema": _no,
+    "mirostat": lambda v: v is None or v == 0,
+}
+CHAT_UNSUPPORTED = {  # the chat API's log-probabilities and vLLM's echo of the last message
+    "logprobs": lambda v: v is None or v is False,
+    "top_logprobs": lambda v: v is None or v == 0,
+    "echo": lambda v: v is None or v is False,
+}
 
 
 _TYPES = {
@@ -161,10 +212,18 @@ def _is_ids(x: list) -> bool:
 
 
 def sampling(
-    body: dict, prompts: list[list[int]], block_size: int, limit: int, default_max: int | None, least: int = 0
+    body: dict,
+    prompts: list[list[int]],
+    block_size: int,
+    limit: int,
+    default_max: int | None,
+    vocab_size: int,
+    chat: bool = False,
 ) -> Params:
     """The sampling fields shared by completions and chat; max_tokens within the context and limit
-    (absent: `default_max`, or what the context has room for), at least `least` (chat: 1)."""
+    (absent: `default_max`, or what the context has room for), at least 1 for chat."""
+    refuse_unsupported(body, chat)
+    least = int(chat)
     longest = max(len(p) for p in prompts)
     room = block_size - longest
     check(
@@ -203,8 +262,50 @@ def sampling(
     seed = field(body, "seed", int)
     check(seed is None or -(2**63) <= seed < 2**64, "'seed' must fit in 64 bits", "seed")
     options = field(body, "stream_options", dict, {})
-    return Params(prompts, max_tokens, temperature, top_p, top_k if top_k > 0 else None, n, _stop(body), seed,
-                  field(body, "stream", bool, False), bool(options.get("include_usage")))  # fmt: skip
+    params = Params(prompts, max_tokens, temperature, top_p, top_k if top_k > 0 else None, n, _stop(body), seed,
+                    field(body, "stream", bool, False), bool(options.get("include_usage")))  # fmt: skip
+    params.logit_bias = _logit_bias(body, vocab_size)
+    params.presence_penalty = _penalty(body, "presence_penalty")
+    params.frequency_penalty = _penalty(body, "frequency_penalty")
+    return params
+
+
+def refuse_unsupported(body: dict, chat: bool) -> None:
+    """A 400 naming the first parameter that would change the output but is not implemented."""
+    table = {**UNSUPPORTED, **(CHAT_UNSUPPORTED if chat else {})}
+    for name, harmless in table.items():
+        try:
+            ok = harmless(body.get(name))
+        except TypeError:  # (a value of no comparable kind)
+            ok = False
+        where = "chat completions" if chat else "this server"
+        check(ok, f"'{name}' is not supported by {where} (it would change the output); leave it out",
+              name, "unsupported_parameter")  # fmt: skip
+
+
+def _penalty(body: dict, name: str) -> float:
+    value = field(body, name, float, 0.0)
+    check(-2 <= value <= 2, f"'{name}' must be between -2 and 2, got {value}", name)
+    return value
+
+
+def _logit_bias(body: dict, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias: token ids (as strings) to numbers from -100 to 100."""
+    bias = field(body, "logit_bias", dict, {})
+    out = []
+    for key, value in bias.items():
+        shown = json.dumps(key)[:40]
+        check(re.fullmatch(r"[0-9]{1,12}", key) is not None,
+              f"'logit_bias' keys must be token ids, got {shown}", "logit_bias")  # fmt: skip
+        token = int(key)
+        check(token < vocab_size, f"'logit_bias' token id {token} is outside the vocabulary (0..{vocab_size - 1})",
+              "logit_bias")  # fmt: skip
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        check(number and math.isfinite(value) and -100 <= value <= 100,
+              f"'logit_bias' values must be numbers from -100 to 100, got {json.dumps(value)[:40]} for token {token}",
+              "logit_bias")  # fmt: skip
+        out.append((token, float(value)))
+    return tuple(out)
 
 
 def _stop(body: dict) -> tuple[str, ...]:
@@ -227,7 +328,9 @@ def completion_params(
     if "prompt" not in body:
         raise APIError(400, "you must provide 'prompt'", "prompt", "missing_required_parameter")
     prompts = prompt_ids(body["prompt"], encode, vocab_size)
-    params = sampling(body, prompts, block_size, limit, default_max=16)  # OpenAI's default for completions
+    params = sampling(
+        body, prompts, block_size, limit, 16, vocab_size
+    )  # 16: OpenAI's default for completions
     params.echo = field(body, "echo", bool, False)
     params.logprobs = field(body, "logprobs", int)
     check(

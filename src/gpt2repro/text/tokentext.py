@@ -107,13 +107,31 @@ def pieces_of(ids: list[int], token_bytes: Callable[[int], bytes], start: int = 
     return stream.pieces
 
 
-def logprobs_object(pieces: list[Piece], token_str: Callable[[int], str]) -> dict:
+def _text(data: bytes) -> str | None:
+    """A token's text alone, or None when its bytes are part of a character (not UTF-8 alone)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def spelled(data: bytes) -> str:
+    """A token's own text as OpenAI's legacy logprobs spell it: its text, or `bytes:\\xe6\\x97` when its
+    bytes are not text alone, so tokens with no text of their own stay apart."""
+    text = _text(data)
+    return text if text is not None else "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+
+def logprobs_object(pieces: list[Piece], token_bytes: Callable[[int], bytes]) -> dict:
     """The legacy completions API's logprobs of pieces whose payloads are engine.TokenInfo: each
-    token's text and offset as in the returned text; the alternatives' text decoded alone."""
+    token's text and offset as in the returned text (a token that is part of a character spelled by its
+    bytes instead); the alternatives spelled alone, one entry each."""
     infos = [p.payload for p in pieces]
-    top = [None if i.top is None else {token_str(t): lp for t, lp in i.top} for i in infos]
+    own = [token_bytes(i.id) for i in infos]
+    tokens = [p.text if _text(data) is not None else spelled(data) for p, data in zip(pieces, own)]
+    top = [None if i.top is None else {spelled(token_bytes(t)): lp for t, lp in i.top} for i in infos]
     return {
-        "tokens": [p.text for p in pieces],
+        "tokens": tokens,
         "token_logprobs": [i.logprob for i in infos],
         "top_logprobs": top,
         "text_offset": [p.offset for p in pieces],

@@ -3,7 +3,9 @@
 It measures the time to a target (`target_val_loss`, `target_core`: "time to GPT-2" counts training
 only) and, with `schedule_clock=time`, drives the LR schedule: progress is max(step / max_steps,
 training seconds / time_budget), so a host that slows down mid-run still finishes warmup and decay
-inside the budget. Its state goes into every checkpoint, so a resumed run continues the same clock."""
+inside the budget. The step the clock makes the last is decided when its LR is set (after its forward
+and backward): it runs at the schedule's end, the floor, and the run stops after it, whatever the
+update then takes. Its state goes into every checkpoint, so a resumed run continues the same clock."""
 
 from __future__ import annotations
 
@@ -18,14 +20,18 @@ class TrainingClock:
     def __init__(self, cfg: TrainConfig, info: DistInfo, device: torch.device):
         self.cfg, self.info, self.device = cfg, info, device
         self.train_seconds = 0.0
-        self.last_seconds = 0.0  # the last step's: will one more fit in time_budget?
+        self.last_seconds = 0.0  # the last step's
+        self.final = False  # schedule_clock=time: the clock made the last step the run's last
 
     def state(self) -> dict:
-        return {"train_seconds": self.train_seconds, "last_seconds": self.last_seconds}
+        return {"train_seconds": self.train_seconds, "last_seconds": self.last_seconds, "final": self.final}
 
     def load(self, state: dict) -> None:
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.last_seconds = float(state.get("last_seconds", 0.0))
+        budget = self.cfg.time_budget  # (a checkpoint from before `final`: the rule it stopped by)
+        default = self.cfg.schedule_clock == "time" and self.train_seconds + self.last_seconds >= budget
+        self.final = bool(state.get("final", default))
 
     def tick(self, seconds: float, compiling: bool) -> None:
         """Count one optimizer step's seconds, unless it compiled the model (compilation is not
@@ -38,15 +44,22 @@ class TrainingClock:
         self.last_seconds = seconds
         self.train_seconds += seconds
 
-    def position(self, step: int) -> float:
-        """Where the LR schedule is, in (possibly fractional) steps."""
+    def position(self, step: int, elapsed: float = 0.0, compiling: bool = False) -> float:
+        """Where the LR schedule is for `step`, `elapsed` seconds into it, in (possibly fractional)
+        steps. On the time clock, a step that one more as long would take past time_budget is the
+        run's last (`spent`): it runs at the schedule's end (decided here, not after the step, so a
+        long update cannot end the run before its decay does; the ranks' mean, as `tick`)."""
+        if self.cfg.schedule_clock == "time" and not compiling:
+            if self.info.distributed:
+                elapsed = all_reduce_sum([elapsed], self.device)[0] / self.info.world_size
+            self.final = self.train_seconds + 2 * elapsed >= self.cfg.time_budget
+            if self.final:
+                return float(self.cfg.max_steps)
         return schedule_position(step, self.train_seconds, self.cfg)
 
     def spent(self) -> bool:
-        """schedule_clock=time: one more step as long as the last would pass time_budget, so the
-        run ends inside it."""
-        cfg = self.cfg
-        return cfg.schedule_clock == "time" and self.train_seconds + self.last_seconds >= cfg.time_budget
+        """schedule_clock=time: the step just taken was the last the budget has room for."""
+        return self.cfg.schedule_clock == "time" and self.final
 
     def left(self) -> float | None:
         """Seconds of the budget left (None on the step clock)."""

@@ -4,12 +4,18 @@ GPUs: a table of dense (not 2:4-sparse) peaks per dtype from NVIDIA's datasheets
 the exact model names `torch.cuda.get_device_name` reports; an fp32 run is measured against the
 TF32 tensor-core peak on GPUs that have one (training enables TF32), plain fp32 elsewhere. An unknown
 GPU gets no MFU rather than a guess. CPUs have no published number that means anything here, so
-their peak is measured: the best of several GEMMs in the same dtype at start-up, raised by any step
-that runs faster than it (`Peak`), so a busy start can never report more than 100%."""
+their peak is measured: the best of several GEMMs in the same dtype at start-up, and the host's best
+such measurement is kept in the cache (`peak_flops.json`, keyed by the host's fingerprint; `bench peak`
+adds its own), so a start on a busy host is measured against the peak a quiet moment showed, not a
+lowered one. A step that runs faster still raises it for the run (`Peak`), so MFU never passes 100%;
+the output says which peak a figure is against."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import os
 import re
 import statistics
 import time
@@ -17,7 +23,12 @@ from collections.abc import Callable
 
 import torch
 
+from ..files import jsonio
+from ..files.assets import cache_dir
+from ..files.fsio import WriteError, atomic_write_text
 from ..model.precision import slow_dtype_warning, torch_dtype
+
+PEAK_CACHE = "peak_flops.json"
 
 T = 1e12
 # (model-name pattern, {dtype: dense FLOP/s}); "tf32" is what fp32 runs get where it exists.
@@ -96,33 +107,76 @@ def gemm_flops(
     return 4 * 2 * n**3 / median_time(run, repeats)
 
 
+def host_key(dtype: str, n: int) -> str:
+    """What a CPU GEMM peak depends on: the CPU (model, flags), its cores, torch's threads and build,
+    the dtype and the size."""
+    cpu = ""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = "\n".join(
+                re.findall(r"^(?:model name|flags|Features)\s*:.*$", f.read().split("\n\n")[0], re.M)
+            )
+    parts = [cpu, os.cpu_count(), torch.get_num_threads(), torch.__version__, dtype, n]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def best_peak(key: str, measured: float) -> tuple[float, str]:
+    """The host's best GEMM FLOP/s for `key`: `measured` now or the best the cache holds, whichever is
+    higher (a busy moment lowers a measurement, never the peak); the cache keeps the best. With
+    where it comes from, for the output."""
+    path = cache_dir() / PEAK_CACHE
+    try:
+        table = jsonio.loads(path.read_bytes())
+    except (OSError, jsonio.NotJSON):
+        table = {}
+    table = table if isinstance(table, dict) else {}
+    best = table.get(key)
+    if isinstance(best, dict) and isinstance(best.get("flops"), float) and best["flops"] >= measured:
+        return best[
+            "flops"
+        ], f"this host's best GEMM, measured {best.get('when')} ({measured / 1e9:,.1f} GFLOP/s now)"
+    table[key] = {"flops": float(measured), "when": time.strftime("%Y-%m-%d %H:%M")}
+    try:
+        atomic_write_text(path, json.dumps(table, indent=1), "the peak FLOP/s cache")
+    except WriteError:
+        pass  # no cache to keep it in: this measurement alone
+    return measured, "the best GEMM measured now, this host's best so far"
+
+
 @functools.lru_cache(maxsize=8)
-def device_peak_flops(device: torch.device, dtype: str) -> float | None:
-    """Peak FLOP/s for MFU: the table for known GPUs, a quick GEMM measurement on CPU, else None."""
+def device_peak_flops(device: torch.device, dtype: str) -> tuple[float | None, str]:
+    """Peak FLOP/s for MFU and what it is: the table for known GPUs, on CPU the host's best GEMM
+    measurement (`best_peak`), else None."""
     if device.type == "cuda":
-        return gpu_peak(torch.cuda.get_device_name(device), dtype)
+        return gpu_peak(torch.cuda.get_device_name(device), dtype), "the datasheet's dense peak"
     if device.type == "cpu":
         # the best of several runs: a peak, robust to a busy moment during the measurement; an
         # emulated dtype (bf16 without native support) is measured small, in seconds, not minutes
         n = 256 if slow_dtype_warning(dtype, device) else 1024
-        return gemm_flops(torch_dtype(dtype), n, repeats=7, best=True)
-    return None
+        return best_peak(host_key(dtype, n), gemm_flops(torch_dtype(dtype), n, repeats=7, best=True))
+    return None, "no peak known"
 
 
 class Peak:
-    """The MFU denominator of one run. On a GPU the table's number; on a CPU the start-up measurement,
-    raised to any step's achieved FLOP/s that exceeds it (the measurement was then taken while the
-    machine was busy), so MFU never exceeds 1."""
+    """The MFU denominator of one run. On a GPU the table's number; on a CPU the host's best GEMM
+    measurement, raised to any step's achieved FLOP/s that exceeds it, so MFU never exceeds 1."""
 
     def __init__(self, device: torch.device, dtype: str, ranks: int = 1):
-        peak = device_peak_flops(device, dtype)
+        peak, self.source = device_peak_flops(device, dtype)
         self.flops = peak * ranks if peak else None
         self.measured = device.type == "cpu"
+        self.dtype = dtype
+
+    def describe(self) -> str:
+        """Which peak the MFU figures are against."""
+        if self.flops is None:
+            return "no MFU: no peak FLOP/s known for this device"
+        return f"MFU against {self.flops / 1e9:,.1f} GFLOP/s ({self.dtype}): {self.source}"
 
     def mfu(self, flops: float, seconds: float) -> float | None:
         achieved = flops / seconds
         if self.flops is None:
             return None
         if self.measured and achieved > self.flops:
-            self.flops = achieved
+            self.flops, self.source = achieved, "a step that ran faster than any GEMM measured"
         return achieved / self.flops

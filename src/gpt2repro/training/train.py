@@ -217,6 +217,7 @@ class Trainer:
             f"compile {plan.compile} | grad_accum {plan.accum} | "
             f"steps {start}..{cfg.max_steps}" + (f" | resumed from {name}" if name else "")
         )
+        print(f"[gpt2repro] {self.peak.describe()}")
         dtypes = {
             "dtype": plan.dtype,
             **({"muon_ns_dtype": cfg.muon_ns_dtype} if cfg.optimizer == "muon" else {}),
@@ -259,7 +260,8 @@ class Trainer:
         loss = self.forward_backward()
         if not math.isfinite(loss) or loss > self.divergence_loss:
             self._diverged(step, f"loss is {loss}", blame_checkpoint=True)
-        lr = lr_at(self.clock.position(step), self.cfg)
+        compiling = self.plan.compile and step == self.start_step
+        lr = lr_at(self.clock.position(step, time.time() - t0, compiling), self.cfg)
         set_lr(self.optimizers, lr)
         norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
@@ -274,13 +276,14 @@ class Trainer:
                 opt.step()
         synchronize(self.device)  # only for honest timing
         dt = time.time() - t0
-        self.clock.tick(dt, compiling=self.plan.compile and step == self.start_step)
+        self.clock.tick(dt, compiling)
         tok_s = self.cfg.total_batch_size / dt
         mfu = self.peak.mfu(self.flops_per_step, dt)
         eta = (time.time() - self.started) / (step + 1 - self.start_step) * (self.cfg.max_steps - step - 1)
         left = self.clock.left()
         eta = eta if left is None else min(eta, left)
-        stats = dict(loss=loss, lr=lr, grad_norm=norm, dt=dt, tok_per_s=tok_s, mfu=mfu, eta_s=eta)
+        stats = dict(loss=loss, lr=lr, grad_norm=norm, dt=dt, tok_per_s=tok_s, mfu=mfu, eta_s=eta,
+                     mfu_peak=self.peak.flops)  # fmt: skip
         return {**stats, "train_seconds": self.clock.train_seconds}
 
     def _diverged(self, step: int, what: str, blame_checkpoint: bool) -> None:
