@@ -12,9 +12,9 @@ import zipfile
 import pytest
 import torch
 import torch.nn.functional as F
-from localhub import Faults, LocalHub
 
 from conftest import shared_file
+from gpt2repro.bench.hubserver import Faults, LocalHub
 from gpt2repro.cli import main
 from gpt2repro.config.schema import model_config
 from gpt2repro.evals import core, core_data

@@ -5,6 +5,7 @@ with the output of a fault-free run; a persistent failure is one line within the
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -18,10 +19,10 @@ import time
 import numpy as np
 import pytest
 from helpers import run_main
-from localhub import KINDS, Faults, LocalHub, Repo
 from test_hubshards import documents, llmc_shard
 
 from conftest import shared_file
+from gpt2repro.bench.hubserver import KINDS, Faults, LocalHub, Repo
 from gpt2repro.data import prepare as prep
 from gpt2repro.data.shards import read_shard
 from gpt2repro.files import hub as hubmod
@@ -172,9 +173,15 @@ def test_a_token_is_sent_to_a_gated_repo_and_never_shown_or_recorded(
     assert code == 2 and "cannot list the data set on the hub" in err and "401" in err
     monkeypatch.setenv("HF_TOKEN", secret)
     hub.faults = Faults(plan=["503"], only=".bin")  # a retry line too: the token in none of them
-    code, out, err = run_main(capsys, *argv)
+    with LocalHub() as cdn:  # the hub sends file bodies from another host: the token stays behind
+        hub.redirect = cdn.url
+        for data in shard_files.values():
+            cdn.serve_file(f"blob/{hashlib.sha256(data).hexdigest()}", data)
+        code, out, err = run_main(capsys, *argv)
     assert code == 0, err
     assert secret not in out + err
+    assert all(r[4] for r in hub.requests("/resolve/")) and len(cdn.requests("/blob/")) == 4
+    assert not any(r[4] for r in cdn.log)  # Authorization never sent to the other host
     for p in (tmp_path / "d").rglob("*"):
         assert (
             secret.encode() not in p.read_bytes()[-4096:]
@@ -421,3 +428,20 @@ def test_processes_downloading_one_file_take_turns(tmp_path, monkeypatch):
             paths = list(pool.map(lambda _: download(url, tmp_path / "f.bin", size=len(data)), range(4)))
         assert len([r for r in h.log if r[0] == "GET"]) == 1
     assert all(p.read_bytes() == data for p in paths)
+
+
+def test_a_try_that_brought_bytes_does_not_count_against_the_cap(tmp_path, monkeypatch):
+    """Four resets in a row on a 1 MiB file, each after half of what was left arrived, with 3 tries
+    allowed: every try made headway, so the download goes on, resuming each time where it stopped."""
+    from gpt2repro.files.download import download
+
+    monkeypatch.setenv("GPT2REPRO_DOWNLOAD_RETRIES", "3")
+    monkeypatch.setenv("GPT2REPRO_DOWNLOAD_BACKOFF", "0.01")
+    data = os.urandom(1 << 20)
+    with LocalHub() as h:
+        url = h.serve_file("big.bin", data)
+        h.faults = Faults(plan=["reset"] * 4)
+        path = download(url, tmp_path / "big.bin", size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        starts = [int(r[3][6:-1]) if r[3] else 0 for r in h.requests("big.bin")]
+    assert path.read_bytes() == data and h.faults.injected["reset"] == 4
+    assert starts == sorted(starts) and len(set(starts)) == 5  # each try resumed further on

@@ -8,13 +8,12 @@ order, as if nothing had failed. Opening is retried like every download (`files.
 from __future__ import annotations
 
 import itertools
-import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-from ..files.download import RetryPolicy, retrying, say, transient
+from ..files.download import RetryPolicy, backoff, retrying, say, transient
 from ..files.hub import unreachable as hub_unreachable
 from .sources import FINEWEB_EDU, PrepareError, Unit, batched, brief, expand_sources, local_units
 
@@ -68,7 +67,7 @@ def iter_stream(stream: Stream, revision: str | None, field: str | None, skip: i
     gives up within the retry policy)."""
     where = f"{stream.dataset} ({stream.name or 'default'}, {stream.split})"
     policy = RetryPolicy.from_env()
-    read = skip
+    read, failures = skip, 0
     while True:
         rows = _opened(stream, revision, read, where, policy)
         try:
@@ -82,7 +81,8 @@ def iter_stream(stream: Stream, revision: str | None, field: str | None, skip: i
             failure = transient(e)
             if failure is None:
                 raise
-            delay = policy.backoff * random.uniform(0.5, 1.0)
+            failures += 1
+            delay = backoff(policy, failures, failure[1])
             say(f"streaming {where}: {failure[0]} after document {read}; reopening there in {delay:.1f} s")
             time.sleep(delay)
 

@@ -281,26 +281,23 @@ def fetch_core_bundle(allow_download: bool = True) -> Path:
     if not allow_download:
         raise AssetError(f"no CORE eval bundle in {target}, and downloads are disabled")
     cache_dir().mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-        archive = Path(tmp) / "eval_bundle.zip"
-        url = mirror_url("eval_bundle.zip", CORE_BUNDLE_URL)
-        try:
-            download(url, archive, sha256=CORE_BUNDLE_SHA256, what="the CORE eval bundle")
-        except Exception as e:  # noqa: BLE001 - given up, or a 404: one line either way
-            raise AssetError(
-                f"could not download the CORE eval bundle from {url}: {e if isinstance(e, DownloadError) else brief(e)}; "
-                "download and unzip it elsewhere and pass --bundle DIR"
-            ) from None
-        digest = sha256_file(archive)
-        if CORE_BUNDLE_SHA256 is not None and digest != CORE_BUNDLE_SHA256:
-            raise AssetError(f"{url}: sha256 mismatch: expected {CORE_BUNDLE_SHA256}, got {digest}")
-        try:
-            with AtomicDir(target, what="the CORE eval bundle") as out:
-                _unzip(archive, out)
-                record_bundle(out, url, zip_sha256=digest)
-        except zipfile.BadZipFile:
-            raise AssetError(f"{url}: not a zip archive") from None
-        except FileExistsError:  # another process (a rank) published it first
-            if not (target / BUNDLE_MANIFEST).is_file():
-                raise
+    archive = cache_dir() / "eval_bundle.zip"  # its partial download resumes on a rerun
+    url = mirror_url("eval_bundle.zip", CORE_BUNDLE_URL)
+    try:
+        download(url, archive, sha256=CORE_BUNDLE_SHA256, what="the CORE eval bundle")
+    except Exception as e:  # noqa: BLE001 - given up, or a 404: one line either way
+        raise AssetError(
+            f"could not download the CORE eval bundle from {url}: {e if isinstance(e, DownloadError) else brief(e)}; "
+            "download and unzip it elsewhere and pass --bundle DIR"
+        ) from None
+    try:
+        with AtomicDir(target, what="the CORE eval bundle") as out:
+            _unzip(archive, out)
+            record_bundle(out, url, zip_sha256=sha256_file(archive))
+    except zipfile.BadZipFile:
+        raise AssetError(f"{url}: not a zip archive") from None
+    except FileExistsError:  # another process (a rank) published it first
+        if not (target / BUNDLE_MANIFEST).is_file():
+            raise
+    archive.unlink(missing_ok=True)
     return target

@@ -157,21 +157,38 @@ def say(line: str) -> None:
     tqdm.write(f"gpt2repro: {line}", file=sys.stderr)
 
 
-def retrying(call: Callable[[], T], what: str, policy: RetryPolicy | None = None) -> T:
-    """`call()`, tried again after each transient failure (see the module docstring)."""
+def backoff(policy: RetryPolicy, attempt: int, after: float | None) -> float:
+    """The wait before try `attempt + 1`: doubling from `policy.backoff`, jittered, at most a minute,
+    at least what the server's Retry-After asked."""
+    delay = min(LONGEST_WAIT, policy.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+    return max(delay, after or 0.0)
+
+
+def retrying(
+    call: Callable[[], T],
+    what: str,
+    policy: RetryPolicy | None = None,
+    progress: Callable[[], int] | None = None,
+) -> T:
+    """`call()`, tried again after each transient failure (see the module docstring). A failure after
+    `progress()` grew (bytes that arrived) starts the count of tries afresh: a slow link that breaks
+    every few minutes is still making headway; the total wait stays capped."""
     policy = policy or RetryPolicy.from_env()
-    waited, start = 0.0, time.monotonic()
-    for attempt in range(1, policy.retries + 1):
+    waited, start, attempt = 0.0, time.monotonic(), 0
+    done = progress() if progress else 0
+    while True:
+        attempt += 1
         try:
             return call()
         except Exception as e:
             failure = transient(e)
             if failure is None:
                 raise
+            if progress and progress() > done:
+                done, attempt = progress(), 1
             reason, after = failure
-            delay = min(LONGEST_WAIT, policy.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-            delay = max(delay, after or 0.0)
-            if attempt == policy.retries or waited + delay > policy.max_wait:
+            delay = backoff(policy, attempt, after)
+            if attempt >= policy.retries or waited + delay > policy.max_wait:
                 asked = f"; the server asked to wait {after:.0f} s" if after and after >= delay else ""
                 tries = f"{attempt} {'try' if attempt == 1 else 'tries'}"
                 raise DownloadError(
@@ -180,7 +197,6 @@ def retrying(call: Callable[[], T], what: str, policy: RetryPolicy | None = None
             say(f"{what}: {reason}; retry {attempt}/{policy.retries - 1} in {delay:.1f} s")
             time.sleep(delay)
             waited += delay
-    raise AssertionError("unreachable")
 
 
 def download(
@@ -203,7 +219,10 @@ def download(
         if _complete(dest, size, sha256):
             return dest  # another process published it while this one waited
         get = {**(headers or {}), "Accept-Encoding": "identity"}  # Range counts the file's own bytes
-        retrying(lambda: _fetch_once(url, part, size, sha256, get, policy.timeout), what or url, policy)
+        grown = lambda: part.stat().st_size if part.exists() else 0  # noqa: E731
+        retrying(
+            lambda: _fetch_once(url, part, size, sha256, get, policy.timeout), what or url, policy, grown
+        )
         fsync_file(part)
         os.replace(part, dest)
         fsync_dir(dest.parent)

@@ -100,11 +100,14 @@ def fetch_file(listing: RepoFiles, path: str, dest: Path, policy: RetryPolicy | 
 
 
 def cached_file(listing: RepoFiles, path: str, policy: RetryPolicy | None = None) -> Path:
-    """One model file through huggingface_hub's cache, retried; its sha256 checked against the
-    listing (a mismatch is deleted and fetched again)."""
-    from huggingface_hub import hf_hub_download
+    """One model file through huggingface_hub's cache, retried; once fetched, its sha256 checked
+    against the listing (a mismatch is deleted and fetched again)."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
     size, sha = listing.files.get(path, (None, None))
+    cached = try_to_load_from_cache(listing.repo, path, revision=listing.commit)
+    if isinstance(cached, str):  # in the cache already (checked when we fetched it): not hashed again
+        return Path(cached)
 
     def once() -> Path:
         got = Path(

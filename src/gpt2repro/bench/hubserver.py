@@ -1,4 +1,4 @@
-"""A local Hugging Face hub for tests: an HTTP server on 127.0.0.1 (any port) that answers the
+"""A local Hugging Face hub for the tests and `bench prepare`: an HTTP server on 127.0.0.1 (any port) that answers the
 requests `huggingface_hub`, `datasets` and our own downloader make of the real hub — a repo's info
 and file listing (`/api/{datasets,models}/…`, `tree`, `paths-info`), file resolution with the hub's
 headers (`X-Repo-Commit`, `ETag`/`X-Linked-Etag`, `X-Linked-Size`) and ranged reads — and that fails
@@ -23,7 +23,6 @@ import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 KINDS = ("429", "500", "503", "reset", "stall", "short", "corrupt")
 
@@ -102,7 +101,12 @@ class LocalHub:
         self.repos: dict[tuple[str, str], Repo] = {}
         self.plain: dict[str, bytes] = {}
         self.faults = Faults()
-        self.log: list[tuple[str, str, int, str]] = []  # method, path, status, Range
+        self.log: list[
+            tuple[str, str, int, str, bool]
+        ] = []  # method, path, status, Range, Authorization sent
+        self.redirect: str | None = (
+            None  # resolve GETs answer 302 to this other server's /blob/SHA256 (a CDN)
+        )
         hub = self
 
         class Handler(_Handler):
@@ -121,7 +125,7 @@ class LocalHub:
         self.plain["/" + path.lstrip("/")] = data
         return f"{self.url}/{path.lstrip('/')}"
 
-    def requests(self, needle: str = "") -> list[tuple[str, str, int, str]]:
+    def requests(self, needle: str = "") -> list[tuple[str, str, int, str, bool]]:
         return [r for r in self.log if needle in r[1]]
 
     def __enter__(self) -> LocalHub:
@@ -236,6 +240,8 @@ class _Handler(BaseHTTPRequestHandler):
         digest = hashlib.sha256(data).hexdigest()
         headers = {"X-Repo-Commit": repo.sha, "ETag": f'"{digest}"', "X-Linked-Etag": f'"{digest}"'}
         headers["X-Linked-Size"] = str(len(data))
+        if self.owner.redirect and not head:
+            return self._error(302, "", "found", extra={"Location": f"{self.owner.redirect}/blob/{digest}"})
         self._content(data, path, head, headers)
 
     def _content(self, data: bytes, path: str, head: bool, headers: dict) -> None:
@@ -267,7 +273,7 @@ class _Handler(BaseHTTPRequestHandler):
         if rng:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
         self.end_headers()
-        self.owner.log.append((self.command, self.path, status, self.headers.get("Range", "")))
+        self._logged(status)
         if head:
             return
         if fault in ("reset", "stall", "short"):
@@ -285,13 +291,17 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body[i : i + (1 << 16)])
             time.sleep(self.owner.faults.throttle)
 
+    def _logged(self, status: int) -> None:
+        auth = "Authorization" in self.headers
+        self.owner.log.append((self.command, self.path, status, self.headers.get("Range", ""), auth))
+
     def _json(self, body) -> None:
         data = json.dumps(body).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.owner.log.append((self.command, self.path, 200, ""))
+        self._logged(200)
         self.wfile.write(data)
 
     def _error(self, status: int, code: str, message: str, commit: str | None = None, extra=None) -> None:
@@ -306,22 +316,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.owner.log.append((self.command, self.path, status, self.headers.get("Range", "")))
+        self._logged(status)
         if self.command != "HEAD":
             self.wfile.write(data)
-
-
-def serve_forever(root: Path, port: int) -> None:  # pragma: no cover - a manual aid
-    """`python tests/localhub.py DIR PORT`: serve DIR/OWNER/NAME/** as data sets, without faults."""
-    with LocalHub(port) as hub:
-        for d in sorted(p for p in root.glob("*/*") if p.is_dir()):
-            files = {str(f.relative_to(d)): f.read_bytes() for f in d.rglob("*") if f.is_file()}
-            hub.add(Repo(f"{d.parent.name}/{d.name}", "dataset", files))
-        print(hub.url, flush=True)
-        threading.Event().wait()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    import sys
-
-    serve_forever(Path(sys.argv[1]), int(sys.argv[2]))
