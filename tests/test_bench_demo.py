@@ -74,8 +74,27 @@ def test_bench_core_checks_verdicts_agree():
 @pytest.mark.slow
 def test_bench_prepare_compares_workers():
     shared_file("tinyshakespeare.txt")
-    rows = bench.bench_prepare(repeats=1, copies=2)  # the report, not the speed (benchmarks/ measure that)
+    rows = bench.bench_prepare(repeats=1, copies=2, streamed=False)  # the report, not the speed
     assert rows[-1]["workers"] == 1 and rows[0]["tokens"] == rows[-1]["tokens"] > 0
+
+
+@pytest.mark.slow
+def test_bench_prepare_streams_the_same_documents_from_a_local_hub(tmp_path):
+    import json
+
+    from gpt2repro.bench.hubserver import bench_streamed_prepare
+    from gpt2repro.data.prepare import prepare
+
+    docs = shared_file("tinyshakespeare.txt").read_text().split("\n\n")[:200]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    tokens = prepare([str(tmp_path / "docs.jsonl")], tmp_path / "local", val_tokens=0, progress=False)[
+        "total_tokens"
+    ]
+    rows = bench_streamed_prepare(docs, repeats=1, warmup=False)
+    assert [r["faults"] for r in rows][0] == "none" and "1 in 5" in rows[1]["faults"]
+    assert all(
+        r["tokens"] == tokens and r["tok_per_s"] > 0 for r in rows
+    )  # the same documents through the hub
 
 
 @pytest.mark.slow
@@ -86,7 +105,7 @@ def test_bench_prepare_without_a_mirror_uses_tiny_shakespeare(monkeypatch):
     monkeypatch.setattr(assets, "mirror_dir", lambda: None)
     monkeypatch.setattr(assets, "fetch", lambda name: path if name == "tinyshakespeare.txt" else None)
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows = bench.bench_prepare(repeats=1, copies=2)
+    rows = bench.bench_prepare(repeats=1, copies=2, streamed=False)
     assert rows[0]["documents"] == 2 * len(lines) and rows[0]["tokens"] > 0
 
 

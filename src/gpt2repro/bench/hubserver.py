@@ -13,16 +13,23 @@ for the assets and the CORE bundle.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 import re
 import socket
+import statistics
 import struct
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 KINDS = ("429", "500", "503", "reset", "stall", "short", "corrupt")
 
@@ -319,3 +326,60 @@ class _Handler(BaseHTTPRequestHandler):
         self._logged(status)
         if self.command != "HEAD":
             self.wfile.write(data)
+
+
+def bench_streamed_prepare(docs: list[str], repeats: int, warmup: bool = True) -> list[dict]:
+    """`prepare --source hf:…` streamed from a local hub, fault-free and with every 5th file request
+    failing (429, 500, 503, a reset, a short body in turn), interleaved, `repeats` times after a
+    warm-up. Each is a fresh `gpt2repro prepare` process (datasets reads HF_ENDPOINT at import), so
+    the seconds are the whole command's, start-up included, the same for both rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": docs}), buf, row_group_size=1000)
+    rows = []
+    with LocalHub() as hub, tempfile.TemporaryDirectory() as d:
+        hub.add(Repo("bench/docs", "dataset", {"data/train-00000-of-00001.parquet": buf.getvalue()}))
+        env = {
+            **os.environ,
+            "HF_ENDPOINT": hub.url,
+            "HF_HOME": f"{d}/hf",
+            "GPT2REPRO_DOWNLOAD_BACKOFF": "0.5",
+        }
+        times: dict[bool, list[float]] = {False: [], True: []}
+        injected, tokens = 0, 0
+        for i in range(1 - warmup, repeats + 1):
+            for faulty in (False, True):
+                mix = ("429", "500", "503", "reset", "short")
+                hub.faults = Faults(every=5, mix=mix, only=".parquet") if faulty else Faults()
+                out = tempfile.mkdtemp(dir=d)
+                argv = [
+                    sys.executable,
+                    "-m",
+                    "gpt2repro",
+                    "prepare",
+                    "--source",
+                    "hf:bench/docs",
+                    "--out",
+                    out,
+                ]
+                t0 = time.perf_counter()
+                subprocess.run([*argv, "--val-tokens", "0"], env=env, check=True, capture_output=True)
+                if i:
+                    times[faulty].append(time.perf_counter() - t0)
+                    injected += sum(hub.faults.injected.values())
+                tokens = json.loads((Path(out) / "manifest.json").read_text())["total_tokens"]
+        for faulty in (False, True):
+            dt = statistics.median(times[faulty])
+            faults = f"1 in 5 file requests ({injected / repeats:.0f} a run)" if faulty else "none"
+            rows.append(
+                {
+                    "source": "hf: (local hub)",
+                    "faults": faults,
+                    "tokens": tokens,
+                    "s": dt,
+                    "tok_per_s": tokens / dt,
+                }
+            )
+    return rows

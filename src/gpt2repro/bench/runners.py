@@ -32,6 +32,7 @@ from ..training.heap import ENV, reuse_freed_memory
 from ..training.mfu import Peak, best_peak, gemm_flops, host_key, median_time, synchronize
 from .chat import bench_chat
 from .common import BenchError, bench_dtypes, machine_info, size_config, table
+from .hubserver import bench_streamed_prepare
 from .inference import bench_core, bench_generate, bench_hellaswag
 from .learn import bench_learn
 from .names import BASELINES, TRAIN_MODES, WHAT
@@ -114,9 +115,10 @@ def _step_row(info: dict, dt: float, device: torch.device) -> dict:
     return {**info, "step_s": dt, "tok_per_s": tok_s, "mfu": share}
 
 
-def bench_prepare(repeats: int, copies: int = 16) -> list[dict]:
+def bench_prepare(repeats: int, copies: int = 16, streamed: bool = True) -> list[dict]:
     """Tokenization throughput with all cores vs one, on the same documents (WikiText-2 lines as
-    documents, `copies` times over)."""
+    documents, `copies` times over); then the same documents streamed from a local hub, with and
+    without faults (`streamed`)."""
     mirror = assets.mirror_dir()
     sources = [mirror / "wikitext-2" / "valid.txt", mirror / "wikitext-2" / "test.txt"] if mirror else []
     if not sources or not all(p.is_file() for p in sources):
@@ -153,7 +155,7 @@ def bench_prepare(repeats: int, copies: int = 16) -> list[dict]:
                     "speedup": statistics.median(times[1]) / dt,
                 }
             )
-    return rows
+    return rows + (bench_streamed_prepare(docs * copies, repeats) if streamed else [])
 
 
 # ---------------------------------------------------------------- command
