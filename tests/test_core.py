@@ -306,7 +306,9 @@ def test_download_is_verified_unpacked_and_recorded(tmp_path, monkeypatch):
         monkeypatch.setenv("GPT2REPRO_DOWNLOAD_BACKOFF", "0.01")
         monkeypatch.setenv("GPT2REPRO_DOWNLOAD_RETRIES", "3")
         monkeypatch.setattr(assets, "CORE_BUNDLE_SHA256", "0" * 64)
-        with pytest.raises(assets.AssetError, match="gave up after 3 tries .*its sha256 is"):
+        with pytest.raises(
+            assets.AssetError, match="gave up after 3 tries .*sha256 mismatch: expected 0{64}, got"
+        ):
             assets.fetch_core_bundle()
         assert not (assets.cache_dir() / "core_eval_bundle").exists()
         monkeypatch.setattr(assets, "CORE_BUNDLE_SHA256", None)

@@ -375,7 +375,7 @@ def test_an_asset_comes_from_a_mirror_url_through_faults_and_is_verified(tmp_pat
         with pytest.raises(assets.AssetError, match="gpt2.tiktoken: gave up after 6 tries .*HTTP 500"):
             assets._from_url(assets.REGISTRY["gpt2.tiktoken"])
     kept = sorted(p.name for p in assets.cache_dir().iterdir())
-    assert kept == [".gpt2.tiktoken.part", ".gpt2.tiktoken.part.lock"]  # the partial file kept to resume
+    assert kept == [".gpt2.tiktoken.part"]  # the partial file kept to resume; no lock left behind
 
 
 def test_a_stream_that_fails_midway_reopens_at_the_document_where_it_stopped(monkeypatch, capsys):

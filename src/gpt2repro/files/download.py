@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import email.utils
 import errno
-import fcntl
 import os
 import random
+import shutil
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import TypeVar
 
 from ..errors import UserError
 from .fsio import fsync_dir, fsync_file, sha256_file
+from .lock import DirLock
 
 T = TypeVar("T")
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -214,8 +216,7 @@ def download(
     dest = Path(dest)
     part = dest.parent / f"{'' if dest.name.startswith('.') else '.'}{dest.name}.part"
     policy = policy or RetryPolicy.from_env()
-    with open(f"{part}.lock", "a") as lock:  # one downloader per file (ranks fetching one asset)
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with DirLock(dest, "download", beside=True, wait=True):  # one downloader per file (ranks, one asset)
         if _complete(dest, size, sha256):
             return dest  # another process published it while this one waited
         get = {**(headers or {}), "Accept-Encoding": "identity"}  # Range counts the file's own bytes
@@ -226,7 +227,6 @@ def download(
         fsync_file(part)
         os.replace(part, dest)
         fsync_dir(dest.parent)
-    Path(f"{part}.lock").unlink(missing_ok=True)
     return dest
 
 
@@ -239,6 +239,11 @@ def _fetch_once(
 
     part.touch()
     have = part.stat().st_size
+    if url.startswith("file://"):  # a mirror on a shared file system
+        with open(urllib.request.url2pathname(url[len("file://") :]), "rb") as src, open(part, "ab") as f:
+            src.seek(have)
+            shutil.copyfileobj(src, f, CHUNK)
+        return _check(part, size, sha256)
     if size is not None and have > size:
         part.unlink()
         have = 0
@@ -276,4 +281,4 @@ def _check(part: Path, size: int | None, sha256: str | None) -> None:
         got_sha = sha256_file(part)
         if got_sha != sha256:
             part.unlink()
-            raise Corrupt(f"its sha256 is {got_sha[:12]}…, the file listed has {sha256[:12]}…")
+            raise Corrupt(f"sha256 mismatch: expected {sha256}, got {got_sha}")

@@ -63,10 +63,11 @@ def _holder(fd: int) -> str:
 class DirLock:
     """An exclusive lock on `directory` for `command`, for a `with` block. The lock file is
     `directory/.gpt2repro.lock`, or `.NAME.lock` beside it with `beside=True` (an export's directory
-    must stay empty until it is published); created if needed, removed on release."""
+    must stay empty until it is published; a file being downloaded); created if needed, removed on
+    release. Held already: a LockError naming the holder, or with `wait=True` a wait for it."""
 
-    def __init__(self, directory: str | os.PathLike, command: str, beside: bool = False):
-        self.directory, self.command = Path(directory), command
+    def __init__(self, directory: str | os.PathLike, command: str, beside: bool = False, wait: bool = False):
+        self.directory, self.command, self.wait = Path(directory), command, wait
         real = Path(os.path.realpath(directory))  # one lock per directory, whatever the path to it
         self.path = real.parent / f".{real.name}.lock" if beside else real / LOCK_NAME
         self.fd: int | None = None
@@ -88,7 +89,7 @@ class DirLock:
                     raise self._not_a_file() from None
                 raise write_error(e, self.path, f"the {self.command} lock") or e from None
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
             except BlockingIOError:
                 holder = _holder(fd)
                 os.close(fd)
