@@ -136,7 +136,7 @@ class LocalHub:
         return [r for r in self.log if needle in r[1]]
 
     def __enter__(self) -> LocalHub:
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
         return self
 
     def __exit__(self, *exc) -> None:
