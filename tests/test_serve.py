@@ -189,6 +189,10 @@ BAD += [("/v1/completions", {**A, **extra}, 400, param) for extra, param in [
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"tool_choice": "auto"}, "tool_choice"),
     ({"repetition_penalty": 1.2}, "repetition_penalty"),
+    ({"logit_bias": {"050": 1, "50": -1}}, "logit_bias"),  # one token twice: which bias would win?
+    ({"use_beam_search": True}, "use_beam_search"),
+    ({"repeat_penalty": 1.1}, "repeat_penalty"),
+    ({"n_probs": 3}, "n_probs"),
 ]]  # fmt: skip
 BAD += [("/v1/completions", b'{"model": "%s", "prompt": "a", "logit_bias": {"50": %s}}' % (MODEL.encode(), v),
          400, "logit_bias") for v in (b"1e999", b"-1e999", b"NaN")]  # fmt: skip

@@ -127,3 +127,15 @@ def test_the_server_gives_offsets_and_tokens_of_multibyte_text_and_cuts_them_at_
     chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
     streamed = [t for c in chunks for ch in c["choices"] if ch["logprobs"] for t in ch["logprobs"]["tokens"]]
     assert streamed == cut["logprobs"]["tokens"]
+
+
+def test_padded_vocabulary_rows_are_spelled_by_their_ids_and_never_collide():
+    """Rows past GPT-2's 50,257 tokens have no bytes: each alternative keeps its own entry."""
+    from types import SimpleNamespace
+
+    from gpt2repro.text.tokentext import Piece, logprobs_object
+
+    info = SimpleNamespace(id=50300, logprob=-0.5, top=[(50300, -0.5), (50301, -0.7), (50302, -0.9)])
+    out = logprobs_object([Piece(info, 0, "")], lambda t: b"" if t >= 50257 else bytes([t % 256]))
+    assert out["tokens"] == ["<|id:50300|>"]
+    assert out["top_logprobs"] == [{"<|id:50300|>": -0.5, "<|id:50301|>": -0.7, "<|id:50302|>": -0.9}]

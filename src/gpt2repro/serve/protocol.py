@@ -93,6 +93,19 @@ UNSUPPORTED = {
     "grammar": _no,
     "json_schema": _no,
     "mirostat": lambda v: v is None or v == 0,
+    "include_stop_str_in_output": lambda v: v is None or v is False,
+    "use_beam_search": lambda v: v is None or v is False,
+    "length_penalty": lambda v: v is None or v == 1,
+    "repeat_penalty": lambda v: v is None or v == 1,
+    "repeat_last_n": _no,
+    "penalty_last_n": _no,
+    "n_predict": _no,
+    "dry_multiplier": lambda v: v is None or v == 0,
+    "xtc_probability": lambda v: v is None or v == 0,
+    "top_n_sigma": lambda v: v is None or v == -1,
+    "dynatemp_range": lambda v: v is None or v == 0,
+    "tfs_z": lambda v: v is None or v == 1,
+    "n_probs": lambda v: v is None or v == 0,
 }
 CHAT_UNSUPPORTED = {  # the chat API's log-probabilities and vLLM's echo of the last message
     "logprobs": lambda v: v is None or v is False,
@@ -295,8 +308,8 @@ def _logit_bias(body: dict, vocab_size: int) -> tuple[tuple[int, float], ...]:
     out = []
     for key, value in bias.items():
         shown = json.dumps(key)[:40]
-        check(re.fullmatch(r"[0-9]{1,12}", key) is not None,
-              f"'logit_bias' keys must be token ids, got {shown}", "logit_bias")  # fmt: skip
+        check(re.fullmatch(r"0|[1-9][0-9]{0,11}", key) is not None,
+              f"'logit_bias' keys must be token ids (no leading zeros), got {shown}", "logit_bias")  # fmt: skip
         token = int(key)
         check(token < vocab_size, f"'logit_bias' token id {token} is outside the vocabulary (0..{vocab_size - 1})",
               "logit_bias")  # fmt: skip

@@ -125,11 +125,17 @@ def spelled(data: bytes) -> str:
 def logprobs_object(pieces: list[Piece], token_bytes: Callable[[int], bytes]) -> dict:
     """The legacy completions API's logprobs of pieces whose payloads are engine.TokenInfo: each
     token's text and offset as in the returned text (a token that is part of a character spelled by its
-    bytes instead); the alternatives spelled alone, one entry each."""
+    bytes instead; a padded vocabulary row, which has none, by its id); the alternatives spelled alone,
+    one entry each."""
     infos = [p.payload for p in pieces]
     own = [token_bytes(i.id) for i in infos]
-    tokens = [p.text if _text(data) is not None else spelled(data) for p, data in zip(pieces, own)]
-    top = [None if i.top is None else {spelled(token_bytes(t)): lp for t, lp in i.top} for i in infos]
+    tokens = [
+        p.text if _text(data) else spelled(data) or f"<|id:{i.id}|>" for p, data, i in zip(pieces, own, infos)
+    ]
+    top = [
+        None if i.top is None else {spelled(token_bytes(t)) or f"<|id:{t}|>": lp for t, lp in i.top}
+        for i in infos
+    ]
     return {
         "tokens": tokens,
         "token_logprobs": [i.logprob for i in infos],
