@@ -445,3 +445,14 @@ def test_a_try_that_brought_bytes_does_not_count_against_the_cap(tmp_path, monke
         starts = [int(r[3][6:-1]) if r[3] else 0 for r in h.requests("big.bin")]
     assert path.read_bytes() == data and h.faults.injected["reset"] == 4
     assert starts == sorted(starts) and len(set(starts)) == 5  # each try resumed further on
+
+
+def test_a_host_that_does_not_resolve_fails_at_once(tmp_path, capsys):
+    """An offline machine (no DNS) is told now, not after ten tries: no retry line, one error."""
+    from gpt2repro.files.download import download
+
+    start = time.monotonic()
+    with pytest.raises(Exception, match="nowhere.invalid") as caught:
+        download("http://nowhere.invalid/f.bin", tmp_path / "f.bin")
+    assert time.monotonic() - start < 10 and "retry" not in capsys.readouterr().err
+    assert "NameResolution" in str(caught.value) or "resolve" in str(caught.value)

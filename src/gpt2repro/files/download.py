@@ -85,12 +85,19 @@ class RetryPolicy:
 PERMANENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
+NO_NAME = ("NameResolutionError", "Name or service not known", "name resolution", "nodename nor servname")
+
+
 def permanent(err: BaseException) -> bool:
-    """A failure another try cannot mend: the disk (full, read-only, refused), a certificate or a proxy."""
+    """A failure another try cannot mend: the disk (full, read-only, refused), a certificate, a proxy,
+    or a host name that does not resolve (an offline machine: fail now, as before, not in minutes)."""
     names = {c.__name__ for c in type(err).__mro__}
-    return bool(
-        names & {"SSLError", "SSLCertVerificationError", "ProxyError", "InvalidURL", "MissingSchema"}
-    ) or (isinstance(err, OSError) and err.errno in PERMANENT_ERRNOS)
+    bad = {"SSLError", "SSLCertVerificationError", "ProxyError", "InvalidURL", "MissingSchema", "gaierror"}
+    return (
+        bool(names & bad)
+        or (isinstance(err, OSError) and err.errno in PERMANENT_ERRNOS)
+        or any(words in str(err) for words in NO_NAME)
+    )
 
 
 def _chain(e: BaseException) -> list[BaseException]:
