@@ -4,15 +4,15 @@
 when due or asked to stop. Each job is one small method: `resume`, `forward_backward` (`grad_accum`
 micro-batches, gradients synchronised across ranks only on the last one), `train_step` (NaN/inf
 guard, warmup + cosine LR, clipping, the optimizer), `evaluate` (validation on the compiled model;
-HellaSwag and samples on the uncompiled one, so neither triggers recompiles), `save`.
-SIGTERM/SIGINT finish the step, checkpoint and exit; resuming continues bit-identically on CPU.
+HellaSwag and samples on the uncompiled one, so neither triggers recompiles). A checkpoint holds
+the weights, the optimizer state and `states` (the loader, the clock, the loop's own entry), each
+saving itself. SIGTERM/SIGINT finish the step, checkpoint and exit; resuming continues
+bit-identically on CPU.
 """
 
 from __future__ import annotations
 
-import enum
 import math
-import signal
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..checkpoint.checkpointer import Checkpointer, TrainingError, run_lock
+from ..checkpoint.checkpointer import Checkpointer, TrainingError, last_good, run_lock
 from ..config.schema import TrainConfig
 from ..data.loader import DataLoader
 from ..data.shards import ShardError, manifest_sources, verify_shards
@@ -37,7 +37,7 @@ from ..parallel.distributed import (
     teardown,
 )
 from ..parallel.parallelize import build_model
-from .clock import TrainingClock
+from .clock import StopFlag, StopReason, TrainingClock
 from .heap import reuse_freed_memory
 from .metrics import MetricsLogger
 from .mfu import Peak, synchronize
@@ -52,28 +52,6 @@ class MicroBatches(NamedTuple):
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
     reduction: str
     divisor: float
-
-
-class StopReason(enum.Enum):
-    SIGNAL = "signal"  # preempted: checkpoint at once, no evaluation
-    TIME_LIMIT = "time limit"
-    TARGET = "target reached"
-    SCHEDULE_END = "time budget spent: the schedule is complete"
-
-
-class StopFlag:
-    """SIGTERM/SIGINT set a flag checked after each step, so a preempted run checkpoints cleanly."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
-
-    def restore(self) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
 
 
 def _due(step: int, last: bool, every: int) -> bool:
@@ -108,7 +86,6 @@ class Trainer:
         # fp16's narrow range: the loss is scaled so gradients do not underflow, steps with inf skipped
         self.scaler = torch.amp.GradScaler(self.device.type) if plan.dtype == "fp16" else None
         self.logger = MetricsLogger(run_dir, cfg, enabled=False)  # the real one opens once resume succeeds
-        self.checkpoints = Checkpointer(run_dir, cfg, info, print)
         # worse than guessing uniformly by far: the weights blew up (a finite loss can say so too)
         self.divergence_loss = 2 * math.log(cfg.model.vocab_size)
         self.start_step, self.started = 0, time.time()
@@ -116,6 +93,10 @@ class Trainer:
         self.evaluated = True  # whether the step being saved (or resumed) has had its evaluation
         self.peak = Peak(self.device, plan.dtype, info.world_size)  # for MFU
         self.flops_per_step = self.raw.flops_per_token(cfg.seq_len) * cfg.total_batch_size
+        self.metrics: dict = {}  # each measurement's latest value
+        # a checkpoint: the weights, the optimizer state and these, each saving itself under its name
+        self.states = {"loader": self.train_loader, "clock": self.clock, "trainer": self}
+        self.checkpoints = Checkpointer(run_dir, cfg, info, print, self.raw, self.optimizers)
 
     def _verify_data(self, data_dir: Path) -> None:
         """Every rank hashes its share of the shards; any problem on any rank stops all of them."""
@@ -146,11 +127,11 @@ class Trainer:
         """Train from the latest checkpoint (or step 0) to max_steps. Each iteration starts with the
         weights of `step` updates: it evaluates them when due and saves them when due, then takes the
         next update; so the last iteration reports on exactly the weights it saves (nanochat's loop)."""
-        cfg = self.cfg
+        cfg, metrics = self.cfg, self.metrics
         self.start_step = start = self.resume()
         self.logger = MetricsLogger(self.run_dir, cfg, self.info.is_main)
         self.logger.log("data", start, sources=self.data_sources)
-        stop, metrics = StopFlag(), {}
+        stop = StopFlag()
         reason = self._schedule_end()
         # a resumed step was evaluated before its checkpoint, unless a signal saved it at once
         redo = start > 0 and not self.evaluated
@@ -164,7 +145,8 @@ class Trainer:
                     if reason is None and self._reached_target(step, metrics):
                         reason, last = StopReason.TARGET, True
                 if (step > start or redo and last) and (last or _due(step, False, cfg.ckpt_every)):
-                    self.save(step, metrics)  # (a resumed step saved again: now with its evaluation)
+                    # (a resumed step saved again: now with its evaluation)
+                    self.checkpoints.save(step, self.states)
                 if last:
                     break
                 stats = self.train_step(step)
@@ -204,9 +186,7 @@ class Trainer:
         """Restore the checkpoint to resume from, if any (the Checkpointer decides which); the step
         to start at. Writes the resolved config.json and prints what is about to run."""
         cfg, info, plan = self.cfg, self.info, self.plan
-        start, name, state = self.checkpoints.restore(self.raw, self.optimizers, self.train_loader)
-        self.clock.load(state)
-        self.evaluated = bool(state.get("evaluated", True))  # (checkpoints before this key: evaluated)
+        start, name = self.checkpoints.restore(self.states)
         configure(self.optimizers, cfg, self.device)  # this config's hyperparameters, not the saved ones
         if not info.is_main:
             return start
@@ -290,7 +270,7 @@ class Trainer:
         """Stop before the update. When the weights at the start of `step` produced the divergence,
         a checkpoint holding them is not good: it is set aside, never resumed from."""
         note = self.checkpoints.set_aside(step) if blame_checkpoint else ""
-        raise TrainingError(f"{what} at step {step}; stopping{note} ({self.checkpoints.last_good()})")
+        raise TrainingError(f"{what} at step {step}; stopping{note} ({last_good(self.run_dir)})")
 
     def evaluate(self, step: int, last: bool) -> dict:
         """Validation loss, HellaSwag and samples, each when due (and always on the last step); the
@@ -372,9 +352,16 @@ class Trainer:
             return StopReason.SIGNAL
         return StopReason.TIME_LIMIT if flags[1] else None
 
-    def save(self, step: int, metrics: dict) -> None:
-        clock = {**self.clock.state(), "evaluated": self.evaluated}
-        self.checkpoints.save(step, self.raw, self.optimizers, self.train_loader, metrics, clock)
+    def state_dict(self) -> dict:
+        """The loop's own entry in a checkpoint: whether its step had its evaluation, and the latest
+        measurements (for whoever reads state.json; a resume measures afresh)."""
+        return {
+            "evaluated": self.evaluated,
+            "metrics": {k: v for k, v in self.metrics.items() if k != "val_step"},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.evaluated = bool(state.get("evaluated", True))  # (checkpoints before this key: evaluated)
 
 
 def train(
@@ -388,10 +375,9 @@ def train(
         with run_lock(run_dir, info):  # one writer per run directory
             run = (trainer or Trainer)(resolve(cfg, info), Path(data_dir), run_dir)
             if info.is_main:
-                run.checkpoints.warn_about_space(run.raw, run.optimizers)
+                run.checkpoints.warn_about_space()
             return run.fit()
     except WriteError as e:  # a full, read-only or vanished disk: say what a resume starts from
-        good = Checkpointer(run_dir, cfg, info, print).last_good()
-        raise WriteError(f"{e}; {good}") from None
+        raise WriteError(f"{e}; {last_good(run_dir)}") from None
     finally:
         teardown()
