@@ -696,3 +696,44 @@ def test_a_checkpoint_written_before_components_saved_themselves_resumes(data_di
     assert resumed[4]["train_seconds"] == pytest.approx(old["train_seconds"] + resumed[4]["dt"])
     assert [r["step"] for r in events(tmp_path / "resumed", "val")] == [0, 2, 4, 6]
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+
+
+def test_the_metrics_work_out_tokens_per_second_mfu_and_the_eta(monkeypatch):
+    """The loop measures seconds; `Throughput` turns them into what is logged: tokens/s, MFU
+    against the peak, the ETA at the pace since the loop (re)started, never past a budget's end."""
+    from gpt2repro.training import mfu
+    from gpt2repro.training.metrics import Throughput
+
+    monkeypatch.setattr(mfu, "gemm_flops", lambda *a, **k: 1e9)
+    mfu.device_peak_flops.cache_clear()
+    try:
+        peak = mfu.Peak(torch.device("cpu"), "fp32")
+    finally:
+        mfu.device_peak_flops.cache_clear()
+    cfg = small_cfg("max_steps=10")  # 256 tokens a step
+    throughput = Throughput(cfg, peak, flops_per_token=1000.0)
+    throughput.start(2, now=100.0)  # resumed at step 2
+    rates = throughput.rates(3, dt=0.5, now=104.0, left=None)  # 2 steps in 4 s, 6 to go
+    assert rates == {"tok_per_s": 512.0, "mfu": 256 * 1000 / 0.5 / 1e9, "eta_s": 12.0, "mfu_peak": 1e9}
+    assert throughput.rates(3, dt=0.5, now=104.0, left=5.0)["eta_s"] == 5.0
+
+
+def test_a_train_event_holds_what_it_always_held(data_dir, tmp_path):
+    """metrics.jsonl's train events keep their fields (the loop measures, `Throughput` adds the
+    rates): readers of older runs and of new ones see the same keys."""
+    tr.train(small_cfg("max_steps=1"), data_dir, tmp_path)
+    (event,) = events(tmp_path, "train")
+    fields = [
+        "loss",
+        "lr",
+        "grad_norm",
+        "dt",
+        "tok_per_s",
+        "mfu",
+        "eta_s",
+        "mfu_peak",
+        "train_seconds",
+        "epoch",
+    ]
+    assert sorted(event) == sorted(["event", "step", *fields])
+    assert event["tok_per_s"] == pytest.approx(256 / event["dt"]) and event["eta_s"] == 0

@@ -39,7 +39,7 @@ from ..parallel.distributed import (
 from ..parallel.parallelize import build_model
 from .clock import StopFlag, StopReason, TrainingClock
 from .heap import reuse_freed_memory
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, StepStats, Throughput
 from .mfu import Peak, synchronize
 from .optim import build_optimizer, configure, lr_at, set_lr
 from .plan import Plan, resolve
@@ -52,6 +52,13 @@ class MicroBatches(NamedTuple):
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
     reduction: str
     divisor: float
+
+
+class InLoopHellaSwag(NamedTuple):
+    """The HellaSwag examples scored during training, rendered once for the whole run."""
+
+    examples: list[dict]
+    rendered: list[hellaswag.Rendered]
 
 
 def _due(step: int, last: bool, every: int) -> bool:
@@ -77,7 +84,9 @@ class Trainer:
         )
         self.val_loader = self._loader(data_dir, "val") if cfg.val_every else None
         examples = hellaswag.load_examples(limit=cfg.hellaswag_limit or None) if cfg.hellaswag_every else []
-        self.hellaswag = (examples, [hellaswag.render(e, cfg.hellaswag_style) for e in examples])
+        self.hellaswag = InLoopHellaSwag(
+            examples, [hellaswag.render(e, cfg.hellaswag_style) for e in examples]
+        )
         self.core = core.Suite.for_run(cfg, info) if cfg.core_every else None  # CORE, tokenized once
         if cfg.sample_every:  # a prompt that cannot be sampled fails now, not after the first steps
             prompt_tokens(cfg.sample_prompt, cfg.model.block_size)
@@ -91,9 +100,9 @@ class Trainer:
         self.start_step, self.started = 0, time.time()
         self.clock = TrainingClock(cfg, info, self.device)  # seconds of training, kept in checkpoints
         self.evaluated = True  # whether the step being saved (or resumed) has had its evaluation
-        self.peak = Peak(self.device, plan.dtype, info.world_size)  # for MFU
-        self.flops_per_step = self.raw.flops_per_token(cfg.seq_len) * cfg.total_batch_size
         self.metrics: dict = {}  # each measurement's latest value
+        peak = Peak(self.device, plan.dtype, info.world_size)  # for MFU
+        self.throughput = Throughput(cfg, peak, self.raw.flops_per_token(cfg.seq_len))
         # a checkpoint: the weights, the optimizer state and these, each saving itself under its name
         self.states = {"loader": self.train_loader, "clock": self.clock, "trainer": self}
         self.checkpoints = Checkpointer(run_dir, cfg, info, print, self.raw, self.optimizers)
@@ -131,32 +140,46 @@ class Trainer:
         self.start_step = start = self.resume()
         self.logger = MetricsLogger(self.run_dir, cfg, self.info.is_main)
         self.logger.log("data", start, sources=self.data_sources)
-        stop = StopFlag()
-        reason = self._schedule_end()
-        # a resumed step was evaluated before its checkpoint, unless a signal saved it at once
+        stop, reason = StopFlag(), self._schedule_end()
+        # the step resumed from was evaluated before its checkpoint, unless a signal saved it at once
         redo = start > 0 and not self.evaluated
         self.started = time.time()
+        self.throughput.start(start, self.started)
         try:
             for step in range(start, cfg.max_steps + 1):
-                last = step == cfg.max_steps or reason is not None
-                self.evaluated = (step > start or step == 0 or redo) and reason is not StopReason.SIGNAL
+                # the run ends after this iteration: max_steps reached, or a reason to stop came
+                last_step = step == cfg.max_steps or reason is not None
+                # no evaluation has seen these weights: new ones, the initial ones, or a redo
+                not_yet_evaluated = step > start or step == 0 or redo
+                # a signal saves at once, without an evaluation (the resume runs it)
+                self.evaluated = not_yet_evaluated and reason is not StopReason.SIGNAL
                 if self.evaluated:
-                    metrics.update(self.evaluate(step, last))
+                    metrics.update(self.evaluate(step, last_step))
                     if reason is None and self._reached_target(step, metrics):
-                        reason, last = StopReason.TARGET, True
-                if (step > start or redo and last) and (last or _due(step, False, cfg.ckpt_every)):
-                    # (a resumed step saved again: now with its evaluation)
+                        reason, last_step = StopReason.TARGET, True
+                # weights this run made (the step resumed from only as the last: now with its evaluation)
+                worth_saving = step > start or (redo and last_step)
+                # every ckpt_every steps, and whenever the run ends
+                checkpoint_due = last_step or (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0)
+                if worth_saving and checkpoint_due:
                     self.checkpoints.save(step, self.states)
-                if last:
+                if last_step:
                     break
                 stats = self.train_step(step)
-                metrics.update(loss=stats["loss"], lr=stats["lr"], grad_norm=stats["grad_norm"])
-                console = cfg.log_every > 0 and (step % cfg.log_every == 0 or step + 1 == cfg.max_steps)
-                self.logger.train_step(step, stats, self.train_loader.epoch, console)
+                metrics.update(loss=stats.loss, lr=stats.lr, grad_norm=stats.grad_norm)
+                rates = self.throughput.rates(step, stats.dt, time.time(), self.clock.left())
+                # every log_every-th step on the console, and the last one
+                print_step = cfg.log_every > 0 and (step % cfg.log_every == 0 or step + 1 == cfg.max_steps)
+                self.logger.train_step(step, stats, rates, self.train_loader.epoch, print_step)
                 reason = self.should_stop(stop) or self._schedule_end()
         finally:
             stop.restore()
             self.logger.close()
+        self._report_end(reason, step)
+        return {"step": step, "train_seconds": self.clock.train_seconds, **metrics}
+
+    def _report_end(self, reason: StopReason | None, step: int) -> None:
+        """Why the run ended before max_steps, if it did."""
         if reason in (StopReason.SIGNAL, StopReason.TIME_LIMIT):
             self.logger.print(
                 f"[gpt2repro] stopping at step {step} ({reason.value}); checkpoint written, "
@@ -164,7 +187,6 @@ class Trainer:
             )
         elif reason is not None:
             self.logger.print(f"[gpt2repro] finished at step {step} ({reason.value})")
-        return {"step": step, "train_seconds": self.clock.train_seconds, **metrics}
 
     def _schedule_end(self) -> StopReason | None:
         return StopReason.SCHEDULE_END if self.clock.spent() else None
@@ -197,7 +219,7 @@ class Trainer:
             f"compile {plan.compile} | grad_accum {plan.accum} | "
             f"steps {start}..{cfg.max_steps}" + (f" | resumed from {name}" if name else "")
         )
-        print(f"[gpt2repro] {self.peak.describe()}")
+        print(f"[gpt2repro] {self.throughput.peak.describe()}")
         dtypes = {
             "dtype": plan.dtype,
             **({"muon_ns_dtype": cfg.muon_ns_dtype} if cfg.optimizer == "muon" else {}),
@@ -234,8 +256,8 @@ class Trainer:
         batches = (self.train_loader.next_batch() for _ in range(self.plan.accum))
         return MicroBatches(batches, "mean", self.plan.accum)
 
-    def train_step(self, step: int) -> dict:
-        """One optimizer step; returns what is logged about it."""
+    def train_step(self, step: int) -> StepStats:
+        """One optimizer step; what it measured."""
         t0 = time.time()
         loss = self.forward_backward()
         if not math.isfinite(loss) or loss > self.divergence_loss:
@@ -257,14 +279,7 @@ class Trainer:
         synchronize(self.device)  # only for honest timing
         dt = time.time() - t0
         self.clock.tick(dt, compiling)
-        tok_s = self.cfg.total_batch_size / dt
-        mfu = self.peak.mfu(self.flops_per_step, dt)
-        eta = (time.time() - self.started) / (step + 1 - self.start_step) * (self.cfg.max_steps - step - 1)
-        left = self.clock.left()
-        eta = eta if left is None else min(eta, left)
-        stats = dict(loss=loss, lr=lr, grad_norm=norm, dt=dt, tok_per_s=tok_s, mfu=mfu, eta_s=eta,
-                     mfu_peak=self.peak.flops)  # fmt: skip
-        return {**stats, "train_seconds": self.clock.train_seconds}
+        return StepStats(loss, lr, norm, dt, self.clock.train_seconds)
 
     def _diverged(self, step: int, what: str, blame_checkpoint: bool) -> None:
         """Stop before the update. When the weights at the start of `step` produced the divergence,
@@ -280,7 +295,7 @@ class Trainer:
             out.update(val_loss=self.validation_loss(), val_step=step)
             self.logger.print(f"step {step:6d} | val loss {out['val_loss']:.4f}")
             self.logger.log("val", step, loss=out["val_loss"])
-        hellaswag_due = self.hellaswag[0] and _due(step, last, cfg.hellaswag_every)
+        hellaswag_due = self.hellaswag.examples and _due(step, last, cfg.hellaswag_every)
         sample_due = cfg.sample_every and step > 0 and _due(step, last, cfg.sample_every)
         core_due = self.core is not None and _due(step, last, cfg.core_every)
         if not (hellaswag_due or sample_due or core_due):
@@ -318,19 +333,17 @@ class Trainer:
 
     def eval_hellaswag(self, step: int) -> float:
         """HellaSwag in the training's autocast dtype, sharded over the ranks; its acc_norm."""
-        examples, rendered = self.hellaswag
-        info = self.info
-        style = self.cfg.hellaswag_style
+        info, style = self.info, self.cfg.hellaswag_style
         result = hellaswag.evaluate(
             self.raw,
-            examples,
+            self.hellaswag.examples,
             style,
             self.device,
             info.rank,
             info.world_size,
             dtype=self.plan.dtype,
             lockstep=self.cfg.fsdp,
-            rendered=rendered,
+            rendered=self.hellaswag.rendered,
         )
         self.logger.print(
             f"step {step:6d} | hellaswag {result['n']} ex: acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f}"
