@@ -737,3 +737,19 @@ def test_a_train_event_holds_what_it_always_held(data_dir, tmp_path):
     ]
     assert sorted(event) == sorted(["event", "step", *fields])
     assert event["tok_per_s"] == pytest.approx(256 / event["dt"]) and event["eta_s"] == 0
+
+
+def test_a_signalled_step_that_ends_the_resumed_run_is_saved_again_evaluated(data_dir, tmp_path, monkeypatch):
+    """A SIGTERM saves step 4 unevaluated; a resume that ends at step 4 evaluates it and saves it
+    again, now with its evaluation (the one time a run saves the step it resumed from)."""
+    stop_after(monkeypatch, 4)
+    tr.train(small_cfg("max_steps=6", "val_every=2", "val_steps=1"), data_dir, tmp_path)
+    monkeypatch.undo()
+    before = json.loads((ckptdir.latest(tmp_path) / "state.json").read_text())
+    assert before["step"] == 4 and before["trainer"]["evaluated"] is False
+    summary = tr.train(small_cfg("max_steps=4", "val_every=2", "val_steps=1"), data_dir, tmp_path)
+    after = json.loads((ckptdir.latest(tmp_path) / "state.json").read_text())
+    assert summary["step"] == after["step"] == 4 and after["trainer"]["evaluated"] is True
+    assert (
+        after["trainer"]["metrics"]["val_loss"] == summary["val_loss"] == events(tmp_path, "val")[-1]["loss"]
+    )
