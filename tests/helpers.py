@@ -48,6 +48,21 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in events(run_dir, "train")}
 
 
+def as_written_before_components_saved_themselves(ckpt) -> dict:
+    """Rewrite a checkpoint's state.json in the layout of the code before its components saved
+    themselves (the clock's keys, `evaluated` and `metrics` at the top level; the manifest
+    redone as that code recorded it); returns that state."""
+    from gpt2repro.checkpoint import ckptdir
+    from gpt2repro.files.fsio import sha256_file
+
+    state = json.loads((ckpt / "state.json").read_text())
+    for name in ("clock", "trainer"):
+        state.update(state.pop(name))
+    (ckpt / "state.json").write_text(json.dumps(state))
+    ckptdir.write_manifest(ckpt, {**state["sha256"], "state.json": sha256_file(ckpt / "state.json")})
+    return state
+
+
 def stop_after(monkeypatch, n):
     """Make the loop see a stop request after its n-th step, as a SIGTERM would."""
     from gpt2repro.training import train as tr

@@ -41,7 +41,7 @@ def step_zero_matches_transformers(source, hf_directory, data_dir, run_dir):
     batches = [trainer.train_loader.next_batch() for _ in range(trainer.plan.accum)]
     trainer.train_loader.reset()
     expected = transformers_loss(hf_directory, batches)
-    assert trainer.train_step(0)["loss"] == pytest.approx(expected, rel=1e-5)
+    assert trainer.train_step(0).loss == pytest.approx(expected, rel=1e-5)
     return trainer
 
 

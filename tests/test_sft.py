@@ -226,7 +226,7 @@ def test_sft_of_an_export_of_ours(run_dir, chat_data_dir, tmp_path):
     torch.testing.assert_close(
         trainer.raw.transformer.wte.weight[:50257], base.transformer.wte.weight[:50257]
     )
-    loss = trainer.train_step(0)["loss"]
+    loss = trainer.train_step(0).loss
     assert 0 < loss < 2 * math.log(50263)
 
 

@@ -14,8 +14,10 @@ import torch.distributed.checkpoint as dcp
 from helpers import (
     EVERY_RANK_REPORTS,
     SMALL,
+    as_written_before_components_saved_themselves,
     assert_one_line_error,
     error_lines,
+    events,
     losses,
     run_main,
     run_script,
@@ -283,3 +285,22 @@ def test_a_ddp_run_resumes_from_fsdp_shards(runs, data_dir, tmp_path):
     assert sorted(resumed) == list(range(4))
     for step, loss in straight.items():
         assert resumed[step] == pytest.approx(loss, rel=1e-5)
+
+
+def test_a_sharded_checkpoint_written_before_components_saved_themselves_resumes(runs, data_dir, tmp_path):
+    """FSDP's shards with state.json in the old layout (the clock's keys at the top level): 2 ranks
+    resume them, the clock going on from its seconds, with the losses of one uninterrupted process."""
+    run = tmp_path / "run"
+    shutil.copytree(runs / "pristine", run)
+    old = as_written_before_components_saved_themselves(ckptdir.step_dir(run, 2))
+    assert ckptdir.is_sharded(ckptdir.step_dir(run, 2)) and old["train_seconds"] > 0
+    base = train_argv(data_dir, *SMALL, *CONSTANT_LR, "fsdp=true")
+    run_to_end([*base, "--out", tmp_path / "straight", "max_steps=4"])
+    out = run_to_end([*base, "--out", run, "max_steps=4"], nproc=2)
+    assert "steps 2..4 | resumed from step_00000002" in out
+    step = events(run, "train")[2]
+    assert step["step"] == 2 and step["train_seconds"] == pytest.approx(old["train_seconds"] + step["dt"])
+    straight, resumed = losses(tmp_path / "straight"), losses(run)
+    assert sorted(resumed) == list(range(4))
+    for n, loss in straight.items():
+        assert resumed[n] == pytest.approx(loss, rel=1e-5)

@@ -8,7 +8,18 @@ import signal
 
 import pytest
 import torch
-from helpers import SMALL, events, free_port, launch, losses, run_to_end, small_cfg, stop_after, train_argv
+from helpers import (
+    SMALL,
+    as_written_before_components_saved_themselves,
+    events,
+    free_port,
+    launch,
+    losses,
+    run_to_end,
+    small_cfg,
+    stop_after,
+    train_argv,
+)
 
 from gpt2repro.checkpoint import ckptdir, gathered
 from gpt2repro.config.overrides import apply_overrides
@@ -544,14 +555,17 @@ def test_the_training_clock_counts_training_only():
     clock.tick(30.0, compiling=True)  # time, and never the last step for its length
     assert clock.position(1, 3.5) == 1
     clock.tick(4.0, compiling=False)
-    assert clock.state() == {"train_seconds": 4.0, "last_seconds": 4.0, "final": False} and not clock.spent()
+    assert (
+        clock.state_dict() == {"train_seconds": 4.0, "last_seconds": 4.0, "final": False}
+        and not clock.spent()
+    )
     assert clock.position(2, 3.0) == cfg.max_steps  # another 3 s step would pass the budget: the last,
     clock.tick(3.0, compiling=False)  # at the schedule's end
     assert clock.spent() and clock.left() == 3.0
     again = TrainingClock(cfg, DistInfo(0, 0, 1, torch.device("cpu")), torch.device("cpu"))
-    again.load(clock.state())
+    again.load_state_dict(clock.state_dict())
     assert again.spent()
-    again.load({"train_seconds": 7.0, "last_seconds": 3.0})  # a checkpoint from before `final`
+    again.load_state_dict({"train_seconds": 7.0, "last_seconds": 3.0})  # a checkpoint from before `final`
     assert again.spent()
 
 
@@ -586,8 +600,9 @@ def test_a_host_that_slows_down_still_finishes_the_schedule_inside_its_budget(
     _HostClock(monkeypatch, after=3, slow=0.2)
     stop_after(monkeypatch, 6)
     tr.train(cfg, data_dir, tmp_path)
-    saved = json.loads((ckptdir.latest(tmp_path) / "state.json").read_text())
-    assert saved["step"] == 6 and saved["train_seconds"] == pytest.approx(3 * 0.05 + 3 * 0.2)
+    state = json.loads((ckptdir.latest(tmp_path) / "state.json").read_text())
+    saved = state["clock"]  # the clock's own entry
+    assert state["step"] == 6 and saved["train_seconds"] == pytest.approx(3 * 0.05 + 3 * 0.2)
     summary = tr.train(cfg, data_dir, tmp_path)
     steps = events(tmp_path, "train")
     assert [r["step"] for r in steps] == list(range(summary["step"]))
@@ -650,3 +665,91 @@ def test_the_evaluation_due_at_a_signalled_step_runs_on_resume(data_dir, tmp_pat
     straight, resumed = events(tmp_path / "straight", "val"), events(tmp_path / "resumed", "val")
     assert [r["step"] for r in resumed] == [0, 2, 4, 6]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+
+
+def test_each_component_saves_itself_under_its_own_name(data_dir, tmp_path):
+    """state.json: the loader's, the clock's and the loop's own state, each in its own entry."""
+    tr.train(small_cfg("max_steps=2", "val_every=2", "val_steps=1"), data_dir, tmp_path)
+    state = json.loads((ckptdir.latest(tmp_path) / "state.json").read_text())
+    assert state["step"] == 2 and state["loader"]["consumed"] == 2 * state["loader"]["step_windows"]
+    assert sorted(state["clock"]) == ["final", "last_seconds", "train_seconds"]
+    assert state["clock"]["train_seconds"] == events(tmp_path, "train")[-1]["train_seconds"]
+    assert state["trainer"]["evaluated"] is True
+    assert state["trainer"]["metrics"]["val_loss"] == events(tmp_path, "val")[-1]["loss"]
+    assert not {"train_seconds", "evaluated", "metrics"} & set(state)  # nothing loose at the top
+
+
+@pytest.mark.slow
+def test_a_checkpoint_written_before_components_saved_themselves_resumes(data_dir, tmp_path, monkeypatch):
+    """The old layout (the clock's keys and `evaluated` at the top level) still resumes: a SIGTERM's
+    unevaluated step 4 is evaluated on resume, the clock goes on from its seconds, and the losses
+    are those of an uninterrupted run."""
+    cfg = small_cfg("max_steps=6", "val_every=2", "val_steps=1")
+    tr.train(cfg, data_dir, tmp_path / "straight")
+    stop_after(monkeypatch, 4)
+    tr.train(cfg, data_dir, tmp_path / "resumed")
+    monkeypatch.undo()
+    old = as_written_before_components_saved_themselves(ckptdir.latest(tmp_path / "resumed"))
+    assert old["step"] == 4 and old["evaluated"] is False and old["train_seconds"] > 0
+    tr.train(cfg, data_dir, tmp_path / "resumed")
+    resumed = events(tmp_path / "resumed", "train")
+    assert resumed[4]["train_seconds"] == pytest.approx(old["train_seconds"] + resumed[4]["dt"])
+    assert [r["step"] for r in events(tmp_path / "resumed", "val")] == [0, 2, 4, 6]
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+
+
+def test_the_metrics_work_out_tokens_per_second_mfu_and_the_eta(monkeypatch):
+    """The loop measures seconds; `Throughput` turns them into what is logged: tokens/s, MFU
+    against the peak, the ETA at the pace since the loop (re)started, never past a budget's end."""
+    from gpt2repro.training import mfu
+    from gpt2repro.training.metrics import Throughput
+
+    monkeypatch.setattr(mfu, "gemm_flops", lambda *a, **k: 1e9)
+    mfu.device_peak_flops.cache_clear()
+    try:
+        peak = mfu.Peak(torch.device("cpu"), "fp32")
+    finally:
+        mfu.device_peak_flops.cache_clear()
+    cfg = small_cfg("max_steps=10")  # 256 tokens a step
+    throughput = Throughput(cfg, peak, flops_per_token=1000.0)
+    throughput.start(2, now=100.0)  # resumed at step 2
+    rates = throughput.rates(3, dt=0.5, now=104.0, left=None)  # 2 steps in 4 s, 6 to go
+    assert rates == {"tok_per_s": 512.0, "mfu": 256 * 1000 / 0.5 / 1e9, "eta_s": 12.0, "mfu_peak": 1e9}
+    assert throughput.rates(3, dt=0.5, now=104.0, left=5.0)["eta_s"] == 5.0
+
+
+def test_a_train_event_holds_what_it_always_held(data_dir, tmp_path):
+    """metrics.jsonl's train events keep their fields (the loop measures, `Throughput` adds the
+    rates): readers of older runs and of new ones see the same keys."""
+    tr.train(small_cfg("max_steps=1"), data_dir, tmp_path)
+    (event,) = events(tmp_path, "train")
+    fields = [
+        "loss",
+        "lr",
+        "grad_norm",
+        "dt",
+        "tok_per_s",
+        "mfu",
+        "eta_s",
+        "mfu_peak",
+        "train_seconds",
+        "epoch",
+    ]
+    assert sorted(event) == sorted(["event", "step", *fields])
+    assert event["tok_per_s"] == pytest.approx(256 / event["dt"]) and event["eta_s"] == 0
+
+
+def test_a_signalled_step_that_ends_the_resumed_run_is_saved_again_evaluated(data_dir, tmp_path, monkeypatch):
+    """A SIGTERM saves step 4 unevaluated; a resume that ends at step 4 evaluates it and saves it
+    again, now with its evaluation (the one time a run saves the step it resumed from)."""
+    stop_after(monkeypatch, 4)
+    tr.train(small_cfg("max_steps=6", "val_every=2", "val_steps=1"), data_dir, tmp_path)
+    monkeypatch.undo()
+    before = json.loads((ckptdir.latest(tmp_path) / "state.json").read_text())
+    assert before["step"] == 4 and before["trainer"]["evaluated"] is False
+    summary = tr.train(small_cfg("max_steps=4", "val_every=2", "val_steps=1"), data_dir, tmp_path)
+    after = json.loads((ckptdir.latest(tmp_path) / "state.json").read_text())
+    assert summary["step"] == after["step"] == 4 and after["trainer"]["evaluated"] is True
+    assert (
+        after["trainer"]["metrics"]["val_loss"] == summary["val_loss"] == events(tmp_path, "val")[-1]["loss"]
+    )

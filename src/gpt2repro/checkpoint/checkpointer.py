@@ -1,19 +1,24 @@
 """The run directory's checkpoints, owned for one run: its lock, where a run starts (the checkpoint
 every rank agrees on, `resume`, or a fresh start that never shadows an earlier run), saving, and
 setting aside a checkpoint whose weights diverged. The Trainer keeps the loop; the formats are
-`gathered` (one process, DDP) and `sharded` (FSDP's DCP shards), `ckptdir` what they share."""
+`gathered` (one process, DDP) and `sharded` (FSDP's DCP shards), `ckptdir` what they share.
+
+What a checkpoint holds beside the weights and the optimizer state is whatever components the loop
+passes as `states` (torchtitan's `Stateful`: `state_dict`/`load_state_dict`), each saved under its
+own name in state.json; the Checkpointer loops over them and knows none of them."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.stateful import Stateful
 
 from ..config.schema import TrainConfig
-from ..data.loader import DataLoader
 from ..errors import UserError
 from ..files.fsio import free_bytes, human_bytes, remove_leftovers, remove_path
 from ..files.lock import DirLock, LockError
@@ -30,19 +35,36 @@ class TrainingError(UserError, RuntimeError):
     """Training cannot continue (non-finite loss, incompatible resume); the message says why."""
 
 
-class Checkpointer:
-    def __init__(self, run_dir: Path, cfg: TrainConfig, info: DistInfo, log: Callable[[str], None]):
-        self.run_dir, self.cfg, self.info, self.log = run_dir, cfg, info, log
+class Restored(NamedTuple):
+    """Where a run starts: the step, and the checkpoint it resumed from (None: a fresh start)."""
 
-    def restore(
-        self, model: torch.nn.Module, optimizers: list, loader: DataLoader
-    ) -> tuple[int, str | None, dict]:
-        """Load the checkpoint to resume from into model, optimizers, RNG and loader (every rank);
-        (the step to start at, that checkpoint's name, its state). With none, a fresh start at step 0."""
+    step: int
+    name: str | None
+
+
+class Checkpointer:
+    """One run's checkpoints. `model` and `optimizers` are the run's tensors, written in the format
+    the run needs; every other component saves itself (`states`)."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: TrainConfig,
+        info: DistInfo,
+        log: Callable[[str], None],
+        model: torch.nn.Module,
+        optimizers: list[torch.optim.Optimizer],
+    ):
+        self.run_dir, self.cfg, self.info, self.log = run_dir, cfg, info, log
+        self.model, self.optimizers = model, optimizers
+
+    def restore(self, states: dict[str, Stateful]) -> Restored:
+        """Load the checkpoint to resume from into the model, the optimizers, the RNG and each of
+        `states` (every rank). With none, a fresh start at step 0, `states` as they are."""
         found = self._find()
         if found is None:
             self._start_fresh()
-            return 0, None, {}
+            return Restored(0, None)
         ckpt, state = found
         saved = gathered.read_config(ckpt)
         diffs = [k for k in RESUME_KEYS if getattr(saved, k) != getattr(self.cfg, k)]
@@ -50,17 +72,18 @@ class Checkpointer:
             raise TrainingError(
                 f"cannot resume {ckpt}: config differs in {', '.join(diffs)}; use a new run directory"
             )
-        gathered.load_training(ckpt, model, optimizers, state)
-        try:
-            loader.load_state_dict(state["loader"])
-        except ValueError as e:
-            raise TrainingError(f"cannot resume {ckpt}: {e}") from None
+        gathered.load_training(ckpt, self.model, self.optimizers, state)
+        for name, component in states.items():
+            try:
+                component.load_state_dict(_entry(state, name))
+            except ValueError as e:
+                raise TrainingError(f"cannot resume {ckpt}: {e}") from None
         if state["step"] > self.cfg.max_steps:  # before config.json is rewritten with the new value
             raise TrainingError(
                 f"cannot resume {ckpt} at step {state['step']} with max_steps={self.cfg.max_steps}: "
                 f"set max_steps >= {state['step']}, or use a new run directory"
             )
-        return state["step"], ckpt.name, state
+        return Restored(state["step"], ckpt.name)
 
     def _find(self) -> tuple[Path, dict] | None:
         """The checkpoint to resume from and its state, the same on every rank (`resume.find`)."""
@@ -91,28 +114,16 @@ class Checkpointer:
             )
         self._barrier()
 
-    def save(
-        self,
-        step: int,
-        model: torch.nn.Module,
-        optimizers: list,
-        loader: DataLoader,
-        metrics: dict,
-        clock: dict,
-    ) -> None:
-        """Checkpoint after `step` steps. FSDP on several ranks: every rank writes its own shard
-        (`sharded`); otherwise every rank gathers (a no-op without FSDP), rank 0 writes. `clock`:
-        the loop's own state (training seconds, whether this step was evaluated)."""
-        state = {
-            "loader": loader.state_dict(),
-            "world_size": self.info.world_size,
-            "metrics": {k: v for k, v in metrics.items() if k != "val_step"},
-            **clock,
-        }
+    def save(self, step: int, states: dict[str, Stateful]) -> None:
+        """Checkpoint after `step` steps: the model, the optimizers and each of `states` under its
+        name. FSDP on several ranks: every rank writes its own shard (`sharded`); otherwise every
+        rank gathers (a no-op without FSDP), rank 0 writes."""
+        state = {"world_size": self.info.world_size}
+        state.update({name: component.state_dict() for name, component in states.items()})
         if self.cfg.fsdp and self.info.distributed:
-            path = sharded.save(self.run_dir, step, model, optimizers, state, self.cfg, self.info)
+            path = sharded.save(self.run_dir, step, self.model, self.optimizers, state, self.cfg, self.info)
         else:
-            model_state, optim_state = gathered.gather(model, optimizers)
+            model_state, optim_state = gathered.gather(self.model, self.optimizers)
             if self.info.is_main:
                 path = gathered.save(
                     self.run_dir, step, model_state, optim_state, state, self.cfg, self.cfg.keep_last
@@ -132,17 +143,9 @@ class Checkpointer:
         self._barrier()
         return note
 
-    def last_good(self) -> str:
-        """Which checkpoint a resume would start from, for an error message."""
-        try:
-            found = latest(self.run_dir, log=lambda message: None)
-        except CheckpointError:
-            found = None
-        return f"last good checkpoint: {found.name if found else 'none'}"
-
-    def warn_about_space(self, model: torch.nn.Module, optimizers: list) -> None:
+    def warn_about_space(self) -> None:
         """Warn when the disk cannot hold keep_last checkpoints plus the one being written."""
-        each, keep = _estimated_bytes(model, optimizers), self.cfg.keep_last
+        each, keep = _estimated_bytes(self.model, self.optimizers), self.cfg.keep_last
         free = free_bytes(self.run_dir)
         kept = sum(f.stat().st_size for d in all_steps(self.run_dir) for f in d.iterdir() if f.is_file())
         if free is None or free + kept >= (keep + 1) * each:
@@ -158,6 +161,21 @@ class Checkpointer:
     def _barrier(self) -> None:
         if self.info.distributed:
             dist.barrier()
+
+
+def _entry(state: dict, name: str) -> dict:
+    """A component's entry in state.json. Checkpoints written before components saved themselves
+    held the clock's and the loop's keys at the top level: each reads its own from there."""
+    return state[name] if name in state else state
+
+
+def last_good(run_dir: Path) -> str:
+    """Which checkpoint a resume would start from, for an error message."""
+    try:
+        found = latest(run_dir, log=lambda message: None)
+    except CheckpointError:
+        found = None
+    return f"last good checkpoint: {found.name if found else 'none'}"
 
 
 def _estimated_bytes(model: torch.nn.Module, optimizers: list) -> int:

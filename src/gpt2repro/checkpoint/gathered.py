@@ -6,8 +6,9 @@ ranks writes its tensors as one shard file per rank instead, see `sharded`):
   optimizer.pt       optimizer state, all optimizers of the run (tensors and numbers: weights_only=True)
   rng.pt             torch (and CUDA) RNG states
   config.json        the resolved TrainConfig
-  state.json         step, loader position, python/numpy RNG, world size, last metrics (and the sha256s
-                     of the files above, for older versions of this package)
+  state.json         step, python/numpy RNG, world size, and each component the loop passes under its
+                     name (`loader`: its position; `clock`; `trainer`: the last metrics, …) (and the
+                     sha256s of the files above, for older versions of this package)
   manifest.json      the size and sha256 of every file above, state.json included, and a sha256 of
                      its own content: verified on every load, with the step in state.json, the
                      directory's name and the loader position checked to agree (`ckptdir`)

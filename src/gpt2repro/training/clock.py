@@ -5,9 +5,13 @@ only) and, with `schedule_clock=time`, drives the LR schedule: progress is max(s
 training seconds / time_budget), so a host that slows down mid-run still finishes warmup and decay
 inside the budget. The step the clock makes the last is decided when its LR is set (after its forward
 and backward): it runs at the schedule's end, the floor, and the run stops after it, whatever the
-update then takes. Its state goes into every checkpoint, so a resumed run continues the same clock."""
+update then takes. Its state goes into every checkpoint, so a resumed run continues the same clock.
+The other reasons a run stops early are here too: a signal (`StopFlag`) and the wall-clock limit."""
 
 from __future__ import annotations
+
+import enum
+import signal
 
 import torch
 
@@ -16,17 +20,44 @@ from ..parallel.distributed import DistInfo, all_reduce_sum
 from .optim import schedule_position
 
 
+class StopReason(enum.Enum):
+    """Why a run ended before max_steps."""
+
+    SIGNAL = "signal"  # preempted: checkpoint at once, no evaluation
+    TIME_LIMIT = "time limit"
+    TARGET = "target reached"
+    SCHEDULE_END = "time budget spent: the schedule is complete"
+
+
+class StopFlag:
+    """SIGTERM/SIGINT set a flag checked after each step, so a preempted run checkpoints cleanly."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
 class TrainingClock:
+    """Seconds of training, and whether the time budget has room for another step."""
+
     def __init__(self, cfg: TrainConfig, info: DistInfo, device: torch.device):
         self.cfg, self.info, self.device = cfg, info, device
         self.train_seconds = 0.0
         self.last_seconds = 0.0  # the last step's
         self.final = False  # schedule_clock=time: the clock made the last step the run's last
 
-    def state(self) -> dict:
+    def state_dict(self) -> dict:
+        """The clock's entry in a checkpoint, so a resumed run continues it."""
         return {"train_seconds": self.train_seconds, "last_seconds": self.last_seconds, "final": self.final}
 
-    def load(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.last_seconds = float(state.get("last_seconds", 0.0))
         budget = self.cfg.time_budget  # (a checkpoint from before `final`: the rule it stopped by)

@@ -4,15 +4,15 @@
 when due or asked to stop. Each job is one small method: `resume`, `forward_backward` (`grad_accum`
 micro-batches, gradients synchronised across ranks only on the last one), `train_step` (NaN/inf
 guard, warmup + cosine LR, clipping, the optimizer), `evaluate` (validation on the compiled model;
-HellaSwag and samples on the uncompiled one, so neither triggers recompiles), `save`.
-SIGTERM/SIGINT finish the step, checkpoint and exit; resuming continues bit-identically on CPU.
+HellaSwag and samples on the uncompiled one, so neither triggers recompiles). A checkpoint holds
+the weights, the optimizer state and `states` (the loader, the clock, the loop's own entry), each
+saving itself. SIGTERM/SIGINT finish the step, checkpoint and exit; resuming continues
+bit-identically on CPU.
 """
 
 from __future__ import annotations
 
-import enum
 import math
-import signal
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..checkpoint.checkpointer import Checkpointer, TrainingError, run_lock
+from ..checkpoint.checkpointer import Checkpointer, TrainingError, last_good, run_lock
 from ..config.schema import TrainConfig
 from ..data.loader import DataLoader
 from ..data.shards import ShardError, manifest_sources, verify_shards
@@ -37,9 +37,9 @@ from ..parallel.distributed import (
     teardown,
 )
 from ..parallel.parallelize import build_model
-from .clock import TrainingClock
+from .clock import StopFlag, StopReason, TrainingClock
 from .heap import reuse_freed_memory
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, StepStats, Throughput
 from .mfu import Peak, synchronize
 from .optim import build_optimizer, configure, lr_at, set_lr
 from .plan import Plan, resolve
@@ -54,26 +54,11 @@ class MicroBatches(NamedTuple):
     divisor: float
 
 
-class StopReason(enum.Enum):
-    SIGNAL = "signal"  # preempted: checkpoint at once, no evaluation
-    TIME_LIMIT = "time limit"
-    TARGET = "target reached"
-    SCHEDULE_END = "time budget spent: the schedule is complete"
+class InLoopHellaSwag(NamedTuple):
+    """The HellaSwag examples scored during training, rendered once for the whole run."""
 
-
-class StopFlag:
-    """SIGTERM/SIGINT set a flag checked after each step, so a preempted run checkpoints cleanly."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
-
-    def restore(self) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
+    examples: list[dict]
+    rendered: list[hellaswag.Rendered]
 
 
 def _due(step: int, last: bool, every: int) -> bool:
@@ -99,7 +84,9 @@ class Trainer:
         )
         self.val_loader = self._loader(data_dir, "val") if cfg.val_every else None
         examples = hellaswag.load_examples(limit=cfg.hellaswag_limit or None) if cfg.hellaswag_every else []
-        self.hellaswag = (examples, [hellaswag.render(e, cfg.hellaswag_style) for e in examples])
+        self.hellaswag = InLoopHellaSwag(
+            examples, [hellaswag.render(e, cfg.hellaswag_style) for e in examples]
+        )
         self.core = core.Suite.for_run(cfg, info) if cfg.core_every else None  # CORE, tokenized once
         if cfg.sample_every:  # a prompt that cannot be sampled fails now, not after the first steps
             prompt_tokens(cfg.sample_prompt, cfg.model.block_size)
@@ -108,14 +95,17 @@ class Trainer:
         # fp16's narrow range: the loss is scaled so gradients do not underflow, steps with inf skipped
         self.scaler = torch.amp.GradScaler(self.device.type) if plan.dtype == "fp16" else None
         self.logger = MetricsLogger(run_dir, cfg, enabled=False)  # the real one opens once resume succeeds
-        self.checkpoints = Checkpointer(run_dir, cfg, info, print)
         # worse than guessing uniformly by far: the weights blew up (a finite loss can say so too)
         self.divergence_loss = 2 * math.log(cfg.model.vocab_size)
         self.start_step, self.started = 0, time.time()
         self.clock = TrainingClock(cfg, info, self.device)  # seconds of training, kept in checkpoints
         self.evaluated = True  # whether the step being saved (or resumed) has had its evaluation
-        self.peak = Peak(self.device, plan.dtype, info.world_size)  # for MFU
-        self.flops_per_step = self.raw.flops_per_token(cfg.seq_len) * cfg.total_batch_size
+        self.metrics: dict = {}  # each measurement's latest value
+        peak = Peak(self.device, plan.dtype, info.world_size)  # for MFU
+        self.throughput = Throughput(cfg, peak, self.raw.flops_per_token(cfg.seq_len))
+        # a checkpoint: the weights, the optimizer state and these, each saving itself under its name
+        self.states = {"loader": self.train_loader, "clock": self.clock, "trainer": self}
+        self.checkpoints = Checkpointer(run_dir, cfg, info, print, self.raw, self.optimizers)
 
     def _verify_data(self, data_dir: Path) -> None:
         """Every rank hashes its share of the shards; any problem on any rank stops all of them."""
@@ -146,35 +136,50 @@ class Trainer:
         """Train from the latest checkpoint (or step 0) to max_steps. Each iteration starts with the
         weights of `step` updates: it evaluates them when due and saves them when due, then takes the
         next update; so the last iteration reports on exactly the weights it saves (nanochat's loop)."""
-        cfg = self.cfg
+        cfg, metrics = self.cfg, self.metrics
         self.start_step = start = self.resume()
         self.logger = MetricsLogger(self.run_dir, cfg, self.info.is_main)
         self.logger.log("data", start, sources=self.data_sources)
-        stop, metrics = StopFlag(), {}
-        reason = self._schedule_end()
-        # a resumed step was evaluated before its checkpoint, unless a signal saved it at once
+        stop, reason = StopFlag(), self._schedule_end()
+        # the step resumed from was evaluated before its checkpoint, unless a signal saved it at once
         redo = start > 0 and not self.evaluated
         self.started = time.time()
+        self.throughput.start(start, self.started)
         try:
             for step in range(start, cfg.max_steps + 1):
-                last = step == cfg.max_steps or reason is not None
-                self.evaluated = (step > start or step == 0 or redo) and reason is not StopReason.SIGNAL
+                # the run ends after this iteration: max_steps reached, or a reason to stop came
+                last_step = step == cfg.max_steps or reason is not None
+                # no evaluation has seen these weights: new ones, the initial ones, or a redo
+                not_yet_evaluated = step > start or step == 0 or redo
+                # a signal saves at once, without an evaluation (the resume runs it)
+                self.evaluated = not_yet_evaluated and reason is not StopReason.SIGNAL
                 if self.evaluated:
-                    metrics.update(self.evaluate(step, last))
+                    metrics.update(self.evaluate(step, last_step))
                     if reason is None and self._reached_target(step, metrics):
-                        reason, last = StopReason.TARGET, True
-                if (step > start or redo and last) and (last or _due(step, False, cfg.ckpt_every)):
-                    self.save(step, metrics)  # (a resumed step saved again: now with its evaluation)
-                if last:
+                        reason, last_step = StopReason.TARGET, True
+                # weights this run made (the step resumed from only as the last: now with its evaluation)
+                worth_saving = step > start or (redo and last_step)
+                # every ckpt_every steps, and whenever the run ends
+                checkpoint_due = last_step or (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0)
+                if worth_saving and checkpoint_due:
+                    self.checkpoints.save(step, self.states)
+                if last_step:
                     break
                 stats = self.train_step(step)
-                metrics.update(loss=stats["loss"], lr=stats["lr"], grad_norm=stats["grad_norm"])
-                console = cfg.log_every > 0 and (step % cfg.log_every == 0 or step + 1 == cfg.max_steps)
-                self.logger.train_step(step, stats, self.train_loader.epoch, console)
+                metrics.update(loss=stats.loss, lr=stats.lr, grad_norm=stats.grad_norm)
+                rates = self.throughput.rates(step, stats.dt, time.time(), self.clock.left())
+                # every log_every-th step on the console, and the last one
+                print_step = cfg.log_every > 0 and (step % cfg.log_every == 0 or step + 1 == cfg.max_steps)
+                self.logger.train_step(step, stats, rates, self.train_loader.epoch, print_step)
                 reason = self.should_stop(stop) or self._schedule_end()
         finally:
             stop.restore()
             self.logger.close()
+        self._report_end(reason, step)
+        return {"step": step, "train_seconds": self.clock.train_seconds, **metrics}
+
+    def _report_end(self, reason: StopReason | None, step: int) -> None:
+        """Why the run ended before max_steps, if it did."""
         if reason in (StopReason.SIGNAL, StopReason.TIME_LIMIT):
             self.logger.print(
                 f"[gpt2repro] stopping at step {step} ({reason.value}); checkpoint written, "
@@ -182,7 +187,6 @@ class Trainer:
             )
         elif reason is not None:
             self.logger.print(f"[gpt2repro] finished at step {step} ({reason.value})")
-        return {"step": step, "train_seconds": self.clock.train_seconds, **metrics}
 
     def _schedule_end(self) -> StopReason | None:
         return StopReason.SCHEDULE_END if self.clock.spent() else None
@@ -204,9 +208,7 @@ class Trainer:
         """Restore the checkpoint to resume from, if any (the Checkpointer decides which); the step
         to start at. Writes the resolved config.json and prints what is about to run."""
         cfg, info, plan = self.cfg, self.info, self.plan
-        start, name, state = self.checkpoints.restore(self.raw, self.optimizers, self.train_loader)
-        self.clock.load(state)
-        self.evaluated = bool(state.get("evaluated", True))  # (checkpoints before this key: evaluated)
+        start, name = self.checkpoints.restore(self.states)
         configure(self.optimizers, cfg, self.device)  # this config's hyperparameters, not the saved ones
         if not info.is_main:
             return start
@@ -217,7 +219,7 @@ class Trainer:
             f"compile {plan.compile} | grad_accum {plan.accum} | "
             f"steps {start}..{cfg.max_steps}" + (f" | resumed from {name}" if name else "")
         )
-        print(f"[gpt2repro] {self.peak.describe()}")
+        print(f"[gpt2repro] {self.throughput.peak.describe()}")
         dtypes = {
             "dtype": plan.dtype,
             **({"muon_ns_dtype": cfg.muon_ns_dtype} if cfg.optimizer == "muon" else {}),
@@ -254,8 +256,8 @@ class Trainer:
         batches = (self.train_loader.next_batch() for _ in range(self.plan.accum))
         return MicroBatches(batches, "mean", self.plan.accum)
 
-    def train_step(self, step: int) -> dict:
-        """One optimizer step; returns what is logged about it."""
+    def train_step(self, step: int) -> StepStats:
+        """One optimizer step; what it measured."""
         t0 = time.time()
         loss = self.forward_backward()
         if not math.isfinite(loss) or loss > self.divergence_loss:
@@ -277,20 +279,13 @@ class Trainer:
         synchronize(self.device)  # only for honest timing
         dt = time.time() - t0
         self.clock.tick(dt, compiling)
-        tok_s = self.cfg.total_batch_size / dt
-        mfu = self.peak.mfu(self.flops_per_step, dt)
-        eta = (time.time() - self.started) / (step + 1 - self.start_step) * (self.cfg.max_steps - step - 1)
-        left = self.clock.left()
-        eta = eta if left is None else min(eta, left)
-        stats = dict(loss=loss, lr=lr, grad_norm=norm, dt=dt, tok_per_s=tok_s, mfu=mfu, eta_s=eta,
-                     mfu_peak=self.peak.flops)  # fmt: skip
-        return {**stats, "train_seconds": self.clock.train_seconds}
+        return StepStats(loss, lr, norm, dt, self.clock.train_seconds)
 
     def _diverged(self, step: int, what: str, blame_checkpoint: bool) -> None:
         """Stop before the update. When the weights at the start of `step` produced the divergence,
         a checkpoint holding them is not good: it is set aside, never resumed from."""
         note = self.checkpoints.set_aside(step) if blame_checkpoint else ""
-        raise TrainingError(f"{what} at step {step}; stopping{note} ({self.checkpoints.last_good()})")
+        raise TrainingError(f"{what} at step {step}; stopping{note} ({last_good(self.run_dir)})")
 
     def evaluate(self, step: int, last: bool) -> dict:
         """Validation loss, HellaSwag and samples, each when due (and always on the last step); the
@@ -300,7 +295,7 @@ class Trainer:
             out.update(val_loss=self.validation_loss(), val_step=step)
             self.logger.print(f"step {step:6d} | val loss {out['val_loss']:.4f}")
             self.logger.log("val", step, loss=out["val_loss"])
-        hellaswag_due = self.hellaswag[0] and _due(step, last, cfg.hellaswag_every)
+        hellaswag_due = self.hellaswag.examples and _due(step, last, cfg.hellaswag_every)
         sample_due = cfg.sample_every and step > 0 and _due(step, last, cfg.sample_every)
         core_due = self.core is not None and _due(step, last, cfg.core_every)
         if not (hellaswag_due or sample_due or core_due):
@@ -338,19 +333,17 @@ class Trainer:
 
     def eval_hellaswag(self, step: int) -> float:
         """HellaSwag in the training's autocast dtype, sharded over the ranks; its acc_norm."""
-        examples, rendered = self.hellaswag
-        info = self.info
-        style = self.cfg.hellaswag_style
+        info, style = self.info, self.cfg.hellaswag_style
         result = hellaswag.evaluate(
             self.raw,
-            examples,
+            self.hellaswag.examples,
             style,
             self.device,
             info.rank,
             info.world_size,
             dtype=self.plan.dtype,
             lockstep=self.cfg.fsdp,
-            rendered=rendered,
+            rendered=self.hellaswag.rendered,
         )
         self.logger.print(
             f"step {step:6d} | hellaswag {result['n']} ex: acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f}"
@@ -372,9 +365,16 @@ class Trainer:
             return StopReason.SIGNAL
         return StopReason.TIME_LIMIT if flags[1] else None
 
-    def save(self, step: int, metrics: dict) -> None:
-        clock = {**self.clock.state(), "evaluated": self.evaluated}
-        self.checkpoints.save(step, self.raw, self.optimizers, self.train_loader, metrics, clock)
+    def state_dict(self) -> dict:
+        """The loop's own entry in a checkpoint: whether its step had its evaluation, and the latest
+        measurements (for whoever reads state.json; a resume measures afresh)."""
+        return {
+            "evaluated": self.evaluated,
+            "metrics": {k: v for k, v in self.metrics.items() if k != "val_step"},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.evaluated = bool(state.get("evaluated", True))  # (checkpoints before this key: evaluated)
 
 
 def train(
@@ -388,10 +388,9 @@ def train(
         with run_lock(run_dir, info):  # one writer per run directory
             run = (trainer or Trainer)(resolve(cfg, info), Path(data_dir), run_dir)
             if info.is_main:
-                run.checkpoints.warn_about_space(run.raw, run.optimizers)
+                run.checkpoints.warn_about_space()
             return run.fit()
     except WriteError as e:  # a full, read-only or vanished disk: say what a resume starts from
-        good = Checkpointer(run_dir, cfg, info, print).last_good()
-        raise WriteError(f"{e}; {good}") from None
+        raise WriteError(f"{e}; {last_good(run_dir)}") from None
     finally:
         teardown()
