@@ -753,3 +753,25 @@ def test_a_signalled_step_that_ends_the_resumed_run_is_saved_again_evaluated(dat
     assert (
         after["trainer"]["metrics"]["val_loss"] == summary["val_loss"] == events(tmp_path, "val")[-1]["loss"]
     )
+
+
+def test_a_time_budget_is_kept_when_updates_take_most_of_each_step():
+    """Each step spends 0.3 s before its LR is set and 0.7 s after (a slow optimizer): the run still
+    ends within its budget, at the schedule's end; a resume with a larger budget goes on."""
+    from gpt2repro.training.clock import TrainingClock
+
+    cfg = train_config("cpu-tiny", ["schedule_clock=time", "time_budget=10"])
+    clock = TrainingClock(cfg, DistInfo(0, 0, 1, torch.device("cpu")), torch.device("cpu"))
+    step, positions = 0, []
+    while not clock.spent():
+        positions.append(clock.position(step, 0.3))
+        clock.tick(1.0, compiling=False)
+        step += 1
+    assert 8.0 <= clock.train_seconds <= 10.0 and positions[-1] == cfg.max_steps
+    bigger = TrainingClock(
+        train_config("cpu-tiny", ["schedule_clock=time", "time_budget=20"]),
+        DistInfo(0, 0, 1, torch.device("cpu")),
+        torch.device("cpu"),
+    )
+    bigger.load_state_dict(clock.state_dict())
+    assert not bigger.spent()

@@ -60,9 +60,13 @@ class TrainingClock:
     def load_state_dict(self, state: dict) -> None:
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.last_seconds = float(state.get("last_seconds", 0.0))
-        budget = self.cfg.time_budget  # (a checkpoint from before `final`: the rule it stopped by)
-        default = self.cfg.schedule_clock == "time" and self.train_seconds + self.last_seconds >= budget
-        self.final = bool(state.get("final", default))
+        # final only while this budget agrees (a resume with a larger one goes on; a checkpoint from
+        # before `final`: the rule it stopped by)
+        room = (
+            self.cfg.schedule_clock == "time"
+            and self.train_seconds + self.last_seconds >= self.cfg.time_budget
+        )
+        self.final = bool(state.get("final", True)) and room
 
     def tick(self, seconds: float, compiling: bool) -> None:
         """Count one optimizer step's seconds, unless it compiled the model (compilation is not
@@ -78,12 +82,14 @@ class TrainingClock:
     def position(self, step: int, elapsed: float = 0.0, compiling: bool = False) -> float:
         """Where the LR schedule is for `step`, `elapsed` seconds into it, in (possibly fractional)
         steps. On the time clock, a step that one more as long would take past time_budget is the
-        run's last (`spent`): it runs at the schedule's end (decided here, not after the step, so a
+        run's last (`spent`; its length: what it took so far, or the last step's whole length, update
+        included, if longer): it runs at the schedule's end (decided here, not after the step, so a
         long update cannot end the run before its decay does; the ranks' mean, as `tick`)."""
         if self.cfg.schedule_clock == "time" and not compiling:
             if self.info.distributed:
                 elapsed = all_reduce_sum([elapsed], self.device)[0] / self.info.world_size
-            self.final = self.train_seconds + 2 * elapsed >= self.cfg.time_budget
+            length = max(elapsed, self.last_seconds)  # this step's, its update counted as the last one's
+            self.final = self.train_seconds + 2 * length >= self.cfg.time_budget
             if self.final:
                 return float(self.cfg.max_steps)
         return schedule_position(step, self.train_seconds, self.cfg)
