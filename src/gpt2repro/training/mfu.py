@@ -20,12 +20,14 @@ import re
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from ..files import jsonio
 from ..files.assets import cache_dir
 from ..files.fsio import WriteError, atomic_write_text
+from ..files.lock import DirLock, LockError
 from ..model.precision import slow_dtype_warning, torch_dtype
 
 PEAK_CACHE = "peak_flops.json"
@@ -125,6 +127,14 @@ def best_peak(key: str, measured: float) -> tuple[float, str]:
     higher (a busy moment lowers a measurement, never the peak); the cache keeps the best. With
     where it comes from, for the output."""
     path = cache_dir() / PEAK_CACHE
+    try:  # one writer at a time: ranks, or `bench peak` beside a run, never lose each other's best
+        with DirLock(path, "peak", beside=True, wait=True):
+            return _keep_best(path, key, measured)
+    except (LockError, WriteError):
+        return measured, "the best GEMM measured now (no cache to keep it in)"
+
+
+def _keep_best(path: Path, key: str, measured: float) -> tuple[float, str]:
     try:
         table = jsonio.loads(path.read_bytes())
     except (OSError, jsonio.NotJSON):
