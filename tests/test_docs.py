@@ -1,9 +1,10 @@
 """The README and docs/ say only what the CLI does: every `gpt2repro …` command in a fenced block
 parses with the real argument parser (a removed flag or subcommand fails here), every `--flag` a
 command's inline or table spelling names is one its subcommand lists in `--help`, and every
-relative link points at a file that exists. Blocks marked `<!-- docs: run -->` are run at tiny
-scale (tests/test_docs_run.py); blocks that need a GPU or the network say so
-(`<!-- docs: gpu -->`, `<!-- docs: network -->`) and are only parsed."""
+relative link points at a file that exists. Every block of commands is marked: `<!-- docs: run -->`
+blocks are run, in page order, at tiny scale (`<!-- docs: run; OLD => NEW -->` substitutes tiny
+sizes or paths first); blocks that need a GPU or the network say so (`<!-- docs: gpu -->`,
+`<!-- docs: network -->`) and are only parsed."""
 
 from __future__ import annotations
 
@@ -14,11 +15,16 @@ from pathlib import Path
 
 import pytest
 
+from conftest import shared_file
+from gpt2repro.cli import main
 from gpt2repro.cliargs import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
+MARKED = re.compile(
+    r"<!-- docs: (run|gpu|network)((?:; [^;]+ => [^;]+?)*) -->\n```[^\n]*\n(.*?)^```", re.S | re.M
+)
 INLINE = re.compile(r"`(gpt2repro [^`]+)`")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
@@ -104,3 +110,76 @@ def test_relative_links_point_at_files_that_exist():
             if not path.exists():
                 broken.append(f"{page.relative_to(ROOT)}: {target}")
     assert broken == []
+
+
+def test_every_block_of_commands_is_run_or_says_what_it_needs():
+    unmarked = []
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        marked = {m.group(3) for m in MARKED.finditer(text)}
+        unmarked += [
+            f"{page.relative_to(ROOT)}: {b.splitlines()[0][:60]}"
+            for b in FENCE.findall(text)
+            if commands(b) and b not in marked
+        ]
+    assert unmarked == []
+
+
+@pytest.mark.slow
+def test_the_run_blocks_run_at_tiny_scale(tmp_path, monkeypatch, capsys):
+    """README's CPU quick start and every other `run` block, as a reader would type them, in one
+    directory: each command exits 0 (a `serve` is started, answers /health, and is stopped)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tinyshakespeare.txt").write_bytes(shared_file("tinyshakespeare.txt").read_bytes())
+    ran, redirect = [], None
+    for page in PAGES:
+        for kind, subs, block in MARKED.findall(page.read_text(encoding="utf-8")):
+            if kind != "run":
+                continue
+            for sub in filter(None, subs.split("; ")):
+                old, new = sub.split(" => ")
+                block = block.replace(old, new)
+            for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+                line = re.split(r"\s#\s|^#", line, maxsplit=1)[0].strip()
+                if not line.startswith("gpt2repro "):
+                    continue
+                command, _, redirect = (p.strip() for p in line.partition(">"))
+                argv = shlex.split(command)[1:]
+                if argv[0] == "serve":
+                    _serve_and_stop(argv)
+                else:
+                    code = main(argv)
+                    out = capsys.readouterr().out
+                    assert code in (0, None), f"{page.name}: `{line}` exited {code}"
+                    if redirect:
+                        (tmp_path / redirect).write_text(out)
+                ran.append(argv[0])
+    assert {"prepare", "train", "eval", "sample", "export", "presets", "serve"} <= set(ran)
+
+
+def _serve_and_stop(argv: list[str]) -> None:
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [str(port) if prev == "--port" else a for prev, a in zip([None, *argv], argv)]
+    proc = subprocess.Popen([sys.executable, "-m", "gpt2repro", *argv], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    assert r.status == 200
+                    return
+            except OSError:
+                time.sleep(0.3)
+        raise AssertionError(f"`gpt2repro {' '.join(argv)}` never answered /health")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
