@@ -441,6 +441,10 @@ MARKDOWN_CASES = {
     "# Title\n> quoted\n\n---": "<h3>Title</h3><blockquote><p>quoted</p></blockquote><hr>",
     "3. three\n4. four\n   more": '<ol start="3"><li>three</li><li>four<br>more</li></ol>',
     "[x](data:text/html,hi) `<i>`": "<p>[x](data:text/html,hi) <code>&lt;i&gt;</code></p>",
+    "## Sub ##\n#\tTab\n# a#\n#5": "<h4>Sub</h4><h3>Tab</h3><h3>a#</h3><p>#5</p>",
+    "``a ` b`` `c` ```d``": "<p><code>a ` b</code> <code>c</code> ```d``</p>",
+    "x * a *b*, a_b _c_ [d] [e](https://x.y/)": "<p>x * a <em>b</em>, a_b <em>c</em> [d] "
+    '<a href="https://x.y/" target="_blank" rel="noopener noreferrer">e</a></p>',  # openers that fail
 }
 
 
@@ -449,6 +453,69 @@ def test_markdown_edge_cases(page, chat):
     page.open(chat)
     script = "return arguments[0].map((t) => { const d = document.createElement('div'); d.append(Markdown.render(t)); return d.innerHTML; })"
     assert dict(zip(MARKDOWN_CASES, page.js(script, list(MARKDOWN_CASES)))) == MARKDOWN_CASES
+
+
+# Long inputs of the shapes that make a backtracking regex slow (openers without closers, long runs
+# of one delimiter, trailing spaces before a last character): each must render in linear time.
+N = 10_000
+PATHOLOGICAL = {
+    "heading, spaces": "# a" + " " * N + "x",
+    "heading, hashes": "# " + "#" * N + " x",
+    "heading, spaced hashes": "# a" + " #" * (N // 2) + "x",
+    "em openers": "*a " * (N // 3),
+    "strong openers": "**a " * (N // 4),
+    "underscore openers": "_a " * (N // 3),
+    "strong underscore openers": "__a " * (N // 4),
+    "strike openers": "~~a " * (N // 4),
+    "asterisks": "*" * N + "a",
+    "underscores": "a " + "_" * N,
+    "code runs of every length": "".join("`" * k + "a" for k in range(1, 140)),
+    "backticks": "`" * N + "a",
+    "link brackets": "[" * N,
+    "link openers": "[a](" * (N // 4),
+    "link labels": "[a]" * (N // 3),
+    "rule": "- " * (N // 2) + "x",
+    "rule, spaces": "* *" + " " * N + "x",
+    "item": "- " + " " * N + "x\u2028",
+    "fence": "```" + " " * N + "x\n```" + " " * N + "x",
+    "quotes": "> " * (N // 2) + "x",
+    "quote marks": ">" * N,
+    "list lines": "- a\n   b\n" * (N // 8),
+    "nested emphasis": "**_" * (N // 6) + "a" + "_**" * (N // 6),
+    "mixed": "*_~`[](#>-" * (N // 10),
+}
+
+
+def test_markdown_renders_pathological_input_in_linear_time(page, chat):
+    """Every reply is rendered again on every streamed chunk, and a stored one on every reload: no
+    input may make a regex backtrack its way into seconds (a heading with 3000 spaces took 7 s)."""
+    page.open(chat)
+    times = page.js(
+        "return arguments[0].map((t) => { const d = document.createElement('div'); const t0 = performance.now();"
+        " d.append(Markdown.render(t)); return performance.now() - t0; })",
+        list(PATHOLOGICAL.values()),
+    )
+    slow = {name: round(ms) for name, ms in zip(PATHOLOGICAL, times) if ms > 200}
+    assert slow == {}
+
+
+def test_markdown_caps_quote_nesting_and_never_throws(page, chat):
+    """A line of 5000 > is 8 nested quotes and the rest as text (it overflowed the stack); a renderer
+    that fails anyway shows the raw text rather than throwing into the page."""
+    page.open(chat)
+    depth, shown = page.js(
+        "const d = document.createElement('div'); d.append(Markdown.render('>'.repeat(5000) + ' deep'));"
+        "let n = 0; for (let q = d.firstChild; q && q.tagName === 'BLOCKQUOTE'; q = q.firstChild) n++;"
+        "return [n, d.textContent];"
+    )
+    assert depth == 8 and shown == ">" * (5000 - 8) + " deep"
+    raw = page.js(
+        "const create = document.createElement.bind(document);"
+        "document.createElement = (tag) => { if (tag === 'h3') throw new Error('boom'); return create(tag); };"
+        "try { const d = document.createElement('div'); d.append(Markdown.render('# Title\\n<b>x</b>'));"
+        " return [d.children.length, d.textContent]; } finally { document.createElement = create; }"
+    )
+    assert raw == [1, "# Title\n<b>x</b>"]
 
 
 def test_a_typed_hostile_message_shows_as_text_and_runs_nothing(page, chat):
