@@ -234,6 +234,18 @@ def user(text: str) -> dict:
     return {"role": "user", "content": text}
 
 
+def test_the_page_scripts_define_each_function_once():
+    """No helper is copied from one script into another (el() was in markdown.js and app.js)."""
+    from importlib import resources
+
+    files = resources.files("gpt2repro.serve") / "static"
+    defined: dict[str, list[str]] = {}
+    for script in sorted(f.name for f in files.iterdir() if f.name.endswith(".js")):
+        for name in re.findall(r"\bfunction\s+([\w$]+)\s*\(", (files / script).read_text()):
+            defined.setdefault(name, []).append(script)
+    assert {name: where for name, where in defined.items() if len(where) > 1} == {}
+
+
 def test_the_completion_box_streams_with_the_settings_statistics_and_a_length_cut(page, base, model, enc):
     """A base model's page: the reply is the model's own greedy continuation, streamed piece by piece;
     its statistics count the tokens the server generated; a reply cut by Max tokens says so."""

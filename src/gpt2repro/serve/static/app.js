@@ -14,12 +14,7 @@ let conversation = null; // the one shown
 let running = null; // the AbortController of the reply under way
 let retry = null; // the turn a context overflow failed ({messages, draft}), for "drop the oldest turns"
 
-function el(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
+const { el } = Markdown; // an element with a class and its text (through textContent)
 
 function button(text, label, onClick) {
   const b = el("button", "", text);
@@ -342,7 +337,7 @@ function showSidebar() {
     const open = item.appendChild(button(c.title, `Open conversation ${c.title}`, () => openConversation(c.id)));
     open.className = "open";
     if (c.id === conversation.id) open.setAttribute("aria-current", "true");
-    item.append(button("✎", `Rename conversation ${c.title}`, () => rename(c)), button("✕", `Delete conversation ${c.title}`, () => remove(c)));
+    item.append(button("✎", `Rename conversation ${c.title}`, () => rename(c)), button("✕", `Delete conversation ${c.title}`, () => deleteConversation(c)));
     return item;
   });
   $("conversations").replaceChildren(...items);
@@ -376,7 +371,7 @@ function rename(c) {
   showSidebar();
 }
 
-function remove(c) {
+function deleteConversation(c) {
   if (running || !confirm(`Delete the conversation "${c.title}"?`)) return;
   Store.remove(c.id);
   if (c.id === conversation.id) newChat();

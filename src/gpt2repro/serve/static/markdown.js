@@ -8,6 +8,7 @@
 "use strict";
 
 const Markdown = (() => {
+  // An element, with a class and its text (through textContent); app.js builds its nodes with it too.
   function el(tag, className, text) {
     const node = document.createElement(tag);
     if (className) node.className = className;
