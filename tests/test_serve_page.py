@@ -574,6 +574,89 @@ def test_conversations_are_kept_in_the_browser_and_export_and_import(page, chat,
     assert {path for path, _ in chat.app.posts} <= {"/tokenize", "/v1/chat/completions"}
 
 
+def reply(text: str, **stats) -> dict:
+    return {"role": "assistant", "content": text, **({"stats": stats} if stats else {})}
+
+
+def titles(page) -> list[str]:
+    return page.text("#conversations button.open")
+
+
+def test_a_hostile_import_or_tampered_storage_cannot_break_the_page(page, chat, tmp_path):
+    """An imported file (or localStorage) is not trusted: fields of the wrong type are dropped, two
+    conversations of one id become two ids (deleting one deleted both), and markdown bombs render in
+    time; after a reload the page still loads, lists, switches and deletes."""
+    page.open(chat)
+    bombs = "\n".join(
+        PATHOLOGICAL[k] for k in ("heading, spaces", "quote marks", "em openers", "link brackets")
+    )
+    hostile = [
+        {"id": "same", "title": "One", "updated": 5, "messages": [user("one"), reply("first", ttft="1",
+         tokens="7", tps={}, finish="<img>", context_full="yes", max_tokens=None)]},
+        {"id": "same", "title": "Two", "updated": 4, "messages": [user("two"), reply("second", tokens=5,
+         ttft=0.5, tps=12.5, finish="length", max_tokens=5, context_full=False)]},
+        {"id": ["x"], "title": {"t": 1}, "updated": "soon", "messages": [
+            user("untitled"), {"role": "system", "content": "dropped"}, {"role": "user", "content": 5},
+            None, "text", reply("kept", tokens=-1)]},
+        {"id": "bombs", "title": "Bombs", "updated": 3, "messages": [user(bombs), reply(bombs, tokens=[1])]},
+        {"id": "deep", "title": "Deep", "updated": 2, "messages": [user("deep"), reply("d", ttft="NEST")],
+         "extra": "NEST"},
+        None, 5, "text", [], {"title": "No messages", "messages": "none"},
+    ]  # fmt: skip
+    nest = "[" * 5000 + "]" * 5000
+    (tmp_path / "hostile.json").write_text(json.dumps(hostile).replace('"NEST"', nest))
+    page.import_file(tmp_path / "hostile.json")
+    page.wait("return document.querySelectorAll('#conversations li').length === 5")
+    page.reload()
+    assert titles(page) == ["One", "Two", "Bombs", "Deep", "New chat"]  # the latest first; no date: 0
+    assert page.text(".msg .body") == ["one", "first"] and page.finds(".msg.assistant .stats") == []
+    page.find("button[aria-label='Open conversation Two']").click()
+    assert page.text(".msg .body") == ["two", "second"]
+    assert page.text(".msg.assistant .stats") == [
+        "5 tokens · 0.50 s to first token · 12.5 tokens/scut at Max tokens (5)"
+    ]
+    page.find("button[aria-label='Open conversation New chat']").click()
+    assert page.text(".msg .body") == ["untitled", "kept"]
+    page.find("button[aria-label='Open conversation Bombs']").click()
+    assert len(page.finds(".msg.assistant blockquote")) == 8
+    page.js("window.confirm = () => true")
+    page.find("button[aria-label='Delete conversation One']").click()
+    page.reload()
+    assert titles(page) == ["Two", "Bombs", "Deep", "New chat"]
+    page.find("button[aria-label='Open conversation Two']").click()
+    assert page.text(".msg .body") == ["two", "second"]
+
+    # the same from localStorage itself: two of one id, one without, junk
+    stored = [
+        {"id": "x", "title": "A", "updated": 3, "messages": [user("a")]},
+        {"id": "x", "title": "B", "updated": 2, "messages": [user("b"), reply("b", ttft="1")]},
+        {"title": "C", "updated": 1, "messages": [user("c")]},
+        "junk",
+        None,
+        {"id": "y"},
+    ]
+    page.js(
+        "localStorage.setItem('gpt2repro.conversations', arguments[0]);"
+        "localStorage.setItem('gpt2repro.current', 'x');"
+        'localStorage.setItem(\'gpt2repro.settings\', \'{"temperature": {"a": 1}, "seed": [1]}\')',
+        json.dumps(stored),
+    )
+    page.reload()
+    assert titles(page) == ["A", "B", "C"] and page.text(".msg .body") == ["a"]
+    page.find("button[aria-label='Open conversation B']").click()
+    assert page.text(".msg .body") == ["b", "b"]
+    page.js("window.confirm = () => true")
+    page.find("button[aria-label='Delete conversation B']").click()
+    page.reload()
+    assert titles(page) == ["A", "C"]
+    page.js("window.confirm = () => true")
+    page.find("button[aria-label='Open conversation C']").click()
+    page.find("button[aria-label='Delete conversation C']").click()
+    assert titles(page) == ["A"]
+    page.find("#settings summary").click()
+    assert page.by_label("Temperature").get_attribute("value") == "0.8"  # the default
+
+
 def test_regenerate_the_last_reply_and_edit_a_user_message(page, chat):
     page.open(chat)
     page.send("One")
