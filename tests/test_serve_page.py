@@ -376,6 +376,27 @@ def test_a_failed_turn_rolls_back(page, chat):
     assert not page.find("#notice").is_displayed()
 
 
+def test_a_full_storage_keeps_the_reply_and_says_it_was_not_saved(page, chat):
+    """localStorage full (its quota): the reply stays on screen, and the page says the conversation
+    could not be saved (the failed save rolled the reply back as if the server had failed)."""
+    page.open(chat)
+    page.js(
+        "let i = 0; for (let size = 1 << 20; size >= 16; )"
+        " try { localStorage.setItem('fill' + i++, 'x'.repeat(size)); } catch (e) { size >>= 1; }"
+    )
+    page.send("Hello")
+    assert [m.get_attribute("class") for m in page.finds(".msg")] == ["msg user", "msg assistant"]
+    assert page.text(".msg.assistant .body") != [""] and page.finds(".msg.assistant .stats")
+    assert "could not be saved" in page.find("#error").text and "full" in page.find("#error").text
+    assert page.find("#message").get_attribute("value") == ""  # not handed back as a failed turn
+    page.js(
+        "for (const key of Object.keys(localStorage)) if (key.startsWith('fill')) localStorage.removeItem(key)"
+    )
+    page.send("Again")  # with room again, the next turn saves the whole conversation
+    assert [m["content"] for m in page.conversation()[::2]] == ["Hello", "Again"]
+    assert not page.find("#notice").is_displayed()
+
+
 def test_a_context_overflow_says_so_and_drops_the_oldest_turns(page, chat, enc):
     page.open(chat)
     turns = [" ".join([word] * 100) for word in ("apple", "pear", "plum")]

@@ -208,25 +208,37 @@ async function respond(messages, draft) {
     if (draft !== null && !$("message").value) $("message").value = draft;
     showError(error, { messages, draft });
   };
+  let out = null;
   try {
-    const out = await reply(CHAT, { model: model.id, messages: withSystem(messages) }, (text, pieces) => {
+    out = await reply(CHAT, { model: model.id, messages: withSystem(messages) }, (text, pieces) => {
       body.replaceChildren(Markdown.render(text));
       node.dataset.chunks = pieces;
       scrollDown();
     });
-    if (out.stats.finish === "stopped" && !out.text) {
-      rollBack(null); // stopped before any text: as if never sent
-    } else {
-      Object.assign(answer, { content: out.text, stats: out.stats });
-      if (conversation.title === "New chat") conversation.title = messages[0].content.split("\n")[0].slice(0, 40);
-      Store.save(conversation);
-      Store.setCurrent(conversation.id);
-    }
   } catch (e) {
     rollBack(e);
   }
+  if (out && out.stats.finish === "stopped" && !out.text) {
+    rollBack(null); // stopped before any text: as if never sent
+  } else if (out) {
+    Object.assign(answer, { content: out.text, stats: out.stats });
+    if (conversation.title === "New chat") conversation.title = messages[0].content.split("\n")[0].slice(0, 40);
+    if (persist(conversation)) Store.setCurrent(conversation.id); // a reply the browser can't keep stays shown
+  }
   showConversation();
   showSidebar();
+}
+
+// Store conversation `c`; false, saying why, if the browser refuses it (its storage full).
+function persist(c) {
+  try {
+    Store.save(c);
+    return true;
+  } catch (e) {
+    const why = e && e.name === "QuotaExceededError" ? "the browser's storage for this page is full" : e.message || String(e);
+    showError(new Error(`The conversation could not be saved: ${why}. Delete some conversations to make room.`));
+    return false;
+  }
 }
 
 function sendMessage() {
@@ -366,7 +378,7 @@ function rename(c) {
   const title = prompt("Rename the conversation", c.title);
   if (!title || !title.trim()) return;
   c.title = title.trim();
-  Store.save(c);
+  persist(c);
   if (c.id === conversation.id) conversation.title = c.title;
   showSidebar();
 }

@@ -17,6 +17,12 @@ const Store = (() => {
   }
 
   const write = (key, value) => localStorage.setItem(key, JSON.stringify(value));
+  // the settings and which conversation is shown are not worth an error when storage is full
+  const quietly = (f) => {
+    try {
+      f();
+    } catch (e) {}
+  };
 
   // What is read back (an imported file, or localStorage someone edited) is not trusted: each field
   // is kept only if it has its type and a sane length, and every conversation gets an id of its own.
@@ -107,9 +113,9 @@ const Store = (() => {
       const settings = read(SETTINGS, {});
       return record(settings) ? Object.fromEntries(Object.entries(settings).filter(([, v]) => typeof v === "string")) : {};
     },
-    saveSettings: (s) => write(SETTINGS, s),
+    saveSettings: (s) => quietly(() => write(SETTINGS, s)),
     current: () => localStorage.getItem(CURRENT),
-    setCurrent: (id) => localStorage.setItem(CURRENT, id),
+    setCurrent: (id) => quietly(() => localStorage.setItem(CURRENT, id)),
     fresh: () => ({ id: newId(), title: "New chat", updated: Date.now(), messages: [] }),
     all,
     save,
