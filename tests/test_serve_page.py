@@ -344,7 +344,7 @@ def test_stop_ends_the_generation_and_the_server_frees_its_sequence(page, chat, 
             page.find("#prompt").send_keys("Once upon a time")
             page.find("#generate").click()
             streaming = "#output[data-state='streaming'][data-chunks]"
-        page.wait(f'return document.querySelector("{streaming}")')
+        page.wait(f'return document.querySelector("{streaming}")?.dataset.chunks >= 3')
         assert server.running() == 1
         if kind == "chat":
             page.find("#stop").click()
@@ -352,13 +352,22 @@ def test_stop_ends_the_generation_and_the_server_frees_its_sequence(page, chat, 
             page.find("body").send_keys(Keys.ESCAPE)
         until(lambda: server.running() == 0, timeout=3)  # 200 slowed tokens take over 4 s
         assert server.metric("gpt2repro_running_slots") == 0
-        assert 0 < server.metric("gpt2repro_generation_tokens_total") - before < 200
+        generated = server.metric("gpt2repro_generation_tokens_total") - before
+        assert 0 < generated < 200
     page.idle()
     assert page.find("#send" if kind == "chat" else "#generate").is_displayed()
     if kind == "chat":  # the reply so far is kept, marked as stopped
         assert page.text(".msg.assistant .stats .cut") == ["stopped"] and len(page.conversation()) == 2
+        stats = page.find(".msg.assistant .stats")
     else:
         assert page.find("#output").get_attribute("data-state") == "stopped"
+        stats = page.find("#complete-stats .stats")
+    # no usage chunk ends a stopped stream: its tokens are the pieces streamed, and say so
+    tokens = int(stats.get_attribute("data-tokens"))
+    assert 3 <= tokens <= generated and stats.get_attribute("data-approx") == "true"
+    if kind == "base":
+        assert tokens == int(page.find("#output").get_attribute("data-chunks"))
+    assert stats.text.startswith(f"about {tokens} tokens · ") and float(stats.get_attribute("data-tps")) > 0
 
 
 def test_a_failed_turn_rolls_back(page, chat):

@@ -141,9 +141,11 @@ async function reply(path, body, onText) {
   } finally {
     setBusy(null);
   }
-  // time to first token from the chat request (after /tokenize); tokens/s over the tokens after the first
-  const tokens = usage ? usage.completion_tokens : null;
+  // time to first token from the chat request (after /tokenize); tokens/s over the tokens after the first.
+  // A stream that ends without its usage chunk (a stopped one) counts its pieces: about a token each.
+  const tokens = usage ? usage.completion_tokens : pieces;
   const stats = { tokens, finish, max_tokens: limit, context_full: limit === room && finish === "length" };
+  if (!usage) stats.approx = true;
   if (first) stats.ttft = (first - sent) / 1000;
   if (tokens > 1 && last > first) stats.tps = (tokens - 1) / ((last - first) / 1000);
   return { text, stats };
@@ -164,13 +166,15 @@ function stop() {
 function statsLine(stats) {
   const line = el("div", "stats");
   const parts = [];
-  if (stats.tokens != null) parts.push(`${stats.tokens} tokens`);
+  if (stats.tokens != null) parts.push(`${stats.approx ? "about " : ""}${stats.tokens} tokens`);
   if (stats.ttft != null) parts.push(`${stats.ttft.toFixed(2)} s to first token`);
   if (stats.tps != null) parts.push(`${stats.tps.toFixed(1)} tokens/s`);
   line.append(parts.join(" · "));
   const why = { stopped: "stopped", length: stats.context_full ? "cut: the context is full" : `cut at Max tokens (${stats.max_tokens})` }[stats.finish];
   if (why) line.append(el("span", "cut", why));
+  if (stats.approx) line.title = "counted from the streamed pieces (the server sends its count only with a reply that ends)";
   Object.assign(line.dataset, { tokens: stats.tokens ?? "", ttft: stats.ttft ?? "", tps: stats.tps ?? "", finish: stats.finish ?? "" });
+  if (stats.approx) line.dataset.approx = "true";
   return line;
 }
 
