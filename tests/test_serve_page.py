@@ -38,6 +38,25 @@ HOSTILE = (
     '<a href="javascript:window.pwned=4">link</a> &lt;b&gt; &amp;'
 )
 
+# What the page's DOM must not hold after showing hostile text, whatever the CSP blocks: an element
+# with an event handler attribute, one that loads or runs something, a javascript: or data: URL.
+INERT = """
+const root = arguments[0] || document.documentElement;
+const all = [root, ...root.querySelectorAll('*')];
+const url = /^\\s*(javascript|data|vbscript):/i;
+return {
+  handlers: all.filter((e) => [...e.attributes].some((a) => /^on/i.test(a.name))).map((e) => e.outerHTML.slice(0, 80)),
+  elements: all.filter((e) => e.matches('img, script:not([src]), iframe, object, embed, svg, math, style, base, form:not([id])'))
+    .map((e) => e.outerHTML.slice(0, 80)),
+  urls: all.flatMap((e) => ['href', 'src', 'action', 'formaction'].map((a) => e.getAttribute(a) || '')).filter((u) => url.test(u)),
+};
+"""
+
+
+def assert_inert(page, root=None) -> None:
+    assert page.js(INERT, root) == {"handlers": [], "elements": [], "urls": []}
+    assert page.js("return window.pwned") is None
+
 
 class Recorder:
     """ASGI wrapper keeping the JSON body of every POST as (path, body) in `posts`."""
@@ -456,9 +475,7 @@ def test_replies_render_markdown_safely_with_copy_buttons(page, chat, tmp_path):
     tags = page.js("return [...arguments[0].querySelectorAll('*')].map((e) => e.tagName.toLowerCase())", body)
     for tag in ("p", "em", "strong", "code", "a", "ul", "ol", "li", "pre"):
         assert tag in tags, tag
-    assert (
-        "img" not in tags and "script" not in tags and page.finds("#log img, #log script, #log iframe") == []
-    )
+    assert_inert(page)
     assert [a.get_attribute("href") for a in page.finds("#log a")] == ["https://example.com/"]
     shown = body.get_attribute("textContent")
     assert '<img src=x onerror="window.pwned=1">' in shown and "<script>window.pwned=2</script>" in shown
@@ -470,7 +487,7 @@ def test_replies_render_markdown_safely_with_copy_buttons(page, chat, tmp_path):
     page.stub_copies()
     page.find(".msg.assistant button[aria-label='Copy message']").click()
     assert page.copied() == reply
-    assert page.js("return window.pwned") is None
+    assert_inert(page)
 
 
 MARKDOWN_CASES = {
@@ -565,8 +582,44 @@ def test_a_typed_hostile_message_shows_as_text_and_runs_nothing(page, chat):
     page.send(HOSTILE)
     assert page.text(".msg.user .body") == [HOSTILE]
     assert page.text("#conversations button.open") == [HOSTILE[:40]]
-    assert page.finds("img, script:not([src]), iframe") == [] and page.js("return window.pwned") is None
+    assert_inert(page)
     assert chat.bodies()[-1]["messages"] == [user(HOSTILE)]
+    page.reload()  # and as stored
+    assert page.text(".msg.user .body") == [HOSTILE]
+    assert_inert(page)
+
+
+# HTML in every form markdown.js builds: each form's text must go in as text, not markup (a form
+# whose text went in through innerHTML, or a paragraph's through insertAdjacentHTML, makes elements)
+MARKUP = """# <img src=x onerror="window.pwned=1"> heading
+A paragraph <svg onload="window.pwned=2"></svg> with `<iframe src="javascript:window.pwned=3"></iframe>`,
+**<b onclick="window.pwned=4">strong</b>**, *<i onmouseover="window.pwned=5">em</i>*, ~~<u>del</u>~~
+- an item <script>window.pwned=6</script>
+1. <object data="data:text/html,x"></object>
+
+> a quote <embed src="javascript:window.pwned=7">
+
+[<img src=y onerror="window.pwned=8">](https://example.com/) [x](javascript:window.pwned=9)
+```<img/src=z/onerror=window.pwned=10>
+<math><style>*{}</style></math>
+```"""
+
+
+def test_every_markdown_form_keeps_html_as_text(page, chat):
+    page.open(chat)
+    shown = page.js(
+        "const d = $('log').appendChild(document.createElement('div')); d.className = 'probe';"
+        "Markdown.render(arguments[0], d); return d.textContent;",
+        MARKUP,
+    )
+    assert_inert(page)
+    for piece in ('<img src=x onerror="window.pwned=1">', "<svg onload", "<iframe src=", "<b onclick",
+                  "<i onmouseover", "<u>del</u>", "<script>", "<object data", "<embed src", "<img src=y",
+                  "<img/src=z/onerror=window.pwned=10>", "<math><style>"):  # fmt: skip
+        assert piece in shown, piece
+    tags = page.js("return [...document.querySelectorAll('.probe *')].map((e) => e.tagName.toLowerCase())")
+    assert {"h3", "p", "code", "strong", "em", "del", "ul", "ol", "li", "blockquote", "a", "pre"} <= set(tags)
+    assert [a.get_attribute("href") for a in page.finds(".probe a")] == ["https://example.com/"]
 
 
 def test_conversations_are_kept_in_the_browser_and_export_and_import(page, chat, tmp_path):
