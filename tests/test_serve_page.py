@@ -38,6 +38,25 @@ HOSTILE = (
     '<a href="javascript:window.pwned=4">link</a> &lt;b&gt; &amp;'
 )
 
+# What the page's DOM must not hold after showing hostile text, whatever the CSP blocks: an element
+# with an event handler attribute, one that loads or runs something, a javascript: or data: URL.
+INERT = """
+const root = arguments[0] || document.documentElement;
+const all = [root, ...root.querySelectorAll('*')];
+const url = /^\\s*(javascript|data|vbscript):/i;
+return {
+  handlers: all.filter((e) => [...e.attributes].some((a) => /^on/i.test(a.name))).map((e) => e.outerHTML.slice(0, 80)),
+  elements: all.filter((e) => e.matches('img, script:not([src]), iframe, object, embed, svg, math, style, base, form:not([id])'))
+    .map((e) => e.outerHTML.slice(0, 80)),
+  urls: all.flatMap((e) => ['href', 'src', 'action', 'formaction'].map((a) => e.getAttribute(a) || '')).filter((u) => url.test(u)),
+};
+"""
+
+
+def assert_inert(page, root=None) -> None:
+    assert page.js(INERT, root) == {"handlers": [], "elements": [], "urls": []}
+    assert page.js("return window.pwned") is None
+
 
 class Recorder:
     """ASGI wrapper keeping the JSON body of every POST as (path, body) in `posts`."""
@@ -234,6 +253,18 @@ def user(text: str) -> dict:
     return {"role": "user", "content": text}
 
 
+def test_the_page_scripts_define_each_function_once():
+    """No helper is copied from one script into another (el() was in markdown.js and app.js)."""
+    from importlib import resources
+
+    files = resources.files("gpt2repro.serve") / "static"
+    defined: dict[str, list[str]] = {}
+    for script in sorted(f.name for f in files.iterdir() if f.name.endswith(".js")):
+        for name in re.findall(r"\bfunction\s+([\w$]+)\s*\(", (files / script).read_text()):
+            defined.setdefault(name, []).append(script)
+    assert {name: where for name, where in defined.items() if len(where) > 1} == {}
+
+
 def test_the_completion_box_streams_with_the_settings_statistics_and_a_length_cut(page, base, model, enc):
     """A base model's page: the reply is the model's own greedy continuation, streamed piece by piece;
     its statistics count the tokens the server generated; a reply cut by Max tokens says so."""
@@ -332,7 +363,7 @@ def test_stop_ends_the_generation_and_the_server_frees_its_sequence(page, chat, 
             page.find("#prompt").send_keys("Once upon a time")
             page.find("#generate").click()
             streaming = "#output[data-state='streaming'][data-chunks]"
-        page.wait(f'return document.querySelector("{streaming}")')
+        page.wait(f'return document.querySelector("{streaming}")?.dataset.chunks >= 3')
         assert server.running() == 1
         if kind == "chat":
             page.find("#stop").click()
@@ -340,13 +371,22 @@ def test_stop_ends_the_generation_and_the_server_frees_its_sequence(page, chat, 
             page.find("body").send_keys(Keys.ESCAPE)
         until(lambda: server.running() == 0, timeout=3)  # 200 slowed tokens take over 4 s
         assert server.metric("gpt2repro_running_slots") == 0
-        assert 0 < server.metric("gpt2repro_generation_tokens_total") - before < 200
+        generated = server.metric("gpt2repro_generation_tokens_total") - before
+        assert 0 < generated < 200
     page.idle()
     assert page.find("#send" if kind == "chat" else "#generate").is_displayed()
     if kind == "chat":  # the reply so far is kept, marked as stopped
         assert page.text(".msg.assistant .stats .cut") == ["stopped"] and len(page.conversation()) == 2
+        stats = page.find(".msg.assistant .stats")
     else:
         assert page.find("#output").get_attribute("data-state") == "stopped"
+        stats = page.find("#complete-stats .stats")
+    # no usage chunk ends a stopped stream: its tokens are the pieces streamed, and say so
+    tokens = int(stats.get_attribute("data-tokens"))
+    assert 3 <= tokens <= generated and stats.get_attribute("data-approx") == "true"
+    if kind == "base":
+        assert tokens == int(page.find("#output").get_attribute("data-chunks"))
+    assert stats.text.startswith(f"about {tokens} tokens · ") and float(stats.get_attribute("data-tps")) > 0
 
 
 def test_a_failed_turn_rolls_back(page, chat):
@@ -361,6 +401,27 @@ def test_a_failed_turn_rolls_back(page, chat):
     page.send("Hello")
     assert chat.bodies()[-1]["messages"] == [user("Hello")]
     assert [m["role"] for m in page.conversation()] == ["user", "assistant"]
+    assert not page.find("#notice").is_displayed()
+
+
+def test_a_full_storage_keeps_the_reply_and_says_it_was_not_saved(page, chat):
+    """localStorage full (its quota): the reply stays on screen, and the page says the conversation
+    could not be saved (the failed save rolled the reply back as if the server had failed)."""
+    page.open(chat)
+    page.js(
+        "let i = 0; for (let size = 1 << 20; size >= 16; )"
+        " try { localStorage.setItem('fill' + i++, 'x'.repeat(size)); } catch (e) { size >>= 1; }"
+    )
+    page.send("Hello")
+    assert [m.get_attribute("class") for m in page.finds(".msg")] == ["msg user", "msg assistant"]
+    assert page.text(".msg.assistant .body") != [""] and page.finds(".msg.assistant .stats")
+    assert "could not be saved" in page.find("#error").text and "full" in page.find("#error").text
+    assert page.find("#message").get_attribute("value") == ""  # not handed back as a failed turn
+    page.js(
+        "for (const key of Object.keys(localStorage)) if (key.startsWith('fill')) localStorage.removeItem(key)"
+    )
+    page.send("Again")  # with room again, the next turn saves the whole conversation
+    assert [m["content"] for m in page.conversation()[::2]] == ["Hello", "Again"]
     assert not page.find("#notice").is_displayed()
 
 
@@ -414,9 +475,7 @@ def test_replies_render_markdown_safely_with_copy_buttons(page, chat, tmp_path):
     tags = page.js("return [...arguments[0].querySelectorAll('*')].map((e) => e.tagName.toLowerCase())", body)
     for tag in ("p", "em", "strong", "code", "a", "ul", "ol", "li", "pre"):
         assert tag in tags, tag
-    assert (
-        "img" not in tags and "script" not in tags and page.finds("#log img, #log script, #log iframe") == []
-    )
+    assert_inert(page)
     assert [a.get_attribute("href") for a in page.finds("#log a")] == ["https://example.com/"]
     shown = body.get_attribute("textContent")
     assert '<img src=x onerror="window.pwned=1">' in shown and "<script>window.pwned=2</script>" in shown
@@ -428,7 +487,7 @@ def test_replies_render_markdown_safely_with_copy_buttons(page, chat, tmp_path):
     page.stub_copies()
     page.find(".msg.assistant button[aria-label='Copy message']").click()
     assert page.copied() == reply
-    assert page.js("return window.pwned") is None
+    assert_inert(page)
 
 
 MARKDOWN_CASES = {
@@ -441,6 +500,10 @@ MARKDOWN_CASES = {
     "# Title\n> quoted\n\n---": "<h3>Title</h3><blockquote><p>quoted</p></blockquote><hr>",
     "3. three\n4. four\n   more": '<ol start="3"><li>three</li><li>four<br>more</li></ol>',
     "[x](data:text/html,hi) `<i>`": "<p>[x](data:text/html,hi) <code>&lt;i&gt;</code></p>",
+    "## Sub ##\n#\tTab\n# a#\n#5": "<h4>Sub</h4><h3>Tab</h3><h3>a#</h3><p>#5</p>",
+    "``a ` b`` `c` ```d``": "<p><code>a ` b</code> <code>c</code> ```d``</p>",
+    "x * a *b*, a_b _c_ [d] [e](https://x.y/)": "<p>x * a <em>b</em>, a_b <em>c</em> [d] "
+    '<a href="https://x.y/" target="_blank" rel="noopener noreferrer">e</a></p>',  # openers that fail
 }
 
 
@@ -451,13 +514,112 @@ def test_markdown_edge_cases(page, chat):
     assert dict(zip(MARKDOWN_CASES, page.js(script, list(MARKDOWN_CASES)))) == MARKDOWN_CASES
 
 
+# Long inputs of the shapes that make a backtracking regex slow (openers without closers, long runs
+# of one delimiter, trailing spaces before a last character): each must render in linear time.
+N = 10_000
+PATHOLOGICAL = {
+    "heading, spaces": "# a" + " " * N + "x",
+    "heading, hashes": "# " + "#" * N + " x",
+    "heading, spaced hashes": "# a" + " #" * (N // 2) + "x",
+    "em openers": "*a " * (N // 3),
+    "strong openers": "**a " * (N // 4),
+    "underscore openers": "_a " * (N // 3),
+    "strong underscore openers": "__a " * (N // 4),
+    "strike openers": "~~a " * (N // 4),
+    "asterisks": "*" * N + "a",
+    "underscores": "a " + "_" * N,
+    "code runs of every length": "".join("`" * k + "a" for k in range(1, 140)),
+    "backticks": "`" * N + "a",
+    "link brackets": "[" * N,
+    "link openers": "[a](" * (N // 4),
+    "link labels": "[a]" * (N // 3),
+    "rule": "- " * (N // 2) + "x",
+    "rule, spaces": "* *" + " " * N + "x",
+    "item": "- " + " " * N + "x\u2028",
+    "fence": "```" + " " * N + "x\n```" + " " * N + "x",
+    "quotes": "> " * (N // 2) + "x",
+    "quote marks": ">" * N,
+    "list lines": "- a\n   b\n" * (N // 8),
+    "nested emphasis": "**_" * (N // 6) + "a" + "_**" * (N // 6),
+    "mixed": "*_~`[](#>-" * (N // 10),
+}
+
+
+def test_markdown_renders_pathological_input_in_linear_time(page, chat):
+    """Every reply is rendered again on every streamed chunk, and a stored one on every reload: no
+    input may make a regex backtrack its way into seconds (a heading with 3000 spaces took 7 s)."""
+    page.open(chat)
+    times = page.js(
+        "return arguments[0].map((t) => { const d = document.createElement('div'); const t0 = performance.now();"
+        " d.append(Markdown.render(t)); return performance.now() - t0; })",
+        list(PATHOLOGICAL.values()),
+    )
+    slow = {name: round(ms) for name, ms in zip(PATHOLOGICAL, times) if ms > 200}
+    assert slow == {}
+
+
+def test_markdown_caps_quote_nesting_and_never_throws(page, chat):
+    """A line of 5000 > is 8 nested quotes and the rest as text (it overflowed the stack); a renderer
+    that fails anyway shows the raw text rather than throwing into the page."""
+    page.open(chat)
+    depth, shown = page.js(
+        "const d = document.createElement('div'); d.append(Markdown.render('>'.repeat(5000) + ' deep'));"
+        "let n = 0; for (let q = d.firstChild; q && q.tagName === 'BLOCKQUOTE'; q = q.firstChild) n++;"
+        "return [n, d.textContent];"
+    )
+    assert depth == 8 and shown == ">" * (5000 - 8) + " deep"
+    raw = page.js(
+        "const create = document.createElement.bind(document);"
+        "document.createElement = (tag) => { if (tag === 'h3') throw new Error('boom'); return create(tag); };"
+        "try { const d = document.createElement('div'); d.append(Markdown.render('# Title\\n<b>x</b>'));"
+        " return [d.children.length, d.textContent]; } finally { document.createElement = create; }"
+    )
+    assert raw == [1, "# Title\n<b>x</b>"]
+
+
 def test_a_typed_hostile_message_shows_as_text_and_runs_nothing(page, chat):
     page.open(chat)
     page.send(HOSTILE)
     assert page.text(".msg.user .body") == [HOSTILE]
     assert page.text("#conversations button.open") == [HOSTILE[:40]]
-    assert page.finds("img, script:not([src]), iframe") == [] and page.js("return window.pwned") is None
+    assert_inert(page)
     assert chat.bodies()[-1]["messages"] == [user(HOSTILE)]
+    page.reload()  # and as stored
+    assert page.text(".msg.user .body") == [HOSTILE]
+    assert_inert(page)
+
+
+# HTML in every form markdown.js builds: each form's text must go in as text, not markup (a form
+# whose text went in through innerHTML, or a paragraph's through insertAdjacentHTML, makes elements)
+MARKUP = """# <img src=x onerror="window.pwned=1"> heading
+A paragraph <svg onload="window.pwned=2"></svg> with `<iframe src="javascript:window.pwned=3"></iframe>`,
+**<b onclick="window.pwned=4">strong</b>**, *<i onmouseover="window.pwned=5">em</i>*, ~~<u>del</u>~~
+- an item <script>window.pwned=6</script>
+1. <object data="data:text/html,x"></object>
+
+> a quote <embed src="javascript:window.pwned=7">
+
+[<img src=y onerror="window.pwned=8">](https://example.com/) [x](javascript:window.pwned=9)
+```<img/src=z/onerror=window.pwned=10>
+<math><style>*{}</style></math>
+```"""
+
+
+def test_every_markdown_form_keeps_html_as_text(page, chat):
+    page.open(chat)
+    shown = page.js(
+        "const d = $('log').appendChild(document.createElement('div')); d.className = 'probe';"
+        "Markdown.render(arguments[0], d); return d.textContent;",
+        MARKUP,
+    )
+    assert_inert(page)
+    for piece in ('<img src=x onerror="window.pwned=1">', "<svg onload", "<iframe src=", "<b onclick",
+                  "<i onmouseover", "<u>del</u>", "<script>", "<object data", "<embed src", "<img src=y",
+                  "<img/src=z/onerror=window.pwned=10>", "<math><style>"):  # fmt: skip
+        assert piece in shown, piece
+    tags = page.js("return [...document.querySelectorAll('.probe *')].map((e) => e.tagName.toLowerCase())")
+    assert {"h3", "p", "code", "strong", "em", "del", "ul", "ol", "li", "blockquote", "a", "pre"} <= set(tags)
+    assert [a.get_attribute("href") for a in page.finds(".probe a")] == ["https://example.com/"]
 
 
 def test_conversations_are_kept_in_the_browser_and_export_and_import(page, chat, tmp_path):
@@ -493,6 +655,89 @@ def test_conversations_are_kept_in_the_browser_and_export_and_import(page, chat,
     assert json.loads(page.js("return localStorage.getItem('gpt2repro.conversations')")) == json.loads(kept)
     # nothing was stored on the server: the page only asked for token counts and replies
     assert {path for path, _ in chat.app.posts} <= {"/tokenize", "/v1/chat/completions"}
+
+
+def reply(text: str, **stats) -> dict:
+    return {"role": "assistant", "content": text, **({"stats": stats} if stats else {})}
+
+
+def titles(page) -> list[str]:
+    return page.text("#conversations button.open")
+
+
+def test_a_hostile_import_or_tampered_storage_cannot_break_the_page(page, chat, tmp_path):
+    """An imported file (or localStorage) is not trusted: fields of the wrong type are dropped, two
+    conversations of one id become two ids (deleting one deleted both), and markdown bombs render in
+    time; after a reload the page still loads, lists, switches and deletes."""
+    page.open(chat)
+    bombs = "\n".join(
+        PATHOLOGICAL[k] for k in ("heading, spaces", "quote marks", "em openers", "link brackets")
+    )
+    hostile = [
+        {"id": "same", "title": "One", "updated": 5, "messages": [user("one"), reply("first", ttft="1",
+         tokens="7", tps={}, finish="<img>", context_full="yes", max_tokens=None)]},
+        {"id": "same", "title": "Two", "updated": 4, "messages": [user("two"), reply("second", tokens=5,
+         ttft=0.5, tps=12.5, finish="length", max_tokens=5, context_full=False)]},
+        {"id": ["x"], "title": {"t": 1}, "updated": "soon", "messages": [
+            user("untitled"), {"role": "system", "content": "dropped"}, {"role": "user", "content": 5},
+            None, "text", reply("kept", tokens=-1)]},
+        {"id": "bombs", "title": "Bombs", "updated": 3, "messages": [user(bombs), reply(bombs, tokens=[1])]},
+        {"id": "deep", "title": "Deep", "updated": 2, "messages": [user("deep"), reply("d", ttft="NEST")],
+         "extra": "NEST"},
+        None, 5, "text", [], {"title": "No messages", "messages": "none"},
+    ]  # fmt: skip
+    nest = "[" * 5000 + "]" * 5000
+    (tmp_path / "hostile.json").write_text(json.dumps(hostile).replace('"NEST"', nest))
+    page.import_file(tmp_path / "hostile.json")
+    page.wait("return document.querySelectorAll('#conversations li').length === 5")
+    page.reload()
+    assert titles(page) == ["One", "Two", "Bombs", "Deep", "New chat"]  # the latest first; no date: 0
+    assert page.text(".msg .body") == ["one", "first"] and page.finds(".msg.assistant .stats") == []
+    page.find("button[aria-label='Open conversation Two']").click()
+    assert page.text(".msg .body") == ["two", "second"]
+    assert page.text(".msg.assistant .stats") == [
+        "5 tokens · 0.50 s to first token · 12.5 tokens/scut at Max tokens (5)"
+    ]
+    page.find("button[aria-label='Open conversation New chat']").click()
+    assert page.text(".msg .body") == ["untitled", "kept"]
+    page.find("button[aria-label='Open conversation Bombs']").click()
+    assert len(page.finds(".msg.assistant blockquote")) == 8
+    page.js("window.confirm = () => true")
+    page.find("button[aria-label='Delete conversation One']").click()
+    page.reload()
+    assert titles(page) == ["Two", "Bombs", "Deep", "New chat"]
+    page.find("button[aria-label='Open conversation Two']").click()
+    assert page.text(".msg .body") == ["two", "second"]
+
+    # the same from localStorage itself: two of one id, one without, junk
+    stored = [
+        {"id": "x", "title": "A", "updated": 3, "messages": [user("a")]},
+        {"id": "x", "title": "B", "updated": 2, "messages": [user("b"), reply("b", ttft="1")]},
+        {"title": "C", "updated": 1, "messages": [user("c")]},
+        "junk",
+        None,
+        {"id": "y"},
+    ]
+    page.js(
+        "localStorage.setItem('gpt2repro.conversations', arguments[0]);"
+        "localStorage.setItem('gpt2repro.current', 'x');"
+        'localStorage.setItem(\'gpt2repro.settings\', \'{"temperature": {"a": 1}, "seed": [1]}\')',
+        json.dumps(stored),
+    )
+    page.reload()
+    assert titles(page) == ["A", "B", "C"] and page.text(".msg .body") == ["a"]
+    page.find("button[aria-label='Open conversation B']").click()
+    assert page.text(".msg .body") == ["b", "b"]
+    page.js("window.confirm = () => true")
+    page.find("button[aria-label='Delete conversation B']").click()
+    page.reload()
+    assert titles(page) == ["A", "C"]
+    page.js("window.confirm = () => true")
+    page.find("button[aria-label='Open conversation C']").click()
+    page.find("button[aria-label='Delete conversation C']").click()
+    assert titles(page) == ["A"]
+    page.find("#settings summary").click()
+    assert page.by_label("Temperature").get_attribute("value") == "0.8"  # the default
 
 
 def test_regenerate_the_last_reply_and_edit_a_user_message(page, chat):

@@ -14,12 +14,7 @@ let conversation = null; // the one shown
 let running = null; // the AbortController of the reply under way
 let retry = null; // the turn a context overflow failed ({messages, draft}), for "drop the oldest turns"
 
-function el(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
+const { el } = Markdown; // an element with a class and its text (through textContent)
 
 function button(text, label, onClick) {
   const b = el("button", "", text);
@@ -146,9 +141,11 @@ async function reply(path, body, onText) {
   } finally {
     setBusy(null);
   }
-  // time to first token from the chat request (after /tokenize); tokens/s over the tokens after the first
-  const tokens = usage ? usage.completion_tokens : null;
+  // time to first token from the chat request (after /tokenize); tokens/s over the tokens after the first.
+  // A stream that ends without its usage chunk (a stopped one) counts its pieces: about a token each.
+  const tokens = usage ? usage.completion_tokens : pieces;
   const stats = { tokens, finish, max_tokens: limit, context_full: limit === room && finish === "length" };
+  if (!usage) stats.approx = true;
   if (first) stats.ttft = (first - sent) / 1000;
   if (tokens > 1 && last > first) stats.tps = (tokens - 1) / ((last - first) / 1000);
   return { text, stats };
@@ -169,13 +166,15 @@ function stop() {
 function statsLine(stats) {
   const line = el("div", "stats");
   const parts = [];
-  if (stats.tokens != null) parts.push(`${stats.tokens} tokens`);
+  if (stats.tokens != null) parts.push(`${stats.approx ? "about " : ""}${stats.tokens} tokens`);
   if (stats.ttft != null) parts.push(`${stats.ttft.toFixed(2)} s to first token`);
   if (stats.tps != null) parts.push(`${stats.tps.toFixed(1)} tokens/s`);
   line.append(parts.join(" · "));
   const why = { stopped: "stopped", length: stats.context_full ? "cut: the context is full" : `cut at Max tokens (${stats.max_tokens})` }[stats.finish];
   if (why) line.append(el("span", "cut", why));
+  if (stats.approx) line.title = "counted from the streamed pieces (the server sends its count only with a reply that ends)";
   Object.assign(line.dataset, { tokens: stats.tokens ?? "", ttft: stats.ttft ?? "", tps: stats.tps ?? "", finish: stats.finish ?? "" });
+  if (stats.approx) line.dataset.approx = "true";
   return line;
 }
 
@@ -213,25 +212,37 @@ async function respond(messages, draft) {
     if (draft !== null && !$("message").value) $("message").value = draft;
     showError(error, { messages, draft });
   };
+  let out = null;
   try {
-    const out = await reply(CHAT, { model: model.id, messages: withSystem(messages) }, (text, pieces) => {
+    out = await reply(CHAT, { model: model.id, messages: withSystem(messages) }, (text, pieces) => {
       body.replaceChildren(Markdown.render(text));
       node.dataset.chunks = pieces;
       scrollDown();
     });
-    if (out.stats.finish === "stopped" && !out.text) {
-      rollBack(null); // stopped before any text: as if never sent
-    } else {
-      Object.assign(answer, { content: out.text, stats: out.stats });
-      if (conversation.title === "New chat") conversation.title = messages[0].content.split("\n")[0].slice(0, 40);
-      Store.save(conversation);
-      Store.setCurrent(conversation.id);
-    }
   } catch (e) {
     rollBack(e);
   }
+  if (out && out.stats.finish === "stopped" && !out.text) {
+    rollBack(null); // stopped before any text: as if never sent
+  } else if (out) {
+    Object.assign(answer, { content: out.text, stats: out.stats });
+    if (conversation.title === "New chat") conversation.title = messages[0].content.split("\n")[0].slice(0, 40);
+    if (persist(conversation)) Store.setCurrent(conversation.id); // a reply the browser can't keep stays shown
+  }
   showConversation();
   showSidebar();
+}
+
+// Store conversation `c`; false, saying why, if the browser refuses it (its storage full).
+function persist(c) {
+  try {
+    Store.save(c);
+    return true;
+  } catch (e) {
+    const why = e && e.name === "QuotaExceededError" ? "the browser's storage for this page is full" : e.message || String(e);
+    showError(new Error(`The conversation could not be saved: ${why}. Delete some conversations to make room.`));
+    return false;
+  }
 }
 
 function sendMessage() {
@@ -342,7 +353,7 @@ function showSidebar() {
     const open = item.appendChild(button(c.title, `Open conversation ${c.title}`, () => openConversation(c.id)));
     open.className = "open";
     if (c.id === conversation.id) open.setAttribute("aria-current", "true");
-    item.append(button("✎", `Rename conversation ${c.title}`, () => rename(c)), button("✕", `Delete conversation ${c.title}`, () => remove(c)));
+    item.append(button("✎", `Rename conversation ${c.title}`, () => rename(c)), button("✕", `Delete conversation ${c.title}`, () => deleteConversation(c)));
     return item;
   });
   $("conversations").replaceChildren(...items);
@@ -371,12 +382,12 @@ function rename(c) {
   const title = prompt("Rename the conversation", c.title);
   if (!title || !title.trim()) return;
   c.title = title.trim();
-  Store.save(c);
+  persist(c);
   if (c.id === conversation.id) conversation.title = c.title;
   showSidebar();
 }
 
-function remove(c) {
+function deleteConversation(c) {
   if (running || !confirm(`Delete the conversation "${c.title}"?`)) return;
   Store.remove(c.id);
   if (c.id === conversation.id) newChat();

@@ -17,25 +17,71 @@ const Store = (() => {
   }
 
   const write = (key, value) => localStorage.setItem(key, JSON.stringify(value));
+  // the settings and which conversation is shown are not worth an error when storage is full
+  const quietly = (f) => {
+    try {
+      f();
+    } catch (e) {}
+  };
 
-  // A conversation as stored, or null: only user and assistant turns of text are kept.
+  // What is read back (an imported file, or localStorage someone edited) is not trusted: each field
+  // is kept only if it has its type and a sane length, and every conversation gets an id of its own.
+  const FINISH = ["stop", "length", "stopped"];
+  const ID = /^[\w-]{1,64}$/;
+  const MAX_TEXT = 1_000_000; // characters of a message kept
+  const MAX_MESSAGES = 10_000; // messages of a conversation kept
+  const number = (x) => typeof x === "number" && Number.isFinite(x) && x >= 0;
+  const record = (x) => !!x && typeof x === "object" && !Array.isArray(x);
+
+  // A reply's statistics as stored (the fields statsLine reads), or null if none is valid.
+  function cleanStats(s) {
+    if (!record(s)) return null;
+    const stats = {};
+    for (const key of ["tokens", "ttft", "tps", "max_tokens"]) if (number(s[key])) stats[key] = s[key];
+    for (const key of ["context_full", "approx"]) if (typeof s[key] === "boolean") stats[key] = s[key];
+    if (FINISH.includes(s.finish)) stats.finish = s.finish;
+    return Object.keys(stats).length ? stats : null;
+  }
+
+  // A message as stored, or null: only user and assistant turns of text are kept.
+  function cleanMessage(m) {
+    if (!record(m) || (m.role !== "user" && m.role !== "assistant") || typeof m.content !== "string") return null;
+    const message = { role: m.role, content: m.content.slice(0, MAX_TEXT) };
+    const stats = m.role === "assistant" && cleanStats(m.stats);
+    if (stats) message.stats = stats;
+    return message;
+  }
+
+  // A conversation as stored, or null; its id is null unless it is a valid one.
   function clean(c) {
-    if (!c || typeof c !== "object" || !Array.isArray(c.messages)) return null;
-    const messages = c.messages
-      .filter((m) => m && (m.role === "user" || m.role === "assistant") && typeof m.content === "string")
-      .map((m) => ({ role: m.role, content: m.content, ...(m.stats && typeof m.stats === "object" ? { stats: m.stats } : {}) }));
+    if (!record(c) || !Array.isArray(c.messages)) return null;
+    const messages = c.messages.slice(0, MAX_MESSAGES).map(cleanMessage).filter(Boolean);
     const title = typeof c.title === "string" && c.title.trim() ? c.title.trim().slice(0, 200) : "New chat";
-    return { id: typeof c.id === "string" ? c.id : newId(), title, updated: Number(c.updated) || Date.now(), messages };
+    const id = typeof c.id === "string" && ID.test(c.id) ? c.id : null;
+    return { id, title, updated: number(c.updated) ? c.updated : 0, messages };
+  }
+
+  // Give every conversation of `list` without an id of its own (none, or one seen before) a new one
+  // from fresh(index, id); its id goes in `seen`.
+  function distinct(list, seen, fresh) {
+    list.forEach((c, i) => {
+      let id = c.id;
+      while (!id || seen.has(id)) id = fresh(i, id);
+      seen.add((c.id = id));
+    });
+    return list;
   }
 
   function newId() {
     return Date.now().toString(36) + Math.random().toString(36).slice(2, 8);
   }
 
-  // Every conversation, the latest first.
+  // Every conversation, the latest first. A kept one without an id of its own gets one from its
+  // place in the list, the same on every read (until a write stores it).
   function all() {
     const list = read(CONVERSATIONS, []);
-    return (Array.isArray(list) ? list.map(clean).filter(Boolean) : []).sort((a, b) => b.updated - a.updated);
+    const kept = Array.isArray(list) ? list.map(clean).filter(Boolean) : [];
+    return distinct(kept, new Set(), (i, id) => (id ? `${id}-${i}` : `c${i}`)).sort((a, b) => b.updated - a.updated);
   }
 
   function save(conversation) {
@@ -48,14 +94,14 @@ const Store = (() => {
   }
 
   // Conversations from an exported file (its {conversations: [...]}, a list, or one conversation);
-  // each gets a new id where one of that id is already kept. Returns how many were added.
+  // each gets a new id where one of that id is already kept or earlier in the file. Returns those added.
   function importJSON(text) {
     const data = JSON.parse(text);
     const list = Array.isArray(data) ? data : Array.isArray(data?.conversations) ? data.conversations : [data];
     const added = list.map(clean).filter(Boolean);
     if (!added.length) throw new Error("the file holds no conversation");
     const kept = all();
-    for (const c of added) if (kept.some((k) => k.id === c.id)) c.id = newId();
+    distinct(added, new Set(kept.map((c) => c.id)), newId); // ids unique within the file too
     write(CONVERSATIONS, [...added, ...kept]);
     return added;
   }
@@ -63,10 +109,13 @@ const Store = (() => {
   const exportJSON = () => JSON.stringify({ version: 1, conversations: all() }, null, 2);
 
   return {
-    settings: () => read(SETTINGS, {}),
-    saveSettings: (s) => write(SETTINGS, s),
+    settings: () => {
+      const settings = read(SETTINGS, {});
+      return record(settings) ? Object.fromEntries(Object.entries(settings).filter(([, v]) => typeof v === "string")) : {};
+    },
+    saveSettings: (s) => quietly(() => write(SETTINGS, s)),
     current: () => localStorage.getItem(CURRENT),
-    setCurrent: (id) => localStorage.setItem(CURRENT, id),
+    setCurrent: (id) => quietly(() => localStorage.setItem(CURRENT, id)),
     fresh: () => ({ id: newId(), title: "New chat", updated: Date.now(), messages: [] }),
     all,
     save,
