@@ -1,6 +1,6 @@
 """Rewrite what is generated from the code's presets and key meanings: configs/*.toml (as
-`gpt2repro presets NAME` prints them), the key table of docs/config.md, and README.md's rows of
-config keys. tests/test_configfile.py fails until this has been run after a change."""
+`gpt2repro presets NAME` prints them), the key table of docs/config.md, and docs/training.md's rows of
+config keys (the Muon recipe's). tests/test_configfile.py fails until this has been run after a change."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def main() -> None:
     doc = ROOT / "docs" / "config.md"
     head = doc.read_text().split("| key | type | default | meaning |")[0]
     doc.write_text(head + table + "\n")
-    readme = ROOT / "README.md"
+    readme = ROOT / "docs" / "training.md"
     lines = readme.read_text().split("\n")
     for i, line in enumerate(lines):
         key = re.match(r"\| `([\w.]+)` \|", line)
