@@ -30,6 +30,7 @@ from gpt2repro.data.loader import DataLoader
 from gpt2repro.data.shards import shard_name, write_shard
 from gpt2repro.evals import hellaswag
 from gpt2repro.generation.generate import generate
+from gpt2repro.generation.sampling import GREEDY
 from gpt2repro.model import precision
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.ops import linear_cross_entropy
@@ -233,9 +234,9 @@ def check_generation(rep: Report, model: GPT, device: torch.device, new_tokens: 
     rates = []
     for batch in (1, 8):
         prompt = torch.randint(0, 50257, (batch, 8), device=device)
-        generate(model, prompt, 4, temperature=0)  # warm-up
+        generate(model, prompt, 4, sampling=GREEDY)  # warm-up
         t0 = time.perf_counter()
-        generate(model, prompt, new_tokens, temperature=0)
+        generate(model, prompt, new_tokens, sampling=GREEDY)
         mfu.synchronize(device)
         rates.append(f"B={batch}: {batch * new_tokens / (time.perf_counter() - t0):,.0f} tok/s")
     rep.add("generation (KV cache, greedy)", None, ", ".join(rates))
@@ -244,8 +245,8 @@ def check_generation(rep: Report, model: GPT, device: torch.device, new_tokens: 
     try:
         prompt = torch.randint(0, 50257, (2, 8), device=device)
         same = torch.equal(
-            generate(model, prompt, 24, temperature=0),
-            generate(model, prompt, 24, temperature=0, use_cache=False),
+            generate(model, prompt, 24, sampling=GREEDY),
+            generate(model, prompt, 24, sampling=GREEDY, use_cache=False),
         )
     finally:
         torch.set_float32_matmul_precision(tf32)

@@ -142,9 +142,37 @@ def test_modules_fit_in_one_sitting():
 
 
 def test_model_gpt_py_is_the_architecture():
-    """Only the network's modules and what moves weights in and out of it; kernels are in model/ops.py,
-    the KV cache in model/kvcache.py."""
-    tree = _modules()["model.gpt"]
+    """Only the network's modules and what moves weights in and out of it; training's kernels are in
+    model/ops.py, the KV cache in model/kvcache.py, decoding speed in generation/decoding.py: a block
+    has one forward (taking an optional cache), its layers are nn.Linear, and nothing in the file
+    asks which CPU it runs on."""
+    text = _sources()["model.gpt"]
+    tree = ast.parse(text)
     top = {n.name for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
     assert top == {"CausalSelfAttention", "MLP", "Block", "GPT", "WeightsMismatch", "load_state_strict"}
     assert not [n for n in tree.body if isinstance(n, ast.Assign)]  # no module-level state (caches, tables)
+    block = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Block")
+    assert [n.name for n in block.body if isinstance(n, ast.FunctionDef)] == ["__init__", "forward"]
+    built = {
+        ast.unparse(n.func)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and ast.unparse(n.func).endswith("Linear")
+    }
+    assert built == {"nn.Linear"}
+    assert not [
+        w for w in ("cpuinfo", "vendor", "GenuineIntel", "AuthenticAMD", "get_num_threads") if w in text
+    ]
+
+
+def test_the_model_imports_nothing_of_decoding():
+    """Decoding is applied to a model from outside (generation/decoding.py): model/ knows nothing of
+    generation/."""
+    modules = _modules()
+    known = set(modules)
+    assert {
+        f"{name} imports {dep}"
+        for name, tree in modules.items()
+        if name.startswith("model")
+        for dep in _imports(name, tree, known)
+        if dep.startswith("generation")
+    } == set()

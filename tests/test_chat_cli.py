@@ -157,13 +157,13 @@ def test_chat_in_a_real_terminal(chat_run_dir, monkeypatch):
 
 @pytest.mark.parametrize("command", ["chat", "sample"])
 def test_chat_and_sample_decode_with_the_weights_laid_out_for_it(command, chat_run_dir, capsys):
-    """The commands that decode store their fp32 weights transposed (`ops.decoding_layout`), where
-    the grouped split is off (as on Intel); the reply is the one of the usual layout."""
+    """The commands that decode prepare the model for it (`decoding.prepare`): where the transposed
+    layout measures fastest, the weights are stored so; the reply is the one of the usual layout."""
     from unittest import mock
 
-    from gpt2repro.model import ops
+    from gpt2repro.generation import decoding
 
-    laid, original = [], ops.decoding_layout
+    laid, original = [], decoding.prepare
 
     def recorded(model):
         laid.append(original(model))
@@ -173,7 +173,8 @@ def test_chat_and_sample_decode_with_the_weights_laid_out_for_it(command, chat_r
     argv += (
         ["--message", "Hi"] if command == "chat" else ["--prompt", "Hi", "-n", "1", "--max-new-tokens", "3"]
     )
-    with mock.patch.object(ops.Linear, "SPLIT", False), mock.patch.object(ops, "decoding_layout", recorded):
+    columns = mock.patch.object(decoding, "choose", return_value=decoding.COLUMNS)
+    with columns, mock.patch.object(decoding, "prepare", recorded):
         assert main(argv) == 0
     (model,) = laid
     head = model.lm_head.weight

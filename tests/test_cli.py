@@ -34,15 +34,15 @@ def test_sample_with_compiled_steps_prints_the_same_samples(capsys):
     eager = capsys.readouterr().out
     from unittest import mock
 
-    from gpt2repro.generation import generate
+    from gpt2repro.generation.decoding import Decoder
 
-    calls, original = [], generate.compiled_steps
+    calls, original = [], Decoder._compiled
 
-    def counted(model):  # the compiled step, counting its calls
-        step = original(model)
-        return lambda *a: calls.append(1) or step(*a)
+    def counted(self, args):  # the compiled step, counting its calls
+        calls.append(1)
+        return original(self, args)
 
-    with mock.patch.object(generate, "compiled_steps", counted):
+    with mock.patch.object(Decoder, "_compiled", counted):
         assert main([*args, "--compile"]) == 0
     assert len(calls) == 23  # every token after the first (read with the prompt) until the 24th
     assert capsys.readouterr().out == eager and eager.count("> The cat") == 2

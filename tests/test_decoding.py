@@ -76,7 +76,7 @@ def test_every_entry_point_ends_a_reply_at_the_first_token_that_is_not_text(enc)
     chat_model = Scripted([*hi, *said])
     assert ChatSession(chat_model, max_new_tokens=8).reply("Hi") == "Sure."
     assert greedy_reply(chat_model, hi, 8) == (sure, EOT_ID)
-    assert sample_tokens(chat_model, hi, 1, 8, Sampling(seed=3)) == [sure]
+    assert sample_tokens(chat_model, hi, 1, 8, sampling=Sampling(seed=3)) == [sure]
     sft_cfg = SimpleNamespace(sample_prompt="Hi", sample_count=1, sample_tokens=8)
     from gpt2repro.training.sft import SFTTrainer
 
@@ -115,7 +115,9 @@ def test_sample_chat_serve_and_sft_samples_draw_the_same_tokens_for_a_seed(chat_
     for seed in (7, 8):
         session = ChatSession(model, max_new_tokens=12, seed=seed, **SETTINGS)
         replies[seed] = list(session.send("Hi"))
-        assert sample_tokens(model, prompt, 1, 12, Sampling(**SETTINGS, seed=seed)) == [replies[seed]]
+        assert sample_tokens(model, prompt, 1, 12, sampling=Sampling(**SETTINGS, seed=seed)) == [
+            replies[seed]
+        ]
     assert replies[7] != replies[8]
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 12, "seed": 7, **SETTINGS}
     served = served_model(model, "m", 2)
@@ -141,7 +143,7 @@ def test_in_loop_samples_and_sample_equal_the_servers_choices_for_a_seed(run_dir
     model = load_model(run_dir).eval()
     cfg = SimpleNamespace(sample_prompt="ROMEO:", sample_count=2, sample_tokens=10)
     in_loop = Trainer.samples(SimpleNamespace(raw=model, cfg=cfg, info=SimpleNamespace(rank=0)))
-    assert in_loop == sample_text(model, "ROMEO:", 2, 10, seed=42)
+    assert in_loop == sample_text(model, "ROMEO:", 2, 10, sampling=Sampling(top_k=50, seed=42))
     served = served_model(model, "m", 2)
     try:
         with ServerThread(create_app(served)) as s:

@@ -17,6 +17,7 @@ from helpers import run_main
 from gpt2repro.checkpoint import gathered
 from gpt2repro.config.schema import GPTConfig
 from gpt2repro.generation.generate import generate
+from gpt2repro.generation.sampling import GREEDY
 from gpt2repro.interop.gguf_export import export_gguf
 from gpt2repro.model.gpt import GPT
 from gpt2repro.text import chat
@@ -156,7 +157,7 @@ def test_llama_cpp_decodes_a_random_model_greedily_as_we_do(tmp_path, outtype):
     llm = _llama(export_gguf(model, tmp_path / "m.gguf", outtype), n_ctx=128)
     for seed in range(4):
         ids = torch.randint(0, 50257, (1, 8), generator=torch.Generator().manual_seed(seed))
-        ours = generate(model, ids, 32, temperature=0)[0, 8:].tolist()
+        ours = generate(model, ids, 32, sampling=GREEDY)[0, 8:].tolist()
         assert len(set(ours)) > 8  # not one token over and over
         assert _llama_greedy(llm, ids[0].tolist(), 32) == ours, (outtype, seed)
 

@@ -356,6 +356,7 @@ def test_tf32_is_enabled_on_cuda_for_every_command(monkeypatch, run_dir):
 
 def test_kv_cache_prefill_uses_plain_causal_attention(monkeypatch):
     from gpt2repro.generation.generate import generate
+    from gpt2repro.generation.sampling import GREEDY
 
     torch.manual_seed(0)  # the same model and prompt whatever ran before
     model = GPT(model_config("tiny", vocab_multiple=64)).eval()
@@ -368,11 +369,11 @@ def test_kv_cache_prefill_uses_plain_causal_attention(monkeypatch):
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     prompt = torch.randint(0, 50257, (2, 9))
-    cached = generate(model, prompt, 4, temperature=0)
+    cached = generate(model, prompt, 4, sampling=GREEDY)
     prefill = [c for c in calls if c[0] == 9]
     assert prefill and all(c == (9, 9, True, True) for c in prefill)
     monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
-    assert torch.equal(cached, generate(model, prompt, 4, temperature=0, use_cache=False))
+    assert torch.equal(cached, generate(model, prompt, 4, sampling=GREEDY, use_cache=False))
 
 
 @pytest.mark.slow

@@ -3,11 +3,9 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2repro.config.schema import GPTConfig, model_config
-from gpt2repro.model import ops
 from gpt2repro.model.gpt import GPT
 
 
@@ -138,117 +136,6 @@ def test_training_loss_equals_unfused_cross_entropy(tiny_config):
         logits16, _ = model(x)
         unfused16 = F.cross_entropy(logits16.flatten(0, 1), y.flatten())
     assert abs(fused16.item() - unfused16.item()) < 2e-3
-
-
-@pytest.mark.parametrize("shape", [(1, 1, 64), (8, 1, 64), (3, 5, 64), (64, 64)])
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("split", [True, False])
-def test_decode_linear_path_matches_float64(shape, bias, split):
-    """The few-rows fp32 path (a batched matmul over groups of output features, where it is on)
-    computes x W^T + b."""
-    from unittest import mock
-
-    from gpt2repro.model.gpt import Linear
-
-    torch.manual_seed(0)
-    layer = Linear(64, 96, bias=bias)
-    x = torch.randn(shape)
-    expected = F.linear(
-        x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double()
-    )
-    rows = x.numel() // 64
-    with torch.no_grad(), mock.patch.object(Linear, "SPLIT", split):
-        with mock.patch("torch.bmm", wraps=torch.bmm) as bmm:
-            y = layer(x)
-    assert bmm.called == (split and rows <= Linear.MAX_ROWS and torch.get_num_threads() > 1)
-    assert y.shape == (*shape[:-1], 96)
-    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
-    y_grad = layer(x)  # with autograd recording: the ordinary nn.Linear path
-    assert y_grad.requires_grad
-    torch.testing.assert_close(y_grad.detach().double(), expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_one_row_bf16_linear_is_a_matrix_vector_product_rounded_once(bias):
-    """B=1 bf16 decoding runs torch.addmv (faster than the oneDNN matmul at one row), accumulating
-    in fp32: every output is the exact product rounded once to bf16 (within 2^-8 relative)."""
-    from unittest import mock
-
-    from gpt2repro.model.gpt import Linear
-
-    torch.manual_seed(0)
-    layer = Linear(768, 2304, bias=bias).to(torch.bfloat16)
-    if bias:
-        nn.init.normal_(layer.bias)
-    x = torch.randn(1, 1, 768, dtype=torch.bfloat16)
-    exact = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
-    with torch.no_grad(), mock.patch("torch.addmv", wraps=torch.addmv) as addmv:
-        with mock.patch("torch.mv", wraps=torch.mv) as mv:
-            y = layer(x)
-    assert (addmv if bias else mv).called
-    assert y.dtype == torch.bfloat16 and y.shape == (1, 1, 2304)
-    assert ((y.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
-
-
-@pytest.mark.skipif(ops._cpu_vendor() != "GenuineIntel", reason="MKL threads its GEMV on Intel CPUs only")
-def test_decoding_linear_on_intel_is_mkls_own_matrix_vector_product():
-    """On Intel, MKL's one-row product already streams the weight on every core, and the grouped
-    split halves its bandwidth: a decoding step's Linear is then exactly F.linear (bit for bit)."""
-    from gpt2repro.model.gpt import Linear
-
-    torch.manual_seed(0)
-    layer = Linear(768, 2304)
-    x = torch.randn(1, 1, 768)
-    with torch.no_grad():
-        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
-
-
-def test_decoding_layout_keeps_every_value_and_tie_and_stores_fp32_weights_transposed():
-    """An inference model's fp32 Linear weights: the same tensors and values, each now the transpose
-    of a contiguous (in, out) tensor; the lm_head still is the embedding. bf16 weights, and every
-    weight where the grouped split is on, keep nn.Linear's layout."""
-    from unittest import mock
-
-    torch.manual_seed(0)
-    model = GPT(model_config("tiny", n_layer=2)).eval()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    params = dict(model.named_parameters())
-    with mock.patch.object(ops.Linear, "SPLIT", False):
-        assert ops.decoding_layout(model) is model
-    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    assert len(linears) == 4 * 2 + 1
-    for name, p in model.named_parameters():
-        assert p is params[name] and torch.equal(p, before[name])
-        transposed = p.dim() == 2 and p.stride() == (1, p.size(0))
-        assert transposed == (name in linears or name == "transformer.wte.weight"), name
-    assert model.lm_head.weight is model.transformer.wte.weight
-    for dtype, split in ((torch.bfloat16, False), (torch.float32, True)):
-        other = GPT(model_config("tiny", n_layer=1)).to(dtype)
-        with mock.patch.object(ops.Linear, "SPLIT", split):
-            ops.decoding_layout(other)
-        assert all(p.is_contiguous() for p in other.parameters())
-
-
-def test_decoding_layout_decodes_the_same_greedy_tokens_and_logits_to_float_rounding():
-    """Prompt and one-token steps over the cache with the decoding layout: the logits of the usual
-    layout to fp32 rounding (they sum in another order), the same greedy tokens."""
-    from unittest import mock
-
-    from gpt2repro.generation.generate import generate
-
-    torch.manual_seed(0)
-    cfg = model_config("tiny", n_layer=4, n_embd=256, n_head=4, block_size=256)
-    usual = GPT(cfg).eval()
-    laid = GPT(cfg).eval()
-    laid.load_state_dict(usual.state_dict())
-    with mock.patch.object(ops.Linear, "SPLIT", False):
-        ops.decoding_layout(laid)
-    prompt = torch.randint(0, cfg.vocab_size, (2, 40))
-    with torch.no_grad():
-        torch.testing.assert_close(laid(prompt)[0], usual(prompt)[0], rtol=1e-5, atol=1e-5)
-        assert torch.equal(
-            generate(laid, prompt, 64, temperature=0), generate(usual, prompt, 64, temperature=0)
-        )
 
 
 @pytest.mark.parametrize("every", [1, 2])

@@ -21,6 +21,7 @@ pytest.importorskip("uvicorn", reason="the serve extra (starlette, uvicorn) is n
 openai = pytest.importorskip("openai", reason="the dev extra's openai client is not installed")
 
 from gpt2repro.generation.generate import generate  # noqa: E402
+from gpt2repro.generation.sampling import GREEDY  # noqa: E402
 from gpt2repro.serve.app import create_app  # noqa: E402
 from gpt2repro.serve.run import ServerThread, served_model  # noqa: E402
 
@@ -63,7 +64,7 @@ def post(url: str, body, headers: dict | None = None) -> tuple[int, dict]:
 
 def greedy(model, enc, prompt: str, n: int) -> str:
     ids = torch.tensor([enc.encode(prompt)])
-    return enc.decode(generate(model, ids, n, temperature=0)[0, ids.size(1) :].tolist())
+    return enc.decode(generate(model, ids, n, sampling=GREEDY)[0, ids.size(1) :].tolist())
 
 
 def test_models_and_a_greedy_completion_equal_the_model_alone(client, model, enc):
@@ -453,7 +454,7 @@ def test_chat_completions_through_a_chat_format_streamed_and_not(model, enc):
     render = lambda messages: enc.encode("".join(f"{m['role']}: {m['content']}\n" for m in messages))  # noqa: E731
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who art thou?"}]
     prompt = torch.tensor([render(messages)])
-    expected = generate(model, prompt, 30, temperature=0)[0, prompt.size(1) :].tolist()
+    expected = generate(model, prompt, 30, sampling=GREEDY)[0, prompt.size(1) :].tolist()
     served = served_model(model, "chat-model", 4)
     served.chat = ChatFormat(render, enc.decode_single_token_bytes)
     try:
@@ -499,7 +500,7 @@ def test_a_chat_model_answers_through_its_own_template(chat_run_dir):
     model = load_model(chat_run_dir).eval()
     messages = [{"role": "user", "content": "Hi"}]
     prompt = torch.tensor([chat.render(messages, add_generation_prompt=True)])
-    alone = generate(model, prompt, 16, temperature=0)[0, prompt.size(1) :].tolist()
+    alone = generate(model, prompt, 16, sampling=GREEDY)[0, prompt.size(1) :].tolist()
     end = next(i for i, t in enumerate(alone) if ends_reply(t))
     served = served_model(model, "chat-model", 2)
     try:
@@ -535,17 +536,18 @@ def test_bench_serve_reports_each_turns_first_token_latency_with_and_without_pre
 
 
 def test_the_served_model_decodes_with_its_weights_laid_out_for_it(run_dir):
-    """`served_model` stores the fp32 weights transposed (`ops.decoding_layout`) where the grouped
-    split is off (as on Intel); ties kept."""
+    """`served_model` prepares the model for decoding (`decoding.prepare`): where the transposed
+    layout measures fastest, its weights are stored so (ties kept) and the engine's steps use it."""
     from unittest import mock
 
     from gpt2repro.checkpoint.gathered import load_model
-    from gpt2repro.model import ops
+    from gpt2repro.generation import decoding
 
     fresh = load_model(run_dir).eval()
     assert fresh.lm_head.weight.is_contiguous()
-    with mock.patch.object(ops.Linear, "SPLIT", False):
+    with mock.patch.object(decoding, "choose", return_value=decoding.COLUMNS):
         served = served_model(fresh, MODEL, 1)
     served.engine.stop()
     head = fresh.lm_head.weight
     assert head.stride() == (1, head.size(0)) and head is fresh.transformer.wte.weight
+    assert served.engine.step.kernel is decoding.COLUMNS

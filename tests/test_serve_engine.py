@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gpt2repro.generation.generate import generate
-from gpt2repro.generation.sampling import Sampling
+from gpt2repro.generation.sampling import GREEDY, Sampling
 from gpt2repro.model.gpt import GPT
 from gpt2repro.serve.engine import Engine, Job
 from gpt2repro.text.tokentext import TextStream
@@ -59,7 +59,7 @@ def test_batched_sequences_of_different_lengths_equal_each_alone_and_wait_for_a_
     assert max(seen) == 2  # never more running than slots: the rest waited
     for i, p in enumerate(prompts):
         tokens = [e[1].id for e in events[i] if e[0] == "token"]
-        assert tokens == generate(model, torch.tensor([p]), 4 + i, temperature=0)[0, len(p) :].tolist()
+        assert tokens == generate(model, torch.tensor([p]), 4 + i, sampling=GREEDY)[0, len(p) :].tolist()
         assert events[i][-1] == ("done", "length")
 
 

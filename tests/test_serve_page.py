@@ -25,6 +25,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 
 from gpt2repro.generation.generate import generate  # noqa: E402
+from gpt2repro.generation.sampling import GREEDY  # noqa: E402
 from gpt2repro.serve.app import create_app  # noqa: E402
 from gpt2repro.serve.protocol import APIError  # noqa: E402
 from gpt2repro.serve.run import ChatFormat, ServerThread, served_model  # noqa: E402
@@ -281,7 +282,7 @@ def test_the_completion_box_streams_with_the_settings_statistics_and_a_length_cu
     )
     stats = page.find("#complete-stats .stats")
     ids = torch.tensor([enc.encode("ROMEO: what light")])
-    assert text == enc.decode(generate(model, ids, 40, temperature=0)[0, ids.size(1) :].tolist())
+    assert text == enc.decode(generate(model, ids, 40, sampling=GREEDY)[0, ids.size(1) :].tolist())
     assert chunks > 1  # streamed, piece by piece
     assert (
         int(stats.get_attribute("data-tokens"))

@@ -41,11 +41,11 @@ def _load(args, device):
 
 
 def _load_for_decoding(args, device):
-    """The model in `--weight-dtype`, its weights laid out for decoding (`ops.decoding_layout`)."""
-    from .model.ops import decoding_layout
+    """The model in `--weight-dtype`, prepared for decoding on this host (`decoding.prepare`)."""
+    from .generation.decoding import prepare
     from .model.precision import torch_dtype
 
-    return decoding_layout(_load(args, device).to(torch_dtype(args.weight_dtype)))
+    return prepare(_load(args, device).to(torch_dtype(args.weight_dtype)))
 
 
 def cmd_prepare(args) -> None:
@@ -100,13 +100,14 @@ def cmd_train(args) -> None:
 
 def cmd_sample(args) -> None:
     from .generation.generate import sample_text
+    from .generation.sampling import Sampling
     from .parallel.distributed import pick_device
 
     model = _load_for_decoding(args, pick_device(args.device))
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     for text in sample_text(
-        model, args.prompt, args.n, args.max_new_tokens, args.temperature, args.top_k, args.seed, args.top_p,
-        compiled=args.compile,
-    ):  # fmt: skip
+        model, args.prompt, args.n, args.max_new_tokens, sampling=sampling, compiled=args.compile
+    ):
         print(f"> {text}")
 
 

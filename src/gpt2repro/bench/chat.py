@@ -14,8 +14,8 @@ import torch
 
 from ..config.schema import model_config
 from ..generation.chat_session import ChatSession
+from ..generation.decoding import prepare
 from ..model.gpt import GPT
-from ..model.ops import decoding_layout
 from ..text import chat
 from ..text.tokenizer import EOT_ID
 
@@ -27,7 +27,7 @@ def demo_size_chat_model(device: torch.device) -> GPT:
     model = GPT(model_config("cpu-demo", vocab_multiple=64).as_chat()).to(device).eval()
     with torch.no_grad():
         model.transformer.wte.weight[EOT_ID : model.config.vocab_size] = 0  # never the argmax
-    return decoding_layout(model)  # as `gpt2repro chat` runs it
+    return prepare(model)  # as `gpt2repro chat` runs it
 
 
 def _conversation(model: GPT, reuse_cache: bool, messages: list[str]) -> list[dict]:

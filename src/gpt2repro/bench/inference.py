@@ -8,9 +8,10 @@ import copy
 import torch
 
 from ..evals import hellaswag
+from ..generation.decoding import prepare
 from ..generation.generate import generate
+from ..generation.sampling import GREEDY
 from ..model.gpt import GPT
-from ..model.ops import decoding_layout
 from ..model.precision import torch_dtype
 from ..training.mfu import median_time
 from .common import bench_dtypes, size_config
@@ -27,7 +28,7 @@ def bench_generate(size: str, repeats: int, device: torch.device, new_tokens: in
     torch.manual_seed(0)
     model = GPT(cfg).to(device).eval()
     plain = {d: copy.deepcopy(model).to(torch_dtype(d)) for d in bench_dtypes()}  # nn.Linear's layout
-    ours = {d: decoding_layout(copy.deepcopy(m)) for d, m in plain.items()}  # as `sample` runs it
+    ours = {d: prepare(copy.deepcopy(m)) for d, m in plain.items()}  # as `sample` runs it
     hf = {}
     try:
         hf["fp32"] = hf_copy(model)
@@ -43,7 +44,7 @@ def bench_generate(size: str, repeats: int, device: torch.device, new_tokens: in
                 prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
             )
         return lambda: generate(
-            ours[dtype], prompt, new_tokens, temperature=0, use_cache=method == "kv-cache"
+            ours[dtype], prompt, new_tokens, sampling=GREEDY, use_cache=method == "kv-cache"
         )
 
     rows = []

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
+from ..generation.decoding import prepare
 from ..generation.generate import generate
+from ..generation.sampling import GREEDY
 from ..interop.gguf_export import export_gguf
 from ..model.gpt import GPT
-from ..model.ops import decoding_layout
 from ..model.precision import torch_dtype
 from ..training.mfu import median_time
 from .common import BenchError, bench_dtypes, size_config
@@ -54,7 +55,7 @@ def llama_greedy(llm, prompt: list[int], new_tokens: int) -> list[int]:
 
 def _greedy(model: GPT, prompt: torch.Tensor, compiled: bool) -> Callable[[int], list[int]]:
     """Our greedy decoding of n new tokens, as `llama_greedy` returns them."""
-    return lambda n: generate(model, prompt, n, temperature=0, compiled=compiled)[
+    return lambda n: generate(model, prompt, n, sampling=GREEDY, compiled=compiled)[
         0, prompt.size(1) :
     ].tolist()
 
@@ -92,7 +93,7 @@ def bench_llamacpp(size: str, repeats: int) -> list[dict]:
     runs, closers = {}, []
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in bench_dtypes():
-            ours = decoding_layout(copy.deepcopy(model).to(torch_dtype(dtype)))  # as `sample` runs it
+            ours = prepare(copy.deepcopy(model).to(torch_dtype(dtype)))  # as `sample` runs it
             runs["gpt2repro", dtype] = _greedy(ours, prompt, compiled=False)
             if dtype == "fp32":  # not bf16: its eager one-row kernel (addmv) beats its compiled graph
                 runs["gpt2repro, compiled steps", dtype] = _greedy(ours, prompt, compiled=True)

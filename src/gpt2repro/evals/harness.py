@@ -15,6 +15,7 @@ import torch
 
 from ..errors import UserError
 from ..generation.generate import generate
+from ..generation.sampling import GREEDY
 from ..model.gpt import GPT
 from ..model.precision import autocast
 from ..text import chat
@@ -127,7 +128,7 @@ def make_lm(
                 ids = enc.encode_ordinary(context)[-(model.config.block_size - 1) :]
                 steps = min(int(kwargs.get("max_gen_toks", 256)), model.config.block_size - len(ids))
                 with autocast(device, dtype):
-                    out = generate(model, torch.tensor([ids], device=device), steps, temperature=0)
+                    out = generate(model, torch.tensor([ids], device=device), steps, sampling=GREEDY)
                 text = enc.decode(out[0, len(ids) :].tolist())
                 texts.append(min((text.split(stop)[0] for stop in until), key=len))
             return texts

@@ -27,7 +27,8 @@ from ..model.gpt import GPT
 from ..model.kvcache import KVCache
 from ..text import chat
 from ..text.tokenizer import EOT_ID, get_tokenizer
-from .sampling import GenerateError, Sampling, draw, ends_reply
+from .decoding import Decoder
+from .sampling import GREEDY, GenerateError, Sampling, draw, ends_reply
 
 
 def require_chat_model(model: GPT, what: str = "this model") -> None:
@@ -68,6 +69,7 @@ class ChatSession:
         self.device = next(model.parameters()).device
         self.generator = self.sampling.generator(self.device)
         self.cache = KVCache.empty(model.config, 1, self.device, model.transformer.wte.weight.dtype)
+        self.step = Decoder(model)
         self.forward_tokens = 0
         self.turns: list[dict] = []  # per reply: prompt tokens run, first-token latency, decode time
         self.reset()
@@ -123,10 +125,13 @@ class ChatSession:
         todo = self.ids[self.cached :]
         idx = torch.tensor([todo], dtype=torch.long, device=self.device)
         self.cache.lengths[0] = self.cached  # 0 after dropped turns or a reset: encoded afresh
-        h = self.model.hidden(idx, self.cache)
+        if len(todo) == 1 and self.cached:
+            logits = self.step(idx, self.cache)
+        else:
+            logits = self.model.logits(self.model.hidden(idx, self.cache)[:, -1])
         self.cached += len(todo)
         self.forward_tokens += len(todo)
-        return self.model.logits(h[:, -1])
+        return logits
 
     def send(self, text: str) -> Iterator[int]:
         """The user says `text`: yields the reply's token ids as they are sampled (not the token that
@@ -195,16 +200,16 @@ def greedy_reply(model: GPT, prompt: list[int], max_new_tokens: int) -> tuple[li
     """The greedy reply to rendered prompt ids (opened for the assistant): its tokens, and the token
     that ended it (`sampling.ends_reply`) among its first `max_new_tokens` tokens, if one did."""
     device = next(model.parameters()).device
-    greedy = Sampling(temperature=0)
     cache = KVCache.empty(model.config, 1, device, model.transformer.wte.weight.dtype)
     logits = model.logits(model.hidden(torch.tensor([prompt], device=device), cache)[:, -1])
+    step = Decoder(model)
     reply: list[int] = []
     for _ in range(max_new_tokens):
-        token = int(draw(logits, greedy, None))
+        token = int(draw(logits, GREEDY, None))
         if ends_reply(token):
             return reply, token
         reply.append(token)
         if len(prompt) + len(reply) >= model.config.block_size:
             break
-        logits = model.logits(model.hidden(torch.tensor([[token]], device=device), cache)[:, -1])
+        logits = step(torch.tensor([[token]], device=device), cache)
     return reply, None

@@ -12,10 +12,12 @@ import torch
 
 from ..model.gpt import GPT
 from ..model.kvcache import KVCache
-from .compiled import compiled_steps
-from .sampling import GenerateError, Sampling, draw, draw_rows, ends_reply, filter_logits
+from .decoding import Decoder
+from .sampling import GenerateError, Sampling, draw_rows, ends_reply, filter_logits
 
 __all__ = ["GenerateError", "filter_logits", "generate", "prompt_tokens", "sample_text", "sample_tokens"]
+
+ORIGINAL = Sampling(top_k=50)  # GPT-2's own samples: top-50 at temperature 1
 
 
 @torch.no_grad()
@@ -23,45 +25,42 @@ def generate(
     model: GPT,
     idx: torch.Tensor,
     max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-    use_cache: bool = True,
-    generators: list[torch.Generator] | None = None,
+    *,
+    sampling: Sampling,
     until_end: bool = False,
     compiled: bool = False,
+    use_cache: bool = True,
 ) -> torch.Tensor:
-    """Extend idx (B, T) by up to max_new_tokens; temperature=0 is greedy decoding. With `generators`,
-    row i is drawn with generators[i] alone; with `until_end`, decoding stops once every row has drawn
-    a token that ends a reply (the rows are not cut: see `sample_tokens`). `compiled`: the one-token
-    steps run compiled whole (`compiled.py`: faster per token, after compiling once)."""
-    was_training = model.training
-    model.eval()
+    """Extend idx (B, T) by up to max_new_tokens, row i drawn as `sampling` draws row i (its seed +
+    i, its penalties over the row's own tokens), as it would be drawn alone. `until_end`: stop once
+    every row has drawn a token that ends a reply (the rows are not cut: see `sample_tokens`).
+    `compiled`: the one-token steps compiled whole (`decoding.Decoder`). `use_cache=False`: every
+    token recomputes the whole sequence through the model's forward (a reference, slow)."""
+    if compiled and not use_cache:
+        raise GenerateError("compiled decoding steps read the KV cache: they need use_cache=True")
     steps = min(max_new_tokens, model.config.block_size - idx.size(1))
     if steps < 0:
         raise ValueError(f"prompt of {idx.size(1)} tokens exceeds block_size={model.config.block_size}")
-    sampling = Sampling(temperature, top_k, 1.0 if top_p is None else top_p)
+    was_training = model.training
+    model.eval()
+    gens = [sampling.generator(idx.device, i) for i in range(idx.size(0))]
+    drawn: list[list[int]] = [[] for _ in gens]
     ended = torch.zeros(idx.size(0), dtype=torch.bool)
-    cache = None
-    if compiled and not use_cache:
-        raise GenerateError("compiled decoding steps read the KV cache: they need use_cache=True")
-    step = compiled_steps(model) if compiled else None
     if use_cache:
-        dtype = model.transformer.wte.weight.dtype
-        cache = KVCache.empty(model.config, idx.size(0), idx.device, dtype)
+        step = Decoder(model, compiled)
+        cache = KVCache.empty(model.config, idx.size(0), idx.device, model.transformer.wte.weight.dtype)
         logits = model.logits(model.hidden(idx, cache)[:, -1])
     for i in range(steps):
         if not use_cache:
             logits = model.logits(model.hidden(idx)[:, -1])
-        tok = draw_rows(logits, sampling, generators) if generators else draw(logits, sampling, generator)
+        tok = draw_rows(logits, sampling, gens, drawn)
         idx = torch.cat([idx, tok], dim=1)
         if until_end:
             ended |= torch.tensor([ends_reply(t) for t in tok[:, 0].tolist()])
             if bool(ended.all()):
                 break
         if use_cache and i + 1 < steps:
-            logits = step(tok, cache) if step else model.logits(model.hidden(tok, cache)[:, -1])
+            logits = step(tok, cache)
     model.train(was_training)
     return idx
 
@@ -92,7 +91,13 @@ def prompt_tokens(prompt: str, block_size: int) -> list[int]:
 
 
 def sample_tokens(
-    model: GPT, prompt_ids: list[int], n: int, max_new_tokens: int, sampling: Sampling, compiled: bool = False
+    model: GPT,
+    prompt_ids: list[int],
+    n: int,
+    max_new_tokens: int,
+    *,
+    sampling: Sampling,
+    compiled: bool = False,
 ) -> list[list[int]]:
     """n continuations of `prompt_ids` (row i drawn with seed + i), each ending before its first token
     that is not text; `compiled`: see `generate`."""
@@ -101,9 +106,7 @@ def sample_tokens(
         raise GenerateError(f"n and max_new_tokens must be at least 1, got {n} and {max_new_tokens}")
     device = next(model.parameters()).device
     idx = torch.tensor([prompt_ids] * n, dtype=torch.long, device=device)
-    gens = [sampling.generator(device, i) for i in range(n)]
-    out = generate(model, idx, max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p,
-                   generators=gens, until_end=True, compiled=compiled)  # fmt: skip
+    out = generate(model, idx, max_new_tokens, sampling=sampling, until_end=True, compiled=compiled)
     rows = [row[len(prompt_ids) :].tolist() for row in out]
     return [row[: next((j for j, t in enumerate(row) if ends_reply(t)), len(row))] for row in rows]
 
@@ -113,19 +116,14 @@ def sample_text(
     prompt: str,
     n: int = 4,
     max_new_tokens: int = 32,
-    temperature: float = 1.0,
-    top_k: int | None = 50,
-    seed: int = 42,
-    top_p: float = 1.0,
+    *,
+    sampling: Sampling = ORIGINAL,
     compiled: bool = False,
 ) -> list[str]:
     """n samples continuing `prompt` (the prompt included), reproducible for a seed (the original's
     top-50 sampling by default); `compiled`: see `generate`."""
     from ..text.tokenizer import get_tokenizer
 
-    enc = get_tokenizer()
     prompt_ids = prompt_tokens(prompt, model.config.block_size)
-    rows = sample_tokens(
-        model, prompt_ids, n, max_new_tokens, Sampling(temperature, top_k, top_p, seed), compiled
-    )
-    return [enc.decode(prompt_ids + row) for row in rows]
+    rows = sample_tokens(model, prompt_ids, n, max_new_tokens, sampling=sampling, compiled=compiled)
+    return [get_tokenizer().decode(prompt_ids + row) for row in rows]

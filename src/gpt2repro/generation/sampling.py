@@ -90,6 +90,9 @@ class Sampling:
         return torch.Generator(device=device).manual_seed((self.seed + index) % 2**64)
 
 
+GREEDY = Sampling(temperature=0)  # the most likely token every time
+
+
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """Set everything outside the top-k / nucleus (top-p) to -inf. logits: (B, V)."""
     if top_k and top_k < logits.size(-1):
@@ -115,6 +118,15 @@ def draw(
     return torch.multinomial(F.softmax(scaled, dim=-1), 1, generator=generator)
 
 
-def draw_rows(logits: torch.Tensor, sampling: Sampling, generators: list[torch.Generator]) -> torch.Tensor:
-    """Row i drawn with generators[i] alone, as that row would be drawn in a batch of one: (B, 1)."""
-    return torch.cat([draw(logits[i : i + 1], sampling, g) for i, g in enumerate(generators)])
+def draw_rows(
+    logits: torch.Tensor, sampling: Sampling, generators: list[torch.Generator], drawn: list[list[int]]
+) -> torch.Tensor:
+    """Row i drawn with generators[i] after its tokens drawn[i] (which it extends), as that row would
+    be drawn in a batch of one: (B, 1). Greedy rows without penalties are drawn together."""
+    if sampling.temperature == 0 and not (sampling.presence_penalty or sampling.frequency_penalty):
+        tok = draw(logits, sampling, None)
+    else:
+        tok = torch.cat([draw(logits[i : i + 1], sampling, g, drawn[i]) for i, g in enumerate(generators)])
+    for row, t in zip(drawn, tok[:, 0].tolist()):
+        row.append(t)
+    return tok

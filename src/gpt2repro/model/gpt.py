@@ -3,7 +3,9 @@
 Parameter names are exactly the Hugging Face `GPT2LMHeadModel` state-dict keys so checkpoints move
 both ways (HF stores the Conv1D weights transposed; `hf.py` handles that). The lm_head shares storage
 with the token embedding. The embedding may be padded past the real vocabulary for faster matmuls;
-padded ids are cut from the logits, so they are never predicted, sampled or scored.
+padded ids are cut from the logits, so they are never predicted, sampled or scored. How fast it
+decodes is not its concern: `generation/decoding.py` runs the same arithmetic one token at a time,
+tested against this forward.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch.utils.checkpoint
 
 from ..config.schema import GPTConfig
 from .kvcache import KVCache
-from .ops import Linear, linear_cross_entropy
+from .ops import linear_cross_entropy
 
 
 class CausalSelfAttention(nn.Module):
@@ -23,31 +25,32 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.layer = layer
-        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = Linear(config.n_embd, config.n_embd)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE = True  # init scaled by (2*n_layer)^-0.5
 
     def forward(
         self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        B, T, C = x.shape  # batch, sequence length, embedding dimensionality (n_embd)
+        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
+        nh, hs = self.n_head, C // self.n_head  # heads, head size
+        q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if mask is not None:  # an explicit (B, 1, T, T) mask, e.g. packed sequences
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
         elif cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash kernel where available
-        else:  # a prompt from the start is plainly causal (flash-eligible); else the cache's mask
+        else:  # keys/values (B, nh, cached + T, hs); a prompt from the start is plainly causal
             k, v, mask, causal = cache.insert(self.layer, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, nh, T, hs)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))  # heads side by side again
 
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,24 +68,8 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if cache is not None and mask is None and x.size(1) == 1:  # a decoding step (hooks ran: FSDP)
-            return self.decode(x, cache)
         x = x + self.attn(self.ln_1(x), cache, mask)
         return x + self.mlp(self.ln_2(x))
-
-    def decode(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """forward() for one new token per slot (x: (B, 1, C)) after its cached ones, op for op the
-        same arithmetic in a third of the ops and module calls: at batch 1 decoding is bound by
-        reading the weights, and each µs spent elsewhere shows (benchmarks/RESULTS.md)."""
-        attn, mlp = self.attn, self.mlp
-        B, _, C = x.shape
-        h = F.layer_norm(x, (C,), self.ln_1.weight, self.ln_1.bias, self.ln_1.eps)
-        q, k, v = attn.c_attn(h).view(B, 3, attn.n_head, 1, C // attn.n_head).unbind(1)
-        k, v, mask, causal = cache.insert(attn.layer, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-        x = x + attn.c_proj(y.reshape(B, 1, C))
-        h = F.layer_norm(x, (C,), self.ln_2.weight, self.ln_2.bias, self.ln_2.eps)
-        return x + mlp.c_proj(F.gelu(mlp.c_fc(h), approximate="tanh"))
 
 
 class WeightsMismatch(ValueError):
@@ -126,7 +113,7 @@ class GPT(nn.Module):
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
             )
         )
-        self.lm_head = Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one tensor, one gradient
         # activation checkpointing: every n-th block is recomputed in backward (0: off). A training
         # setting, not architecture (memory for time, never the result): set where the run's model is built (`parallelize`, `distributed.wrap_model`).

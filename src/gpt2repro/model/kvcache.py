@@ -81,19 +81,16 @@ class KVCache:
     def advance(self) -> None:
         self.lengths += self._T
 
-    def aligned_length(self) -> int:
-        """The tokens cached per slot, when every slot has as many and at least one, with room for
-        one more (what a compiled decoding step needs: `generation/compiled.py`)."""
-        lengths = set(self.lengths.tolist())
-        start = lengths.pop() if len(lengths) == 1 else 0
-        if start == 0 or start >= self.k.size(3):
-            raise ValueError(f"a one-token step needs every slot at one length in 1..{self.k.size(3) - 1}")
-        return start
-
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store one new token's keys and values for every layer and slot, (n_layer, slots, n_head,
-        1, head_dim), after the aligned slots' cached ones, and move the lengths on."""
-        start = self.aligned_length()
-        self.k[:, :, :, start : start + 1] = k
-        self.v[:, :, :, start : start + 1] = v
+        1, head_dim), each after its slot's cached ones, and move the lengths on (a decoding step
+        that only read the cache and checked its room: `generation/decoding.py`)."""
+        lengths = self.lengths.tolist()
+        if len(set(lengths)) == 1:
+            self.k[:, :, :, lengths[0] : lengths[0] + 1] = k
+            self.v[:, :, :, lengths[0] : lengths[0] + 1] = v
+        else:  # (slots, n_layer, n_head, head_dim) at each slot's own position
+            slots, at = torch.arange(self.slots, device=k.device), self.lengths.to(k.device)
+            self.k[:, slots, :, at] = k[:, :, :, 0].transpose(0, 1)
+            self.v[:, slots, :, at] = v[:, :, :, 0].transpose(0, 1)
         self.lengths += 1

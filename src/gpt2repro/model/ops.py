@@ -1,10 +1,8 @@
-"""Hand-written kernels the model uses, kept apart so `gpt.py` stays the architecture.
+"""Hand-written kernels of training and scoring, kept apart so `gpt.py` stays the architecture.
 
-- `Linear`: nn.Linear with a faster decoding path on multi-core CPUs; `decoding_layout` stores an
-  inference model's fp32 weights the way MKL's one-row product reads fastest.
-- `linear_cross_entropy`: the lm_head and the cross-entropy fused, chunk by chunk, so training never
-  holds the (tokens x vocabulary) logits; its `sum` reduction ignores negative targets (the tokens a
-  chat fine-tune does not learn).
+`linear_cross_entropy`: the lm_head and the cross-entropy fused, chunk by chunk, so training never
+holds the (tokens x vocabulary) logits; its `sum` reduction ignores negative targets (the tokens a chat
+fine-tune does not learn). Decoding's kernels are in `generation/decoding.py`.
 """
 
 from __future__ import annotations
@@ -12,99 +10,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-
-
-def _cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("vendor_id")), "")
-    except OSError:
-        return ""
-
-
-class Linear(nn.Linear):
-    """nn.Linear, plus faster paths for decoding on a CPU, where a few rows of input (one new token
-    per sequence) make the matmul bound by reading the weight.
-
-    - bf16, one row: `torch.addmv`, whose bf16 matrix-vector kernel streams the weight faster than
-      the oneDNN matmul F.linear dispatches to.
-    - fp32, up to MAX_ROWS rows, off Intel: MKL runs this product on one core there (AMD EPYC,
-      measured); splitting the output features into one group per thread and running the groups as
-      a batched matmul uses every core. On Intel, MKL's own product already streams the weight on
-      every core and the split halves its bandwidth, so it stays off.
-
-    `gpt2repro bench generate` measures them (benchmarks/RESULTS.md). Same result up to rounding
-    order. Under torch.compile, with autograd or autocast, and on any other device it is exactly
-    nn.Linear: the check for compiling comes first, so Dynamo never traces the thread query that
-    would break its graph."""
-
-    MAX_ROWS = 32
-    SPLIT = _cpu_vendor() != "GenuineIntel"  # whether the grouped fp32 path is taken at all
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        path = None if torch.compiler.is_compiling() else self._decode_path(x)
-        if path == "mv":
-            row = x.reshape(-1)
-            y = torch.mv(self.weight, row) if self.bias is None else torch.addmv(self.bias, self.weight, row)
-            return y.view(*x.shape[:-1], -1)
-        if path != "split":
-            return super().forward(x)
-        groups = torch.get_num_threads()
-        out_features, in_features = self.weight.shape
-        rows = x.numel() // in_features
-        w = self.weight.view(groups, out_features // groups, in_features)
-        x2 = x.reshape(rows, in_features).t().expand(groups, in_features, rows)
-        y = torch.bmm(w, x2).view(out_features, rows).t()
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], out_features)
-
-    def _decode_path(self, x: torch.Tensor) -> str | None:
-        """ "mv", "split" or None (nn.Linear's own). The commonest case, fp32 on Intel, is settled
-        first: this runs for each of the ~50 matmuls of every decoded token."""
-        if (x.dtype == torch.float32 and not self.SPLIT) or x.dtype not in (torch.float32, torch.bfloat16):
-            return None
-        if (
-            x.device.type != "cpu"
-            or x.dtype != self.weight.dtype
-            or torch.is_autocast_enabled("cpu")
-            or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-        ):
-            return None
-        out_features, in_features = self.weight.shape
-        rows = x.numel() // in_features
-        if x.dtype == torch.bfloat16:
-            return "mv" if rows == 1 else None
-        groups = torch.get_num_threads()
-        return "split" if rows <= self.MAX_ROWS and groups > 1 and out_features % groups == 0 else None
-
-
-def decoding_layout(model: nn.Module) -> nn.Module:
-    """Lay every fp32 Linear weight of an inference model out for decoding, in place: the same
-    (out, in) tensor of the same values, stored as the transpose of a contiguous (in, out) one. MKL
-    then takes its column-streaming one-row product, which reads the weights faster than the
-    row-dot one it uses for nn.Linear's layout (measured on Intel: benchmarks/RESULTS.md); prompts'
-    multi-row products are no slower. Tied weights stay tied (the Parameter objects are kept): the
-    token embedding is transposed too, and looking a token up reads one strided row, nothing next
-    to a matmul.
-
-    For sampling, chat and serving only: a model being trained keeps nn.Linear's layout, whose
-    gradients and losses are the measured ones. Left as it is where the grouped split is taken (it
-    was measured on the usual layout only), for bf16 weights (their one-row kernel is slower this
-    way) and off the CPU. Saving the weights with safetensors directly needs `.contiguous()` (this
-    project's writers do it)."""
-    if Linear.SPLIT:
-        return model
-    with torch.no_grad():
-        for module in model.modules():
-            w = module.weight if isinstance(module, nn.Linear) else None
-            if w is not None and w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous():
-                w.data = w.data.t().contiguous().t()
-    return model
-
 
 _CPU_SCRATCH: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..generation.decoding import Decoder
 from ..generation.sampling import Sampling, draw, ends_reply
 from ..model.gpt import GPT
 from ..model.kvcache import KVCache
@@ -78,6 +79,7 @@ class Engine:
 
     def __init__(self, model: GPT, slots: int = 8, prefix_cache: bool = True):
         self.model = model.eval()
+        self.step = Decoder(model)  # every running sequence's next token, in one step
         self.device = next(model.parameters()).device
         dtype = model.transformer.wte.weight.dtype
         self.cache = KVCache.empty(model.config, slots, self.device, dtype)
@@ -208,7 +210,7 @@ class Engine:
         active = KVCache(self.cache.k[:, :m], self.cache.v[:, :m], self.cache.lengths[:m])
         if any(self._has_room(j) for j in self.running):  # (the finished rows ride along, then leave)
             ids = torch.tensor(tokens, device=self.device)[:, None]
-            logits = self.model.logits(self.model.hidden(ids, active)[:, -1])
+            logits = self.step(ids, active)
             self.last = list(logits.split(1))
             for held, tok in zip(self.held, tokens):
                 held.append(tok)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..generation.decoding import prepare
 from ..model.gpt import GPT
-from ..model.ops import decoding_layout
 from ..text.tokenizer import get_tokenizer
 from .engine import Engine
 from .generation import Served
@@ -52,8 +52,8 @@ def chat_format(config) -> ChatFormat | None:
 
 def served_model(model: GPT, model_id: str, slots: int, prefix_cache: bool = True) -> Served:
     """The model behind the API, its engine started. Its fp32 weights are laid out for decoding in
-    place (`ops.decoding_layout`: the same values, stored transposed; `.contiguous()` them before
-    writing them with anything but this project's writers)."""
+    place (`decoding.prepare`: where measured faster, the same values stored transposed; `.contiguous()`
+    them before writing them with anything but this project's writers)."""
     enc = get_tokenizer()
     chat = chat_format(model.config)
     decode_one = chat.token_bytes if chat else enc.decode_single_token_bytes
@@ -65,7 +65,7 @@ def served_model(model: GPT, model_id: str, slots: int, prefix_cache: bool = Tru
             return b""
 
     return Served(
-        Engine(decoding_layout(model), slots, prefix_cache).start(), model_id, model.config.vocab_size, model.config.block_size,
+        Engine(prepare(model), slots, prefix_cache).start(), model_id, model.config.vocab_size, model.config.block_size,
         enc.encode_ordinary, token_bytes, chat,
     )  # fmt: skip
 

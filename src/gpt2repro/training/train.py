@@ -27,6 +27,7 @@ from ..data.shards import ShardError, manifest_sources, verify_shards
 from ..evals import core, hellaswag
 from ..files.fsio import WriteError, atomic_write_text
 from ..generation.generate import prompt_tokens, sample_text
+from ..generation.sampling import Sampling
 from ..model.precision import autocast, enable_tf32, slow_dtype_warning, tf32_enabled
 from ..parallel.distributed import (
     all_reduce_mean,
@@ -313,9 +314,9 @@ class Trainer:
 
     def samples(self) -> list[str]:
         """The in-loop samples: continuations of sample_prompt."""
-        cfg = self.cfg
+        cfg, sampling = self.cfg, Sampling(top_k=50, seed=42 + self.info.rank)
         return sample_text(
-            self.raw, cfg.sample_prompt, cfg.sample_count, cfg.sample_tokens, seed=42 + self.info.rank
+            self.raw, cfg.sample_prompt, cfg.sample_count, cfg.sample_tokens, sampling=sampling
         )
 
     @torch.no_grad()

@@ -1,0 +1,274 @@
+"""Decoding steps: one new token per slot after its cached ones, the one place decoding speed lives.
+
+`model/gpt.py` is the architecture: prompts are read through its forward, and it is the reference a
+step is tested against (in float64). A step (`Decoder`) is that arithmetic arranged for one token,
+applied to a model from outside, and every entry point decodes through it: `generate`, the terminal
+chat, the server's batch. At batch 1 a CPU step is bound by reading the weights, so what matters is
+how its ~50 matmuls read them, and how little runs besides them (benchmarks/RESULTS.md).
+
+- The matmuls run through a `Kernel` chosen per host, dtype and shape by timing the candidates on
+  the model's own weights (`choose`): nn.Linear's F.linear; `split` (fp32, a few rows: the output
+  features in one group per thread as one batched matmul, for MKL's one-core product on AMD EPYC);
+  `mv` (bf16, one row: `addmv`'s matrix-vector kernel); `columns` (F.linear over weights stored
+  transposed, MKL's column-streaming product: `prepare` lays an inference model out so, in place).
+  A kernel prepares each weight once (`Kernel.prepare`) and runs on what it prepared
+  (`Kernel.run`): a quantized kernel is one more candidate.
+- The attention only reads the cache: the new token attends to the cached keys and to its own key
+  apart, joined in one softmax, and its keys and values are stored by one copy after the step. So
+  the same function runs eagerly or compiled whole (`compiled=True`: every layer and the lm_head
+  in one torch.compile graph, called from C++; written inside the graph, the cache would be copied
+  whole every step). Logits agree with the forward's to float rounding, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..model.gpt import GPT
+from ..model.kvcache import KVCache
+from .sampling import GenerateError
+
+OPTIONS = {"cpp_wrapper": True}  # inductor: kernels called from C++, not from a Python wrapper
+MAX_SPLIT_ROWS = 32  # past this many rows a matmul is no longer bound by reading its weight
+
+
+def _dense(weight: torch.Tensor) -> torch.Tensor:
+    return weight
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+def _grouped(weight: torch.Tensor) -> torch.Tensor:
+    """(out, in) as (threads, out / threads, in): one group of output features per thread."""
+    groups = torch.get_num_threads()
+    return weight.view(groups, weight.size(0) // groups, weight.size(1))
+
+
+def _split(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear over grouped weights (`_grouped`), the groups as one batched matmul."""
+    groups, per, in_features = w.shape
+    rows = x.numel() // in_features
+    if rows > MAX_SPLIT_ROWS:
+        return F.linear(x, w.flatten(0, 1), bias)
+    x2 = x.reshape(rows, in_features).t().expand(groups, in_features, rows)
+    y = torch.bmm(w, x2).view(groups * per, rows).t()
+    y = y if bias is None else y + bias
+    return y.reshape(*x.shape[:-1], groups * per)
+
+
+def _mv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """One row through a matrix-vector product; more rows through F.linear."""
+    if x.numel() != x.size(-1):
+        return F.linear(x, weight, bias)
+    row = x.reshape(-1)
+    y = torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row)
+    return y.view(*x.shape[:-1], -1)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """How a decoder's matmuls run: `prepare` turns each Linear weight into what `run(x, prepared,
+    bias)` reads; `columns`: over weights stored transposed (in, out) in memory."""
+
+    name: str
+    run: Callable[[torch.Tensor, Any, torch.Tensor | None], torch.Tensor]
+    prepare: Callable[[torch.Tensor], Any] = _dense
+    columns: bool = False
+
+
+LINEAR = Kernel("linear", _linear)
+COLUMNS = Kernel("columns", _linear, columns=True)
+SPLIT = Kernel("split", _split, _grouped)
+MV = Kernel("mv", _mv)
+KERNELS = {k.name: k for k in (LINEAR, COLUMNS, SPLIT, MV)}
+
+
+def _transposed(weight: torch.Tensor) -> bool:
+    return weight.dim() == 2 and weight.stride() == (1, weight.size(0))
+
+
+def _linears(model: GPT) -> list[nn.Linear]:
+    """Every Linear of the model in the order a step runs them, the lm_head last."""
+    blocks = [(b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj) for b in model.transformer.h]
+    return [m for block in blocks for m in block] + [model.lm_head]
+
+
+def candidates(model: GPT, relayout: bool) -> list[Kernel]:
+    """The kernels that can run this model's weights: as they are stored, or (`relayout`) after
+    `prepare` stores them transposed."""
+    weight = model.lm_head.weight
+    if weight.device.type != "cpu":
+        return [LINEAR]
+    if _transposed(weight):  # laid out already: F.linear reads either layout
+        return [COLUMNS]
+    found = [LINEAR]
+    threads = torch.get_num_threads()
+    if threads > 1 and all(m.out_features % threads == 0 for m in _linears(model)):
+        found.append(SPLIT)
+    if weight.dtype == torch.bfloat16:
+        found.append(MV)
+    if relayout:
+        found.append(COLUMNS)
+    return found
+
+
+def _timings(model: GPT, kernels: list[Kernel], rounds: int = 9) -> dict[str, float]:
+    """Each kernel's best time for one row through the first block's matmuls and the lm_head (big
+    enough to push the rest out of the caches, as a real step does), the kernels taking turns."""
+    sample = _linears(model)[:4] + [model.lm_head]
+    x = {m: torch.randn(1, m.in_features, dtype=m.weight.dtype) for m in sample}
+    ready = {}
+    for k in kernels:
+        weights = [m.weight.t().contiguous().t() if k.columns else m.weight for m in sample]
+        ready[k.name] = [(m, k.prepare(w)) for m, w in zip(sample, weights)]
+    best = dict.fromkeys(ready, float("inf"))
+    with torch.no_grad():
+        for _ in range(rounds):
+            for k in kernels:
+                t0 = time.perf_counter()
+                for m, w in ready[k.name]:
+                    k.run(x[m], w, m.bias)
+                best[k.name] = min(best[k.name], time.perf_counter() - t0)
+    return best
+
+
+_CHOSEN: dict[tuple, str] = {}  # measured once per process for each kind of model and host setting
+MARGIN = 0.9  # another kernel than nn.Linear's is taken only this much faster: a busy host's noise
+
+
+def choose(model: GPT, relayout: bool = False) -> Kernel:
+    """The fastest kernel for this model's weights on this host, measured (once per process for each
+    dtype, layout, thread count and shape); nn.Linear's own unless another is clearly faster."""
+    found = candidates(model, relayout)
+    if len(found) == 1:
+        return found[0]
+    shapes = tuple(tuple(m.weight.shape) for m in _linears(model)[:4])
+    key = (model.lm_head.weight.dtype, relayout, torch.get_num_threads(), shapes, model.config.vocab_size)
+    if key not in _CHOSEN:
+        times = _timings(model, found)
+        times[found[0].name] *= MARGIN
+        _CHOSEN[key] = min(times, key=times.get)
+    return KERNELS[_CHOSEN[key]]
+
+
+_PREPARED: weakref.WeakKeyDictionary[GPT, Kernel] = weakref.WeakKeyDictionary()
+
+
+def prepare(model: GPT, kernel: Kernel | None = None) -> GPT:
+    """Make an inference model's decoding fast on this host, in place: choose its kernel (measured,
+    unless given) and, for `columns`, store every fp32 or bf16 Linear weight as the transpose of a
+    contiguous (in, out) tensor (the same tensors and values; tied weights stay tied: the token
+    embedding too, whose lookups then read one strided row). For sampling, chat and serving only: a
+    model being trained keeps nn.Linear's layout. Saving its weights with safetensors directly then
+    needs `.contiguous()` (this project's writers do it)."""
+    kernel = kernel or choose(model, relayout=True)
+    if kernel.columns:
+        with torch.no_grad():
+            for module in model.modules():
+                w = module.weight if isinstance(module, nn.Linear) else None
+                if w is not None and w.is_floating_point() and w.is_contiguous():
+                    w.data = w.data.t().contiguous().t()
+    _PREPARED[model] = kernel
+    return model
+
+
+def _attend(q, k_old, v_old, k_new, v_new, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over the cached keys and values (slots, nh, length, hs) and the new
+    token's own (slots, nh, 1, hs), the two parts in one softmax; `mask` (slots, 1, 1, length): the
+    cached positions each slot holds (None: all). In fp32 whatever the weights' dtype (as SDPA
+    accumulates), float64 in float64."""
+    wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k_old, v_old, k_new, v_new = (t.to(wide) for t in (q, k_old, v_old, k_new, v_new))
+    scale = q.size(-1) ** -0.5
+    s_old = (q @ k_old.transpose(-1, -2)) * scale  # (slots, nh, 1, length)
+    if mask is not None:
+        s_old = s_old.masked_fill(~mask, float("-inf"))
+    s_new = (q * k_new).sum(-1, keepdim=True) * scale  # (slots, nh, 1, 1)
+    top = torch.maximum(s_old.amax(-1, keepdim=True), s_new)
+    p_old, p_new = (s_old - top).exp(), (s_new - top).exp()
+    return (p_old @ v_old + p_new * v_new) / (p_old.sum(-1, keepdim=True) + p_new)
+
+
+def _step(model: GPT, kernel: Kernel, weights: list, tok, positions, k_old, v_old, mask):
+    """Logits (slots, vocab) of one new token per slot (tok: (slots, 1)) at `positions` (slots,),
+    after the cached keys and values (n_layer, slots, nh, length, hs); and the new token's keys and
+    values (n_layer, slots, nh, 1, hs). `weights`: each Linear's, as `kernel` prepared them."""
+    t, cfg, run = model.transformer, model.config, kernel.run
+    B, C, nh = tok.size(0), cfg.n_embd, cfg.n_head
+    x = t.wte(tok) + t.wpe(positions)[:, None]  # (B, 1, C)
+    keys, values = [], []
+    for i, block in enumerate(t.h):
+        (w_attn, b_attn), (w_proj, b_proj), (w_fc, b_fc), (w_out, b_out) = weights[4 * i : 4 * i + 4]
+        h = F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias, block.ln_1.eps)
+        q, k, v = run(h, w_attn, b_attn).view(B, 3, nh, 1, C // nh).unbind(1)  # (B, nh, 1, hs)
+        y = _attend(q, k_old[i], v_old[i], k, v, mask).to(q.dtype)  # (B, nh, 1, hs)
+        x = x + run(y.reshape(B, 1, C), w_proj, b_proj)
+        h = F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)
+        x = x + run(F.gelu(run(h, w_fc, b_fc), approximate="tanh"), w_out, b_out)
+        keys.append(k)
+        values.append(v)
+    x = F.layer_norm(x, (C,), t.ln_f.weight, t.ln_f.bias, t.ln_f.eps)
+    w_head, _ = weights[-1]
+    return run(x[:, -1], w_head, None)[:, : cfg.vocab_size], torch.stack(keys), torch.stack(values)
+
+
+class Decoder:
+    """Decoding steps for one model: `decoder(tokens (slots, 1), cache)` -> logits (slots, vocab),
+    like `model.logits(model.hidden(tokens, cache)[:, -1])`, storing the tokens' keys and values in
+    the cache and moving it on. Every slot must hold at least one token already; slots may be at
+    different lengths (a server's batch). The kernel is `prepare`'s for a prepared model, else the
+    fastest for its weights as they are (`choose`). `compiled`: the step compiled whole, after
+    compiling once per model and process (tens of seconds). FSDP's shards, whose hooks on the blocks
+    gather them, and a subclass with a forward of its own decode through the model's forward."""
+
+    def __init__(self, model: GPT, compiled: bool = False, kernel: Kernel | None = None):
+        sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
+        if compiled and sharded:
+            raise GenerateError("compiled decoding steps need a whole model, not FSDP's shards")
+        self.through_forward = sharded or type(model).hidden is not GPT.hidden  # (a model of its own)
+        self.model = model
+        self.kernel = kernel or _PREPARED.get(model) or choose(model)
+        self.weights = [(self.kernel.prepare(m.weight), m.bias) for m in _linears(model)]
+        self.compiled = torch.compile(_step, options=OPTIONS) if compiled else None
+
+    @torch.no_grad()
+    def __call__(self, tok: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        if self.through_forward:  # FSDP: through the blocks, whose hooks gather the shards
+            return self.model.logits(self.model.hidden(tok, cache)[:, -1])
+        lengths = cache.lengths
+        longest, aligned = int(lengths.max()), bool((lengths == lengths[0]).all())
+        if int(lengths.min()) < 1 or longest >= cache.k.size(3):
+            raise ValueError(f"a decoding step needs every slot at a length in 1..{cache.k.size(3) - 1}")
+        positions = lengths.to(tok.device)
+        k_old, v_old = cache.k[..., :longest, :], cache.v[..., :longest, :]
+        keys = torch.arange(longest, device=tok.device)
+        mask = None if aligned else (keys < positions[:, None])[:, None, None]  # (slots, 1, 1, length)
+        args = (self.model, self.kernel, self.weights, tok, positions, k_old, v_old, mask)
+        if self.compiled is None or longest == 1:  # (torch.compile would fix a length of 1 apart)
+            logits, k, v = _step(*args)
+        else:
+            logits, k, v = self._compiled(args)
+        cache.append(k, v)
+        return logits
+
+    def _compiled(self, args: tuple):
+        for t in args[5:]:  # one graph for every cache length
+            if t is not None:
+                torch._dynamo.mark_dynamic(t, 3)
+        try:
+            return self.compiled(*args)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise GenerateError(
+                f"compiling the decoding step failed ({first}): decode without compiling"
+            ) from e

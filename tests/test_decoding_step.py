@@ -1,0 +1,212 @@
+"""The one decoding implementation (generation/decoding.py) against the model's plain forward, in
+float64: every kernel, slots at one length and at different ones, eager and compiled; the kernel
+chosen by measurement; the layout `prepare` applies from outside."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt2repro.config.schema import model_config
+from gpt2repro.generation import decoding
+from gpt2repro.generation.generate import generate
+from gpt2repro.generation.sampling import GREEDY, GenerateError
+from gpt2repro.model.gpt import GPT
+from gpt2repro.model.kvcache import KVCache
+
+
+@pytest.fixture(scope="module")
+def model64():
+    torch.manual_seed(0)
+    return GPT(model_config("tiny", n_layer=2, vocab_multiple=64)).double().eval()
+
+
+def _decode(model, decoder, prompts, steps):
+    """Each slot prefilled alone through the forward, then `steps` greedy steps together: the
+    sequences, each step's logits, and the cache."""
+    cache = KVCache.empty(model.config, len(prompts), "cpu", model.lm_head.weight.dtype)
+    with torch.no_grad():
+        logits = torch.cat(
+            [model.logits(model.hidden(p, cache.slot(i))[:, -1]) for i, p in enumerate(prompts)]
+        )
+    seqs, seen = [p[0].tolist() for p in prompts], []
+    for _ in range(steps):
+        tok = logits.argmax(-1, keepdim=True)
+        for s, t in zip(seqs, tok[:, 0].tolist()):
+            s.append(t)
+        logits = decoder(tok, cache)
+        seen.append(logits)
+    return seqs, seen, cache
+
+
+def _reference(model, seqs, steps):
+    """Every step's logits and the keys/values, by the plain forward over each whole sequence."""
+    logits, caches = [], []
+    with torch.no_grad():
+        for s in seqs:
+            cache = KVCache.empty(model.config, 1, "cpu", torch.float64)
+            h = model.hidden(torch.tensor([s]), cache)
+            logits.append(model.logits(h[0, -steps:]))
+            caches.append(cache)
+    return torch.stack(logits, 1), caches
+
+
+@pytest.mark.parametrize("lengths", [(5, 5), (3, 9)])
+@pytest.mark.parametrize("kernel", sorted(decoding.KERNELS))
+def test_a_decoding_step_is_the_forwards_arithmetic_in_float64(model64, kernel, lengths):
+    """Each kernel's steps give the plain forward's logits and keys/values to float64 rounding, with
+    the slots at one length or at different ones."""
+    model = GPT(model64.config).double().eval()
+    model.load_state_dict(model64.state_dict())
+    kind = decoding.KERNELS[kernel]
+    decoding.prepare(model, kind)
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, model.config.vocab_size, (1, n)) for n in lengths]
+    with mock.patch("torch.get_num_threads", return_value=2):  # split's groups, whatever the host
+        decoder = decoding.Decoder(model)
+    seqs, seen, cache = _decode(model, decoder, prompts, steps=6)
+    assert decoder.kernel is kind and model.lm_head.weight.is_contiguous() != kind.columns
+    expected, caches = _reference(model64, seqs, steps=6)
+    torch.testing.assert_close(torch.stack(seen), expected, rtol=0, atol=1e-12)
+    for i, alone in enumerate(caches):
+        n = int(alone.lengths[0])
+        assert cache.lengths[i] == n
+        torch.testing.assert_close(cache.k[:, i, :, :n], alone.k[:, 0, :, :n], rtol=0, atol=1e-12)
+        torch.testing.assert_close(cache.v[:, i, :, :n], alone.v[:, 0, :, :n], rtol=0, atol=1e-12)
+
+
+def test_compiled_steps_are_the_forwards_arithmetic_in_one_graph_for_every_length(model64):
+    """The step compiled whole: the plain forward's logits to float64 rounding at every step, and
+    one graph for all cache lengths (no recompiling per token); `generate`'s greedy tokens."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(3)
+    prompts = [torch.randint(0, model64.config.vocab_size, (1, 9)) for _ in range(2)]
+    decoder = decoding.Decoder(model64, compiled=True, kernel=decoding.LINEAR)
+    graphs = []
+
+    def counted(tok, cache):
+        logits = decoder(tok, cache)
+        graphs.append(counters["stats"]["unique_graphs"])
+        return logits
+
+    seqs, seen, _ = _decode(model64, counted, prompts, steps=12)
+    assert graphs[1:] == [graphs[0]] * 11  # lengths 10..21: no new graph
+    expected, _ = _reference(model64, seqs, steps=12)
+    torch.testing.assert_close(torch.stack(seen), expected, rtol=0, atol=1e-12)
+    prompt = torch.cat(prompts)
+    assert torch.equal(
+        generate(model64, prompt, 10, sampling=GREEDY, compiled=True),
+        generate(model64, prompt, 10, sampling=GREEDY),
+    )
+
+
+def test_the_kernel_is_the_fastest_measured_and_measured_once(model64):
+    """`choose` times the candidates on the model's weights and keeps the fastest, once per process
+    for a kind of model."""
+    model = GPT(model_config("tiny", n_layer=1, n_embd=96, n_head=2, vocab_multiple=64)).eval()  # new kind
+    fake = {"linear": 3.0, "split": 1.0, "columns": 2.0}
+    with (
+        mock.patch("torch.get_num_threads", return_value=2),
+        mock.patch.object(decoding, "_timings") as timed,
+    ):
+        timed.side_effect = lambda m, kernels: {k.name: fake[k.name] for k in kernels}
+        assert decoding.choose(model, relayout=True) is decoding.SPLIT
+        assert decoding.choose(model, relayout=True) is decoding.SPLIT
+        assert timed.call_count == 1
+        assert [k.name for k in timed.call_args.args[1]] == ["linear", "split", "columns"]
+        assert decoding.choose(model) is decoding.SPLIT  # without relayout: linear or split
+        assert [k.name for k in timed.call_args.args[1]] == ["linear", "split"]
+    fake["split"] = 2.8  # less than 10% faster than nn.Linear's: not worth the noise
+    with (
+        mock.patch("torch.get_num_threads", return_value=2),
+        mock.patch.object(decoding, "_timings") as timed,
+    ):
+        timed.side_effect = lambda m, kernels: {k.name: fake[k.name] for k in kernels}
+        decoding._CHOSEN.clear()
+        assert decoding.choose(model) is decoding.LINEAR
+    real = decoding._timings(model, [decoding.LINEAR, decoding.COLUMNS], rounds=2)
+    assert set(real) == {"linear", "columns"} and all(0 < t < 1 for t in real.values())
+
+
+def test_prepare_lays_the_weights_out_from_outside_keeping_every_value_and_tie():
+    """`columns`: every Linear weight the same tensor and values, stored as the transpose of a
+    contiguous (in, out) tensor, the lm_head still the embedding; other kernels change nothing."""
+    torch.manual_seed(0)
+    model = GPT(model_config("tiny", n_layer=2)).eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = dict(model.named_parameters())
+    assert decoding.prepare(model, decoding.COLUMNS) is model
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for name, p in model.named_parameters():
+        assert p is params[name] and torch.equal(p, before[name])
+        assert (p.dim() == 2 and p.stride() == (1, p.size(0))) == (
+            name in linears or name == "transformer.wte.weight"
+        ), name
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert decoding.Decoder(model).kernel is decoding.COLUMNS
+    other = GPT(model_config("tiny", n_layer=1)).eval()
+    decoding.prepare(other, decoding.SPLIT)
+    assert all(p.is_contiguous() for p in other.parameters())
+
+
+def test_decoding_refuses_what_it_cannot_do_in_one_line(model64):
+    """A slot with nothing cached, or no room; compiled without the cache; a C++ compiler that does
+    not work (a one-line GenerateError naming the cause, not inductor's traceback)."""
+    cache = KVCache.empty(model64.config, 2, "cpu", torch.float64)
+    step = decoding.Decoder(model64)
+    for lengths in ([0, 4], [3, model64.config.block_size]):
+        cache.lengths[:] = torch.tensor(lengths)
+        with pytest.raises(ValueError, match="every slot at a length in 1.."):
+            step(torch.zeros(2, 1, dtype=torch.long), cache)
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(GenerateError, match="need use_cache=True"):
+        generate(model64, prompt, 4, sampling=GREEDY, compiled=True, use_cache=False)
+    odd = GPT(model_config("tiny", n_embd=48, n_head=3)).eval()
+    with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",)}):
+        with pytest.raises(
+            GenerateError, match="compiling the decoding step failed .*decode without compiling"
+        ):
+            generate(odd, prompt, 4, sampling=GREEDY, compiled=True)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 64), (8, 1, 64), (3, 5, 64), (40, 64)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_split_kernel_is_x_wt_plus_b_over_groups_of_output_features(shape, bias):
+    """A few rows through one batched matmul over a group of output features per thread (past
+    MAX_SPLIT_ROWS rows, F.linear): x W^T + b against float64."""
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 96, bias=bias)
+    x = torch.randn(shape)
+    expected = F.linear(
+        x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double()
+    )
+    with torch.no_grad(), mock.patch("torch.get_num_threads", return_value=2):
+        w = decoding.SPLIT.prepare(layer.weight)
+        with mock.patch("torch.bmm", wraps=torch.bmm) as bmm:
+            y = decoding.SPLIT.run(x, w, layer.bias)
+    assert w.shape == (2, 48, 64) and bmm.called == (x.numel() // 64 <= decoding.MAX_SPLIT_ROWS)
+    assert y.shape == (*shape[:-1], 96)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_one_row_bf16_mv_kernel_is_a_matrix_vector_product_rounded_once(bias):
+    """One bf16 row through torch.addmv (faster than the oneDNN matmul at one row where measured so),
+    accumulating in fp32: every output is the exact product rounded once to bf16 (within 2^-8)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(768, 2304, bias=bias).to(torch.bfloat16)
+    if bias:
+        nn.init.normal_(layer.bias)
+    x = torch.randn(1, 1, 768, dtype=torch.bfloat16)
+    exact = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
+    with torch.no_grad(), mock.patch("torch.addmv", wraps=torch.addmv) as addmv:
+        with mock.patch("torch.mv", wraps=torch.mv) as mv:
+            y = decoding.MV.run(x, decoding.MV.prepare(layer.weight), layer.bias)
+    assert (addmv if bias else mv).called
+    assert y.dtype == torch.bfloat16 and y.shape == (1, 1, 2304)
+    assert ((y.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
