@@ -41,11 +41,11 @@ def _load(args, device):
 
 
 def _load_for_decoding(args, device):
-    """The model in `--weight-dtype`, prepared for decoding on this host (`decoding.prepare`)."""
-    from .generation.decoding import prepare
-    from .model.precision import torch_dtype
+    """The model in `--weight-dtype`, prepared for decoding on this host: `gpt2repro.load`."""
+    from .api import load
 
-    return prepare(_load(args, device).to(torch_dtype(args.weight_dtype)))
+    source, kind = (args.checkpoint, "checkpoint") if args.checkpoint else (args.hf, "hf")
+    return load(source, device=str(device), weight_dtype=args.weight_dtype, kind=kind)
 
 
 def cmd_prepare(args) -> None:
@@ -99,14 +99,12 @@ def cmd_train(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from .generation.generate import sample_text
-    from .generation.sampling import Sampling
     from .parallel.distributed import pick_device
 
-    model = _load_for_decoding(args, pick_device(args.device))
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
-    for text in sample_text(
-        model, args.prompt, args.n, args.max_new_tokens, sampling=sampling, compiled=args.compile
+    llm = _load_for_decoding(args, pick_device(args.device))
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    for text in llm.samples(
+        args.prompt, args.n, max_new_tokens=args.max_new_tokens, compiled=args.compile, **sampling
     ):
         print(f"> {text}")
 
@@ -115,7 +113,7 @@ def cmd_chat(args) -> None:
     from .generation.chat_cli import run
     from .parallel.distributed import pick_device
 
-    model = _load_for_decoding(args, pick_device(args.device))
+    model = _load_for_decoding(args, pick_device(args.device)).model
     sampling = dict(
         max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature
     )

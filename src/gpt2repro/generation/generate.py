@@ -8,6 +8,8 @@ not text (`sampling.ends_reply`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from ..model.gpt import GPT
@@ -15,7 +17,15 @@ from ..model.kvcache import KVCache
 from .decoding import Decoder
 from .sampling import GenerateError, Sampling, draw_rows, ends_reply, filter_logits
 
-__all__ = ["GenerateError", "filter_logits", "generate", "prompt_tokens", "sample_text", "sample_tokens"]
+__all__ = [
+    "GenerateError",
+    "filter_logits",
+    "generate",
+    "prompt_tokens",
+    "sample_text",
+    "sample_tokens",
+    "stream_tokens",
+]
 
 ORIGINAL = Sampling(top_k=50)  # GPT-2's own samples: top-50 at temperature 1
 
@@ -43,9 +53,25 @@ def generate(
         raise ValueError(f"prompt of {idx.size(1)} tokens exceeds block_size={model.config.block_size}")
     was_training = model.training
     model.eval()
+    ended = torch.zeros(idx.size(0), dtype=torch.bool)
+    try:
+        for tok in _draws(model, idx, steps, sampling, compiled, use_cache):
+            idx = torch.cat([idx, tok], dim=1)
+            if until_end:
+                ended |= torch.tensor([ends_reply(t) for t in tok[:, 0].tolist()])
+                if bool(ended.all()):
+                    break
+    finally:
+        model.train(was_training)
+    return idx
+
+
+def _draws(
+    model: GPT, idx: torch.Tensor, steps: int, sampling: Sampling, compiled: bool, use_cache: bool
+) -> Iterator[torch.Tensor]:
+    """Each step's drawn tokens (B, 1); the next step's logits are worked out only when asked for."""
     gens = [sampling.generator(idx.device, i) for i in range(idx.size(0))]
     drawn: list[list[int]] = [[] for _ in gens]
-    ended = torch.zeros(idx.size(0), dtype=torch.bool)
     if use_cache:
         step = Decoder(model, compiled)
         cache = KVCache.empty(model.config, idx.size(0), idx.device, model.transformer.wte.weight.dtype)
@@ -54,15 +80,30 @@ def generate(
         if not use_cache:
             logits = model.logits(model.hidden(idx)[:, -1])
         tok = draw_rows(logits, sampling, gens, drawn)
+        yield tok
         idx = torch.cat([idx, tok], dim=1)
-        if until_end:
-            ended |= torch.tensor([ends_reply(t) for t in tok[:, 0].tolist()])
-            if bool(ended.all()):
-                break
         if use_cache and i + 1 < steps:
             logits = step(tok, cache)
-    model.train(was_training)
-    return idx
+
+
+def stream_tokens(
+    model: GPT, prompt_ids: list[int], max_new_tokens: int, *, sampling: Sampling
+) -> Iterator[int]:
+    """The tokens of one continuation as they are drawn: `sample_tokens`'s first row (the same seed,
+    the same tokens), ending before its first token that is not text."""
+    sampling.check()
+    if max_new_tokens < 1:
+        raise GenerateError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    model.eval()
+    steps = min(max_new_tokens, model.config.block_size - idx.size(1))
+    with torch.no_grad():
+        for tok in _draws(model, idx, steps, sampling, False, True):
+            token = int(tok[0, 0])
+            if ends_reply(token):
+                return
+            yield token
 
 
 def encode_prompt(prompt: str) -> list[int]:
