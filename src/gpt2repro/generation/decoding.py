@@ -237,8 +237,11 @@ class Decoder:
             raise GenerateError("compiled decoding steps need a whole model, not FSDP's shards")
         self.through_forward = sharded or type(model).hidden is not GPT.hidden  # (a model of its own)
         self.model = model
-        self.kernel = kernel or _PREPARED.get(model) or choose(model)
-        self.weights = [(self.kernel.prepare(m.weight), m.bias) for m in _linears(model)]
+        if self.through_forward:  # nothing of the one step is used (FSDP's shards cannot be timed either)
+            self.kernel, self.weights = None, []
+        else:
+            self.kernel = kernel or _PREPARED.get(model) or choose(model)
+            self.weights = [(self.kernel.prepare(m.weight), m.bias) for m in _linears(model)]
         self.compiled = torch.compile(_step, options=OPTIONS) if compiled else None
 
     @torch.no_grad()
