@@ -429,7 +429,14 @@ def test_sigterm_lets_an_in_flight_stream_finish_then_exits(run_dir):
                 break
         assert url, "the server did not say where it listens"
         threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
-        body = {"model": run_dir.name, "prompt": "a", "max_tokens": 200, "stream": True}
+        body = {
+            "model": run_dir.name,
+            "prompt": "a",
+            "max_tokens": 200,
+            "stream": True,
+            "logit_bias": {"50256": -100},
+        }
+        # (no <|endoftext|>: the stream runs until SIGTERM has arrived, whatever this tiny model draws)
         req = urllib.request.Request(
             url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
         )
