@@ -274,7 +274,7 @@ def test_a_streamed_data_set_survives_faults_and_kills(hub, parquet_repo, tmp_pa
         every=2, only=".parquet", mix=("429", "500", "503", "reset", "stall", "short"), stall_seconds=2
     )
     argv = _prepare_cli(hub, "hf:someone/docs", tmp_path / "d", *extra)
-    done = _killed_then_finished(argv, env, 3, 1, 3.0)
+    done = _killed_then_finished(argv, env, 2, 1, 3.0)
     assert done.returncode == 0, done.stderr[-2000:]
     assert published(tmp_path / "d") == published(tmp_path / "clean")
     assert len(hub.faults.injected) >= 4
