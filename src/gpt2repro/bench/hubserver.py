@@ -328,19 +328,25 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
 
+PARTS = 4  # parquet files the benchmark's data set is cut into
+
+
 def bench_streamed_prepare(docs: list[str], repeats: int, warmup: bool = True) -> list[dict]:
-    """`prepare --source hf:…` streamed from a local hub, fault-free and with every 5th file request
+    """`prepare --source hf:…` streamed from a local hub, fault-free and with every 3rd file request
     failing (429, 500, 503, a reset, a short body in turn), interleaved, `repeats` times after a
     warm-up. Each is a fresh `gpt2repro prepare` process (datasets reads HF_ENDPOINT at import), so
     the seconds are the whole command's, start-up included, the same for both rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    buf = io.BytesIO()
-    pq.write_table(pa.table({"text": docs}), buf, row_group_size=1000)
+    files = {}
+    for i in range(PARTS):  # a data set in several files, as the hub holds one: more requests to fail
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"text": docs[i::PARTS]}), buf, row_group_size=1000)
+        files[f"data/train-{i:05d}-of-{PARTS:05d}.parquet"] = buf.getvalue()
     rows = []
     with LocalHub() as hub, tempfile.TemporaryDirectory() as d:
-        hub.add(Repo("bench/docs", "dataset", {"data/train-00000-of-00001.parquet": buf.getvalue()}))
+        hub.add(Repo("bench/docs", "dataset", files))
         env = {
             **os.environ,
             "HF_ENDPOINT": hub.url,
@@ -352,7 +358,7 @@ def bench_streamed_prepare(docs: list[str], repeats: int, warmup: bool = True) -
         for i in range(1 - warmup, repeats + 1):
             for faulty in (False, True):
                 mix = ("429", "500", "503", "reset", "short")
-                hub.faults = Faults(every=5, mix=mix, only=".parquet") if faulty else Faults()
+                hub.faults = Faults(every=3, mix=mix, only=".parquet") if faulty else Faults()
                 out = tempfile.mkdtemp(dir=d)
                 argv = [
                     sys.executable,
@@ -372,7 +378,7 @@ def bench_streamed_prepare(docs: list[str], repeats: int, warmup: bool = True) -
                 tokens = json.loads((Path(out) / "manifest.json").read_text())["total_tokens"]
         for faulty in (False, True):
             dt = statistics.median(times[faulty])
-            faults = f"1 in 5 file requests ({injected / repeats:.0f} a run)" if faulty else "none"
+            faults = f"1 in 3 file requests ({injected / repeats:.0f} a run)" if faulty else "none"
             rows.append(
                 {
                     "source": "hf: (local hub)",
