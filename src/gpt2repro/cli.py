@@ -41,11 +41,10 @@ def _load(args, device):
 
 
 def _load_for_decoding(args, device):
-    """The model in `--weight-dtype`, prepared for decoding on this host (`decoding.prepare`)."""
-    from .generation.decoding import prepare
-    from .model.precision import torch_dtype
+    """The model in `--weight-dtype`, prepared for decoding on this host (`decoding.for_decoding`)."""
+    from .generation.decoding import for_decoding
 
-    return prepare(_load(args, device).to(torch_dtype(args.weight_dtype)))
+    return for_decoding(_load(args, device), args.weight_dtype)
 
 
 def cmd_prepare(args) -> None:
@@ -131,7 +130,7 @@ def cmd_serve(args) -> None:
     from .serve.run import model_name, serve, served_model, uvicorn_module
 
     uvicorn_module()  # the missing extra named before the model loads
-    model = _load(args, pick_device(args.device))
+    model = _load_for_decoding(args, pick_device(args.device))
     served = served_model(
         model, model_name(args.checkpoint, args.hf), args.max_concurrency, not args.no_prefix_cache
     )
