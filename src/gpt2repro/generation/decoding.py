@@ -241,6 +241,21 @@ def _step(model: GPT, kernel: Kernel, weights: list, tok, positions, k_old, v_ol
     return run(x[:, -1], w_head, None)[:, : cfg.vocab_size], torch.stack(keys), torch.stack(values)
 
 
+_INT8_READY: weakref.WeakKeyDictionary[GPT, list] = weakref.WeakKeyDictionary()
+
+
+def _prepared_weights(model: GPT, kernel: Kernel) -> list:
+    """Each Linear's (weight as `kernel` prepared it, bias). An int8 model's, rounded once per model
+    (not per prompt: rounding 124M weights takes longer than reading a prompt); its weights are for
+    decoding only and do not change."""
+    if kernel is INT8 and model in _INT8_READY:
+        return _INT8_READY[model]
+    weights = [(kernel.prepare(m.weight), m.bias) for m in _linears(model)]
+    if kernel is INT8:
+        _INT8_READY[model] = weights
+    return weights
+
+
 class Decoder:
     """Decoding steps for one model: `decoder(tokens (slots, 1), cache)` -> logits (slots, vocab),
     like `model.logits(model.hidden(tokens, cache)[:, -1])`, storing the tokens' keys and values in
@@ -257,7 +272,7 @@ class Decoder:
         self.through_forward = sharded or type(model).hidden is not GPT.hidden  # (a model of its own)
         self.model = model
         self.kernel = kernel or _PREPARED.get(model) or choose(model)
-        self.weights = [(self.kernel.prepare(m.weight), m.bias) for m in _linears(model)]
+        self.weights = _prepared_weights(model, self.kernel)
         self.compiled = torch.compile(_step, options=OPTIONS) if compiled else None
 
     @torch.no_grad()
