@@ -137,3 +137,11 @@ def test_sample_chat_and_serve_draw_the_same_tokens_at_int8(chat_run_dir, capsys
     assert code == 0, err
     texts = sample_text(model, "Hi", 2, 12, sampling=Sampling(seed=3))
     assert out == "".join(f"> {t}\n" for t in texts)
+
+
+def test_an_int8_models_weights_are_rounded_once_not_per_prompt():
+    """Rounding 124M weights takes longer than reading a prompt: every decoder (a prompt, a chat
+    turn) reads the same int8 tensors."""
+    model = decoding.for_decoding(GPT(model_config("tiny", n_layer=1)).eval(), "int8")
+    first, second = decoding.Decoder(model), decoding.Decoder(model)
+    assert first.weights is second.weights and first.weights[0][0][0].dtype == torch.int8
