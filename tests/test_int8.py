@@ -106,9 +106,9 @@ def test_int8_is_refused_in_one_line_where_it_cannot_run():
 SETTINGS = dict(temperature=1.3, top_k=7, top_p=0.9)
 
 
-def test_sample_chat_and_serve_draw_the_same_tokens_at_int8(chat_run_dir, capsys):
+def test_sample_chat_and_serve_draw_the_same_tokens_at_int8(chat_run_dir, capsys, monkeypatch):
     """The same seed and settings: the same reply from `chat`'s session, `sample`'s sampler and the
-    server, all three decoding the int8 model; and `sample --weight-dtype int8` runs that model."""
+    server, all three decoding the int8 model; and `sample`/`chat --weight-dtype int8` run that model."""
     pytest.importorskip("starlette", reason="the serve extra (starlette, uvicorn) is not installed")
     from helpers import run_main
     from test_decoding import _post
@@ -130,6 +130,11 @@ def test_sample_chat_and_serve_draw_the_same_tokens_at_int8(chat_run_dir, capsys
     finally:
         served.engine.stop()
     assert r["choices"][0]["message"]["content"] == chat.decode(reply)
+    kernels = []  # the kernel of every decoder the commands below make: int8's
+    init = decoding.Decoder.__init__
+    monkeypatch.setattr(
+        decoding.Decoder, "__init__", lambda d, *a, **k: (init(d, *a, **k), kernels.append(d.kernel))[0]
+    )
     code, out, err = run_main(
         capsys, "sample", "--checkpoint", chat_run_dir, "--weight-dtype", "int8", "--prompt", "Hi",
         "-n", "2", "--max-new-tokens", "12", "--seed", "3",
@@ -137,6 +142,13 @@ def test_sample_chat_and_serve_draw_the_same_tokens_at_int8(chat_run_dir, capsys
     assert code == 0, err
     texts = sample_text(model, "Hi", 2, 12, sampling=Sampling(seed=3))
     assert out == "".join(f"> {t}\n" for t in texts)
+    settings = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()]
+    code, out, err = run_main(
+        capsys, "chat", "--checkpoint", chat_run_dir, "--weight-dtype", "int8", "--message", "Hi",
+        "--seed", "7", "--max-new-tokens", "12", *settings,
+    )  # fmt: skip
+    assert code == 0 and out.strip() == chat.decode(reply).strip(), (out, err)
+    assert len(kernels) >= 2 and all(k is decoding.INT8 for k in kernels)
 
 
 def test_an_int8_models_weights_are_rounded_once_not_per_prompt():
