@@ -17,9 +17,11 @@ from gpt2repro.bench.reference import RefGPT
 def test_bench_peak_and_train_write_json(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench, "PEAK_SIZES", (256,))
     out = bench.run("peak", repeats=1, json_out=str(tmp_path / "peak.json"))
-    assert [r["dtype"] for r in out["results"]] == [d for d in bench.bench_dtypes() for _ in bench.PEAK_SIZES]
+    *gemms, read = out["results"]
+    assert [r["dtype"] for r in gemms] == [d for d in bench.bench_dtypes() for _ in bench.PEAK_SIZES]
     saved = json.loads((tmp_path / "peak.json").read_text())
-    assert saved["machine"]["torch"] and all(r["gflop_per_s"] > 0 for r in saved["results"])
+    assert saved["machine"]["torch"] and all(r["gflop_per_s"] > 0 for r in saved["results"][:-1])
+    assert read["read_bytes"] == 1 << 30 and read["read_gb_per_s"] > 0  # far past the caches
     out = bench.run("train", mode="eager", baseline="reference", repeats=1)
     impls = [r["impl"] for r in out["results"]]
     assert impls == ["ours", "reference"] and all(0 < r["mfu"] <= 1 for r in out["results"])

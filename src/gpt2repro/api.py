@@ -120,12 +120,13 @@ def load(
 ) -> LLM:
     """A model to use: `kind` "checkpoint" (a run or checkpoint directory of ours), "hf" (an HF GPT-2
     directory, an export of ours, `gpt2` … `gpt2-xl` or OWNER/NAME[@REV] on the hub), or "auto" (a
-    directory of ours if it is one, else as "hf"). In `weight_dtype`, on `device` (auto: cuda > mps >
+    directory of ours if it is one, else as "hf"). In `weight_dtype` (fp32, bf16, fp16, or int8:
+    weights rounded per output feature, decoded by the int8 kernel), on `device` (auto: cuda > mps >
     cpu), prepared for decoding."""
     from .checkpoint.gathered import load_model
-    from .generation.decoding import prepare
+    from .generation.decoding import for_decoding
     from .interop.hf import load_hf, load_pretrained
-    from .model.precision import enable_tf32, torch_dtype
+    from .model.precision import enable_tf32
     from .parallel.distributed import pick_device
 
     if kind not in ("auto", "checkpoint", "hf"):
@@ -133,5 +134,4 @@ def load(
     where = pick_device(device)
     enable_tf32(where)
     read = {"auto": load_pretrained, "checkpoint": lambda s: load_model(s, where), "hf": load_hf}[kind]
-    model = read(source).to(where).to(torch_dtype(weight_dtype))
-    return LLM(prepare(model), str(source))
+    return LLM(for_decoding(read(source).to(where), weight_dtype), str(source))

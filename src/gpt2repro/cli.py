@@ -129,7 +129,7 @@ def cmd_serve(args) -> None:
     from .serve.run import model_name, serve, served_model, uvicorn_module
 
     uvicorn_module()  # the missing extra named before the model loads
-    model = _load(args, pick_device(args.device))
+    model = _load_for_decoding(args, pick_device(args.device)).model
     served = served_model(
         model, model_name(args.checkpoint, args.hf), args.max_concurrency, not args.no_prefix_cache
     )

@@ -8,7 +8,7 @@ import argparse
 from . import __version__
 from .bench.names import BASELINES, SIZES, TRAIN_MODES, WHAT
 from .config.presets import TRAIN_PRESETS
-from .config.schema import DTYPE_NAMES
+from .config.schema import DTYPE_NAMES, WEIGHT_DTYPES
 
 HF_HELP = "Hugging Face GPT-2 directory, or hub model: gpt2 ... gpt2-xl, OWNER/NAME[@REVISION]"
 
@@ -18,6 +18,16 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", help="run directory or checkpoint directory of ours")
     src.add_argument("--hf", help=HF_HELP)
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+
+
+def _add_weight_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--weight-dtype",
+        choices=WEIGHT_DTYPES,
+        default="fp32",
+        help="the weights themselves cast (faster decoding on GPUs and for batches), or int8: rounded per "
+        "output feature and read as int8 (the fastest batch-1 decoding on a CPU)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,12 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
     p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument(
-        "--weight-dtype",
-        choices=DTYPE_NAMES,
-        default="fp32",
-        help="cast the weights themselves (faster decoding on GPUs and for batches)",
-    )
+    _add_weight_dtype(p)
     p.add_argument(
         "--compile",
         action="store_true",
@@ -125,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
     p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--weight-dtype", choices=DTYPE_NAMES, default="fp32", help="cast the weights themselves")
+    _add_weight_dtype(p)
 
     p = sub.add_parser(
         "serve", help="an OpenAI-compatible HTTP API and a web chat page (needs the serve extra)"
@@ -156,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-prefix-cache", action="store_true", help="re-run every prompt whole (no reuse of cached tokens)"
     )
+    _add_weight_dtype(p)
 
     p = sub.add_parser(
         "export", help="export a model to a transformers directory, or to one GGUF file (llama.cpp, Ollama)"

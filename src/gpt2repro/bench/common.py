@@ -12,13 +12,30 @@ import torch
 from ..config.schema import GPTConfig
 from ..errors import UserError
 from ..model.precision import cpu_has_fast_bf16
+from ..training.mfu import median_time, synchronize
 from .names import SIZES
+
+READ_BYTES = 1 << 30  # the buffer `read_bandwidth` streams: far larger than any CPU's caches
 
 
 def bench_dtypes() -> tuple[str, ...]:
     """bf16 rows only where bf16 matmuls are native: elsewhere they would time an emulation
     hundreds of times slower than fp32 (and take hours)."""
     return ("fp32", "bf16") if torch.cuda.is_available() or cpu_has_fast_bf16() else ("fp32",)
+
+
+def read_bandwidth(repeats: int, device: torch.device) -> float:
+    """Bytes/s of a streaming read (a sum) of a 1 GiB fp32 buffer on the run's threads, the best of
+    `repeats`: the memory's limit, against which batch-1 decoding (every weight read once per token)
+    is measured."""
+    x = torch.ones(READ_BYTES // 4, device=device)
+
+    def run():
+        x.sum()
+        synchronize(device)
+
+    run()
+    return READ_BYTES / min(median_time(run, 1, warmup=0) for _ in range(repeats))
 
 
 class BenchError(UserError, ValueError):

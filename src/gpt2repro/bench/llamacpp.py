@@ -1,7 +1,9 @@
 """Batch-1 decoding against llama.cpp (through llama-cpp-python), the same weights side by side:
-ours in fp32 (eager, and with the one-token steps compiled) and bf16, llama.cpp on our GGUF export
-in f32 and f16, each with the same threads. `greedy_as_ours`: an engine's greedy tokens are our eager
-engine's in its dtype class.
+ours in fp32 and int8 (eager, and with the one-token steps compiled) and bf16, llama.cpp on our GGUF
+export in f32, f16 and q8_0, each with the same threads. `greedy_as_ours`: an engine's greedy tokens
+are our eager engine's in its dtype class. `of_bandwidth`: the matrices' bytes read per token times
+tokens/s, as a fraction of the memory's read bandwidth (`common.read_bandwidth`), batch-1 decoding's
+roofline.
 
 Prompt processing and decoding are timed apart, the same way for both engines: a run that reads the
 prompt and picks one token, and a run that goes on for `new_tokens` more; decoding is the difference.
@@ -19,18 +21,19 @@ from pathlib import Path
 
 import torch
 
-from ..generation.decoding import prepare
+from ..generation.decoding import for_decoding
 from ..generation.generate import generate
 from ..generation.sampling import GREEDY
 from ..interop.gguf_export import export_gguf
 from ..model.gpt import GPT
-from ..model.precision import torch_dtype
 from ..training.mfu import median_time
-from .common import BenchError, bench_dtypes, size_config
+from .common import BenchError, bench_dtypes, read_bandwidth, size_config
 
 PROMPT_TOKENS = 128
 NEW_TOKENS = 128
-GGUF_TYPE = {"fp32": "f32", "bf16": "f16"}  # llama.cpp's CPU kernels have f16, our CPU path bf16
+GGUF_TYPE = {"fp32": "f32", "bf16": "f16", "int8": "q8_0"}  # llama.cpp's CPU kernels have f16, ours bf16
+BYTES = {"fp32": 4, "f32": 4, "bf16": 2, "f16": 2, "int8": 1, "q8_0": 34 / 32}  # per weight (q8_0: a
+# 2-byte scale per 32); ours' int8 scales, 4 bytes per output feature, are left out (<0.5%)
 
 
 def llama_cpp_module():
@@ -80,8 +83,8 @@ def _rates(runs: dict[tuple[str, str], Callable[[int], list[int]]], repeats: int
 
 
 def bench_llamacpp(size: str, repeats: int) -> list[dict]:
-    """Rows for ours (fp32, bf16 where native) and llama.cpp (f32, f16) on one random model of `size`,
-    all four timed in alternation; each row notes the 1-minute load average after the runs."""
+    """Rows for ours (fp32, bf16 where native, int8) and llama.cpp (f32, f16, q8_0) on one random model
+    of `size`, all timed in alternation; each row notes the 1-minute load average after the runs."""
     llama_cpp = llama_cpp_module()
     cfg, _, _ = size_config(size)
     torch.manual_seed(0)
@@ -92,10 +95,10 @@ def bench_llamacpp(size: str, repeats: int) -> list[dict]:
     engine = f"llama.cpp {llama_cpp.__version__}"
     runs, closers = {}, []
     with tempfile.TemporaryDirectory() as tmp:
-        for dtype in bench_dtypes():
-            ours = prepare(copy.deepcopy(model).to(torch_dtype(dtype)))  # as `sample` runs it
+        for dtype in (*bench_dtypes(), "int8"):
+            ours = for_decoding(copy.deepcopy(model), dtype)  # as `sample` runs it
             runs["gpt2repro", dtype] = _greedy(ours, prompt, compiled=False)
-            if dtype == "fp32":  # not bf16: its eager one-row kernel (addmv) beats its compiled graph
+            if dtype != "bf16":  # not bf16: its eager one-row kernel (addmv) beats its compiled graph
                 runs["gpt2repro, compiled steps", dtype] = _greedy(ours, prompt, compiled=True)
             path = export_gguf(model, Path(tmp) / f"{GGUF_TYPE[dtype]}.gguf", GGUF_TYPE[dtype])
             llm = llama_cpp.Llama(
@@ -114,11 +117,15 @@ def bench_llamacpp(size: str, repeats: int) -> list[dict]:
             for close in closers:
                 close()
     load = os.getloadavg()[0]
-    eager = {GGUF_TYPE.get(w, w): tokens["gpt2repro", w] for w in bench_dtypes()}  # per dtype class
+    bandwidth = read_bandwidth(repeats, torch.device("cpu"))
+    matrices = 12 * cfg.n_layer * cfg.n_embd**2 + cfg.vocab_size * cfg.n_embd  # the blocks', the lm_head
+    eager = {GGUF_TYPE[w]: tokens["gpt2repro", w] for w in (*bench_dtypes(), "int8")}  # per dtype class
     return [
         {
             **_row(name, weights, threads, rate, load),
             "greedy_as_ours": tokens[name, weights] == eager[GGUF_TYPE.get(weights, weights)],
+            "of_bandwidth": matrices * BYTES[weights] * rate[1] / bandwidth,
+            "read_gb_per_s": bandwidth / 1e9,
         }
         for (name, weights), rate in rates.items()
     ]

@@ -31,7 +31,7 @@ from ..parallel.distributed import pick_device
 from ..training.heap import ENV, reuse_freed_memory
 from ..training.mfu import Peak, best_peak, gemm_flops, host_key, median_time, synchronize
 from .chat import bench_chat
-from .common import BenchError, bench_dtypes, machine_info, size_config, table
+from .common import READ_BYTES, BenchError, bench_dtypes, machine_info, read_bandwidth, size_config, table
 from .hubserver import bench_streamed_prepare
 from .inference import bench_core, bench_generate, bench_hellaswag
 from .learn import bench_learn
@@ -279,7 +279,7 @@ def bench_allocator(size: str, modes: tuple[str, ...], repeats: int, device: tor
 
 def bench_peak(repeats: int, device: torch.device) -> list[dict]:
     """GEMM FLOP/s per dtype and size; on a CPU each kept as the host's best if it is (the peak
-    training's MFU is against)."""
+    training's MFU is against); and the memory's read bandwidth (batch-1 decoding's limit)."""
     rows = []
     for name in bench_dtypes():
         for n in PEAK_SIZES:
@@ -287,7 +287,8 @@ def bench_peak(repeats: int, device: torch.device) -> list[dict]:
             if device.type == "cpu":
                 best_peak(host_key(name, n), flops)
             rows.append({"dtype": name, "n": n, "gflop_per_s": flops / 1e9})
-    return rows
+    read = read_bandwidth(repeats, device)
+    return rows + [{"dtype": "fp32", "read_bytes": READ_BYTES, "read_gb_per_s": read / 1e9}]
 
 
 def bench_train(size: str, modes: str, baseline: str, repeats: int, device: torch.device) -> list[dict]:

@@ -37,6 +37,7 @@ CHAT_VOCAB_SIZE = 50263  # and the 6 chat tokens after it (chat.py), in rows the
 MAX_BLOCK_SIZE = 1 << 17  # positions: far past any GPT-2/3 size, short of allocating gigabytes by typo
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 DTYPE_NAMES = ("fp32", "bf16", "fp16")  # precision.DTYPES maps them to torch dtypes (tested equal)
+WEIGHT_DTYPES = (*DTYPE_NAMES, "int8")  # decoding: int8 weights too (generation/int8.py)
 ACTIVATION_CHECKPOINTING = re.compile(r"none|full|every_[1-9]\d*")
 
 

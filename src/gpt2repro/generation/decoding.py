@@ -10,9 +10,10 @@ how its ~50 matmuls read them, and how little runs besides them (benchmarks/RESU
   the model's own weights (`choose`): nn.Linear's F.linear; `split` (fp32, a few rows: the output
   features in one group per thread as one batched matmul, for MKL's one-core product on AMD EPYC);
   `mv` (bf16, one row: `addmv`'s matrix-vector kernel); `columns` (F.linear over weights stored
-  transposed, MKL's column-streaming product: `prepare` lays an inference model out so, in place).
+  transposed, MKL's column-streaming product: `prepare` lays an inference model out so, in place);
+  `int8` (a model whose weights `for_decoding` rounded to int8: the rows read as int8, `int8.py`).
   A kernel prepares each weight once (`Kernel.prepare`) and runs on what it prepared
-  (`Kernel.run`): a quantized kernel is one more candidate.
+  (`Kernel.run`).
 - The attention only reads the cache: the new token attends to the cached keys and to its own key
   apart, joined in one softmax, and its keys and values are stored by one copy after the step. So
   the same function runs eagerly or compiled whole (`compiled=True`: every layer and the lm_head
@@ -34,6 +35,8 @@ import torch.nn.functional as F
 
 from ..model.gpt import GPT
 from ..model.kvcache import KVCache
+from ..model.precision import torch_dtype
+from .int8 import int8_linear, quantize_rows, round_to_int8
 from .sampling import GenerateError
 
 OPTIONS = {"cpp_wrapper": True}  # inductor: kernels called from C++, not from a Python wrapper
@@ -90,7 +93,9 @@ LINEAR = Kernel("linear", _linear)
 COLUMNS = Kernel("columns", _linear, columns=True)
 SPLIT = Kernel("split", _split, _grouped)
 MV = Kernel("mv", _mv)
-KERNELS = {k.name: k for k in (LINEAR, COLUMNS, SPLIT, MV)}
+KERNELS = {k.name: k for k in (LINEAR, COLUMNS, SPLIT, MV)}  # for weights as they are
+INT8 = Kernel("int8", int8_linear, quantize_rows)  # for weights rounded to int8 (`for_decoding`)
+_INT8: weakref.WeakSet[GPT] = weakref.WeakSet()  # models whose weights are int8's values
 
 
 def _transposed(weight: torch.Tensor) -> bool:
@@ -107,6 +112,8 @@ def candidates(model: GPT, relayout: bool) -> list[Kernel]:
     """The kernels that can run this model's weights: as they are stored, or (`relayout`) after
     `prepare` stores them transposed."""
     weight = model.lm_head.weight
+    if model in _INT8:
+        return [INT8]
     if weight.device.type != "cpu":
         return [LINEAR]
     if _transposed(weight):  # laid out already: F.linear reads either layout
@@ -162,6 +169,18 @@ def choose(model: GPT, relayout: bool = False) -> Kernel:
 
 
 _PREPARED: weakref.WeakKeyDictionary[GPT, Kernel] = weakref.WeakKeyDictionary()
+
+
+def for_decoding(model: GPT, weight_dtype: str) -> GPT:
+    """The model with its weights in `weight_dtype` (fp32, bf16, fp16: cast; int8: every Linear
+    weight rounded to int8 per output feature in place, decoded by the int8 kernel), `prepare`d."""
+    if weight_dtype != "int8":
+        return prepare(model.to(torch_dtype(weight_dtype)))
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        raise GenerateError("--weight-dtype int8 needs a whole model, not FSDP's shards")
+    round_to_int8([m.weight for m in _linears(model)])
+    _INT8.add(model)
+    return prepare(model)
 
 
 def prepare(model: GPT, kernel: Kernel | None = None) -> GPT:
@@ -222,6 +241,21 @@ def _step(model: GPT, kernel: Kernel, weights: list, tok, positions, k_old, v_ol
     return run(x[:, -1], w_head, None)[:, : cfg.vocab_size], torch.stack(keys), torch.stack(values)
 
 
+_INT8_READY: weakref.WeakKeyDictionary[GPT, list] = weakref.WeakKeyDictionary()
+
+
+def _prepared_weights(model: GPT, kernel: Kernel) -> list:
+    """Each Linear's (weight as `kernel` prepared it, bias). An int8 model's, rounded once per model
+    (not per prompt: rounding 124M weights takes longer than reading a prompt); its weights are for
+    decoding only and do not change."""
+    if kernel is INT8 and model in _INT8_READY:
+        return _INT8_READY[model]
+    weights = [(kernel.prepare(m.weight), m.bias) for m in _linears(model)]
+    if kernel is INT8:
+        _INT8_READY[model] = weights
+    return weights
+
+
 class Decoder:
     """Decoding steps for one model: `decoder(tokens (slots, 1), cache)` -> logits (slots, vocab),
     like `model.logits(model.hidden(tokens, cache)[:, -1])`, storing the tokens' keys and values in
@@ -241,7 +275,7 @@ class Decoder:
             self.kernel, self.weights = None, []
         else:
             self.kernel = kernel or _PREPARED.get(model) or choose(model)
-            self.weights = [(self.kernel.prepare(m.weight), m.bias) for m in _linears(model)]
+            self.weights = _prepared_weights(model, self.kernel)
         self.compiled = torch.compile(_step, options=OPTIONS) if compiled else None
 
     @torch.no_grad()

@@ -1,0 +1,159 @@
+"""Int8 weight-only decoding (`--weight-dtype int8`, generation/int8.py): the rounding's error per
+output feature, the int8 matmul and whole decoding steps against float64 on the dequantized
+weights, the one-line refusals, and sample, chat and serve drawing the same tokens at int8."""
+
+from __future__ import annotations
+
+import copy
+from unittest import mock
+
+import pytest
+import torch
+
+from gpt2repro.config.schema import model_config
+from gpt2repro.generation import decoding, int8
+from gpt2repro.generation.chat_session import ChatSession
+from gpt2repro.generation.generate import sample_text, sample_tokens
+from gpt2repro.generation.sampling import GenerateError, Sampling
+from gpt2repro.model.gpt import GPT
+from gpt2repro.model.kvcache import KVCache
+from gpt2repro.text import chat
+
+
+def _weights() -> torch.Tensor:
+    """Rows of very different sizes (a scale per row matters), one outlier, one row of zeros."""
+    torch.manual_seed(0)
+    w = torch.randn(48, 96) * torch.logspace(-3, 1, 48)[:, None]
+    w[5, 7] = 40.0
+    w[9] = 0
+    return w
+
+
+def test_each_row_is_rounded_to_127_steps_of_its_largest_value_within_half_a_step():
+    w = _weights()
+    q, scale = int8.quantize_rows(w)
+    assert q.dtype == torch.int8 and q.shape == w.shape and scale.shape == (48,)
+    top = w.abs().amax(1)
+    torch.testing.assert_close(scale[top > 0], top[top > 0] / 127, rtol=1e-7, atol=0)
+    assert (q.abs().amax(1)[top > 0] == 127).all() and (q[9] == 0).all()
+    error = (w.double() - int8.dequantize(q, scale).double()).abs()
+    assert (error.amax(1) <= scale.double() * (0.5 + 1e-6)).all()  # per row: half its own step
+    assert error.amax(1)[0] < 1e-3 * error.amax(1)[-1]  # not one scale for all rows
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_int8_matmul_is_x_times_the_dequantized_weights_in_float64(rows, bias):
+    """Read as int8 in one compiled loop (a few rows) or dequantized (many): fp32 sums of exact
+    products, so within fp32 rounding of the float64 result."""
+    w = _weights()
+    prepared = int8.quantize_rows(w)
+    b = torch.randn(48) if bias else None
+    x = torch.randn(rows, 1, 96)
+    exact = x.double() @ int8.dequantize(*prepared).double().T + (0 if b is None else b.double())
+    got = int8.int8_linear(x, prepared, b)
+    assert got.shape == (rows, 1, 48) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), exact, rtol=0, atol=1e-5 * exact.abs().max().item())
+
+
+def _step_logits(model, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy steps through the model's Decoder after its forward read the prompt: tokens, logits."""
+    cache = KVCache.empty(model.config, 1, "cpu", torch.float32)
+    decoder = decoding.Decoder(model)
+    with torch.no_grad():
+        logits = model.logits(model.hidden(torch.tensor([prompt]), cache)[:, -1])
+    seq, seen = list(prompt), []
+    for _ in range(steps):
+        seq.append(int(logits.argmax()))
+        logits = decoder(torch.tensor([[seq[-1]]]), cache)
+        seen.append(logits[0])
+    assert decoder.kernel is decoding.INT8
+    return seq, torch.stack(seen)
+
+
+def test_int8_decoding_steps_are_the_forward_on_the_dequantized_weights_in_float64():
+    """`for_decoding(model, "int8")` leaves the int8 values in the model's own fp32 weights (tied
+    ones tied); its steps, reading int8, give the float64 forward's logits on those values."""
+    torch.manual_seed(0)
+    model = GPT(model_config("tiny", n_layer=2, vocab_multiple=64)).eval()
+    before = model.lm_head.weight.detach().clone()
+    decoding.for_decoding(model, "int8")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert 0 < (model.lm_head.weight - before).abs().max() <= before.abs().max() / 254 * 1.001
+    seq, seen = _step_logits(model, [3, 14, 159, 26, 535], steps=8)
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(torch.tensor([seq]))[0][0, -8:]
+    spread = exact.std().item()
+    assert (seen.double() - exact).abs().max().item() < 1e-4 * spread
+
+
+def test_int8_is_refused_in_one_line_where_it_cannot_run():
+    model = GPT(model_config("tiny", n_layer=1)).eval()
+    with pytest.raises(GenerateError, match="^--weight-dtype int8 needs fp32 weights on the CPU"):
+        decoding.for_decoding(copy.deepcopy(model).bfloat16(), "int8")
+    sharded = type("DTensor", (torch.nn.Parameter,), {})(torch.zeros(1))
+    with mock.patch.object(GPT, "parameters", lambda self: iter([sharded])):
+        with pytest.raises(GenerateError, match="^--weight-dtype int8 needs a whole model, not FSDP"):
+            decoding.for_decoding(model, "int8")
+    q = int8.quantize_rows(torch.randn(5, 7))  # shapes no other test compiled
+    torch._dynamo.reset()
+    with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",)}):
+        with pytest.raises(GenerateError, match="^--weight-dtype int8 needs torch.compile's C\\+\\+"):
+            int8.int8_linear(torch.randn(1, 7), q, None)
+    torch._dynamo.reset()
+
+
+SETTINGS = dict(temperature=1.3, top_k=7, top_p=0.9)
+
+
+def test_sample_chat_and_serve_draw_the_same_tokens_at_int8(chat_run_dir, capsys, monkeypatch):
+    """The same seed and settings: the same reply from `chat`'s session, `sample`'s sampler and the
+    server, all three decoding the int8 model; and `sample`/`chat --weight-dtype int8` run that model."""
+    pytest.importorskip("starlette", reason="the serve extra (starlette, uvicorn) is not installed")
+    from helpers import run_main
+    from test_decoding import _post
+
+    from gpt2repro.checkpoint.gathered import load_model
+    from gpt2repro.serve.app import create_app
+    from gpt2repro.serve.run import ServerThread, served_model
+
+    fp32 = load_model(chat_run_dir).eval()
+    model = decoding.for_decoding(copy.deepcopy(fp32), "int8")
+    prompt = chat.render([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    reply = list(ChatSession(model, max_new_tokens=12, seed=7, **SETTINGS).send("Hi"))
+    assert sample_tokens(model, prompt, 1, 12, sampling=Sampling(**SETTINGS, seed=7)) == [reply]
+    body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 12, "seed": 7}
+    served = served_model(model, "m", 2)
+    try:
+        with ServerThread(create_app(served)) as s:
+            r = _post(s.url + "/v1/chat/completions", {**body, **SETTINGS})[1]
+    finally:
+        served.engine.stop()
+    assert r["choices"][0]["message"]["content"] == chat.decode(reply)
+    kernels = []  # the kernel of every decoder the commands below make: int8's
+    init = decoding.Decoder.__init__
+    monkeypatch.setattr(
+        decoding.Decoder, "__init__", lambda d, *a, **k: (init(d, *a, **k), kernels.append(d.kernel))[0]
+    )
+    code, out, err = run_main(
+        capsys, "sample", "--checkpoint", chat_run_dir, "--weight-dtype", "int8", "--prompt", "Hi",
+        "-n", "2", "--max-new-tokens", "12", "--seed", "3",
+    )  # fmt: skip
+    assert code == 0, err
+    texts = sample_text(model, "Hi", 2, 12, sampling=Sampling(seed=3))
+    assert out == "".join(f"> {t}\n" for t in texts)
+    settings = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()]
+    code, out, err = run_main(
+        capsys, "chat", "--checkpoint", chat_run_dir, "--weight-dtype", "int8", "--message", "Hi",
+        "--seed", "7", "--max-new-tokens", "12", *settings,
+    )  # fmt: skip
+    assert code == 0 and out.strip() == chat.decode(reply).strip(), (out, err)
+    assert len(kernels) >= 2 and all(k is decoding.INT8 for k in kernels)
+
+
+def test_an_int8_models_weights_are_rounded_once_not_per_prompt():
+    """Rounding 124M weights takes longer than reading a prompt: every decoder (a prompt, a chat
+    turn) reads the same int8 tensors."""
+    model = decoding.for_decoding(GPT(model_config("tiny", n_layer=1)).eval(), "int8")
+    first, second = decoding.Decoder(model), decoding.Decoder(model)
+    assert first.weights is second.weights and first.weights[0][0][0].dtype == torch.int8
