@@ -123,15 +123,22 @@ def load(
     directory of ours if it is one, else as "hf"). In `weight_dtype` (fp32, bf16, fp16, or int8:
     weights rounded per output feature, decoded by the int8 kernel), on `device` (auto: cuda > mps >
     cpu), prepared for decoding."""
-    from .checkpoint.gathered import load_model
     from .generation.decoding import for_decoding
+    from .parallel.distributed import pick_device
+
+    where = pick_device(device)
+    return LLM(for_decoding(read_model(source, where, kind), weight_dtype), str(source))
+
+
+def read_model(source: str | os.PathLike, where, kind: str = "auto"):
+    """The model `source` names (`kind` as `load` reads it) on the torch device `where`, TF32 set
+    for it, not prepared for decoding: what `load` starts from, and what `eval` and `serve` read."""
+    from .checkpoint.gathered import load_model
     from .interop.hf import load_hf, load_pretrained
     from .model.precision import enable_tf32
-    from .parallel.distributed import pick_device
 
     if kind not in ("auto", "checkpoint", "hf"):
         raise UserError(f"kind must be auto, checkpoint or hf, got {kind!r}")
-    where = pick_device(device)
     enable_tf32(where)
     read = {"auto": load_pretrained, "checkpoint": lambda s: load_model(s, where), "hf": load_hf}[kind]
-    return LLM(for_decoding(read(source).to(where), weight_dtype), str(source))
+    return read(source).to(where)

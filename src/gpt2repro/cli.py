@@ -31,13 +31,9 @@ def _stdout_closed() -> bool:
 
 
 def _load(args, device):
-    from .checkpoint.gathered import load_model
-    from .interop.hf import load_hf
-    from .model.precision import enable_tf32
+    from .api import read_model
 
-    enable_tf32(device)
-
-    return load_model(args.checkpoint, device) if args.checkpoint else load_hf(args.hf).to(device)
+    return read_model(args.checkpoint or args.hf, device, "checkpoint" if args.checkpoint else "hf")
 
 
 def _load_for_decoding(args, device):
