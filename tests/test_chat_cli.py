@@ -165,8 +165,8 @@ def test_chat_and_sample_decode_with_the_weights_laid_out_for_it(command, chat_r
 
     laid, original = [], decoding.prepare
 
-    def recorded(model):
-        laid.append(original(model))
+    def recorded(model, kernel=None):
+        laid.append(original(model, kernel))
         return laid[-1]
 
     argv = [command, "--checkpoint", str(chat_run_dir), "--temperature", "0"]

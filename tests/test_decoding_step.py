@@ -55,14 +55,17 @@ def _reference(model, seqs, steps):
     return torch.stack(logits, 1), caches
 
 
+ALL_KERNELS = {**decoding.KERNELS, "loop": decoding.LOOP}  # (int8's: tests/test_int8.py)
+
+
 @pytest.mark.parametrize("lengths", [(5, 5), (3, 9)])
-@pytest.mark.parametrize("kernel", sorted(decoding.KERNELS))
+@pytest.mark.parametrize("kernel", sorted(ALL_KERNELS))
 def test_a_decoding_step_is_the_forwards_arithmetic_in_float64(model64, kernel, lengths):
     """Each kernel's steps give the plain forward's logits and keys/values to float64 rounding, with
     the slots at one length or at different ones."""
     model = GPT(model64.config).double().eval()
     model.load_state_dict(model64.state_dict())
-    kind = decoding.KERNELS[kernel]
+    kind = ALL_KERNELS[kernel]
     decoding.prepare(model, kind)
     torch.manual_seed(1)
     prompts = [torch.randint(0, model.config.vocab_size, (1, n)) for n in lengths]

@@ -156,4 +156,45 @@ def test_an_int8_models_weights_are_rounded_once_not_per_prompt():
     turn) reads the same int8 tensors."""
     model = decoding.for_decoding(GPT(model_config("tiny", n_layer=1)).eval(), "int8")
     first, second = decoding.Decoder(model), decoding.Decoder(model)
-    assert first.weights is second.weights and first.weights[0][0][0].dtype == torch.int8
+    int8 = [m for m in first.tensors[3] if m.dtype == torch.int8]
+    assert len(int8) == 5 and all(a is b for a, b in zip(first.tensors[3], second.tensors[3]))
+
+
+def test_compiled_steps_draw_the_eager_tokens_in_sample_chat_and_serve(chat_run_dir, capsys, monkeypatch):
+    """`--compile`, the fast path at int8: the same greedy reply from the eager steps and the compiled
+    ones in chat's session, `sample`, `chat --compile` and the server (compiled before it listens)."""
+    pytest.importorskip("starlette", reason="the serve extra (starlette, uvicorn) is not installed")
+    from helpers import run_main
+    from test_decoding import _post
+
+    from gpt2repro.checkpoint.gathered import load_model
+    from gpt2repro.serve.app import create_app
+    from gpt2repro.serve.run import ServerThread, served_model
+
+    model = decoding.for_decoding(load_model(chat_run_dir).eval(), "int8", compiled=True)
+    greedy = dict(max_new_tokens=12, temperature=0)
+    reply = list(ChatSession(model, **greedy).send("Hi"))
+    assert list(ChatSession(model, compiled=True, **greedy).send("Hi")) == reply
+    prompt = chat.render([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    assert sample_tokens(model, prompt, 1, 12, sampling=Sampling(0), compiled=True) == [reply]
+    served = served_model(
+        model, "m", 1, compiled=True
+    )  # (one graph in this test: batches, test_serve_engine)
+    try:
+        with ServerThread(create_app(served)) as s:
+            body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 12}
+            r = _post(s.url + "/v1/chat/completions", {**body, "temperature": 0})[1]
+    finally:
+        served.engine.stop()
+    assert r["choices"][0]["message"]["content"] == chat.decode(reply)
+    compiled = []  # whether each decoder `chat --compile` makes is compiled
+    init = decoding.Decoder.__init__
+    monkeypatch.setattr(
+        decoding.Decoder, "__init__", lambda d, *a, **k: (init(d, *a, **k), compiled.append(d.compiled))[0]
+    )
+    code, out, err = run_main(
+        capsys, "chat", "--checkpoint", chat_run_dir, "--weight-dtype", "int8", "--compile", "--message", "Hi",
+        "--max-new-tokens", "12", "--temperature", "0",
+    )  # fmt: skip
+    assert code == 0 and out.strip() == chat.decode(reply).strip(), (out, err)
+    assert compiled and all(c is not None for c in compiled) and "compiling the decoding step" in err

@@ -485,13 +485,19 @@ def test_chat_completions_through_a_chat_format_streamed_and_not(model, enc):
     assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
 
 
-def test_bench_serve_measures_batched_against_one_at_a_time():
-    from gpt2repro.bench.serving import bench_serve
+def test_bench_serve_measures_batched_against_one_at_a_time(monkeypatch):
+    """Batched, eager and compiled (int8, the CPU's fastest; fp32's compiled server is int8's with
+    another kernel), against one at a time; a small model: compiling is most of the time here."""
+    from gpt2repro.bench import common
+    from gpt2repro.bench.serving import SERVERS, bench_serve
 
-    rows = bench_serve("4x256", 1, torch.device("cpu"), requests=4, new_tokens=3)
-    assert [(r["server"], r["clients"]) for r in rows] == [
-        (server, c) for server in ("batched (16 slots)", "one at a time") for c in (1, 4, 16)
+    monkeypatch.setitem(common.SIZES, "2x64", (2, 64, 2, 1, 256))
+    servers = [s for s in SERVERS if not (s[3] and s[2] == "fp32")]
+    rows = bench_serve("2x64", 1, torch.device("cpu"), requests=4, new_tokens=3, servers=servers)
+    assert [(r["server"], r["weights"], r["clients"]) for r in rows] == [
+        (server, weights, c) for _, server, weights, _ in servers for c in (1, 4, 16)
     ]
+    assert {r["weights"] for r in rows} == {"fp32", "int8"} and len(rows) == 9
     for r in rows:  # every request generated its 3 tokens
         assert r["gen tok/s"] == pytest.approx(3 * r["req/s"], rel=0.05)
 

@@ -128,3 +128,24 @@ def test_a_prompt_that_begins_with_a_slots_cached_tokens_runs_only_the_rest(mode
     assert cached[1] == ("start", len(first) + len(reply) - 1)  # all the first sequence's cache holds
     assert cached[2] == len(second) - cached[1][1] and fresh[1] == ("start", 0) and fresh[2] == len(second)
     assert cached[0] == fresh[0]
+
+
+def test_a_compiled_engine_compiles_before_serving_and_decodes_as_the_eager_one(model):
+    """`serve --compile`: every kind of batch (one slot; several at different lengths, any number)
+    compiled at start, none while serving; each sequence's greedy tokens those it gets alone."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(2)
+    prompts = [torch.randint(0, 50257, (n,)).tolist() for n in (5, 9, 3, 7, 11)]
+    engine = Engine(model, slots=3, compiled=True)
+    graphs = []
+    events = run_jobs(
+        engine,
+        [dict(prompt=p, max_tokens=3 + 2 * i, sampling=Sampling(0)) for i, p in enumerate(prompts)],
+        check=lambda: graphs.append((counters["stats"]["unique_graphs"], len(engine.running))),
+    )
+    assert {n for _, n in graphs} >= {1, 2, 3}  # batches of 3, 2 and 1 ran
+    assert len({g for g, _ in graphs}) == 1  # and none of them compiled
+    for i, p in enumerate(prompts):
+        tokens = [e[1].id for e in events[i] if e[0] == "token"]
+        assert tokens == generate(model, torch.tensor([p]), 3 + 2 * i, sampling=GREEDY)[0, len(p) :].tolist()

@@ -29,6 +29,7 @@ class LLM:
 
     model: object  # model.gpt.GPT: torch is imported only once a model is loaded
     source: str
+    compiled: bool = False  # decode through compiled one-token steps (`load(..., compiled=True)`)
 
     def samples(
         self,
@@ -40,7 +41,6 @@ class LLM:
         top_k: int | None = 50,
         top_p: float = 1.0,
         seed: int = 42,
-        compiled: bool = False,
     ) -> list[str]:
         """`n` continuations of `prompt` (the prompt included), sample i drawn with seed + i, each
         ending at its first token that is not text: what `gpt2repro sample` prints."""
@@ -48,7 +48,7 @@ class LLM:
         from .generation.sampling import Sampling
 
         sampling = Sampling(temperature, top_k, top_p, seed)
-        return sample_text(self.model, prompt, n, max_new_tokens, sampling=sampling, compiled=compiled)
+        return sample_text(self.model, prompt, n, max_new_tokens, sampling=sampling, compiled=self.compiled)
 
     def generate(self, prompt: str, *, max_new_tokens: int = 32, **sampling) -> str:
         """One continuation of `prompt`, the prompt included (`samples` with n=1; its keywords)."""
@@ -74,7 +74,9 @@ class LLM:
         ids = prompt_tokens(prompt, self.model.config.block_size)
         text = TextStream(get_tokenizer().decode_single_token_bytes)
         sampling = Sampling(temperature, top_k, top_p, seed)
-        for token in stream_tokens(self.model, ids, max_new_tokens, sampling=sampling):
+        for token in stream_tokens(
+            self.model, ids, max_new_tokens, sampling=sampling, compiled=self.compiled
+        ):
             piece = text.feed(token)
             if piece:
                 yield piece
@@ -87,7 +89,7 @@ class LLM:
         top_k, top_p, seed."""
         from .generation.chat_session import ChatSession
 
-        return ChatSession(self.model, system, max_new_tokens, **sampling)
+        return ChatSession(self.model, system, max_new_tokens, compiled=self.compiled, **sampling)
 
     def hellaswag(self, *, limit: int | None = None, style: str = "completion", batch_size: int = 32) -> dict:
         """HellaSwag validation ({n, acc, acc_norm}), scored as `gpt2repro eval hellaswag --style`."""
@@ -117,17 +119,20 @@ def load(
     device: str = "auto",
     weight_dtype: str = "fp32",
     kind: str = "auto",
+    compiled: bool = False,
 ) -> LLM:
     """A model to use: `kind` "checkpoint" (a run or checkpoint directory of ours), "hf" (an HF GPT-2
     directory, an export of ours, `gpt2` … `gpt2-xl` or OWNER/NAME[@REV] on the hub), or "auto" (a
     directory of ours if it is one, else as "hf"). In `weight_dtype` (fp32, bf16, fp16, or int8:
     weights rounded per output feature, decoded by the int8 kernel), on `device` (auto: cuda > mps >
-    cpu), prepared for decoding."""
+    cpu), prepared for decoding: through one-token steps compiled whole if `compiled` (each compiled
+    once per process and kind of batch, tens of seconds: faster for int8 and bf16 on a CPU)."""
     from .generation.decoding import for_decoding
     from .parallel.distributed import pick_device
 
     where = pick_device(device)
-    return LLM(for_decoding(read_model(source, where, kind), weight_dtype), str(source))
+    model = for_decoding(read_model(source, where, kind), weight_dtype, compiled)
+    return LLM(model, str(source), compiled)
 
 
 def read_model(source: str | os.PathLike, where, kind: str = "auto"):

@@ -41,7 +41,7 @@ def _load_for_decoding(args, device):
     from .api import load
 
     source, kind = (args.checkpoint, "checkpoint") if args.checkpoint else (args.hf, "hf")
-    return load(source, device=str(device), weight_dtype=args.weight_dtype, kind=kind)
+    return load(source, device=str(device), weight_dtype=args.weight_dtype, kind=kind, compiled=args.compile)
 
 
 def cmd_prepare(args) -> None:
@@ -99,9 +99,7 @@ def cmd_sample(args) -> None:
 
     llm = _load_for_decoding(args, pick_device(args.device))
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    for text in llm.samples(
-        args.prompt, args.n, max_new_tokens=args.max_new_tokens, compiled=args.compile, **sampling
-    ):
+    for text in llm.samples(args.prompt, args.n, max_new_tokens=args.max_new_tokens, **sampling):
         print(f"> {text}")
 
 
@@ -113,7 +111,7 @@ def cmd_chat(args) -> None:
     sampling = dict(
         max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature
     )
-    run(model, args.message, args.system, seed=args.seed, **sampling)
+    run(model, args.message, args.system, seed=args.seed, compiled=args.compile, **sampling)
 
 
 def cmd_serve(args) -> None:
@@ -127,7 +125,11 @@ def cmd_serve(args) -> None:
     uvicorn_module()  # the missing extra named before the model loads
     model = _load_for_decoding(args, pick_device(args.device)).model
     served = served_model(
-        model, model_name(args.checkpoint, args.hf), args.max_concurrency, not args.no_prefix_cache
+        model,
+        model_name(args.checkpoint, args.hf),
+        args.max_concurrency,
+        not args.no_prefix_cache,
+        args.compile,
     )
     if args.api_key is None:
         print("gpt2repro serve: no --api-key: anyone who can reach the port can use it", file=sys.stderr)

@@ -21,12 +21,20 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
 
 
 def _add_weight_dtype(p: argparse.ArgumentParser) -> None:
+    """The decoding options of sample, chat and serve."""
     p.add_argument(
         "--weight-dtype",
         choices=WEIGHT_DTYPES,
         default="fp32",
         help="the weights themselves cast (faster decoding on GPUs and for batches), or int8: rounded per "
         "output feature and read as int8 (the fastest batch-1 decoding on a CPU)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile each one-token step whole: faster per token after compiling once per process "
+        "(tens of seconds; the server compiles before it listens): int8 and bf16 on CPU "
+        "(benchmarks/RESULTS.md)",
     )
 
 
@@ -112,12 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     p.add_argument("--seed", type=int, default=42)
     _add_weight_dtype(p)
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="compile each one-token step whole: faster per token after compiling once (tens of "
-        "seconds), so for long samples (fp32 on CPU: benchmarks/RESULTS.md)",
-    )
 
     p = sub.add_parser(
         "chat", help="talk to a chat model (streamed replies, the conversation kept in the KV cache)"

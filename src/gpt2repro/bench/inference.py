@@ -8,7 +8,7 @@ import copy
 import torch
 
 from ..evals import hellaswag
-from ..generation.decoding import prepare
+from ..generation.decoding import for_decoding, prepare
 from ..generation.generate import generate
 from ..generation.sampling import GREEDY
 from ..model.gpt import GPT
@@ -19,8 +19,8 @@ from .reference import core_one_at_a_time, hellaswag_one_at_a_time, hf_copy, ori
 
 
 def bench_generate(size: str, repeats: int, device: torch.device, new_tokens: int = 256) -> list[dict]:
-    """Greedy decoding of new_tokens from an 8-token prompt: our KV cache (fp32 and bf16 weights)
-    against recomputing the whole sequence for every token (ours: the lm_head at the last position
+    """Greedy decoding of new_tokens from an 8-token prompt: our KV cache (fp32 and bf16 weights; and
+    int8 on a CPU) against recomputing the whole sequence for every token (ours: the lm_head at the last position
     only; original: build-nanogpt's loop, the full forward) and transformers' generate, the same
     weights."""
     cfg, _, _ = size_config(size)
@@ -29,6 +29,8 @@ def bench_generate(size: str, repeats: int, device: torch.device, new_tokens: in
     model = GPT(cfg).to(device).eval()
     plain = {d: copy.deepcopy(model).to(torch_dtype(d)) for d in bench_dtypes()}  # nn.Linear's layout
     ours = {d: prepare(copy.deepcopy(m)) for d, m in plain.items()}  # as `sample` runs it
+    if device.type == "cpu":  # int8 weights read by the int8 kernel, as `sample --weight-dtype int8`
+        ours["int8"] = for_decoding(copy.deepcopy(model), "int8")
     hf = {}
     try:
         hf["fp32"] = hf_copy(model)
@@ -51,7 +53,7 @@ def bench_generate(size: str, repeats: int, device: torch.device, new_tokens: in
     for batch in (1, 8):
         prompt = torch.randint(0, cfg.vocab_size, (batch, 8), device=device)
         for method in ("kv-cache", "recompute", "original", "hf"):
-            for dtype in bench_dtypes():
+            for dtype in ours if method == "kv-cache" else bench_dtypes():
                 if (method == "hf" and not hf) or (method == "original" and batch > 1):
                     continue  # the original loop at B=8 takes minutes per run
                 with torch.no_grad():

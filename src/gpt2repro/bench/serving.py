@@ -1,11 +1,13 @@
 """`bench serve`: requests/s and generated tokens/s of `gpt2repro serve` with 1, 4 and 16 concurrent
-clients, the batching engine (16 slots) against one-at-a-time serving (1 slot), the same prompts and
-greedy requests over HTTP on 127.0.0.1 (server and clients in this one process, as threads); then the
-first-token latency of each turn of an 8-turn conversation re-sent whole every turn (as clients and
-the web page do), with prefix caching and without."""
+clients, the batching engine (16 slots; eager steps, and compiled ones in fp32 and, on a CPU, int8)
+against one-at-a-time serving (1 slot), the same prompts and greedy requests over HTTP on 127.0.0.1
+(server and clients in this one process, as threads); then the first-token latency of each turn of an
+8-turn conversation re-sent whole every turn (as clients and the web page do), with prefix caching
+and without."""
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import threading
@@ -14,6 +16,7 @@ import urllib.request
 
 import torch
 
+from ..generation.decoding import for_decoding
 from ..model.gpt import GPT
 from ..serve.app import create_app
 from ..serve.run import ServerThread, served_model
@@ -53,8 +56,16 @@ def _run_clients(url: str, prompts: list[list[int]], clients: int, new_tokens: i
     return time.perf_counter() - start, sum(generated)
 
 
+SERVERS = (  # (slots, name, weights, compiled steps)
+    (16, "batched (16 slots)", "fp32", False),
+    (16, "batched, compiled steps", "fp32", True),
+    (16, "batched, compiled steps", "int8", True),  # (on a CPU only)
+    (1, "one at a time", "fp32", False),
+)
+
+
 def bench_serve(
-    size: str, repeats: int, device: torch.device, requests: int = 16, new_tokens: int = 32
+    size: str, repeats: int, device: torch.device, requests: int = 16, new_tokens: int = 32, servers=SERVERS
 ) -> list[dict]:
     cfg, _, _ = size_config(size)
     cfg.block_size = 256
@@ -64,15 +75,18 @@ def bench_serve(
         model.transformer.wte.weight[EOT_ID:] = 0
     prompts = torch.randint(0, cfg.vocab_size, (requests, 16)).tolist()
     rows = []
-    for slots, server in ((16, "batched (16 slots)"), (1, "one at a time")):
-        served = served_model(model, "bench", slots)
+    for slots, server, weights, compiled in servers:
+        if weights == "int8" and device.type != "cpu":
+            continue
+        decoding_model = for_decoding(copy.deepcopy(model), weights, compiled)
+        served = served_model(decoding_model, "bench", slots, compiled=compiled)  # compiled before it listens
         try:
             with ServerThread(create_app(served)) as s:
                 _run_clients(s.url, prompts[:2], 2, 4)  # warm-up
                 for clients in CLIENTS:
                     runs = sorted(_run_clients(s.url, prompts, clients, new_tokens) for _ in range(repeats))
                     dt, tokens = runs[len(runs) // 2]
-                    rows.append({"server": server, "clients": clients, "requests": requests,
+                    rows.append({"server": server, "weights": weights, "clients": clients, "requests": requests,
                                  "req/s": round(requests / dt, 2), "gen tok/s": round(tokens / dt, 1)})  # fmt: skip
         finally:
             served.engine.stop()

@@ -60,6 +60,9 @@ def run(model: GPT, message: str | None, system: str | None, **sampling) -> None
     """Answer `message` once, or hold a conversation read from stdin until /exit or end of input."""
     require_chat_model(model, "the model")
     session = ChatSession(model, system=system, on_notice=_say, **sampling)
+    if session.step.compiled is not None:
+        _say("[compiling the decoding step: once per process, tens of seconds]")
+        session.step.warm(1)
     if message is not None:
         stream_reply(session, message, _write)
         _write("\n")

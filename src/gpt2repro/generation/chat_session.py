@@ -58,6 +58,7 @@ class ChatSession:
         reuse_cache: bool = True,
         on_notice: Callable[[str], None] = lambda message: None,
         top_p: float = 1.0,
+        compiled: bool = False,
     ):
         require_chat_model(model)
         if max_new_tokens < 1:
@@ -69,7 +70,7 @@ class ChatSession:
         self.device = next(model.parameters()).device
         self.generator = self.sampling.generator(self.device)
         self.cache = KVCache.empty(model.config, 1, self.device, model.transformer.wte.weight.dtype)
-        self.step = Decoder(model)
+        self.step = Decoder(model, compiled)  # compiled: at its first step (`Decoder`)
         self.forward_tokens = 0
         self.turns: list[dict] = []  # per reply: prompt tokens run, first-token latency, decode time
         self.reset()

@@ -36,10 +36,12 @@ import torch.nn.functional as F
 from ..model.gpt import GPT
 from ..model.kvcache import KVCache
 from ..model.precision import torch_dtype
-from .int8 import int8_linear, quantize_rows, round_to_int8
+from .int8 import int8_linear, loop_linear, quantize_rows, round_to_int8
 from .sampling import GenerateError
 
-OPTIONS = {"cpp_wrapper": True}  # inductor: kernels called from C++, not from a Python wrapper
+# inductor: kernels called from C++, not from a Python wrapper; and each matmul's input computed once
+# (by default a LayerNorm feeding a one-row matmul is recomputed inside it for every output row: 2x)
+OPTIONS = {"cpp_wrapper": True, "realize_acc_reads_threshold": 2}
 MAX_SPLIT_ROWS = 32  # past this many rows a matmul is no longer bound by reading its weight
 
 
@@ -95,6 +97,7 @@ SPLIT = Kernel("split", _split, _grouped)
 MV = Kernel("mv", _mv)
 KERNELS = {k.name: k for k in (LINEAR, COLUMNS, SPLIT, MV)}  # for weights as they are
 INT8 = Kernel("int8", int8_linear, quantize_rows)  # for weights rounded to int8 (`for_decoding`)
+LOOP = Kernel("loop", loop_linear, torch.Tensor.contiguous)  # bf16/fp16 in compiled steps (`step_kernel`)
 _INT8: weakref.WeakSet[GPT] = weakref.WeakSet()  # models whose weights are int8's values
 
 
@@ -171,11 +174,27 @@ def choose(model: GPT, relayout: bool = False) -> Kernel:
 _PREPARED: weakref.WeakKeyDictionary[GPT, Kernel] = weakref.WeakKeyDictionary()
 
 
-def for_decoding(model: GPT, weight_dtype: str) -> GPT:
+def _half(model: GPT) -> bool:
+    w = model.lm_head.weight
+    return w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16) and model not in _INT8
+
+
+def step_kernel(model: GPT, compiled: bool) -> Kernel:
+    """The kernel a Decoder runs: `prepare`'s (else the fastest measured, `choose`); but compiled
+    steps on bf16/fp16 weights read them through the loop (inductor's own matmul for one row is ~2x
+    slower, and the eager kernels' layouts do not suit it: benchmarks/RESULTS.md, issue #42)."""
+    if compiled and _half(model):
+        return LOOP
+    return _PREPARED.get(model) or choose(model)
+
+
+def for_decoding(model: GPT, weight_dtype: str, compiled: bool = False) -> GPT:
     """The model with its weights in `weight_dtype` (fp32, bf16, fp16: cast; int8: every Linear
-    weight rounded to int8 per output feature in place, decoded by the int8 kernel), `prepare`d."""
+    weight rounded to int8 per output feature in place, decoded by the int8 kernel), `prepare`d for
+    eager steps or (`compiled`) for compiled ones."""
     if weight_dtype != "int8":
-        return prepare(model.to(torch_dtype(weight_dtype)))
+        model = model.to(torch_dtype(weight_dtype))
+        return prepare(model, LOOP if compiled and _half(model) else None)
     if any(type(p).__name__ == "DTensor" for p in model.parameters()):
         raise GenerateError("--weight-dtype int8 needs a whole model, not FSDP's shards")
     round_to_int8([m.weight for m in _linears(model)])
@@ -189,7 +208,10 @@ def prepare(model: GPT, kernel: Kernel | None = None) -> GPT:
     contiguous (in, out) tensor (the same tensors and values; tied weights stay tied: the token
     embedding too, whose lookups then read one strided row). For sampling, chat and serving only: a
     model being trained keeps nn.Linear's layout. Saving its weights with safetensors directly then
-    needs `.contiguous()` (this project's writers do it)."""
+    needs `.contiguous()` (this project's writers do it). A prepared model stays as it was prepared
+    unless a kernel is given."""
+    if kernel is None and model in _PREPARED:
+        return model
     kernel = kernel or choose(model, relayout=True)
     if kernel.columns:
         with torch.no_grad():
@@ -218,29 +240,6 @@ def _attend(q, k_old, v_old, k_new, v_new, mask: torch.Tensor | None) -> torch.T
     return (p_old @ v_old + p_new * v_new) / (p_old.sum(-1, keepdim=True) + p_new)
 
 
-def _step(model: GPT, kernel: Kernel, weights: list, tok, positions, k_old, v_old, mask):
-    """Logits (slots, vocab) of one new token per slot (tok: (slots, 1)) at `positions` (slots,),
-    after the cached keys and values (n_layer, slots, nh, length, hs); and the new token's keys and
-    values (n_layer, slots, nh, 1, hs). `weights`: each Linear's, as `kernel` prepared them."""
-    t, cfg, run = model.transformer, model.config, kernel.run
-    B, C, nh = tok.size(0), cfg.n_embd, cfg.n_head
-    x = t.wte(tok) + t.wpe(positions)[:, None]  # (B, 1, C)
-    keys, values = [], []
-    for i, block in enumerate(t.h):
-        (w_attn, b_attn), (w_proj, b_proj), (w_fc, b_fc), (w_out, b_out) = weights[4 * i : 4 * i + 4]
-        h = F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias, block.ln_1.eps)
-        q, k, v = run(h, w_attn, b_attn).view(B, 3, nh, 1, C // nh).unbind(1)  # (B, nh, 1, hs)
-        y = _attend(q, k_old[i], v_old[i], k, v, mask).to(q.dtype)  # (B, nh, 1, hs)
-        x = x + run(y.reshape(B, 1, C), w_proj, b_proj)
-        h = F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)
-        x = x + run(F.gelu(run(h, w_fc, b_fc), approximate="tanh"), w_out, b_out)
-        keys.append(k)
-        values.append(v)
-    x = F.layer_norm(x, (C,), t.ln_f.weight, t.ln_f.bias, t.ln_f.eps)
-    w_head, _ = weights[-1]
-    return run(x[:, -1], w_head, None)[:, : cfg.vocab_size], torch.stack(keys), torch.stack(values)
-
-
 _INT8_READY: weakref.WeakKeyDictionary[GPT, list] = weakref.WeakKeyDictionary()
 
 
@@ -256,14 +255,83 @@ def _prepared_weights(model: GPT, kernel: Kernel) -> list:
     return weights
 
 
+@dataclass(frozen=True)
+class Layout:
+    """What a step needs besides tensors (constants of a compiled step): the model's numbers, and the
+    lengths of the 1-D tensors `_pack` joins into one, in the order the step reads them."""
+
+    n_head: int
+    vocab_size: int
+    eps: float
+    sizes: tuple[int, ...]
+    scaled: bool  # each Linear's bias is followed by its rows' scales (int8)
+
+
+def _pack(model: GPT, kernel: Kernel) -> tuple[Layout, tuple, list]:
+    """Everything a step reads, as few tensors: a compiled step checks each of its arguments on every
+    call (~200 tensors cost ~0.5 ms a token). (layout, (wte, wpe, vectors joined in one tensor, the
+    Linear weights as `kernel` prepared them, in step order), the vectors apart for eager steps).
+    The vectors: per block ln_1's weight and bias, then per Linear its bias (and its scales), ln_2's
+    after the attention's two; then ln_f's, then the lm_head's scales."""
+    t, prepared = model.transformer, _prepared_weights(model, kernel)
+    vectors, matrices = [], []
+    for i, block in enumerate(t.h):
+        vectors += [block.ln_1.weight, block.ln_1.bias]
+        for j, (weight, bias) in enumerate(prepared[4 * i : 4 * i + 4]):
+            if j == 2:
+                vectors += [block.ln_2.weight, block.ln_2.bias]
+            matrices.append(weight[0] if kernel is INT8 else weight)
+            vectors += [bias, weight[1]] if kernel is INT8 else [bias]
+    vectors += [t.ln_f.weight, t.ln_f.bias]
+    head = prepared[-1][0]
+    matrices.append(head[0] if kernel is INT8 else head)
+    vectors += [head[1]] if kernel is INT8 else []
+    vectors = [v.detach() for v in vectors]
+    cfg = model.config
+    layout = Layout(
+        cfg.n_head, cfg.vocab_size, cfg.layer_norm_epsilon, tuple(v.numel() for v in vectors), kernel is INT8
+    )
+    return layout, (t.wte.weight, t.wpe.weight, torch.cat(vectors), tuple(matrices)), vectors
+
+
+def _step(layout: Layout, run: Callable, tensors: tuple, vectors, tok, positions, k_old, v_old, mask):
+    """Logits (slots, vocab) of one new token per slot (tok: (slots, 1)) at `positions` (slots,),
+    after the cached keys and values (n_layer, slots, nh, length, hs); and the new token's keys and
+    values (n_layer, slots, nh, 1, hs). `tensors`: `_pack`'s; `vectors`: its vectors apart, or None
+    to split them from the joined one; `run`: the kernel's matmul."""
+    wte, wpe, joined, matrices = tensors
+    vec, mat = iter(vectors or joined.split(layout.sizes)), iter(matrices)
+    B, C, nh, eps = tok.size(0), wte.size(1), layout.n_head, layout.eps
+
+    def linear(x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        w, b = next(mat), next(vec) if bias else None
+        return run(x, (w, next(vec)) if layout.scaled else w, b)
+
+    x = F.embedding(tok, wte) + F.embedding(positions, wpe)[:, None]  # (B, 1, C)
+    keys, values = [], []
+    for i in range(k_old.size(0)):
+        h = F.layer_norm(x, (C,), next(vec), next(vec), eps)
+        q, k, v = linear(h).view(B, 3, nh, 1, C // nh).unbind(1)  # (B, nh, 1, hs)
+        y = _attend(q, k_old[i], v_old[i], k, v, mask).to(q.dtype)  # (B, nh, 1, hs)
+        x = x + linear(y.reshape(B, 1, C))
+        h = F.layer_norm(x, (C,), next(vec), next(vec), eps)
+        x = x + linear(F.gelu(linear(h), approximate="tanh"))
+        keys.append(k)
+        values.append(v)
+    x = F.layer_norm(x, (C,), next(vec), next(vec), eps)
+    return linear(x[:, -1], bias=False)[:, : layout.vocab_size], torch.stack(keys), torch.stack(values)
+
+
 class Decoder:
     """Decoding steps for one model: `decoder(tokens (slots, 1), cache)` -> logits (slots, vocab),
     like `model.logits(model.hidden(tokens, cache)[:, -1])`, storing the tokens' keys and values in
     the cache and moving it on. Every slot must hold at least one token already; slots may be at
     different lengths (a server's batch). The kernel is `prepare`'s for a prepared model, else the
     fastest for its weights as they are (`choose`). `compiled`: the step compiled whole, after
-    compiling once per model and process (tens of seconds). FSDP's shards, whose hooks on the blocks
-    gather them, and a subclass with a forward of its own decode through the model's forward."""
+    compiling once per process for each kind of model and batch (tens of seconds each: one slot;
+    several, at any lengths, masked), at the first step of each or at `warm`. FSDP's shards, whose
+    hooks on the blocks gather them, and a subclass with a forward of its own decode through the
+    model's forward."""
 
     def __init__(self, model: GPT, compiled: bool = False, kernel: Kernel | None = None):
         sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
@@ -272,10 +340,10 @@ class Decoder:
         self.through_forward = sharded or type(model).hidden is not GPT.hidden  # (a model of its own)
         self.model = model
         if self.through_forward:  # nothing of the one step is used (FSDP's shards cannot be timed either)
-            self.kernel, self.weights = None, []
+            self.kernel, self.layout, self.tensors, self.vectors = None, None, (), []
         else:
-            self.kernel = kernel or _PREPARED.get(model) or choose(model)
-            self.weights = _prepared_weights(model, self.kernel)
+            self.kernel = kernel or step_kernel(model, compiled)
+            self.layout, self.tensors, self.vectors = _pack(model, self.kernel)
         self.compiled = torch.compile(_step, options=OPTIONS) if compiled else None
 
     @torch.no_grad()
@@ -289,19 +357,36 @@ class Decoder:
         positions = lengths.to(tok.device)
         k_old, v_old = cache.k[..., :longest, :], cache.v[..., :longest, :]
         keys = torch.arange(longest, device=tok.device)
-        mask = None if aligned else (keys < positions[:, None])[:, None, None]  # (slots, 1, 1, length)
-        args = (self.model, self.kernel, self.weights, tok, positions, k_old, v_old, mask)
+        masked = not aligned or (self.compiled is not None and tok.size(0) > 1)  # (one graph for batches)
+        mask = (keys < positions[:, None])[:, None, None] if masked else None  # (slots, 1, 1, length)
+        args = (tok, positions, k_old, v_old, mask)
         if self.compiled is None or longest == 1:  # (torch.compile would fix a length of 1 apart)
-            logits, k, v = _step(*args)
+            logits, k, v = _step(self.layout, self.kernel.run, self.tensors, self.vectors, *args)
         else:
-            logits, k, v = self._compiled(args)
+            logits, k, v = self._compiled((self.layout, self.kernel.run, self.tensors, None, *args))
         cache.append(k, v)
         return logits
 
+    def warm(self, slots: int) -> None:
+        """Compile now (a server, before it takes requests) the steps a batch of up to `slots` slots
+        runs: one slot, and several at different lengths."""
+        if self.compiled is None:
+            return
+        device, dtype = self.model.lm_head.weight.device, self.model.transformer.wte.weight.dtype
+        cache = KVCache.empty(self.model.config, slots, device, dtype)  # a batch is its first m slots
+        for lengths in ([2], [2, 3])[: min(slots, 2)]:
+            m = len(lengths)
+            active = KVCache(cache.k[:, :m], cache.v[:, :m], torch.tensor(lengths))
+            self(torch.zeros(m, 1, dtype=torch.long, device=device), active)
+
     def _compiled(self, args: tuple):
-        for t in args[5:]:  # one graph for every cache length
+        tok, positions, k_old, v_old, mask = args[4:]
+        for t in (k_old, v_old, mask):  # one graph for every cache length
             if t is not None:
                 torch._dynamo.mark_dynamic(t, 3)
+        if tok.size(0) > 1:  # and one for every number of slots past one
+            for t, dim in ((tok, 0), (positions, 0), (k_old, 1), (v_old, 1), (mask, 0)):
+                torch._dynamo.mark_dynamic(t, dim)
         try:
             return self.compiled(*args)
         except torch._dynamo.exc.BackendCompilerFailed as e:

@@ -87,10 +87,10 @@ def _draws(
 
 
 def stream_tokens(
-    model: GPT, prompt_ids: list[int], max_new_tokens: int, *, sampling: Sampling
+    model: GPT, prompt_ids: list[int], max_new_tokens: int, *, sampling: Sampling, compiled: bool = False
 ) -> Iterator[int]:
     """The tokens of one continuation as they are drawn: `sample_tokens`'s first row (the same seed,
-    the same tokens), ending before its first token that is not text."""
+    the same tokens), ending before its first token that is not text; `compiled`: see `generate`."""
     sampling.check()
     if max_new_tokens < 1:
         raise GenerateError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -99,7 +99,7 @@ def stream_tokens(
     model.eval()
     steps = min(max_new_tokens, model.config.block_size - idx.size(1))
     with torch.no_grad():
-        for tok in _draws(model, idx, steps, sampling, False, True):
+        for tok in _draws(model, idx, steps, sampling, compiled, True):
             token = int(tok[0, 0])
             if ends_reply(token):
                 return

@@ -35,24 +35,40 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 @torch.compile(dynamic=True)
-def _rows_times_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (rows, in) @ (q * scale)^T, reading q as int8: one fused loop (no fp32 copy of q)."""
-    return (x[:, None, :] * q.float()).sum(-1) * scale
+def _rows_times(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (rows, in) @ w^T in fp32 (float64 for float64 x), reading w (out, in) in its own dtype (int8,
+    bf16, fp16): one fused loop, each weight converted in registers (no fp32 copy of w)."""
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (x.to(wide)[:, None, :] * w.to(wide)).sum(-1)
+
+
+def _loop(x: torch.Tensor, w: torch.Tensor, what: str) -> torch.Tensor:
+    rows = x.numel() // x.size(-1)
+    try:
+        return _rows_times(x.reshape(rows, x.size(-1)), w)
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GenerateError(f"{what} needs torch.compile's C++ compiler ({first})") from e
 
 
 def int8_linear(x: torch.Tensor, prepared: tuple, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, q * scale, bias) for `prepared` = (q, scale)."""
     q, scale = prepared
-    rows = x.numel() // x.size(-1)
-    if rows > MAX_ROWS:
+    if x.numel() // x.size(-1) > MAX_ROWS:
         return F.linear(x, dequantize(q, scale), bias)
-    try:
-        y = _rows_times_int8(x.reshape(rows, x.size(-1)), q, scale)
-    except torch._dynamo.exc.BackendCompilerFailed as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GenerateError(f"--weight-dtype int8 needs torch.compile's C++ compiler ({first})") from e
+    y = _loop(x, q, "--weight-dtype int8") * scale
     y = y if bias is None else y + bias
     return y.view(*x.shape[:-1], q.size(0))
+
+
+def loop_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, w, bias) for bf16/fp16 weights through the same loop, summed in fp32 (a compiled
+    step's matmuls: inductor's own matmul for a few rows reads them ~2x slower, benchmarks/RESULTS.md)."""
+    if x.numel() // x.size(-1) > MAX_ROWS:
+        return F.linear(x, w, bias)
+    y = _loop(x, w, f"decoding {w.dtype} weights by the loop").to(x.dtype)
+    y = y if bias is None else y + bias
+    return y.view(*x.shape[:-1], w.size(0))
 
 
 def round_to_int8(weights: list[torch.Tensor]) -> None:

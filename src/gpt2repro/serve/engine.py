@@ -77,9 +77,9 @@ def _infos(logits: torch.Tensor, ids: list[int], top: int) -> list[TokenInfo]:
 class Engine:
     """The model, its cache and the loop that serves jobs; `submit` is safe from any thread."""
 
-    def __init__(self, model: GPT, slots: int = 8, prefix_cache: bool = True):
+    def __init__(self, model: GPT, slots: int = 8, prefix_cache: bool = True, compiled: bool = False):
         self.model = model.eval()
-        self.step = Decoder(model)  # every running sequence's next token, in one step
+        self.step = Decoder(model, compiled)  # every running sequence's next token, in one step
         self.device = next(model.parameters()).device
         dtype = model.transformer.wte.weight.dtype
         self.cache = KVCache.empty(model.config, slots, self.device, dtype)
@@ -97,6 +97,8 @@ class Engine:
         return self.model.config.block_size
 
     def start(self) -> Engine:
+        """Serve from now on; compiled steps are compiled first, for each kind of batch (`Decoder.warm`)."""
+        self.step.warm(self.cache.slots)
         self.thread.start()
         return self
 

@@ -50,7 +50,9 @@ def chat_format(config) -> ChatFormat | None:
     return ChatFormat(render, chat.encoding().decode_single_token_bytes)
 
 
-def served_model(model: GPT, model_id: str, slots: int, prefix_cache: bool = True) -> Served:
+def served_model(
+    model: GPT, model_id: str, slots: int, prefix_cache: bool = True, compiled: bool = False
+) -> Served:
     """The model behind the API, its engine started. Its fp32 weights are laid out for decoding in
     place (`decoding.prepare`: where measured faster, the same values stored transposed; `.contiguous()`
     them before writing them with anything but this project's writers)."""
@@ -65,7 +67,7 @@ def served_model(model: GPT, model_id: str, slots: int, prefix_cache: bool = Tru
             return b""
 
     return Served(
-        Engine(prepare(model), slots, prefix_cache).start(), model_id, model.config.vocab_size, model.config.block_size,
+        Engine(prepare(model), slots, prefix_cache, compiled).start(), model_id, model.config.vocab_size, model.config.block_size,
         enc.encode_ordinary, token_bytes, chat,
     )  # fmt: skip
 
