@@ -62,8 +62,8 @@ def int8_linear(x: torch.Tensor, prepared: tuple, bias: torch.Tensor | None) -> 
 
 
 def loop_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, w, bias) for bf16/fp16 weights through the same loop, summed in fp32 (a compiled
-    step's matmuls: inductor's own matmul for a few rows reads them ~2x slower, benchmarks/RESULTS.md)."""
+    """F.linear(x, w, bias) through the same loop, summed in fp32 (float64 for float64): a compiled
+    step's matmuls on a CPU (inductor's own matmul for a few rows runs on one core: 2x slower)."""
     if x.numel() // x.size(-1) > MAX_ROWS:
         return F.linear(x, w, bias)
     y = _loop(x, w, f"decoding {w.dtype} weights by the loop").to(x.dtype)
