@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch._inductor.inductor_prims  # noqa: F401 - torch.ops.prims.inductor_force_stride_order
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -39,9 +40,7 @@ from ..model.precision import torch_dtype
 from .int8 import int8_linear, loop_linear, quantize_rows, round_to_int8
 from .sampling import GenerateError
 
-# inductor: kernels called from C++, not from a Python wrapper; and each matmul's input computed once
-# (by default a LayerNorm feeding a one-row matmul is recomputed inside it for every output row: 2x)
-OPTIONS = {"cpp_wrapper": True, "realize_acc_reads_threshold": 2}
+OPTIONS = {"cpp_wrapper": True}  # inductor: kernels called from C++, not from a Python wrapper
 MAX_SPLIT_ROWS = 32  # past this many rows a matmul is no longer bound by reading its weight
 
 
@@ -307,6 +306,8 @@ def _step(layout: Layout, run: Callable, tensors: tuple, vectors, tok, positions
 
     def linear(x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         w, b = next(mat), next(vec) if bias else None
+        if vectors is None:  # compiled: x stored once; inductor would recompute what x is made of
+            x = torch.ops.prims.inductor_force_stride_order(x, x.stride())  # (a LayerNorm...) per row
         return run(x, (w, next(vec)) if layout.scaled else w, b)
 
     x = F.embedding(tok, wte) + F.embedding(positions, wpe)[:, None]  # (B, 1, C)
