@@ -22,14 +22,6 @@ if WORKER:  # and the processes a worker starts: a second thread would only cont
     os.environ["OMP_NUM_THREADS"] = "1"
 
 
-def pytest_collection_modifyitems(config, items):
-    """The `slow` tests first, each group in file order. make test's two workers each take a half of
-    this list and steal from the end of the other's: the long tests start early and the last ones
-    to run are short (a long test last leaves the other core idle for its length). A module with
-    both kinds makes its module-scoped fixtures twice at most."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
-
-
 def shared_file(name: str) -> Path:
     path = SHARED / name
     if not path.exists():
