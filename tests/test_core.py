@@ -397,26 +397,13 @@ def test_cli_prints_the_table_with_gpt2_references(models, bundle_dir, tmp_path,
 def test_two_ranks_give_the_single_process_results(models, bundle_dir, tmp_path):
     """Under torchrun the items are sharded and the counts summed: the same JSON as one process,
     and every rank's predictions in the file."""
-    import subprocess
-
-    from helpers import command, subprocess_env
-
-    from conftest import ROOT
+    from helpers import run_to_end
 
     common = ["eval", "core", "--hf", str(models[2]), "--bundle", str(bundle_dir), "--device", "cpu"]
     outs = {}
-    for nproc in (None, 2):
+    for nproc in (None, 2):  # the one process in this one (run_to_end): a start-up less
         out = tmp_path / f"{nproc}.json"
-        argv = [*common, "--json", str(out), "--predictions", str(tmp_path / f"{nproc}.jsonl")]
-        proc = subprocess.run(
-            command(*argv, nproc=nproc),
-            capture_output=True,
-            text=True,
-            timeout=600,
-            cwd=ROOT,
-            env=subprocess_env(),
-        )
-        assert proc.returncode == 0, proc.stderr
+        run_to_end([*common, "--json", out, "--predictions", tmp_path / f"{nproc}.jsonl"], nproc=nproc)
         outs[nproc] = json.loads(out.read_text())
     assert outs[None]["tasks"] == outs[2]["tasks"] and outs[None]["core"] == outs[2]["core"]
     rows = [json.loads(line) for line in (tmp_path / "2.jsonl").read_text().splitlines()]

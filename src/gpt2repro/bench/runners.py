@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from ..config.schema import recompute_interval
 from ..data.prepare import prepare
 from ..files import assets
 from ..files.fsio import atomic_write_text
@@ -59,9 +57,6 @@ def _bench_generate(size: str, baseline: str, repeats: int, device: torch.device
     from .llamacpp import bench_llamacpp
 
     return bench_llamacpp(size, repeats)
-
-
-MEMORY_BATCH = 4  # sequences per step in `bench memory`: enough for activations to dominate
 
 
 def train_step_runner(
@@ -161,70 +156,12 @@ def bench_prepare(repeats: int, copies: int = 16, streamed: bool = True) -> list
 # ---------------------------------------------------------------- command
 
 
-def memory_probe(size: str, checkpointing: str) -> None:
-    """One fp32 training step in this (fresh) process; prints its memory use as JSON. CPU: peak RSS
-    over the RSS before the step; CUDA: the allocator's peak over its use before the step. Both
-    devices: `saved_mb`, the tensors autograd keeps for backward (what checkpointing trades away,
-    counted exactly; RSS also depends on how the allocator reuses freed memory)."""
-    device = pick_device("auto")
-    cfg, _, T = size_config(size)
-    B = MEMORY_BATCH
-    torch.manual_seed(0)
-    model = GPT(cfg).to(device)
-    model.recompute_interval = recompute_interval(checkpointing)
-    x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
-    y = torch.randint(0, cfg.vocab_size, (B, T), device=device)
-    before = _rss_bytes() if device.type == "cpu" else torch.cuda.memory_allocated(device)
-    t0 = time.perf_counter()
-    saved = _step_saving(model, x, y)  # one step: its time, its peak memory, what it saved
-    synchronize(device)
-    seconds = time.perf_counter() - t0
-    peak = (
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        if device.type == "cpu"
-        else torch.cuda.max_memory_allocated(device)
-    )
-    print(
-        json.dumps(
-            {
-                "size": size,
-                "activation_checkpointing": checkpointing,
-                "B": B,
-                "T": T,
-                "step_extra_mb": (peak - before) / 2**20,
-                "saved_mb": saved / 2**20,
-                "peak_mb": peak / 2**20,
-                "step_s": seconds,
-            }
-        )
-    )
-
-
-def _step_saving(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    """A training step (forward, backward, gradients zeroed); the bytes of the tensors its forward
-    pass keeps for backward (each storage once). The hook keeps no tensor alive longer."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x, y)[1].backward()
-    model.zero_grad(set_to_none=False)
-    return sum(storages.values())
-
-
-def _rss_bytes() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def bench_memory(size: str) -> list[dict]:
     """Memory of a training step with and without activation checkpointing, each in a fresh process
     (a process's peak memory only grows)."""
     rows = []
     for mode in ("none", "full"):
-        code = f"from gpt2repro.bench.runners import memory_probe; memory_probe({size!r}, {mode!r})"
+        code = f"from gpt2repro.bench.common import memory_probe; memory_probe({size!r}, {mode!r})"
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         rows.append(json.loads(result.stdout.splitlines()[-1]))
     for r in rows:

@@ -11,9 +11,6 @@ from pathlib import Path
 from ..files.fsio import WriteError, atomic_write_text
 from ..model.gpt import GPT
 from ..parallel.distributed import DistInfo
-from .chat import evaluate as evaluate_chat
-from .chat import summary as chat_summary
-from .harness import run_harness
 from .hellaswag import STYLES, HellaSwagError, evaluate
 
 
@@ -104,6 +101,8 @@ def run_harness_tasks(
     apply_chat_template: bool = False,
 ) -> dict[str, dict[str, float]]:
     """lm-eval tasks on one process: print one line per task, write the JSON."""
+    from .harness import run_harness  # here: decoding's imports cost every `eval` ~1 s of start-up
+
     results = run_harness(
         model, tasks, info.device, limit, include_path, batch_size, dtype, apply_chat_template
     )
@@ -118,6 +117,9 @@ def run_chat(
     model: GPT, data_dir: str, limit: int, max_new_tokens: int, batch_size: int, json_out: str | None
 ) -> dict:
     """`eval chat`: print the summary line, write the JSON."""
+    from .chat import evaluate as evaluate_chat
+    from .chat import summary as chat_summary
+
     result = evaluate_chat(model, data_dir, limit, max_new_tokens, batch_size)
     print(chat_summary(result))
     if json_out:

@@ -26,8 +26,6 @@ from ..data.loader import DataLoader
 from ..data.shards import ShardError, manifest_sources, verify_shards
 from ..evals import core, hellaswag
 from ..files.fsio import WriteError, atomic_write_text
-from ..generation.generate import prompt_tokens, sample_text
-from ..generation.sampling import Sampling
 from ..model.precision import autocast, enable_tf32, slow_dtype_warning, tf32_enabled
 from ..parallel.distributed import (
     all_reduce_mean,
@@ -90,6 +88,8 @@ class Trainer:
         )
         self.core = core.Suite.for_run(cfg, info) if cfg.core_every else None  # CORE, tokenized once
         if cfg.sample_every:  # a prompt that cannot be sampled fails now, not after the first steps
+            from ..generation.generate import prompt_tokens  # here: decoding's imports cost ~1.3 s a process
+
             prompt_tokens(cfg.sample_prompt, cfg.model.block_size)
         self.raw, self.model = build_model(cfg, info, plan.dtype, plan.compile, plan.pretrained)
         self.optimizers = build_optimizer(self.raw, cfg, self.device)
@@ -314,6 +314,9 @@ class Trainer:
 
     def samples(self) -> list[str]:
         """The in-loop samples: continuations of sample_prompt."""
+        from ..generation.generate import sample_text
+        from ..generation.sampling import Sampling
+
         cfg, sampling = self.cfg, Sampling(top_k=50, seed=42 + self.info.rank)
         return sample_text(
             self.raw, cfg.sample_prompt, cfg.sample_count, cfg.sample_tokens, sampling=sampling
