@@ -134,12 +134,21 @@ def best_peak(key: str, measured: float) -> tuple[float, str]:
         return measured, "the best GEMM measured now (no cache to keep it in)"
 
 
-def _keep_best(path: Path, key: str, measured: float) -> tuple[float, str]:
+def _table(path: Path) -> dict:
     try:
         table = jsonio.loads(path.read_bytes())
     except (OSError, jsonio.NotJSON):
-        table = {}
-    table = table if isinstance(table, dict) else {}
+        return {}
+    return table if isinstance(table, dict) else {}
+
+
+def _cached(key: str) -> bool:
+    best = _table(cache_dir() / PEAK_CACHE).get(key)
+    return isinstance(best, dict) and isinstance(best.get("flops"), float)
+
+
+def _keep_best(path: Path, key: str, measured: float) -> tuple[float, str]:
+    table = _table(path)
     best = table.get(key)
     if isinstance(best, dict) and isinstance(best.get("flops"), float) and best["flops"] >= measured:
         return best[
@@ -163,7 +172,9 @@ def device_peak_flops(device: torch.device, dtype: str) -> tuple[float | None, s
         # the best of several runs: a peak, robust to a busy moment during the measurement; an
         # emulated dtype (bf16 without native support) is measured small, in seconds, not minutes
         n = 256 if slow_dtype_warning(dtype, device) else 1024
-        return best_peak(host_key(dtype, n), gemm_flops(torch_dtype(dtype), n, repeats=7, best=True))
+        key = host_key(dtype, n)
+        repeats = 2 if _cached(key) else 7  # the host's best is known: now a look that may raise it
+        return best_peak(key, gemm_flops(torch_dtype(dtype), n, repeats=repeats, best=True))
     return None, "no peak known"
 
 
