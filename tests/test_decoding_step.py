@@ -58,11 +58,11 @@ def _reference(model, seqs, steps):
 ALL_KERNELS = {**decoding.KERNELS, "loop": decoding.LOOP}  # (int8's: tests/test_int8.py)
 
 
-@pytest.mark.parametrize("lengths", [(5, 5), (3, 9)])
+@pytest.mark.parametrize("lengths", [(7,), (5, 5), (3, 9)])
 @pytest.mark.parametrize("kernel", sorted(ALL_KERNELS))
 def test_a_decoding_step_is_the_forwards_arithmetic_in_float64(model64, kernel, lengths):
-    """Each kernel's steps give the plain forward's logits and keys/values to float64 rounding, with
-    the slots at one length or at different ones."""
+    """Each kernel's steps give the plain forward's logits and keys/values to float64 rounding, for
+    one slot and for slots at one length or at different ones (the loop reads one row only)."""
     model = GPT(model64.config).double().eval()
     model.load_state_dict(model64.state_dict())
     kind = ALL_KERNELS[kernel]

@@ -62,9 +62,10 @@ def int8_linear(x: torch.Tensor, prepared: tuple, bias: torch.Tensor | None) -> 
 
 
 def loop_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, w, bias) through the same loop, summed in fp32 (float64 for float64): a compiled
-    step's matmuls on a CPU (inductor's own matmul for a few rows runs on one core: 2x slower)."""
-    if x.numel() // x.size(-1) > MAX_ROWS:
+    """F.linear(x, w, bias) for one row through the same loop, summed in fp32 (float64 for float64):
+    a compiled step's matmuls on a CPU (inductor's own matmul for one row runs on one core: 2x
+    slower). More rows through F.linear: the loop converts each weight again for every row."""
+    if x.numel() != x.size(-1):
         return F.linear(x, w, bias)
     y = _loop(x, w, f"decoding {w.dtype} weights by the loop").to(x.dtype)
     y = y if bias is None else y + bias
