@@ -11,7 +11,9 @@ how its ~50 matmuls read them, and how little runs besides them (benchmarks/RESU
   features in one group per thread as one batched matmul, for MKL's one-core product on AMD EPYC);
   `mv` (bf16, one row: `addmv`'s matrix-vector kernel); `columns` (F.linear over weights stored
   transposed, MKL's column-streaming product: `prepare` lays an inference model out so, in place);
-  `int8` (a model whose weights `for_decoding` rounded to int8: the rows read as int8, `int8.py`).
+  `int8` (a model whose weights `for_decoding` rounded to int8: the rows read as int8, `int8.py`);
+  `loop` (compiled steps on a CPU, `step_kernel`: one row, the weights read in their own dtype by
+  the same compiled loop).
   A kernel prepares each weight once (`Kernel.prepare`) and runs on what it prepared
   (`Kernel.run`).
 - The attention only reads the cache: the new token attends to the cached keys and to its own key
@@ -329,8 +331,8 @@ class Decoder:
     """Decoding steps for one model: `decoder(tokens (slots, 1), cache)` -> logits (slots, vocab),
     like `model.logits(model.hidden(tokens, cache)[:, -1])`, storing the tokens' keys and values in
     the cache and moving it on. Every slot must hold at least one token already; slots may be at
-    different lengths (a server's batch). The kernel is `prepare`'s for a prepared model, else the
-    fastest for its weights as they are (`choose`). `compiled`: the step compiled whole, after
+    different lengths (a server's batch). The kernel is `step_kernel`'s. `compiled`: the step compiled
+    whole (its inputs packed by `_pack`), after
     compiling once per process for each kind of model and batch (tens of seconds each: one slot;
     several, at any lengths, masked), at the first step of each or at `warm`. FSDP's shards, whose
     hooks on the blocks gather them, and a subclass with a forward of its own decode through the
