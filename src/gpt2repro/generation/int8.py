@@ -9,7 +9,8 @@ decoding steps read as int8; the tied embedding looks its rows up there too.
 The decoding matmul reads the int8 rows and their scales in one compiled loop (inductor's C++,
 fp32 products and sums, each weight converted in registers): torch's own CPU kernel
 (`torch._weight_int8pack_mm`) was measured ~10x slower than fp32 with fp32 inputs on this project's
-AMD host, and with bf16 inputs no faster than this loop while rounding the activations."""
+AMD host, and with bf16 inputs no faster than this loop while rounding the activations. Compiled
+decoding steps on a CPU read bf16/fp16/fp32 weights through the same loop (`loop_linear`)."""
 
 from __future__ import annotations
 
