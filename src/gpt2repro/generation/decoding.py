@@ -12,10 +12,8 @@ how its ~50 matmuls read them, and how little runs besides them (benchmarks/RESU
   `mv` (bf16, one row: `addmv`'s matrix-vector kernel); `columns` (F.linear over weights stored
   transposed, MKL's column-streaming product: `prepare` lays an inference model out so, in place);
   `int8` (a model whose weights `for_decoding` rounded to int8: the rows read as int8, `int8.py`);
-  `loop` (compiled steps on a CPU, `step_kernel`: one row, the weights read in their own dtype by
-  the same compiled loop).
-  A kernel prepares each weight once (`Kernel.prepare`) and runs on what it prepared
-  (`Kernel.run`).
+  `loop` (compiled steps on a CPU, `step_kernel`: one row, read in its own dtype by int8's loop). A
+  kernel prepares each weight once (`Kernel.prepare`) and runs on what it prepared (`Kernel.run`).
 - The attention only reads the cache: the new token attends to the cached keys and to its own key
   apart, joined in one softmax, and its keys and values are stored by one copy after the step. So
   the same function runs eagerly or compiled whole (`compiled=True`: every layer and the lm_head
