@@ -20,9 +20,9 @@ from .reference import core_one_at_a_time, hellaswag_one_at_a_time, hf_copy, ori
 
 def bench_generate(size: str, repeats: int, device: torch.device, new_tokens: int = 256) -> list[dict]:
     """Greedy decoding of new_tokens from an 8-token prompt: our KV cache (fp32 and bf16 weights; and
-    int8 on a CPU) against recomputing the whole sequence for every token (ours: the lm_head at the last position
-    only; original: build-nanogpt's loop, the full forward) and transformers' generate, the same
-    weights."""
+    int8 on a CPU) against recomputing the whole sequence for every token (ours: the lm_head at the
+    last position only; original: build-nanogpt's loop, the full forward) and transformers'
+    generate, the same weights."""
     cfg, _, _ = size_config(size)
     cfg.block_size = 512
     torch.manual_seed(0)

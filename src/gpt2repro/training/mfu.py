@@ -142,15 +142,20 @@ def _table(path: Path) -> dict:
     return table if isinstance(table, dict) else {}
 
 
+def _best(table: dict, key: str) -> dict | None:
+    """The cache's entry for `key`, if it is a well-formed one."""
+    best = table.get(key)
+    return best if isinstance(best, dict) and isinstance(best.get("flops"), float) else None
+
+
 def _cached(key: str) -> bool:
-    best = _table(cache_dir() / PEAK_CACHE).get(key)
-    return isinstance(best, dict) and isinstance(best.get("flops"), float)
+    return _best(_table(cache_dir() / PEAK_CACHE), key) is not None
 
 
 def _keep_best(path: Path, key: str, measured: float) -> tuple[float, str]:
     table = _table(path)
-    best = table.get(key)
-    if isinstance(best, dict) and isinstance(best.get("flops"), float) and best["flops"] >= measured:
+    best = _best(table, key)
+    if best is not None and best["flops"] >= measured:
         return best[
             "flops"
         ], f"this host's best GEMM, measured {best.get('when')} ({measured / 1e9:,.1f} GFLOP/s now)"
