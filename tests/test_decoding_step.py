@@ -213,3 +213,13 @@ def test_one_row_bf16_mv_kernel_is_a_matrix_vector_product_rounded_once(bias):
     assert (addmv if bias else mv).called
     assert y.dtype == torch.bfloat16 and y.shape == (1, 1, 2304)
     assert ((y.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
+
+
+def test_a_prepared_model_keeps_its_preparation(model64):
+    """`serve` prepares what `for_decoding` already prepared: a model laid out for compiled steps'
+    loop is not measured again and relaid (transposed) for the eager kernels."""
+    model = GPT(model64.config).eval()
+    decoding.prepare(model, decoding.LOOP)
+    with mock.patch.object(decoding, "choose", return_value=decoding.COLUMNS):
+        assert decoding.prepare(model) is model
+    assert model.lm_head.weight.is_contiguous() and decoding.step_kernel(model, True) is decoding.LOOP
