@@ -5,7 +5,9 @@ model of a bench size.
 
 - loss: the mean next-token loss over non-overlapping windows of the text (its first `--tokens`);
   the int8 model is `for_decoding(model, "int8")`, whose forward computes with exactly the values its
-  decoding steps read as int8 (tests/test_int8.py).
+  decoding steps read as int8 (tests/test_int8.py); where this CPU decodes int8 through the VNNI
+  kernel, each of its Linears' inputs is rounded as that kernel rounds them (`round_activations`),
+  so the loss is the decoding steps' arithmetic.
 - teacher-forced agreement: the share of the text's positions where both models' top tokens agree.
 - free-running agreement: from each of `--prompts` windows' first 16 tokens, 256 greedy tokens by
   `generate` (the int8 model through its int8 decoding steps): tokens equal before the first
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 
 from gpt2repro.bench.common import size_config
 from gpt2repro.checkpoint.gathered import load_model
+from gpt2repro.generation import cpu_kernels
 from gpt2repro.generation.decoding import for_decoding
 from gpt2repro.generation.generate import generate
 from gpt2repro.generation.sampling import GREEDY
@@ -53,6 +56,19 @@ def loss_and_agreement(model: GPT, ids: torch.Tensor, length: int) -> tuple[floa
     return total / n, torch.cat(tops)
 
 
+def rounding_activations(model: GPT) -> GPT:
+    """Each Linear's input rounded as the VNNI kernel rounds a decoding step's (int8 per 32 values)."""
+
+    def hook(module: torch.nn.Module, args: tuple) -> tuple:
+        values, steps = cpu_kernels.round_activations(args[0])
+        return (values * steps,)
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_pre_hook(hook)
+    return model
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -68,9 +84,11 @@ def main() -> None:
         torch.manual_seed(0)
         fp32 = GPT(size_config(args.size)[0]).eval()
     int8 = for_decoding(copy.deepcopy(fp32), "int8")
+    rounded = "int8" in cpu_kernels.available()
+    scored = rounding_activations(copy.deepcopy(int8)) if rounded else int8
     length = min(fp32.config.block_size, 1024)
     ids = windows(Path(args.text).read_text(encoding="utf-8"), length, args.tokens)
-    (loss32, top32), (loss8, top8) = (loss_and_agreement(m, ids, length) for m in (fp32, int8))
+    (loss32, top32), (loss8, top8) = (loss_and_agreement(m, ids, length) for m in (fp32, scored))
     runs, same = [], []
     for i in range(args.prompts):
         prompt = ids[i * length : i * length + 16][None]
@@ -83,6 +101,7 @@ def main() -> None:
             {
                 "model": args.checkpoint or f"random {args.size} (seed 0)",
                 "text": args.text,
+                "int8_activations": "rounded to int8 per 32 (VNNI kernel)" if rounded else "fp32 (loop)",
                 "tokens": ids.numel() - 1,
                 "loss_fp32": loss32,
                 "loss_int8": loss8,

@@ -237,18 +237,21 @@ def _step_ratio(model) -> float:
 def test_our_int8_logits_match_llama_cpps_q8_0_of_the_same_model(exported, enc, monkeypatch):
     """Two 8-bit roundings of one model, each measured from the exact (float64) logits: llama.cpp's
     q8_0 rounds weights and activations to 2^-8 of each 32-block's largest value, within 10% of the
-    logits' spread (the test above); ours rounds only the weights, per row, whose step is `ratio`
-    times q8_0's (RMS over the model), so within ratio x 5% (q8_0's weight half). The two then agree
-    within the sum. Measured on the tiny run: ratio 1.10, ours 4.4% from exact (bound 5.5%), q8_0
-    4.4%, ours from q8_0 4.3% (bound 15.5%); a 1% error in our scales fails it."""
+    logits' spread (the test above: 5% for each half); ours rounds the weights per row, whose step is
+    `ratio` times q8_0's (RMS over the model), so within ratio x 5%, and on a VNNI CPU the activations
+    as q8_0 does (5% more). The two then agree within the sum. Measured on the tiny run: ratio 1.10,
+    ours 5.1% from exact with VNNI (bound 10.5%; 4.4% without, bound 5.5%), q8_0 4.4%, ours from
+    q8_0 4.8% (bound 20.5%); a 1% error in our scales fails it (14.4% from exact)."""
+    from gpt2repro.generation import cpu_kernels
+
     _without_extra_buffer_types(monkeypatch)
     model, files = exported
     ids = enc.encode(PROMPTS[1] + " and the patricians good")
     exact = _logits(model, ids, torch.float64)
     spread = exact.std()
     ours, theirs = _int8_step_logits(model, ids), _llama_logits(files["q8_0"], ids)
-    ratio = _step_ratio(model)
+    ratio, activations = _step_ratio(model), 0.05 if "int8" in cpu_kernels.available() else 0.0
     seen = [np.abs(a - b).max() / spread for a, b in ((ours, exact), (theirs, exact), (ours, theirs))]
-    assert seen[0] < 0.05 * ratio, (ratio, seen)
-    assert seen[2] < 0.1 + 0.05 * ratio, (ratio, seen)
+    assert seen[0] < 0.05 * ratio + activations, (ratio, seen)
+    assert seen[2] < 0.1 + 0.05 * ratio + activations, (ratio, seen)
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9, (ratio, seen)

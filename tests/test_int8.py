@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gpt2repro.config.schema import model_config
-from gpt2repro.generation import decoding, int8
+from gpt2repro.generation import cpu_kernels, decoding, int8
 from gpt2repro.generation.chat_session import ChatSession
 from gpt2repro.generation.generate import sample_text, sample_tokens
 from gpt2repro.generation.sampling import GenerateError, Sampling
@@ -41,11 +41,17 @@ def test_each_row_is_rounded_to_127_steps_of_its_largest_value_within_half_a_ste
     assert error.amax(1)[0] < 1e-3 * error.amax(1)[-1]  # not one scale for all rows
 
 
+def _vnni() -> None:
+    if "int8" not in cpu_kernels.available():
+        pytest.skip("this CPU has no AVX-512 VNNI: int8 decodes through the loop (tested above)")
+
+
 @pytest.mark.parametrize("rows", [1, 3, 40])
 @pytest.mark.parametrize("bias", [True, False])
-def test_the_int8_matmul_is_x_times_the_dequantized_weights_in_float64(rows, bias):
+def test_the_int8_loop_is_x_times_the_dequantized_weights_in_float64(rows, bias, monkeypatch):
     """Read as int8 in one compiled loop (a few rows) or dequantized (many): fp32 sums of exact
     products, so within fp32 rounding of the float64 result."""
+    monkeypatch.setattr(cpu_kernels, "_FOUND", [frozenset()])  # the kernel of CPUs without VNNI
     w = _weights()
     prepared = int8.quantize_rows(w)
     b = torch.randn(48) if bias else None
@@ -54,6 +60,41 @@ def test_the_int8_matmul_is_x_times_the_dequantized_weights_in_float64(rows, bia
     got = int8.int8_linear(x, prepared, b)
     assert got.shape == (rows, 1, 48) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), exact, rtol=0, atol=1e-5 * exact.abs().max().item())
+
+
+def test_activations_are_rounded_per_block_of_32_within_half_a_step():
+    x = torch.randn(3, 70) * torch.logspace(-4, 2, 70)  # blocks of very different sizes, a short last one
+    x[1, 32:64] = 0
+    values, steps = cpu_kernels.round_activations(x)
+    assert values.shape == steps.shape == x.shape and (values.abs() <= 127).all()
+    assert torch.equal(values, values.round())
+    for start in (0, 32, 64):
+        block = x[:, start : start + 32]
+        torch.testing.assert_close(steps[:, start], block.abs().amax(1) / 127, rtol=1e-7, atol=0)
+    assert (values[1, 32:64] == 0).all() and (steps[1, 32:64] == 0).all()
+    assert ((values * steps).double() - x.double()).abs().le(steps.double() * (0.5 + 1e-6)).all()
+
+
+@pytest.mark.parametrize("in_features", [96, 768, 70])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_vnni_kernel_is_the_rounded_activations_times_the_dequantized_weights(in_features, rows):
+    """On a VNNI CPU: each row of x rounded as `round_activations` (int8 per block of 32), exact int32
+    sums within a block, fp32 across: within fp32 rounding of the float64 product of the two
+    roundings, and within the activations' half step (times |w|) of the exact product."""
+    _vnni()
+    torch.manual_seed(1)
+    w = torch.randn(48, in_features) * torch.logspace(-3, 1, 48)[:, None]
+    q, scale = int8.quantize_rows(w)
+    b, x = torch.randn(48), torch.randn(rows, 1, in_features) * 3
+    got = int8.int8_linear(x, (q, scale), b).double()
+    values, steps = cpu_kernels.round_activations(x)
+    dequantized = int8.dequantize(q, scale).double()
+    rounded = (values.double() * steps.double()) @ dequantized.T + b.double()
+    torch.testing.assert_close(got, rounded, rtol=0, atol=1e-6 * rounded.abs().max().item())
+    exact = x.double() @ dequantized.T + b.double()
+    bound = (steps.double() / 2) @ dequantized.abs().T  # each activation within half its step
+    assert ((got - exact).abs() <= bound * 1.0001 + 1e-6 * exact.abs().max()).all()
+    assert (got - exact).abs().max() > 1e-4 * exact.abs().max()  # (the activations were rounded)
 
 
 def _step_logits(model, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
@@ -71,23 +112,49 @@ def _step_logits(model, prompt: list[int], steps: int) -> tuple[list[int], torch
     return seq, torch.stack(seen)
 
 
-def test_int8_decoding_steps_are_the_forward_on_the_dequantized_weights_in_float64():
+def _rounding_linear_inputs(model: GPT, start: int) -> GPT:
+    """The model with each Linear's input at positions from `start` on rounded as the VNNI kernel
+    rounds a decoding step's (`round_activations`, in float64 after the rounding)."""
+
+    def hook(module, args):
+        x = args[0].clone()
+        values, steps = cpu_kernels.round_activations(x[:, start:])
+        x[:, start:] = values.to(x.dtype) * steps.to(x.dtype)
+        return (x,)
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_pre_hook(hook)
+    return model
+
+
+@pytest.mark.parametrize("kernel", ["loop", "vnni"])
+def test_int8_decoding_steps_are_the_forward_on_the_dequantized_weights_in_float64(kernel, monkeypatch):
     """`for_decoding(model, "int8")` leaves the int8 values in the model's own fp32 weights (tied
-    ones tied); its steps, reading int8, give the float64 forward's logits on those values."""
+    ones tied); its steps, reading int8, give the float64 forward's logits on those values (the VNNI
+    kernel's: with each step's Linear inputs rounded as it rounds them)."""
+    if kernel == "loop":
+        monkeypatch.setattr(cpu_kernels, "_FOUND", [frozenset()])
+    else:
+        _vnni()
     torch.manual_seed(0)
     model = GPT(model_config("tiny", n_layer=2, vocab_multiple=64)).eval()
     before = model.lm_head.weight.detach().clone()
     decoding.for_decoding(model, "int8")
     assert model.lm_head.weight is model.transformer.wte.weight
     assert 0 < (model.lm_head.weight - before).abs().max() <= before.abs().max() / 254 * 1.001
-    seq, seen = _step_logits(model, [3, 14, 159, 26, 535], steps=8)
+    prompt = [3, 14, 159, 26, 535]
+    seq, seen = _step_logits(model, prompt, steps=8)
+    reference = copy.deepcopy(model).double()
+    if kernel == "vnni":
+        _rounding_linear_inputs(reference, len(prompt))
     with torch.no_grad():
-        exact = copy.deepcopy(model).double()(torch.tensor([seq]))[0][0, -8:]
+        exact = reference(torch.tensor([seq]))[0][0, -8:]
     spread = exact.std().item()
     assert (seen.double() - exact).abs().max().item() < 1e-4 * spread
 
 
-def test_int8_is_refused_in_one_line_where_it_cannot_run():
+def test_int8_is_refused_in_one_line_where_it_cannot_run(monkeypatch):
     model = GPT(model_config("tiny", n_layer=1)).eval()
     with pytest.raises(GenerateError, match="^--weight-dtype int8 needs fp32 weights on the CPU"):
         decoding.for_decoding(copy.deepcopy(model).bfloat16(), "int8")
@@ -96,11 +163,27 @@ def test_int8_is_refused_in_one_line_where_it_cannot_run():
         with pytest.raises(GenerateError, match="^--weight-dtype int8 needs a whole model, not FSDP"):
             decoding.for_decoding(model, "int8")
     q = int8.quantize_rows(torch.randn(5, 7))  # shapes no other test compiled
+    monkeypatch.setattr(
+        cpu_kernels, "_FOUND", [frozenset()]
+    )  # the loop (CPUs without VNNI) needs the compiler
     torch._dynamo.reset()
     with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",)}):
         with pytest.raises(GenerateError, match="^--weight-dtype int8 needs torch.compile's C\\+\\+"):
             int8.int8_linear(torch.randn(1, 7), q, None)
     torch._dynamo.reset()
+
+
+def test_cpu_kernels_that_cannot_be_built_are_one_line(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def no_ninja(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions\n(more)")
+
+    monkeypatch.setattr(cpu_kernels, "_FOUND", [])
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: {"avx512f", "avx512bw", "avx512_vnni"})
+    monkeypatch.setattr(cpp_extension, "load", no_ninja)
+    with pytest.raises(GenerateError, match=r"^decoding could not build its CPU kernels \(Ninja is required"):
+        int8.int8_linear(torch.randn(1, 64), int8.quantize_rows(torch.randn(4, 64)), None)
 
 
 SETTINGS = dict(temperature=1.3, top_k=7, top_p=0.9)

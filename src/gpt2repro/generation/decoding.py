@@ -12,7 +12,7 @@ how its ~50 matmuls read them, and how little runs besides them (benchmarks/RESU
   `mv` (bf16, one row: `addmv`'s matrix-vector kernel); `columns` (F.linear over weights stored
   transposed, MKL's column-streaming product: `prepare` lays an inference model out so, in place);
   `int8` (a model whose weights `for_decoding` rounded to int8: the rows read as int8, `int8.py`);
-  `loop` (compiled steps on a CPU, `step_kernel`: one row, read in its own dtype by int8's loop). A
+  `loop` (compiled steps on a CPU, `step_kernel`: one row in its own dtype, `cpu_kernels.py`). A
   kernel prepares each weight once (`Kernel.prepare`) and runs on what it prepared (`Kernel.run`).
 - The attention only reads the cache: the new token attends to the cached keys and to its own key
   apart, joined in one softmax, and its keys and values are stored by one copy after the step. So
@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from ..model.gpt import GPT
 from ..model.kvcache import KVCache
 from ..model.precision import torch_dtype
-from .int8 import int8_linear, loop_linear, quantize_rows, round_to_int8
+from . import cpu_kernels
+from .int8 import int8_linear, prepare_rows, round_to_int8
 from .sampling import GenerateError
 
 OPTIONS = {"cpp_wrapper": True}  # inductor: kernels called from C++, not from a Python wrapper
@@ -95,8 +96,8 @@ COLUMNS = Kernel("columns", _linear, columns=True)
 SPLIT = Kernel("split", _split, _grouped)
 MV = Kernel("mv", _mv)
 KERNELS = {k.name: k for k in (LINEAR, COLUMNS, SPLIT, MV)}  # for weights as they are
-INT8 = Kernel("int8", int8_linear, quantize_rows)  # for weights rounded to int8 (`for_decoding`)
-LOOP = Kernel("loop", loop_linear, torch.Tensor.contiguous)  # in compiled steps (`step_kernel`)
+INT8 = Kernel("int8", int8_linear, prepare_rows)  # for weights rounded to int8 (`for_decoding`)
+LOOP = Kernel("loop", cpu_kernels.loop_linear, cpu_kernels.prepare)  # in compiled steps (`step_kernel`)
 _INT8: weakref.WeakSet[GPT] = weakref.WeakSet()  # models whose weights are int8's values
 
 
@@ -173,16 +174,15 @@ def choose(model: GPT, relayout: bool = False) -> Kernel:
 _PREPARED: weakref.WeakKeyDictionary[GPT, Kernel] = weakref.WeakKeyDictionary()
 
 
-def _half(model: GPT) -> bool:
-    w = model.lm_head.weight
-    return w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16) and model not in _INT8
+def _on_cpu(model: GPT) -> bool:
+    return model.lm_head.weight.device.type == "cpu" and model not in _INT8
 
 
 def step_kernel(model: GPT, compiled: bool) -> Kernel:
     """The kernel a Decoder runs: eager, `prepare`'s (else the fastest measured, `choose`). Compiled
     on a CPU, the weights as the model stores them: transposed (`columns`), through MKL's column
-    product; int8's; else through the loop, whatever the dtype: inductor's own matmul runs a one-row
-    product on one core, 2x slower (benchmarks/RESULTS.md, issue #42)."""
+    product; int8's; else one row at a time through `cpu_kernels` in its own dtype: inductor's own
+    matmul runs a one-row product on one core, 2x slower (benchmarks/RESULTS.md, issue #42)."""
     w = model.lm_head.weight
     if not compiled or w.device.type != "cpu" or model in _INT8 or _transposed(w):
         return _PREPARED.get(model) or choose(model)
@@ -195,7 +195,7 @@ def for_decoding(model: GPT, weight_dtype: str, compiled: bool = False) -> GPT:
     eager steps or (`compiled`) for compiled ones."""
     if weight_dtype != "int8":
         model = model.to(torch_dtype(weight_dtype))
-        return prepare(model, LOOP if compiled and _half(model) else None)
+        return prepare(model, LOOP if compiled and _on_cpu(model) else None)
     if any(type(p).__name__ == "DTensor" for p in model.parameters()):
         raise GenerateError("--weight-dtype int8 needs a whole model, not FSDP's shards")
     round_to_int8([m.weight for m in _linears(model)])

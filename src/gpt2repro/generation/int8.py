@@ -6,17 +6,18 @@ w ≈ q * scale, q in int8, |w - q * scale| <= scale / 2. The model keeps those 
 in its fp32 weights, so its forward (the prompt, the reference) computes with exactly what the
 decoding steps read as int8; the tied embedding looks its rows up there too.
 
-The decoding matmul reads the int8 rows and their scales in one compiled loop (inductor's C++,
-fp32 products and sums, each weight converted in registers): torch's own CPU kernel
-(`torch._weight_int8pack_mm`) was measured ~10x slower than fp32 with fp32 inputs on this project's
-AMD host, and with bf16 inputs no faster than this loop while rounding the activations. Compiled
-decoding steps on a CPU read bf16/fp16/fp32 weights through the same loop (`loop_linear`)."""
+The decoding matmul reads the int8 rows and their scales through `cpu_kernels`: where the CPU has
+AVX-512 VNNI, a C++ kernel that rounds each row of activations to int8 per block of 32 (as
+llama.cpp's q8_0 does) and sums the products in int32; elsewhere one compiled loop in fp32.
+torch's own CPU kernel (`torch._weight_int8pack_mm`) was measured ~10x slower than fp32 with fp32
+inputs on this project's AMD host, and with bf16 inputs no faster than the loop."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels
 from .sampling import GenerateError
 
 MAX_ROWS = 32  # past this many rows a matmul is bound by arithmetic: dequantized, through F.linear
@@ -31,46 +32,30 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale
 
 
+def prepare_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rows`, after finding the kernel that will read them (before any compiled step
+    traces `int8_linear`)."""
+    cpu_kernels.available()
+    return quantize_rows(weight)
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale[:, None]
 
 
-@torch.compile(dynamic=True)
-def _rows_times(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (rows, in) @ w^T in fp32 (float64 for float64 x), reading w (out, in) in its own dtype (int8,
-    bf16, fp16): one fused loop, each weight converted in registers (no fp32 copy of w)."""
-    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return (x.to(wide)[:, None, :] * w.to(wide)).sum(-1)
-
-
-def _loop(x: torch.Tensor, w: torch.Tensor, what: str) -> torch.Tensor:
-    rows = x.numel() // x.size(-1)
-    try:
-        return _rows_times(x.reshape(rows, x.size(-1)), w)
-    except torch._dynamo.exc.BackendCompilerFailed as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GenerateError(f"{what} needs torch.compile's C++ compiler ({first})") from e
-
-
 def int8_linear(x: torch.Tensor, prepared: tuple, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, q * scale, bias) for `prepared` = (q, scale)."""
+    """F.linear(x, q * scale, bias) for `prepared` = (q, scale); x rounded as
+    `cpu_kernels.round_activations` where the VNNI kernel runs (fp32 x on a VNNI CPU)."""
     q, scale = prepared
-    if x.numel() // x.size(-1) > MAX_ROWS:
+    rows = x.numel() // x.size(-1)
+    if rows > MAX_ROWS:
         return F.linear(x, dequantize(q, scale), bias)
-    y = _loop(x, q, "--weight-dtype int8") * scale
-    y = y if bias is None else y + bias
+    if x.dtype == torch.float32 and "int8" in cpu_kernels.available():
+        y = torch.ops.gpt2repro.int8_linear(x.reshape(rows, x.size(-1)).contiguous(), q, scale, bias)
+    else:
+        y = cpu_kernels.loop(x, q, "--weight-dtype int8") * scale
+        y = y if bias is None else y + bias
     return y.view(*x.shape[:-1], q.size(0))
-
-
-def loop_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, w, bias) for one row through the same loop, summed in fp32 (float64 for float64):
-    a compiled step's matmuls on a CPU (inductor's own matmul for one row runs on one core: 2x
-    slower). More rows through F.linear: the loop converts each weight again for every row."""
-    if x.numel() != x.size(-1):
-        return F.linear(x, w, bias)
-    y = _loop(x, w, f"decoding {w.dtype} weights by the loop").to(x.dtype)
-    y = y if bias is None else y + bias
-    return y.view(*x.shape[:-1], w.size(0))
 
 
 def round_to_int8(weights: list[torch.Tensor]) -> None:
