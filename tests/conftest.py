@@ -61,11 +61,12 @@ def _host_peaks(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def _isolated_cache(request, tmp_path_factory, monkeypatch):
     """Each test gets its own asset cache, so nothing leaks into ~/.cache or between tests. A test
-    that trains (on `data_dir`) finds the host's GEMM peaks in it (`_host_peaks`), unless marked
-    `measures_peak` (it needs the empty cache of a new host)."""
+    that trains (on `data_dir` or `chat_data_dir`) finds the host's GEMM peaks in it (`_host_peaks`),
+    unless marked `measures_peak` (it needs the empty cache of a new host)."""
     cache = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv("GPT2REPRO_CACHE", str(cache))
-    if "data_dir" in request.fixturenames and not request.node.get_closest_marker("measures_peak"):
+    trains = {"data_dir", "chat_data_dir"} & set(request.fixturenames)
+    if trains and not request.node.get_closest_marker("measures_peak"):
         peaks = request.getfixturevalue("_host_peaks")
         if peaks.exists():
             shutil.copy(peaks, cache / peaks.name)
