@@ -255,20 +255,41 @@ def check_generation(rep: Report, model: GPT, device: torch.device, new_tokens: 
 
 
 def _train_cli(args, data: Path, out: Path, extra: list[str], nproc: int = 0) -> str:
+    """`gpt2repro train` of the small run; under torchrun with `nproc` ranks, else in this process."""
     preset, overrides, (micro, seq) = RUNS[args.size]
     batch = [f"micro_batch_size={micro}", f"seq_len={seq}", f"total_batch_size={micro * seq * max(nproc, 1)}"]
-    cmd = ["-m", "gpt2repro", "train", "--preset", preset, "--data", str(data), "--out", str(out)]
+    cmd = ["train", "--preset", preset, "--data", str(data), "--out", str(out)]
     cmd += [*overrides, *batch, *COMMON, f"device={args.device}", *extra]
-    launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-        if nproc
-        else [sys.executable]
+    if not nproc:
+        return _train_here(cmd)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [*launcher, "-m", "gpt2repro", *cmd], capture_output=True, text=True, env=env, timeout=900
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"} if nproc else dict(os.environ)
-    proc = subprocess.run([*launcher, *cmd], capture_output=True, text=True, env=env, timeout=900)
     if proc.returncode:
         raise RuntimeError((proc.stderr or proc.stdout).strip().splitlines()[-1])
     return proc.stdout
+
+
+def _train_here(argv: list[str]) -> str:
+    """The CLI's `main` in this process, its stdout returned: a process of its own would start Python
+    and torch again (~3 s a run; four runs here). Each run seeds itself and reads its checkpoints
+    from disk, as a new process would."""
+    import contextlib
+    import io
+
+    from gpt2repro.cli import main as cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli(argv)
+        except SystemExit as e:  # argparse's errors
+            code = e.code
+    if code:
+        raise RuntimeError(((err.getvalue() or out.getvalue()).strip().splitlines() or ["no output"])[-1])
+    return out.getvalue()
 
 
 def _losses(run: Path) -> dict[int, float]:

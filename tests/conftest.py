@@ -4,6 +4,7 @@ that is absent skip and say why."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,10 +36,40 @@ def current_umask() -> int:
     return umask
 
 
+@pytest.fixture(scope="session")
+def _host_peaks(tmp_path_factory) -> Path:
+    """This host's GEMM peaks (fp32, bf16, at one torch thread as make test's workers and every rank
+    run), measured once a session in a cache of their own. Every training process measures the peak
+    its MFU is against: 7 GEMM runs with an empty cache, a 2-run look with the host's best cached
+    (~0.45 s a process, dozens of CLI runs and torchrun ranks a session)."""
+    from gpt2repro.training import mfu
+
+    cache = tmp_path_factory.mktemp("peaks")
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GPT2REPRO_CACHE", str(cache))
+        torch.set_num_threads(1)
+        try:
+            for dtype in ("fp32", "bf16"):
+                mfu.device_peak_flops(torch.device("cpu"), dtype)
+        finally:
+            torch.set_num_threads(threads)
+            mfu.device_peak_flops.cache_clear()  # each test measures as if no one had
+    return cache / mfu.PEAK_CACHE
+
+
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Each test gets its own asset cache, so nothing leaks into ~/.cache or between tests."""
-    monkeypatch.setenv("GPT2REPRO_CACHE", str(tmp_path_factory.mktemp("cache")))
+def _isolated_cache(request, tmp_path_factory, monkeypatch):
+    """Each test gets its own asset cache, so nothing leaks into ~/.cache or between tests. A test
+    that trains (on `data_dir` or `chat_data_dir`) finds the host's GEMM peaks in it (`_host_peaks`),
+    unless marked `measures_peak` (it needs the empty cache of a new host)."""
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("GPT2REPRO_CACHE", str(cache))
+    trains = {"data_dir", "chat_data_dir"} & set(request.fixturenames)
+    if trains and not request.node.get_closest_marker("measures_peak"):
+        peaks = request.getfixturevalue("_host_peaks")
+        if peaks.exists():
+            shutil.copy(peaks, cache / peaks.name)
 
 
 @pytest.fixture(scope="session")

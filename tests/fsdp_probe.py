@@ -2,9 +2,11 @@
 (`parallelize.build_model`) and writes what it measured to OUT/rankN.json (a file each: two ranks'
 prints may interleave).
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp_probe.py MODE OUT
-MODE: init (weights and random state against one process's GPT(cfg)), memory (what a rank
-allocates while building), bf16 (the mixed-precision policy's dtypes), compile (per-block graphs)."""
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp_probe.py MODES OUT
+MODES, comma-separated, run in that order in one launch (torchrun's start-up costs seconds a launch):
+init (weights and random state against one process's GPT(cfg)), memory (what a rank allocates while
+building: first, as it reads the process's peak), bf16 (the mixed-precision policy's dtypes), compile
+(per-block graphs). OUT/rankN.json holds {mode: report}."""
 
 from __future__ import annotations
 
@@ -97,7 +99,10 @@ def memory(info) -> dict:
     parallelize.fully_shard, parallelize.init_like_gpt = sharding, initialising
     cfg = config("model.n_layer=16", "model.n_head=12", "model.n_embd=768", "model.vocab_size=4096")
     before = rss_bytes()
-    raw, _ = built(cfg, info)
+    try:
+        raw, _ = built(cfg, info)
+    finally:  # the modes after this one build with the real functions
+        parallelize.fully_shard, parallelize.init_like_gpt = fully_shard, init_like_gpt
     sizes = [p.numel() * p.element_size() for p in raw.parameters()]
     return {
         "growth": seen["initialised"] - before,
@@ -179,8 +184,9 @@ def compile_blocks(info) -> dict:
 if __name__ == "__main__":
     info = setup("cpu")
     try:
-        mode, out = sys.argv[1], Path(sys.argv[2])
-        result = {"init": init, "memory": memory, "bf16": bf16, "compile": compile_blocks}[mode](info)
-        (out / f"rank{info.rank}.json").write_text(json.dumps({"rank": info.rank, **result}))
+        modes, out = sys.argv[1].split(","), Path(sys.argv[2])
+        probes = {"init": init, "memory": memory, "bf16": bf16, "compile": compile_blocks}
+        result = {mode: {"rank": info.rank, **probes[mode](info)} for mode in modes}
+        (out / f"rank{info.rank}.json").write_text(json.dumps(result))
     finally:
         teardown()

@@ -12,9 +12,21 @@ from conftest import ROOT, shared_file
 from gpt2repro.bench import runners as bench
 from gpt2repro.bench.reference import RefGPT
 
+TINY = "2x64"
+
+
+@pytest.fixture
+def tiny_size(monkeypatch) -> str:
+    """A bench size far below the real ones (a step at 4x256 takes seconds on one thread): these
+    tests check what a bench reports, never its speed, and its code is the same at every size."""
+    from gpt2repro.bench import names
+
+    monkeypatch.setitem(names.SIZES, TINY, (2, 64, 2, 4, 64))
+    return TINY
+
 
 @pytest.mark.slow
-def test_bench_peak_and_train_write_json(tmp_path, capsys, monkeypatch):
+def test_bench_peak_and_train_write_json(tmp_path, capsys, monkeypatch, tiny_size):
     monkeypatch.setattr(bench, "PEAK_SIZES", (256,))
     out = bench.run("peak", repeats=1, json_out=str(tmp_path / "peak.json"))
     *gemms, read = out["results"]
@@ -22,7 +34,7 @@ def test_bench_peak_and_train_write_json(tmp_path, capsys, monkeypatch):
     saved = json.loads((tmp_path / "peak.json").read_text())
     assert saved["machine"]["torch"] and all(r["gflop_per_s"] > 0 for r in saved["results"][:-1])
     assert read["read_bytes"] == 1 << 30 and read["read_gb_per_s"] > 0  # far past the caches
-    out = bench.run("train", mode="eager", baseline="reference", repeats=1)
+    out = bench.run("train", size=tiny_size, mode="eager", baseline="reference", repeats=1)
     impls = [r["impl"] for r in out["results"]]
     assert impls == ["ours", "reference"] and all(0 < r["mfu"] <= 1 for r in out["results"])
     assert "tok_per_s" in capsys.readouterr().out
@@ -49,9 +61,9 @@ def test_reference_model_computes_the_same_function():
 
 
 @pytest.mark.slow
-def test_bench_hellaswag_checks_predictions_agree(monkeypatch):
+def test_bench_hellaswag_checks_predictions_agree(tiny_size):
     shared_file("hellaswag_val.jsonl.gz")
-    rows = bench.bench_hellaswag("4x256", repeats=1, device=torch.device("cpu"), n_examples=12)
+    rows = bench.bench_hellaswag(tiny_size, repeats=1, device=torch.device("cpu"), n_examples=12)
     dtypes = bench.bench_dtypes()  # bf16 rows only where this CPU has native bf16 matmuls
     assert [(r["method"], r["dtype"]) for r in rows] == [
         (method, d) for method in ("batched", "one-at-a-time") for d in dtypes
@@ -62,9 +74,9 @@ def test_bench_hellaswag_checks_predictions_agree(monkeypatch):
 
 
 @pytest.mark.slow
-def test_bench_core_checks_verdicts_agree():
+def test_bench_core_checks_verdicts_agree(tiny_size):
     shared_file("hellaswag_val.jsonl.gz")
-    rows = bench.bench_core("4x256", repeats=1, device=torch.device("cpu"), n_items=4)
+    rows = bench.bench_core(tiny_size, repeats=1, device=torch.device("cpu"), n_items=4)
     assert [(r["method"], r["dtype"]) for r in rows] == [
         (method, d) for method in ("batched", "one-at-a-time") for d in bench.bench_dtypes()
     ]

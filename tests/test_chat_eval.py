@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_one_line_error
-from test_harness import local_hellaswag  # noqa: F401 - a fixture
+from test_harness import hellaswag_task_dir, local_hellaswag  # noqa: F401 - fixtures
 
 from conftest import shakespeare_dialogues
 from gpt2repro.checkpoint.gathered import load_model

@@ -13,15 +13,23 @@ from conftest import ROOT, shared_file
 pytestmark = pytest.mark.slow
 
 
-def probe(mode: str, tmp_path, **env) -> list[dict]:
-    """Each rank's report of `fsdp_probe.py MODE` under torchrun with 2 processes."""
-    out = run_script(ROOT / "tests" / "fsdp_probe.py", mode, tmp_path, **env)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory) -> dict[str, list[dict]]:
+    """{mode: each rank's report} of every `fsdp_probe.py` mode, from one torchrun launch of 2
+    processes (a launch each cost ~7 CPU-s of start-up). `memory` goes first: it reads the peak
+    resident memory, and glibc keeps freed blocks under its (adaptive) mmap threshold in its heap; a
+    fixed 1 MB threshold hands them back, so resident memory is what the build holds, not what the
+    allocator caches."""
+    out = tmp_path_factory.mktemp("probe")
+    modes = "memory,init,bf16,compile"
+    done = run_script(ROOT / "tests" / "fsdp_probe.py", modes, out, MALLOC_MMAP_THRESHOLD_="1048576")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    return {mode: [reports[mode] for reports in ranks] for mode in modes.split(",")}
 
 
-def test_meta_device_init_equals_one_process_bit_for_bit_and_leaves_the_same_random_state(tmp_path):
-    for report in probe("init", tmp_path):
+def test_meta_device_init_equals_one_process_bit_for_bit_and_leaves_the_same_random_state(probed):
+    for report in probed["init"]:
         # padded vocabulary rows, the chat rows, and pretrained weights copied into the shards
         for case in ("padded", "chat", "pretrained"):
             assert report[case] == {"differ": [], "params": 28, "rng_equal": True, "tied": True}, (
@@ -30,10 +38,8 @@ def test_meta_device_init_equals_one_process_bit_for_bit_and_leaves_the_same_ran
             )
 
 
-def test_no_rank_materialises_the_whole_model(tmp_path):
-    # glibc keeps freed blocks under its (adaptive) mmap threshold in its heap; a fixed 1 MB threshold
-    # hands them back, so resident memory is what the build holds, not what the allocator caches
-    for report in probe("memory", tmp_path, MALLOC_MMAP_THRESHOLD_="1048576"):
+def test_no_rank_materialises_the_whole_model(probed):
+    for report in probed["memory"]:
         assert report["sharded_on"] == ["meta"]  # nothing was allocated before sharding
         model, largest = report["model"], report["largest"]
         assert model > 400e6 and largest < model / 30
@@ -43,8 +49,8 @@ def test_no_rank_materialises_the_whole_model(tmp_path):
         assert report["growth_with_first_forward"] < 0.85 * model, report
 
 
-def test_bf16_gathers_bf16_weights_and_keeps_fp32_shards_and_gradients(tmp_path):
-    for report in probe("bf16", tmp_path):
+def test_bf16_gathers_bf16_weights_and_keeps_fp32_shards_and_gradients(probed):
+    for report in probed["bf16"]:
         assert report["bf16"] == {
             "computes_with": ["torch.bfloat16"],
             "all_gather_single": ["torch.bfloat16"],
@@ -55,8 +61,8 @@ def test_bf16_gathers_bf16_weights_and_keeps_fp32_shards_and_gradients(tmp_path)
         assert report["fp32"] == dict.fromkeys(report["bf16"], ["torch.float32"])  # no policy: all fp32
 
 
-def test_blocks_compile_one_by_one_without_graph_breaks_or_recompiles(tmp_path):
-    for report in probe("compile", tmp_path):
+def test_blocks_compile_one_by_one_without_graph_breaks_or_recompiles(probed):
+    for report in probed["compile"]:
         # one graph, compiled in step 0, serves both blocks in every later step (the build's first
         # forward pass runs eagerly: a 1-token graph would make the training shapes dynamic)
         assert report["graphs"] == [1, 1, 1]

@@ -248,6 +248,7 @@ def test_gpu_peaks_match_exact_model_names_and_the_dtype():
     assert mfu.gpu_peak("Tesla V100-SXM2-16GB", "fp16") == 125e12
 
 
+@pytest.mark.measures_peak
 def test_cpu_mfu_never_exceeds_100_percent_after_a_busy_start(data_dir, tmp_path, monkeypatch, capsys):
     """A peak measured while the machine was busy (here: 1 MFLOP/s) is raised by the first faster step."""
     mfu.device_peak_flops.cache_clear()
@@ -262,6 +263,7 @@ def test_cpu_mfu_never_exceeds_100_percent_after_a_busy_start(data_dir, tmp_path
     assert len(printed) == 4 and max(printed) <= 100.0
 
 
+@pytest.mark.measures_peak
 def test_a_busy_start_is_measured_against_the_hosts_best_peak(data_dir, tmp_path, monkeypatch, capsys):
     """The host measured 1 TFLOP/s once, quiet; a run that starts busy (its GEMMs at 1 MFLOP/s) is
     measured against that, not against its own lowered measurement raised by its first step (which

@@ -18,16 +18,13 @@ from gpt2repro.evals import hellaswag as hs
 lm_eval = pytest.importorskip("lm_eval")
 
 
-@pytest.fixture
-def local_hellaswag(tmp_path, monkeypatch):
-    """lm-eval's hellaswag task (its YAML and utils.py) reading the official validation file."""
+@pytest.fixture(scope="session")
+def hellaswag_task_dir(tmp_path_factory):
+    """lm-eval's hellaswag task (its YAML and utils.py) reading the official validation file: one
+    directory a session, so lm-eval's index of it (~6 s a build) is built once a process."""
     data = shared_file("hellaswag_val.jsonl.gz")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     original = Path(lm_eval.__file__).parent / "tasks" / "hellaswag"
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
+    tasks = tmp_path_factory.mktemp("tasks")
     shutil.copy(original / "utils.py", tasks / "utils.py")
     yaml = (original / "hellaswag.yaml").read_text()
     yaml = yaml.replace("task: hellaswag", "task: hellaswag_local").replace(
@@ -39,6 +36,15 @@ def local_hellaswag(tmp_path, monkeypatch):
     )
     (tasks / "hellaswag_local.yaml").write_text(yaml + "\n")
     return tasks
+
+
+@pytest.fixture
+def local_hellaswag(hellaswag_task_dir, tmp_path, monkeypatch):
+    """The local hellaswag task, offline, its data set cached in this test's directory."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    return hellaswag_task_dir
 
 
 @pytest.mark.slow

@@ -137,31 +137,36 @@ def test_a_steps_micro_batches_come_with_how_their_losses_make_the_step(chat_dat
         assert not {"divisor", "reduction"} & (set(vars(t)) | set(dir(type(t))))
 
 
+def _two_rank_common(chat_data_dir) -> list[str]:
+    common = ["train", "--preset", "cpu-tiny", "--data", str(chat_data_dir), "model.chat=true", *CHAT_SMALL]
+    return [*common, "micro_batch_size=2", "max_steps=3", "shuffle=true", "val_every=2", "ckpt_every=3"]
+
+
+@pytest.fixture(scope="module")
+def one_sft_process(chat_data_dir, tmp_path_factory):
+    """The one-process run both two-rank modes are compared with (run once for both)."""
+    out = tmp_path_factory.mktemp("one")
+    # val_steps=4: the windows the two ranks read, two each
+    run_to_end([*_two_rank_common(chat_data_dir), "--out", str(out), "val_steps=4"])
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fsdp=false", "fsdp=true"])
-def test_two_ranks_take_the_step_of_one_process(chat_data_dir, tmp_path, mode):
-    common = ["train", "--preset", "cpu-tiny", "--data", str(chat_data_dir), "model.chat=true", *CHAT_SMALL]
-    common += [
-        "micro_batch_size=2",
-        "max_steps=3",
-        "shuffle=true",
-        "val_every=2",
-        "val_steps=2",
-        "ckpt_every=3",
-    ]
-    run_to_end([*common, "--out", str(tmp_path / "one"), "val_steps=4"])  # the windows the two ranks read
+def test_two_ranks_take_the_step_of_one_process(chat_data_dir, tmp_path, mode, one_sft_process):
+    common = _two_rank_common(chat_data_dir)
     run_to_end([*common, "--out", str(tmp_path / "two"), "val_steps=2", mode], nproc=2)  # DDP or FSDP2
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    one, two = losses(one_sft_process), losses(tmp_path / "two")
     assert one.keys() == two.keys() == {0, 1, 2}
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5)
     val = [
         [
             r["loss"]
-            for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())
+            for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
             if r["event"] == "val"
         ]
-        for d in ("one", "two")
+        for d in (one_sft_process, tmp_path / "two")
     ]
     assert val[1] == pytest.approx(val[0], rel=1e-5) and len(val[0]) == 3  # steps 0, 2 and 3
 

@@ -34,6 +34,9 @@ from gpt2repro.training import train as tr
 pytestmark = pytest.mark.slow  # every test starts from a 2-rank run under torchrun
 
 CONSTANT_LR = ["min_lr_ratio=1", "shuffle=true", "ckpt_every=2"]  # the LR does not depend on max_steps
+# A global batch of 384 tokens is 6, 3 and 2 micro-batches of 2 x 32 on 1, 2 and 3 ranks: every run
+# here takes it, so the 3-rank resume continues the same 2-rank run as the others.
+BATCH = ["micro_batch_size=2", "total_batch_size=384"]
 SHARDS = [f"shard-0000{rank}-model-00001-of-00001.safetensors" for rank in (1, 2)]
 
 
@@ -41,10 +44,29 @@ SHARDS = [f"shard-0000{rank}-model-00001-of-00001.safetensors" for rank in (1, 2
 def runs(data_dir, tmp_path_factory):
     """Two FSDP ranks on gloo to step 2 (`run`, continued by the resume test; `pristine`, a copy)."""
     root = tmp_path_factory.mktemp("sharded")
-    args = train_argv(data_dir, *SMALL, *CONSTANT_LR, "fsdp=true", "max_steps=2")
+    args = train_argv(data_dir, *SMALL, *CONSTANT_LR, *BATCH, "fsdp=true", "max_steps=2")
     run_to_end([*args, "--out", root / "run"], nproc=2)
     shutil.copytree(root / "run", root / "pristine")
     return root
+
+
+@pytest.fixture(scope="module")
+def straight(data_dir, tmp_path_factory) -> dict[int, float]:
+    """The losses of one uninterrupted process over 8 steps, which every resumed run here must take
+    (the LR is constant after warmup, so a run to step 4 takes the first 4 of them)."""
+    out = tmp_path_factory.mktemp("straight")
+    run_to_end(
+        [*train_argv(data_dir, *SMALL, *CONSTANT_LR, *BATCH, "fsdp=true"), "--out", out, "max_steps=8"]
+    )
+    return losses(out)
+
+
+def assert_continues(straight, run, steps):
+    """The run logged steps 0..steps-1 with the uninterrupted process's losses."""
+    resumed = losses(run)
+    assert sorted(resumed) == list(range(steps))
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(straight[step], rel=1e-5)  # summation order differs across ranks
 
 
 @pytest.fixture
@@ -103,7 +125,7 @@ def test_a_load_never_unpickles(runs, data_dir, tmp_path, monkeypatch):
     calls.clear()
     loaded = gathered.load_model(runs / "pristine")
     shutil.copytree(runs / "pristine", tmp_path / "run")
-    tr.train(small_cfg(*CONSTANT_LR, "fsdp=true", "max_steps=3"), data_dir, tmp_path / "run")
+    tr.train(small_cfg(*CONSTANT_LR, *BATCH, "fsdp=true", "max_steps=3"), data_dir, tmp_path / "run")
     assert calls == [] and sorted(losses(tmp_path / "run")) == [0, 1, 2]
     assert loaded.transformer.wte.weight.shape[1] == 64
 
@@ -161,11 +183,10 @@ def test_verify_and_export_of_a_sharded_run(runs, tmp_path, capsys, enc):
         torch.testing.assert_close(theirs(idx).logits, ours(idx)[0][..., :50257], rtol=0, atol=1e-5)
 
 
-def test_resume_two_ranks_one_process_two_ranks_continues_the_same_losses(runs, data_dir):
+def test_resume_two_ranks_one_process_two_ranks_continues_the_same_losses(runs, data_dir, straight):
     """2 FSDP ranks (sharded) -> 1 process (reads the shards) -> 2 ranks -> 2 ranks from the
     shards again: the losses of one uninterrupted process."""
-    base = train_argv(data_dir, *SMALL, *CONSTANT_LR, "fsdp=true")
-    run_to_end([*base, "--out", runs / "straight", "max_steps=8"])
+    base = train_argv(data_dir, *SMALL, *CONSTANT_LR, *BATCH, "fsdp=true")
     elastic = ["--out", runs / "run"]
     out = run_to_end([*base, *elastic, "max_steps=4"])
     assert "x1 |" in out and "steps 2..4 | resumed from step_00000002" in out
@@ -175,10 +196,7 @@ def test_resume_two_ranks_one_process_two_ranks_continues_the_same_losses(runs, 
     assert "x2 |" in out and "steps 6..8 | resumed from step_00000006" in out
     ckpts = ckptdir.all_steps(runs / "run")
     assert [ckptdir.is_sharded(c) for c in ckpts] == [False, True, True]  # keep_last=3: 4 (1 process), 6, 8
-    straight, elastic_losses = losses(runs / "straight"), losses(runs / "run")
-    assert sorted(elastic_losses) == list(range(8))
-    for step, loss in straight.items():
-        assert elastic_losses[step] == pytest.approx(loss, rel=1e-5)  # summation order differs across ranks
+    assert_continues(straight, runs / "run", 8)
 
 
 NODE_WITHOUT_SHARED_DISK = """
@@ -201,7 +219,9 @@ def test_a_rank_that_wrote_its_shard_elsewhere_stops_the_save(data_dir, tmp_path
     published (before: a checkpoint without rank 1's half, verified by its manifest, unusable)."""
     script = tmp_path / "node.py"
     script.write_text(NODE_WITHOUT_SHARED_DISK)
-    args = train_argv(data_dir, *SMALL, *CONSTANT_LR, "fsdp=true", "max_steps=2", "--out", tmp_path / "run")
+    args = train_argv(
+        data_dir, *SMALL, *CONSTANT_LR, *BATCH, "fsdp=true", "max_steps=2", "--out", tmp_path / "run"
+    )
     out = run_script(script, *args, launcher=EVERY_RANK_REPORTS, NODE1_DISK=str(tmp_path / "node1"))
     errors = error_lines(out)
     assert out.returncode != 0 and len(errors) == 2, out.stdout[-2000:] + out.stderr[-2000:]
@@ -210,26 +230,20 @@ def test_a_rank_that_wrote_its_shard_elsewhere_stops_the_save(data_dir, tmp_path
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name != "latest"]
 
 
-def test_resume_two_ranks_on_three_reshards_uneven_shards(data_dir, tmp_path):
+def test_resume_two_ranks_on_three_reshards_uneven_shards(runs, data_dir, tmp_path, straight):
     """2 FSDP ranks (sharded) -> 3 ranks reading those shards: the 3 ranks split dim 0 unevenly
-    (wpe's 64 rows, the MLP's 256: not multiples of 3) and continue one process's losses. A global
-    batch of 384 tokens is 6, 3 and 2 micro-batches of 2 x 32 on 1, 2 and 3 ranks."""
-    batch = ["micro_batch_size=2", "total_batch_size=384"]
-    base = train_argv(data_dir, *SMALL, *CONSTANT_LR, *batch, "fsdp=true")
-    run_to_end([*base, "--out", tmp_path / "straight", "max_steps=4"])
-    resharded = ["--out", tmp_path / "run"]
-    run_to_end([*base, *resharded, "max_steps=2"], nproc=2)
-    out = run_to_end([*base, *resharded, "max_steps=4"], nproc=3)
+    (wpe's 64 rows, the MLP's 256: not multiples of 3) and continue one process's losses."""
+    run = tmp_path / "run"
+    shutil.copytree(runs / "pristine", run)
+    base = train_argv(data_dir, *SMALL, *CONSTANT_LR, *BATCH, "fsdp=true")
+    out = run_to_end([*base, "--out", run, "max_steps=4"], nproc=3)
     assert "x3 |" in out and "steps 2..4 | resumed from step_00000002" in out
-    ckpt = ckptdir.step_dir(tmp_path / "run", 4)
+    ckpt = ckptdir.step_dir(run, 4)
     names = sorted(p.name for p in ckpt.glob("*.safetensors"))
     assert names == [f"shard-0000{rank}-model-00001-of-00001.safetensors" for rank in (1, 2, 3)]
     rows = [_chunks(ckpt / name)["model.transformer.wpe.weight"][0][0] for name in names]
     assert sum(rows) == 64 and len(set(rows)) == 2  # uneven: 22, 22, 20
-    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "run")
-    assert sorted(resumed) == [0, 1, 2, 3]
-    for step, loss in straight.items():
-        assert resumed[step] == pytest.approx(loss, rel=1e-5)  # summation order differs across ranks
+    assert_continues(straight, run, 4)
 
 
 HASHES_RECORDED = """
@@ -246,13 +260,25 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_ranks_split_the_hashing_and_fall_back_together(runs, data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def old_layout_resumed(runs, data_dir, tmp_path_factory):
+    """FSDP's step-2 shards with state.json in the old layout (the clock's keys at the top level),
+    resumed by 2 ranks to step 4: (the run, the old state, the output). The hashing test goes on
+    from its two sharded checkpoints (a launch fewer)."""
+    run = tmp_path_factory.mktemp("old") / "run"
+    shutil.copytree(runs / "pristine", run)
+    old = as_written_before_components_saved_themselves(ckptdir.step_dir(run, 2))
+    base = train_argv(data_dir, *SMALL, *CONSTANT_LR, *BATCH, "fsdp=true")
+    out = run_to_end([*base, "--out", run, "max_steps=4"], nproc=2)
+    return run, old, out
+
+
+def test_ranks_split_the_hashing_and_fall_back_together(old_layout_resumed, data_dir, tmp_path):
     """Resuming, FSDP's ranks hash each shard once between them (not every shard on every rank); a
     corrupted shard of the newest checkpoint, hashed by one rank only, sends both to the older one."""
     run = tmp_path / "run"
-    shutil.copytree(runs / "pristine", run)
-    base = train_argv(data_dir, *SMALL, *CONSTANT_LR, "fsdp=true", "--out", run)
-    run_to_end([*base, "max_steps=4"], nproc=2)
+    shutil.copytree(old_layout_resumed[0], run)
+    base = train_argv(data_dir, *SMALL, *CONSTANT_LR, *BATCH, "fsdp=true", "--out", run)
     shard = ckptdir.step_dir(run, 4) / SHARDS[1]
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 1  # the same size: only its hash can tell
@@ -271,36 +297,26 @@ def test_ranks_split_the_hashing_and_fall_back_together(runs, data_dir, tmp_path
     assert losses(run).keys() == set(range(6))
 
 
-def test_a_ddp_run_resumes_from_fsdp_shards(runs, data_dir, tmp_path):
+def test_a_ddp_run_resumes_from_fsdp_shards(runs, data_dir, tmp_path, straight):
     """fsdp=true on 2 ranks (sharded) -> fsdp=false on 2 ranks (DDP: every rank reads whole tensors
     from the shards): the losses of one uninterrupted process; DDP then writes the gathered format."""
     run = tmp_path / "run"
     shutil.copytree(runs / "pristine", run)
-    base = train_argv(data_dir, *SMALL, *CONSTANT_LR)
-    run_to_end([*base, "--out", tmp_path / "straight", "max_steps=4"])
+    base = train_argv(data_dir, *SMALL, *CONSTANT_LR, *BATCH)
     out = run_to_end([*base, "fsdp=false", "--out", run, "max_steps=4"], nproc=2)
     assert "x2 |" in out and "steps 2..4 | resumed from step_00000002" in out
     assert not ckptdir.is_sharded(ckptdir.step_dir(run, 4))
-    straight, resumed = losses(tmp_path / "straight"), losses(run)
-    assert sorted(resumed) == list(range(4))
-    for step, loss in straight.items():
-        assert resumed[step] == pytest.approx(loss, rel=1e-5)
+    assert_continues(straight, run, 4)
 
 
-def test_a_sharded_checkpoint_written_before_components_saved_themselves_resumes(runs, data_dir, tmp_path):
+def test_a_sharded_checkpoint_written_before_components_saved_themselves_resumes(
+    old_layout_resumed, straight
+):
     """FSDP's shards with state.json in the old layout (the clock's keys at the top level): 2 ranks
     resume them, the clock going on from its seconds, with the losses of one uninterrupted process."""
-    run = tmp_path / "run"
-    shutil.copytree(runs / "pristine", run)
-    old = as_written_before_components_saved_themselves(ckptdir.step_dir(run, 2))
+    run, old, out = old_layout_resumed
     assert ckptdir.is_sharded(ckptdir.step_dir(run, 2)) and old["train_seconds"] > 0
-    base = train_argv(data_dir, *SMALL, *CONSTANT_LR, "fsdp=true")
-    run_to_end([*base, "--out", tmp_path / "straight", "max_steps=4"])
-    out = run_to_end([*base, "--out", run, "max_steps=4"], nproc=2)
     assert "steps 2..4 | resumed from step_00000002" in out
     step = events(run, "train")[2]
     assert step["step"] == 2 and step["train_seconds"] == pytest.approx(old["train_seconds"] + step["dt"])
-    straight, resumed = losses(tmp_path / "straight"), losses(run)
-    assert sorted(resumed) == list(range(4))
-    for n, loss in straight.items():
-        assert resumed[n] == pytest.approx(loss, rel=1e-5)
+    assert_continues(straight, run, 4)

@@ -8,6 +8,7 @@ hub, or from local files when a task's YAML says so (`--include-path`)."""
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -156,13 +157,12 @@ def run_harness(
             "--apply-chat-template needs a chat model (model.chat=true); this one is a base model"
         )
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
     if limit is not None and limit < 1:
         raise HarnessError(f"limit must be at least 1, got {limit}")
     if include_path is not None and not Path(include_path).is_dir():
         raise HarnessError(f"include_path {include_path}: not a directory")
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    manager = _task_manager(include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown or not tasks:
         raise HarnessError(f"unknown lm-eval task(s): {', '.join(unknown) or '(none given)'}")
@@ -178,3 +178,18 @@ def run_harness(
         task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, float) and not math.isnan(v)}
         for task, metrics in out["results"].items()
     }
+
+
+def _task_manager(include_path: str | None):
+    """lm-eval's index of its tasks, built once a process for the same task files: building it reads
+    every task's YAML (~6 s), and a process that evaluates twice (the tests, the API) would read them
+    all again. An edited local task file is indexed anew."""
+    files = sorted(Path(include_path).rglob("*.y*ml")) if include_path else []
+    return _indexed(include_path, tuple((str(f), f.stat().st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=4)
+def _indexed(include_path: str | None, _stamp: tuple):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path) if include_path else TaskManager()
