@@ -1,45 +1,40 @@
-"""The one-row C++ kernels compiled steps decode through on AVX-512 CPUs (generation/cpu_kernels.py):
-bf16 and fp32 against float64 products of the same values, at widths with and without a tail; the
-switch back to inductor's loop. (int8's VNNI kernel: tests/test_int8.py.)"""
+"""Where int8 decodes through the VNNI kernel (generation/cpu_kernels.py): the CPU's flags decide, the
+switch back to inductor's loop works, and a kernel that cannot be built is one line. (The kernel's
+arithmetic: tests/test_int8.py.)"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gpt2repro.generation import cpu_kernels
+from gpt2repro.generation import cpu_kernels, int8
+from gpt2repro.generation.sampling import GenerateError
 
 
-def _need(name: str) -> None:
-    if name not in cpu_kernels.available():
-        pytest.skip(f"this CPU lacks {sorted(cpu_kernels.NEEDS[name])}: decoding uses the loop (tested)")
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("in_features", [768, 3072, 70, 5])
-@pytest.mark.parametrize("bias", [True, False])
-def test_a_kernel_is_its_dtypes_values_multiplied_in_float64(dtype, in_features, bias):
-    """Exact products of the stored values summed in fp32: within fp32 rounding of float64."""
-    _need({torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype])
-    torch.manual_seed(0)
-    w = (torch.randn(100, in_features) * torch.logspace(-2, 1, 100)[:, None]).to(dtype)
-    x, b = torch.randn(1, 1, in_features).to(dtype), (torch.randn(100).to(dtype) if bias else None)
-    got = cpu_kernels.loop_linear(x, w, b)
-    sums = x.double().view(1, -1) @ w.double().T
-    exact = (sums.to(dtype) + (0 if b is None else b)).view(1, 1, 100)  # rounded, then the bias, as F.linear
-    assert got.shape == (1, 1, 100) and got.dtype == dtype
-    tolerance = sums.abs().max().item() * (1e-5 if dtype == torch.float32 else 2**-7)
-    torch.testing.assert_close(got.double(), exact.double(), rtol=0, atol=tolerance)
-    raw = getattr(torch.ops.gpt2repro, f"{'bf16' if dtype == torch.bfloat16 else 'fp32'}_linear")(
-        x.view(1, -1), w
-    )
-    torch.testing.assert_close(raw.double(), sums, rtol=0, atol=1e-5 * sums.abs().max().item())
-
-
-def test_the_loop_is_used_where_the_kernels_are_switched_off(monkeypatch):
+def test_the_cpus_flags_decide_and_the_loop_can_be_asked_for(monkeypatch, tmp_path):
+    flags = tmp_path / "cpuinfo"
+    flags.write_text("flags\t: fpu avx2 avx512f avx512bw\n")
+    monkeypatch.setattr(cpu_kernels, "CPUINFO", flags)
+    assert not cpu_kernels.NEEDS <= cpu_kernels._cpu_flags()  # AVX-512 without VNNI
+    flags.write_text("flags\t: fpu avx2 avx512f avx512bw avx512_vnni\n")
+    assert cpu_kernels.NEEDS <= cpu_kernels._cpu_flags()
     monkeypatch.setenv("GPT2REPRO_CPU_KERNELS", "loop")
     assert cpu_kernels._cpu_flags() == set()
     monkeypatch.setattr(cpu_kernels, "_FOUND", [])
-    assert cpu_kernels.available() == frozenset()
-    w, x = torch.randn(8, 40), torch.randn(1, 40)
-    torch.testing.assert_close(cpu_kernels.loop_linear(x, w, None), x @ w.T, rtol=1e-6, atol=1e-6)
+    assert cpu_kernels.vnni() is False
+    w, x = int8.quantize_rows(torch.randn(8, 40)), torch.randn(1, 40)
+    exact = x.double() @ int8.dequantize(*w).double().T  # the loop: fp32 activations, not rounded
+    torch.testing.assert_close(int8.int8_linear(x, w, None).double(), exact, rtol=0, atol=1e-5)
+
+
+def test_a_kernel_that_cannot_be_built_is_one_line(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def no_ninja(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions\n(more)")
+
+    monkeypatch.setattr(cpu_kernels, "_FOUND", [])
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: set(cpu_kernels.NEEDS))
+    monkeypatch.setattr(cpp_extension, "load", no_ninja)
+    with pytest.raises(GenerateError, match=r"^decoding could not build its CPU kernels \(Ninja is required"):
+        int8.int8_linear(torch.randn(1, 64), int8.quantize_rows(torch.randn(4, 64)), None)

@@ -1,14 +1,10 @@
-// One-row products for decoding on a CPU (generation/cpu_kernels.py): y = x @ w^T (+ bias) reading
-// each weight once, the output rows split between the threads. Batch-1 decoding is bound by reading
-// the weights, so each kernel reads them in their own dtype with AVX-512 and sums in fp32:
-// - int8_linear (AVX-512 VNNI): int8 weights q (out, in) with one fp32 scale per row. As llama.cpp's
-//   q8_0 matmul does, each row of x (up to a few rows) is first rounded to int8 in blocks of 32
-//   values (a block's step: its largest |value| / 127, rounded half to even), so the products are
-//   summed in int32 within a block (vpdpbusd: 64 products per instruction), the blocks in fp32.
-// - bf16_linear (AVX-512 BF16): one bf16 row times bf16 weights, pairs of exact products summed in
-//   fp32 (vdpbf16ps).
-// - fp32_linear (AVX-512F): one fp32 row, four fp32 accumulators per output.
-// Built on first use by torch.utils.cpp_extension; the caller checks the CPU's flags first.
+// int8_linear(x, q, scale, bias) for decoding on CPUs with AVX-512 VNNI (generation/cpu_kernels.py):
+// y = x @ (q * scale)^T + bias for int8 weights q (out, in) with one fp32 scale per row, reading each
+// weight once, the output rows split between the threads. As llama.cpp's q8_0 matmul does, each row
+// of x (up to a few rows) is first rounded to int8 in blocks of 32 values (a block's step: its
+// largest |value| / 127, rounded half to even), so the products are summed in int32 within a block
+// (vpdpbusd: 64 products per instruction) and the blocks in fp32. Built on first use by
+// torch.utils.cpp_extension; the caller checks the CPU's flags first.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -68,56 +64,14 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8_rows(
   }
 }
 
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) void bf16_rows(
-    const uint16_t* w, const uint16_t* x, float* y, int64_t in, int64_t r0, int64_t r1) {
-  const __mmask32 tail = in % 32 ? (~0U >> (32 - in % 32)) : ~0U;
-  const int64_t whole = in / 64 * 64;
-  for (int64_t r = r0; r < r1; r++) {
-    const uint16_t* wr = w + r * in;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    for (int64_t k = 0; k < whole; k += 64) {
-      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(wr + k), (__m512bh)_mm512_loadu_si512(x + k));
-      a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(wr + k + 32), (__m512bh)_mm512_loadu_si512(x + k + 32));
-    }
-    for (int64_t k = whole; k < in; k += 32) {
-      const __mmask32 m = k + 32 <= in ? ~0U : tail;
-      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(m, wr + k), (__m512bh)_mm512_maskz_loadu_epi16(m, x + k));
-    }
-    y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-  }
-}
-
-__attribute__((target("avx512f"))) void fp32_rows(const float* w, const float* x, float* y, int64_t in,
-                                                  int64_t r0, int64_t r1) {
-  const __mmask16 tail = in % 16 ? static_cast<__mmask16>(0xFFFFu >> (16 - in % 16)) : 0xFFFF;
-  const int64_t whole = in / 64 * 64;
-  for (int64_t r = r0; r < r1; r++) {
-    const float* wr = w + r * in;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (int64_t k = 0; k < whole; k += 64) {
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + k), _mm512_loadu_ps(x + k), a0);
-      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + k + 16), _mm512_loadu_ps(x + k + 16), a1);
-      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + k + 32), _mm512_loadu_ps(x + k + 32), a2);
-      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + k + 48), _mm512_loadu_ps(x + k + 48), a3);
-    }
-    for (int64_t k = whole; k < in; k += 16) {
-      const __mmask16 m = k + 16 <= in ? 0xFFFF : tail;
-      a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, wr + k), _mm512_maskz_loadu_ps(m, x + k), a0);
-    }
-    y[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-  }
-}
-
-void check(const at::Tensor& x, const at::Tensor& w, at::ScalarType dtype, const char* name) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), name, ": shapes do not match");
-  TORCH_CHECK(w.scalar_type() == dtype && w.is_contiguous() && x.is_contiguous(), name, ": unexpected dtype or layout");
-}
-
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
                        const std::optional<at::Tensor>& bias) {
-  check(x, q, at::kChar, "int8_linear");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && scale.scalar_type() == at::kFloat, "int8_linear: x, scale fp32");
-  TORCH_CHECK(!bias.has_value() || bias->scalar_type() == at::kFloat, "int8_linear: bias fp32");
+  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && x.size(1) == q.size(1), "int8_linear: shapes do not match");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat &&
+                  (!bias.has_value() || bias->scalar_type() == at::kFloat),
+              "int8_linear: x, scale and bias fp32, q int8");
+  TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && scale.is_contiguous() && (!bias.has_value() || bias->is_contiguous()),
+              "int8_linear: contiguous inputs");
   const int64_t rows = x.size(0), in = q.size(1), out = q.size(0), padded = (in + 63) / 64 * 64;
   std::vector<int8_t> xq(rows * padded, 0);
   std::vector<float> lanes(rows * padded / 4, 0.0f), offset(rows);
@@ -132,36 +86,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   return y;
 }
 
-at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
-  check(x, w, at::kBFloat16, "bf16_linear");
-  TORCH_CHECK(x.size(0) == 1 && x.scalar_type() == at::kBFloat16, "bf16_linear: one bf16 row");
-  auto y = at::empty({1, w.size(0)}, x.options().dtype(at::kFloat));
-  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
-  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
-  at::parallel_for(0, w.size(0), 16, [&](int64_t r0, int64_t r1) {
-    bf16_rows(wp, xp, y.data_ptr<float>(), w.size(1), r0, r1);
-  });
-  return y;
-}
-
-at::Tensor fp32_linear(const at::Tensor& x, const at::Tensor& w) {
-  check(x, w, at::kFloat, "fp32_linear");
-  TORCH_CHECK(x.size(0) == 1 && x.scalar_type() == at::kFloat, "fp32_linear: one fp32 row");
-  auto y = at::empty({1, w.size(0)}, x.options());
-  at::parallel_for(0, w.size(0), 16, [&](int64_t r0, int64_t r1) {
-    fp32_rows(w.data_ptr<float>(), x.data_ptr<float>(), y.data_ptr<float>(), w.size(1), r0, r1);
-  });
-  return y;
-}
 }  // namespace
 
-TORCH_LIBRARY(gpt2repro, m) {
-  m.def("int8_linear(Tensor x, Tensor q, Tensor scale, Tensor? bias) -> Tensor");
-  m.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
-  m.def("fp32_linear(Tensor x, Tensor w) -> Tensor");
-}
-TORCH_LIBRARY_IMPL(gpt2repro, CPU, m) {
-  m.impl("int8_linear", &int8_linear);
-  m.impl("bf16_linear", &bf16_linear);
-  m.impl("fp32_linear", &fp32_linear);
-}
+TORCH_LIBRARY(gpt2repro, m) { m.def("int8_linear(Tensor x, Tensor q, Tensor scale, Tensor? bias) -> Tensor"); }
+TORCH_LIBRARY_IMPL(gpt2repro, CPU, m) { m.impl("int8_linear", &int8_linear); }

@@ -1,13 +1,16 @@
-"""One-row products for decoding on a CPU: batch-1 decoding reads every weight once per token, so a
-step's speed is how fast its ~50 matmuls stream the weights (benchmarks/RESULTS.md, issue #42).
+"""The matmuls of decoding steps on a CPU, one row (or a few) at a time: batch-1 decoding reads every
+weight once per token, so a step's speed is how fast its ~50 matmuls stream the weights
+(benchmarks/RESULTS.md, issue #42).
 
-- `cpu_kernels.cpp`, where the CPU has AVX-512 (`available()`; built on first use into torch's
-  extension cache, ~15 s once per machine, by torch.utils.cpp_extension and ninja): int8 weights
-  through VNNI (the activations rounded to int8 per block of 32, as llama.cpp's q8_0 rounds them:
-  `round_activations`), bf16 through AVX-512 BF16's pair products, fp32 through four accumulators.
-  Called from compiled steps through the dispatcher in C++ (no Python per call).
-- Elsewhere (AVX2-only CPUs, fp16, float64, or GPT2REPRO_CPU_KERNELS=loop): one compiled loop
-  (`_rows_times`, inductor's C++), each weight converted to fp32 in registers, fp32 activations.
+- int8 weights, where the CPU has AVX-512 VNNI (`vnni()`): `cpu_kernels.cpp`, built on first use
+  into torch's extension cache (~15 s once per machine, by torch.utils.cpp_extension and ninja). As
+  llama.cpp's q8_0 does, it rounds each row of activations to int8 per block of 32
+  (`round_activations`) and sums the products in int32; called from compiled steps through the
+  dispatcher in C++ (no Python per call).
+- Everything else (int8 without VNNI or with GPT2REPRO_CPU_KERNELS=loop; bf16, fp16, fp32 in compiled
+  steps): one compiled loop (`_rows_times`, inductor's C++), each weight converted to fp32 in
+  registers, fp32 activations. Hand-written AVX-512 bf16 (vdpbf16ps) and fp32 kernels were measured
+  no faster than this loop inside a compiled step on the AMD host, so there are none.
 """
 
 from __future__ import annotations
@@ -22,23 +25,19 @@ import torch.nn.functional as F
 from .sampling import GenerateError
 
 BLOCK = 32  # the int8 kernel rounds activations per this many values (q8_0's block)
-NEEDS = {  # each C++ kernel's CPU flags (as /proc/cpuinfo names them)
-    "int8": {"avx512f", "avx512bw", "avx512_vnni"},
-    "bf16": {"avx512f", "avx512bw", "avx512_bf16"},
-    "fp32": {"avx512f"},
-}
-_FOUND: list[frozenset[str]] = []  # which kernels this process runs: found once (`available`)
+NEEDS = {"avx512f", "avx512bw", "avx512_vnni"}  # the int8 kernel's CPU flags (as /proc/cpuinfo names them)
+CPUINFO = Path("/proc/cpuinfo")  # (Linux; elsewhere the loop)
+_FOUND: list[bool] = []  # whether this process runs the int8 kernel: found once (`vnni`)
 
 
 def _cpu_flags() -> set[str]:
-    cpuinfo = Path("/proc/cpuinfo")
-    if os.environ.get("GPT2REPRO_CPU_KERNELS") == "loop" or not cpuinfo.exists():
+    if os.environ.get("GPT2REPRO_CPU_KERNELS") == "loop" or not CPUINFO.exists():
         return set()
-    return set(cpuinfo.read_text().split())
+    return set(CPUINFO.read_text().split())
 
 
-def _shape(x: torch.Tensor, w: torch.Tensor, *rest) -> torch.Tensor:  # for torch.compile's tracing
-    return x.new_empty(x.size(0), w.size(0), dtype=torch.float32)
+def _shape(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(x.size(0), q.size(0))  # for torch.compile's tracing
 
 
 def _build() -> None:
@@ -54,28 +53,20 @@ def _build() -> None:
     except (RuntimeError, OSError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GenerateError(f"decoding could not build its CPU kernels ({first})") from e
-    for name in NEEDS:
-        torch.library.register_fake(f"gpt2repro::{name}_linear", _shape)
+    torch.library.register_fake("gpt2repro::int8_linear", _shape)
 
 
-def available() -> frozenset[str]:
-    """The C++ kernels this CPU runs ("int8", "bf16", "fp32"), built on first use; inside a compiled
-    step, those found before it was traced (`prepare` finds them)."""
+def vnni() -> bool:
+    """Whether int8 decodes through the VNNI kernel here (built on first use); inside a compiled
+    step, as found before it was traced (`int8.prepare_rows` finds it)."""
     if torch.compiler.is_compiling():
-        return _FOUND[0] if _FOUND else frozenset()
+        return bool(_FOUND and _FOUND[0])
     if not _FOUND:
-        flags = _cpu_flags()
-        found = frozenset(name for name, needs in NEEDS.items() if needs <= flags)
+        found = NEEDS <= _cpu_flags()
         if found:
             _build()
         _FOUND.append(found)
     return _FOUND[0]
-
-
-def prepare(weight: torch.Tensor) -> torch.Tensor:
-    """A weight as the one-row kernels read it (contiguous), after finding those kernels."""
-    available()
-    return weight.contiguous()
 
 
 def round_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,17 +99,11 @@ def loop(x: torch.Tensor, w: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def loop_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, w, bias) for one row through this CPU's kernel for w's dtype (bf16, fp32), else the
-    loop; summed in fp32 (float64 for float64): a compiled step's matmuls on a CPU (inductor's own
-    matmul for one row runs on one core: 2x slower). More rows through F.linear: the kernels read
-    each weight again for every row."""
+    """F.linear(x, w, bias) for one row through the same loop, summed in fp32 (float64 for float64):
+    a compiled step's matmuls on a CPU (inductor's own matmul for one row runs on one core: 2x
+    slower). More rows through F.linear: the loop converts each weight again for every row."""
     if x.numel() != x.size(-1):
         return F.linear(x, w, bias)
-    name = {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(w.dtype)
-    if name in available() and x.dtype == w.dtype:
-        op = torch.ops.gpt2repro.bf16_linear if name == "bf16" else torch.ops.gpt2repro.fp32_linear
-        y = op(x.reshape(1, -1).contiguous(), w).to(x.dtype)
-    else:
-        y = loop(x, w, f"decoding {w.dtype} weights by the loop").to(x.dtype)
+    y = loop(x, w, f"decoding {w.dtype} weights by the loop").to(x.dtype)
     y = y if bias is None else y + bias
     return y.view(*x.shape[:-1], w.size(0))

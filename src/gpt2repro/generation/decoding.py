@@ -97,7 +97,7 @@ SPLIT = Kernel("split", _split, _grouped)
 MV = Kernel("mv", _mv)
 KERNELS = {k.name: k for k in (LINEAR, COLUMNS, SPLIT, MV)}  # for weights as they are
 INT8 = Kernel("int8", int8_linear, prepare_rows)  # for weights rounded to int8 (`for_decoding`)
-LOOP = Kernel("loop", cpu_kernels.loop_linear, cpu_kernels.prepare)  # in compiled steps (`step_kernel`)
+LOOP = Kernel("loop", cpu_kernels.loop_linear, torch.Tensor.contiguous)  # in compiled steps (`step_kernel`)
 _INT8: weakref.WeakSet[GPT] = weakref.WeakSet()  # models whose weights are int8's values
 
 
@@ -181,8 +181,8 @@ def _on_cpu(model: GPT) -> bool:
 def step_kernel(model: GPT, compiled: bool) -> Kernel:
     """The kernel a Decoder runs: eager, `prepare`'s (else the fastest measured, `choose`). Compiled
     on a CPU, the weights as the model stores them: transposed (`columns`), through MKL's column
-    product; int8's; else one row at a time through `cpu_kernels` in its own dtype: inductor's own
-    matmul runs a one-row product on one core, 2x slower (benchmarks/RESULTS.md, issue #42)."""
+    product; int8's; else through the loop (`cpu_kernels`), whatever the dtype: inductor's own matmul
+    runs a one-row product on one core, 2x slower (benchmarks/RESULTS.md, issue #42)."""
     w = model.lm_head.weight
     if not compiled or w.device.type != "cpu" or model in _INT8 or _transposed(w):
         return _PREPARED.get(model) or choose(model)

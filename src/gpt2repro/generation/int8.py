@@ -35,7 +35,7 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def prepare_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_rows`, after finding the kernel that will read them (before any compiled step
     traces `int8_linear`)."""
-    cpu_kernels.available()
+    cpu_kernels.vnni()
     return quantize_rows(weight)
 
 
@@ -50,7 +50,7 @@ def int8_linear(x: torch.Tensor, prepared: tuple, bias: torch.Tensor | None) -> 
     rows = x.numel() // x.size(-1)
     if rows > MAX_ROWS:
         return F.linear(x, dequantize(q, scale), bias)
-    if x.dtype == torch.float32 and "int8" in cpu_kernels.available():
+    if x.dtype == torch.float32 and cpu_kernels.vnni():
         y = torch.ops.gpt2repro.int8_linear(x.reshape(rows, x.size(-1)).contiguous(), q, scale, bias)
     else:
         y = cpu_kernels.loop(x, q, "--weight-dtype int8") * scale
