@@ -84,7 +84,7 @@ def main() -> None:
         torch.manual_seed(0)
         fp32 = GPT(size_config(args.size)[0]).eval()
     int8 = for_decoding(copy.deepcopy(fp32), "int8")
-    rounded = "int8" in cpu_kernels.available()
+    rounded = cpu_kernels.vnni()
     scored = rounding_activations(copy.deepcopy(int8)) if rounded else int8
     length = min(fp32.config.block_size, 1024)
     ids = windows(Path(args.text).read_text(encoding="utf-8"), length, args.tokens)

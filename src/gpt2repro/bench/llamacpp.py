@@ -98,7 +98,7 @@ def bench_llamacpp(size: str, repeats: int) -> list[dict]:
         for dtype in (*bench_dtypes(), "int8"):
             ours = for_decoding(copy.deepcopy(model), dtype)  # as `sample` runs it
             runs["gpt2repro", dtype] = _greedy(ours, prompt, compiled=False)
-            # as `sample --compile` runs it (fp32, bf16: laid out for the one-row kernels, not the eager one's)
+            # as `sample --compile` runs it (fp32, bf16: laid out for the loop kernel, not the eager one's)
             fast = for_decoding(copy.deepcopy(model), dtype, compiled=True) if dtype != "int8" else ours
             runs["gpt2repro, compiled steps", dtype] = _greedy(fast, prompt, compiled=True)
             path = export_gguf(model, Path(tmp) / f"{GGUF_TYPE[dtype]}.gguf", GGUF_TYPE[dtype])

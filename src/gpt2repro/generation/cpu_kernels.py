@@ -7,7 +7,8 @@ weight once per token, so a step's speed is how fast its ~50 matmuls stream the 
   llama.cpp's q8_0 does, it rounds each row of activations to int8 per block of 32
   (`round_activations`) and sums the products in int32; called from compiled steps through the
   dispatcher in C++ (no Python per call).
-- Everything else (int8 without VNNI or with GPT2REPRO_CPU_KERNELS=loop; bf16, fp16, fp32 in compiled
+- Everything else (int8 without VNNI, or with GPT2REPRO_CPU_KERNELS=loop set before the first int8
+  step; bf16, fp16, fp32 in compiled
   steps): one compiled loop (`_rows_times`, inductor's C++), each weight converted to fp32 in
   registers, fp32 activations. Hand-written AVX-512 bf16 (vdpbf16ps) and fp32 kernels were measured
   no faster than this loop inside a compiled step on the AMD host, so there are none.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -27,6 +29,7 @@ from .sampling import GenerateError
 BLOCK = 32  # the int8 kernel rounds activations per this many values (q8_0's block)
 NEEDS = {"avx512f", "avx512bw", "avx512_vnni"}  # the int8 kernel's CPU flags (as /proc/cpuinfo names them)
 CPUINFO = Path("/proc/cpuinfo")  # (Linux; elsewhere the loop)
+STALE_LOCK_S = 600  # a build takes ~15 s: a lock this old was left by a killed process
 _FOUND: list[bool] = []  # whether this process runs the int8 kernel: found once (`vnni`)
 
 
@@ -41,17 +44,21 @@ def _shape(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Te
 
 
 def _build() -> None:
-    import ninja
     from torch.utils import cpp_extension
 
-    if shutil.which("ninja") is None:  # (a venv's python run without activating the venv)
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    source = str(Path(__file__).with_name("cpu_kernels.cpp"))
+    name, source = "gpt2repro_cpu_kernels", str(Path(__file__).with_name("cpu_kernels.cpp"))
+    lock = Path(cpp_extension.get_default_build_root()) / name / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:  # a build killed midway
+        lock.unlink(missing_ok=True)
     try:
+        import ninja
+
+        if shutil.which("ninja") is None:  # (a venv's python run without activating the venv)
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         flags = dict(extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
-        cpp_extension.load("gpt2repro_cpu_kernels", [source], is_python_module=False, **flags)
+        cpp_extension.load(name, [source], is_python_module=False, **flags)
     except (RuntimeError, OSError, ImportError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise GenerateError(f"decoding could not build its CPU kernels ({first})") from e
     torch.library.register_fake("gpt2repro::int8_linear", _shape)
 
@@ -71,12 +78,15 @@ def vnni() -> bool:
 
 def round_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The int8 kernel's rounding of fp32 activations, in Python: (values -127..127 as fp32, each
-    value's block step) per block of BLOCK along the last dimension; x ~ values * steps."""
+    value's block step) per block of BLOCK along the last dimension; x ~ values * steps. A block
+    that is not finite has NaN steps; one too small for 127 / its top to be finite, zero values."""
     pad = -x.size(-1) % BLOCK
     blocks = F.pad(x.float(), (0, pad)).unflatten(-1, (-1, BLOCK))
     top = blocks.abs().amax(-1, keepdim=True)
-    inv = torch.where(top > 0, 127 / top, torch.zeros_like(top))
-    values, steps = torch.round(blocks * inv), (top / 127).expand_as(blocks)
+    inv = 127 / top
+    usable = torch.isfinite(top) & (top > 0) & torch.isfinite(inv)
+    values = torch.where(usable, torch.round(blocks * torch.where(usable, inv, 0)).clamp(-127, 127), 0)
+    steps = torch.where(torch.isfinite(top), top / 127, torch.nan).expand_as(blocks)
     return values.flatten(-2)[..., : x.size(-1)], steps.flatten(-2)[..., : x.size(-1)]
 
 
