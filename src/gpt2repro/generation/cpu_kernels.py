@@ -8,10 +8,10 @@ weight once per token, so a step's speed is how fast its ~50 matmuls stream the 
   (`round_activations`) and sums the products in int32; called from compiled steps through the
   dispatcher in C++ (no Python per call).
 - Everything else (int8 without VNNI, or with GPT2REPRO_CPU_KERNELS=loop set before the first int8
-  step; bf16, fp16, fp32 in compiled
-  steps): one compiled loop (`_rows_times`, inductor's C++), each weight converted to fp32 in
-  registers, fp32 activations. Hand-written AVX-512 bf16 (vdpbf16ps) and fp32 kernels were measured
-  no faster than this loop inside a compiled step on the AMD host, so there are none.
+  step; bf16, fp16, fp32 in compiled steps): one compiled loop (`_rows_times`, inductor's C++), each
+  weight converted to fp32 in registers, fp32 activations. Hand-written AVX-512 bf16 (vdpbf16ps) and
+  fp32 kernels were measured no faster than this loop inside a compiled step on the AMD host, so
+  there are none.
 """
 
 from __future__ import annotations
