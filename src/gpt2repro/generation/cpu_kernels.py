@@ -33,6 +33,11 @@ STALE_LOCK_S = 600  # a build takes ~15 s: a lock this old was left by a killed 
 _FOUND: list[bool] = []  # whether this process runs the int8 kernel: found once (`vnni`)
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's first line (its type where it says nothing), for a one-line error."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def _cpu_flags() -> set[str]:
     if os.environ.get("GPT2REPRO_CPU_KERNELS") == "loop" or not CPUINFO.exists():
         return set()
@@ -58,8 +63,7 @@ def _build() -> None:
         flags = dict(extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
         cpp_extension.load(name, [source], is_python_module=False, **flags)
     except (RuntimeError, OSError, ImportError) as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise GenerateError(f"decoding could not build its CPU kernels ({first})") from e
+        raise GenerateError(f"decoding could not build its CPU kernels ({first_line(e)[:200]})") from e
     torch.library.register_fake("gpt2repro::int8_linear", _shape)
 
 
@@ -104,8 +108,7 @@ def loop(x: torch.Tensor, w: torch.Tensor, what: str) -> torch.Tensor:
     try:
         return _rows_times(x.reshape(rows, x.size(-1)), w)
     except torch._dynamo.exc.BackendCompilerFailed as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GenerateError(f"{what} needs torch.compile's C++ compiler ({first})") from e
+        raise GenerateError(f"{what} needs torch.compile's C++ compiler ({first_line(e)})") from e
 
 
 def loop_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -393,7 +393,6 @@ class Decoder:
         try:
             return self.compiled(*args)
         except torch._dynamo.exc.BackendCompilerFailed as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise GenerateError(
-                f"compiling the decoding step failed ({first}): decode without compiling"
+                f"compiling the decoding step failed ({cpu_kernels.first_line(e)}): decode without compiling"
             ) from e
