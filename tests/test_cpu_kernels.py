@@ -4,6 +4,9 @@ arithmetic: tests/test_int8.py.)"""
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
 
@@ -38,3 +41,22 @@ def test_a_kernel_that_cannot_be_built_is_one_line(monkeypatch):
     monkeypatch.setattr(cpp_extension, "load", no_ninja)
     with pytest.raises(GenerateError, match=r"^decoding could not build its CPU kernels \(Ninja is required"):
         int8.int8_linear(torch.randn(1, 64), int8.quantize_rows(torch.randn(4, 64)), None)
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed(monkeypatch, tmp_path):
+    """torch's build lock waits forever for a lock whose builder was killed: one older than
+    STALE_LOCK_S is removed first; a fresh one (a build running now) is left to wait on."""
+    from torch.utils import cpp_extension
+
+    lock = tmp_path / "gpt2repro_cpu_kernels" / "lock"
+    lock.parent.mkdir()
+    seen = []
+    monkeypatch.setattr(cpp_extension, "get_default_build_root", lambda: str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", lambda *a, **k: seen.append(lock.exists()))
+    monkeypatch.setattr(torch.library, "register_fake", lambda *a, **k: None)  # (nothing was loaded)
+    lock.touch()
+    cpu_kernels._build()
+    old = time.time() - cpu_kernels.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    cpu_kernels._build()
+    assert seen == [True, False]

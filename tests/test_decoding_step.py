@@ -4,6 +4,7 @@ chosen by measurement; the layout `prepare` applies from outside."""
 
 from __future__ import annotations
 
+import copy
 from unittest import mock
 
 import pytest
@@ -223,3 +224,16 @@ def test_a_prepared_model_keeps_its_preparation(model64):
     with mock.patch.object(decoding, "choose", return_value=decoding.COLUMNS):
         assert decoding.prepare(model) is model
     assert model.lm_head.weight.is_contiguous() and decoding.step_kernel(model, True) is decoding.LOOP
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_compiled_steps_on_a_cpu_keep_the_loops_layout(model64, dtype):
+    """`for_decoding(..., compiled=True)` lays fp32 and bf16 out for the loop (rows contiguous), even
+    where the eager measurement would store them transposed (`columns`); eager decoding takes that."""
+    with mock.patch.object(decoding, "choose", return_value=decoding.COLUMNS):
+        fast = decoding.for_decoding(copy.deepcopy(model64), dtype, compiled=True)
+        eager = decoding.for_decoding(copy.deepcopy(model64), dtype)
+    assert fast.lm_head.weight.is_contiguous() and decoding.step_kernel(fast, True) is decoding.LOOP
+    assert (
+        decoding._transposed(eager.lm_head.weight) and decoding.step_kernel(eager, False) is decoding.COLUMNS
+    )

@@ -100,6 +100,15 @@ def test_the_vnni_kernel_is_the_rounded_activations_times_the_dequantized_weight
     assert (got - exact).abs().max() > 1e-4 * exact.abs().max()  # (the activations were rounded)
 
 
+def test_the_vnni_kernel_refuses_a_scale_per_row_that_does_not_match_in_one_line():
+    _vnni()
+    q, scale = int8.quantize_rows(torch.randn(16, 64))
+    with pytest.raises(RuntimeError, match="int8_linear: one scale and bias per row"):
+        torch.ops.gpt2repro.int8_linear(torch.randn(1, 64), q, scale[:15], None)
+    with pytest.raises(RuntimeError, match="int8_linear: one scale and bias per row"):
+        torch.ops.gpt2repro.int8_linear(torch.randn(1, 64), q, scale, torch.zeros(17))
+
+
 def test_the_vnni_kernel_gives_nan_for_non_finite_rows_and_zeros_for_tiny_blocks():
     _vnni()
     q, scale = int8.quantize_rows(torch.randn(16, 64))
