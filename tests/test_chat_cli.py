@@ -161,7 +161,7 @@ def test_chat_and_sample_decode_with_the_weights_laid_out_for_it(command, chat_r
     layout measures fastest, the weights are stored so; the reply is the one of the usual layout."""
     from unittest import mock
 
-    from gpt2repro.generation import decoding
+    from gpt2repro.generation import decoding, kernels
 
     laid, original = [], decoding.prepare
 
@@ -173,7 +173,7 @@ def test_chat_and_sample_decode_with_the_weights_laid_out_for_it(command, chat_r
     argv += (
         ["--message", "Hi"] if command == "chat" else ["--prompt", "Hi", "-n", "1", "--max-new-tokens", "3"]
     )
-    columns = mock.patch.object(decoding, "choose", return_value=decoding.COLUMNS)
+    columns = mock.patch.object(decoding, "choose", return_value=kernels.COLUMNS)
     with columns, mock.patch.object(decoding, "prepare", recorded):
         assert main(argv) == 0
     (model,) = laid

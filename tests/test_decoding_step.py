@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2repro.config.schema import model_config
-from gpt2repro.generation import decoding
+from gpt2repro.generation import decoding, kernels
 from gpt2repro.generation.generate import generate
 from gpt2repro.generation.sampling import GREEDY, GenerateError
 from gpt2repro.model.gpt import GPT
@@ -56,7 +56,7 @@ def _reference(model, seqs, steps):
     return torch.stack(logits, 1), caches
 
 
-ALL_KERNELS = {**decoding.KERNELS, "loop": decoding.LOOP}  # (int8's: tests/test_int8.py)
+ALL_KERNELS = {**kernels.KERNELS, "loop": kernels.LOOP}  # (int8's: tests/test_int8.py)
 
 
 @pytest.mark.parametrize("lengths", [(7,), (5, 5), (3, 9)])
@@ -90,7 +90,7 @@ def test_compiled_steps_are_the_forwards_arithmetic_in_one_graph_for_every_lengt
 
     torch.manual_seed(3)
     prompts = [torch.randint(0, model64.config.vocab_size, (1, 9)) for _ in range(2)]
-    decoder = decoding.Decoder(model64, compiled=True, kernel=decoding.LINEAR)
+    decoder = decoding.Decoder(model64, compiled=True, kernel=kernels.LINEAR)
     graphs = []
 
     def counted(tok, cache):
@@ -116,24 +116,24 @@ def test_the_kernel_is_the_fastest_measured_and_measured_once(model64):
     fake = {"linear": 3.0, "split": 1.0, "columns": 2.0}
     with (
         mock.patch("torch.get_num_threads", return_value=2),
-        mock.patch.object(decoding, "_timings") as timed,
+        mock.patch.object(kernels, "_timings") as timed,
     ):
-        timed.side_effect = lambda m, kernels: {k.name: fake[k.name] for k in kernels}
-        assert decoding.choose(model, relayout=True) is decoding.SPLIT
-        assert decoding.choose(model, relayout=True) is decoding.SPLIT
+        timed.side_effect = lambda m, found: {k.name: fake[k.name] for k in found}
+        assert kernels.choose(model, relayout=True) is kernels.SPLIT
+        assert kernels.choose(model, relayout=True) is kernels.SPLIT
         assert timed.call_count == 1
         assert [k.name for k in timed.call_args.args[1]] == ["linear", "split", "columns"]
-        assert decoding.choose(model) is decoding.SPLIT  # without relayout: linear or split
+        assert kernels.choose(model) is kernels.SPLIT  # without relayout: linear or split
         assert [k.name for k in timed.call_args.args[1]] == ["linear", "split"]
     fake["split"] = 2.8  # less than 10% faster than nn.Linear's: not worth the noise
     with (
         mock.patch("torch.get_num_threads", return_value=2),
-        mock.patch.object(decoding, "_timings") as timed,
+        mock.patch.object(kernels, "_timings") as timed,
     ):
-        timed.side_effect = lambda m, kernels: {k.name: fake[k.name] for k in kernels}
-        decoding._CHOSEN.clear()
-        assert decoding.choose(model) is decoding.LINEAR
-    real = decoding._timings(model, [decoding.LINEAR, decoding.COLUMNS], rounds=2)
+        timed.side_effect = lambda m, found: {k.name: fake[k.name] for k in found}
+        kernels._CHOSEN.clear()
+        assert kernels.choose(model) is kernels.LINEAR
+    real = kernels._timings(model, [kernels.LINEAR, kernels.COLUMNS], rounds=2)
     assert set(real) == {"linear", "columns"} and all(0 < t < 1 for t in real.values())
 
 
@@ -144,7 +144,7 @@ def test_prepare_lays_the_weights_out_from_outside_keeping_every_value_and_tie()
     model = GPT(model_config("tiny", n_layer=2)).eval()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     params = dict(model.named_parameters())
-    assert decoding.prepare(model, decoding.COLUMNS) is model
+    assert decoding.prepare(model, kernels.COLUMNS) is model
     linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     for name, p in model.named_parameters():
         assert p is params[name] and torch.equal(p, before[name])
@@ -152,9 +152,9 @@ def test_prepare_lays_the_weights_out_from_outside_keeping_every_value_and_tie()
             name in linears or name == "transformer.wte.weight"
         ), name
     assert model.lm_head.weight is model.transformer.wte.weight
-    assert decoding.Decoder(model).kernel is decoding.COLUMNS
+    assert decoding.Decoder(model).kernel is kernels.COLUMNS
     other = GPT(model_config("tiny", n_layer=1)).eval()
-    decoding.prepare(other, decoding.SPLIT)
+    decoding.prepare(other, kernels.SPLIT)
     assert all(p.is_contiguous() for p in other.parameters())
 
 
@@ -190,10 +190,10 @@ def test_the_split_kernel_is_x_wt_plus_b_over_groups_of_output_features(shape, b
         x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double()
     )
     with torch.no_grad(), mock.patch("torch.get_num_threads", return_value=2):
-        w = decoding.SPLIT.prepare(layer.weight)
+        w = kernels.SPLIT.prepare(layer.weight)
         with mock.patch("torch.bmm", wraps=torch.bmm) as bmm:
-            y = decoding.SPLIT.run(x, w, layer.bias)
-    assert w.shape == (2, 48, 64) and bmm.called == (x.numel() // 64 <= decoding.MAX_SPLIT_ROWS)
+            y = kernels.SPLIT.run(x, w, layer.bias)
+    assert w.shape == (2, 48, 64) and bmm.called == (x.numel() // 64 <= kernels.MAX_SPLIT_ROWS)
     assert y.shape == (*shape[:-1], 96)
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
 
@@ -210,7 +210,7 @@ def test_one_row_bf16_mv_kernel_is_a_matrix_vector_product_rounded_once(bias):
     exact = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
     with torch.no_grad(), mock.patch("torch.addmv", wraps=torch.addmv) as addmv:
         with mock.patch("torch.mv", wraps=torch.mv) as mv:
-            y = decoding.MV.run(x, decoding.MV.prepare(layer.weight), layer.bias)
+            y = kernels.MV.run(x, kernels.MV.prepare(layer.weight), layer.bias)
     assert (addmv if bias else mv).called
     assert y.dtype == torch.bfloat16 and y.shape == (1, 1, 2304)
     assert ((y.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
@@ -220,20 +220,18 @@ def test_a_prepared_model_keeps_its_preparation(model64):
     """`serve` prepares what `for_decoding` already prepared: a model laid out for compiled steps'
     loop is not measured again and relaid (transposed) for the eager kernels."""
     model = GPT(model64.config).eval()
-    decoding.prepare(model, decoding.LOOP)
-    with mock.patch.object(decoding, "choose", return_value=decoding.COLUMNS):
+    decoding.prepare(model, kernels.LOOP)
+    with mock.patch.object(decoding, "choose", return_value=kernels.COLUMNS):
         assert decoding.prepare(model) is model
-    assert model.lm_head.weight.is_contiguous() and decoding.step_kernel(model, True) is decoding.LOOP
+    assert model.lm_head.weight.is_contiguous() and decoding.step_kernel(model, True) is kernels.LOOP
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_compiled_steps_on_a_cpu_keep_the_loops_layout(model64, dtype):
     """`for_decoding(..., compiled=True)` lays fp32 and bf16 out for the loop (rows contiguous), even
     where the eager measurement would store them transposed (`columns`); eager decoding takes that."""
-    with mock.patch.object(decoding, "choose", return_value=decoding.COLUMNS):
+    with mock.patch.object(decoding, "choose", return_value=kernels.COLUMNS):
         fast = decoding.for_decoding(copy.deepcopy(model64), dtype, compiled=True)
         eager = decoding.for_decoding(copy.deepcopy(model64), dtype)
-    assert fast.lm_head.weight.is_contiguous() and decoding.step_kernel(fast, True) is decoding.LOOP
-    assert (
-        decoding._transposed(eager.lm_head.weight) and decoding.step_kernel(eager, False) is decoding.COLUMNS
-    )
+    assert fast.lm_head.weight.is_contiguous() and decoding.step_kernel(fast, True) is kernels.LOOP
+    assert kernels.transposed(eager.lm_head.weight) and decoding.step_kernel(eager, False) is kernels.COLUMNS

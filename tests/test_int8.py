@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gpt2repro.config.schema import model_config
-from gpt2repro.generation import cpu_kernels, decoding, int8
+from gpt2repro.generation import cpu_kernels, decoding, int8, kernels
 from gpt2repro.generation.chat_session import ChatSession
 from gpt2repro.generation.generate import sample_text, sample_tokens
 from gpt2repro.generation.sampling import GenerateError, Sampling
@@ -135,7 +135,7 @@ def _step_logits(model, prompt: list[int], steps: int) -> tuple[list[int], torch
         seq.append(int(logits.argmax()))
         logits = decoder(torch.tensor([[seq[-1]]]), cache)
         seen.append(logits[0])
-    assert decoder.kernel is decoding.INT8
+    assert decoder.kernel is kernels.INT8
     return seq, torch.stack(seen)
 
 
@@ -229,10 +229,10 @@ def test_sample_chat_and_serve_draw_the_same_tokens_at_int8(chat_run_dir, capsys
     finally:
         served.engine.stop()
     assert r["choices"][0]["message"]["content"] == chat.decode(reply)
-    kernels = []  # the kernel of every decoder the commands below make: int8's
+    made = []  # the kernel of every decoder the commands below make: int8's
     init = decoding.Decoder.__init__
     monkeypatch.setattr(
-        decoding.Decoder, "__init__", lambda d, *a, **k: (init(d, *a, **k), kernels.append(d.kernel))[0]
+        decoding.Decoder, "__init__", lambda d, *a, **k: (init(d, *a, **k), made.append(d.kernel))[0]
     )
     code, out, err = run_main(
         capsys, "sample", "--checkpoint", chat_run_dir, "--weight-dtype", "int8", "--prompt", "Hi",
@@ -247,7 +247,7 @@ def test_sample_chat_and_serve_draw_the_same_tokens_at_int8(chat_run_dir, capsys
         "--seed", "7", "--max-new-tokens", "12", *settings,
     )  # fmt: skip
     assert code == 0 and out.strip() == chat.decode(reply).strip(), (out, err)
-    assert len(kernels) >= 2 and all(k is decoding.INT8 for k in kernels)
+    assert len(made) >= 2 and all(k is kernels.INT8 for k in made)
 
 
 def test_an_int8_models_weights_are_rounded_once_not_per_prompt():

@@ -554,13 +554,13 @@ def test_the_served_model_decodes_with_its_weights_laid_out_for_it(run_dir):
     from unittest import mock
 
     from gpt2repro.checkpoint.gathered import load_model
-    from gpt2repro.generation import decoding
+    from gpt2repro.generation import decoding, kernels
 
     fresh = load_model(run_dir).eval()
     assert fresh.lm_head.weight.is_contiguous()
-    with mock.patch.object(decoding, "choose", return_value=decoding.COLUMNS):
+    with mock.patch.object(decoding, "choose", return_value=kernels.COLUMNS):
         served = served_model(fresh, MODEL, 1)
     served.engine.stop()
     head = fresh.lm_head.weight
     assert head.stride() == (1, head.size(0)) and head is fresh.transformer.wte.weight
-    assert served.engine.step.kernel is decoding.COLUMNS
+    assert served.engine.step.kernel is kernels.COLUMNS

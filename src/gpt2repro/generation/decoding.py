@@ -6,14 +6,8 @@ applied to a model from outside, and every entry point decodes through it: `gene
 chat, the server's batch. At batch 1 a CPU step is bound by reading the weights, so what matters is
 how its ~50 matmuls read them, and how little runs besides them (benchmarks/RESULTS.md).
 
-- The matmuls run through a `Kernel` chosen per host, dtype and shape by timing the candidates on
-  the model's own weights (`choose`): nn.Linear's F.linear; `split` (fp32, a few rows: the output
-  features in one group per thread as one batched matmul, for MKL's one-core product on AMD EPYC);
-  `mv` (bf16, one row: `addmv`'s matrix-vector kernel); `columns` (F.linear over weights stored
-  transposed, MKL's column-streaming product: `prepare` lays an inference model out so, in place);
-  `int8` (a model whose weights `for_decoding` rounded to int8: the rows read as int8, `int8.py`);
-  `loop` (compiled steps on a CPU, `step_kernel`: one row in its own dtype, `cpu_kernels.py`). A
-  kernel prepares each weight once (`Kernel.prepare`) and runs on what it prepared (`Kernel.run`).
+- The matmuls run through a `Kernel` (`kernels.py`), chosen per host, dtype and shape by timing the
+  candidates on the model's own weights, and prepared once per weight.
 - The attention only reads the cache: the new token attends to the cached keys and to its own key
   apart, joined in one softmax, and its keys and values are stored by one copy after the step. So
   the same function runs eagerly or compiled whole (`compiled=True`: every layer and the lm_head
@@ -23,11 +17,9 @@ how its ~50 matmuls read them, and how little runs besides them (benchmarks/RESU
 
 from __future__ import annotations
 
-import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch._inductor.inductor_prims  # noqa: F401 - torch.ops.prims.inductor_force_stride_order
@@ -38,144 +30,16 @@ from ..model.gpt import GPT
 from ..model.kvcache import KVCache
 from ..model.precision import torch_dtype
 from . import cpu_kernels
-from .int8 import int8_linear, prepare_rows, round_to_int8
+from .int8 import round_to_int8
+from .kernels import INT8, INT8_MODELS, LOOP, Kernel, choose, linears, transposed
 from .sampling import GenerateError
 
 OPTIONS = {"cpp_wrapper": True}  # inductor: kernels called from C++, not from a Python wrapper
-MAX_SPLIT_ROWS = 32  # past this many rows a matmul is no longer bound by reading its weight
-
-
-def _dense(weight: torch.Tensor) -> torch.Tensor:
-    return weight
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x, weight, bias)
-
-
-def _grouped(weight: torch.Tensor) -> torch.Tensor:
-    """(out, in) as (threads, out / threads, in): one group of output features per thread."""
-    groups = torch.get_num_threads()
-    return weight.view(groups, weight.size(0) // groups, weight.size(1))
-
-
-def _split(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear over grouped weights (`_grouped`), the groups as one batched matmul."""
-    groups, per, in_features = w.shape
-    rows = x.numel() // in_features
-    if rows > MAX_SPLIT_ROWS:
-        return F.linear(x, w.flatten(0, 1), bias)
-    x2 = x.reshape(rows, in_features).t().expand(groups, in_features, rows)
-    y = torch.bmm(w, x2).view(groups * per, rows).t()
-    y = y if bias is None else y + bias
-    return y.reshape(*x.shape[:-1], groups * per)
-
-
-def _mv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """One row through a matrix-vector product; more rows through F.linear."""
-    if x.numel() != x.size(-1):
-        return F.linear(x, weight, bias)
-    row = x.reshape(-1)
-    y = torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row)
-    return y.view(*x.shape[:-1], -1)
-
-
-@dataclass(frozen=True)
-class Kernel:
-    """How a decoder's matmuls run: `prepare` turns each Linear weight into what `run(x, prepared,
-    bias)` reads; `columns`: over weights stored transposed (in, out) in memory."""
-
-    name: str
-    run: Callable[[torch.Tensor, Any, torch.Tensor | None], torch.Tensor]
-    prepare: Callable[[torch.Tensor], Any] = _dense
-    columns: bool = False
-
-
-LINEAR = Kernel("linear", _linear)
-COLUMNS = Kernel("columns", _linear, columns=True)
-SPLIT = Kernel("split", _split, _grouped)
-MV = Kernel("mv", _mv)
-KERNELS = {k.name: k for k in (LINEAR, COLUMNS, SPLIT, MV)}  # for weights as they are
-INT8 = Kernel("int8", int8_linear, prepare_rows)  # for weights rounded to int8 (`for_decoding`)
-LOOP = Kernel("loop", cpu_kernels.loop_linear, torch.Tensor.contiguous)  # in compiled steps (`step_kernel`)
-_INT8: weakref.WeakSet[GPT] = weakref.WeakSet()  # models whose weights are int8's values
-
-
-def _transposed(weight: torch.Tensor) -> bool:
-    return weight.dim() == 2 and weight.stride() == (1, weight.size(0))
-
-
-def _linears(model: GPT) -> list[nn.Linear]:
-    """Every Linear of the model in the order a step runs them, the lm_head last."""
-    blocks = [(b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj) for b in model.transformer.h]
-    return [m for block in blocks for m in block] + [model.lm_head]
-
-
-def candidates(model: GPT, relayout: bool) -> list[Kernel]:
-    """The kernels that can run this model's weights: as they are stored, or (`relayout`) after
-    `prepare` stores them transposed."""
-    weight = model.lm_head.weight
-    if model in _INT8:
-        return [INT8]
-    if weight.device.type != "cpu":
-        return [LINEAR]
-    if _transposed(weight):  # laid out already: F.linear reads either layout
-        return [COLUMNS]
-    found = [LINEAR]
-    threads = torch.get_num_threads()
-    if threads > 1 and all(m.out_features % threads == 0 for m in _linears(model)):
-        found.append(SPLIT)
-    if weight.dtype == torch.bfloat16:
-        found.append(MV)
-    if relayout:
-        found.append(COLUMNS)
-    return found
-
-
-def _timings(model: GPT, kernels: list[Kernel], rounds: int = 9) -> dict[str, float]:
-    """Each kernel's best time for one row through the first block's matmuls and the lm_head (big
-    enough to push the rest out of the caches, as a real step does), the kernels taking turns."""
-    sample = _linears(model)[:4] + [model.lm_head]
-    x = {m: torch.randn(1, m.in_features, dtype=m.weight.dtype) for m in sample}
-    ready = {}
-    for k in kernels:
-        weights = [m.weight.t().contiguous().t() if k.columns else m.weight for m in sample]
-        ready[k.name] = [(m, k.prepare(w)) for m, w in zip(sample, weights)]
-    best = dict.fromkeys(ready, float("inf"))
-    with torch.no_grad():
-        for _ in range(rounds):
-            for k in kernels:
-                t0 = time.perf_counter()
-                for m, w in ready[k.name]:
-                    k.run(x[m], w, m.bias)
-                best[k.name] = min(best[k.name], time.perf_counter() - t0)
-    return best
-
-
-_CHOSEN: dict[tuple, str] = {}  # measured once per process for each kind of model and host setting
-MARGIN = 0.9  # another kernel than nn.Linear's is taken only this much faster: a busy host's noise
-
-
-def choose(model: GPT, relayout: bool = False) -> Kernel:
-    """The fastest kernel for this model's weights on this host, measured (once per process for each
-    dtype, layout, thread count and shape); nn.Linear's own unless another is clearly faster."""
-    found = candidates(model, relayout)
-    if len(found) == 1:
-        return found[0]
-    shapes = tuple(tuple(m.weight.shape) for m in _linears(model)[:4])
-    key = (model.lm_head.weight.dtype, relayout, torch.get_num_threads(), shapes, model.config.vocab_size)
-    if key not in _CHOSEN:
-        times = _timings(model, found)
-        times[found[0].name] *= MARGIN
-        _CHOSEN[key] = min(times, key=times.get)
-    return KERNELS[_CHOSEN[key]]
-
-
 _PREPARED: weakref.WeakKeyDictionary[GPT, Kernel] = weakref.WeakKeyDictionary()
 
 
 def _on_cpu(model: GPT) -> bool:
-    return model.lm_head.weight.device.type == "cpu" and model not in _INT8
+    return model.lm_head.weight.device.type == "cpu" and model not in INT8_MODELS
 
 
 def step_kernel(model: GPT, compiled: bool) -> Kernel:
@@ -184,7 +48,7 @@ def step_kernel(model: GPT, compiled: bool) -> Kernel:
     product; int8's; else through the loop (`cpu_kernels`), whatever the dtype: inductor's own matmul
     runs a one-row product on one core, 2x slower (benchmarks/RESULTS.md, issue #42)."""
     w = model.lm_head.weight
-    if not compiled or w.device.type != "cpu" or model in _INT8 or _transposed(w):
+    if not compiled or w.device.type != "cpu" or model in INT8_MODELS or transposed(w):
         return _PREPARED.get(model) or choose(model)
     return LOOP
 
@@ -198,8 +62,8 @@ def for_decoding(model: GPT, weight_dtype: str, compiled: bool = False) -> GPT:
         return prepare(model, LOOP if compiled and _on_cpu(model) else None)
     if any(type(p).__name__ == "DTensor" for p in model.parameters()):
         raise GenerateError("--weight-dtype int8 needs a whole model, not FSDP's shards")
-    round_to_int8([m.weight for m in _linears(model)])
-    _INT8.add(model)
+    round_to_int8([m.weight for m in linears(model)])
+    INT8_MODELS.add(model)
     return prepare(model)
 
 
@@ -241,40 +105,62 @@ def _attend(q, k_old, v_old, k_new, v_new, mask: torch.Tensor | None) -> torch.T
     return (p_old @ v_old + p_new * v_new) / (p_old.sum(-1, keepdim=True) + p_new)
 
 
-_INT8_READY: weakref.WeakKeyDictionary[GPT, list] = weakref.WeakKeyDictionary()
+_INT8_READY: weakref.WeakKeyDictionary[GPT, tuple] = weakref.WeakKeyDictionary()
 
 
-def _prepared_weights(model: GPT, kernel: Kernel) -> list:
-    """Each Linear's (weight as `kernel` prepared it, bias). An int8 model's, rounded once per model
-    (not per prompt: rounding 124M weights takes longer than reading a prompt); its weights are for
-    decoding only and do not change."""
-    if kernel is INT8 and model in _INT8_READY:
-        return _INT8_READY[model]
-    weights = [(kernel.prepare(m.weight), m.bias) for m in _linears(model)]
-    if kernel is INT8:
-        _INT8_READY[model] = weights
-    return weights
+def _prepared_weights(model: GPT, kernel: Kernel) -> tuple[list, torch.Tensor | None]:
+    """Each Linear's (weight as `kernel` prepared it, bias), and for int8 the one buffer whose views
+    the rows are (a compiled step takes it whole: one argument to check per call, not ~50). An int8
+    model's are rounded once per model (not per prompt: rounding 124M weights takes longer than
+    reading a prompt); its weights are for decoding only and do not change."""
+    if kernel is not INT8:
+        return [(kernel.prepare(m.weight), m.bias) for m in linears(model)], None
+    if model not in _INT8_READY:
+        modules = linears(model)
+        joined = torch.empty(sum(m.weight.numel() for m in modules), dtype=torch.int8)
+        weights, start = [], 0
+        for m in modules:  # one at a time: the buffer and one matrix's rows in memory, not all twice
+            q, scale = kernel.prepare(m.weight)
+            view = joined[start : start + q.numel()].view_as(q)
+            view.copy_(q)
+            weights.append(((view, scale), m.bias))
+            start += q.numel()
+        _INT8_READY[model] = weights, joined
+    return _INT8_READY[model]
 
 
 @dataclass(frozen=True)
 class Layout:
-    """What a step needs besides tensors (constants of a compiled step): the model's numbers, and the
-    lengths of the 1-D tensors `_pack` joins into one, in the order the step reads them."""
+    """What a step needs besides tensors (constants of a compiled step): the model's numbers. The
+    lengths of what `_pack` joins follow from the tensors' shapes (`_sizes`, `_shapes`), so a
+    compiled step checks no constant per vector or matrix on each call."""
 
     n_head: int
     vocab_size: int
     eps: float
-    sizes: tuple[int, ...]
     scaled: bool  # each Linear's bias is followed by its rows' scales (int8)
 
 
-def _pack(model: GPT, kernel: Kernel) -> tuple[Layout, tuple, list]:
+def _shapes(n_layer: int, C: int, rows: int) -> list[tuple[int, int]]:
+    """The Linear weights' shapes in step order (GPT-2's blocks, then the lm_head's `rows`)."""
+    return [(3 * C, C), (C, C), (4 * C, C), (C, 4 * C)] * n_layer + [(rows, C)]
+
+
+def _sizes(n_layer: int, C: int, rows: int, scaled: bool) -> list[int]:
+    """The lengths of the vectors `_pack` joins, in its order."""
+    linear = (lambda n: [n, n]) if scaled else (lambda n: [n])
+    block = [C, C, *linear(3 * C), *linear(C), C, C, *linear(4 * C), *linear(C)]
+    return block * n_layer + [C, C] + ([rows] if scaled else [])
+
+
+def _pack(model: GPT, kernel: Kernel, compiled: bool) -> tuple[Layout, tuple, list]:
     """Everything a step reads, as few tensors: a compiled step checks each of its arguments on every
     call (~200 tensors cost ~0.5 ms a token). (layout, (wte, wpe, vectors joined in one tensor, the
-    Linear weights as `kernel` prepared them, in step order), the vectors apart for eager steps).
-    The vectors: per block ln_1's weight and bias, then per Linear its bias (and its scales), ln_2's
-    after the attention's two; then ln_f's, then the lm_head's scales."""
-    t, prepared = model.transformer, _prepared_weights(model, kernel)
+    Linear weights as `kernel` prepared them in step order: compiled int8 steps, the one buffer they
+    are views of), the vectors apart for eager steps). The vectors: per block ln_1's weight and bias,
+    then per Linear its bias (and its scales), ln_2's after the attention's two; then ln_f's, then
+    the lm_head's scales."""
+    t, (prepared, joined_matrices) = model.transformer, _prepared_weights(model, kernel)
     vectors, matrices = [], []
     for i, block in enumerate(t.h):
         vectors += [block.ln_1.weight, block.ln_1.bias]
@@ -288,11 +174,11 @@ def _pack(model: GPT, kernel: Kernel) -> tuple[Layout, tuple, list]:
     matrices.append(head[0] if kernel is INT8 else head)
     vectors += [head[1]] if kernel is INT8 else []
     vectors = [v.detach() for v in vectors]
-    cfg = model.config
-    layout = Layout(
-        cfg.n_head, cfg.vocab_size, cfg.layer_norm_epsilon, tuple(v.numel() for v in vectors), kernel is INT8
-    )
-    return layout, (t.wte.weight, t.wpe.weight, torch.cat(vectors), tuple(matrices)), vectors
+    cfg, rows = model.config, t.wte.weight.size(0)
+    assert [v.numel() for v in vectors] == _sizes(cfg.n_layer, cfg.n_embd, rows, kernel is INT8)
+    layout = Layout(cfg.n_head, cfg.vocab_size, cfg.layer_norm_epsilon, kernel is INT8)
+    weights = joined_matrices if compiled and joined_matrices is not None else tuple(matrices)
+    return layout, (t.wte.weight, t.wpe.weight, torch.cat(vectors), weights), vectors
 
 
 def _step(layout: Layout, run: Callable, tensors: tuple, vectors, tok, positions, k_old, v_old, mask):
@@ -301,8 +187,12 @@ def _step(layout: Layout, run: Callable, tensors: tuple, vectors, tok, positions
     values (n_layer, slots, nh, 1, hs). `tensors`: `_pack`'s; `vectors`: its vectors apart, or None
     to split them from the joined one; `run`: the kernel's matmul."""
     wte, wpe, joined, matrices = tensors
-    vec, mat = iter(vectors or joined.split(layout.sizes)), iter(matrices)
-    B, C, nh, eps = tok.size(0), wte.size(1), layout.n_head, layout.eps
+    B, C, nh, eps, n_layer = tok.size(0), wte.size(1), layout.n_head, layout.eps, k_old.size(0)
+    vec = iter(vectors or joined.split(_sizes(n_layer, C, wte.size(0), layout.scaled)))
+    if isinstance(matrices, torch.Tensor):  # one buffer: its views, in step order
+        shapes = _shapes(n_layer, C, wte.size(0))
+        matrices = [m.view(shape) for m, shape in zip(matrices.split([r * c for r, c in shapes]), shapes)]
+    mat = iter(matrices)
 
     def linear(x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         w, b = next(mat), next(vec) if bias else None
@@ -312,7 +202,7 @@ def _step(layout: Layout, run: Callable, tensors: tuple, vectors, tok, positions
 
     x = F.embedding(tok, wte) + F.embedding(positions, wpe)[:, None]  # (B, 1, C)
     keys, values = [], []
-    for i in range(k_old.size(0)):
+    for i in range(n_layer):
         h = F.layer_norm(x, (C,), next(vec), next(vec), eps)
         q, k, v = linear(h).view(B, 3, nh, 1, C // nh).unbind(1)  # (B, nh, 1, hs)
         y = _attend(q, k_old[i], v_old[i], k, v, mask).to(q.dtype)  # (B, nh, 1, hs)
@@ -346,21 +236,23 @@ class Decoder:
             self.kernel, self.layout, self.tensors, self.vectors = None, None, (), []
         else:
             self.kernel = kernel or step_kernel(model, compiled)
-            self.layout, self.tensors, self.vectors = _pack(model, self.kernel)
+            self.layout, self.tensors, self.vectors = _pack(model, self.kernel, compiled)
         self.compiled = torch.compile(_step, options=OPTIONS) if compiled else None
 
     @torch.no_grad()
     def __call__(self, tok: torch.Tensor, cache: KVCache) -> torch.Tensor:
         if self.through_forward:  # FSDP: through the blocks, whose hooks gather the shards
             return self.model.logits(self.model.hidden(tok, cache)[:, -1])
-        lengths = cache.lengths
-        longest, aligned = int(lengths.max()), bool((lengths == lengths[0]).all())
-        if int(lengths.min()) < 1 or longest >= cache.k.size(3):
+        lengths = cache.lengths.tolist()  # (Python numbers: each tensor op here costs ~5 µs a token)
+        shortest, longest = min(lengths), max(lengths)
+        if shortest < 1 or longest >= cache.k.size(3):
             raise ValueError(f"a decoding step needs every slot at a length in 1..{cache.k.size(3) - 1}")
-        positions = lengths.to(tok.device)
+        positions = cache.lengths.to(tok.device)
         k_old, v_old = cache.k[..., :longest, :], cache.v[..., :longest, :]
-        keys = torch.arange(longest, device=tok.device)
-        masked = not aligned or (self.compiled is not None and tok.size(0) > 1)  # (one graph for batches)
+        masked = shortest < longest or (
+            self.compiled is not None and tok.size(0) > 1
+        )  # (one graph for batches)
+        keys = torch.arange(longest, device=tok.device) if masked else None
         mask = (keys < positions[:, None])[:, None, None] if masked else None  # (slots, 1, 1, length)
         args = (tok, positions, k_old, v_old, mask)
         if self.compiled is None or longest == 1:  # (torch.compile would fix a length of 1 apart)

@@ -2,7 +2,7 @@
 
 `linear_cross_entropy`: the lm_head and the cross-entropy fused, chunk by chunk, so training never
 holds the (tokens x vocabulary) logits; its `sum` reduction ignores negative targets (the tokens a chat
-fine-tune does not learn). Decoding's kernels are in `generation/decoding.py`.
+fine-tune does not learn). Decoding's kernels are in `generation/kernels.py`.
 """
 
 from __future__ import annotations
