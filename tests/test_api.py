@@ -11,6 +11,7 @@ from helpers import run_main
 
 import gpt2repro
 from gpt2repro.errors import UserError
+from gpt2repro.text.tokenizer import get_tokenizer
 
 
 def test_import_is_light_and_names_the_api():
@@ -32,6 +33,27 @@ def test_samples_generate_and_stream_are_the_clis_text(run_dir, capsys):
     one = llm.generate(prompt, max_new_tokens=12, seed=7, top_k=20)
     assert one == samples[0]
     assert prompt + "".join(llm.stream(prompt, max_new_tokens=12, seed=7, top_k=20)) == one
+
+
+def test_the_penalties_and_logit_bias_are_the_clis_and_the_servers_meaning(run_dir, capsys):
+    """sample's --presence-penalty, --frequency-penalty and --logit-bias are the API's keywords (the
+    server's settings, `Sampling`); +100 on a token makes it every draw, -100 bans it."""
+    llm = gpt2repro.load(run_dir, device="cpu")
+    prompt, settings = "ROMEO:", dict(max_new_tokens=12, seed=7, top_k=20)
+    penalized = llm.samples(
+        prompt, 2, presence_penalty=1.5, frequency_penalty=0.8, logit_bias={13: 3.0}, **settings
+    )
+    code, out, err = run_main(
+        capsys, "sample", "--checkpoint", run_dir, "--prompt", prompt, "-n", "2", "--max-new-tokens", "12",
+        "--seed", "7", "--top-k", "20", "--presence-penalty", "1.5", "--frequency-penalty", "0.8",
+        "--logit-bias", "13=3", "--device", "cpu",
+    )  # fmt: skip
+    assert code == 0 and out.splitlines() == [f"> {s}" for s in penalized], err
+    assert penalized != llm.samples(prompt, 2, **settings)
+    assert llm.generate(prompt, max_new_tokens=4, logit_bias={13: 100}) == prompt + "...."  # token 13: "."
+    greedy = llm.generate(prompt, max_new_tokens=1, temperature=0)[len(prompt) :]
+    (first,) = get_tokenizer().encode_ordinary(greedy)
+    assert llm.generate(prompt, max_new_tokens=1, temperature=0, logit_bias={first: -100}) != prompt + greedy
 
 
 def test_hellaswag_is_evals_score(run_dir, capsys, tmp_path):

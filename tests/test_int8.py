@@ -202,7 +202,7 @@ def test_int8_is_refused_in_one_line_where_it_cannot_run(monkeypatch):
     torch._dynamo.reset()
 
 
-SETTINGS = dict(temperature=1.3, top_k=7, top_p=0.9)
+SETTINGS = dict(temperature=1.3, top_k=7, top_p=0.9, presence_penalty=0.6, frequency_penalty=0.4)
 
 
 def test_sample_chat_and_serve_draw_the_same_tokens_at_int8(chat_run_dir, capsys, monkeypatch):

@@ -41,13 +41,16 @@ class LLM:
         top_k: int | None = 50,
         top_p: float = 1.0,
         seed: int = 42,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: dict[int, float] | None = None,
     ) -> list[str]:
         """`n` continuations of `prompt` (the prompt included), sample i drawn with seed + i, each
-        ending at its first token that is not text: what `gpt2repro sample` prints."""
+        ending at its first token that is not text: what `gpt2repro sample` prints. The penalties
+        and `logit_bias` ({token id: -100..100}) as OpenAI's, over each sample's own tokens."""
         from .generation.generate import sample_text
-        from .generation.sampling import Sampling
 
-        sampling = Sampling(temperature, top_k, top_p, seed)
+        sampling = _sampling(temperature, top_k, top_p, seed, presence_penalty, frequency_penalty, logit_bias)
         return sample_text(self.model, prompt, n, max_new_tokens, sampling=sampling, compiled=self.compiled)
 
     def generate(self, prompt: str, *, max_new_tokens: int = 32, **sampling) -> str:
@@ -63,17 +66,19 @@ class LLM:
         top_k: int | None = 50,
         top_p: float = 1.0,
         seed: int = 42,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: dict[int, float] | None = None,
     ) -> Iterator[str]:
         """The continuation of `prompt` as it is drawn, in pieces of text (a character split across
         tokens arrives whole); joined, the text `generate` returns after the prompt."""
         from .generation.generate import prompt_tokens, stream_tokens
-        from .generation.sampling import Sampling
         from .text.tokenizer import get_tokenizer
         from .text.tokentext import TextStream
 
         ids = prompt_tokens(prompt, self.model.config.block_size)
         text = TextStream(get_tokenizer().decode_single_token_bytes)
-        sampling = Sampling(temperature, top_k, top_p, seed)
+        sampling = _sampling(temperature, top_k, top_p, seed, presence_penalty, frequency_penalty, logit_bias)
         for token in stream_tokens(
             self.model, ids, max_new_tokens, sampling=sampling, compiled=self.compiled
         ):
@@ -86,7 +91,7 @@ class LLM:
     def chat(self, *, system: str | None = None, max_new_tokens: int = 256, **sampling):
         """A conversation with a chat model held in the KV cache (`ChatSession`: `.reply(text)`,
         `.send(text)` for the reply's tokens as they come, `.reset()`); `sampling`: temperature,
-        top_k, top_p, seed."""
+        top_k, top_p, seed, presence_penalty, frequency_penalty, logit_bias (as `samples`)."""
         from .generation.chat_session import ChatSession
 
         return ChatSession(self.model, system, max_new_tokens, compiled=self.compiled, **sampling)
@@ -111,6 +116,13 @@ class LLM:
         from .interop.hf import export_hf
 
         return export_hf(self.model, out)
+
+
+def _sampling(temperature, top_k, top_p, seed, presence_penalty, frequency_penalty, logit_bias):
+    from .generation.sampling import Sampling
+
+    bias = tuple(sorted((logit_bias or {}).items()))
+    return Sampling(temperature, top_k, top_p, seed, bias, presence_penalty, frequency_penalty)
 
 
 def load(

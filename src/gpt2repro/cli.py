@@ -12,7 +12,7 @@ import select
 import sys
 from pathlib import Path
 
-from .cliargs import build_parser
+from .cliargs import build_parser, sampling_settings
 from .config.presets import TRAIN_PRESETS
 from .config.schema import RANGES, ConfigError
 from .errors import UserError
@@ -98,7 +98,7 @@ def cmd_sample(args) -> None:
     from .parallel.distributed import pick_device
 
     llm = _load_for_decoding(args, pick_device(args.device))
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    sampling = sampling_settings(args)
     for text in llm.samples(args.prompt, args.n, max_new_tokens=args.max_new_tokens, **sampling):
         print(f"> {text}")
 
@@ -108,10 +108,15 @@ def cmd_chat(args) -> None:
     from .parallel.distributed import pick_device
 
     model = _load_for_decoding(args, pick_device(args.device)).model
-    sampling = dict(
-        max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature
+    sampling = sampling_settings(args)
+    run(
+        model,
+        args.message,
+        args.system,
+        max_new_tokens=args.max_new_tokens,
+        compiled=args.compile,
+        **sampling,
     )
-    run(model, args.message, args.system, seed=args.seed, compiled=args.compile, **sampling)
 
 
 def cmd_serve(args) -> None:

@@ -9,6 +9,7 @@ from . import __version__
 from .bench.names import BASELINES, SIZES, TRAIN_MODES, WHAT
 from .config.presets import TRAIN_PRESETS
 from .config.schema import DTYPE_NAMES, WEIGHT_DTYPES
+from .errors import UserError
 
 HF_HELP = "Hugging Face GPT-2 directory, or hub model: gpt2 ... gpt2-xl, OWNER/NAME[@REVISION]"
 
@@ -18,6 +19,43 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", help="run directory or checkpoint directory of ours")
     src.add_argument("--hf", help=HF_HELP)
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+
+
+def _logit_bias(text: str) -> tuple[int, float]:
+    token, sep, bias = text.partition("=")
+    try:
+        if sep:
+            return int(token), float(bias)
+    except ValueError:
+        pass
+    raise UserError(f"--logit-bias: expected TOKEN=BIAS (a token id and a number), got {text!r}")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    """The sampler's settings of sample and chat: the server's, with the same meaning (`Sampling`)."""
+    p.add_argument("--top-k", type=int, default=50, help="0: no limit")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--presence-penalty", type=float, default=0.0, help="-2..2, taken from each token the reply has drawn"
+    )
+    p.add_argument(
+        "--frequency-penalty", type=float, default=0.0, help="-2..2, times each token's count in the reply"
+    )
+    p.add_argument(
+        "--logit-bias",
+        nargs="+",
+        default=[],
+        metavar="TOKEN=BIAS",
+        help="added to these tokens' logits, as OpenAI's logit_bias (-100..100; -100 bans a token)",
+    )
+
+
+def sampling_settings(args: argparse.Namespace) -> dict:
+    """The sampler's keywords from sample's or chat's arguments (as the Python API takes them)."""
+    names = ("temperature", "top_k", "top_p", "seed", "presence_penalty", "frequency_penalty")
+    return {**{n: getattr(args, n) for n in names}, "logit_bias": dict(map(_logit_bias, args.logit_bias))}
 
 
 def _add_weight_dtype(p: argparse.ArgumentParser) -> None:
@@ -115,10 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="Hello, I'm a language model,")
     p.add_argument("-n", type=int, default=4, help="samples; sample i is drawn with seed + i")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--top-k", type=int, default=50, help="0: no limit")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
-    p.add_argument("--seed", type=int, default=42)
+    _add_sampling(p)
     _add_weight_dtype(p)
 
     p = sub.add_parser(
@@ -128,10 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--message", default=None, help="answer this once and exit (scripts)")
     p.add_argument("--system", default=None, help="a system message opening the conversation")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply at most")
-    p.add_argument("--top-k", type=int, default=50, help="0: no limit")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
-    p.add_argument("--seed", type=int, default=42)
+    _add_sampling(p)
     _add_weight_dtype(p)
 
     p = sub.add_parser(

@@ -59,11 +59,16 @@ class ChatSession:
         on_notice: Callable[[str], None] = lambda message: None,
         top_p: float = 1.0,
         compiled: bool = False,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: dict[int, float] | None = None,
     ):
         require_chat_model(model)
         if max_new_tokens < 1:
             raise GenerateError(f"sampling needs max_new_tokens >= 1 (got {max_new_tokens})")
-        self.sampling = Sampling(temperature, top_k, top_p, seed).check()
+        bias = tuple(sorted((logit_bias or {}).items()))
+        penalties = dict(presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+        self.sampling = Sampling(temperature, top_k, top_p, seed, bias, **penalties).check()
         self.model, self.system, self.on_notice = model, system, on_notice  # no dropout: any mode
         self.max_new_tokens = max_new_tokens
         self.reuse_cache = reuse_cache  # False re-encodes the whole history every turn (a benchmark)
@@ -162,7 +167,7 @@ class ChatSession:
         first = None
         try:
             while len(reply) < self.max_new_tokens:
-                token = int(draw(logits, self.sampling, self.generator))
+                token = int(draw(logits, self.sampling, self.generator, reply))  # (penalties: the reply's)
                 first = first or time.perf_counter()
                 if ends_reply(token):  # the end of the turn (or another token that is not text)
                     turn["stopped"] = True
