@@ -91,6 +91,8 @@ def test_hub_shards_through_a_mirror_on_any_port_are_the_hubs_bytes(hub, shard_f
         np.frombuffer(shard_files["edu_val_000000.bin"][1024:], "<u2")[:5000],
     )
     assert m["complete"] and m["commit"] == hub.repos[("dataset", REPO)].sha
+    # each listed as its bytes' sha256 (the hub's, checked by the download; the cut one's, computed)
+    assert all(s["sha256"] == hashlib.sha256(out[s["file"]]).hexdigest() for s in m["shards"])
     assert sorted(os.listdir(tmp_path / "d")) == [
         "manifest.json",
         *sorted(k for k in out if k != "manifest.json"),

@@ -215,11 +215,14 @@ def _fetch(out: Path, remote: Remote, item: Planned, cap: int | None, resume: st
     path = out / item.file
     if cap is not None and cap < len(tokens):
         tokens = tokens[:cap]
-        _, documents = _scan(src, tokens)
+        documents = _scan(src, tokens, None)
         write_shard(path, tokens)  # a new header with the new count
         sha = sha256_file(path)
-    else:
-        sha, documents = _scan(src, tokens)
+    else:  # a download was checked against the hub's sha256 of the file: not hashed again
+        sha = remote.listing.files.get(item.source, (None, None))[1] if remote.listing else None
+        h = None if sha else hashlib.sha256()
+        documents = _scan(src, tokens, h)
+        sha = sha or h.hexdigest()
         publish_copy(src, path, "a token shard")
     if remote.root is None:
         src.unlink()  # the download, now linked in under our name (or cut)
@@ -248,12 +251,13 @@ def _download(out: Path, remote: Remote, item: Planned, resume: str) -> Path:
         ) from None
 
 
-def _scan(path: Path, tokens: np.ndarray) -> tuple[str, int]:
-    """One read of a shard's tokens: each checked to be GPT-2's (< 50257); the sha256 of the file
-    holding them after `path`'s header, and the documents starting in them (<|endoftext|> each)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read(HEADER_BYTES))
+def _scan(path: Path, tokens: np.ndarray, h) -> int:
+    """One read of a shard's tokens: each checked to be GPT-2's (< 50257), the documents starting in
+    them (<|endoftext|> each) counted; `h` (a sha256, or None) is fed the file holding them after
+    `path`'s header."""
+    if h is not None:
+        with open(path, "rb") as f:
+            h.update(f.read(HEADER_BYTES))
     documents = 0
     for start in range(0, len(tokens), CHUNK_TOKENS):
         chunk = np.asarray(tokens[start : start + CHUNK_TOKENS])
@@ -263,5 +267,6 @@ def _scan(path: Path, tokens: np.ndarray) -> tuple[str, int]:
                 f"{path}: token {start + bad} is {chunk[bad]}, not a GPT-2 token (ids < {N_VOCAB})"
             )
         documents += int(np.count_nonzero(chunk == EOT_ID))
-        h.update(chunk.tobytes())
-    return h.hexdigest(), documents
+        if h is not None:
+            h.update(chunk.tobytes())
+    return documents
