@@ -178,6 +178,24 @@ def test_decoding_refuses_what_it_cannot_do_in_one_line(model64):
             generate(odd, prompt, 4, sampling=GREEDY, compiled=True)
 
 
+def test_compiled_steps_stay_compiled_past_torchs_recompile_limit():
+    """Every kind of model compiles its own graph of the one step function: past torch's limit of
+    recompiles (8 by default; 1 here) the steps would silently run uncompiled."""
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    entries = lambda: len(torch._dynamo.eval_frame._debug_get_cache_entry_list(decoding._step.__code__))  # noqa: E731
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for width in (24, 40):  # two kinds of model no other test uses
+            before = entries()
+            generate(
+                GPT(model_config("tiny", n_embd=width, n_head=2, n_layer=1)).eval(),
+                prompt,
+                3,
+                sampling=GREEDY,
+                compiled=True,
+            )
+            assert entries() == before + 1
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 64), (8, 1, 64), (3, 5, 64), (40, 64)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_the_split_kernel_is_x_wt_plus_b_over_groups_of_output_features(shape, bias):

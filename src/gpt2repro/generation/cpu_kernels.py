@@ -30,6 +30,9 @@ BLOCK = 32  # the int8 kernel rounds activations per this many values (q8_0's bl
 NEEDS = {"avx512f", "avx512bw", "avx512_vnni"}  # the int8 kernel's CPU flags (as /proc/cpuinfo names them)
 CPUINFO = Path("/proc/cpuinfo")  # (Linux; elsewhere the loop)
 STALE_LOCK_S = 600  # a build takes ~15 s: a lock this old was left by a killed process
+# graphs of one compiled function (a decoding step per kind of model and batch, the loop per weight
+# shape): past torch's default of 8, calls would silently run uncompiled (several models in a process)
+RECOMPILE_LIMIT = 64
 _FOUND: list[bool] = []  # whether this process runs the int8 kernel: found once (`vnni`)
 
 
@@ -94,7 +97,7 @@ def round_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values.flatten(-2)[..., : x.size(-1)], steps.flatten(-2)[..., : x.size(-1)]
 
 
-@torch.compile(dynamic=True)
+@torch.compile(dynamic=True, recompile_limit=RECOMPILE_LIMIT)
 def _rows_times(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (rows, in) @ w^T in fp32 (float64 for float64 x), reading w (out, in) in its own dtype (int8,
     bf16, fp16): one fused loop, each weight converted in registers (no fp32 copy of w)."""

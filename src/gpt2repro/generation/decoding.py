@@ -237,7 +237,11 @@ class Decoder:
         else:
             self.kernel = kernel or step_kernel(model, compiled)
             self.layout, self.tensors, self.vectors = _pack(model, self.kernel, compiled)
-        self.compiled = torch.compile(_step, options=OPTIONS) if compiled else None
+        self.compiled = (
+            torch.compile(_step, options=OPTIONS, recompile_limit=cpu_kernels.RECOMPILE_LIMIT)
+            if compiled
+            else None
+        )
 
     @torch.no_grad()
     def __call__(self, tok: torch.Tensor, cache: KVCache) -> torch.Tensor:
