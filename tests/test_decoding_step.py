@@ -178,6 +178,29 @@ def test_decoding_refuses_what_it_cannot_do_in_one_line(model64):
             generate(odd, prompt, 4, sampling=GREEDY, compiled=True)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_compiled_steps_take_the_weights_as_one_buffer_and_eager_ones_as_its_views(dtype):
+    """A compiled step checks each argument on every call: it takes the Linear weights (int8's rows)
+    as the one buffer they are views of, in step order; the model keeps its values and its tie."""
+    model = GPT(model_config("tiny", n_layer=2)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model = decoding.for_decoding(model, dtype, compiled=True)
+    cast = torch.float32 if dtype == "int8" else decoding.torch_dtype(dtype)
+    if dtype != "int8":  # (int8: the weights keep int8's values, rounded in place)
+        assert all(torch.equal(v, before[k].to(cast)) for k, v in model.state_dict().items())
+    assert model.lm_head.weight is model.transformer.wte.weight
+    buffer, eager = decoding.Decoder(model, compiled=True).tensors[3], decoding.Decoder(model).tensors[3]
+    assert isinstance(buffer, torch.Tensor) and isinstance(eager, tuple) and len(eager) == 2 * 4 + 1
+    assert buffer.dtype == (torch.int8 if dtype == "int8" else cast) and buffer.numel() == sum(
+        m.numel() for m in eager
+    )
+    starts = [m.data_ptr() - buffer.data_ptr() for m in eager]
+    assert starts == [sum(m.numel() for m in eager[:i]) * buffer.element_size() for i in range(len(eager))]
+    if dtype != "int8":  # laid out anew: no longer views of it, each apart
+        decoding.prepare(model, kernels.COLUMNS)
+        assert isinstance(decoding.Decoder(model, compiled=True).tensors[3], tuple)
+
+
 def test_compiled_steps_stay_compiled_past_torchs_recompile_limit():
     """Every kind of model compiles its own graph of the one step function: past torch's limit of
     recompiles (8 by default; 1 here) the steps would silently run uncompiled."""

@@ -59,12 +59,48 @@ def for_decoding(model: GPT, weight_dtype: str, compiled: bool = False) -> GPT:
     eager steps or (`compiled`) for compiled ones."""
     if weight_dtype != "int8":
         model = model.to(torch_dtype(weight_dtype))
-        return prepare(model, LOOP if compiled and _on_cpu(model) else None)
+        if not (compiled and _on_cpu(model)):
+            return prepare(model)
+        _join_weights(model)
+        return prepare(model, LOOP)
     if any(type(p).__name__ == "DTensor" for p in model.parameters()):
         raise GenerateError("--weight-dtype int8 needs a whole model, not FSDP's shards")
     round_to_int8([m.weight for m in linears(model)])
     INT8_MODELS.add(model)
     return prepare(model)
+
+
+_JOINED: weakref.WeakKeyDictionary[GPT, torch.Tensor] = weakref.WeakKeyDictionary()  # (`_join_weights`)
+
+
+def _join_weights(model: GPT) -> None:
+    """Every Linear weight of a model decoded by compiled steps made a view of one buffer, in step
+    order (the same values; tied weights stay tied): a compiled step takes the buffer whole, one
+    argument to check per call instead of ~50. For decoding only: saving these weights with
+    safetensors then needs `.clone()`. Moved one at a time (a weight's old copy is freed as it goes)."""
+    modules = linears(model)
+    w = modules[0].weight
+    joined = torch.empty(sum(m.weight.numel() for m in modules), dtype=w.dtype, device=w.device)
+    start = 0
+    with torch.no_grad():
+        for m in modules:
+            view = joined[start : start + m.weight.numel()].view(m.weight.shape)
+            view.copy_(m.weight)
+            m.weight.data = view
+            start += view.numel()
+    _JOINED[model] = joined
+
+
+def _views_of(buffer: torch.Tensor | None, matrices: list[torch.Tensor]) -> bool:
+    """Whether `matrices` are `buffer`'s consecutive views, in order, and all of it."""
+    start = 0
+    for m in matrices:
+        if buffer is None or m.dtype != buffer.dtype or not m.is_contiguous():
+            return False
+        if m.data_ptr() != buffer.data_ptr() + start * m.element_size():
+            return False
+        start += m.numel()
+    return buffer is not None and start == buffer.numel()
 
 
 def prepare(model: GPT, kernel: Kernel | None = None) -> GPT:
@@ -105,16 +141,16 @@ def _attend(q, k_old, v_old, k_new, v_new, mask: torch.Tensor | None) -> torch.T
     return (p_old @ v_old + p_new * v_new) / (p_old.sum(-1, keepdim=True) + p_new)
 
 
-_INT8_READY: weakref.WeakKeyDictionary[GPT, tuple] = weakref.WeakKeyDictionary()
+_INT8_READY: weakref.WeakKeyDictionary[GPT, list] = weakref.WeakKeyDictionary()
 
 
-def _prepared_weights(model: GPT, kernel: Kernel) -> tuple[list, torch.Tensor | None]:
-    """Each Linear's (weight as `kernel` prepared it, bias), and for int8 the one buffer whose views
-    the rows are (a compiled step takes it whole: one argument to check per call, not ~50). An int8
-    model's are rounded once per model (not per prompt: rounding 124M weights takes longer than
-    reading a prompt); its weights are for decoding only and do not change."""
+def _prepared_weights(model: GPT, kernel: Kernel) -> list:
+    """Each Linear's (weight as `kernel` prepared it, bias). An int8 model's, rounded once per model
+    (not per prompt: rounding 124M weights takes longer than reading a prompt), its int8 rows views
+    of one buffer (`_JOINED`, as `_join_weights` makes the others'); its weights are for decoding
+    only and do not change."""
     if kernel is not INT8:
-        return [(kernel.prepare(m.weight), m.bias) for m in linears(model)], None
+        return [(kernel.prepare(m.weight), m.bias) for m in linears(model)]
     if model not in _INT8_READY:
         modules = linears(model)
         joined = torch.empty(sum(m.weight.numel() for m in modules), dtype=torch.int8)
@@ -125,7 +161,7 @@ def _prepared_weights(model: GPT, kernel: Kernel) -> tuple[list, torch.Tensor | 
             view.copy_(q)
             weights.append(((view, scale), m.bias))
             start += q.numel()
-        _INT8_READY[model] = weights, joined
+        _INT8_READY[model], _JOINED[model] = weights, joined
     return _INT8_READY[model]
 
 
@@ -155,12 +191,12 @@ def _sizes(n_layer: int, C: int, rows: int, scaled: bool) -> list[int]:
 
 def _pack(model: GPT, kernel: Kernel, compiled: bool) -> tuple[Layout, tuple, list]:
     """Everything a step reads, as few tensors: a compiled step checks each of its arguments on every
-    call (~200 tensors cost ~0.5 ms a token). (layout, (wte, wpe, vectors joined in one tensor, the
-    Linear weights as `kernel` prepared them in step order: compiled int8 steps, the one buffer they
-    are views of), the vectors apart for eager steps). The vectors: per block ln_1's weight and bias,
+    call. (layout, (wte, wpe, the vectors joined in one tensor, the Linear weights as `kernel`
+    prepared them in step order: for compiled steps the one buffer they are views of, where they are
+    (`_JOINED`)), the vectors apart for eager steps). The vectors: per block ln_1's weight and bias,
     then per Linear its bias (and its scales), ln_2's after the attention's two; then ln_f's, then
     the lm_head's scales."""
-    t, (prepared, joined_matrices) = model.transformer, _prepared_weights(model, kernel)
+    t, prepared = model.transformer, _prepared_weights(model, kernel)
     vectors, matrices = [], []
     for i, block in enumerate(t.h):
         vectors += [block.ln_1.weight, block.ln_1.bias]
@@ -177,7 +213,8 @@ def _pack(model: GPT, kernel: Kernel, compiled: bool) -> tuple[Layout, tuple, li
     cfg, rows = model.config, t.wte.weight.size(0)
     assert [v.numel() for v in vectors] == _sizes(cfg.n_layer, cfg.n_embd, rows, kernel is INT8)
     layout = Layout(cfg.n_head, cfg.vocab_size, cfg.layer_norm_epsilon, kernel is INT8)
-    weights = joined_matrices if compiled and joined_matrices is not None else tuple(matrices)
+    joined = _JOINED.get(model)
+    weights = joined if compiled and _views_of(joined, matrices) else tuple(matrices)
     return layout, (t.wte.weight, t.wpe.weight, torch.cat(vectors), weights), vectors
 
 
