@@ -20,16 +20,18 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Two passes: two pytest workers (one per core, pytest-xdist) for all but the `serial` tests, then those
-# alone (the server's timing bounds). Each pass must pass.
+# alone (the server's timing bounds), collected from the files that mark some (collecting every file
+# imports torch, inductor, transformers...: ~10 s). Each pass must pass.
 PYTEST  := $(BIN)/python -m pytest -q
+SERIAL  := $(shell grep -l 'mark\.serial' tests/test_*.py)
 test: venv
 	$(PYTEST) -n 2 --dist worksteal -m "not serial"
-	$(PYTEST) -m serial
+	$(PYTEST) -m serial $(SERIAL)
 
 # the developers' quick loop: everything but the multi-process, subprocess-heavy and long tests
 test-fast: venv
 	$(PYTEST) -n 2 --dist worksteal -m "not slow and not serial"
-	$(PYTEST) -m "serial and not slow"
+	$(PYTEST) -m "serial and not slow" $(SERIAL)
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks scripts
