@@ -42,6 +42,10 @@ def _on_cpu(model: GPT) -> bool:
     return model.lm_head.weight.device.type == "cpu" and model not in INT8_MODELS
 
 
+def _sharded(model: GPT) -> bool:
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
 def step_kernel(model: GPT, compiled: bool) -> Kernel:
     """The kernel a Decoder runs: eager, `prepare`'s (else the fastest measured, `choose`). Compiled
     on a CPU, the weights as the model stores them: transposed (`columns`), through MKL's column
@@ -61,9 +65,10 @@ def for_decoding(model: GPT, weight_dtype: str, compiled: bool = False) -> GPT:
         model = model.to(torch_dtype(weight_dtype))
         if not (compiled and _on_cpu(model)):
             return prepare(model)
-        _join_weights(model)
+        if not _sharded(model):  # (FSDP's shards are refused by compiled steps: `Decoder`)
+            _join_weights(model)
         return prepare(model, LOOP)
-    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+    if _sharded(model):
         raise GenerateError("--weight-dtype int8 needs a whole model, not FSDP's shards")
     round_to_int8([m.weight for m in linears(model)])
     INT8_MODELS.add(model)
@@ -264,7 +269,7 @@ class Decoder:
     model's forward."""
 
     def __init__(self, model: GPT, compiled: bool = False, kernel: Kernel | None = None):
-        sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
+        sharded = _sharded(model)
         if compiled and sharded:
             raise GenerateError("compiled decoding steps need a whole model, not FSDP's shards")
         self.through_forward = sharded or type(model).hidden is not GPT.hidden  # (a model of its own)
