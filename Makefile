@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 
 # Two passes: two pytest workers (one per core, pytest-xdist) for all but the `serial` tests, then those
 # alone (the server's timing bounds), collected from the files that mark some (collecting every file
-# imports torch, inductor, transformers...: ~10 s). Each pass must pass.
+# imports torch, inductor, transformers...: ~10 s, ~3 s more than these files). Each pass must pass.
 PYTEST  := $(BIN)/python -m pytest -q
 SERIAL  := $(shell grep -l 'mark\.serial' tests/test_*.py)
 test: venv

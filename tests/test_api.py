@@ -87,3 +87,10 @@ def test_a_chat_is_the_terminal_chats_reply(chat_run_dir, capsys):
         "--max-new-tokens", "16", "--seed", "3", "--device", "cpu",
     )  # fmt: skip
     assert code == 0 and out.strip() == reply.strip()
+    forced = gpt2repro.load(chat_run_dir, device="cpu").chat(max_new_tokens=4, logit_bias={13: 100})
+    assert forced.reply("Good morrow") == "...."  # token 13, "." : every draw, as sample's
+    code, out, _ = run_main(
+        capsys, "chat", "--checkpoint", chat_run_dir, "--message", "Good morrow", "--max-new-tokens", "4",
+        "--logit-bias", "13=100", "--device", "cpu",
+    )  # fmt: skip
+    assert code == 0 and out.strip() == "...."

@@ -94,13 +94,18 @@ def test_bad_inputs_are_one_line_errors(run_dir, tmp_path, capsys, data_dir):
         capsys, ["sample", "--hf", str(tmp_path / "missing")], "not a directory and not a hub name"
     )
     assert_one_line_error(capsys, ["sample", "--checkpoint", str(tmp_path / "missing")], "not a checkpoint")
-    for flags, problem in (
+    for flags, problem in (  # refused before a model is read (this one is missing)
         (["--logit-bias", "13=500"], "logit_bias must map token ids >= 0 to -100..100, got 13: 500.0"),
         (["--logit-bias", "13:5"], "expected TOKEN=BIAS (a token id and a number), got '13:5'"),
         (["--presence-penalty", "2.5"], "presence_penalty must be between -2 and 2, got 2.5"),
         (["--frequency-penalty", "-3"], "frequency_penalty must be between -2 and 2, got -3.0"),
     ):
-        assert_one_line_error(capsys, ["sample", "--checkpoint", str(run_dir), *flags], problem)
+        assert_one_line_error(capsys, ["sample", "--checkpoint", str(tmp_path / "missing"), *flags], problem)
+    assert_one_line_error(  # a token id past the vocabulary (the server: 400), in a first --logit-bias of two
+        capsys,
+        ["sample", "--checkpoint", str(run_dir), "--logit-bias", "50257=1", "--logit-bias", "13=1"],
+        "logit_bias must map token ids >= 0 and < 50257 to -100..100, got 50257: 1.0",
+    )
     assert_one_line_error(
         capsys,
         ["train", "--preset", "nope", "--data", str(data_dir), "--out", str(tmp_path)],

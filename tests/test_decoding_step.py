@@ -196,9 +196,16 @@ def test_compiled_steps_take_the_weights_as_one_buffer_and_eager_ones_as_its_vie
     )
     starts = [m.data_ptr() - buffer.data_ptr() for m in eager]
     assert starts == [sum(m.numel() for m in eager[:i]) * buffer.element_size() for i in range(len(eager))]
-    if dtype != "int8":  # laid out anew: no longer views of it, each apart
-        decoding.prepare(model, kernels.COLUMNS)
-        assert isinstance(decoding.Decoder(model, compiled=True).tensors[3], tuple)
+    if dtype == "int8":
+        return
+    with mock.patch("torch.get_num_threads", return_value=1):  # views of other shapes: (1, out, in)
+        grouped = decoding.Decoder(model, compiled=True, kernel=kernels.SPLIT)
+    assert isinstance(grouped.tensors[3], tuple) and model not in decoding._JOINED  # (not held twice)
+    decoding._JOINED[model] = buffer
+    decoding.prepare(model, kernels.COLUMNS)  # laid out anew: no longer views of it, each apart
+    assert isinstance(decoding.Decoder(model, compiled=True).tensors[3], tuple)
+    if dtype == "fp32":  # then rounded to int8: decoded by int8's kernel, not the loop it had
+        assert decoding.Decoder(decoding.for_decoding(model, "int8")).kernel is kernels.INT8
 
 
 def test_compiled_steps_stay_compiled_past_torchs_recompile_limit():

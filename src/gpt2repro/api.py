@@ -121,8 +121,10 @@ class LLM:
 def _sampling(temperature, top_k, top_p, seed, presence_penalty, frequency_penalty, logit_bias):
     from .generation.sampling import Sampling
 
-    bias = tuple(sorted((logit_bias or {}).items()))
-    return Sampling(temperature, top_k, top_p, seed, bias, presence_penalty, frequency_penalty)
+    penalties = dict(presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+    return Sampling.make(
+        logit_bias, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, **penalties
+    )
 
 
 def load(
@@ -138,7 +140,8 @@ def load(
     directory of ours if it is one, else as "hf"). In `weight_dtype` (fp32, bf16, fp16, or int8:
     weights rounded per output feature, decoded by the int8 kernel), on `device` (auto: cuda > mps >
     cpu), prepared for decoding: through one-token steps compiled whole if `compiled` (each compiled
-    once per process and kind of batch, tens of seconds: faster for int8 and bf16 on a CPU)."""
+    once per process and kind of batch, tens of seconds: faster on a CPU, where the Linear weights
+    are then views of one buffer: `.clone()` them to save them with safetensors)."""
     from .generation.decoding import for_decoding
     from .parallel.distributed import pick_device
 

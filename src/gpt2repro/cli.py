@@ -97,18 +97,28 @@ def cmd_train(args) -> None:
 def cmd_sample(args) -> None:
     from .parallel.distributed import pick_device
 
+    sampling = _sampling(args)
     llm = _load_for_decoding(args, pick_device(args.device))
-    sampling = sampling_settings(args)
     for text in llm.samples(args.prompt, args.n, max_new_tokens=args.max_new_tokens, **sampling):
         print(f"> {text}")
+
+
+def _sampling(args) -> dict:
+    """sample's or chat's sampler settings, checked before a model is loaded (but for logit_bias's
+    token ids, which the model's vocabulary bounds)."""
+    from .generation.sampling import Sampling
+
+    settings = sampling_settings(args)
+    Sampling.make(**settings).check()
+    return settings
 
 
 def cmd_chat(args) -> None:
     from .generation.chat_cli import run
     from .parallel.distributed import pick_device
 
+    sampling = _sampling(args)
     model = _load_for_decoding(args, pick_device(args.device)).model
-    sampling = sampling_settings(args)
     run(
         model,
         args.message,

@@ -46,6 +46,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--logit-bias",
         nargs="+",
+        action="extend",
         default=[],
         metavar="TOKEN=BIAS",
         help="added to these tokens' logits, as OpenAI's logit_bias (-100..100; -100 bans a token)",

@@ -251,7 +251,7 @@ def _download(out: Path, remote: Remote, item: Planned, resume: str) -> Path:
         ) from None
 
 
-def _scan(path: Path, tokens: np.ndarray, h) -> int:
+def _scan(path: Path, tokens: np.ndarray, h: hashlib._Hash | None) -> int:
     """One read of a shard's tokens: each checked to be GPT-2's (< 50257), the documents starting in
     them (<|endoftext|> each) counted; `h` (a sha256, or None) is fed the file holding them after
     `path`'s header."""

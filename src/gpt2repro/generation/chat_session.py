@@ -66,9 +66,10 @@ class ChatSession:
         require_chat_model(model)
         if max_new_tokens < 1:
             raise GenerateError(f"sampling needs max_new_tokens >= 1 (got {max_new_tokens})")
-        bias = tuple(sorted((logit_bias or {}).items()))
         penalties = dict(presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
-        self.sampling = Sampling(temperature, top_k, top_p, seed, bias, **penalties).check()
+        self.sampling = Sampling.make(
+            logit_bias, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, **penalties
+        ).check(model.config.vocab_size)
         self.model, self.system, self.on_notice = model, system, on_notice  # no dropout: any mode
         self.max_new_tokens = max_new_tokens
         self.reuse_cache = reuse_cache  # False re-encodes the whole history every turn (a benchmark)

@@ -60,7 +60,8 @@ def step_kernel(model: GPT, compiled: bool) -> Kernel:
 def for_decoding(model: GPT, weight_dtype: str, compiled: bool = False) -> GPT:
     """The model with its weights in `weight_dtype` (fp32, bf16, fp16: cast; int8: every Linear
     weight rounded to int8 per output feature in place, decoded by the int8 kernel), `prepare`d for
-    eager steps or (`compiled`) for compiled ones."""
+    eager steps or (`compiled`) for compiled ones: on a CPU its Linear weights then made views of one
+    buffer (`_join_weights`)."""
     if weight_dtype != "int8":
         model = model.to(torch_dtype(weight_dtype))
         if not (compiled and _on_cpu(model)):
@@ -72,7 +73,7 @@ def for_decoding(model: GPT, weight_dtype: str, compiled: bool = False) -> GPT:
         raise GenerateError("--weight-dtype int8 needs a whole model, not FSDP's shards")
     round_to_int8([m.weight for m in linears(model)])
     INT8_MODELS.add(model)
-    return prepare(model)
+    return prepare(model, INT8)
 
 
 _JOINED: weakref.WeakKeyDictionary[GPT, torch.Tensor] = weakref.WeakKeyDictionary()  # (`_join_weights`)
@@ -96,11 +97,11 @@ def _join_weights(model: GPT) -> None:
     _JOINED[model] = joined
 
 
-def _views_of(buffer: torch.Tensor | None, matrices: list[torch.Tensor]) -> bool:
-    """Whether `matrices` are `buffer`'s consecutive views, in order, and all of it."""
+def _views_of(buffer: torch.Tensor | None, matrices: list[torch.Tensor], shapes: list[tuple]) -> bool:
+    """Whether `matrices` are `buffer`'s consecutive views of `shapes`, in order, and all of it."""
     start = 0
-    for m in matrices:
-        if buffer is None or m.dtype != buffer.dtype or not m.is_contiguous():
+    for m, shape in zip(matrices, shapes, strict=True):
+        if buffer is None or m.dtype != buffer.dtype or not m.is_contiguous() or m.shape != shape:
             return False
         if m.data_ptr() != buffer.data_ptr() + start * m.element_size():
             return False
@@ -114,8 +115,8 @@ def prepare(model: GPT, kernel: Kernel | None = None) -> GPT:
     contiguous (in, out) tensor (the same tensors and values; tied weights stay tied: the token
     embedding too, whose lookups then read one strided row). For sampling, chat and serving only: a
     model being trained keeps nn.Linear's layout. Saving its weights with safetensors directly then
-    needs `.contiguous()` (this project's writers do it). A prepared model stays as it was prepared
-    unless a kernel is given."""
+    needs `.contiguous()` (this project's writers do it; weights joined for compiled steps need
+    `.clone()`). A prepared model stays as it was prepared unless a kernel is given."""
     if kernel is None and model in _PREPARED:
         return model
     kernel = kernel or choose(model, relayout=True)
@@ -146,16 +147,16 @@ def _attend(q, k_old, v_old, k_new, v_new, mask: torch.Tensor | None) -> torch.T
     return (p_old @ v_old + p_new * v_new) / (p_old.sum(-1, keepdim=True) + p_new)
 
 
-_INT8_READY: weakref.WeakKeyDictionary[GPT, list] = weakref.WeakKeyDictionary()
+_INT8_READY: weakref.WeakKeyDictionary[GPT, tuple] = weakref.WeakKeyDictionary()
 
 
-def _prepared_weights(model: GPT, kernel: Kernel) -> list:
-    """Each Linear's (weight as `kernel` prepared it, bias). An int8 model's, rounded once per model
-    (not per prompt: rounding 124M weights takes longer than reading a prompt), its int8 rows views
-    of one buffer (`_JOINED`, as `_join_weights` makes the others'); its weights are for decoding
-    only and do not change."""
+def _prepared_weights(model: GPT, kernel: Kernel) -> tuple[list, torch.Tensor | None]:
+    """Each Linear's (weight as `kernel` prepared it, bias), and the buffer they may be views of
+    (`_join_weights`'). An int8 model's are rounded once per model (not per prompt: rounding 124M
+    weights takes longer than reading a prompt), its int8 rows laid out as views of one buffer; its
+    weights are for decoding only and do not change."""
     if kernel is not INT8:
-        return [(kernel.prepare(m.weight), m.bias) for m in linears(model)]
+        return [(kernel.prepare(m.weight), m.bias) for m in linears(model)], _JOINED.get(model)
     if model not in _INT8_READY:
         modules = linears(model)
         joined = torch.empty(sum(m.weight.numel() for m in modules), dtype=torch.int8)
@@ -166,7 +167,7 @@ def _prepared_weights(model: GPT, kernel: Kernel) -> list:
             view.copy_(q)
             weights.append(((view, scale), m.bias))
             start += q.numel()
-        _INT8_READY[model], _JOINED[model] = weights, joined
+        _INT8_READY[model] = weights, joined
     return _INT8_READY[model]
 
 
@@ -198,10 +199,10 @@ def _pack(model: GPT, kernel: Kernel, compiled: bool) -> tuple[Layout, tuple, li
     """Everything a step reads, as few tensors: a compiled step checks each of its arguments on every
     call. (layout, (wte, wpe, the vectors joined in one tensor, the Linear weights as `kernel`
     prepared them in step order: for compiled steps the one buffer they are views of, where they are
-    (`_JOINED`)), the vectors apart for eager steps). The vectors: per block ln_1's weight and bias,
+    (`_prepared_weights`)), the vectors apart for eager steps). The vectors: per block ln_1's weight and bias,
     then per Linear its bias (and its scales), ln_2's after the attention's two; then ln_f's, then
     the lm_head's scales."""
-    t, prepared = model.transformer, _prepared_weights(model, kernel)
+    t, (prepared, buffer) = model.transformer, _prepared_weights(model, kernel)
     vectors, matrices = [], []
     for i, block in enumerate(t.h):
         vectors += [block.ln_1.weight, block.ln_1.bias]
@@ -218,8 +219,10 @@ def _pack(model: GPT, kernel: Kernel, compiled: bool) -> tuple[Layout, tuple, li
     cfg, rows = model.config, t.wte.weight.size(0)
     assert [v.numel() for v in vectors] == _sizes(cfg.n_layer, cfg.n_embd, rows, kernel is INT8)
     layout = Layout(cfg.n_head, cfg.vocab_size, cfg.layer_norm_epsilon, kernel is INT8)
-    joined = _JOINED.get(model)
-    weights = joined if compiled and _views_of(joined, matrices) else tuple(matrices)
+    if not _views_of(buffer, matrices, _shapes(cfg.n_layer, cfg.n_embd, rows)):
+        _JOINED.pop(model, None)  # its weights laid out or cast since: the old buffer is not kept
+        buffer = None
+    weights = buffer if compiled and buffer is not None else tuple(matrices)
     return layout, (t.wte.weight, t.wpe.weight, torch.cat(vectors), weights), vectors
 
 
@@ -295,9 +298,8 @@ class Decoder:
             raise ValueError(f"a decoding step needs every slot at a length in 1..{cache.k.size(3) - 1}")
         positions = cache.lengths.to(tok.device)
         k_old, v_old = cache.k[..., :longest, :], cache.v[..., :longest, :]
-        masked = shortest < longest or (
-            self.compiled is not None and tok.size(0) > 1
-        )  # (one graph for batches)
+        # a mask where slots differ in length, and for every compiled batch (one graph for batches)
+        masked = shortest < longest or (self.compiled is not None and tok.size(0) > 1)
         keys = torch.arange(longest, device=tok.device) if masked else None
         mask = (keys < positions[:, None])[:, None, None] if masked else None  # (slots, 1, 1, length)
         args = (tok, positions, k_old, v_old, mask)

@@ -91,7 +91,7 @@ def stream_tokens(
 ) -> Iterator[int]:
     """The tokens of one continuation as they are drawn: `sample_tokens`'s first row (the same seed,
     the same tokens), ending before its first token that is not text; `compiled`: see `generate`."""
-    sampling.check()
+    sampling.check(model.config.vocab_size)
     if max_new_tokens < 1:
         raise GenerateError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     device = next(model.parameters()).device
@@ -142,7 +142,7 @@ def sample_tokens(
 ) -> list[list[int]]:
     """n continuations of `prompt_ids` (row i drawn with seed + i), each ending before its first token
     that is not text; `compiled`: see `generate`."""
-    sampling.check()
+    sampling.check(model.config.vocab_size)
     if n < 1 or max_new_tokens < 1:
         raise GenerateError(f"n and max_new_tokens must be at least 1, got {n} and {max_new_tokens}")
     device = next(model.parameters()).device

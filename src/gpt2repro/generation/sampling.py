@@ -50,8 +50,15 @@ class Sampling:
     presence_penalty: float = 0.0  # OpenAI's -2..2, per token already drawn
     frequency_penalty: float = 0.0  # OpenAI's -2..2, per time a token was drawn
 
-    def check(self) -> Sampling:
-        """self, or a GenerateError naming the setting that cannot work."""
+    @classmethod
+    def make(cls, logit_bias: dict[int, float] | None = None, **settings) -> Sampling:
+        """A Sampling from keywords, `logit_bias` as OpenAI's {token id: bias} (the Python API's)."""
+        return cls(logit_bias=tuple((logit_bias or {}).items()), **settings)
+
+    def check(self, vocab_size: int | None = None) -> Sampling:
+        """self, or a GenerateError naming the setting that cannot work (`vocab_size`: the model's,
+        which logit_bias's token ids must be below, where it is known)."""
+        ids = f">= 0 and < {vocab_size}" if vocab_size else ">= 0"
         problems = [
             (0 <= self.temperature < math.inf, f"temperature must be a finite number >= 0, got {self.temperature}"),
             (self.top_k is None or self.top_k >= 0, f"top_k must be at least 0 (0: no limit), got {self.top_k}"),
@@ -59,8 +66,8 @@ class Sampling:
             (-(2**63) <= self.seed < 2**64, f"the seed must fit in 64 bits, got {self.seed}"),
             (-2 <= self.presence_penalty <= 2, f"presence_penalty must be between -2 and 2, got {self.presence_penalty}"),
             (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be between -2 and 2, got {self.frequency_penalty}"),
-            *((t >= 0 and -100 <= b <= 100, f"logit_bias must map token ids >= 0 to -100..100, got {t}: {b}")
-              for t, b in self.logit_bias),
+            *((isinstance(t, int) and 0 <= t < (vocab_size or math.inf) and -100 <= b <= 100,
+               f"logit_bias must map token ids {ids} to -100..100, got {t!r}: {b}") for t, b in self.logit_bias),
         ]  # fmt: skip
         for ok, problem in problems:
             if not ok:
