@@ -18,7 +18,7 @@ how its ~50 matmuls read them, and how little runs besides them (benchmarks/RESU
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -79,34 +79,43 @@ def for_decoding(model: GPT, weight_dtype: str, compiled: bool = False) -> GPT:
 _JOINED: weakref.WeakKeyDictionary[GPT, torch.Tensor] = weakref.WeakKeyDictionary()  # (`_join_weights`)
 
 
-def _join_weights(model: GPT) -> None:
-    """Every Linear weight of a model decoded by compiled steps made a view of one buffer, in step
-    order (the same values; tied weights stay tied): a compiled step takes the buffer whole, one
-    argument to check per call instead of ~50. For decoding only: saving these weights with
-    safetensors then needs `.clone()`. Moved one at a time (a weight's old copy is freed as it goes)."""
-    modules = linears(model)
-    w = modules[0].weight
-    joined = torch.empty(sum(m.weight.numel() for m in modules), dtype=w.dtype, device=w.device)
-    start = 0
+def _one_buffer(parts: Iterable[torch.Tensor], numel: int, like: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """`parts` (`numel` values in all, of `like`'s dtype and device) copied one after another into one
+    new buffer, and their views of it: a compiled step takes the buffer whole, one argument to check
+    per call instead of ~50. `parts` may make each part as it is asked for (one in memory at a time)."""
+    buffer = torch.empty(numel, dtype=like.dtype, device=like.device)
+    views, start = [], 0
     with torch.no_grad():
-        for m in modules:
-            view = joined[start : start + m.weight.numel()].view(m.weight.shape)
-            view.copy_(m.weight)
-            m.weight.data = view
-            start += view.numel()
-    _JOINED[model] = joined
+        for part in parts:
+            views.append(buffer[start : start + part.numel()].view_as(part))
+            views[-1].copy_(part)
+            start += part.numel()
+    return buffer, views
+
+
+def _join_weights(model: GPT) -> None:
+    """Every Linear weight of a model decoded by compiled steps made a view of one buffer
+    (`_one_buffer`), in step order: the same values; tied weights stay tied. For decoding only:
+    saving these weights with safetensors then needs `.clone()`."""
+    modules = linears(model)
+    numel = sum(m.weight.numel() for m in modules)
+    _JOINED[model], views = _one_buffer((m.weight for m in modules), numel, modules[0].weight)
+    for m, view in zip(modules, views):
+        m.weight.data = view
 
 
 def _views_of(buffer: torch.Tensor | None, matrices: list[torch.Tensor], shapes: list[tuple]) -> bool:
     """Whether `matrices` are `buffer`'s consecutive views of `shapes`, in order, and all of it."""
+    if buffer is None:
+        return False
     start = 0
     for m, shape in zip(matrices, shapes, strict=True):
-        if buffer is None or m.dtype != buffer.dtype or not m.is_contiguous() or m.shape != shape:
+        if m.dtype != buffer.dtype or not m.is_contiguous() or m.shape != shape:
             return False
         if m.data_ptr() != buffer.data_ptr() + start * m.element_size():
             return False
         start += m.numel()
-    return buffer is not None and start == buffer.numel()
+    return start == buffer.numel()
 
 
 def prepare(model: GPT, kernel: Kernel | None = None) -> GPT:
@@ -158,16 +167,17 @@ def _prepared_weights(model: GPT, kernel: Kernel) -> tuple[list, torch.Tensor | 
     if kernel is not INT8:
         return [(kernel.prepare(m.weight), m.bias) for m in linears(model)], _JOINED.get(model)
     if model not in _INT8_READY:
-        modules = linears(model)
-        joined = torch.empty(sum(m.weight.numel() for m in modules), dtype=torch.int8)
-        weights, start = [], 0
-        for m in modules:  # one at a time: the buffer and one matrix's rows in memory, not all twice
-            q, scale = kernel.prepare(m.weight)
-            view = joined[start : start + q.numel()].view_as(q)
-            view.copy_(q)
-            weights.append(((view, scale), m.bias))
-            start += q.numel()
-        _INT8_READY[model] = weights, joined
+        modules, scales = linears(model), []
+
+        def rows() -> Iterator[torch.Tensor]:  # one matrix's at a time: not every matrix's twice
+            for m in modules:
+                q, scale = kernel.prepare(m.weight)
+                scales.append(scale)
+                yield q
+
+        numel = sum(m.weight.numel() for m in modules)
+        joined, views = _one_buffer(rows(), numel, torch.empty(0, dtype=torch.int8))
+        _INT8_READY[model] = [((v, s), m.bias) for v, s, m in zip(views, scales, modules)], joined
     return _INT8_READY[model]
 
 
