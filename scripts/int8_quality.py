@@ -56,19 +56,6 @@ def loss_and_agreement(model: GPT, ids: torch.Tensor, length: int) -> tuple[floa
     return total / n, torch.cat(tops)
 
 
-def rounding_activations(model: GPT) -> GPT:
-    """Each Linear's input rounded as the VNNI kernel rounds a decoding step's (int8 per 32 values)."""
-
-    def hook(module: torch.nn.Module, args: tuple) -> tuple:
-        values, steps = cpu_kernels.round_activations(args[0])
-        return (values * steps,)
-
-    for m in model.modules():
-        if isinstance(m, torch.nn.Linear):
-            m.register_forward_pre_hook(hook)
-    return model
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -85,7 +72,7 @@ def main() -> None:
         fp32 = GPT(size_config(args.size)[0]).eval()
     int8 = for_decoding(copy.deepcopy(fp32), "int8")
     rounded = cpu_kernels.vnni()
-    scored = rounding_activations(copy.deepcopy(int8)) if rounded else int8
+    scored = cpu_kernels.rounding_linear_inputs(copy.deepcopy(int8)) if rounded else int8
     length = min(fp32.config.block_size, 1024)
     ids = windows(Path(args.text).read_text(encoding="utf-8"), length, args.tokens)
     (loss32, top32), (loss8, top8) = (loss_and_agreement(m, ids, length) for m in (fp32, scored))

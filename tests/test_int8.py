@@ -139,22 +139,6 @@ def _step_logits(model, prompt: list[int], steps: int) -> tuple[list[int], torch
     return seq, torch.stack(seen)
 
 
-def _rounding_linear_inputs(model: GPT, start: int) -> GPT:
-    """The model with each Linear's input at positions from `start` on rounded as the VNNI kernel
-    rounds a decoding step's (`round_activations`, in float64 after the rounding)."""
-
-    def hook(module, args):
-        x = args[0].clone()
-        values, steps = cpu_kernels.round_activations(x[:, start:])
-        x[:, start:] = values.to(x.dtype) * steps.to(x.dtype)
-        return (x,)
-
-    for m in model.modules():
-        if isinstance(m, torch.nn.Linear):
-            m.register_forward_pre_hook(hook)
-    return model
-
-
 @pytest.mark.parametrize("kernel", ["loop", "vnni"])
 def test_int8_decoding_steps_are_the_forward_on_the_dequantized_weights_in_float64(kernel, monkeypatch):
     """`for_decoding(model, "int8")` leaves the int8 values in the model's own fp32 weights (tied
@@ -174,7 +158,7 @@ def test_int8_decoding_steps_are_the_forward_on_the_dequantized_weights_in_float
     seq, seen = _step_logits(model, prompt, steps=8)
     reference = copy.deepcopy(model).double()
     if kernel == "vnni":
-        _rounding_linear_inputs(reference, len(prompt))
+        cpu_kernels.rounding_linear_inputs(reference, len(prompt))
     with torch.no_grad():
         exact = reference(torch.tensor([seq]))[0][0, -8:]
     spread = exact.std().item()

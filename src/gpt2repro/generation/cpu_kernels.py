@@ -97,6 +97,23 @@ def round_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values.flatten(-2)[..., : x.size(-1)], steps.flatten(-2)[..., : x.size(-1)]
 
 
+def rounding_linear_inputs(model: torch.nn.Module, start: int = 0) -> torch.nn.Module:
+    """The model with each Linear's input (batch, positions, features), at positions from `start` on,
+    rounded as the int8 kernel rounds a decoding step's (`round_activations`): a forward then
+    computes the decoding steps' arithmetic (scripts/int8_quality.py, tests/test_int8.py)."""
+
+    def hook(module: torch.nn.Module, args: tuple) -> tuple:
+        x = args[0].clone()
+        values, steps = round_activations(x[:, start:])
+        x[:, start:] = values.to(x.dtype) * steps.to(x.dtype)
+        return (x,)
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_pre_hook(hook)
+    return model
+
+
 @torch.compile(dynamic=True, recompile_limit=RECOMPILE_LIMIT)
 def _rows_times(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (rows, in) @ w^T in fp32 (float64 for float64 x), reading w (out, in) in its own dtype (int8,
